@@ -1,0 +1,75 @@
+"""Every column pairforge writes, defined once. Stages, flows and loaders import these."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+# The input side: one row per URL in the source list, after uid assignment.
+INPUT_FIELDS = [
+    pa.field("uid", pa.string(), nullable=False),  # 128-bit hex, see schemas.records.make_uid
+    pa.field("url", pa.string()),
+    pa.field("text", pa.string()),
+    pa.field("source", pa.string()),
+]
+INPUT_SCHEMA = pa.schema(INPUT_FIELDS)
+
+# What ingest adds for a downloaded row.
+INGEST_FIELDS = [
+    pa.field("image", pa.binary()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("original_width", pa.int32()),
+    pa.field("original_height", pa.int32()),
+    pa.field("sha256", pa.string()),  # of the downloaded bytes, before any resize (DataComp)
+]
+
+PAIR_FIELDS = INPUT_FIELDS + INGEST_FIELDS + [pa.field("build_id", pa.string())]
+PAIR_SCHEMA = pa.schema(PAIR_FIELDS)
+
+REJECT_SCHEMA = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("url", pa.string()),
+        pa.field("text", pa.string()),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string()),
+        pa.field("build_id", pa.string()),
+    ]
+)
+
+# Per-stage output columns: a stage may only add the columns listed under its name.
+STAGE_FIELDS: dict[str, list[pa.Field]] = {
+    "basic": [
+        pa.field("decode_ok", pa.bool_()),
+        pa.field("decode_error", pa.string()),
+        pa.field("min_side", pa.int32()),
+        pa.field("aspect_ratio", pa.float32()),
+        pa.field("caption_words", pa.int32()),
+        pa.field("caption_chars", pa.int32()),
+    ],
+}
+
+# Decision columns, written by the global decide pass.
+DECISION_FIELDS = [
+    pa.field("reject_stage", pa.string()),
+    pa.field("reject_reason", pa.string()),
+    pa.field("reject_detail", pa.string()),
+]
+
+
+def stage_fields(stage: str) -> list[pa.Field]:
+    return STAGE_FIELDS.get(stage, [])
+
+
+def build_schema(stages: list[str]) -> pa.Schema:
+    """The schema of a kept shard of a build that ran `stages`."""
+    fields = list(PAIR_FIELDS)
+    for s in stages:
+        fields.extend(stage_fields(s))
+    return pa.schema(fields)
+
+
+# Column groups that are heavy and never needed by metadata passes.
+HEAVY_COLUMNS = {"image"}

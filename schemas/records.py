@@ -1,0 +1,31 @@
+"""Record identity: normalised URLs and deterministic uids."""
+from __future__ import annotations
+
+import hashlib
+from urllib.parse import urlsplit, urlunsplit
+
+
+def normalize_url(url: str) -> str:
+    """Lower-case scheme and host, drop the fragment and default ports; keep path and query as given."""
+    u = urlsplit(url.strip())
+    host = (u.hostname or "").lower()
+    port = u.port
+    if port and not ((u.scheme == "http" and port == 80) or (u.scheme == "https" and port == 443)):
+        host = f"{host}:{port}"
+    if u.username or u.password:
+        cred = u.username or ""
+        if u.password:
+            cred += ":" + u.password
+        host = f"{cred}@{host}"
+    return urlunsplit((u.scheme.lower(), host, u.path or "/", u.query, ""))
+
+
+def make_uid(url: str, text: str | None, occurrence: int = 0) -> str:
+    """128-bit hex uid of (normalised url, caption); the n-th repeat of a pair gets its own uid."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(normalize_url(url).encode())
+    h.update(b"\x00")
+    h.update((text or "").encode())
+    if occurrence:
+        h.update(b"\x00%d" % occurrence)
+    return h.hexdigest()

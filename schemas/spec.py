@@ -1,0 +1,196 @@
+"""The build spec: YAML validated with pydantic. Errors name the file, the field and what was expected."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SPEC_VERSION = 1
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceSpec(_Strict):
+    urls: Path = Field(description="URL list: parquet, csv, tsv or jsonl")
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = "auto"
+    url_col: str = "url"
+    caption_col: str = "caption"
+    name: str | None = None  # source name in the catalog; defaults to the file stem
+
+
+class IngestSpec(_Strict):
+    image_size: int = Field(256, gt=0)
+    resize_mode: Literal["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"] = "keep_ratio"
+    resize_only_if_bigger: bool = True
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(95, ge=1, le=100)
+    timeout_s: float = Field(10, gt=0)
+    retries: int = Field(0, ge=0)
+    max_bytes: int = Field(20_000_000, gt=0)
+    max_pixels: int = Field(89_478_485, gt=0)  # PIL's decompression-bomb limit
+    allow_hosts: list[str] = Field(default_factory=list, description="hosts, host:port or CIDRs that may be private")
+    respect_optout: bool = True
+    optout_directives: list[str] = Field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
+    user_agent_token: str | None = "pairforge"
+    thread_count: int = Field(32, gt=0)
+    shard_rows: int = Field(1000, gt=0, description="URLs per download task")
+    cpus: float = Field(1.0, gt=0)
+    max_task_retries: int = Field(2, ge=0)
+
+
+class StageParams(_Strict):
+    """Resources every stage accepts; None keeps the stage's own default."""
+
+    cpus: float | None = Field(None, gt=0)
+    gpus: float | None = Field(None, ge=0)
+    batch_size: int | None = Field(None, gt=0)
+    pool_size: int | None = Field(None, gt=0)
+
+
+class BasicParams(StageParams):
+    min_side: int = Field(200, ge=0)
+    max_aspect: float = Field(3.0, ge=1.0)
+    min_words: int = Field(3, ge=0, description="keep captions with at least this many words")
+    min_chars: int = Field(6, ge=0)
+
+
+# Every stage a spec may name, with its parameter model. New stages register here.
+STAGE_PARAMS: dict[str, type[StageParams]] = {
+    "basic": BasicParams,
+}
+
+
+class StageEntry(_Strict):
+    name: str
+    params: StageParams
+
+
+class WriteSpec(_Strict):
+    rows_per_shard: int = Field(10_000, gt=0)
+    compression: Literal["zstd", "snappy", "none"] = "zstd"
+
+
+class RaySpec(_Strict):
+    address: str | None = None  # None: start a local Ray; "auto" or host:port joins a cluster
+    num_cpus: int | None = Field(None, gt=0)
+    object_store_gb: float = Field(1.0, gt=0)
+
+
+class BuildSpec(_Strict):
+    version: Literal[1] = 1
+    dataset: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    source: SourceSpec
+    ingest: IngestSpec = Field(default_factory=IngestSpec)
+    stages: list[StageEntry] = Field(default_factory=list)
+    write: WriteSpec = Field(default_factory=WriteSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
+    out: Path = Path("builds")
+    catalog: Path | None = None  # default: <out>/catalog.duckdb
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _parse_stages(cls, raw: Any) -> list[StageEntry]:
+        if raw is None:
+            return []
+        if not isinstance(raw, list):
+            raise ValueError("expected a list of stages, each `- name: {params}`")
+        entries = []
+        for i, item in enumerate(raw):
+            if isinstance(item, StageEntry):
+                entries.append(item)
+                continue
+            if isinstance(item, str):
+                item = {item: {}}
+            if not isinstance(item, dict) or len(item) != 1:
+                raise ValueError(f"stages[{i}]: expected `- name: {{params}}`, got {item!r}")
+            (name, params), = item.items()
+            if name not in STAGE_PARAMS:
+                raise ValueError(f"stages[{i}]: unknown stage {name!r}; known: {sorted(STAGE_PARAMS)}")
+            try:
+                entries.append(StageEntry(name=name, params=STAGE_PARAMS[name].model_validate(params or {})))
+            except ValidationError as e:
+                raise ValueError(f"stages[{i}].{name}: {_format_errors(e)}") from None
+        return entries
+
+    @model_validator(mode="after")
+    def _unique_stages(self) -> "BuildSpec":
+        names = [s.name for s in self.stages]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"stages: each stage may appear once, repeated: {sorted(dup)}")
+        return self
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.catalog or (self.out / "catalog.duckdb")
+
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    def stage_params(self, name: str) -> StageParams:
+        for s in self.stages:
+            if s.name == name:
+                return s.params
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        """The resolved spec, every default filled in, in the YAML layout."""
+        d = self.model_dump(mode="json", exclude={"stages"})
+        d["stages"] = [{s.name: s.params.model_dump(mode="json")} for s in self.stages]
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def spec_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def _format_errors(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def parse_spec(data: dict, base_dir: Path | None = None, origin: str = "<spec>") -> BuildSpec:
+    """Validate a spec dict; relative paths resolve against base_dir; files must exist."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        spec = BuildSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(f"{origin}: {_format_errors(e)}") from None
+    base = base_dir or Path.cwd()
+    if not spec.source.urls.is_absolute():
+        spec.source.urls = (base / spec.source.urls).resolve()
+    if not spec.out.is_absolute():
+        spec.out = (base / spec.out).resolve()
+    if spec.catalog is not None and not spec.catalog.is_absolute():
+        spec.catalog = (base / spec.catalog).resolve()
+    if not spec.source.urls.is_file():
+        raise SpecError(f"{origin}: source.urls: file not found: {spec.source.urls}")
+    return spec
+
+
+def load_spec(path: str | Path) -> BuildSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: spec file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    return parse_spec(data, base_dir=path.parent.resolve(), origin=str(path))

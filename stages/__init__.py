@@ -1,0 +1,16 @@
+"""One file per stage. The registry maps spec names to classes, imported lazily (model stages pull torch)."""
+from __future__ import annotations
+
+import importlib
+
+REGISTRY: dict[str, str] = {
+    "basic": "stages.basic:BasicStage",
+}
+
+
+def stage_class(name: str):
+    try:
+        module, cls = REGISTRY[name].split(":")
+    except KeyError:
+        raise KeyError(f"unknown stage {name!r}; known: {sorted(REGISTRY)}") from None
+    return getattr(importlib.import_module(module), cls)

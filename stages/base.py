@@ -1,0 +1,108 @@
+"""The stage contract. A stage is plain Python over a pyarrow.Table batch; it knows nothing of Prefect or Ray.
+
+- `process_batch(batch)` returns the batch with the stage's stat columns (declared in schemas.columns) added.
+  It never drops rows.
+- `decide(table, params)` is pure over those columns: it returns, per row, a reject reason (None keeps the row)
+  and a detail string. Builds and `refilter` share it, so re-thresholding needs no model.
+- Resources (cpus, gpus, batch size, pool size) have defaults here and are overridden by the spec.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import pyarrow as pa
+
+from schemas.columns import stage_fields
+from schemas.spec import StageParams
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float = 1.0
+    gpus: float = 0.0
+    batch_size: int = 256
+    pool_size: int = 1  # actors, for stages that load a model
+
+    def override(self, params: StageParams) -> "Resources":
+        changes = {k: getattr(params, k) for k in ("cpus", "gpus", "batch_size", "pool_size")}
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclass
+class Decision:
+    """Per-row outcome of a stage's decide(): reason None keeps the row."""
+
+    reason: list[str | None]
+    detail: list[str | None]
+
+    @classmethod
+    def keep_all(cls, n: int) -> "Decision":
+        return cls([None] * n, [None] * n)
+
+    def reject(self, mask, reason: str, detail=None) -> None:
+        """Mark rows where mask is true (and not already rejected) with reason; detail is a list or None."""
+        for i, m in enumerate(mask):
+            if m and self.reason[i] is None:
+                self.reason[i] = reason
+                self.detail[i] = None if detail is None else detail[i]
+
+
+class Stage:
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    uses_model: ClassVar[bool] = False  # model stages run as actor pools, others as tasks
+    default_resources: ClassVar[Resources] = Resources()
+    # True when decide() needs the whole build at once (dedup, top-k) rather than row by row.
+    global_decision: ClassVar[bool] = False
+
+    def __init__(self, params: StageParams):
+        self.params = params
+        self.resources = self.default_resources.override(params)
+
+    # lifecycle -----------------------------------------------------------
+    def setup(self) -> None:
+        """Load models once per actor/process."""
+
+    def teardown(self) -> None:
+        """Release what setup() took."""
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        raise NotImplementedError
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = self.process_batch(batch)
+        if out.num_rows != batch.num_rows:
+            raise RuntimeError(f"stage {self.name} changed the row count {batch.num_rows} -> {out.num_rows}")
+        return out
+
+    # decision --------------------------------------------------------------
+    @classmethod
+    def decide(cls, table: pa.Table, params: StageParams) -> Decision:
+        return Decision.keep_all(table.num_rows)
+
+    @classmethod
+    def output_fields(cls) -> list[pa.Field]:
+        return stage_fields(cls.name)
+
+    @classmethod
+    def stats_columns(cls) -> list[str]:
+        return [f.name for f in cls.output_fields()]
+
+    # helpers for subclasses --------------------------------------------------
+    @classmethod
+    def add_columns(cls, batch: pa.Table, values: dict[str, list]) -> pa.Table:
+        """Append this stage's declared columns, typed by schemas.columns; unknown names are an error."""
+        declared = {f.name: f for f in cls.output_fields()}
+        unknown = set(values) - set(declared)
+        if unknown:
+            raise KeyError(f"stage {cls.name} writes undeclared columns {sorted(unknown)}; declare them in schemas")
+        for name, field in declared.items():
+            if name not in values:
+                raise KeyError(f"stage {cls.name} did not write its column {name}")
+            arr = pa.array(values[name], type=field.type)
+            if name in batch.column_names:
+                batch = batch.set_column(batch.column_names.index(name), field, arr)
+            else:
+                batch = batch.append_column(field, arr)
+        return batch
