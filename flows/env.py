@@ -20,6 +20,7 @@ _DEFAULTS = {
 def apply() -> None:
     for k, v in _DEFAULTS.items():
         os.environ.setdefault(k, v)
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
 
 
 apply()

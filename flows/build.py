@@ -1,0 +1,529 @@
+"""The build flow: spec -> input shards -> ingest (Ray tasks) -> stages (Ray Data) -> decide -> write -> catalog.
+
+Every phase leaves completion markers under <build>/_work, so a killed build re-run with the same spec resumes:
+finished download shards are not fetched again, and later phases redo only what has no marker.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from flows import env  # noqa: F401
+from flows.progress import phase
+from schemas.columns import HEAVY_COLUMNS, INPUT_SCHEMA, REJECT_SCHEMA, build_schema
+from schemas.spec import BuildSpec, load_spec
+from stages import stage_class
+from stages.base import Decision
+from stages.ingest import assign_uids, ingest_shard, read_url_list, shard_paths
+from stages.write import ShardWriter, atomic_write_text, file_sha256, rejects_table, write_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def code_version() -> str:
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=5)
+        if out.returncode == 0 and out.stdout.strip():
+            return "pairforge-0.1.0+" + out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "pairforge-0.1.0"
+
+
+# --------------------------------------------------------------------------- the build folder
+
+@dataclass
+class BuildContext:
+    spec: BuildSpec
+    build_id: str
+    build_dir: Path
+    fingerprint: str
+    resumed: bool = False
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def work(self) -> Path:
+        return self.build_dir / "_work"
+
+    @property
+    def source_name(self) -> str:
+        return self.spec.source.name or Path(self.spec.source.urls).stem
+
+    def state(self) -> dict:
+        p = self.work / "state.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    def set_state(self, **kw) -> None:
+        st = self.state() | kw
+        atomic_write_text(self.work / "state.json", json.dumps(st, indent=2))
+
+
+def open_build(spec: BuildSpec, new: bool = False) -> BuildContext:
+    """Resume the newest unfinished build of this spec and input, or start a new one."""
+    fingerprint = file_sha256(Path(spec.source.urls))
+    spec_hash = spec.spec_hash()
+    root = spec.out / spec.dataset
+    root.mkdir(parents=True, exist_ok=True)
+    if not new:
+        for cand in sorted(root.iterdir(), reverse=True):
+            st_path = cand / "_work" / "state.json"
+            if not st_path.exists():
+                continue
+            st = json.loads(st_path.read_text())
+            if st.get("spec_hash") == spec_hash and st.get("fingerprint") == fingerprint and st.get("status") != "complete":
+                return BuildContext(spec, cand.name, cand, fingerprint, resumed=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    build_id = f"{stamp}-{spec_hash[:8]}"
+    n = 1
+    while (root / build_id).exists():
+        n += 1
+        build_id = f"{stamp}-{spec_hash[:8]}-{n}"
+    build_dir = root / build_id
+    (build_dir / "_work").mkdir(parents=True)
+    ctx = BuildContext(spec, build_id, build_dir, fingerprint)
+    atomic_write_text(build_dir / "spec.yaml", spec.to_yaml())
+    ctx.set_state(spec_hash=spec_hash, fingerprint=fingerprint, status="running", build_id=build_id,
+                  started=datetime.now(timezone.utc).isoformat())
+    return ctx
+
+
+@contextmanager
+def dataset_lock(spec: BuildSpec, wait: bool = False):
+    """One build of a dataset at a time: a second run waits (wait=True) or fails naming the holder."""
+    root = spec.out / spec.dataset
+    root.mkdir(parents=True, exist_ok=True)
+    fh = open(root / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            fh.seek(0)
+            raise BuildError(f"another build of dataset {spec.dataset!r} is running ({fh.read().strip() or 'pid ?'}); "
+                             "wait for it or pass --wait") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+# --------------------------------------------------------------------------- phases
+
+def prepare_inputs(ctx: BuildContext) -> dict:
+    """URL list -> uids -> input shards of ingest.shard_rows rows; malformed rows -> input rejects."""
+    done = ctx.work / "input" / "_DONE.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    with phase("input") as adv:
+        t0 = time.perf_counter()
+        table = read_url_list(ctx.spec.source)
+        inputs, rejects = assign_uids(table, ctx.source_name)
+        folder = ctx.work / "input"
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        n = ctx.spec.ingest.shard_rows
+        shards = 0
+        for shards, start in enumerate(range(0, inputs.num_rows, n), start=1):
+            pq.write_table(inputs.slice(start, n), folder / f"{shards - 1:05d}.parquet")
+        pq.write_table(rejects, ctx.work / "input_rejects.parquet")
+        summary = {"rows_listed": table.num_rows, "rows": inputs.num_rows, "rejected": rejects.num_rows,
+                   "shards": shards, "seconds": time.perf_counter() - t0}
+        atomic_write_text(done, json.dumps(summary))
+        adv(table.num_rows, f"{inputs.num_rows} to fetch, {rejects.num_rows} rejected, {shards} shards")
+    return summary
+
+
+def ingest_all(ctx: BuildContext, prepared: dict) -> dict:
+    """One Ray task per input shard; shards with a done marker are skipped."""
+    import ray
+
+    params = ctx.spec.ingest
+    todo = [i for i in range(prepared["shards"]) if not shard_paths(ctx.work, i)["done"].exists()]
+    done_rows = prepared["rows"] - sum(
+        pq.read_metadata(ctx.work / "input" / f"{i:05d}.parquet").num_rows for i in todo)
+    t0 = time.perf_counter()
+    remote = ray.remote(ingest_shard).options(
+        num_cpus=params.cpus, max_retries=params.max_task_retries, retry_exceptions=True, name="ingest_shard")
+    with phase("ingest", total=prepared["rows"]) as adv:
+        adv(done_rows)
+        pending = {remote.remote(ctx.work / "input" / f"{i:05d}.parquet", ctx.work, i, params): i for i in todo}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                pending.pop(ref)
+                s = ray.get(ref)
+                adv(s["rows_in"])
+        adv(0, f"{len(todo)} shards fetched, {prepared['shards'] - len(todo)} already done")
+    seconds = ctx.state().get("ingest_seconds", 0.0) + time.perf_counter() - t0
+    ctx.set_state(ingest_seconds=seconds)
+    return {"seconds": seconds, "shards_fetched": len(todo)}
+
+
+class _StageTimer:
+    """A Ray actor summing rows and seconds per stage over all batches."""
+
+    def __init__(self):
+        self.totals: dict[str, list[float]] = {}
+
+    def add(self, stage: str, rows: int, seconds: float) -> None:
+        t = self.totals.setdefault(stage, [0, 0.0])
+        t[0] += rows
+        t[1] += seconds
+
+    def get(self) -> dict:
+        return self.totals
+
+
+_STAGE_CACHE: dict = {}
+
+
+def _make_stage(name: str, params_json: str):
+    cls = stage_class(name)
+    from schemas.spec import STAGE_PARAMS
+
+    stage = cls(STAGE_PARAMS[name].model_validate_json(params_json))
+    stage.setup()
+    return stage
+
+
+def _timed(stage, batch: pa.Table, timer) -> pa.Table:
+    t0 = time.perf_counter()
+    out = stage(batch)
+    timer.add.remote(stage.name, batch.num_rows, time.perf_counter() - t0)
+    return out
+
+
+def _run_stage_task(batch: pa.Table, name: str, params_json: str, timer) -> pa.Table:
+    key = (name, params_json)
+    if key not in _STAGE_CACHE:
+        _STAGE_CACHE[key] = _make_stage(name, params_json)
+    return _timed(_STAGE_CACHE[key], batch, timer)
+
+
+class _StageActor:
+    def __init__(self, name: str, params_json: str, timer):
+        self.stage = _make_stage(name, params_json)
+        self.timer = timer
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return _timed(self.stage, batch, self.timer)
+
+
+def process_stages(ctx: BuildContext, quiet: bool = False) -> dict:
+    """Run the spec's stages over the downloaded pairs as one Ray Data pipeline, into _work/processed/."""
+    import ray
+
+    out = ctx.work / "processed"
+    done = out / "_DONE.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    pair_files = sorted(str(p) for p in (ctx.work / "ingest").glob("[0-9]*[0-9].parquet"))
+    rows = sum(pq.read_metadata(f).num_rows for f in pair_files)
+    tmp = ctx.work / "processed.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    t0 = time.perf_counter()
+    names = ctx.spec.stage_names()
+    with phase("stages", total=rows) as adv:
+        if rows and names:
+            dctx = ray.data.DataContext.get_current()
+            dctx.execution_options.preserve_order = True
+            dctx.enable_progress_bars = not quiet
+            timer = ray.remote(num_cpus=0)(_StageTimer).remote()
+            ds = ray.data.read_parquet([f for f in pair_files if pq.read_metadata(f).num_rows])
+            for entry in ctx.spec.stages:
+                cls = stage_class(entry.name)
+                res = cls.default_resources.override(entry.params)
+                params_json = entry.params.model_dump_json()
+                common = dict(batch_format="pyarrow", batch_size=res.batch_size, num_cpus=res.cpus,
+                              num_gpus=res.gpus or None)
+                if cls.uses_model:
+                    ds = ds.map_batches(_StageActor, fn_constructor_args=(entry.name, params_json, timer),
+                                        compute=ray.data.ActorPoolStrategy(size=res.pool_size), **common)
+                else:
+                    ds = ds.map_batches(_run_stage_task, fn_args=(entry.name, params_json, timer), **common)
+            ds.write_parquet(str(tmp))
+            stage_seconds = {k: v[1] for k, v in ray.get(timer.get.remote()).items()}
+        else:
+            tmp.mkdir(parents=True)
+            for i, f in enumerate(pair_files):
+                shutil.copyfile(f, tmp / f"{i:05d}.parquet")
+            stage_seconds = {}
+        tmp.rename(out)
+        summary = {"rows": rows, "seconds": time.perf_counter() - t0, "stage_seconds": stage_seconds}
+        atomic_write_text(done, json.dumps(summary))
+        adv(rows)
+    return summary
+
+
+def processed_files(ctx: BuildContext) -> list[Path]:
+    return sorted((ctx.work / "processed").glob("*.parquet"))
+
+
+def read_metadata(ctx: BuildContext) -> pa.Table:
+    """Every processed row without its image bytes: what global decisions read."""
+    files = processed_files(ctx)
+    if not files:
+        return build_schema(ctx.spec.stage_names()).empty_table()
+    ds = pads.dataset([str(f) for f in files], format="parquet")
+    cols = [c for c in ds.schema.names if c not in HEAVY_COLUMNS]
+    return ds.to_table(columns=cols)
+
+
+def decide(spec: BuildSpec, meta: pa.Table) -> tuple[pa.Table, list[dict]]:
+    """Thresholds from the spec turn stats into (reject_stage, reject_reason, reject_detail) per row.
+
+    The first stage in spec order that rejects a row owns it. Returns the decisions of rejected rows and
+    per-stage counts (rows in, out, rejected by reason).
+    """
+    n = meta.num_rows
+    owner: list[str | None] = [None] * n
+    reason: list[str | None] = [None] * n
+    detail: list[str | None] = [None] * n
+    stats = []
+    alive = n
+    for entry in spec.stages:
+        d: Decision = stage_class(entry.name).decide(meta, entry.params)
+        by_reason: dict[str, int] = {}
+        for i in range(n):
+            if owner[i] is None and d.reason[i] is not None:
+                owner[i], reason[i], detail[i] = entry.name, d.reason[i], d.detail[i]
+                by_reason[d.reason[i]] = by_reason.get(d.reason[i], 0) + 1
+        rejected = sum(by_reason.values())
+        stats.append({"stage": entry.name, "rows_in": alive, "rows_out": alive - rejected, "rejected": by_reason})
+        alive -= rejected
+    mask = pa.array([o is not None for o in owner], type=pa.bool_())
+    decisions = pa.table({
+        "uid": meta.column("uid") if n else pa.array([], pa.string()),
+        "reject_stage": pa.array(owner, pa.string()),
+        "reject_reason": pa.array(reason, pa.string()),
+        "reject_detail": pa.array(detail, pa.string()),
+    }).filter(mask)
+    return decisions, stats
+
+
+def write_outputs(ctx: BuildContext, decisions: pa.Table) -> dict:
+    """Kept rows -> shards/, every rejected row (input, ingest, stages) -> rejects/."""
+    for sub in ("shards", "rejects"):
+        if (ctx.build_dir / sub).exists():
+            shutil.rmtree(ctx.build_dir / sub)
+    spec = ctx.spec
+    schema = build_schema(spec.stage_names())
+    shards = ShardWriter(ctx.build_dir / "shards", schema, spec.write.rows_per_shard, spec.write.compression)
+    rejects = ShardWriter(ctx.build_dir / "rejects", REJECT_SCHEMA, spec.write.rows_per_shard, spec.write.compression)
+    rejected_uids = decisions.column("uid")
+    with phase("write") as adv:
+        for f in processed_files(ctx):
+            for rb in pq.ParquetFile(f).iter_batches(batch_size=1024):
+                batch = pa.Table.from_batches([rb])
+                is_rej = pc.is_in(batch.column("uid"), value_set=rejected_uids)
+                kept = batch.filter(pc.invert(is_rej))
+                kept = kept.append_column("build_id", pa.array([ctx.build_id] * kept.num_rows, pa.string())) \
+                    if "build_id" not in kept.column_names else kept
+                shards.write(kept)
+                gone = batch.filter(is_rej).select(["uid", "url", "text"])
+                if gone.num_rows:
+                    j = gone.join(decisions, "uid")
+                    rejects.write(rejects_table(
+                        j["uid"], j["url"], j["text"], j["reject_stage"], j["reject_reason"], j["reject_detail"],
+                        ctx.build_id))
+                adv(batch.num_rows)
+        early = [ctx.work / "input_rejects.parquet"] + sorted((ctx.work / "ingest").glob("*.rejects.parquet"))
+        for f in early:
+            t = pq.read_table(f)
+            rejects.write(t.set_column(t.schema.get_field_index("build_id"), "build_id",
+                                       pa.array([ctx.build_id] * t.num_rows, pa.string())))
+        return {"shards": shards.close(), "rejects": rejects.close()}
+
+
+def check_accounting(ctx: BuildContext) -> dict:
+    """kept uids + rejected uids == listed uids, with no uid twice."""
+    listed = pads.dataset(str(ctx.work / "input"), format="parquet", schema=INPUT_SCHEMA).to_table(columns=["uid"])
+    listed = pa.concat_arrays([listed.column("uid").combine_chunks(),
+                               pq.read_table(ctx.work / "input_rejects.parquet", columns=["uid"])["uid"].combine_chunks()])
+    def uids(sub):
+        files = sorted((ctx.build_dir / sub).glob("part-*.parquet"))
+        if not files:
+            return pa.array([], pa.string())
+        return pads.dataset([str(f) for f in files], format="parquet").to_table(columns=["uid"])["uid"].combine_chunks()
+    kept, rej = uids("shards"), uids("rejects")
+    out = pa.concat_arrays([kept, rej])
+    problems = []
+    if len(pc.unique(listed)) != len(listed):
+        problems.append("the input has repeated uids")
+    if len(pc.unique(out)) != len(out):
+        problems.append(f"{len(out) - len(pc.unique(out))} uids appear twice in the output")
+    missing = pc.sum(pc.invert(pc.is_in(listed, value_set=out))).as_py() or 0
+    extra = pc.sum(pc.invert(pc.is_in(out, value_set=listed))).as_py() or 0
+    if missing:
+        problems.append(f"{missing} input uids are neither kept nor rejected")
+    if extra:
+        problems.append(f"{extra} output uids were never listed")
+    if problems:
+        raise BuildError(f"accounting check failed for build {ctx.build_id}: " + "; ".join(problems))
+    return {"listed": len(listed), "kept": len(kept), "rejected": len(rej)}
+
+
+def collect_stats(ctx: BuildContext, prepared: dict, ingest: dict, processed: dict, stage_stats: list[dict],
+                  write_seconds: float, counts: dict) -> dict:
+    def reasons(files):
+        by: dict[str, int] = {}
+        for f in files:
+            for r in pq.read_table(f, columns=["reason"])["reason"].to_pylist():
+                by[r] = by.get(r, 0) + 1
+        return by
+
+    input_rej = reasons([ctx.work / "input_rejects.parquet"])
+    ingest_rej = reasons(sorted((ctx.work / "ingest").glob("*.rejects.parquet")))
+    fetched = prepared["rows"] - sum(ingest_rej.values())
+    rows = [
+        {"stage": "input", "rows_in": prepared["rows_listed"], "rows_out": prepared["rows"], "rejected": input_rej,
+         "seconds": round(prepared["seconds"], 3)},
+        {"stage": "ingest", "rows_in": prepared["rows"], "rows_out": fetched, "rejected": ingest_rej,
+         "seconds": round(ingest["seconds"], 3)},
+    ]
+    for s in stage_stats:
+        rows.append(s | {"seconds": round(processed.get("stage_seconds", {}).get(s["stage"], 0.0), 3)})
+    rows.append({"stage": "write", "rows_in": counts["kept"], "rows_out": counts["kept"], "rejected": {},
+                 "seconds": round(write_seconds, 3)})
+    return {"build_id": ctx.build_id, "dataset": ctx.spec.dataset, "rows_listed": counts["listed"],
+            "rows_kept": counts["kept"], "rows_rejected": counts["rejected"], "stages": rows}
+
+
+# --------------------------------------------------------------------------- Ray
+
+@contextmanager
+def ray_session(spec: BuildSpec):
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    env_vars = {k: os.environ[k] for k in ("NO_ALBUMENTATIONS_UPDATE", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
+                                           "TOKENIZERS_PARALLELISM", "WANDB_MODE") if k in os.environ}
+    kw = dict(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env_vars},
+              configure_logging=True, logging_level="WARNING")
+    if spec.ray.address:
+        ray.init(address=spec.ray.address, **kw)
+    else:
+        ray.init(num_cpus=spec.ray.num_cpus, object_store_memory=int(spec.ray.object_store_gb * 2**30), **kw)
+    import logging
+
+    for name in ("ray.data", "ray.data._internal.execution.streaming_executor", "ray.data.dataset"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# --------------------------------------------------------------------------- the flow
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+
+@task(name="prepare", cache_policy=NO_CACHE)
+def prepare_task(ctx: BuildContext) -> dict:
+    return prepare_inputs(ctx)
+
+
+@task(name="ingest", cache_policy=NO_CACHE)
+def ingest_task(ctx: BuildContext, prepared: dict) -> dict:
+    return ingest_all(ctx, prepared)
+
+
+@task(name="stages", cache_policy=NO_CACHE)
+def stages_task(ctx: BuildContext, quiet: bool) -> dict:
+    return process_stages(ctx, quiet=quiet)
+
+
+@task(name="decide-and-write", cache_policy=NO_CACHE)
+def write_task(ctx: BuildContext, prepared: dict, ingest: dict, processed: dict) -> dict:
+    t0 = time.perf_counter()
+    decisions, stage_stats = decide(ctx.spec, read_metadata(ctx))
+    pq.write_table(decisions, ctx.work / "decisions.parquet")
+    files = write_outputs(ctx, decisions)
+    counts = check_accounting(ctx)
+    stats = collect_stats(ctx, prepared, ingest, processed, stage_stats, time.perf_counter() - t0, counts)
+    atomic_write_text(ctx.build_dir / "stats.json", json.dumps(stats, indent=2))
+    manifest = write_manifest(
+        ctx.build_dir, build_id=ctx.build_id, dataset=ctx.spec.dataset, spec_hash=ctx.spec.spec_hash(),
+        code_version=code_version(), shards=files["shards"], rejects=files["rejects"],
+        extra={"source": ctx.source_name, "source_fingerprint": ctx.fingerprint,
+               "stages": ctx.spec.stage_names(), "columns": build_schema(ctx.spec.stage_names()).names})
+    return {"stats": stats, "manifest": manifest, "files": files}
+
+
+def record_in_catalog(ctx: BuildContext, status: str, result: dict | None = None) -> None:
+    from catalogs import Catalog
+
+    cat = Catalog(ctx.spec.catalog_path)
+    if result is None:
+        cat.record_source(ctx.source_name, str(ctx.spec.source.urls), ctx.fingerprint, None)
+        cat.start_build(ctx.build_id, ctx.spec.dataset, ctx.source_name, ctx.spec.spec_hash(), code_version(),
+                        ctx.spec.to_yaml(), str(ctx.build_dir))
+        return
+    if status == "complete":
+        stats, files = result["stats"], result["files"]
+        cat.record_source(ctx.source_name, str(ctx.spec.source.urls), ctx.fingerprint, stats["rows_listed"])
+        cat.record_shards(ctx.build_id, "shard", files["shards"])
+        cat.record_shards(ctx.build_id, "rejects", files["rejects"])
+        cat.record_stage_stats(ctx.build_id, stats["stages"])
+        cat.finish_build(ctx.build_id, status, stats["rows_listed"], stats["rows_kept"], stats["rows_rejected"])
+    else:
+        cat.finish_build(ctx.build_id, status)
+
+
+@flow(name="pairforge-build", validate_parameters=False, log_prints=True)
+def build_flow(spec_path: str, new: bool = False, quiet: bool = False, wait_lock: bool = False) -> dict:
+    """Build a dataset from a spec file. Resumes an unfinished build of the same spec and input."""
+    spec = load_spec(spec_path)
+    return run_build(spec, new=new, quiet=quiet, wait_lock=wait_lock)
+
+
+def run_build(spec: BuildSpec, *, new: bool = False, quiet: bool = False, wait_lock: bool = False) -> dict:
+    logger = get_run_logger()
+    with dataset_lock(spec, wait=wait_lock):
+        ctx = open_build(spec, new=new)
+        logger.info("build %s (%s) in %s", ctx.build_id, "resumed" if ctx.resumed else "new", ctx.build_dir)
+        record_in_catalog(ctx, "running")
+        try:
+            with ray_session(spec):
+                prepared = prepare_task(ctx)
+                ingest = ingest_task(ctx, prepared)
+                processed = stages_task(ctx, quiet)
+            result = write_task(ctx, prepared, ingest, processed)
+        except BaseException:
+            ctx.set_state(status="failed")
+            record_in_catalog(ctx, "failed", {})
+            raise
+        ctx.set_state(status="complete", finished=datetime.now(timezone.utc).isoformat())
+        record_in_catalog(ctx, "complete", result)
+        stats = result["stats"]
+        logger.info("build %s: %d listed, %d kept, %d rejected", ctx.build_id, stats["rows_listed"],
+                    stats["rows_kept"], stats["rows_rejected"])
+        return {"build_id": ctx.build_id, "build_dir": str(ctx.build_dir), "resumed": ctx.resumed,
+                "stats": stats, "manifest_rows": result["manifest"]["rows"]}

@@ -1,0 +1,160 @@
+"""pairforge command line: build, demo, catalog."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from flows import env  # noqa: F401
+
+
+class RichReporter:
+    """A progress bar per phase: rows done, rows/s, ETA."""
+
+    def __init__(self):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            TextColumn("{task.fields[summary]}"), transient=False)
+        self.tasks: dict[str, tuple[int, float]] = {}
+        self.progress.start()
+
+    def start(self, phase, total, unit="rows"):
+        self.tasks[phase] = (self.progress.add_task(phase, total=total, rate="", summary=""), time.perf_counter())
+
+    def advance(self, phase, n):
+        tid, t0 = self.tasks[phase]
+        self.progress.advance(tid, n)
+        done = self.progress.tasks[tid].completed
+        self.progress.update(tid, rate=f"{done / max(time.perf_counter() - t0, 1e-6):,.0f}/s")
+
+    def finish(self, phase, summary=""):
+        tid, _ = self.tasks[phase]
+        t = self.progress.tasks[tid]
+        self.progress.update(tid, total=t.completed if t.total is None else t.total, summary=summary)
+
+    def close(self):
+        self.progress.stop()
+
+
+def _print_summary(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    st = result["stats"]
+    t = Table(title=f"build {result['build_id']}{' (resumed)' if result.get('resumed') else ''}")
+    for c in ("stage", "in", "out", "rejected", "seconds"):
+        t.add_column(c, justify="left" if c in ("stage", "rejected") else "right")
+    for s in st["stages"]:
+        rej = ", ".join(f"{k}={v}" for k, v in sorted(s["rejected"].items(), key=lambda kv: -kv[1]))
+        t.add_row(s["stage"], str(s["rows_in"]), str(s["rows_out"]), rej, f"{s['seconds']:.1f}")
+    c = Console()
+    c.print(t)
+    c.print(f"{st['rows_listed']} listed = {st['rows_kept']} kept + {st['rows_rejected']} rejected\n"
+            f"output: {result['build_dir']}")
+
+
+def _run(fn, args, **kw):
+    from flows.progress import set_reporter
+
+    reporter = None if (args.quiet or args.json) else RichReporter()
+    set_reporter(reporter)
+    try:
+        return fn(**kw, quiet=args.quiet or args.json)
+    finally:
+        if reporter:
+            reporter.close()
+        set_reporter(None)
+
+
+def cmd_build(args) -> int:
+    from flows.build import build_flow
+    from schemas.spec import load_spec
+
+    load_spec(args.spec)  # a bad spec fails here, before Prefect or Ray start
+    result = _run(build_flow, args, spec_path=str(args.spec), new=args.new, wait_lock=args.wait)
+    _print_summary(result, args.json)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from flows.demo_build import demo_flow
+
+    result = _run(demo_flow, args, out=str(args.out), size=args.size, seed=args.seed, port=args.port, new=args.new)
+    _print_summary(result, args.json)
+    return 0
+
+
+def cmd_catalog(args) -> int:
+    from catalogs import Catalog, format_build, format_builds
+
+    path = Path(args.catalog)
+    if not path.exists():
+        print(f"no catalog at {path}", file=sys.stderr)
+        return 1
+    cat = Catalog(path, read_only=True)
+    if args.build_id:
+        d = cat.get_build(args.build_id)
+        print(json.dumps(d, indent=2, default=str) if args.json else format_build(d))
+    else:
+        rows = cat.list_builds(args.dataset)
+        print(json.dumps(rows, indent=2, default=str) if args.json else format_builds(rows))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pairforge", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp):
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("--json", action="store_true", help="print a machine-readable summary")
+
+    b = sub.add_parser("build", help="build a dataset from a spec (resumes an unfinished build of the same spec)")
+    b.add_argument("spec", type=Path)
+    b.add_argument("--new", action="store_true", help="start a new build even if an unfinished one exists")
+    b.add_argument("--wait", action="store_true", help="wait for another build of the dataset to finish")
+    common(b)
+    b.set_defaults(fn=cmd_build)
+
+    d = sub.add_parser("demo", help="generate the synthetic demo corpus, serve it on 127.0.0.1 and build it")
+    d.add_argument("--out", type=Path, default=Path("demo-out"))
+    d.add_argument("--size", type=int, default=3000, help="pairs in the demo corpus")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--port", type=int, default=8619)
+    d.add_argument("--new", action="store_true")
+    common(d)
+    d.set_defaults(fn=cmd_demo)
+
+    c = sub.add_parser("catalog", help="list builds, or show one")
+    c.add_argument("build_id", nargs="?")
+    c.add_argument("--catalog", default="demo-out/builds/catalog.duckdb")
+    c.add_argument("--dataset")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=cmd_catalog)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from schemas.spec import SpecError
+    from stages.ingest import IngestError
+    from flows.build import BuildError
+
+    try:
+        return args.fn(args)
+    except (SpecError, IngestError, BuildError) as e:
+        print(f"pairforge: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

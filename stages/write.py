@@ -1,0 +1,101 @@
+"""write: kept rows -> shards/part-NNNNN.parquet of a target row count, rejects -> rejects/, plus the manifest.
+
+Files are written under a temporary name and renamed, so a shard is either whole or absent.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.columns import REJECT_SCHEMA, SCHEMA_VERSION
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Buffers rows and writes part-NNNNN.parquet files of rows_per_shard rows (the last may be smaller)."""
+
+    def __init__(self, folder: Path, schema: pa.Schema, rows_per_shard: int, compression: str = "zstd"):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.schema = schema
+        self.rows_per_shard = rows_per_shard
+        self.compression = None if compression == "none" else compression
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.files: list[dict] = []
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        table = table.select(self.schema.names).cast(self.schema)
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        while self.pending_rows >= self.rows_per_shard:
+            self._flush(self.rows_per_shard)
+
+    def _flush(self, n: int) -> None:
+        combined = pa.concat_tables(self.pending)
+        head, rest = combined.slice(0, n), combined.slice(n)
+        self.pending = [rest] if rest.num_rows else []
+        self.pending_rows = rest.num_rows
+        path = self.folder / f"part-{len(self.files):05d}.parquet"
+        tmp = path.with_name(f".{path.name}.tmp")
+        pq.write_table(head, tmp, compression=self.compression, row_group_size=min(n, 1024))
+        os.replace(tmp, path)
+        self.files.append(
+            {"path": str(path), "rows": head.num_rows, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        )
+
+    def close(self) -> list[dict]:
+        if self.pending_rows:
+            self._flush(self.pending_rows)
+        return self.files
+
+
+def rejects_table(uid, url, text, stage, reason, detail, build_id: str) -> pa.Table:
+    n = len(uid)
+    return pa.table(
+        {"uid": uid, "url": url, "text": text, "stage": stage, "reason": reason, "detail": detail,
+         "build_id": [build_id] * n},
+        schema=REJECT_SCHEMA,
+    )
+
+
+def write_manifest(build_dir: Path, *, build_id: str, dataset: str, spec_hash: str, code_version: str,
+                   shards: list[dict], rejects: list[dict], extra: dict | None = None) -> dict:
+    def rel(files):
+        return [dict(f, path=os.path.relpath(f["path"], build_dir)) for f in files]
+
+    manifest = {
+        "build_id": build_id,
+        "dataset": dataset,
+        "schema_version": SCHEMA_VERSION,
+        "spec_hash": spec_hash,
+        "code_version": code_version,
+        "rows": sum(f["rows"] for f in shards),
+        "bytes": sum(f["bytes"] for f in shards),
+        "rejected_rows": sum(f["rows"] for f in rejects),
+        "shards": rel(shards),
+        "rejects": rel(rejects),
+        **(extra or {}),
+    }
+    atomic_write_text(build_dir / "manifest.json", json.dumps(manifest, indent=2))
+    return manifest
