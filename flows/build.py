@@ -23,12 +23,12 @@ import pyarrow.parquet as pq
 
 from flows import env  # noqa: F401
 from flows.progress import phase
-from schemas.columns import HEAVY_COLUMNS, INPUT_SCHEMA, REJECT_SCHEMA, build_schema
+from schemas.columns import HEAVY_COLUMNS, INPUT_SCHEMA, build_schema, rejects_schema
 from schemas.spec import BuildSpec, load_spec
 from stages import stage_class
 from stages.base import Decision
 from stages.ingest import assign_uids, ingest_shard, read_url_list, shard_paths
-from stages.write import ShardWriter, atomic_write_text, file_sha256, rejects_table, write_manifest
+from stages.write import ShardWriter, atomic_write_text, file_sha256, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -324,6 +324,12 @@ def decide(spec: BuildSpec, meta: pa.Table) -> tuple[pa.Table, list[dict]]:
     return decisions, stats
 
 
+def with_build_id(t: pa.Table, build_id: str) -> pa.Table:
+    if "build_id" in t.column_names:
+        t = t.drop_columns(["build_id"])
+    return t.append_column("build_id", pa.array([build_id] * t.num_rows, pa.string()))
+
+
 def write_outputs(ctx: BuildContext, decisions: pa.Table) -> dict:
     """Kept rows -> shards/, every rejected row (input, ingest, stages) -> rejects/."""
     for sub in ("shards", "rejects"):
@@ -332,29 +338,26 @@ def write_outputs(ctx: BuildContext, decisions: pa.Table) -> dict:
     spec = ctx.spec
     schema = build_schema(spec.stage_names())
     shards = ShardWriter(ctx.build_dir / "shards", schema, spec.write.rows_per_shard, spec.write.compression)
-    rejects = ShardWriter(ctx.build_dir / "rejects", REJECT_SCHEMA, spec.write.rows_per_shard, spec.write.compression)
+    rejects = ShardWriter(ctx.build_dir / "rejects", rejects_schema(spec.stage_names()), spec.write.rows_per_shard,
+                          spec.write.compression)
     rejected_uids = decisions.column("uid")
     with phase("write") as adv:
         for f in processed_files(ctx):
             for rb in pq.ParquetFile(f).iter_batches(batch_size=1024):
                 batch = pa.Table.from_batches([rb])
+                batch = with_build_id(batch, ctx.build_id)
                 is_rej = pc.is_in(batch.column("uid"), value_set=rejected_uids)
-                kept = batch.filter(pc.invert(is_rej))
-                kept = kept.append_column("build_id", pa.array([ctx.build_id] * kept.num_rows, pa.string())) \
-                    if "build_id" not in kept.column_names else kept
-                shards.write(kept)
-                gone = batch.filter(is_rej).select(["uid", "url", "text"])
+                shards.write(batch.filter(pc.invert(is_rej)))
+                gone = batch.filter(is_rej)
                 if gone.num_rows:
-                    j = gone.join(decisions, "uid")
-                    rejects.write(rejects_table(
-                        j["uid"], j["url"], j["text"], j["reject_stage"], j["reject_reason"], j["reject_detail"],
-                        ctx.build_id))
+                    at = pc.index_in(gone.column("uid"), value_set=rejected_uids)
+                    for col, src in (("stage", "reject_stage"), ("reason", "reject_reason"), ("detail", "reject_detail")):
+                        gone = gone.append_column(col, decisions.column(src).take(at))
+                    rejects.write(gone)
                 adv(batch.num_rows)
         early = [ctx.work / "input_rejects.parquet"] + sorted((ctx.work / "ingest").glob("*.rejects.parquet"))
         for f in early:
-            t = pq.read_table(f)
-            rejects.write(t.set_column(t.schema.get_field_index("build_id"), "build_id",
-                                       pa.array([ctx.build_id] * t.num_rows, pa.string())))
+            rejects.write(with_build_id(pq.read_table(f).drop_columns(["build_id"]), ctx.build_id))
         return {"shards": shards.close(), "rejects": rejects.close()}
 
 

@@ -41,6 +41,12 @@ REJECT_SCHEMA = pa.schema(
 
 # Per-stage output columns: a stage may only add the columns listed under its name.
 STAGE_FIELDS: dict[str, list[pa.Field]] = {
+    "dedup": [
+        pa.field("phash", pa.int64()),  # imagehash.phash of the image, 64 bits as a signed int64; null if undecodable
+        pa.field("phash_crops", pa.list_(pa.int64())),  # pHashes of 9 fixed crops (stages.dedup.CROP_BOXES)
+        pa.field("url_norm", pa.string()),  # schemas.records.normalize_url(url)
+        pa.field("image_bytes", pa.int64()),  # size of the stored image; a survivor tie-break
+    ],
     "basic": [
         pa.field("decode_ok", pa.bool_()),
         pa.field("decode_error", pa.string()),
@@ -48,6 +54,15 @@ STAGE_FIELDS: dict[str, list[pa.Field]] = {
         pa.field("aspect_ratio", pa.float32()),
         pa.field("caption_words", pa.int32()),
         pa.field("caption_chars", pa.int32()),
+    ],
+    "language": [
+        pa.field("lang", pa.string()),  # ISO 639-1 where the language has one; "und" for captions with no letters
+        pa.field("lang_score", pa.float32()),  # ensemble probability of `lang`, 0..1
+        pa.field("lang_words", pa.int32()),  # words with a letter in the cleaned caption (short ones are unreliable)
+    ],
+    "junk": [
+        pa.field("junk_kind", pa.string()),  # first junk kind found (see stages.junk.KINDS), null when none
+        pa.field("junk_detail", pa.string()),
     ],
 }
 
@@ -69,6 +84,13 @@ def build_schema(stages: list[str]) -> pa.Schema:
     for s in stages:
         fields.extend(stage_fields(s))
     return pa.schema(fields)
+
+
+def rejects_schema(stages: list[str]) -> pa.Schema:
+    """Rejects keep the whole record where there is one (image and stats), so refilter can revive them."""
+    core = list(REJECT_SCHEMA)
+    names = set(REJECT_SCHEMA.names)
+    return pa.schema(core + [f.with_nullable(True) for f in build_schema(stages) if f.name not in names])
 
 
 # Column groups that are heavy and never needed by metadata passes.

@@ -64,9 +64,52 @@ class BasicParams(StageParams):
     min_chars: int = Field(6, ge=0)
 
 
+class LanguageParams(StageParams):
+    keep: list[str] = Field(default_factory=lambda: ["en"], min_length=1, description="ISO 639-1 codes to keep")
+    min_score: float = Field(0.0, ge=0.0, le=1.0, description="reject rows of a language not kept scoring below this")
+    not_kept_min_score: float = Field(
+        0.4, ge=0.0, le=1.0, description="reject a language not kept only when the detector is at least this sure")
+    min_words: int = Field(3, ge=0, description="captions with fewer words are too short to reject as not kept")
+
+    @field_validator("keep")
+    @classmethod
+    def _lower_codes(cls, v: list[str]) -> list[str]:
+        return [c.strip().lower() for c in v]
+
+
+JUNK_KINDS = ["junk_html", "junk_emoji", "junk_url", "junk_filename", "junk_boilerplate", "junk_repeated",
+              "junk_too_long"]
+
+
+class JunkParams(StageParams):
+    kinds: list[str] = Field(default_factory=lambda: list(JUNK_KINDS), description="junk kinds that reject")
+    max_chars: int = Field(1000, gt=0, description="captions longer than this are junk_too_long")
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, v: list[str]) -> list[str]:
+        unknown = [k for k in v if k not in JUNK_KINDS]
+        if unknown:
+            raise ValueError(f"unknown junk kinds {unknown}; known: {JUNK_KINDS}")
+        return v
+
+
+class DedupParams(StageParams):
+    exact: bool = Field(True, description="reject rows whose downloaded bytes (sha256) repeat a kept row")
+    url: bool = Field(True, description="reject rows whose normalised URL repeats a kept row")
+    near_hamming: int = Field(6, ge=0, le=32, description="pHash Hamming radius of near duplicates; 0 disables")
+    near_crops: bool = Field(True, description="also match a pHash against the crop-variant pHashes of other rows")
+    semantic: bool = Field(True, description="SemDeDup over image_emb when the table has that column")
+    semantic_eps: float = Field(0.05, ge=0.0, lt=1.0, description="duplicates have cosine > 1 - semantic_eps")
+    semantic_clusters: int = Field(0, ge=0, description="k-means clusters for SemDeDup; 0 = about sqrt(rows)")
+
+
 # Every stage a spec may name, with its parameter model. New stages register here.
 STAGE_PARAMS: dict[str, type[StageParams]] = {
+    "dedup": DedupParams,
     "basic": BasicParams,
+    "language": LanguageParams,
+    "junk": JunkParams,
 }
 
 

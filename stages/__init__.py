@@ -4,7 +4,10 @@ from __future__ import annotations
 import importlib
 
 REGISTRY: dict[str, str] = {
+    "dedup": "stages.dedup:DedupStage",
     "basic": "stages.basic:BasicStage",
+    "language": "stages.language:LanguageStage",
+    "junk": "stages.junk:JunkStage",
 }
 
 

