@@ -246,36 +246,74 @@ def process_stages(ctx: BuildContext, quiet: bool = False) -> dict:
         shutil.rmtree(tmp)
     t0 = time.perf_counter()
     names = ctx.spec.stage_names()
-    with phase("stages", total=rows) as adv:
-        if rows and names:
-            dctx = ray.data.DataContext.get_current()
-            dctx.execution_options.preserve_order = True
-            dctx.enable_progress_bars = not quiet
-            timer = ray.remote(num_cpus=0)(_StageTimer).remote()
-            ds = ray.data.read_parquet([f for f in pair_files if pq.read_metadata(f).num_rows])
-            for entry in ctx.spec.stages:
-                cls = stage_class(entry.name)
-                res = cls.default_resources.override(entry.params)
-                params_json = entry.params.model_dump_json()
-                common = dict(batch_format="pyarrow", batch_size=res.batch_size, num_cpus=res.cpus,
-                              num_gpus=res.gpus or None)
-                if cls.uses_model:
-                    ds = ds.map_batches(_StageActor, fn_constructor_args=(entry.name, params_json, timer),
-                                        compute=ray.data.ActorPoolStrategy(size=res.pool_size), **common)
-                else:
-                    ds = ds.map_batches(_run_stage_task, fn_args=(entry.name, params_json, timer), **common)
-            ds.write_parquet(str(tmp))
-            stage_seconds = {k: v[1] for k, v in ray.get(timer.get.remote()).items()}
-        else:
-            tmp.mkdir(parents=True)
-            for i, f in enumerate(pair_files):
-                shutil.copyfile(f, tmp / f"{i:05d}.parquet")
-            stage_seconds = {}
-        tmp.rename(out)
-        summary = {"rows": rows, "seconds": time.perf_counter() - t0, "stage_seconds": stage_seconds}
-        atomic_write_text(done, json.dumps(summary))
-        adv(rows)
+    if rows and names:
+        dctx = ray.data.DataContext.get_current()
+        dctx.execution_options.preserve_order = True
+        dctx.enable_progress_bars = False  # our reporter shows progress; Ray Data's would log lines off a TTY
+        quiet_ray_data()
+        timer = ray.remote(num_cpus=0)(_StageTimer).remote()
+        ds = ray.data.read_parquet([f for f in pair_files if pq.read_metadata(f).num_rows])
+        for entry in ctx.spec.stages:
+            cls = stage_class(entry.name)
+            res = cls.default_resources.override(entry.params)
+            params_json = entry.params.model_dump_json()
+            common = dict(batch_format="pyarrow", batch_size=res.batch_size, num_cpus=res.cpus,
+                          num_gpus=res.gpus or None)
+            if cls.uses_model:
+                ds = ds.map_batches(_StageActor, fn_constructor_args=(entry.name, params_json, timer),
+                                    compute=ray.data.ActorPoolStrategy(size=res.pool_size), **common)
+            else:
+                ds = ds.map_batches(_run_stage_task, fn_args=(entry.name, params_json, timer), **common)
+        stage_seconds = _run_with_progress(lambda: ds.write_parquet(str(tmp)), timer, names, rows)
+    else:
+        tmp.mkdir(parents=True)
+        for i, f in enumerate(pair_files):
+            shutil.copyfile(f, tmp / f"{i:05d}.parquet")
+        stage_seconds = {}
+    tmp.rename(out)
+    summary = {"rows": rows, "seconds": time.perf_counter() - t0, "stage_seconds": stage_seconds}
+    atomic_write_text(done, json.dumps(summary))
     return summary
+
+
+def _run_with_progress(run, timer, names: list[str], rows: int) -> dict:
+    """Run the pipeline in a thread; report each stage's rows from the timer actor. Returns seconds per stage."""
+    import threading
+    from contextlib import ExitStack
+
+    import ray
+
+    errors: list[BaseException] = []
+
+    def target():
+        try:
+            run()
+        except BaseException as e:  # re-raised in the caller's thread
+            errors.append(e)
+
+    th = threading.Thread(target=target, name="ray-data-pipeline", daemon=True)
+    with ExitStack() as stack:
+        advance = {n: stack.enter_context(phase(f"{n}", total=rows)) for n in names}
+        seen = dict.fromkeys(names, 0)
+        th.start()
+        while True:
+            th.join(0.5)
+            totals = ray.get(timer.get.remote())
+            for n in names:
+                done_rows = int(totals.get(n, [0])[0])
+                advance[n](done_rows - seen[n])
+                seen[n] = done_rows
+            if not th.is_alive():
+                break
+    if errors:
+        raise errors[0]
+    return {k: v[1] for k, v in ray.get(timer.get.remote()).items()}
+
+
+def quiet_ray_data() -> None:
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # after import: Ray Data configures its loggers then
 
 
 def processed_files(ctx: BuildContext) -> list[Path]:
@@ -432,10 +470,6 @@ def ray_session(spec: BuildSpec):
         ray.init(address=spec.ray.address, **kw)
     else:
         ray.init(num_cpus=spec.ray.num_cpus, object_store_memory=int(spec.ray.object_store_gb * 2**30), **kw)
-    import logging
-
-    for name in ("ray.data", "ray.data._internal.execution.streaming_executor", "ray.data.dataset"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         yield
     finally:

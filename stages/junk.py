@@ -17,8 +17,9 @@ Kinds, checked in this order; a row's `junk_kind` is the first that matches (its
                    punctuation: "click here", "Image 1 of 5", "Stock Photo", "untitled-3", "loading...") or starts
                    with an auto-generated prefix (BOILERPLATE_PREFIXES: "image may contain: ...", "click here ...").
                    "Stock Photo" at the end of a real description is not junk.
-- junk_repeated    >= 3 word tokens and one token makes up more than half of them ("sale sale sale sale"), or one
-                   2- or 3-word phrase repeated >= 3 times covering more than half ("buy now buy now buy now").
+- junk_repeated    one word, appearing >= 3 times, makes up more than half of the word tokens ("sale sale sale
+                   sale"; "Baby baby blanket" is fine), or one 2- or 3-word phrase repeated >= 3 times covers more
+                   than half of them ("buy now buy now buy now").
 - junk_too_long    more than `max_chars` characters (params; default 1000). Computed in process_batch with the
                    stage's max_chars, so changing it needs the stage re-run (it is cheap).
 
@@ -103,8 +104,8 @@ _GENERIC_WORDS = (
 _GENERIC = re.compile(
     r"^(?:" + _GENERIC_WORDS + r")(?:[\s_.-]*(?:\d+|\(\d+\)|at|copy|am|pm|[a-z]?\d+[a-z]?))*$", re.IGNORECASE
 )
-# "Photo 3", "Slide 12": boilerplate rather than a file name.
-_GENERIC_ONLY_NUMBER = re.compile(r"^(?:" + _GENERIC_WORDS + r")\s+\d{1,2}$", re.IGNORECASE)
+# "Photo 3", "Slide 12", "untitled-3": boilerplate rather than a file name.
+_GENERIC_ONLY_NUMBER = re.compile(r"^(?:" + _GENERIC_WORDS + r")[\s_-]+\d{1,2}$", re.IGNORECASE)
 _HEX = re.compile(r"^(?=[0-9a-f_-]*\d)(?=[0-9a-f_-]*[a-f])[0-9a-f]{12,}$|^[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}$",
                   re.IGNORECASE)
 
@@ -196,7 +197,7 @@ def find_repeated(text: str) -> str | None:
     if n < 3:
         return None
     word, count = Counter(tokens).most_common(1)[0]
-    if count * 2 > n:
+    if count >= 3 and count * 2 > n:
         return f"token {word!r} x{count} of {n}"
     for size in (2, 3):
         if n < 3 * size:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import imagehash
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
@@ -80,6 +81,8 @@ FRACTIONS: dict[str, float] = {
 }
 
 TIMEOUT_DELAY_S = 30.0
+# Near-duplicate variants are kept within this pHash (imagehash.phash, 64 bits) distance of their original.
+NEAR_DUP_MAX_HAMMING = 6
 
 JUNK_KINDS = ("junk_filename", "junk_url", "junk_boilerplate", "junk_repeated", "junk_emoji", "junk_html")
 
@@ -124,13 +127,14 @@ _HTML_PAGE = (
 
 
 def _package_dir(which: str) -> Path:
-    if which == "skimage":
-        import skimage
+    """skimage/data or sklearn/datasets/images, found without importing the (slow to import) packages."""
+    import importlib.util
 
-        return Path(skimage.__file__).parent / "data"
-    import sklearn
-
-    return Path(sklearn.__file__).parent / "datasets" / "images"
+    spec = importlib.util.find_spec("skimage" if which == "skimage" else "sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"{which} is not installed; the demo corpus reads its packaged images")
+    base = Path(list(spec.submodule_search_locations)[0])
+    return base / "data" if which == "skimage" else base / "datasets" / "images"
 
 
 def _load_real(which: str, name: str, short_side: int = 256) -> Image.Image:
@@ -260,6 +264,36 @@ def junk_caption(kind: str, rng: random.Random, scene: Scene | None = None) -> s
     raise ValueError(kind)
 
 
+def _phash(im: Image.Image) -> imagehash.ImageHash:
+    return imagehash.phash(im.convert("RGB"))
+
+
+def near_duplicate(kind: str, data: bytes, rng: random.Random, max_hamming: int = NEAR_DUP_MAX_HAMMING,
+                   tries: int = 30) -> bytes | None:
+    """JPEG bytes of a near-duplicate of the encoded image `data`, within `max_hamming` pHash bits of it.
+
+    near_dup_reencode: JPEG quality 60-75; near_dup_resize: half the width and height; near_dup_crop: 5-10% of
+    the area cut away (random sides). None when no try lands within `max_hamming`.
+    """
+    im = Image.open(io.BytesIO(data)).convert("RGB")
+    h0 = _phash(im)
+    for _ in range(tries):
+        if kind == "near_dup_reencode":
+            out = _encode(im, "jpg", quality=rng.randint(60, 75))
+        elif kind == "near_dup_resize":
+            out = _encode(im.resize((im.width // 2, im.height // 2), Image.LANCZOS), "jpg")
+        elif kind == "near_dup_crop":
+            keep = math.sqrt(1 - rng.uniform(0.05, 0.10))
+            cw, ch = round(im.width * (1 - keep)), round(im.height * (1 - keep))
+            left, top = rng.randint(0, cw), rng.randint(0, ch)
+            out = _encode(im.crop((left, top, im.width - (cw - left), im.height - (ch - top))), "jpg")
+        else:
+            raise ValueError(kind)
+        if _phash(Image.open(io.BytesIO(out))) - h0 <= max_hamming:
+            return out
+    return None
+
+
 def short_caption(scene: Scene, rng: random.Random) -> str:
     """A one- or two-word caption naming part of the scene: 'circle', 'red square', 'stars'."""
     g = scene.groups[0]
@@ -273,10 +307,7 @@ def _counts(n: int) -> dict[str, int]:
     counts["text_image"] = len(TEXT_IMAGES)
     faulty = sum(counts.values())
     clean = n - faulty
-    # Originals for every copy are drawn from the clean rows, each at most once.
-    sources = sum(counts[k] for k in ("exact_dup", "near_dup_reencode", "near_dup_resize", "near_dup_crop",
-                                      "duplicate_input"))
-    if clean < max(sources, n // 2):
+    if clean < n // 2:
         raise ValueError(f"n={n} is too small for the demo corpus (need n >= 200)")
     counts["clean"] = clean
     return counts
@@ -384,37 +415,31 @@ def generate_corpus(out_dir: Path, n: int = 3000, seed: int = 0, base_url: str =
             path, rel = w.image_route(_encode(_load_real(which, name), "jpg"), "jpg")
             w.add(path, text, fault, group=w.next_group(), is_original=True, scene=None, render_seed=None, file=rel)
 
-    # Copies of clean originals: each original is copied at most once.
+    # Copies of clean originals: each original is copied at most once. Near-duplicate variants are re-drawn
+    # until their pHash is within NEAR_DUP_MAX_HAMMING of the original's (pHash is fragile under crops).
     copy_kinds = ["exact_dup", "near_dup_reencode", "near_dup_resize", "near_dup_crop", "duplicate_input"]
-    sources = rng.sample(clean_rows, sum(counts[k] for k in copy_kinds))
-    it = iter(sources)
+    pool = list(clean_rows)
+    rng.shuffle(pool)
     for kind in copy_kinds:
-        for _ in range(counts[kind]):
-            src = next(it)
+        made = 0
+        while made < counts[kind]:
+            src = pool.pop()
             scene = Scene.from_json(src["scene"])
             if kind == "duplicate_input":
                 w.add(src["url"][len(w.base_url):], src["caption"], kind, group=src["group"], is_original=False,
                       scene=scene, render_seed=src["render_seed"], file=src["file"])
-                continue
-            data = (out_dir / src["file"]).read_bytes()
-            if kind == "exact_dup":
-                ext = src["file"].rsplit(".", 1)[1]
-                path = w.route(ext, src["file"])
-                rel = src["file"]
+            elif kind == "exact_dup":
+                path = w.route(src["file"].rsplit(".", 1)[1], src["file"])
+                w.add(path, caption(scene, rng), kind, group=src["group"], is_original=False, scene=scene,
+                      render_seed=src["render_seed"], file=src["file"])
             else:
-                im = Image.open(io.BytesIO(data)).convert("RGB")
-                if kind == "near_dup_reencode":
-                    out = _encode(im, "jpg", quality=rng.randint(60, 75))
-                elif kind == "near_dup_resize":
-                    out = _encode(im.resize((im.width // 2, im.height // 2), Image.LANCZOS), "jpg")
-                else:
-                    fw, fh = rng.uniform(0.05, 0.10), rng.uniform(0.05, 0.10)
-                    cw, ch = round(im.width * fw), round(im.height * fh)
-                    left, top = rng.randint(0, cw), rng.randint(0, ch)
-                    out = _encode(im.crop((left, top, im.width - (cw - left), im.height - (ch - top))), "jpg")
+                out = near_duplicate(kind, (out_dir / src["file"]).read_bytes(), rng)
+                if out is None:
+                    continue  # this original is too fragile for the variant: take another
                 path, rel = w.image_route(out, "jpg")
-            w.add(path, caption(scene, rng), kind, group=src["group"], is_original=False, scene=scene,
-                  render_seed=src["render_seed"], file=rel)
+                w.add(path, caption(scene, rng), kind, group=src["group"], is_original=False, scene=scene,
+                      render_seed=src["render_seed"], file=rel)
+            made += 1
 
     # Pictures with a caption that describes another scene.
     def wrong_text(scene: Scene) -> str:

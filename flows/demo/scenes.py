@@ -394,8 +394,15 @@ def layout_scene(scene: Scene, seed: int) -> list[Placed]:
 # ---------------------------------------------------------------- drawing
 
 
+_BG_RES = 48  # the background is smooth: compute it on a coarse grid and upsample
+
+
 def _background(size: int, rng: random.Random) -> np.ndarray:
-    """A smooth random background: a two-colour linear gradient in a random direction plus faint blobs."""
+    """A smooth random background: a two-colour linear gradient in a random direction plus faint blobs.
+
+    Returns a (res, res, 3) uint8 array on a coarse grid (res <= size); the caller upsamples it.
+    """
+    res = min(size, _BG_RES)
     nrng = np.random.default_rng(rng.getrandbits(64))
     # Two low-saturation colours with clearly different luminance.
     l1 = rng.uniform(70, 195)
@@ -403,26 +410,28 @@ def _background(size: int, rng: random.Random) -> np.ndarray:
         l2 = rng.uniform(70, 195)
         if abs(l2 - l1) >= 55:
             break
+
     def tinted(lum: float) -> np.ndarray:
         tint = nrng.normal(0, 1, 3)
         tint -= tint.mean()
         tint /= np.abs(tint).max() + 1e-6
-        return lum + tint * rng.uniform(0, 28)
+        return (lum + tint * rng.uniform(0, 28)).astype(np.float32)
+
     c1, c2 = tinted(l1), tinted(l2)
     angle = rng.uniform(0, 2 * math.pi)
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+    ys, xs = np.mgrid[0:res, 0:res].astype(np.float32) / max(res - 1, 1)
     proj = (xs - 0.5) * math.cos(angle) + (ys - 0.5) * math.sin(angle)
     t = (proj - proj.min()) / (proj.max() - proj.min() + 1e-6)
     # A random non-linear ramp keeps gradients with similar directions apart.
     t = t ** rng.uniform(0.6, 1.6)
     img = c1[None, None, :] * (1 - t[..., None]) + c2[None, None, :] * t[..., None]
-    for _ in range(rng.randint(2, 4)):
+    for _ in range(rng.randint(3, 6)):
         cx, cy = rng.uniform(-0.1, 1.1), rng.uniform(-0.1, 1.1)
-        sigma = rng.uniform(0.12, 0.3)
-        amp = rng.uniform(18, 40) * rng.choice((-1, 1))
+        sigma = rng.uniform(0.1, 0.28)
+        amp = rng.uniform(22, 48) * rng.choice((-1, 1))
         w = np.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * sigma**2))
-        tint = 1 + nrng.normal(0, 0.15, 3)
-        img += w[..., None] * amp * tint[None, None, :]
+        tint = (1 + nrng.normal(0, 0.15, 3)).astype(np.float32)
+        img += w[..., None] * (amp * tint)[None, None, :]
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -474,7 +483,7 @@ def render_scene(scene: Scene, size: int = 128, seed: int = 0) -> Image.Image:
     bg_seed, layout_seed = master.getrandbits(64), master.getrandbits(64)
     bg = _background(size, random.Random(bg_seed))
     big = size * _SS
-    canvas = Image.fromarray(bg, "RGB").resize((big, big), Image.BILINEAR)
+    canvas = Image.fromarray(bg, "RGB").resize((big, big), Image.BICUBIC)
     draw = ImageDraw.Draw(canvas)
     width = max(1, round(big / 128))
     for p in layout_scene(scene, layout_seed):

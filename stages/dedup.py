@@ -1,0 +1,546 @@
+"""dedup: exact, URL, near (pHash) and semantic (SemDeDup) duplicates, decided over the whole build.
+
+process_batch (per row, CPU) writes
+    phash        imagehash.phash of the decoded image: 64 bits (first DCT bit most significant) stored as the
+                 signed int64 with the same bit pattern; null when the image does not decode.
+    phash_crops  the same hash of 9 fixed crops of the image (CROP_BOXES: 1-8 % cut from each side), so that a
+                 slightly cropped copy of an image, whose own pHash is typically 8-26 bits away, matches one of
+                 the original's crops within a few bits.
+    url_norm     schemas.records.normalize_url(url).
+    image_bytes  size of the stored image bytes (a survivor tie-break, see below).
+and reads the `sha256` that ingest wrote (of the downloaded bytes).
+
+decide(table, params, prior=None) runs over every row of the build, in this order, each step over the rows the
+earlier steps kept (a rejected row's detail names the row it duplicates, which an earlier step kept):
+
+1. exact      same sha256                                            -> duplicate_exact     "dup of <uid>"
+2. url        same normalised URL (and a different image)            -> duplicate_url       "dup of <uid>"
+3. near       pHash Hamming distance <= near_hamming, either between the two images' pHashes or (near_crops)
+              between one image's pHash and a crop pHash of the other -> duplicate_near
+              "dup of <uid> (hamming=H)" or "dup of <uid> (hamming=H, crop hamming=C)" when only a crop matched.
+              Rows are grouped transitively (connected components), so in a chain a-b-c the survivor may be
+              further than near_hamming from some members; H is the distance to the survivor.
+4. semantic   (only when the table has an `image_emb` column, L2-normalised image embeddings, and params.semantic)
+              SemDeDup: k-means over the embeddings (semantic_clusters, 0 = about sqrt(rows)), then within each
+              cluster pairs with cosine > 1 - semantic_eps, grouped transitively -> duplicate_semantic
+              "dup of <uid> (cosine=0.987)". Pairs split across two k-means clusters are not found (that is
+              SemDeDup's approximation). Without the column the step is skipped silently.
+
+Which copy survives, in every step: within a group of duplicates the row with the largest original image
+(original_width * original_height) survives; ties go to the larger stored image (image_bytes: at equal size the
+less compressed copy), then to the smallest uid. The rule reads only row contents, never row order, so a shuffled
+table gives the same survivors (k-means also runs over rows sorted by uid).
+
+Incremental builds: `prior` (columns uid, sha256, phash, url_norm and optionally phash_crops) holds the rows kept
+by earlier builds of the source. Prior rows join steps 1-3 and always survive their group; a row of this build
+that duplicates one is rejected with the same reason and "dup of <uid> in an earlier build". Prior rows are not
+part of this build, so they never appear in the Decision. Prior rows take no part in the semantic step.
+
+Near-duplicate search (near_pairs) is exact: it returns every pair within the radius, the same as brute force.
+Multi-index hashing with a covering design: the 64 bits are cut into B contiguous blocks; a pair within distance k
+differs in at most k blocks, so for a family of block subsets that misses every set of k blocks (built greedily and
+complete by construction, see _design) each close pair agrees exactly on all blocks of at least one subset. Per
+subset, the masked hashes are multiplicatively hashed, packed with the row index into one uint64 and sorted; rows
+in equal-key runs are candidates, verified with a popcount. Keys are about log2(n) + 1 bits long, so random
+hashes give about n/4 candidates per subset and the cost is dominated by one sort of n uint64 per subset.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import itertools
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image
+
+from schemas.records import normalize_url
+from schemas.spec import DedupParams
+from stages.base import Decision, Resources, Stage
+
+# ----------------------------------------------------------------------------------------------------- hashing
+
+# Per axis (cut at the start, cut at the end) as fractions of the side; the crops are all 9 combinations.
+_AXIS_CUTS = ((0.04, 0.04), (0.01, 0.07), (0.07, 0.01))
+CROP_BOXES: tuple[tuple[float, float, float, float], ...] = tuple(
+    (left, top, right, bottom) for (left, right) in _AXIS_CUTS for (top, bottom) in _AXIS_CUTS)
+_CROP_SIDE = 128  # crops are hashed from a copy reduced to about this short side (speed; the full hash is exact)
+_SHIFTS = np.arange(63, -1, -1, dtype=np.uint64)
+_SIGN = 1 << 63
+
+
+def to_signed(v: int) -> int:
+    """An unsigned 64-bit value as the int64 with the same bits."""
+    return v - (1 << 64) if v >= _SIGN else v
+
+
+def to_unsigned(a) -> np.ndarray:
+    """int64 (or uint64) hashes -> uint64 with the same bits."""
+    return np.ascontiguousarray(np.asarray(a).astype(np.int64, copy=False).view(np.uint64))
+
+
+def _hash_pixels(stack: np.ndarray) -> list[int]:
+    """imagehash.phash on (m, 32, 32) grey pixel arrays: DCT, 8x8 low frequencies, > median."""
+    import scipy.fftpack
+
+    dct = scipy.fftpack.dct(scipy.fftpack.dct(stack, axis=1), axis=2)[:, :8, :8].reshape(len(stack), 64)
+    bits = dct > np.median(dct, axis=1, keepdims=True)
+    return [to_signed(int(v)) for v in (bits.astype(np.uint64) << _SHIFTS).sum(axis=1, dtype=np.uint64)]
+
+
+def image_hashes(data: bytes | None) -> tuple[int | None, list[int] | None]:
+    """(pHash, crop pHashes) of encoded image bytes as signed int64 values; (None, None) if it does not decode.
+
+    The pHash equals imagehash.phash(image) bit for bit.
+    """
+    if not data:
+        return None, None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            grey = im.convert("L")
+    except Exception:  # PIL raises many types for bad files
+        return None, None
+    w, h = grey.size
+    if w < 1 or h < 1:
+        return None, None
+    full = np.asarray(grey.resize((32, 32), Image.LANCZOS), dtype=np.float64)
+    factor = max(1, min(w, h) // _CROP_SIDE)
+    small = grey.reduce(factor) if factor > 1 else grey
+    sw, sh = small.size
+    crops = [np.asarray(small.resize((32, 32), Image.LANCZOS,
+                                     box=(l * sw, t * sh, (1 - r) * sw, (1 - b) * sh)), dtype=np.float64)
+             for l, t, r, b in CROP_BOXES]
+    hashes = _hash_pixels(np.stack([full] + crops))
+    return hashes[0], hashes[1:]
+
+
+def safe_normalize_url(url: str | None) -> str | None:
+    if url is None:
+        return None
+    try:
+        return normalize_url(url)
+    except ValueError:  # e.g. a port out of range: keep the URL as written
+        return url.strip()
+
+
+# ------------------------------------------------------------------------------------- near-duplicate search
+
+_MULT = np.uint64(0x9E3779B97F4A7C15)  # odd: x -> x * _MULT is a bijection, its high bits a good bucket hash
+_MAX_DESIGN_WORK = 40_000_000  # C(B, s) * C(B, k) cells in the greedy's coverage matrix
+
+
+def _subsets(b: int, r: int) -> np.ndarray:
+    return np.array([sum(1 << i for i in c) for c in itertools.combinations(range(b), r)], dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=None)
+def _greedy_cover(b: int, s: int, k: int) -> tuple[int, ...]:
+    """Subsets of s of b blocks such that every set of k blocks misses one of them entirely (greedy set cover).
+
+    Returned as bitmasks over blocks. Complete by construction: the loop ends only when every k-set is covered,
+    and a set of fewer than k blocks is covered with any k-superset.
+    """
+    cand = _subsets(b, s)
+    dirty = _subsets(b, k)
+    hits = (cand[:, None] & dirty[None, :]) == 0  # hits[c, d]: subset c avoids the dirty blocks d
+    packed = np.packbits(hits, axis=1)
+    pad = (-packed.shape[1]) % 8
+    packed = np.pad(packed, ((0, 0), (0, pad))).view(np.uint64)
+    todo = np.pad(np.packbits(np.ones(dirty.size, bool)), (0, pad)).view(np.uint64)
+    chosen: list[int] = []
+    while todo.any():
+        gain = np.bitwise_count(packed & todo).sum(axis=1, dtype=np.int64)
+        j = int(np.argmax(gain))
+        chosen.append(int(cand[j]))
+        todo &= ~packed[j]
+    return tuple(chosen)
+
+
+@functools.lru_cache(maxsize=None)
+def _design(k: int, key_bits: int) -> tuple[int, ...]:
+    """64-bit masks such that any two hashes within Hamming distance k agree on all bits of at least one mask.
+
+    Among block counts B (k < B <= 16) it takes the subsets of about key_bits bits and keeps the smallest family;
+    plain pigeonhole (k + 1 bands, one must match) when no B fits.
+    """
+    best: tuple[int, ...] | None = None
+    best_blocks: list[int] = []
+    for b in range(k + 1, 17):
+        s = max(1, math.ceil(key_bits * b / 64))
+        if s > b - k or math.comb(b, s) * math.comb(b, k) > _MAX_DESIGN_WORK:
+            continue
+        fam = _greedy_cover(b, s, k)
+        if best is None or len(fam) < len(best):
+            best, best_blocks = fam, _block_masks(b)
+    if best is None:
+        b = k + 1
+        best, best_blocks = tuple(1 << i for i in range(b)), _block_masks(b)
+    out = []
+    for sub in best:
+        m = 0
+        for i, bm in enumerate(best_blocks):
+            if sub >> i & 1:
+                m |= bm
+        out.append(m)
+    return tuple(out)
+
+
+def _block_masks(b: int) -> list[int]:
+    edges = [round(i * 64 / b) for i in range(b + 1)]
+    return [((1 << (edges[i + 1] - edges[i])) - 1) << edges[i] for i in range(b)]
+
+
+def brute_pairs(h, k: int, chunk: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair i < j with popcount(h[i] ^ h[j]) <= k, by comparing all pairs (a reference for tests)."""
+    h = to_unsigned(h)
+    out_i, out_j, out_d = [], [], []
+    for a in range(0, h.size, chunk):
+        d = np.bitwise_count(h[a:a + chunk, None] ^ h[None, :])
+        i, j = np.nonzero(d <= k)
+        i = i + a
+        keep = j > i
+        out_i.append(i[keep])
+        out_j.append(j[keep])
+        out_d.append(d[i[keep] - a, j[keep]])
+    return _cat(out_i, np.int64), _cat(out_j, np.int64), _cat(out_d, np.uint8)
+
+
+def _cat(parts, dtype) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.empty(0, dtype)
+
+
+def distinct_pairs(u: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs i < j of distinct uint64 hashes `u` with 0 < popcount(u[i] ^ u[j]) <= k (u need not be sorted)."""
+    u = to_unsigned(u)
+    m = u.size
+    empty = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.uint8))
+    if m < 2 or k <= 0:
+        return empty
+    if k >= 16 or m <= 2048:  # small inputs and wide radii: all pairs is cheaper than many sorts
+        i, j, d = brute_pairs(u, k)
+        keep = d > 0
+        return i[keep], j[keep], d[keep]
+    idx_bits = max(1, (m - 1).bit_length())
+    hi = np.uint64(((1 << 64) - 1) ^ ((1 << idx_bits) - 1))
+    lo = np.uint64((1 << idx_bits) - 1)
+    ids = np.arange(m, dtype=np.uint64)
+    key_bits = min(40, max(8, idx_bits + 1))
+    out_i, out_j, out_d = [], [], []
+    buf = np.empty(m, np.uint64)
+    for mask in _design(k, key_bits):
+        np.bitwise_and(u, np.uint64(mask), out=buf)
+        np.multiply(buf, _MULT, out=buf)
+        np.bitwise_and(buf, hi, out=buf)
+        np.bitwise_or(buf, ids, out=buf)
+        buf.sort()
+        keys = buf >> np.uint64(idx_bits)
+        eq = keys[1:] == keys[:-1]
+        pos = np.flatnonzero(eq)
+        if not pos.size:
+            continue
+        row = (buf & lo).astype(np.intp)
+        off = 1
+        while pos.size:
+            a, b = row[pos], row[pos + off]
+            d = np.bitwise_count(u[a] ^ u[b])
+            ok = d <= k
+            if ok.any():
+                a, b = a[ok], b[ok]
+                out_i.append(np.minimum(a, b))
+                out_j.append(np.maximum(a, b))
+                out_d.append(d[ok])
+            # the run goes on past pos + off when eq[pos + off] holds
+            pos = pos[pos + off < eq.size]
+            pos = pos[eq[pos + off]]
+            off += 1
+    if not out_i:
+        return empty
+    i, j, d = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_d)
+    _, first = np.unique(i.astype(np.int64) * m + j, return_index=True)
+    return i[first].astype(np.int64), j[first].astype(np.int64), d[first]
+
+
+def near_pairs(h, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair i < j of hashes (uint64 or int64 bit patterns) within Hamming distance k, with the distance.
+
+    Equal to brute_pairs, order aside (sorted by i, then j).
+    """
+    h = to_unsigned(h)
+    if h.size < 2 or k < 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.uint8)
+    uniq, inv = np.unique(h, return_inverse=True)
+    ui, uj, ud = distinct_pairs(uniq, k)
+    order = np.argsort(inv, kind="stable")
+    start = np.searchsorted(inv[order], np.arange(uniq.size + 1))
+    out_i, out_j, out_d = [], [], []
+    # equal hashes
+    sizes = np.diff(start)
+    for g in np.flatnonzero(sizes > 1):
+        members = order[start[g]:start[g + 1]]
+        a, b = np.triu_indices(members.size, 1)
+        out_i.append(members[a])
+        out_j.append(members[b])
+        out_d.append(np.zeros(a.size, np.uint8))
+    # distinct hashes: every member of one value with every member of the other
+    single = (sizes[ui] == 1) & (sizes[uj] == 1)
+    out_i.append(order[start[ui[single]]])
+    out_j.append(order[start[uj[single]]])
+    out_d.append(ud[single])
+    for x, y, d in zip(ui[~single], uj[~single], ud[~single]):
+        mx, my = order[start[x]:start[x + 1]], order[start[y]:start[y + 1]]
+        out_i.append(np.repeat(mx, my.size))
+        out_j.append(np.tile(my, mx.size))
+        out_d.append(np.full(mx.size * my.size, d, np.uint8))
+    i, j, d = _cat(out_i, np.int64), _cat(out_j, np.int64), _cat(out_d, np.uint8)
+    i, j = np.minimum(i, j), np.maximum(i, j)
+    o = np.lexsort((j, i))
+    return i[o], j[o], d[o]
+
+
+def components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Connected-component label of each of n nodes given undirected edges (i, j) (union-find)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if n == 0:
+        return np.empty(0, np.int64)
+    g = coo_matrix((np.ones(len(i), np.int8), (np.asarray(i, np.int64), np.asarray(j, np.int64))), shape=(n, n))
+    return connected_components(g.tocsr(), directed=False)[1].astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+def _col(table: pa.Table | None, name: str, n: int, typ: pa.DataType) -> pa.Array:
+    if table is None or name not in table.column_names:
+        return pa.nulls(n, typ)
+    return table.column(name).combine_chunks().cast(typ)
+
+
+def _int_np(arr: pa.Array, fill: int = 0) -> np.ndarray:
+    return np.asarray(pc.fill_null(arr, fill).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _codes(values: pa.Array, take: np.ndarray) -> np.ndarray:
+    """Dictionary code of each value; -1 for nulls and for nodes where take is false."""
+    codes = pc.dictionary_encode(values).indices
+    out = _int_np(codes, -1)
+    out[~take] = -1
+    return out
+
+
+class _Nodes:
+    """The rows of this build (0..n-1) followed by the prior rows (n..n+m-1), with the survivor ranking."""
+
+    def __init__(self, table: pa.Table, prior: pa.Table | None):
+        self.n = n = table.num_rows
+        self.m = m = prior.num_rows if prior is not None else 0
+        uid = pa.concat_arrays([_col(table, "uid", n, pa.string()), _col(prior, "uid", m, pa.string())])
+        self.uid = uid.to_pylist()
+        ranks = np.empty(n + m, np.int64)
+        ranks[np.asarray(pc.sort_indices(uid))] = np.arange(n + m)
+        self.uid_rank = ranks
+        self.is_prior = np.r_[np.zeros(n, bool), np.ones(m, bool)]
+        w = _int_np(_col(table, "original_width", n, pa.int64()), -1)
+        h = _int_np(_col(table, "original_height", n, pa.int64()), -1)
+        w2 = _int_np(_col(table, "width", n, pa.int64()), 0)
+        h2 = _int_np(_col(table, "height", n, pa.int64()), 0)
+        area = np.where((w >= 0) & (h >= 0), w * h, w2 * h2)
+        self.area = np.r_[area, np.zeros(m, np.int64)]
+        self.nbytes = np.r_[_int_np(_col(table, "image_bytes", n, pa.int64()), 0), np.zeros(m, np.int64)]
+        self.alive = np.r_[np.ones(n, bool), np.ones(m, bool)]  # prior rows stay alive
+
+    def both(self, table: pa.Table, prior: pa.Table | None, name: str, typ: pa.DataType) -> pa.Array:
+        return pa.concat_arrays([_col(table, name, self.n, typ), _col(prior, name, self.m, typ)])
+
+    def resolve(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(losers, their survivors) for groups given by labels (-1: not grouped); losers are rows of this build."""
+        idx = np.flatnonzero(labels >= 0)
+        if not idx.size:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        o = np.lexsort((self.uid_rank[idx], -self.nbytes[idx], -self.area[idx], ~self.is_prior[idx], labels[idx]))
+        s = idx[o]
+        lab = labels[s]
+        first = np.r_[True, lab[1:] != lab[:-1]]
+        surv = s[first][np.cumsum(first) - 1]
+        lose = ~first & (s < self.n)
+        return s[lose], surv[lose]
+
+
+class DedupStage(Stage):
+    name = "dedup"
+    version = 1
+    default_resources = Resources(cpus=1.0, batch_size=256)
+    global_decision = True
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        cols: dict[str, list] = {k: [] for k in self.stats_columns()}
+        for data, url in zip(batch.column("image").to_pylist(), batch.column("url").to_pylist()):
+            full, crops = image_hashes(data)
+            cols["phash"].append(full)
+            cols["phash_crops"].append(crops)
+            cols["url_norm"].append(safe_normalize_url(url))
+            cols["image_bytes"].append(len(data) if data else None)
+        return self.add_columns(batch, cols)
+
+    @classmethod
+    def decide(cls, table: pa.Table, params: DedupParams, prior: pa.Table | None = None) -> Decision:
+        n = table.num_rows
+        d = Decision.keep_all(n)
+        if n == 0:
+            return d
+        if prior is not None and prior.num_rows == 0:
+            prior = None
+        nodes = _Nodes(table, prior)
+
+        def reject(losers, survivors, reason: str, extra=None) -> None:
+            for t, (a, b) in enumerate(zip(losers.tolist(), survivors.tolist())):
+                text = f"dup of {nodes.uid[b]}" + (" in an earlier build" if b >= n else "")
+                if extra is not None:
+                    text += f" ({extra[t]})"
+                d.reason[a] = reason
+                d.detail[a] = text
+                nodes.alive[a] = False
+
+        if params.exact:
+            sha = nodes.both(table, prior, "sha256", pa.string())
+            reject(*nodes.resolve(_codes(sha, nodes.alive.copy())), "duplicate_exact")
+        if params.url:
+            if "url_norm" in table.column_names:
+                url = _col(table, "url_norm", n, pa.string())
+            else:
+                url = pa.array([safe_normalize_url(u) for u in _col(table, "url", n, pa.string()).to_pylist()],
+                               pa.string())
+            url = pa.concat_arrays([url, _col(prior, "url_norm", nodes.m, pa.string())])
+            reject(*nodes.resolve(_codes(url, nodes.alive.copy())), "duplicate_url")
+        if params.near_hamming > 0 and "phash" in table.column_names:
+            cls._near(table, prior, params, nodes, reject)
+        if params.semantic and "image_emb" in table.column_names:
+            cls._semantic(table, params, nodes, reject)
+        return d
+
+    # ------------------------------------------------------------------------------------------------ near
+    @staticmethod
+    def _near(table, prior, params: DedupParams, nodes: _Nodes, reject) -> None:
+        k = params.near_hamming
+        full_a = nodes.both(table, prior, "phash", pa.int64())
+        has = np.asarray(full_a.is_valid()) & nodes.alive
+        full = to_unsigned(_int_np(full_a, 0))
+        nv = len(CROP_BOXES)
+        crops = np.zeros((nodes.n + nodes.m, nv), np.uint64)
+        crop_ok = np.zeros((nodes.n + nodes.m, nv), bool)
+        if params.near_crops:
+            ca = nodes.both(table, prior, "phash_crops", pa.list_(pa.int64()))
+            lens = _int_np(pc.list_value_length(ca), 0)
+            rows = np.flatnonzero((lens == nv) & has)
+            if rows.size:
+                vals = ca.take(pa.array(rows)).flatten()
+                crops[rows] = to_unsigned(_int_np(vals, 0)).reshape(rows.size, nv)
+                crop_ok[rows] = True
+        # the pool: every full hash, then every crop hash, each with its owner row and whether it is a full one
+        fr = np.flatnonzero(has)
+        cr, cv = np.nonzero(crop_ok)
+        pool = np.r_[full[fr], crops[cr, cv]]
+        owner = np.r_[fr, cr]
+        is_full = np.r_[np.ones(fr.size, bool), np.zeros(cr.size, bool)]
+        if fr.size < 2:
+            return
+        uniq, inv = np.unique(pool, return_inverse=True)
+        ui, uj, _ = distinct_pairs(uniq, k)
+        # A pair of pool hashes counts when at least one is a full hash (a crop matched with a crop is not
+        # evidence). Star edges keep this connected: each value's entries join the owner of a full entry of the
+        # same value (distance 0), and across a close pair of values every entry of one joins a full of the other.
+        nu = uniq.size
+        rep = np.full(nu, -1, np.int64)
+        fi = np.flatnonzero(is_full)
+        rep[inv[fi[::-1]]] = owner[fi[::-1]]  # some full owner per value (the first, since later writes win)
+        edges_i = [owner[rep[inv] >= 0]]
+        edges_j = [rep[inv][rep[inv] >= 0]]
+        order = np.argsort(inv, kind="stable")
+        start = np.searchsorted(inv[order], np.arange(nu + 1))
+        for x, y in ((ui, uj), (uj, ui)):
+            sel = rep[x] >= 0
+            x, y = x[sel], y[sel]
+            cnt = start[y + 1] - start[y]
+            members = order[_ranges(start[y], cnt)]
+            edges_i.append(np.repeat(rep[x], cnt))
+            edges_j.append(owner[members])
+        ei, ej = np.concatenate(edges_i), np.concatenate(edges_j)
+        keep = ei != ej
+        labels = components(nodes.n + nodes.m, ei[keep], ej[keep])
+        grouped = np.zeros(nodes.n + nodes.m, bool)
+        grouped[ei[keep]] = True
+        grouped[ej[keep]] = True
+        labels[~grouped] = -1
+        losers, survivors = nodes.resolve(labels)
+        dist = np.bitwise_count(full[losers] ^ full[survivors]).astype(int)
+        xa = np.where(crop_ok[survivors], np.bitwise_count(crops[survivors] ^ full[losers][:, None]), 64).min(1)
+        xb = np.where(crop_ok[losers], np.bitwise_count(crops[losers] ^ full[survivors][:, None]), 64).min(1)
+        crop = np.minimum(xa, xb).astype(int)
+        extra = [f"hamming={h}" if h <= k or c > h else f"hamming={h}, crop hamming={c}"
+                 for h, c in zip(dist.tolist(), crop.tolist())]
+        reject(losers, survivors, "duplicate_near", extra)
+
+    # -------------------------------------------------------------------------------------------- semantic
+    @staticmethod
+    def _semantic(table, params: DedupParams, nodes: _Nodes, reject) -> None:
+        n = nodes.n
+        emb = table.column("image_emb").combine_chunks()
+        valid = np.asarray(emb.is_valid()) & nodes.alive[:n]
+        lens = _int_np(pc.list_value_length(emb), 0)
+        rows = np.flatnonzero(valid & (lens > 0))
+        if rows.size < 2:
+            return
+        dim = int(np.bincount(lens[rows]).argmax())
+        rows = rows[lens[rows] == dim]
+        rows = rows[np.argsort(nodes.uid_rank[rows])]  # canonical order: k-means does not see row order
+        x = np.asarray(emb.take(pa.array(rows)).flatten().to_numpy(zero_copy_only=False), np.float32)
+        x = x.reshape(rows.size, dim)
+        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        c = params.semantic_clusters or max(1, round(math.sqrt(rows.size)))
+        c = min(c, rows.size)
+        if c > 1:
+            from sklearn.cluster import MiniBatchKMeans
+
+            km = MiniBatchKMeans(n_clusters=c, random_state=0, n_init=3, batch_size=max(1024, 4 * c))
+            lab = km.fit_predict(x)
+        else:
+            lab = np.zeros(rows.size, np.int64)
+        thr = 1.0 - params.semantic_eps
+        ei, ej = [], []
+        order = np.argsort(lab, kind="stable")
+        bounds = np.searchsorted(lab[order], np.arange(c + 1))
+        for g in range(c):
+            mem = order[bounds[g]:bounds[g + 1]]
+            for a in range(0, mem.size, 2048):
+                sim = x[mem[a:a + 2048]] @ x[mem].T
+                i, j = np.nonzero(sim > thr)
+                i = i + a
+                keep = j > i
+                ei.append(mem[i[keep]])
+                ej.append(mem[j[keep]])
+        ei, ej = np.concatenate(ei), np.concatenate(ej)
+        if not ei.size:
+            return
+        lab_local = components(rows.size, ei, ej)
+        grouped = np.zeros(rows.size, bool)
+        grouped[ei] = True
+        grouped[ej] = True
+        labels = np.full(nodes.n + nodes.m, -1, np.int64)
+        labels[rows[grouped]] = lab_local[grouped]
+        losers, survivors = nodes.resolve(labels)
+        pos = np.empty(n, np.int64)
+        pos[rows] = np.arange(rows.size)
+        cos = np.einsum("ij,ij->i", x[pos[losers]], x[pos[survivors]])
+        reject(losers, survivors, "duplicate_semantic", [f"cosine={v:.3f}" for v in cos.tolist()])
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + c) for each (s, c)."""
+    total = int(counts.sum())
+    if total == 0:
+        return np.empty(0, np.int64)
+    offs = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(starts, counts) + (np.arange(total) - offs)
