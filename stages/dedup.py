@@ -213,48 +213,66 @@ def _cat(parts, dtype) -> np.ndarray:
 
 
 def distinct_pairs(u: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs i < j of distinct uint64 hashes `u` with 0 < popcount(u[i] ^ u[j]) <= k (u need not be sorted)."""
+    """Pairs i < j of distinct uint64 hashes `u` with 0 < popcount(u[i] ^ u[j]) <= k (u need not be sorted).
+
+    Per mask of the covering design one sort of n packed words [hash of the masked bits | X | row], where X is a
+    window of the hash's own bits: rows whose masked bits agree end up adjacent, and since two hashes within k
+    differ in at most k bits of X too, most candidates are dropped on X without reading their hashes.
+    """
     u = to_unsigned(u)
     m = u.size
     empty = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.uint8))
     if m < 2 or k <= 0:
         return empty
-    if k >= 16 or m <= 2048:  # small inputs and wide radii: all pairs is cheaper than many sorts
+    ib = max(1, (m - 1).bit_length())  # row index bits
+    key_bits = min(40, max(8, ib + 1))
+    masks = _design(k, key_bits)
+    mean_bits = sum(bin(x).count("1") for x in masks) / len(masks)
+    sort_cost = len(masks) * (m * 15e-9 + m * m / 2 ** (mean_bits + 1) * 10e-9)
+    if m <= 4096 or sort_cost > m * m / 2 * 2e-9:  # all pairs is cheaper
         i, j, d = brute_pairs(u, k)
         keep = d > 0
         return i[keep], j[keep], d[keep]
-    idx_bits = max(1, (m - 1).bit_length())
-    hi = np.uint64(((1 << 64) - 1) ^ ((1 << idx_bits) - 1))
-    lo = np.uint64((1 << idx_bits) - 1)
+    hb = min(64 - ib - 8, max(24, int(mean_bits) + 4))  # bits of the bucket hash
+    xb = 64 - ib - hb  # bits of X
+    eq_below = np.uint64(1 << (xb + ib))  # adjacent words with a xor below this share the bucket
+    hi = np.uint64(((1 << 64) - 1) ^ (int(eq_below) - 1))
+    lo = np.uint64((1 << ib) - 1)
+    xmask = np.uint64((1 << xb) - 1)
     ids = np.arange(m, dtype=np.uint64)
-    key_bits = min(40, max(8, idx_bits + 1))
+    bases: dict[int, np.ndarray] = {}
     out_i, out_j, out_d = [], [], []
     buf = np.empty(m, np.uint64)
-    for mask in _design(k, key_bits):
+    for mask in masks:
+        # X: the window of xb bits overlapping the masked bits least (those agree within a bucket anyway)
+        sh = min(range(0, 64 - xb + 1, 4), key=lambda t: (bin(mask & (((1 << xb) - 1) << t)).count("1"), t))
+        if sh not in bases:
+            bases[sh] = ((u >> np.uint64(sh)) & xmask) << np.uint64(ib) | ids
         np.bitwise_and(u, np.uint64(mask), out=buf)
         np.multiply(buf, _MULT, out=buf)
         np.bitwise_and(buf, hi, out=buf)
-        np.bitwise_or(buf, ids, out=buf)
+        np.bitwise_or(buf, bases[sh], out=buf)
         buf.sort()
-        keys = buf >> np.uint64(idx_bits)
-        eq = keys[1:] == keys[:-1]
-        pos = np.flatnonzero(eq)
-        if not pos.size:
-            continue
-        row = (buf & lo).astype(np.intp)
+        x = buf[1:] ^ buf[:-1]
+        pos = np.flatnonzero(x < eq_below)
         off = 1
         while pos.size:
-            a, b = row[pos], row[pos + off]
-            d = np.bitwise_count(u[a] ^ u[b])
-            ok = d <= k
-            if ok.any():
-                a, b = a[ok], b[ok]
-                out_i.append(np.minimum(a, b))
-                out_j.append(np.maximum(a, b))
-                out_d.append(d[ok])
-            # the run goes on past pos + off when eq[pos + off] holds
-            pos = pos[pos + off < eq.size]
-            pos = pos[eq[pos + off]]
+            xo = x[pos] if off == 1 else buf[pos] ^ buf[pos + off]
+            near = np.bitwise_count((xo >> np.uint64(ib)) & xmask) <= k
+            if near.any():
+                c = pos[near]
+                a = (buf[c] & lo).astype(np.intp)
+                b = (buf[c + off] & lo).astype(np.intp)
+                d = np.bitwise_count(u[a] ^ u[b])
+                ok = d <= k
+                if ok.any():
+                    a, b = a[ok], b[ok]
+                    out_i.append(np.minimum(a, b))
+                    out_j.append(np.maximum(a, b))
+                    out_d.append(d[ok])
+            # the bucket goes on past pos + off when the next adjacent pair shares it too
+            pos = pos[pos + off < x.size]
+            pos = pos[x[pos + off] < eq_below]
             off += 1
     if not out_i:
         return empty

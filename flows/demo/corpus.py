@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import imagehash
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
@@ -83,6 +84,8 @@ FRACTIONS: dict[str, float] = {
 TIMEOUT_DELAY_S = 30.0
 # Near-duplicate variants are kept within this pHash (imagehash.phash, 64 bits) distance of their original.
 NEAR_DUP_MAX_HAMMING = 6
+# Distinct pictures (different groups) are at least this many pHash bits apart.
+DISTINCT_MIN_HAMMING = 13
 
 JUNK_KINDS = ("junk_filename", "junk_url", "junk_boilerplate", "junk_repeated", "junk_emoji", "junk_html")
 
@@ -119,7 +122,9 @@ _WATERMARKS = ("© stockpix", "SAMPLE", "PREVIEW", "© imagebank", "shutterfoto"
 _URL_PREFIXES = ("/img/", "/images/", "/media/", "/photos/", "/static/uploads/", "/cdn/i/")
 
 _HTML_404 = b"<!doctype html><html><head><title>404 Not Found</title></head><body><h1>Not Found</h1></body></html>\n"
-_HTML_500 = b"<!doctype html><html><head><title>500 Internal Server Error</title></head><body><h1>Oops</h1></body></html>\n"
+_HTML_500 = (
+    b"<!doctype html><html><head><title>500 Internal Server Error</title></head><body><h1>Oops</h1></body></html>\n"
+)
 _HTML_PAGE = (
     b"<!doctype html>\n<html><head><title>Shapes gallery</title></head>\n<body>\n<h1>Shapes gallery</h1>\n"
     b"<p>This page moved. <a href=\"/gallery\">Click here</a> to continue.</p>\n</body></html>\n"
@@ -268,6 +273,29 @@ def _phash(im: Image.Image) -> imagehash.ImageHash:
     return imagehash.phash(im.convert("RGB"))
 
 
+def _phash_int(im: Image.Image) -> int:
+    return int(str(_phash(im)), 16)
+
+
+class _HashIndex:
+    """64-bit pHashes of the distinct pictures so far, for a brute-force nearest distance."""
+
+    def __init__(self, capacity: int):
+        self.hashes = np.zeros(capacity, dtype=np.uint64)
+        self.size = 0
+
+    def add(self, h: int) -> None:
+        if self.size == len(self.hashes):
+            self.hashes = np.concatenate([self.hashes, np.zeros_like(self.hashes)])
+        self.hashes[self.size] = h
+        self.size += 1
+
+    def min_distance(self, h: int) -> int:
+        if not self.size:
+            return 64
+        return int(np.bitwise_count(self.hashes[: self.size] ^ np.uint64(h)).min())
+
+
 def near_duplicate(kind: str, data: bytes, rng: random.Random, max_hamming: int = NEAR_DUP_MAX_HAMMING,
                    tries: int = 30) -> bytes | None:
     """JPEG bytes of a near-duplicate of the encoded image `data`, within `max_hamming` pHash bits of it.
@@ -391,17 +419,29 @@ def generate_corpus(out_dir: Path, n: int = 3000, seed: int = 0, base_url: str =
     w = _Writer(out_dir, base_url, rng)
     S = image_size
 
+    index = _HashIndex(n + 64)
+
     def new_scene() -> tuple[Scene, int, Image.Image]:
         scene = sample_scene(rng)
         rseed = rng.getrandbits(63)
         return scene, rseed, render_scene(scene, S, rseed)
 
     def scene_row(fault: str, *, im_transform=None, text=None, reason=None, fmt=None, **route_kw) -> dict:
-        scene, rseed, im = new_scene()
-        if im_transform is not None:
-            im = im_transform(im)
+        scene = sample_scene(rng)
         fmt = fmt or ("png" if rng.random() < 0.1 else "jpg")
-        path, rel = w.image_route(_encode(im, fmt), fmt, **route_kw)
+        # Distinct pictures stay DISTINCT_MIN_HAMMING pHash bits apart, so that near-duplicate variants (within
+        # NEAR_DUP_MAX_HAMMING of their original) are never near any other picture: redraw with a new seed if not.
+        for attempt in range(50):
+            rseed = rng.getrandbits(63)
+            im = render_scene(scene, S, rseed)
+            if im_transform is not None:
+                im = im_transform(im)
+            data = _encode(im, fmt)
+            h = _phash_int(Image.open(io.BytesIO(data)))
+            if index.min_distance(h) >= DISTINCT_MIN_HAMMING:
+                break
+        index.add(h)
+        path, rel = w.image_route(data, fmt, **route_kw)
         text = text(scene) if callable(text) else (text or caption(scene, rng))
         return w.add(path, text, fault, group=w.next_group(), is_original=True, scene=scene, render_seed=rseed,
                      file=rel, reason=reason)
@@ -412,7 +452,9 @@ def generate_corpus(out_dir: Path, n: int = 3000, seed: int = 0, base_url: str =
     # Real photos and text images from the packaged data folders.
     for fault, items in (("real_photo", REAL_PHOTOS), ("text_image", TEXT_IMAGES)):
         for which, name, text in items:
-            path, rel = w.image_route(_encode(_load_real(which, name), "jpg"), "jpg")
+            data = _encode(_load_real(which, name), "jpg")
+            index.add(_phash_int(Image.open(io.BytesIO(data))))
+            path, rel = w.image_route(data, "jpg")
             w.add(path, text, fault, group=w.next_group(), is_original=True, scene=None, render_seed=None, file=rel)
 
     # Copies of clean originals: each original is copied at most once. Near-duplicate variants are re-drawn

@@ -493,7 +493,8 @@ def render_scene(scene: Scene, size: int = 128, seed: int = 0) -> Image.Image:
         outline = _outline(g.color)
         if g.shape == "circle":
             rr = 0.92 * r
-            draw.ellipse((cx - rr, cy - rr, cx + rr, cy + rr), fill=fill, outline=outline, width=width if outline else 0)
+            box = (cx - rr, cy - rr, cx + rr, cy + rr)
+            draw.ellipse(box, fill=fill, outline=outline, width=width if outline else 0)
         else:
             pts = _shape_points(g.shape, cx, cy, r, p.rotation)
             draw.polygon(pts, fill=fill, outline=outline, width=width if outline else 0)
