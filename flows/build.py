@@ -57,7 +57,7 @@ class BuildContext:
     build_dir: Path
     fingerprint: str
     resumed: bool = False
-    timings: dict = field(default_factory=dict)
+    stage_meta: dict = field(default_factory=dict)
 
     @property
     def work(self) -> Path:
@@ -510,7 +510,8 @@ def write_task(ctx: BuildContext, prepared: dict, ingest: dict, processed: dict)
         ctx.build_dir, build_id=ctx.build_id, dataset=ctx.spec.dataset, spec_hash=ctx.spec.spec_hash(),
         code_version=code_version(), shards=files["shards"], rejects=files["rejects"],
         extra={"source": ctx.source_name, "source_fingerprint": ctx.fingerprint,
-               "stages": ctx.spec.stage_names(), "columns": build_schema(ctx.spec.stage_names()).names})
+               "stages": ctx.spec.stage_names(), "stage_metadata": ctx.stage_meta,
+               "columns": build_schema(ctx.spec.stage_names()).names})
     return {"stats": stats, "manifest": manifest, "files": files}
 
 
@@ -541,10 +542,22 @@ def build_flow(spec_path: str, new: bool = False, quiet: bool = False, wait_lock
     return run_build(spec, new=new, quiet=quiet, wait_lock=wait_lock)
 
 
+def preflight(spec: BuildSpec) -> dict:
+    """Instantiate every stage and run its preflight: a model that can't be found fails before any data is read."""
+    meta = {}
+    for entry in spec.stages:
+        stage = stage_class(entry.name)(entry.params)
+        stage.preflight()
+        meta[entry.name] = stage.metadata()
+    return meta
+
+
 def run_build(spec: BuildSpec, *, new: bool = False, quiet: bool = False, wait_lock: bool = False) -> dict:
     logger = get_run_logger()
+    stage_meta = preflight(spec)
     with dataset_lock(spec, wait=wait_lock):
         ctx = open_build(spec, new=new)
+        ctx.stage_meta = stage_meta
         logger.info("build %s (%s) in %s", ctx.build_id, "resumed" if ctx.resumed else "new", ctx.build_dir)
         record_in_catalog(ctx, "running")
         try:

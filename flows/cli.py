@@ -79,7 +79,9 @@ def cmd_build(args) -> int:
     from flows.build import build_flow
     from schemas.spec import load_spec
 
-    load_spec(args.spec)  # a bad spec fails here, before Prefect or Ray start
+    from flows.build import preflight
+
+    preflight(load_spec(args.spec))  # a bad spec or unloadable model fails here, before Prefect or Ray start
     result = _run(build_flow, args, spec_path=str(args.spec), new=args.new, wait_lock=args.wait)
     _print_summary(result, args.json)
     return 0
@@ -148,10 +150,11 @@ def main(argv=None) -> int:
     from schemas.spec import SpecError
     from stages.ingest import IngestError
     from flows.build import BuildError
+    from stages.base import StageConfigError
 
     try:
         return args.fn(args)
-    except (SpecError, IngestError, BuildError) as e:
+    except (SpecError, IngestError, BuildError, StageConfigError) as e:
         print(f"pairforge: {e}", file=sys.stderr)
         return 2
 

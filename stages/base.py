@@ -17,6 +17,10 @@ from schemas.columns import stage_fields
 from schemas.spec import StageParams
 
 
+class StageConfigError(ValueError):
+    """A stage that cannot run with its spec (a model that cannot be loaded, say): raised before any work."""
+
+
 @dataclass(frozen=True)
 class Resources:
     cpus: float = 1.0
@@ -61,6 +65,11 @@ class Stage:
         self.resources = self.default_resources.override(params)
 
     # lifecycle -----------------------------------------------------------
+    def preflight(self) -> None:
+        """Cheap checks run by the flow before any data is read (e.g. that the model can be found).
+
+        Raise StageConfigError naming the model and the reason."""
+
     def setup(self) -> None:
         """Load models once per actor/process."""
 
@@ -80,6 +89,10 @@ class Stage:
     @classmethod
     def decide(cls, table: pa.Table, params: StageParams) -> Decision:
         return Decision.keep_all(table.num_rows)
+
+    def metadata(self) -> dict:
+        """What the build records about this stage's run (model name, revision, dtype...)."""
+        return {"version": self.version}
 
     @classmethod
     def output_fields(cls) -> list[pa.Field]:
