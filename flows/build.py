@@ -23,11 +23,11 @@ import pyarrow.parquet as pq
 
 from flows import env  # noqa: F401
 from flows.progress import phase
-from schemas.columns import HEAVY_COLUMNS, INPUT_SCHEMA, build_schema, rejects_schema
+from schemas.columns import HEAVY_COLUMNS, INPUT_SCHEMA, REJECT_SCHEMA, build_schema, rejects_schema
 from schemas.spec import BuildSpec, load_spec
 from stages import stage_class
 from stages.base import Decision
-from stages.ingest import assign_uids, ingest_shard, read_url_list, shard_paths
+from stages.ingest import assign_uids, corpus_pairs, ingest_shard, iter_corpus, read_url_list, shard_paths
 from stages.write import ShardWriter, atomic_write_text, file_sha256, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ class BuildContext:
 
     @property
     def source_name(self) -> str:
-        return self.spec.source.name or Path(self.spec.source.urls).stem
+        return self.spec.source.name or Path(self.spec.source.path).stem
 
     def state(self) -> dict:
         p = self.work / "state.json"
@@ -76,9 +76,22 @@ class BuildContext:
         atomic_write_text(self.work / "state.json", json.dumps(st, indent=2))
 
 
+def source_fingerprint(path: Path) -> str:
+    """sha256 of a URL list file; for a corpus folder, of its files' names, sizes and mtimes."""
+    if path.is_file():
+        return file_sha256(path)
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def open_build(spec: BuildSpec, new: bool = False) -> BuildContext:
     """Resume the newest unfinished build of this spec and input, or start a new one."""
-    fingerprint = file_sha256(Path(spec.source.urls))
+    fingerprint = source_fingerprint(Path(spec.source.path))
     spec_hash = spec.spec_hash()
     root = spec.out / spec.dataset
     root.mkdir(parents=True, exist_ok=True)
@@ -135,6 +148,8 @@ def prepare_inputs(ctx: BuildContext) -> dict:
     done = ctx.work / "input" / "_DONE.json"
     if done.exists():
         return json.loads(done.read_text())
+    if ctx.spec.source.pairs is not None:
+        return prepare_corpus(ctx, done)
     with phase("input") as adv:
         t0 = time.perf_counter()
         table = read_url_list(ctx.spec.source)
@@ -152,6 +167,40 @@ def prepare_inputs(ctx: BuildContext) -> dict:
                    "shards": shards, "seconds": time.perf_counter() - t0}
         atomic_write_text(done, json.dumps(summary))
         adv(table.num_rows, f"{inputs.num_rows} to fetch, {rejects.num_rows} rejected, {shards} shards")
+    return summary
+
+
+def prepare_corpus(ctx: BuildContext, done: Path) -> dict:
+    """An existing corpus (curate): its pairs become finished ingest shards directly, nothing is downloaded."""
+    t0 = time.perf_counter()
+    folder = ctx.work / "input"
+    for sub in (folder, ctx.work / "ingest"):
+        if sub.exists():
+            shutil.rmtree(sub)
+        sub.mkdir(parents=True)
+    seen: dict[str, int] = {}
+    listed = kept = 0
+    rejects = []
+    with phase("input") as adv:
+        for shard, batch in enumerate(iter_corpus(ctx.spec.source, ctx.spec.ingest.shard_rows)):
+            inputs, pairs, rej = corpus_pairs(batch, ctx.source_name, seen)
+            pq.write_table(inputs, folder / f"{shard:05d}.parquet")
+            paths = shard_paths(ctx.work, shard)
+            pq.write_table(pairs, paths["pairs"])
+            pq.write_table(REJECT_SCHEMA.empty_table(), paths["rejects"])
+            atomic_write_text(paths["done"], json.dumps({"shard": shard, "rows_in": inputs.num_rows,
+                                                         "pairs": pairs.num_rows, "rejects": 0}))
+            rejects.append(rej)
+            listed += batch.num_rows
+            kept += inputs.num_rows
+            adv(batch.num_rows)
+        shards = len(list(folder.glob("*.parquet")))
+        pq.write_table(pa.concat_tables(rejects) if rejects else REJECT_SCHEMA.empty_table(),
+                       ctx.work / "input_rejects.parquet")
+        summary = {"rows_listed": listed, "rows": kept, "rejected": listed - kept, "shards": shards,
+                   "seconds": time.perf_counter() - t0}
+        atomic_write_text(done, json.dumps(summary))
+        adv(0, f"{kept} pairs from the corpus, {listed - kept} rejected, {shards} shards")
     return summary
 
 
@@ -520,13 +569,13 @@ def record_in_catalog(ctx: BuildContext, status: str, result: dict | None = None
 
     cat = Catalog(ctx.spec.catalog_path)
     if result is None:
-        cat.record_source(ctx.source_name, str(ctx.spec.source.urls), ctx.fingerprint, None)
+        cat.record_source(ctx.source_name, str(ctx.spec.source.path), ctx.fingerprint, None)
         cat.start_build(ctx.build_id, ctx.spec.dataset, ctx.source_name, ctx.spec.spec_hash(), code_version(),
                         ctx.spec.to_yaml(), str(ctx.build_dir))
         return
     if status == "complete":
         stats, files = result["stats"], result["files"]
-        cat.record_source(ctx.source_name, str(ctx.spec.source.urls), ctx.fingerprint, stats["rows_listed"])
+        cat.record_source(ctx.source_name, str(ctx.spec.source.path), ctx.fingerprint, stats["rows_listed"])
         cat.record_shards(ctx.build_id, "shard", files["shards"])
         cat.record_shards(ctx.build_id, "rejects", files["rejects"])
         cat.record_stage_stats(ctx.build_id, stats["stages"])

@@ -95,6 +95,23 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_refilter(args) -> int:
+    from flows.refilter import refilter_flow
+
+    result = _run(refilter_flow, args, build_dir=str(args.build), overrides=args.set,
+                  spec_path=str(args.spec) if args.spec else None)
+    _print_summary(result, args.json)
+    return 0
+
+
+def cmd_curate(args) -> int:
+    from flows.curate import curate_flow
+
+    result = _run(curate_flow, args, spec_path=str(args.spec), new=args.new)
+    _print_summary(result, args.json)
+    return 0
+
+
 def cmd_catalog(args) -> int:
     from catalogs import Catalog, format_build, format_builds
 
@@ -135,6 +152,19 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--new", action="store_true")
     common(d)
     d.set_defaults(fn=cmd_demo)
+
+    r = sub.add_parser("refilter", help="re-decide a finished build with new thresholds (no model runs)")
+    r.add_argument("build", type=Path, help="the finished build's folder")
+    r.add_argument("--set", action="append", default=[], metavar="STAGE.PARAM=VALUE")
+    r.add_argument("--spec", type=Path, help="a whole spec with the same stages, instead of --set")
+    common(r)
+    r.set_defaults(fn=cmd_refilter)
+
+    cu = sub.add_parser("curate", help="filter an existing corpus (source.pairs: Parquet with images or WebDataset)")
+    cu.add_argument("spec", type=Path)
+    cu.add_argument("--new", action="store_true")
+    common(cu)
+    cu.set_defaults(fn=cmd_curate)
 
     c = sub.add_parser("catalog", help="list builds, or show one")
     c.add_argument("build_id", nargs="?")

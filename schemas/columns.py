@@ -64,6 +64,21 @@ STAGE_FIELDS: dict[str, list[pa.Field]] = {
         pa.field("junk_kind", pa.string()),  # first junk kind found (see stages.junk.KINDS), null when none
         pa.field("junk_detail", pa.string()),
     ],
+    "align": [
+        pa.field("clip_score", pa.float32()),  # cosine of the L2-normalised projected embeddings; null if undecodable
+        pa.field("image_emb", pa.list_(pa.float16())),  # L2-normalised image embedding (null: undecodable / not stored)
+        pa.field("text_emb", pa.list_(pa.float16())),  # L2-normalised caption embedding
+    ],
+    "safety": [
+        pa.field("nsfw_score", pa.float32()),  # best nudenet score of an exposed class; null: undecodable
+        pa.field("nsfw_labels", pa.string()),  # "CLASS:0.83,..." every detection >= stages.safety.LABEL_FLOOR
+    ],
+    "text": [
+        pa.field("text_frac", pa.float32()),  # image area under the union of read text boxes, 0..1; null: undecodable
+        pa.field("ocr_text", pa.string()),  # recognised text of those boxes joined by spaces, at most 500 chars
+        pa.field("ocr_words", pa.int32()),  # OCR words of >= 3 letters (stages.text.ocr_words)
+        pa.field("ocr_caption_overlap", pa.float32()),  # fraction of those OCR words found in the caption; null if none
+    ],
 }
 
 # Decision columns, written by the global decide pass.

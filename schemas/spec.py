@@ -21,11 +21,25 @@ class _Strict(BaseModel):
 
 
 class SourceSpec(_Strict):
-    urls: Path = Field(description="URL list: parquet, csv, tsv or jsonl")
-    format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = "auto"
+    """Either `urls` (a URL list to download) or `pairs` (an existing corpus with image bytes: curate, no download)."""
+
+    urls: Path | None = Field(None, description="URL list: parquet, csv, tsv or jsonl")
+    pairs: Path | None = Field(None, description="Parquet file/folder with image bytes, or a WebDataset folder of tars")
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "webdataset"] = "auto"
     url_col: str = "url"
     caption_col: str = "caption"
+    image_col: str = "image"
     name: str | None = None  # source name in the catalog; defaults to the file stem
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "SourceSpec":
+        if (self.urls is None) == (self.pairs is None):
+            raise ValueError("give exactly one of source.urls (a URL list) or source.pairs (a corpus with images)")
+        return self
+
+    @property
+    def path(self) -> Path:
+        return self.urls if self.urls is not None else self.pairs
 
 
 class IngestSpec(_Strict):
@@ -104,12 +118,47 @@ class DedupParams(StageParams):
     semantic_clusters: int = Field(0, ge=0, description="k-means clusters for SemDeDup; 0 = about sqrt(rows)")
 
 
+class AlignParams(StageParams):
+    model: str = Field("demo-clip", min_length=1,
+                       description="model folder (absolute, relative to the repo root, or a name under flows/models/) "
+                                   "or a Hugging Face hub id in the local cache")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$",
+                        description="auto: the GPU Ray assigned (gpus > 0) or CUDA outside Ray, else cpu")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
+    threshold: float | None = Field(None, ge=-1.0, le=1.0, description="reject pairs with clip_score below this")
+    top_fraction: float | None = Field(None, gt=0.0, le=1.0,
+                                       description="keep only this fraction of scored rows, the highest clip_score "
+                                                   "over the whole build (DataComp: 0.3)")
+    store_embeddings: bool = Field(True, description="write image_emb and text_emb (float16) beside clip_score")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads per actor; default: cpus, at least 1")
+
+
+class SafetyParams(StageParams):
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="reject rows whose nsfw_score is at least this")
+    threads: int = Field(1, gt=0, description="onnxruntime intra-op threads per actor")
+
+
+class TextParams(StageParams):
+    max_text_frac: float = Field(0.15, ge=0.0, le=1.0,
+                                 description="reject rows whose text boxes cover more than this fraction (text_heavy)")
+    max_ocr_words: int | None = Field(None, ge=0, description="reject rows with more OCR words than this (text_words)")
+    reject_caption_overlap: float | None = Field(
+        None, ge=0.0, le=1.0, description="reject rows whose caption holds at least this fraction of the OCR words "
+                                         "(text_spotting); None disables")
+    min_box_score: float = Field(0.5, ge=0.0, le=1.0, description="detector box score a text box needs")
+    max_side: int = Field(640, ge=32, description="images are downscaled to this longest side before OCR")
+    threads: int = Field(1, gt=0, description="onnxruntime intra-op threads per actor")
+
+
 # Every stage a spec may name, with its parameter model. New stages register here.
 STAGE_PARAMS: dict[str, type[StageParams]] = {
     "dedup": DedupParams,
     "basic": BasicParams,
     "language": LanguageParams,
     "junk": JunkParams,
+    "align": AlignParams,
+    "safety": SafetyParams,
+    "text": TextParams,
 }
 
 
@@ -217,14 +266,15 @@ def parse_spec(data: dict, base_dir: Path | None = None, origin: str = "<spec>")
     except ValidationError as e:
         raise SpecError(f"{origin}: {_format_errors(e)}") from None
     base = base_dir or Path.cwd()
-    if not spec.source.urls.is_absolute():
-        spec.source.urls = (base / spec.source.urls).resolve()
+    field_name = "urls" if spec.source.urls is not None else "pairs"
+    if not spec.source.path.is_absolute():
+        setattr(spec.source, field_name, (base / spec.source.path).resolve())
     if not spec.out.is_absolute():
         spec.out = (base / spec.out).resolve()
     if spec.catalog is not None and not spec.catalog.is_absolute():
         spec.catalog = (base / spec.catalog).resolve()
-    if not spec.source.urls.is_file():
-        raise SpecError(f"{origin}: source.urls: file not found: {spec.source.urls}")
+    if not spec.source.path.exists() or (field_name == "urls" and not spec.source.path.is_file()):
+        raise SpecError(f"{origin}: source.{field_name}: file not found: {spec.source.path}")
     return spec
 
 

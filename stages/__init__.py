@@ -8,6 +8,9 @@ REGISTRY: dict[str, str] = {
     "basic": "stages.basic:BasicStage",
     "language": "stages.language:LanguageStage",
     "junk": "stages.junk:JunkStage",
+    "align": "stages.align:AlignStage",
+    "safety": "stages.safety:SafetyStage",
+    "text": "stages.text:TextStage",
 }
 
 

@@ -15,9 +15,11 @@ earlier steps kept (a rejected row's detail names the row it duplicates, which a
 
 1. exact      same sha256                                            -> duplicate_exact     "dup of <uid>"
 2. url        same normalised URL (and a different image)            -> duplicate_url       "dup of <uid>"
-3. near       pHash Hamming distance <= near_hamming, either between the two images' pHashes or (near_crops)
-              between one image's pHash and a crop pHash of the other -> duplicate_near
+3. near       pHash Hamming distance <= near_hamming between the two images' pHashes, or (near_crops) between
+              the pHash of X and a crop pHash of Y where X is the smaller image (a crop has fewer pixels than what
+              it was cut from; unknown sizes pass)                  -> duplicate_near
               "dup of <uid> (hamming=H)" or "dup of <uid> (hamming=H, crop hamming=C)" when only a crop matched.
+              A crop copy that was scaled up past its original is not matched through the crops.
               Rows are grouped transitively (connected components), so in a chain a-b-c the survivor may be
               further than near_hamming from some members; H is the distance to the survivor.
 4. semantic   (only when the table has an `image_emb` column, L2-normalised image embeddings, and params.semantic)
@@ -36,13 +38,16 @@ by earlier builds of the source. Prior rows join steps 1-3 and always survive th
 that duplicates one is rejected with the same reason and "dup of <uid> in an earlier build". Prior rows are not
 part of this build, so they never appear in the Decision. Prior rows take no part in the semantic step.
 
-Near-duplicate search (near_pairs) is exact: it returns every pair within the radius, the same as brute force.
-Multi-index hashing with a covering design: the 64 bits are cut into B contiguous blocks; a pair within distance k
-differs in at most k blocks, so for a family of block subsets that misses every set of k blocks (built greedily and
-complete by construction, see _design) each close pair agrees exactly on all blocks of at least one subset. Per
-subset, the masked hashes are multiplicatively hashed, packed with the row index into one uint64 and sorted; rows
-in equal-key runs are candidates, verified with a popcount. Keys are about log2(n) + 1 bits long, so random
-hashes give about n/4 candidates per subset and the cost is dominated by one sort of n uint64 per subset.
+Near-duplicate search (near_pairs, distinct_pairs) is exact: it returns every pair within the radius, the same as
+brute force. Multi-index hashing with a covering design (the pigeonhole principle generalised): the 64 bits are cut
+into B contiguous blocks; a pair within distance k differs in at most k blocks, so for a family of block subsets
+that misses every set of k blocks (built greedily and complete by construction, see _greedy_cover) each close pair
+agrees exactly on all blocks of at least one subset. Per subset, the masked hashes are multiplicatively hashed,
+packed with a window of the hash's own bits and the row index into one uint64 and sorted; rows in equal-key runs
+are candidates, dropped on the window bits when those alone differ in more than k places, and the rest verified
+with a popcount. Subsets of about log2(n) + 1 bits keep chance candidates near n/8 per subset, so the cost is
+about one sort of n uint64 per subset: 62 subsets for k = 6 at n = 1M. Identical hashes are collapsed first.
+Connected components (union-find) come from scipy.sparse.csgraph.
 """
 from __future__ import annotations
 
@@ -193,6 +198,20 @@ def _block_masks(b: int) -> list[int]:
     return [((1 << (edges[i + 1] - edges[i])) - 1) << edges[i] for i in range(b)]
 
 
+def _plan(k: int, m: int) -> tuple[tuple[int, ...], float]:
+    """The design for m distinct hashes and its estimated seconds: per mask one sort (about 8 ns a row) plus the
+    candidates that share a bucket by chance (about m^2 / 2^(bits + 1), some 15 ns each)."""
+    best = None
+    ib = max(1, (m - 1).bit_length())
+    for key_bits in range(max(8, ib - 4), min(40, ib + 5)):
+        masks = _design(k, key_bits)
+        bits = sum(bin(x).count("1") for x in masks) / len(masks)
+        cost = len(masks) * (m * 8e-9 + m * m / 2 ** (bits + 1) * 15e-9)
+        if best is None or cost < best[1]:
+            best = (masks, cost)
+    return best
+
+
 def brute_pairs(h, k: int, chunk: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair i < j with popcount(h[i] ^ h[j]) <= k, by comparing all pairs (a reference for tests)."""
     h = to_unsigned(h)
@@ -225,14 +244,12 @@ def distinct_pairs(u: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.nd
     if m < 2 or k <= 0:
         return empty
     ib = max(1, (m - 1).bit_length())  # row index bits
-    key_bits = min(40, max(8, ib + 1))
-    masks = _design(k, key_bits)
-    mean_bits = sum(bin(x).count("1") for x in masks) / len(masks)
-    sort_cost = len(masks) * (m * 15e-9 + m * m / 2 ** (mean_bits + 1) * 10e-9)
+    masks, sort_cost = _plan(k, m) if m > 4096 else ((), 0.0)
     if m <= 4096 or sort_cost > m * m / 2 * 2e-9:  # all pairs is cheaper
         i, j, d = brute_pairs(u, k)
         keep = d > 0
         return i[keep], j[keep], d[keep]
+    mean_bits = sum(bin(x).count("1") for x in masks) / len(masks)
     hb = min(64 - ib - 8, max(24, int(mean_bits) + 4))  # bits of the bucket hash
     xb = 64 - ib - hb  # bits of X
     eq_below = np.uint64(1 << (xb + ib))  # adjacent words with a xor below this share the bucket
@@ -243,6 +260,8 @@ def distinct_pairs(u: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.nd
     bases: dict[int, np.ndarray] = {}
     out_i, out_j, out_d = [], [], []
     buf = np.empty(m, np.uint64)
+    x = np.empty(m - 1, np.uint64)  # xor of sorted neighbours
+    same = np.empty(m - 1, bool)
     for mask in masks:
         # X: the window of xb bits overlapping the masked bits least (those agree within a bucket anyway)
         sh = min(range(0, 64 - xb + 1, 4), key=lambda t: (bin(mask & (((1 << xb) - 1) << t)).count("1"), t))
@@ -253,8 +272,9 @@ def distinct_pairs(u: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.nd
         np.bitwise_and(buf, hi, out=buf)
         np.bitwise_or(buf, bases[sh], out=buf)
         buf.sort()
-        x = buf[1:] ^ buf[:-1]
-        pos = np.flatnonzero(x < eq_below)
+        np.bitwise_xor(buf[1:], buf[:-1], out=x)
+        np.less(x, eq_below, out=same)
+        pos = np.flatnonzero(same)
         off = 1
         while pos.size:
             xo = x[pos] if off == 1 else buf[pos] ^ buf[pos + off]
@@ -272,7 +292,7 @@ def distinct_pairs(u: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.nd
                     out_d.append(d[ok])
             # the bucket goes on past pos + off when the next adjacent pair shares it too
             pos = pos[pos + off < x.size]
-            pos = pos[x[pos + off] < eq_below]
+            pos = pos[same[pos + off]]
             off += 1
     if not out_i:
         return empty
@@ -287,31 +307,33 @@ def near_pairs(h, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Equal to brute_pairs, order aside (sorted by i, then j).
     """
     h = to_unsigned(h)
+    empty = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.uint8))
     if h.size < 2 or k < 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.uint8)
-    uniq, inv = np.unique(h, return_inverse=True)
-    ui, uj, ud = distinct_pairs(uniq, k)
-    order = np.argsort(inv, kind="stable")
-    start = np.searchsorted(inv[order], np.arange(uniq.size + 1))
+        return empty
+    order = np.argsort(h, kind="stable")
+    hs = h[order]
+    starts = np.flatnonzero(np.r_[True, hs[1:] != hs[:-1]])
+    counts = np.diff(np.r_[starts, h.size])
+    ui, uj, ud = distinct_pairs(hs[starts], k)
     out_i, out_j, out_d = [], [], []
-    # equal hashes
-    sizes = np.diff(start)
-    for g in np.flatnonzero(sizes > 1):
-        members = order[start[g]:start[g + 1]]
-        a, b = np.triu_indices(members.size, 1)
-        out_i.append(members[a])
-        out_j.append(members[b])
-        out_d.append(np.zeros(a.size, np.uint8))
-    # distinct hashes: every member of one value with every member of the other
-    single = (sizes[ui] == 1) & (sizes[uj] == 1)
-    out_i.append(order[start[ui[single]]])
-    out_j.append(order[start[uj[single]]])
+    # values held by one row each (nearly all): one pair per value pair
+    single = (counts[ui] == 1) & (counts[uj] == 1)
+    out_i.append(order[starts[ui[single]]])
+    out_j.append(order[starts[uj[single]]])
     out_d.append(ud[single])
-    for x, y, d in zip(ui[~single], uj[~single], ud[~single]):
-        mx, my = order[start[x]:start[x + 1]], order[start[y]:start[y + 1]]
+    # repeated values: every row of one value with every row of the other, and the rows of a value among themselves
+    members = lambda v: order[starts[v]:starts[v] + counts[v]]  # noqa: E731
+    for x, y, d in zip(ui[~single].tolist(), uj[~single].tolist(), ud[~single].tolist()):
+        mx, my = members(x), members(y)
         out_i.append(np.repeat(mx, my.size))
         out_j.append(np.tile(my, mx.size))
         out_d.append(np.full(mx.size * my.size, d, np.uint8))
+    for v in np.flatnonzero(counts > 1).tolist():
+        mv = members(v)
+        a, b = np.triu_indices(mv.size, 1)
+        out_i.append(mv[a])
+        out_j.append(mv[b])
+        out_d.append(np.zeros(a.size, np.uint8))
     i, j, d = _cat(out_i, np.int64), _cat(out_j, np.int64), _cat(out_d, np.uint8)
     i, j = np.minimum(i, j), np.maximum(i, j)
     o = np.lexsort((j, i))
@@ -457,35 +479,45 @@ class DedupStage(Stage):
                 vals = ca.take(pa.array(rows)).flatten()
                 crops[rows] = to_unsigned(_int_np(vals, 0)).reshape(rows.size, nv)
                 crop_ok[rows] = True
-        # the pool: every full hash, then every crop hash, each with its owner row and whether it is a full one
+        # The pool: every full hash, then every crop hash, each with its owner row. A pair of pool hashes within
+        # k is evidence when both are full hashes, or when one is a full hash of X, the other a crop hash of Y
+        # and X is the smaller image (a crop is smaller than what it was cut from; unknown sizes pass).
         fr = np.flatnonzero(has)
+        if fr.size < 2:
+            return
         cr, cv = np.nonzero(crop_ok)
         pool = np.r_[full[fr], crops[cr, cv]]
         owner = np.r_[fr, cr]
         is_full = np.r_[np.ones(fr.size, bool), np.zeros(cr.size, bool)]
-        if fr.size < 2:
-            return
+        small = np.where(nodes.area > 0, nodes.area, 0)  # X's size (unknown: smallest)
+        large = np.where(nodes.area > 0, nodes.area, np.iinfo(np.int64).max)  # Y's size (unknown: largest)
         uniq, inv = np.unique(pool, return_inverse=True)
         ui, uj, _ = distinct_pairs(uniq, k)
-        # A pair of pool hashes counts when at least one is a full hash (a crop matched with a crop is not
-        # evidence). Star edges keep this connected: each value's entries join the owner of a full entry of the
-        # same value (distance 0), and across a close pair of values every entry of one joins a full of the other.
-        nu = uniq.size
-        rep = np.full(nu, -1, np.int64)
-        fi = np.flatnonzero(is_full)
-        rep[inv[fi[::-1]]] = owner[fi[::-1]]  # some full owner per value (the first, since later writes win)
-        edges_i = [owner[rep[inv] >= 0]]
-        edges_j = [rep[inv][rep[inv] >= 0]]
-        order = np.argsort(inv, kind="stable")
-        start = np.searchsorted(inv[order], np.arange(nu + 1))
+        # rep[u]: the owner of the full entry of value u with the smallest image, -1 when u has no full entry
+        rep = np.full(uniq.size, -1, np.int64)
+        fe = np.flatnonzero(is_full)
+        fe = fe[np.lexsort((owner[fe], -small[owner[fe]], inv[fe]))]  # per value, the smallest image last
+        rep[inv[fe]] = owner[fe]  # the last write per value wins
+        ce = np.flatnonzero(~is_full)
+        edges_i = [owner[fe], rep[ui], rep[inv[ce]]]
+        edges_j = [rep[inv[fe]], rep[uj], owner[ce]]
+        valid = [np.ones(fe.size, bool), (rep[ui] >= 0) & (rep[uj] >= 0),
+                 (rep[inv[ce]] >= 0) & (small[np.maximum(rep[inv[ce]], 0)] < large[owner[ce]])]
+        # every crop entry of one value against the smallest full image of a value within k
+        cu = inv[ce]
+        c_order = np.argsort(cu, kind="stable")
+        c_start = np.searchsorted(cu[c_order], np.arange(uniq.size + 1))
         for x, y in ((ui, uj), (uj, ui)):
             sel = rep[x] >= 0
             x, y = x[sel], y[sel]
-            cnt = start[y + 1] - start[y]
-            members = order[_ranges(start[y], cnt)]
-            edges_i.append(np.repeat(rep[x], cnt))
+            cnt = c_start[y + 1] - c_start[y]
+            members = ce[c_order[_ranges(c_start[y], cnt)]]
+            r = np.repeat(rep[x], cnt)
+            edges_i.append(r)
             edges_j.append(owner[members])
-        ei, ej = np.concatenate(edges_i), np.concatenate(edges_j)
+            valid.append(small[r] < large[owner[members]])
+        ok = np.concatenate(valid)
+        ei, ej = np.concatenate(edges_i)[ok], np.concatenate(edges_j)[ok]
         keep = ei != ej
         labels = components(nodes.n + nodes.m, ei[keep], ej[keep])
         grouped = np.zeros(nodes.n + nodes.m, bool)

@@ -33,6 +33,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # Reject reasons of the input and ingest steps.
 REASONS = {
     "missing_url": "the row has no URL",
+    "missing_image": "a corpus row has no image bytes",
     "bad_url": "the URL is not an http(s) URL",
     "duplicate_input_row": "the same URL and caption are listed again",
     "blocked_address": "the host resolves to a private, loopback, link-local or reserved address the spec does not allow",
@@ -90,9 +91,9 @@ def read_url_list(src: SourceSpec) -> pa.Table:
     return pa.table({"url": urls, "text": texts})
 
 
-def assign_uids(table: pa.Table, source: str) -> tuple[pa.Table, pa.Table]:
+def assign_uids(table: pa.Table, source: str, seen: dict[str, int] | None = None) -> tuple[pa.Table, pa.Table]:
     """Give every listed row a uid; rows that cannot be fetched go to rejects. Returns (inputs, rejects)."""
-    seen: dict[str, int] = {}
+    seen = {} if seen is None else seen
     keep = {"uid": [], "url": [], "text": [], "source": []}
     rej = {k: [] for k in REJECT_SCHEMA.names}
     for row, (url, text) in enumerate(zip(table.column("url").to_pylist(), table.column("text").to_pylist())):
@@ -424,3 +425,118 @@ def split_raw(raw: pa.Table | None, source: str | None) -> tuple[pa.Table, list[
             msg = d["error_message"][i]
             rejects.append((d["uid"][i], d["url"][i], d["caption"][i], "ingest", classify_error(msg), msg))
     return pa.table(pairs, schema=PAIRS_SCHEMA), rejects
+
+
+# --------------------------------------------------------------------------- existing corpora (curate)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
+
+
+def corpus_kind(src: SourceSpec) -> str:
+    if src.format not in ("auto", "parquet", "webdataset"):
+        raise IngestError(f"{src.pairs}: source.pairs reads parquet or webdataset, not {src.format}")
+    if src.format != "auto":
+        return src.format
+    p = Path(src.pairs)
+    if p.is_dir() and any(p.glob("*.tar")):
+        return "webdataset"
+    return "parquet"
+
+
+def iter_corpus(src: SourceSpec, batch_rows: int = 1000):
+    """Yield tables (url, text, image) from a Parquet corpus or a WebDataset folder, in a stable order."""
+    if corpus_kind(src) == "webdataset":
+        yield from _iter_webdataset(Path(src.pairs), batch_rows)
+        return
+    import pyarrow.dataset as pads
+
+    try:
+        ds = pads.dataset(str(src.pairs), format="parquet")
+    except (pa.ArrowInvalid, OSError) as e:
+        raise IngestError(f"{src.pairs}: cannot read as parquet: {e}") from None
+    missing = [c for c in (src.caption_col, src.image_col) if c not in ds.schema.names]
+    if missing:
+        raise IngestError(f"{src.pairs}: column(s) {missing} not found (source.caption_col / source.image_col); "
+                          f"the corpus has {ds.schema.names}")
+    cols = [src.caption_col, src.image_col] + ([src.url_col] if src.url_col in ds.schema.names else [])
+    for rb in ds.to_batches(columns=cols, batch_size=batch_rows):
+        image = rb.column(src.image_col)
+        if pa.types.is_struct(image.type):  # Hugging Face datasets' Image feature: {bytes, path}
+            image = image.field("bytes")
+        n = rb.num_rows
+        url = rb.column(src.url_col).cast(pa.string()) if src.url_col in rb.schema.names else pa.nulls(n, pa.string())
+        yield pa.table({"url": url, "text": rb.column(src.caption_col).cast(pa.string()),
+                        "image": image.cast(pa.binary())})
+
+
+def _iter_webdataset(folder: Path, batch_rows: int):
+    import tarfile
+
+    rows: dict[str, list] = {"url": [], "text": [], "image": []}
+
+    def flush_sample(parts: dict):
+        if not parts:
+            return
+        meta = {}
+        if "json" in parts:
+            try:
+                meta = json.loads(parts["json"])
+            except ValueError:
+                meta = {}
+        img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+        text = parts["txt"].decode("utf-8", "replace") if "txt" in parts else meta.get("caption")
+        rows["url"].append(meta.get("url"))
+        rows["text"].append(text)
+        rows["image"].append(img)
+
+    for tar_path in sorted(folder.glob("*.tar")):
+        key, parts = None, {}
+        with tarfile.open(tar_path) as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                k, _, ext = base.partition(".")
+                if k != key:
+                    flush_sample(parts)
+                    key, parts = k, {}
+                    if len(rows["url"]) >= batch_rows:
+                        yield pa.table(rows, schema=_CORPUS_SCHEMA)
+                        rows = {"url": [], "text": [], "image": []}
+                parts[ext.lower()] = tf.extractfile(member).read()
+        flush_sample(parts)
+    if rows["url"]:
+        yield pa.table(rows, schema=_CORPUS_SCHEMA)
+
+
+_CORPUS_SCHEMA = pa.schema([("url", pa.string()), ("text", pa.string()), ("image", pa.binary())])
+
+
+def corpus_pairs(batch: pa.Table, source: str, seen: dict[str, int]) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """A corpus batch -> (inputs, pairs, rejects). Rows without a URL are named by their image's sha256."""
+    import hashlib
+
+    pairs = {k: [] for k in PAIRS_SCHEMA.names}
+    rej = {k: [] for k in REJECT_SCHEMA.names}
+    for url, text, img in zip(*(batch.column(c).to_pylist() for c in ("url", "text", "image"))):
+        sha = hashlib.sha256(img).hexdigest() if img else None
+        name = (url or "").strip() or (f"sha256:{sha}" if sha else "")
+        key = make_uid(name, text)
+        n = seen.get(key, 0)
+        seen[key] = n + 1
+        uid = make_uid(name, text, n) if n else key
+        reason = "missing_image" if not img else ("duplicate_input_row" if n else None)
+        if reason:
+            for k, v in zip(REJECT_SCHEMA.names, (uid, url, text, "input", reason, None, None)):
+                rej[k].append(v)
+            continue
+        try:
+            with Image.open(io.BytesIO(img)) as im:
+                w, h = im.width, im.height
+        except Exception:
+            w = h = None  # basic's decode check owns undecodable images
+        for k, v in (("uid", uid), ("url", url or name), ("text", text), ("source", source), ("image", img),
+                     ("width", w), ("height", h), ("original_width", w), ("original_height", h), ("sha256", sha)):
+            pairs[k].append(v)
+    pairs_t = pa.table(pairs, schema=PAIRS_SCHEMA)
+    return pairs_t.select(INPUT_SCHEMA.names), pairs_t, pa.table(rej, schema=REJECT_SCHEMA)

@@ -58,14 +58,17 @@ class ShardWriter:
         self.pending_rows = rest.num_rows
         path = self.folder / f"part-{len(self.files):05d}.parquet"
         tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(head, tmp, compression=self.compression, row_group_size=min(n, 1024))
+        pq.write_table(head, tmp, compression=self.compression, row_group_size=max(1, min(n, 1024)))
         os.replace(tmp, path)
         self.files.append(
             {"path": str(path), "rows": head.num_rows, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
         )
 
     def close(self) -> list[dict]:
-        if self.pending_rows:
+        """Flush the rest; a writer that got no rows still leaves one empty file with the schema for readers."""
+        if self.pending_rows or not self.files:
+            if not self.pending:
+                self.pending = [self.schema.empty_table()]
             self._flush(self.pending_rows)
         return self.files
 

@@ -15,6 +15,9 @@ from flows.demo.corpus import generate_corpus
 from flows.demo_build import DEMO_SPEC
 
 
+N = 400  # rows of the shared demo build in tests
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,3 +7,33 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import flows.env  # noqa: E402,F401
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # keeps Prefect quiet at interpreter exit
+
+
+import json  # noqa: E402
+
+import pyarrow.parquet as pq  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """One real demo build (Prefect flow, local Ray, loopback server), shared by the tests that read a build."""
+    from flows.build import build_flow
+    from flows.demo.server import DemoServer
+    from tests.builds import N, make_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    forbidden_root = root / "forbidden"
+    forbidden_root.mkdir()
+    (forbidden_root / "secret.jpg").write_bytes(b"\xff\xd8secret\xff\xd9")
+    (forbidden_root / "routes.json").write_text(json.dumps({"/secret.jpg": {"file": "secret.jpg", "status": 200}}))
+    forbidden = DemoServer(forbidden_root).start()
+    d = make_demo(root, N, extra_urls=[(f"{forbidden.url}/secret.jpg", "a secret red circle on a table")],
+                  ingest={"shard_rows": 100})
+    with DemoServer(d["corpus"], port=d["port"]) as server:
+        result = build_flow(str(d["spec"]), quiet=True)
+        d["requests"] = list(server.requests)
+    forbidden.stop()
+    d.update(result=result, build_dir=Path(result["build_dir"]), forbidden=forbidden,
+             labels=pq.read_table(d["corpus"] / "labels.parquet"))
+    return d

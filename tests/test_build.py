@@ -13,32 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.demo.server import DemoServer
-from tests.builds import image_digests, make_demo, manifest, read_parts
+from tests.builds import N, image_digests, make_demo, manifest, read_parts
 
 pytestmark = pytest.mark.slow
-N = 400
 INGEST_STAGES = {"input", "ingest"}
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from flows.build import build_flow
-
-    root = tmp_path_factory.mktemp("demo")
-    forbidden_root = root / "forbidden"
-    forbidden_root.mkdir()
-    (forbidden_root / "secret.jpg").write_bytes(b"\xff\xd8secret\xff\xd9")
-    (forbidden_root / "routes.json").write_text(json.dumps({"/secret.jpg": {"file": "secret.jpg", "status": 200}}))
-    forbidden = DemoServer(forbidden_root).start()
-    d = make_demo(root, N, extra_urls=[(f"{forbidden.url}/secret.jpg", "a secret red circle on a table")],
-                  ingest={"shard_rows": 100})
-    with DemoServer(d["corpus"], port=d["port"]) as server:
-        result = build_flow(str(d["spec"]), quiet=True)
-        d["requests"] = list(server.requests)
-    forbidden.stop()
-    d.update(result=result, build_dir=Path(result["build_dir"]), forbidden=forbidden,
-             labels=pq.read_table(d["corpus"] / "labels.parquet"))
-    return d
 
 
 def test_accounting_is_exact(demo):

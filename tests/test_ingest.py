@@ -113,7 +113,7 @@ def test_ingest_shard_every_url_accounted(tmp_path):
         }
         inputs, _ = assign_uids(pa.table({"url": list(urls), "text": ["a red square"] * len(urls)}), "t")
         pq.write_table(inputs, tmp_path / "in.parquet")
-        params = IngestSpec(allow_hosts=[f"127.0.0.1:{srv.port}"], timeout_s=1, max_bytes=200_000,
+        params = IngestSpec(allow_hosts=[f"127.0.0.1:{srv.port}"], timeout_s=4, max_bytes=200_000,
                             max_pixels=10**7)
         summary = ingest_shard(tmp_path / "in.parquet", tmp_path / "work", 0, params)
         assert forbidden.requests == []  # refused before any connection, redirects included
@@ -142,7 +142,7 @@ class _two_servers:
             "/noai.jpg": (200, self.img, {"X-Robots-Tag": "noai"}, 0),
             "/big.jpg": (200, self.img + b"\x00" * 300_000, {}, 0),
             "/bomb.png": (200, png_declaring(20_000, 20_000), {}, 0),
-            "/slow.jpg": (200, self.img, {}, 5),
+            "/slow.jpg": (200, self.img, {}, 12),
             "/redirect.jpg": (302, b"", {"Location": f"{f}/ok.jpg"}, 0),
         }).start()
         return self.srv, self.forbidden

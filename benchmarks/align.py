@@ -1,0 +1,196 @@
+"""The align stage inside a Ray Data pipeline vs the same model in one plain process, on the same batches.
+
+    .venv/bin/python benchmarks/align.py [--n 4096] [--batch-size 64] [--threads 1] [--single 256]
+
+Data: N demo scenes rendered at 256 px (what ingest stores), JPEG, with their captions, in one Parquet file.
+Model: flows/models/demo-clip when it exists, else a random CLIP of the same shape built on the fly (64 px, patch 8,
+width 128, 3+3 layers, projection 64); the first line says which. Every variant uses the same torch thread count.
+
+    raw        one process, batches of --batch-size: decode JPEG -> PIL, image processor + tokenizer once per batch,
+               one forward (the same ClipModel the stage uses). The forward-only seconds are reported apart.
+    single     the raw path one pair at a time (batch of 1), on the first --single pairs.
+    ray        read_parquet -> map_batches(the build's _StageActor, ActorPoolStrategy(size=1), num_cpus=1)
+               -> write_parquet, in a local Ray with 2 CPUs. Steady state: rows / (end of the last batch - start of
+               the first batch), timed inside the actor; Ray start-up and the actor's model load are one-time costs,
+               reported apart (a long-running cluster pays them once per pipeline).
+
+Prints images/s of each and, last, the ratio ray / raw (goal >= 0.90).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import os  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import flows.env  # noqa: E402,F401
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+
+def build_demo_shaped_clip(folder: Path) -> Path:
+    """A random CLIP shaped like the demo model (see STACK.md) with a byte-level CLIPTokenizer."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from tests.test_align import byte_level_vocab
+
+    vocab = byte_level_vocab()
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    eos = vocab["<|endoftext|>"]
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=128, intermediate_size=512, num_hidden_layers=3,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
+                         eos_token_id=eos, pad_token_id=eos),
+        vision_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                           image_size=64, patch_size=8),
+        projection_dim=64)
+    torch.manual_seed(0)
+    CLIPModel(cfg).eval().save_pretrained(folder)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}),
+                  tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
+def make_pairs(path: Path, n: int, size: int = 256) -> pa.Table:
+    from flows.demo.scenes import caption, render_scene, sample_scene
+
+    rng = random.Random(0)
+    images, texts = [], []
+    for i in range(n):
+        scene = sample_scene(rng)
+        b = io.BytesIO()
+        render_scene(scene, size, i).save(b, "JPEG", quality=90)
+        images.append(b.getvalue())
+        texts.append(caption(scene, rng))
+    t = pa.table({"uid": [f"{i:032x}" for i in range(n)], "text": texts, "image": pa.array(images, pa.binary())})
+    pq.write_table(t, path, row_group_size=512)
+    return t
+
+
+def run_raw(clip, table: pa.Table, batch_size: int, limit: int | None = None) -> tuple[float, float, int]:
+    """(seconds, forward seconds, rows) for the plain loop over batches of batch_size."""
+    from stages.models import decode_rgb
+
+    images = table.column("image").to_pylist()[:limit]
+    texts = table.column("text").to_pylist()[:limit]
+    fwd = 0.0
+    t0 = time.perf_counter()
+    for s in range(0, len(images), batch_size):
+        pil = [decode_rgb(b) for b in images[s:s + batch_size]]
+        inputs = clip.preprocess(pil, texts[s:s + batch_size])
+        t1 = time.perf_counter()
+        img, txt = clip.forward(inputs)
+        (img * txt).sum(-1)
+        fwd += time.perf_counter() - t1
+    return time.perf_counter() - t0, fwd, len(images)
+
+
+class _SpanTimer:
+    """The build's timer interface (add(stage, rows, seconds)), also keeping the first start and last end."""
+
+    def __init__(self):
+        self.rows, self.busy, self.first, self.last = 0, 0.0, None, None
+
+    def add(self, stage: str, rows: int, seconds: float) -> None:
+        now = time.time()
+        self.rows += rows
+        self.busy += seconds
+        self.first = now - seconds if self.first is None else min(self.first, now - seconds)
+        self.last = now
+
+    def get(self) -> dict:
+        return {"rows": self.rows, "busy": self.busy, "first": self.first, "last": self.last}
+
+
+def run_ray(parquet: Path, out: Path, model: str, batch_size: int, threads: int) -> dict:
+    import ray
+
+    import flows.build as fb
+    from schemas.spec import AlignParams
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=2**30, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    ray_start = time.perf_counter() - t0
+    try:
+        fb.quiet_ray_data()
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False
+        params = AlignParams(model=model, batch_size=batch_size, threads=threads)
+        timer = ray.remote(num_cpus=0)(_SpanTimer).remote()
+        ds = ray.data.read_parquet(str(parquet)).map_batches(
+            fb._StageActor, fn_constructor_args=("align", params.model_dump_json(), timer),
+            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1, batch_size=batch_size, batch_format="pyarrow")
+        t1 = time.time()
+        ds.write_parquet(str(out))
+        wall = time.time() - t1
+        span = ray.get(timer.get.remote())
+    finally:
+        ray.shutdown()
+    return {"ray_start": ray_start, "wall": wall, "rows": span["rows"], "steady": span["last"] - span["first"],
+            "busy": span["busy"], "to_first_batch": span["first"] - t1}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared 2-core box 2 threads ran 17x slower from contention)")
+    ap.add_argument("--single", type=int, default=256, help="pairs for the one-at-a-time loop")
+    a = ap.parse_args()
+
+    from stages.models import MODELS_DIR, load_clip
+
+    tmp = Path(tempfile.mkdtemp(prefix="align-bench-"))
+    try:
+        demo = MODELS_DIR / "demo-clip"
+        if (demo / "config.json").is_file():
+            model, which = str(demo), "flows/models/demo-clip (trained demo model)"
+        else:
+            model = str(build_demo_shaped_clip(tmp / "model"))
+            which = "a random demo-shaped CLIP built on the fly (flows/models/demo-clip not present)"
+        print(f"model: {which}", flush=True)
+        t0 = time.perf_counter()
+        table = make_pairs(tmp / "pairs.parquet", a.n)
+        print(f"data: {a.n} scenes, 256 px JPEG, {table.nbytes / 2**20:.1f} MiB, made in "
+              f"{time.perf_counter() - t0:.1f}s; batch {a.batch_size}, {a.threads} torch threads everywhere", flush=True)
+
+        clip = load_clip(model, "cpu", "float32", threads=a.threads)
+        run_raw(clip, table, a.batch_size, limit=2 * a.batch_size)  # warm-up
+        raw_s, fwd_s, rows = run_raw(clip, table, a.batch_size)
+        raw = rows / raw_s
+        print(f"raw, one process:   {rows} pairs in {raw_s:.2f}s = {raw:.0f} img/s "
+              f"(forward alone {fwd_s:.2f}s = {rows / fwd_s:.0f} img/s; decode + processor the rest)", flush=True)
+        one_s, _, one_rows = run_raw(clip, table, 1, limit=a.single)
+        single = one_rows / one_s
+        print(f"one pair at a time: {one_rows} pairs in {one_s:.2f}s = {single:.0f} img/s "
+              f"(batched is {raw / single:.1f}x faster)", flush=True)
+        del clip
+
+        r = run_ray(tmp / "pairs.parquet", tmp / "out", model, a.batch_size, a.threads)
+        assert r["rows"] == a.n, r
+        ray_rate = r["rows"] / r["steady"]
+        print(f"ray data, actor pool: {r['rows']} pairs, steady {r['steady']:.2f}s = {ray_rate:.0f} img/s "
+              f"(inside the stage {r['busy']:.2f}s); one-time: ray.init {r['ray_start']:.1f}s, "
+              f"pipeline start + actor model load {r['to_first_batch']:.1f}s; end to end {r['wall']:.1f}s "
+              f"= {r['rows'] / r['wall']:.0f} img/s", flush=True)
+        print(f"ratio ray/raw = {ray_rate / raw:.2f} (goal >= 0.90)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

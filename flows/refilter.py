@@ -1,0 +1,114 @@
+"""refilter: re-decide a finished build with new thresholds, from its stored stats. No stage runs, no model loads.
+
+The parent's kept shards and its full-record rejects hold every row's stats, so a child build is: the same rows,
+the new spec's decide(), the same write. The child is recorded in the catalog with lineage `refilter_of`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+from prefect import flow, get_run_logger
+
+from flows import env  # noqa: F401
+from flows.build import BuildContext, dataset_lock, open_build, record_in_catalog, write_task
+from schemas.columns import INPUT_SCHEMA, REJECT_SCHEMA
+from schemas.spec import STAGE_PARAMS, BuildSpec, SpecError, _format_errors
+from stages.write import atomic_write_text
+
+EARLY = ("input", "ingest")
+
+
+def apply_overrides(spec_dict: dict, overrides: list[str]) -> dict:
+    """`stage.param=value` (value parsed as YAML) on the resolved spec's stages."""
+    stages = {next(iter(s)): next(iter(s.values())) for s in spec_dict["stages"]}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        stage, dot, param = key.strip().partition(".")
+        if not sep or not dot:
+            raise SpecError(f"--set {item!r}: expected stage.param=value")
+        if stage not in stages:
+            raise SpecError(f"--set {item!r}: the build has no stage {stage!r}; it has {sorted(stages)}")
+        if param not in STAGE_PARAMS[stage].model_fields:
+            raise SpecError(f"--set {item!r}: stage {stage!r} has no parameter {param!r}")
+        stages[stage][param] = yaml.safe_load(raw)
+    return spec_dict
+
+
+def child_spec(parent_dir: Path, overrides: list[str] = (), spec_path: Path | None = None) -> BuildSpec:
+    parent = yaml.safe_load((parent_dir / "spec.yaml").read_text())
+    data = yaml.safe_load(Path(spec_path).read_text()) if spec_path else apply_overrides(parent, list(overrides))
+    try:
+        spec = BuildSpec.model_validate(data)
+    except Exception as e:  # pydantic ValidationError
+        msg = _format_errors(e) if hasattr(e, "errors") else str(e)
+        raise SpecError(f"{spec_path or parent_dir / 'spec.yaml'}: {msg}") from None
+    parent_stages = [next(iter(s)) for s in parent["stages"]]
+    if spec.stage_names() != parent_stages:
+        raise SpecError(f"refilter re-decides the stages the build ran ({parent_stages}); "
+                        f"this spec has {spec.stage_names()}: build it instead")
+    return spec
+
+
+def stage_rows(parent_dir: Path, ctx: BuildContext) -> tuple[dict, dict]:
+    """Lay the parent's rows out as the child's finished input, ingest and stage work."""
+    t0 = time.perf_counter()
+    work = ctx.work
+    for sub in ("input", "ingest", "processed"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    listed, early = [], {"input": [], "ingest": []}
+    n_out = 0
+    for kind in ("shards", "rejects"):
+        for i, f in enumerate(sorted((parent_dir / kind).glob("part-*.parquet"))):
+            t = pq.read_table(f)
+            if kind == "rejects":
+                stage = t.column("stage")
+                for s in EARLY:
+                    early[s].append(t.filter(pc.equal(stage, s)).select(REJECT_SCHEMA.names))
+                t = t.filter(pc.invert(pc.is_in(stage, value_set=pa.array(EARLY))))
+                t = t.drop_columns(["stage", "reason", "detail"])
+            t = t.drop_columns(["build_id"])
+            if t.num_rows:
+                pq.write_table(t, work / "processed" / f"{kind}-{i:05d}.parquet")
+                n_out += t.num_rows
+                listed.append(t.select(INPUT_SCHEMA.names))
+    ingest_rej = pa.concat_tables(early["ingest"]) if early["ingest"] else REJECT_SCHEMA.empty_table()
+    input_rej = pa.concat_tables(early["input"]) if early["input"] else REJECT_SCHEMA.empty_table()
+    inputs = pa.concat_tables(listed + [ingest_rej.select(["uid", "url", "text"]).append_column(
+        "source", pa.array([ctx.source_name] * ingest_rej.num_rows, pa.string()))]).cast(INPUT_SCHEMA)
+    pq.write_table(inputs, work / "input" / "00000.parquet")
+    pq.write_table(input_rej, work / "input_rejects.parquet")
+    pq.write_table(ingest_rej, work / "ingest" / "00000.rejects.parquet")
+    atomic_write_text(work / "processed" / "_DONE.json", json.dumps({"rows": n_out, "refilter_of": parent_dir.name}))
+    prepared = {"rows_listed": inputs.num_rows + input_rej.num_rows, "rows": inputs.num_rows,
+                "rejected": input_rej.num_rows, "shards": 1, "seconds": time.perf_counter() - t0}
+    return prepared, {"seconds": 0.0, "shards_fetched": 0}
+
+
+@flow(name="pairforge-refilter", validate_parameters=False, log_prints=True)
+def refilter_flow(build_dir: str, overrides: list[str] | None = None, spec_path: str | None = None,
+                  quiet: bool = False) -> dict:
+    logger = get_run_logger()
+    parent_dir = Path(build_dir).resolve()
+    if not (parent_dir / "manifest.json").exists():
+        raise SpecError(f"{parent_dir}: not a finished build (no manifest.json)")
+    spec = child_spec(parent_dir, overrides or [], Path(spec_path) if spec_path else None)
+    with dataset_lock(spec):
+        ctx = open_build(spec, new=True)
+        ctx.set_state(refilter_of=parent_dir.name)
+        record_in_catalog(ctx, "running")
+        prepared, ingest = stage_rows(parent_dir, ctx)
+        result = write_task(ctx, prepared, ingest, {"stage_seconds": {}})
+        ctx.set_state(status="complete")
+        record_in_catalog(ctx, "complete", result)
+        from catalogs import Catalog
+
+        Catalog(spec.catalog_path).add_lineage(ctx.build_id, parent_dir.name, "refilter_of")
+    logger.info("refilter %s -> %s: %d kept", parent_dir.name, ctx.build_id, result["stats"]["rows_kept"])
+    return {"build_id": ctx.build_id, "build_dir": str(ctx.build_dir), "resumed": False,
+            "parent": parent_dir.name, "stats": result["stats"], "manifest_rows": result["manifest"]["rows"]}

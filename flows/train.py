@@ -1,0 +1,569 @@
+"""The contrastive trainer: pairforge shards -> a small transformers CLIPModel, saved with save_pretrained.
+
+`train(spec)` does the work and `train_flow(spec_path)` wraps it as a Prefect flow (`pairforge train SPEC`):
+
+    data     ShardPairs over the spec's shards (flows.loaders): seeded shuffle, eval split held out by uid hash;
+             images decoded from their bytes and preprocessed by the model's own CLIPImageProcessor, so training
+             and scoring see the same pixels (optional label-preserving random crops before it)
+    model    CLIPModel from a small CLIPConfig; a character-level CLIPTokenizer built in memory (or a given one)
+    loop     the model's contrastive loss through the loss registry (LOSSES), AdamW, linear warmup then cosine,
+             gradient clipping; torch / numpy / random seeded from the spec
+    state    out/checkpoints/step-NNNNNNN.pt (model, optimizer, scheduler, step, RNG states); a rerun resumes from
+             the newest one that belongs to the same training spec and sees exactly the batches an uninterrupted run
+             would have seen (the loader skips the rows already consumed)
+    metrics  out/metrics.jsonl every log_every steps (and the Prefect log); final held-out evaluation: image->text
+             and text->image R@1/R@5 and pairwise accuracy (true caption vs another pair's caption)
+    output   out/model/ (config.json, model.safetensors, tokenizer files, processor_config.json) loadable with
+             transformers AutoModel / AutoProcessor, plus out/model/training.json; copied to `export` if set
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from flows import env  # noqa: F401
+from flows.loaders import ShardPairs, random_crop, resolve_shards
+from schemas.train_spec import ModelSpec, TrainSpec, load_train_spec
+
+log = logging.getLogger("pairforge.train")
+
+MODEL_DIR = "model"
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------- losses
+
+# name -> fn(model, batch) -> scalar loss. negclip / tripletclip (hard negatives in the batch) register here later.
+LOSSES: dict[str, Callable] = {}
+
+
+def register_loss(name: str):
+    def deco(fn):
+        LOSSES[name] = fn
+        return fn
+
+    return deco
+
+
+@register_loss("clip")
+def clip_loss(model, batch: dict):
+    """The symmetric InfoNCE loss of CLIPModel itself (return_loss=True) over the in-batch pairs."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"], return_loss=True)
+    return out.loss
+
+
+# --------------------------------------------------------------------------- tokenizer, processor, model
+
+def char_tokenizer(max_length: int = 128):
+    """A CLIPTokenizer with no merges: every character (byte-level) is a token, word-final ones with '</w>'."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for ch in alphabet:
+            vocab[ch + suffix] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def make_tokenizer(m: ModelSpec):
+    if m.tokenizer == "char":
+        return char_tokenizer(m.max_text_length)
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(m.tokenizer)
+    except (OSError, ValueError) as e:
+        raise TrainError(f"model.tokenizer: cannot load {m.tokenizer!r}: {e}") from None
+    tok.model_max_length = min(tok.model_max_length, m.max_text_length)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def make_processor(m: ModelSpec, tokenizer):
+    """CLIPProcessor: the PIL CLIP image processor (shortest edge -> image_size, centre crop) and the tokenizer."""
+    from transformers import CLIPProcessor
+
+    try:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers import CLIPImageProcessor as ImageProcessor
+    ip = ImageProcessor(size={"shortest_edge": m.image_size}, crop_size={"height": m.image_size, "width": m.image_size})
+    return CLIPProcessor(image_processor=ip, tokenizer=tokenizer)
+
+
+def make_model(m: ModelSpec, tokenizer):
+    from transformers import CLIPConfig, CLIPModel
+
+    eos = tokenizer.eos_token_id
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=m.text_width, intermediate_size=m.text_width * m.mlp_ratio,
+                         num_hidden_layers=m.text_layers, num_attention_heads=m.text_heads,
+                         max_position_embeddings=m.max_text_length, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=m.vision_width, intermediate_size=m.vision_width * m.mlp_ratio,
+                           num_hidden_layers=m.vision_layers, num_attention_heads=m.vision_heads,
+                           image_size=m.image_size, patch_size=m.patch_size),
+        projection_dim=m.projection_dim,
+    )
+    if eos == 2:  # CLIP's text pooling treats eos_token_id 2 as the legacy "argmax of ids" rule
+        raise TrainError("the tokenizer's eos token id is 2, which CLIP text pooling misreads; use another tokenizer")
+    return CLIPModel(cfg)
+
+
+class ImageTransform:
+    """Decoded image -> pixel tensor exactly as the saved processor makes it, after an optional random crop."""
+
+    def __init__(self, image_processor, crop_min_area: float = 1.0, crop_prob: float = 0.0):
+        self.ip = image_processor
+        self.crop_min_area = crop_min_area
+        self.crop_prob = crop_prob
+
+    def __call__(self, image, rng: random.Random):
+        if self.crop_min_area < 1.0 and rng.random() < self.crop_prob:
+            image = random_crop(image, rng, self.crop_min_area)
+        return self.ip(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+class Collate:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list[dict]) -> dict:
+        import torch
+
+        enc = self.tokenizer([it["text"] for it in items], padding=True, truncation=True, return_tensors="pt")
+        return {"pixel_values": torch.stack([it["image"] for it in items]), "input_ids": enc["input_ids"],
+                "attention_mask": enc["attention_mask"], "text": [it["text"] for it in items],
+                "uid": [it["uid"] for it in items]}
+
+
+# --------------------------------------------------------------------------- schedule, seeds, checkpoints
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base lr before optimizer step `step` (0-based): linear warmup, then cosine to min_ratio."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    import torch
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(st: dict) -> None:
+    import torch
+
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+
+
+def checkpoints(out: Path) -> list[Path]:
+    return sorted((out / CHECKPOINT_DIR).glob("step-*.pt"))
+
+
+def save_checkpoint(out: Path, state: dict, keep: int) -> Path:
+    import torch
+
+    folder = out / CHECKPOINT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{state['step']:07d}.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    for old in checkpoints(out)[:-keep]:
+        old.unlink()
+    return path
+
+
+def latest_checkpoint(out: Path, training_hash: str) -> dict | None:
+    import torch
+
+    found = checkpoints(out)
+    if not found:
+        return None
+    state = torch.load(found[-1], map_location="cpu", weights_only=False)
+    if state.get("training_hash") != training_hash:
+        raise TrainError(f"{out}: checkpoints there belong to another training spec; "
+                         "use a new `out` folder or pass fresh=True (--fresh) to start over")
+    return state
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def embed(model, processor, images: list, texts: list[str], batch_size: int = 256):
+    """L2-normalised (image_embeds, text_embeds) for PIL images and captions, through the processor."""
+    import torch
+
+    ims, txs = [], []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, max(len(images), len(texts)), batch_size):
+            im, tx = images[i:i + batch_size], texts[i:i + batch_size]
+            if im:
+                pv = processor.image_processor(images=im, return_tensors="pt")["pixel_values"]
+                ims.append(model.get_image_features(pixel_values=pv))
+            if tx:
+                enc = processor.tokenizer(tx, padding=True, truncation=True, return_tensors="pt")
+                txs.append(model.get_text_features(**enc))
+
+    def norm(parts):
+        if not parts:
+            return torch.empty(0)
+        x = torch.cat([p if isinstance(p, torch.Tensor) else p.pooler_output for p in parts])
+        return torch.nn.functional.normalize(x, dim=-1)
+
+    return norm(ims), norm(txs)
+
+
+def retrieval_metrics(img, txt, texts: list[str], seed: int = 0) -> dict:
+    """R@1/R@5 both ways (a caption equal to the true one counts as a hit) and pairwise accuracy vs another caption."""
+    import torch
+
+    n = len(texts)
+    sim = img @ txt.T
+    same = torch.tensor([[a == b for b in texts] for a in texts])
+    out = {"pairs": n}
+    for name, s in (("i2t", sim), ("t2i", sim.T)):
+        true = s.diagonal().unsqueeze(1)
+        # rank = number of candidates with a different caption scoring higher than the true one
+        rank = ((s > true) & ~same).sum(1)
+        for k in (1, 5):
+            out[f"{name}_r{k}"] = float((rank < k).float().mean())
+    rng = random.Random(seed)
+    wins = total = 0
+    for i in range(n):
+        j = rng.randrange(n - 1) if n > 1 else 0
+        j += j >= i
+        if n < 2 or texts[j] == texts[i]:
+            continue
+        total += 1
+        wins += bool(sim[i, i] > sim[i, j])
+    out["pairwise_acc"] = wins / total if total else float("nan")
+    out["cos_true_mean"] = float(sim.diagonal().mean())
+    out["cos_other_mean"] = float((sim.sum() - sim.diagonal().sum()) / max(1, n * n - n))
+    return out
+
+
+def evaluate_heldout(model, processor, spec: TrainSpec, files: list[Path]) -> dict:
+    """The final evaluation on held-out pairs of the spec's shards (the eval split)."""
+    if spec.data.eval_fraction <= 0:
+        return {}
+    ds = ShardPairs(files, transform=None, seed=spec.seed, split="eval", eval_fraction=spec.data.eval_fraction,
+                    shuffle=False, epochs=1, text_column=spec.data.text_column, image_column=spec.data.image_column)
+    images, texts = [], []
+    for item in ds:
+        images.append(item["image"])
+        texts.append(item["text"])
+        if len(texts) >= spec.data.eval_max_pairs:
+            break
+    if len(texts) < 2:
+        return {"pairs": len(texts)}
+    img, txt = embed(model, processor, images, texts)
+    return retrieval_metrics(img, txt, texts, seed=spec.seed)
+
+
+# --------------------------------------------------------------------------- evaluators run after training
+
+def _demo_scenes_eval(model_dir: Path, spec: TrainSpec) -> dict:
+    from flows.demo.scorer_eval import evaluate_scorer
+
+    return evaluate_scorer(model_dir)
+
+
+# name -> fn(model_dir, spec) -> dict merged into training.json under "evals"; "recommended_threshold" is lifted.
+EVALUATORS: dict[str, Callable] = {"demo_scenes": _demo_scenes_eval}
+
+
+# --------------------------------------------------------------------------- the run
+
+def prepare_data(spec: TrainSpec) -> list[Path]:
+    syn = spec.data.synthetic
+    if syn is not None:
+        from flows.demo.train_data import write_scene_shards
+
+        t0 = time.perf_counter()
+        s = write_scene_shards(syn.out, syn.n, syn.seed, syn.image_sizes, syn.rows_per_shard)
+        log.info("synthetic scenes: %d pairs in %s (%.1fs)", s["rows"], syn.out, time.perf_counter() - t0)
+    try:
+        return resolve_shards(spec.data.shards)
+    except ValueError as e:
+        raise TrainError(f"data.shards: {e}") from None
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def train(spec: TrainSpec, *, fresh: bool = False, stop_after: int | None = None, logger=None,
+          spec_text: str | None = None, spec_file: str | None = None) -> dict:
+    """Train per `spec`, resuming from out/checkpoints unless `fresh`. `stop_after` ends this call after that many
+    optimizer steps in total (a checkpoint is written there), as if interrupted; a later call resumes.
+
+    Returns {"status": "complete" | "stopped", "step", "out", "model_dir", "metrics", ...}.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    logger = logger or log
+    if spec.loss not in LOSSES:
+        raise TrainError(f"loss: no implementation registered for {spec.loss!r}; known: {sorted(LOSSES)}")
+    unknown = [e for e in spec_evals(spec) if e not in EVALUATORS]
+    if unknown:
+        raise TrainError(f"evals: unknown evaluators {unknown}; known: {sorted(EVALUATORS)}")
+    out = spec.out
+    if fresh and out.exists():
+        for sub in (CHECKPOINT_DIR, MODEL_DIR, METRICS_FILE):
+            p = out / sub
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    files = prepare_data(spec)
+    thash = spec.training_hash()
+    o = spec.optim
+
+    seed_everything(spec.seed)
+    tokenizer = make_tokenizer(spec.model)
+    processor = make_processor(spec.model, tokenizer)
+    model = make_model(spec.model, tokenizer)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, o.warmup_steps, o.steps, o.min_lr_ratio))
+
+    step, seconds = 0, 0.0
+    state = None if fresh else latest_checkpoint(out, thash)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        step, seconds = state["step"], state["seconds"]
+        logger.info("resuming %s from step %d of %d", spec.name, step, o.steps)
+    metrics_path = out / METRICS_FILE
+    _truncate_metrics(metrics_path, step)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("training %s: %d parameters, %d shard files, %d steps of %d pairs, loss %s",
+                spec.name, n_params, len(files), o.steps, o.batch_size, spec.loss)
+
+    loss_fn = LOSSES[spec.loss]
+    if step < o.steps:
+        ds = ShardPairs(files, transform=ImageTransform(processor.image_processor, spec.augment.crop_min_area,
+                                                        spec.augment.crop_prob),
+                        seed=spec.seed, split="train", eval_fraction=spec.data.eval_fraction,
+                        shuffle_buffer=spec.data.shuffle_buffer, start=step * o.batch_size,
+                        text_column=spec.data.text_column, image_column=spec.data.image_column)
+        loader = DataLoader(ds, batch_size=o.batch_size, collate_fn=Collate(tokenizer), num_workers=0)
+        model.train()
+        t_last, window = time.perf_counter(), []
+        with open(metrics_path, "a") as mf:
+            for batch in loader:
+                t0 = time.perf_counter()
+                lr = opt.param_groups[0]["lr"]
+                loss = loss_fn(model, batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if o.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+                opt.step()
+                sched.step()
+                with torch.no_grad():  # CLIP's recipe: the learned temperature is clamped at 100
+                    model.logit_scale.clamp_(0, math.log(100))
+                step += 1
+                window.append(loss.item())
+                seconds += time.perf_counter() - t0
+                if step % spec.log_every == 0 or step == o.steps:
+                    now = time.perf_counter()
+                    rec = {"step": step, "loss": window[-1], "loss_avg": sum(window) / len(window),
+                           "lr": lr, "logit_scale": float(model.logit_scale.exp()),
+                           "pairs_per_s": len(window) * o.batch_size / max(now - t_last, 1e-9),
+                           "seconds": round(seconds, 3)}
+                    mf.write(json.dumps(rec) + "\n")
+                    mf.flush()
+                    logger.info("step %d/%d loss %.4f (avg %.4f) lr %.2e scale %.1f %.0f pairs/s", step, o.steps,
+                                rec["loss"], rec["loss_avg"], rec["lr"], rec["logit_scale"], rec["pairs_per_s"])
+                    t_last, window = now, []
+                stopping = stop_after is not None and step >= stop_after
+                if step % spec.checkpoint_every == 0 or step == o.steps or stopping:
+                    save_checkpoint(out, {"step": step, "seconds": seconds, "training_hash": thash,
+                                          "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                          "scheduler": sched.state_dict(), "rng": _rng_state()},
+                                    spec.keep_checkpoints)
+                if step >= o.steps or stopping:
+                    break
+    if step < o.steps:
+        return {"status": "stopped", "step": step, "out": str(out)}
+
+    t0 = time.perf_counter()
+    heldout = evaluate_heldout(model, processor, spec, files)
+    logger.info("held-out: %s", json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in heldout.items()}))
+    model_dir = out / MODEL_DIR
+    save_model(model, processor, model_dir)
+    info = {
+        "name": spec.name,
+        "spec_file": spec_file,
+        "spec_yaml": spec_text,
+        "spec": spec.to_dict() if spec_text is None else None,
+        "seed": spec.seed,
+        "steps": step,
+        "batch_size": o.batch_size,
+        "pairs_seen": step * o.batch_size,
+        "train_pairs_per_epoch": None,
+        "parameters": n_params,
+        "train_seconds": round(seconds, 1),
+        "threads": torch.get_num_threads(),
+        "final_loss": _last_loss(metrics_path),
+        "heldout": heldout,
+        "model_sha256": file_sha256(model_dir / "model.safetensors"),
+        "versions": _versions(),
+    }
+    info["train_pairs_per_epoch"] = ShardPairs(files, split="train", eval_fraction=spec.data.eval_fraction).count()
+    evals = {}
+    for name in spec_evals(spec):
+        logger.info("evaluator %s ...", name)
+        evals[name] = EVALUATORS[name](model_dir, spec)
+        if "recommended_threshold" in evals[name]:
+            info["recommended_threshold"] = evals[name]["recommended_threshold"]
+    if evals:
+        info["evals"] = evals
+    info["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    info = {k: v for k, v in info.items() if v is not None}
+    (model_dir / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    (model_dir / "TRAINING.md").write_text(training_markdown(info))
+    if spec.export is not None:
+        export(model_dir, spec.export)
+        logger.info("exported to %s", spec.export)
+    return {"status": "complete", "step": step, "out": str(out), "model_dir": str(model_dir),
+            "export": str(spec.export) if spec.export else None, "training": info}
+
+
+def spec_evals(spec: TrainSpec) -> list[str]:
+    return list(getattr(spec, "evals", None) or [])
+
+
+def save_model(model, processor, folder: Path) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def export(model_dir: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.is_file():
+            shutil.copyfile(f, dest / f.name)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past `step` (written after the checkpoint a resumed run starts from)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _last_loss(path: Path) -> float | None:
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    return json.loads(lines[-1])["loss_avg"] if lines else None
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def training_markdown(info: dict) -> str:
+    h = info.get("heldout", {})
+    lines = [f"# {info['name']}", "",
+             "A small CLIP (transformers CLIPModel) trained from scratch by `flows/train.py`"
+             + (f" from `{info['spec_file']}`." if info.get("spec_file") else "."), "",
+             f"- steps: {info['steps']} x batch {info['batch_size']} = {info['pairs_seen']} pairs "
+             f"({info.get('train_pairs_per_epoch', '?')} training pairs per epoch), seed {info['seed']}",
+             f"- parameters: {info['parameters']:,}; training time {info['train_seconds']} s on {info['threads']} "
+             "CPU threads",
+             f"- final training loss (avg of the last logged window): {info.get('final_loss')}",
+             f"- model.safetensors sha256: `{info['model_sha256']}`", ""]
+    if h:
+        lines += ["## Held-out pairs of the training shards", "",
+                  f"{h.get('pairs')} pairs: image->text R@1 {h.get('i2t_r1', 0):.3f}, R@5 {h.get('i2t_r5', 0):.3f}; "
+                  f"text->image R@1 {h.get('t2i_r1', 0):.3f}, R@5 {h.get('t2i_r5', 0):.3f}; pairwise accuracy "
+                  f"(true caption vs another pair's) {h.get('pairwise_acc', 0):.4f}", ""]
+    for name, ev in (info.get("evals") or {}).items():
+        lines += [f"## Evaluation: {name}", ""]
+        if "markdown" in ev:
+            lines += [ev["markdown"], ""]
+        else:
+            lines += ["```json", json.dumps(ev, indent=2), "```", ""]
+    if "recommended_threshold" in info:
+        lines += [f"Recommended cosine threshold for the align stage: **{info['recommended_threshold']}**", ""]
+    if info.get("spec_yaml"):
+        lines += ["## Spec", "", "```yaml", info["spec_yaml"].rstrip(), "```", ""]
+    lines += ["Load it with `transformers.AutoModel.from_pretrained(folder)` and "
+              "`transformers.AutoProcessor.from_pretrained(folder)`; cosine = the dot product of the normalised "
+              "`image_embeds` and `text_embeds`.", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the flow
+
+from prefect import flow, get_run_logger  # noqa: E402
+
+
+@flow(name="pairforge-train", validate_parameters=False, log_prints=True)
+def train_flow(spec_path: str, fresh: bool = False) -> dict:
+    """Train a CLIP model from a training spec; resumes from the newest checkpoint of the same spec."""
+    spec = load_train_spec(spec_path)
+    return train(spec, fresh=fresh, logger=get_run_logger(), spec_text=Path(spec_path).read_text(),
+                 spec_file=_rel(Path(spec_path)))
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        return str(p)
