@@ -6,6 +6,7 @@ finished download shards are not fetched again, and later phases redo only what 
 from __future__ import annotations
 
 import fcntl
+import inspect
 import json
 import os
 import shutil
@@ -58,6 +59,7 @@ class BuildContext:
     fingerprint: str
     resumed: bool = False
     stage_meta: dict = field(default_factory=dict)
+    history_of: str | None = None  # refilter: "earlier builds" are those before the parent, not before the child
 
     @property
     def work(self) -> Path:
@@ -154,6 +156,8 @@ def prepare_inputs(ctx: BuildContext) -> dict:
         t0 = time.perf_counter()
         table = read_url_list(ctx.spec.source)
         inputs, rejects = assign_uids(table, ctx.source_name)
+        if ctx.spec.incremental:
+            inputs, rejects = skip_seen(ctx, inputs, rejects)
         folder = ctx.work / "input"
         if folder.exists():
             shutil.rmtree(folder)
@@ -168,6 +172,58 @@ def prepare_inputs(ctx: BuildContext) -> dict:
         atomic_write_text(done, json.dumps(summary))
         adv(table.num_rows, f"{inputs.num_rows} to fetch, {rejects.num_rows} rejected, {shards} shards")
     return summary
+
+
+def earlier_builds(ctx: BuildContext) -> list[dict]:
+    """Complete builds of this build's source, newest first (what an incremental build continues)."""
+    if not ctx.spec.catalog_path.exists():
+        return []
+    from catalogs import Catalog
+
+    cat = Catalog(ctx.spec.catalog_path, read_only=True)
+    try:
+        cutoff = cat.get_build(ctx.history_of or ctx.build_id)["started"]
+    except KeyError:
+        return []
+    return [b for b in cat.list_builds(ctx.spec.dataset)
+            if b["status"] == "complete" and b["source"] == ctx.source_name and b["finished"] is not None
+            and b["finished"] <= cutoff]
+
+
+def skip_seen(ctx: BuildContext, inputs: pa.Table, rejects: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Incremental: uids that earlier builds of the source processed are rejected here, never fetched."""
+    if not ctx.spec.catalog_path.exists():
+        return inputs, rejects
+    from catalogs import Catalog
+
+    seen = Catalog(ctx.spec.catalog_path, read_only=True).seen_uids(ctx.source_name)
+    if not seen:
+        return inputs, rejects
+    mask = pc.is_in(inputs.column("uid"), value_set=pa.array(sorted(seen), pa.string()))
+    old = inputs.filter(mask)
+    earlier = earlier_builds(ctx)
+    detail = f"seen by {earlier[0]['build_id']}" if earlier else "seen by an earlier build"
+    skipped = pa.table({"uid": old["uid"], "url": old["url"], "text": old["text"],
+                        "stage": pa.array(["input"] * old.num_rows, pa.string()),
+                        "reason": pa.array(["seen_in_earlier_build"] * old.num_rows, pa.string()),
+                        "detail": pa.array([detail] * old.num_rows, pa.string()),
+                        "build_id": pa.nulls(old.num_rows, pa.string())}, schema=REJECT_SCHEMA)
+    return inputs.filter(pc.invert(mask)), pa.concat_tables([rejects, skipped])
+
+
+def prior_pairs(ctx: BuildContext) -> pa.Table | None:
+    """Incremental: the pairs earlier builds of the source kept (metadata only), for cross-build dedup."""
+    if not ctx.spec.incremental:
+        return None
+    files = []
+    for b in earlier_builds(ctx):
+        files += sorted((Path(b["out_dir"]) / "shards").glob("part-*.parquet"))
+    if not files:
+        return None
+    ds = pads.dataset([str(f) for f in files], format="parquet")
+    cols = [c for c in ("uid", "sha256", "phash", "phash_crops", "url_norm", "original_width", "original_height",
+                        "image_bytes") if c in ds.schema.names]
+    return ds.to_table(columns=cols)
 
 
 def prepare_corpus(ctx: BuildContext, done: Path) -> dict:
@@ -379,7 +435,7 @@ def read_metadata(ctx: BuildContext) -> pa.Table:
     return ds.to_table(columns=cols)
 
 
-def decide(spec: BuildSpec, meta: pa.Table) -> tuple[pa.Table, list[dict]]:
+def decide(spec: BuildSpec, meta: pa.Table, prior: pa.Table | None = None) -> tuple[pa.Table, list[dict]]:
     """Thresholds from the spec turn stats into (reject_stage, reject_reason, reject_detail) per row.
 
     The first stage in spec order that rejects a row owns it. Returns the decisions of rejected rows and
@@ -392,7 +448,9 @@ def decide(spec: BuildSpec, meta: pa.Table) -> tuple[pa.Table, list[dict]]:
     stats = []
     alive = n
     for entry in spec.stages:
-        d: Decision = stage_class(entry.name).decide(meta, entry.params)
+        cls = stage_class(entry.name)
+        takes_prior = "prior" in inspect.signature(cls.decide).parameters
+        d: Decision = cls.decide(meta, entry.params, prior=prior) if takes_prior else cls.decide(meta, entry.params)
         by_reason: dict[str, int] = {}
         for i in range(n):
             if owner[i] is None and d.reason[i] is not None:
@@ -549,7 +607,7 @@ def stages_task(ctx: BuildContext, quiet: bool) -> dict:
 @task(name="decide-and-write", cache_policy=NO_CACHE)
 def write_task(ctx: BuildContext, prepared: dict, ingest: dict, processed: dict) -> dict:
     t0 = time.perf_counter()
-    decisions, stage_stats = decide(ctx.spec, read_metadata(ctx))
+    decisions, stage_stats = decide(ctx.spec, read_metadata(ctx), prior=prior_pairs(ctx))
     pq.write_table(decisions, ctx.work / "decisions.parquet")
     files = write_outputs(ctx, decisions)
     counts = check_accounting(ctx)
@@ -562,6 +620,24 @@ def write_task(ctx: BuildContext, prepared: dict, ingest: dict, processed: dict)
                "stages": ctx.spec.stage_names(), "stage_metadata": ctx.stage_meta,
                "columns": build_schema(ctx.spec.stage_names()).names})
     return {"stats": stats, "manifest": manifest, "files": files}
+
+
+def processed_uids(ctx: BuildContext) -> pa.Table:
+    """uids this build fetched and decided (kept, or rejected by a stage): what later incremental builds skip.
+
+    Rows that failed to download are not marked seen, so a later build tries them again."""
+    parts = []
+    for sub in ("shards", "rejects"):
+        files = sorted((ctx.build_dir / sub).glob("part-*.parquet"))
+        if not files:
+            continue
+        t = pads.dataset([str(f) for f in files], format="parquet").to_table(
+            columns=["uid", "sha256"] + (["stage"] if sub == "rejects" else []))
+        if sub == "rejects":
+            t = t.filter(pc.invert(pc.is_in(t["stage"], value_set=pa.array(["input", "ingest"])))).drop_columns(["stage"])
+        parts.append(t)
+    t = pa.concat_tables(parts) if parts else pa.table({"uid": pa.array([], pa.string()), "sha256": pa.array([], pa.string())})
+    return t.append_column("build_id", pa.array([ctx.build_id] * t.num_rows, pa.string()))
 
 
 def record_in_catalog(ctx: BuildContext, status: str, result: dict | None = None) -> None:
@@ -579,6 +655,11 @@ def record_in_catalog(ctx: BuildContext, status: str, result: dict | None = None
         cat.record_shards(ctx.build_id, "shard", files["shards"])
         cat.record_shards(ctx.build_id, "rejects", files["rejects"])
         cat.record_stage_stats(ctx.build_id, stats["stages"])
+        cat.add_seen(ctx.source_name, processed_uids(ctx))
+        if ctx.spec.incremental:
+            earlier = earlier_builds(ctx)
+            if earlier:
+                cat.add_lineage(ctx.build_id, earlier[0]["build_id"], "incremental_of")
         cat.finish_build(ctx.build_id, status, stats["rows_listed"], stats["rows_kept"], stats["rows_rejected"])
     else:
         cat.finish_build(ctx.build_id, status)

@@ -129,6 +129,27 @@ def cmd_catalog(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from flows.train import TrainError, train_flow
+    from schemas.train_spec import load_train_spec
+
+    load_train_spec(args.spec)  # a bad spec fails here, before Prefect starts
+    try:
+        result = train_flow(spec_path=str(args.spec), fresh=args.fresh)
+    except TrainError as e:
+        print(f"pairforge: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        info = result.get("training", {})
+        print(f"{result['status']} at step {result['step']}; model: {result.get('model_dir')}"
+              + (f"; exported to {result['export']}" if result.get("export") else ""))
+        if info.get("heldout"):
+            print("held-out:", json.dumps({k: round(v, 4) for k, v in info["heldout"].items()}))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pairforge", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -172,6 +193,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--dataset")
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_catalog)
+
+    t = sub.add_parser("train", help="train a CLIP model on pairforge shards (resumes from its latest checkpoint)")
+    t.add_argument("spec", type=Path)
+    t.add_argument("--fresh", action="store_true", help="drop existing checkpoints and start over")
+    t.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    t.set_defaults(fn=cmd_train)
     return p
 
 

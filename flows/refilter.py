@@ -101,6 +101,7 @@ def refilter_flow(build_dir: str, overrides: list[str] | None = None, spec_path:
     with dataset_lock(spec):
         ctx = open_build(spec, new=True)
         ctx.set_state(refilter_of=parent_dir.name)
+        ctx.history_of = parent_dir.name
         record_in_catalog(ctx, "running")
         prepared, ingest = stage_rows(parent_dir, ctx)
         result = write_task(ctx, prepared, ingest, {"stage_seconds": {}})

@@ -413,7 +413,7 @@ def train(spec: TrainSpec, *, fresh: bool = False, stop_after: int | None = None
                 if step % spec.log_every == 0 or step == o.steps:
                     now = time.perf_counter()
                     rec = {"step": step, "loss": window[-1], "loss_avg": sum(window) / len(window),
-                           "lr": lr, "logit_scale": float(model.logit_scale.exp()),
+                           "lr": lr, "logit_scale": model.logit_scale.detach().exp().item(),
                            "pairs_per_s": len(window) * o.batch_size / max(now - t_last, 1e-9),
                            "seconds": round(seconds, 3)}
                     mf.write(json.dumps(rec) + "\n")

@@ -188,6 +188,9 @@ class BuildSpec(_Strict):
     ray: RaySpec = Field(default_factory=RaySpec)
     out: Path = Path("builds")
     catalog: Path | None = None  # default: <out>/catalog.duckdb
+    # An incremental build of a source skips uids earlier builds of it processed (rejected as
+    # seen_in_earlier_build, never fetched) and dedups against the pairs they kept.
+    incremental: bool = False
 
     @field_validator("stages", mode="before")
     @classmethod

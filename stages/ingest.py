@@ -36,6 +36,7 @@ REASONS = {
     "missing_image": "a corpus row has no image bytes",
     "bad_url": "the URL is not an http(s) URL",
     "duplicate_input_row": "the same URL and caption are listed again",
+    "seen_in_earlier_build": "an incremental build skips uids earlier builds of the source processed",
     "blocked_address": "the host resolves to a private, loopback, link-local or reserved address the spec does not allow",
     "dns_error": "the host name does not resolve",
     "connection_error": "the connection was refused or reset",

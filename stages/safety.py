@@ -3,9 +3,13 @@
 Model: nudenet's `320n.onnx` (a YOLOv8n-style detector of 18 body-part classes, 320x320 input), run here with our
 own onnxruntime session (so the intra-op thread count is a param) and a vectorised copy of nudenet's own pre- and
 post-processing: pad the image to a square (bottom/right, black), resize to 320, RGB in 0..1; per anchor take the
-argmax class, keep anchors scoring >= 0.2, class-agnostic NMS (score 0.25, IoU 0.45), as `NudeDetector.detect`
-does (tests/test_safety.py checks that the scores match). Images of a batch are stacked and run through the model
-`MODEL_BATCH` at a time (the model's batch axis is dynamic; nudenet's own `detect_batch` does the same).
+argmax class, keep anchors scoring >= 0.2, class-agnostic NMS (score 0.25, IoU 0.45). Images of a batch are stacked
+and run through the model MODEL_BATCH at a time (the model's batch axis is dynamic, as nudenet's `detect_batch` uses).
+
+Channel order: the model gets RGB, as ultralytics-trained YOLO models expect. nudenet 3.4's own `_read_image` runs
+cv2.cvtColor(COLOR_RGBA2BGR) on 3-channel images too, which swaps them, so `NudeDetector.detect(bgr_image)` feeds
+the model BGR (its scores on colour photos differ from ours: astronaut FACE_FEMALE 0.72 vs 0.81). Given an RGB
+array, nudenet feeds RGB and its detections equal ours exactly (tests/test_safety.py checks this).
 
 Stats:
 - `nsfw_score`  the highest score of a detection of an exposed/explicit class (NSFW_CLASSES below); 0.0 when
@@ -17,11 +21,12 @@ Stats:
 Decide: `nsfw_score >= threshold` (0.5) -> reason `nsfw`, detail "score=0.83 labels=...".
 
 Measured on benign images (no NSFW test images ship with the project, so recall is not measured here):
-- 567 demo corpus images (shapes on smooth backgrounds, real photos, text overlays, watermarks): the highest
-  exposed-class score was 0.26 (BUTTOCKS_EXPOSED, the plain-shape false positive STACK.md notes), so nothing was
-  near 0.5. Most images get no detection at all.
-- scikit-image/scikit-learn sample photos (astronaut, camera, chelsea, coffee, rocket, motorcycle, china, flower,
-  ...): no exposed-class detection except moon.png (BELLY_EXPOSED 0.39, not counted: belly is not in NSFW_CLASSES).
+- 567 decodable demo corpus images (n=600, seed 0: shapes on smooth backgrounds, packaged photos, text overlays,
+  watermarks): 565 have nsfw_score 0; the highest was 0.36 (BUTTOCKS_EXPOSED on plain shapes, the false positive
+  STACK.md notes at ~0.26), the photos' highest 0.30 (coffee.png). Nothing came near 0.5.
+- scikit-image/scikit-learn sample images (astronaut, camera, chelsea, coffee, rocket, motorcycle, china, flower,
+  ...): exposed-class scores 0 except coffee.png (BUTTOCKS_EXPOSED 0.30) and color.png (below); moon.png has
+  BELLY_EXPOSED 0.39 (listed, not counted).
 - Known false positive: skimage's `color.png`, a synthetic hue wheel, scores BUTTOCKS_EXPOSED 0.83 and is rejected
   at 0.5. The 320n model is small; a second check (e.g. a skin-tone fraction inside the box, or the 640m model)
   would be needed to clear such cases and could not be validated here without positive examples.
