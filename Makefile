@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean chromium
 
 setup: $(VENV)/.installed
 
@@ -19,8 +19,17 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt requirements-dev.tx
 demo: setup
 	$(VENV)/bin/pairforge demo
 
-test: setup
+test: setup chromium
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# Headless Chromium renders report.html in tests/test_report.py and benchmarks/report.py. Installed with apt-get
+# (sudo -n when not root) where it is missing; where that fails the rendering tests skip, naming the reason.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo "sudo -n")
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { command -v apt-get >/dev/null 2>&1 && $(SUDO) apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium could not be installed: the report rendering tests will skip"
 
 bench: setup
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done

@@ -150,6 +150,50 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from flows.serve import ServeError, serve_build
+
+    try:
+        serve_build(args.spec, cron=args.cron, name=args.name, port=args.port, prefect_home=args.prefect_home)
+    except ServeError as e:
+        print(f"pairforge: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_report(args) -> int:
+    from flows.report import ReportError, write_dataset_card, write_report
+
+    try:
+        t0 = time.perf_counter()
+        report = write_report(args.build, out=args.out, seed=args.seed)
+        card = None if args.no_card else write_dataset_card(args.build)
+    except ReportError as e:
+        print(f"pairforge: {e}", file=sys.stderr)
+        return 1
+    out = {"report": str(report), "report_bytes": report.stat().st_size, "card": str(card) if card else None,
+           "seconds": round(time.perf_counter() - t0, 2)}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"report: {report} ({report.stat().st_size / 2**20:.2f} MB, {out['seconds']:.1f} s)"
+              + (f"\ncard:   {card}" if card else ""))
+    return 0
+
+
+def cmd_show(args) -> int:
+    from flows.report import ReportError
+    from flows.show import format_record, show_record
+
+    try:
+        rec = show_record(args.build, args.uid)
+    except ReportError as e:
+        print(f"pairforge: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(rec, indent=2, default=str) if args.json else format_record(rec))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pairforge", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -199,6 +243,29 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--fresh", action="store_true", help="drop existing checkpoints and start over")
     t.add_argument("--json", action="store_true", help="print a machine-readable summary")
     t.set_defaults(fn=cmd_train)
+
+    sv = sub.add_parser("serve", help="serve the build of a spec on a cron schedule (a local Prefect server unless "
+                                      "PREFECT_API_URL is set) until Ctrl-C")
+    sv.add_argument("spec", type=Path)
+    sv.add_argument("--cron", default="0 3 * * *", help='cron schedule, e.g. "*/30 * * * *" (default: 03:00 daily)')
+    sv.add_argument("--name", help="deployment name (default: the spec's dataset)")
+    sv.add_argument("--port", type=int, help="port of the local Prefect server (default: a free one)")
+    sv.add_argument("--prefect-home", type=Path, help="PREFECT_HOME of the local server (default: <out>/_prefect)")
+    sv.set_defaults(fn=cmd_serve)
+
+    rp = sub.add_parser("report", help="write a build's report.html and dataset card README.md from its files")
+    rp.add_argument("build", type=Path, help="the finished build's folder")
+    rp.add_argument("--out", type=Path, help="report path (default: BUILD/report.html)")
+    rp.add_argument("--seed", type=int, default=0, help="seed of the sample grids")
+    rp.add_argument("--no-card", action="store_true", help="do not rewrite README.md")
+    rp.add_argument("--json", action="store_true")
+    rp.set_defaults(fn=cmd_report)
+
+    sh = sub.add_parser("show", help="print one record of a build with its stats, and why it was rejected")
+    sh.add_argument("build", type=Path, help="the build's folder")
+    sh.add_argument("uid", help="a uid, or a unique prefix of one")
+    sh.add_argument("--json", action="store_true")
+    sh.set_defaults(fn=cmd_show)
     return p
 
 

@@ -544,8 +544,10 @@ def training_markdown(info: dict) -> str:
     if info.get("spec_yaml"):
         lines += ["## Spec", "", "```yaml", info["spec_yaml"].rstrip(), "```", ""]
     lines += ["Load it with `transformers.AutoModel.from_pretrained(folder)` and "
-              "`transformers.AutoProcessor.from_pretrained(folder)`; cosine = the dot product of the normalised "
-              "`image_embeds` and `text_embeds`.", ""]
+              "`transformers.AutoProcessor.from_pretrained(folder, backend=\"pil\")` (it was trained and evaluated "
+              "with the PIL image backend; where torchvision is installed transformers would otherwise pick its "
+              "torchvision backend, which resamples slightly differently); cosine = the dot product of the "
+              "normalised `image_embeds` and `text_embeds`.", ""]
     return "\n".join(lines)
 
 

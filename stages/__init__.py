@@ -11,6 +11,8 @@ REGISTRY: dict[str, str] = {
     "align": "stages.align:AlignStage",
     "safety": "stages.safety:SafetyStage",
     "text": "stages.text:TextStage",
+    "recaption": "stages.recaption:RecaptionStage",
+    "negatives_text": "stages.negatives_text:NegativesTextStage",
 }
 
 

@@ -19,8 +19,9 @@ Rules (decide, pure over the columns; both may be set, the threshold is applied 
   rows rejected by the threshold still count in n and can hold top-k places.
 Rows without a score are kept here.
 
-Scores are model-specific: CLIP ViT-B/32 is usually thresholded near 0.28 (DataComp), the demo model needs its
-own value (flows/demo.yaml).
+Scores are model-specific: CLIP ViT-B/32 is usually thresholded near 0.28 (DataComp). A model folder trained by
+flows/train.py carries training.json with a `recommended_threshold`; metadata() reports it, but the threshold that
+applies is always the spec's (decide stays pure over the columns, so `refilter` needs no model folder).
 """
 from __future__ import annotations
 
@@ -29,15 +30,12 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from schemas.spec import AlignParams
 from stages.base import Decision, Resources, Stage, StageConfigError
 from stages.models import (check_loadable, config_summary, decode_rgb, is_local, load_clip, locate_model,
-                           resolve_device, resolve_dtype, resolve_threads, weights_sha256)
-
-# The clip_score threshold for the demo model (flows/models/demo-clip) on demo scenes, used when flows/demo.yaml
-# names no threshold of its own. Measured in tests/test_align.py (test_demo_clip_threshold_on_demo_corpus).
-DEMO_THRESHOLD = 0.2
+                           resolve_device, resolve_dtype, resolve_threads, training_card, weights_sha256)
 
 
 def _emb_column(emb: np.ndarray | None, rows: np.ndarray, n: int) -> pa.Array:
@@ -102,18 +100,23 @@ class AlignStage(Stage):
         self.setup()  # no-op once loaded; lets the stage be called directly
         n = batch.num_rows
         texts = batch.column("text").to_pylist()
-        images = [decode_rgb(b) for b in batch.column("image").to_pylist()]
-        rows = np.array([i for i, im in enumerate(images) if im is not None], dtype=np.int64)
+        column = batch.column("image")
         scores = np.full(n, np.nan, np.float32)
+        kept_rows, img_parts, txt_parts = [], [], []
+        step = self.resources.batch_size
+        # decode a chunk of batch_size at a time (a batch larger than that is split, never run row by row)
+        for s in range(0, n, step):
+            decoded = [decode_rgb(b) for b in column.slice(s, step).to_pylist()]
+            part = [s + j for j, im in enumerate(decoded) if im is not None]
+            if not part:
+                continue
+            img, txt = self.clip.embed([decoded[i - s] for i in part], [texts[i] for i in part])
+            kept_rows.extend(part)
+            img_parts.append(img.numpy())
+            txt_parts.append(txt.numpy())
+        rows = np.array(kept_rows, dtype=np.int64)
         img_all = txt_all = None
         if rows.size:
-            step = self.resources.batch_size
-            img_parts, txt_parts = [], []
-            for s in range(0, rows.size, step):
-                part = rows[s:s + step]
-                img, txt = self.clip.embed([images[i] for i in part], [texts[i] for i in part])
-                img_parts.append(img.numpy())
-                txt_parts.append(txt.numpy())
             img_all, txt_all = np.concatenate(img_parts), np.concatenate(txt_parts)
             scores[rows] = np.einsum("nd,nd->n", img_all, txt_all).clip(-1.0, 1.0)
         valid = np.zeros(n, bool)
@@ -139,26 +142,30 @@ class AlignStage(Stage):
         if params.threshold is not None:
             t = params.threshold
             low = valid & (score < t)
-            d.reject(low.tolist(), "low_alignment",
-                     [f"clip_score={s:.3f} < {t:g}" if m else None for s, m in zip(score.tolist(), low.tolist())])
+            detail = [None] * n
+            for i, s in zip(np.flatnonzero(low).tolist(), score[low].tolist()):
+                detail[i] = f"clip_score={s:.3f} < {t:g}"
+            d.reject(low.tolist(), "low_alignment", detail)
         if params.top_fraction is not None:
             scored = np.flatnonzero(valid)
             k = math.floor(params.top_fraction * scored.size + 0.5)
+            keys = {"score": pa.array(score[scored]), "row": pa.array(scored)}
+            sort = [("score", "descending")]
             if "uid" in table.column_names:
-                uid = np.asarray(table.column("uid").to_pylist(), dtype=object)[scored]
-                tie = np.argsort(np.argsort(uid.astype(str), kind="stable"), kind="stable")
-            else:
-                tie = np.arange(scored.size)
-            order = np.lexsort((tie, -score[scored]))  # last key first: score desc, then uid asc
+                keys["uid"] = table.column("uid").take(pa.array(scored))
+                sort.append(("uid", "ascending"))
+            sort.append(("row", "ascending"))
+            order = pc.sort_indices(pa.table(keys), sort_keys=sort).to_numpy()  # score desc, then uid asc
             below = scored[order[k:]]
             if below.size:
                 cutoff = score[scored[order[k - 1]]] if k > 0 else float("nan")
                 mask = np.zeros(n, bool)
                 mask[below] = True
+                detail: list[str | None] = [None] * n
                 f = params.top_fraction
-                d.reject(mask.tolist(), "below_top_fraction",
-                         [f"clip_score={score[i]:.3f} below the top {f:g} cutoff {cutoff:.3f}" if mask[i] else None
-                          for i in range(n)])
+                for i, s in zip(below.tolist(), score[below].tolist()):
+                    detail[i] = f"clip_score={s:.3f} below the top {f:g} cutoff {cutoff:.3f}"
+                d.reject(mask.tolist(), "below_top_fraction", detail)
         return d
 
     # metadata --------------------------------------------------------------
@@ -170,6 +177,9 @@ class AlignStage(Stage):
         meta.update(config_summary(location))
         if is_local(location):
             meta["weights_sha256"] = weights_sha256(location)
+            card = training_card(location)
+            if card.get("recommended_threshold") is not None:
+                meta["recommended_threshold"] = card["recommended_threshold"]
         if self.clip is not None:
             meta.update(device=str(self.clip.device), dtype=str(self.clip.dtype).removeprefix("torch."),
                         embedding_dim=self.clip.embedding_dim, model_type=self.clip.model_type,

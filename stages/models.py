@@ -209,7 +209,7 @@ def check_loadable(name: str, *, stage: str = "align", timeout_s: float = 8.0) -
 
     Nothing heavy is loaded: a local folder must hold config.json, weights, processor and tokenizer files; a hub id
     must have its config (and, offline, its weights) in the local Hugging Face cache. The config is then parsed by
-    transformers.AutoConfig within `timeout_s`."""
+    transformers.AutoConfig within `timeout_s` (the time box guards against a slow hub, not the import)."""
     if not name or not str(name).strip():
         raise _fail(stage, str(name), "no model name given")
     location = locate_model(name)
@@ -229,13 +229,10 @@ def check_loadable(name: str, *, stage: str = "align", timeout_s: float = 8.0) -
             raise _fail(stage, name, "its config is in the local Hugging Face cache but its weights are not "
                                      "(HF_HUB_OFFLINE=1, so nothing is downloaded)")
 
-    def parse():
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(location)
+    from transformers import AutoConfig  # imported outside the time box: on a loaded machine this alone takes s
 
     try:
-        config = _run_with_timeout(parse, timeout_s)
+        config = _run_with_timeout(lambda: AutoConfig.from_pretrained(location), timeout_s)
     except TimeoutError:
         raise _fail(stage, name, f"its config did not load within {timeout_s:g} s (hub unreachable? set "
                                  "HF_HUB_OFFLINE=1 to use only the local cache)") from None
@@ -278,6 +275,17 @@ def weights_sha256(folder: str | Path) -> str | None:
                     h.update(chunk)
         _DIGESTS[key] = h.hexdigest()
     return _DIGESTS[key]
+
+
+def training_card(location: str) -> dict:
+    """training.json of a local model folder written by flows/train.py ({} when absent or unreadable)."""
+    path = Path(location) / "training.json"
+    if not (is_local(location) and path.is_file()):
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def config_summary(location: str) -> dict:

@@ -24,8 +24,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_demo(root: Path, n: int, seed: int = 1, port: int | None = None, extra_urls=(), **spec_patch) -> dict:
-    """Generate a demo corpus for port, append extra (url, caption) rows, write a spec; returns paths."""
+def make_demo(root: Path, n: int, seed: int = 1, port: int | None = None, extra_urls=(), like: Path | None = None,
+              **spec_patch) -> dict:
+    """Generate a demo corpus for port, append extra (url, caption) rows, write a spec (the demo's, or a copy of
+    the spec file `like`, re-pointed at this corpus); returns paths."""
     port = port or free_port()
     corpus = root / "corpus"
     generate_corpus(corpus, n=n, seed=seed, base_url=f"http://127.0.0.1:{port}")
@@ -33,7 +35,9 @@ def make_demo(root: Path, n: int, seed: int = 1, port: int | None = None, extra_
         t = pq.read_table(corpus / "urls.parquet")
         extra = pa.table({"url": [u for u, _ in extra_urls], "caption": [c for _, c in extra_urls]})
         pq.write_table(pa.concat_tables([t, extra.cast(t.schema)]), corpus / "urls.parquet")
-    spec = yaml.safe_load(DEMO_SPEC.read_text().replace("{port}", str(port)))
+    spec = yaml.safe_load((Path(like).read_text() if like else DEMO_SPEC.read_text()).replace("{port}", str(port)))
+    spec["source"]["urls"] = "corpus/urls.parquet"
+    spec["out"] = "builds"
     for section, values in spec_patch.items():
         if isinstance(values, dict):
             spec.setdefault(section, {}).update(values)

@@ -399,6 +399,7 @@ def test_spec_accepts_align():
 
 # --------------------------------------------------------------------------- inside Ray Data
 
+@pytest.mark.slow
 def test_ray_actor_pool_matches_direct_call(tiny_clip):
     """The build's own actor wrapper (flows.build._StageActor) in an actor pool gives the direct call's scores."""
     import ray
@@ -437,19 +438,24 @@ def test_ray_actor_pool_matches_direct_call(tiny_clip):
 
 # --------------------------------------------------------------------------- the demo model (acceptance)
 
-needs_demo_clip = pytest.mark.skipif(not (DEMO_CLIP / "config.json").is_file(),
-                                     reason="flows/models/demo-clip is not trained yet (flows/train.py)")
+def needs_demo_clip(fn):
+    skip = pytest.mark.skipif(not (DEMO_CLIP / "config.json").is_file(),
+                              reason="flows/models/demo-clip is not trained yet (flows/train.py)")
+    return pytest.mark.slow(skip(fn))
 
 
 def demo_threshold() -> float:
-    """The threshold the demo build uses: flows/demo.yaml's align entry, else the align stage's demo value."""
-    from stages.align import DEMO_THRESHOLD
+    """The threshold the demo build uses: flows/demo.yaml's align entry, else the model's recommended_threshold
+    (training.json, written by flows/train.py)."""
+    from stages.models import training_card
 
     spec = yaml.safe_load((ROOT / "flows" / "demo.yaml").read_text())
     for entry in spec.get("stages") or []:
         if isinstance(entry, dict) and "align" in entry and (entry["align"] or {}).get("threshold") is not None:
             return float(entry["align"]["threshold"])
-    return DEMO_THRESHOLD
+    t = training_card(str(DEMO_CLIP)).get("recommended_threshold")
+    assert t is not None, "no default threshold: flows/demo.yaml sets none and demo-clip/training.json has none"
+    return float(t)
 
 
 @pytest.fixture(scope="module")

@@ -101,7 +101,7 @@ def test_shards_load_with_common_readers(demo):
 
 def test_sigkill_mid_build_then_resume_matches_uninterrupted(demo, tmp_path):
     """Kill the whole build process group during ingest; re-run resumes, fetches no finished shard again."""
-    d = make_demo(tmp_path, N, port=demo["port"], ingest={"shard_rows": 25},
+    d = make_demo(tmp_path, N, port=demo["port"], ingest={"shard_rows": 25}, like=demo["spec"],
                   extra_urls=[(f"{demo['forbidden'].url}/secret.jpg", "a secret red circle on a table")])
     cmd = [sys.executable, "-m", "flows.cli", "build", str(d["spec"]), "--quiet"]
     work = None

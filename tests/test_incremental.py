@@ -18,7 +18,8 @@ def test_second_build_fetches_only_new_urls_and_dedups_against_the_first(tmp_pat
     from catalogs import Catalog
     from flows.build import build_flow
 
-    d = make_demo(tmp_path, 250, seed=5, incremental=True, ingest={"shard_rows": 125})
+    stages = [{"junk": {}}, {"basic": {"min_side": 48}}, {"dedup": {"near_hamming": 6}}]  # no model stages: not the point here
+    d = make_demo(tmp_path, 250, seed=5, incremental=True, ingest={"shard_rows": 125}, stages=stages)
     with DemoServer(d["corpus"], port=d["port"]) as server:
         first = build_flow(str(d["spec"]), quiet=True)
         first_kept = read_parts(first["build_dir"], "shards", ["uid", "url"]).to_pylist()

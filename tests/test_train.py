@@ -36,7 +36,7 @@ def tiny_spec(shards: Path, out: Path, **over) -> dict:
         "out": str(out),
     }
     for k, v in over.items():
-        d[k] = v | d[k] if isinstance(v, dict) and k in d else v
+        d[k] = d[k] | v if isinstance(v, dict) and k in d else v
     return d
 
 
@@ -141,7 +141,7 @@ def test_same_seed_same_weights_other_seed_other_weights(runs, shards, tmp_path)
     spec = parse_train_spec(tiny_spec(shards, tmp_path / "D", seed=4, optim={"steps": 4, "warmup_steps": 1}))
     train(spec)
     wd = weights(tmp_path / "D")
-    assert not torch.equal(wa["logit_scale"] * 0 + wa["text_projection.weight"], wd["text_projection.weight"])
+    assert not torch.equal(wa["text_projection.weight"], wd["text_projection.weight"])
 
 
 def test_saved_model_reloads_with_auto_classes(runs):

@@ -79,6 +79,17 @@ def colour_swapped(scene: Scene) -> Scene | None:
     return scene.with_groups(replace(g[0], color=g[1].color), replace(g[1], color=g[0].color), *g[2:])
 
 
+def load_processor(model_dir: str | Path):
+    """The folder's processor with the PIL image backend the model was trained with (transformers would pick its
+    torchvision backend where torchvision is installed, whose resampling differs slightly)."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(model_dir, backend="pil")
+    except (TypeError, ValueError):  # pragma: no cover - a transformers without backends
+        return AutoProcessor.from_pretrained(model_dir)
+
+
 class Scorer:
     """Cosine of (image, caption) with a saved CLIP folder, through its own processor."""
 
@@ -87,7 +98,7 @@ class Scorer:
         from transformers import AutoModel, AutoProcessor
 
         self.model = AutoModel.from_pretrained(model_dir).eval()
-        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.processor = load_processor(model_dir)
         self.batch_size = batch_size
 
     def images(self, ims: list[Image.Image]) -> np.ndarray:

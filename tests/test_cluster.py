@@ -1,0 +1,210 @@
+"""A build on a real 2-node Ray cluster on this host (`ray start --head` + `ray start --address`), joined through
+`ray: {address: ...}` in the spec: both nodes run ingest tasks, and a worker killed mid-task is retried.
+
+Each node is a `ray start --block` process in its own session with its own --temp-dir; stopping it (SIGTERM) drains
+and stops that node's processes only, so other Ray instances on a shared machine are left alone (no `ray stop`).
+Ray resolves --node-ip-address 127.0.0.1 to the host's own address; the ports are free ones picked here.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from flows.demo.server import DemoServer
+from tests.builds import free_port, make_demo, read_parts
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+class LocalCluster:
+    """A head node and `workers` more nodes, each `num_cpus` CPUs, as `ray start --block` child processes."""
+
+    def __init__(self, workers: int = 1, num_cpus: int = 1, object_store_mb: int = 300):
+        self.workers = workers
+        self.num_cpus = num_cpus
+        self.object_store = object_store_mb * 2**20
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.tmp = Path(tempfile.mkdtemp(prefix="pfray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 chars
+        self.nodes: list[tuple[str, subprocess.Popen, Path]] = []
+        self.env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+                                 "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        self.env.pop("RAY_ADDRESS", None)
+
+    def _start_node(self, name: str, args: list[str], timeout: float = 180) -> None:
+        log = self.tmp / f"{name}.log"
+        cmd = [RAY, "start", "--block", "--num-cpus", str(self.num_cpus), "--node-ip-address", "127.0.0.1",
+               "--object-store-memory", str(self.object_store), "--temp-dir", str(self.tmp / name),
+               "--disable-usage-stats", "--dashboard-agent-listen-port", str(free_port()),
+               "--metrics-export-port", str(free_port())] + args
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(cmd, env=self.env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, cwd=self.tmp)
+        self.nodes.append((name, proc, log))
+        deadline = time.time() + timeout
+        while b"Ray runtime started" not in log.read_bytes():
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"ray node {name} did not start (rc {proc.poll()}):\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+
+    def start(self) -> "LocalCluster":
+        try:
+            self._start_node("head", ["--head", "--port", str(self.port), "--include-dashboard", "false",
+                                      "--dashboard-port", str(free_port())])
+            for i in range(self.workers):
+                self._start_node(f"node{i + 1}", ["--address", self.address])
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def node_pids(self) -> dict[str, set[int]]:
+        """Every live process of each node (the `ray start` process and all its descendants)."""
+        out = {}
+        for name, proc, _ in self.nodes:
+            try:
+                p = psutil.Process(proc.pid)
+                out[name] = {proc.pid} | {c.pid for c in p.children(recursive=True)}
+            except psutil.NoSuchProcess:
+                out[name] = set()
+        return out
+
+    def task_workers(self, task_name: str) -> dict[str, set[int]]:
+        """pids of the worker processes now running task_name (Ray titles them `ray::<name>`), per node."""
+        found: dict[str, set[int]] = {}
+        for name, pids in self.node_pids().items():
+            for pid in pids:
+                try:
+                    cmd = psutil.Process(pid).cmdline()
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+                if cmd and cmd[0].startswith(f"ray::{task_name}"):
+                    found.setdefault(name, set()).add(pid)
+        return found
+
+    def stop(self) -> None:
+        leftovers = set().union(*self.node_pids().values()) if self.nodes else set()
+        for name, proc, _ in reversed(self.nodes):  # workers first, then the head
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # `ray start --block` drains and stops its node's processes
+        for name, proc, _ in reversed(self.nodes):
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in leftovers:  # only processes of these nodes, by pid
+            try:
+                psutil.Process(pid).kill()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class Watcher(threading.Thread):
+    """Samples which node runs each `ray::ingest_shard` worker; kills one on node `victim` once both nodes are busy."""
+
+    def __init__(self, cluster: LocalCluster, on_both_busy):
+        super().__init__(daemon=True, name="ingest-watcher")
+        self.cluster = cluster
+        self.on_both_busy = on_both_busy
+        self.seen: dict[str, set[int]] = {}
+        self.killed: tuple[str, int] | None = None
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            now = self.cluster.task_workers("ingest_shard")
+            for node, pids in now.items():
+                self.seen.setdefault(node, set()).update(pids)
+            if self.killed is None and len(now) >= 2:
+                node = next(n for n in now if n != "head")
+                pid = min(now[node])
+                os.kill(pid, signal.SIGKILL)
+                self.killed = (node, pid)
+                self.on_both_busy()
+            self.stop_event.wait(0.1)
+
+
+def patient_prefect():
+    """Prefect's temporary server gets 20 s to start by default: too few on a busy 2-core machine."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    return temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180})
+
+
+@pytest.fixture(scope="module")
+def cluster_build(tmp_path_factory):
+    """One build of the demo corpus on a 2-node cluster; an ingest worker on the second node is SIGKILLed mid-task."""
+    from flows.build import build_flow
+
+    root = tmp_path_factory.mktemp("cluster")
+    gate = threading.Event()
+    with LocalCluster(workers=1, num_cpus=1) as cluster:
+        d = make_demo(root, 250, seed=11, ingest={"shard_rows": 50, "cpus": 1, "timeout_s": 20, "retries": 0},
+                      ray={"address": cluster.address})
+        server = DemoServer(d["corpus"], port=d["port"])
+        read = server.read
+
+        def gated_read(rel):  # downloads hang until a worker on each node is busy and one has been killed
+            gate.wait(90)
+            return read(rel)
+
+        server.read = gated_read
+        watcher = Watcher(cluster, on_both_busy=gate.set)
+        watcher.start()
+        t0 = time.perf_counter()
+        try:
+            with server, patient_prefect():
+                result = build_flow(str(d["spec"]), quiet=True)
+        finally:
+            gate.set()
+            watcher.stop_event.set()
+            watcher.join(5)
+        d.update(result=result, seconds=time.perf_counter() - t0, seen=watcher.seen, killed=watcher.killed,
+                 build_dir=Path(result["build_dir"]))
+    return d
+
+
+def test_both_nodes_run_ingest_tasks(cluster_build):
+    seen = cluster_build["seen"]
+    assert set(seen) == {"head", "node1"}, f"ingest workers seen per node: {seen}"
+    assert cluster_build["result"]["stats"]["rows_kept"] > 0
+
+
+def test_killed_ingest_worker_is_retried_and_accounting_is_exact(cluster_build):
+    import pyarrow.parquet as pq
+
+    assert cluster_build["killed"] is not None, "no ingest worker was killed"
+    node, pid = cluster_build["killed"]
+    assert node == "node1"
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    work = cluster_build["build_dir"] / "_work"
+    shards = len(list((work / "input").glob("*.parquet")))
+    assert shards >= 4 and len(list((work / "ingest").glob("*.done.json"))) == shards
+    st = cluster_build["result"]["stats"]
+    kept = read_parts(cluster_build["build_dir"], "shards", ["uid"])["uid"].to_pylist()
+    rej = read_parts(cluster_build["build_dir"], "rejects", ["uid", "stage", "reason"]).to_pylist()
+    uids = kept + [r["uid"] for r in rej]
+    assert len(uids) == len(set(uids)), "a uid appears twice"
+    listed = set(pq.read_table(cluster_build["corpus"] / "labels.parquet", columns=["uid"])["uid"].to_pylist())
+    assert set(uids) == listed
+    assert st["rows_listed"] == st["rows_kept"] + st["rows_rejected"] == len(listed)
+    assert st["rows_kept"] == len(kept) > 0
