@@ -619,7 +619,21 @@ def write_task(ctx: BuildContext, prepared: dict, ingest: dict, processed: dict)
         extra={"source": ctx.source_name, "source_fingerprint": ctx.fingerprint,
                "stages": ctx.spec.stage_names(), "stage_metadata": ctx.stage_meta,
                "columns": build_schema(ctx.spec.stage_names()).names})
+    write_build_docs(ctx.build_dir)
     return {"stats": stats, "manifest": manifest, "files": files}
+
+
+def write_build_docs(build_dir: Path) -> None:
+    """report.html and the dataset card (README.md). They read only the build's files; a failure is logged,
+    never allowed to lose a finished build (`pairforge report BUILD` regenerates them)."""
+    from flows.report import write_dataset_card, write_report
+
+    for fn in (write_report, write_dataset_card):
+        try:
+            fn(build_dir)
+        except Exception as e:  # the data is written and checked; the documents can be made again
+            get_run_logger().error("%s failed: %s: %s (rerun `pairforge report %s`)", fn.__name__,
+                                   type(e).__name__, e, build_dir)
 
 
 def processed_uids(ctx: BuildContext) -> pa.Table:

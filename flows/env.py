@@ -10,6 +10,7 @@ _DEFAULTS = {
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_UI_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a loaded 2-core machine can take a minute
     "PREFECT_HOME": str(Path.home() / ".pairforge" / "prefect"),
     "TOKENIZERS_PARALLELISM": "false",
     "WANDB_MODE": "disabled",

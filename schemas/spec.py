@@ -197,8 +197,9 @@ class RecaptionParams(StageParams):
     examples: list[RecaptionExample] | None = Field(None, description="in-context examples; None: the mode's defaults")
     instruction: str | None = Field(None, description="system instruction; None: the mode's default")
     max_new_tokens: int = Field(40, ge=1, le=512)
-    do_sample: bool = Field(False, description="False: greedy; True: seeded sampling (temperature, top_p)")
-    temperature: float = Field(0.7, gt=0.0, le=5.0)
+    do_sample: bool = Field(True, description="True: seeded sampling (temperature, top_p); False: greedy (which "
+                                              "echoes the caption far more often with small LMs)")
+    temperature: float = Field(0.8, gt=0.0, le=5.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     seed: int = Field(0, description="sampling is deterministic for (seed, uid, candidate)")
     max_input_chars: int = Field(400, ge=20, description="longer captions are cut before prompting")

@@ -8,17 +8,27 @@ A rewrite is kept only if every check passes; the first failing check names the 
     language               the rewrite's detected language is not kept, detector score >= lang_min_score and at
                            least lang_min_words words (the language stage's rule; short text is unreliable)
     echo                   the rewrite is the original again (case, spacing and punctuation ignored)
-    added_object           an object noun (OBJECTS, plural forms and a few synonyms folded) absent from the
-                           original and the visual concepts: "added_object:dog"
+    added_object           an object noun (OBJECTS: COCO/LVIS-style nouns and the demo shapes, plural forms and a
+                           few synonyms folded) absent from the original and the visual concepts: "added_object:dog"
     changed_number /       a number (words "one".."twenty", tens, "hundred", "thousand", "dozen", or digits;
     added_number           "3" == "three") absent from the original and the concepts: changed_ when the original
                            states some number, added_ when it states none. "one"/"single" are allowed when the
                            original states no number at all ("a dog" -> "one dog"), not when it states another
-                           ("two dogs" -> "one dog" is changed_number:1)
+                           ("two dogs" -> "one dog" is changed_number:1). Also an object written in the singular
+                           where the original only has its plural or the reverse ("two red diamonds" -> "a red
+                           diamond": changed_number:diamond singular)
     changed_colour /       a colour word absent from the original and the concepts (spelling variants folded:
     added_colour           grey/gray, golden/gold, reddish/red ...); changed_ when the original names a colour
+    added_relation /       a spatial relation (left/right of, above/below/under, on top of, behind/in front of)
+    changed_relation       the original does not state, or whose objects differ: "a star above a triangle" may
+                           become "a triangle below a star", not "a triangle above a star"
+    added_negation         "not", "no", "without", "n't" ... where the original has none
     added_name             a capitalised word (not starting a sentence) the original and the concepts never use:
                            a place, brand or person the LM made up ("added_name:London")
+    repetition             a content word repeated more often than in the original ("a large, large square")
+    added_words            more than max_new_word_share (0.4) of the rewrite's content words (stopwords and
+                           numbers left out, crude stems) appear nowhere in the original and the concepts:
+                           "a red diamond" -> "A red diamond is a rare gemstone." (added_words:rare,gemstone)
     low_similarity         cosine(original, rewrite) with the sentence encoder < min_similarity
     score_drop             the image-text score of the rewrite < the original's - max_score_drop
 
@@ -138,20 +148,55 @@ def plural(noun: str) -> str:
     return head + last + "s"
 
 
-def _build_object_forms() -> dict[str, str]:
+# Nouns whose singular and plural look alike, or that are plural-only or number-neutral: no count is read from them.
+_NO_COUNT = {"sheep", "fish", "deer", "scissors", "shorts", "pants", "jeans", "trousers", "sunglasses", "fries",
+             "dice", "crowd", "family", "people", "glass", "series", "grass", "water", "snow", "rice", "meat",
+             "bread", "cheese", "coffee", "tea", "juice", "wine", "beer", "milk", "pasta", "salad", "soup", "corn",
+             "lettuce", "broccoli", "chocolate", "candy", "icecream", "ice cream", "paper"}
+
+
+def _build_object_forms() -> tuple[dict[str, str], dict[str, bool | None]]:
+    """form -> lemma, and form -> plural? (None: says nothing about the count)."""
     forms: dict[str, str] = {}
+    number: dict[str, bool | None] = {}
     nouns = set(_OBJECT_TEXT.split()) | set(MULTIWORD_OBJECTS) | set(SYNONYMS)
-    for noun in nouns:
+    for noun in sorted(nouns):
         lemma = SYNONYMS.get(noun, noun)
         lemma = SYNONYMS.get(lemma, lemma)
+        pl = plural(noun)
         forms[noun] = lemma
-        forms.setdefault(plural(noun), lemma)
-    return forms
+        forms.setdefault(pl, lemma)
+        neutral = pl == noun or noun in _NO_COUNT or lemma in _NO_COUNT
+        number.setdefault(noun, None if neutral else False)
+        number.setdefault(pl, None if neutral else True)
+    number["people"] = True  # person / people
+    number["person"] = False
+    return forms, number
 
 
-OBJECT_FORMS: dict[str, str] = _build_object_forms()
+OBJECT_FORMS, OBJECT_PLURAL = _build_object_forms()
 OBJECTS = frozenset(OBJECT_FORMS.values())
 _MAX_NGRAM = max(len(f.split()) for f in OBJECT_FORMS)
+
+# Spatial relations, longest phrase first, folded to four directions and front/behind; INVERSE swaps the sides.
+RELATION_PHRASES: tuple[tuple[str, str], ...] = (
+    ("on top of", "above"), ("in front of", "front"), ("to the left of", "left"), ("to the right of", "right"),
+    ("on the left of", "left"), ("on the right of", "right"), ("left of", "left"), ("right of", "right"),
+    ("above", "above"), ("below", "below"), ("beneath", "below"), ("underneath", "below"), ("under", "below"),
+    ("behind", "behind"),
+)
+INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above", "front": "behind",
+           "behind": "front"}
+_RELATIONS = [(tuple(p.split()), r) for p, r in RELATION_PHRASES]
+NEGATIONS = frozenset({"not", "no", "never", "nothing", "none", "nobody", "without", "neither", "nor"})
+
+
+def _relation_at(toks: list[str], i: int) -> tuple[str, int] | None:
+    for words, rel in _RELATIONS:
+        if tuple(toks[i:i + len(words)]) == words:
+            return rel, len(words)
+    return None
+
 
 # --------------------------------------------------------------------------- tokens and facts
 
@@ -194,6 +239,9 @@ class Facts:
     objects: frozenset[str]
     numbers: frozenset[float]
     colours: frozenset[str]
+    counts: frozenset[tuple[str, bool]] = frozenset()  # (object lemma, written in the plural?)
+    relations: tuple[tuple[str | None, str, str | None], ...] = ()  # (object before, relation, object after)
+    negated: bool = False
 
 
 def facts(text: str | None) -> Facts:
@@ -207,16 +255,35 @@ def facts(text: str | None) -> Facts:
             numbers.add(v)
         if tok in COLOUR_FORMS:
             colours.add(COLOUR_FORMS[tok])
-    while i < len(toks):  # longest object phrase first ("hot dog" is not a dog)
-        for n in range(min(_MAX_NGRAM, len(toks) - i), 0, -1):
+    counts = set()
+    seq: list[tuple[str, str]] = []  # ("obj", lemma) and ("rel", relation) in text order
+    while i < len(toks):
+        rel = _relation_at(toks, i)
+        if rel is not None:
+            seq.append(("rel", rel[0]))
+            i += rel[1]
+            continue
+        for n in range(min(_MAX_NGRAM, len(toks) - i), 0, -1):  # longest object phrase first ("hot dog")
             phrase = " ".join(toks[i:i + n])
             if phrase in OBJECT_FORMS:
-                objects.add(OBJECT_FORMS[phrase])
+                lemma = OBJECT_FORMS[phrase]
+                objects.add(lemma)
+                if OBJECT_PLURAL.get(phrase) is not None:
+                    counts.add((lemma, bool(OBJECT_PLURAL[phrase])))
+                seq.append(("obj", lemma))
                 i += n
                 break
         else:
             i += 1
-    return Facts(frozenset(objects), frozenset(numbers), frozenset(colours))
+    relations = []
+    for k, (kind, value) in enumerate(seq):
+        if kind == "rel":
+            before = next((v for kd, v in reversed(seq[:k]) if kd == "obj"), None)
+            after = next((v for kd, v in seq[k + 1:] if kd == "obj"), None)
+            relations.append((before, value, after))
+    negated = bool(NEGATIONS & set(toks)) or "n't" in (text or "").lower().replace("\u2019", "'")
+    return Facts(frozenset(objects), frozenset(numbers), frozenset(colours), frozenset(counts), tuple(relations),
+                 negated)
 
 
 def _fmt_number(v: float) -> str:
@@ -241,6 +308,35 @@ def lexical_violations(original: str, rewrite: str, concepts: str | None = None)
     allowed_colours = src.colours | extra.colours
     for c in sorted(new.colours - allowed_colours):
         out.append(f"{'changed' if allowed_colours else 'added'}_colour:{c}")
+    # one object written in the singular where the original only has the plural, or the other way round
+    if not added:
+        allowed_counts = src.counts | extra.counts
+        seen_lemmas = {lemma for lemma, _ in allowed_counts}
+        for lemma, pl in sorted(new.counts - allowed_counts):
+            if lemma in seen_lemmas:
+                out.append(f"changed_number:{lemma} {'plural' if pl else 'singular'}")
+    out.extend(relation_violations(src, new, extra))
+    if new.negated and not (src.negated or extra.negated):
+        out.append("added_negation")
+    return out
+
+
+def relation_violations(src: Facts, new: Facts, extra: Facts | None = None) -> list[str]:
+    """A spatial relation the original does not state (as written or seen from the other side), or one whose
+    two objects no longer match: "added_relation:above", "changed_relation:diamond below star"."""
+    known = list(src.relations) + list(extra.relations if extra else ())
+    kinds = {r for _, r, _ in known}
+    out = []
+    for before, rel, after in new.relations:
+        if rel not in kinds and INVERSE[rel] not in kinds:
+            out.append(f"added_relation:{rel}")
+            continue
+        if before is None or after is None:
+            continue
+        same = [(b, r, a) for b, r, a in known if b is not None and a is not None and r in (rel, INVERSE[rel])]
+        if same and not any((b, r, a) == (before, rel, after) or (a, INVERSE[r], b) == (before, rel, after)
+                            for b, r, a in same):
+            out.append(f"changed_relation:{before} {rel} {after}")
     return out
 
 
@@ -265,6 +361,57 @@ def added_names(original: str, rewrite: str, concepts: str | None = None) -> lis
     return out
 
 
+STOPWORDS = frozenset("""
+a an the and or but if then than so as of in on at to for from by with without into onto over under about
+above below between through during before after up down out off near next along across around behind beside
+besides inside outside within against toward towards upon via per is are was were be been being am do does did
+has have had having it its it's this that these those there here their them they he she him her his hers we us
+our you your i me my mine who whom whose which what where when why how all any both each few more most other
+some such only own same too very can will just should could would may might must shall also while one ones
+together another image picture photo photograph shows showing shown depicts depicting featuring features
+feature view close closeup stock
+""".split())
+_SUFFIXES = ("ing", "ed", "es", "s", "ly")
+
+
+def stem(word: str) -> str:
+    """A crude stem: enough to match runs / running / ran? no; runs / running / run yes."""
+    for suf in _SUFFIXES:
+        if word.endswith(suf) and len(word) - len(suf) >= 3:
+            word = word[: -len(suf)]
+            break
+    if len(word) > 3 and word[-1] == word[-2] and word[-1] not in "aeiouls":
+        word = word[:-1]  # running -> runn -> run
+    return word.rstrip("e") if len(word) > 3 else word
+
+
+def content_stems(text: str | None) -> list[str]:
+    return [stem(t) for t in tokens(text) if t not in STOPWORDS and not t[0].isdigit() and t not in NUMBER_WORDS]
+
+
+def new_content_words(original: str, rewrite: str, concepts: str | None = None) -> tuple[list[str], int]:
+    """Content words of the rewrite (stopwords, numbers dropped; crude stems) the original and concepts never use,
+    and how many content words the rewrite has."""
+    known = set(content_stems(original)) | set(content_stems(concepts))
+    words = [t for t in tokens(rewrite) if t not in STOPWORDS and not t[0].isdigit() and t not in NUMBER_WORDS]
+    new = [w for w in words if stem(w) not in known]
+    return list(dict.fromkeys(new)), len(words)
+
+
+def repeated_words(original: str, rewrite: str) -> list[str]:
+    """Content words the rewrite repeats more often than the original does (a small LM's loops:
+    "a large, large square", "three squares on the three squares")."""
+    from collections import Counter
+
+    src = Counter(content_stems(original))
+    words = [t for t in tokens(rewrite) if t not in STOPWORDS and not t[0].isdigit() and t not in NUMBER_WORDS]
+    new = Counter(stem(w) for w in words)
+    surface = {}
+    for w in words:
+        surface.setdefault(stem(w), w)
+    return [surface[s] for s, c in new.items() if c >= 2 and c > src.get(s, 0)]
+
+
 _PUNCT = str.maketrans("", "", string.punctuation)
 
 
@@ -284,6 +431,7 @@ class GateConfig:
     max_words: int = 60
     max_score_drop: float = 0.05
     reject_echo: bool = True
+    max_new_word_share: float | None = 0.4
 
 
 def judge(original: str, rewrite: str, cfg: GateConfig, *, concepts: str | None = None,
@@ -313,6 +461,13 @@ def judge(original: str, rewrite: str, cfg: GateConfig, *, concepts: str | None 
     names = added_names(original, rewrite, concepts)
     if names:
         return f"added_name:{names[0]}"
+    rep = repeated_words(original, rewrite)
+    if rep:
+        return f"repetition:{rep[0]}"
+    if cfg.max_new_word_share is not None:
+        new, total = new_content_words(original, rewrite, concepts)
+        if total and len(new) / total > cfg.max_new_word_share:
+            return f"added_words:{','.join(new[:4])}"
     if similarity is not None and similarity < cfg.min_similarity:
         return f"low_similarity:{similarity:.2f}"
     if score is not None and score_original is not None and score < score_original - cfg.max_score_drop:

@@ -420,6 +420,10 @@ class Edit:
         self.changes[key] = self.changes.get(key, "") + new
         return self
 
+    def article_before(self, i: int, next_word: str) -> "Edit":
+        """Make an a/an right before token i agree with `next_word`, the new first word there."""
+        return self.set_article(i - 1, next_word) if i > 0 else self
+
     def set_article(self, det: int | None, next_word: str) -> "Edit":
         """Make the a/an at token `det` agree with `next_word`."""
         if det is None:
@@ -598,8 +602,7 @@ def gen_replace_obj(p: Parse, rng: random.Random) -> Iterable[Negative]:
         noun = L.LEXICON[t]
         form = noun.form(bool(np_.plural))
         e = Edit(p).replace(np_.head_start, np_.head_end, _case_like(p, np_.head_start, form))
-        if not np_.premods:
-            e.set_article(np_.det, form)
+        e.article_before(np_.head_start, form)
         neg = e.result("replace_obj")
         if neg:
             yield neg
@@ -670,8 +673,7 @@ def gen_replace_att(p: Parse, rng: random.Random) -> Iterable[Negative]:
         if cand[0] == "attr":
             _, a, o = cand
             e.replace(a.tok, a.tok + 1, _case_like(p, a.tok, o))
-            if a.np.det is not None and a.np.premods and a.np.premods[0] == a.tok:
-                e.set_article(a.np.det, o)
+            e.article_before(a.tok, o)
         else:
             _, np_, c, new = cand
             if not _set_count(p, e, np_, c, new):
@@ -739,10 +741,8 @@ def gen_swap_obj(p: Parse, rng: random.Random) -> Iterable[Negative]:
         e = Edit(p)
         e.replace(a.head_start, a.head_end, _case_like(p, a.head_start, fa))
         e.replace(b.head_start, b.head_end, _case_like(p, b.head_start, fb))
-        if not a.premods:
-            e.set_article(a.det, fa)
-        if not b.premods:
-            e.set_article(b.det, fb)
+        e.article_before(a.head_start, fa)
+        e.article_before(b.head_start, fb)
         neg = e.result("swap_obj")
         if neg:
             yield neg
@@ -810,10 +810,8 @@ def gen_swap_att(p: Parse, rng: random.Random) -> Iterable[Negative]:
             _, a, b = cand
             e.replace(a.tok, a.tok + 1, _case_like(p, a.tok, b.word))
             e.replace(b.tok, b.tok + 1, _case_like(p, b.tok, a.word))
-            if a.np.premods and a.np.premods[0] == a.tok:
-                e.set_article(a.np.det, b.word)
-            if b.np.premods and b.np.premods[0] == b.tok:
-                e.set_article(b.np.det, a.word)
+            e.article_before(a.tok, b.word)
+            e.article_before(b.tok, a.word)
         else:
             _, a, b, ca, cb = cand
             if not (_set_count(p, e, a, ca, cb) and _set_count(p, e, b, cb, ca)):
@@ -955,8 +953,7 @@ def gen_add_att(p: Parse, rng: random.Random) -> Iterable[Negative]:
             e.replace(0, 1, word[:1].upper() + word[1:] + " " + lowered)
         else:
             e.insert_before(pos, word + " ")
-        if np_.det is not None and pos == np_.det + 1:
-            e.set_article(np_.det, word)
+        e.article_before(pos, word)
         neg = e.result("add_att")
         if neg:
             yield neg
@@ -1050,7 +1047,7 @@ def validate_negative(pos: str, neg: str, kind: str) -> str | None:
     elif kind.startswith("replace_"):
         import difflib
         ops = [o for o in difflib.SequenceMatcher(None, wp, wn, autojunk=False).get_opcodes() if o[0] != "equal"]
-        core = [o for o in ops if not set(wp[o[1]:o[2]]) <= AGREEMENT_WORDS]
+        core = [o for o in ops if not _agreement_change(wp[o[1]:o[2]], wn[o[3]:o[4]])]
         if len(core) != 1:
             return f"a replacement must change one span, changed {len(core)}"
         if core[0][0] == "insert" or core[0][0] == "delete":
@@ -1062,8 +1059,16 @@ def validate_negative(pos: str, neg: str, kind: str) -> str | None:
     return None
 
 
-AGREEMENT_WORDS = {"a", "an", "is", "are", "was", "were", "has", "have", "does", "do"} | set(G.PRESENT_VERBS) | \
+AGREEMENT_WORDS = {"a", "an", "one", "is", "are", "was", "were", "has", "have", "does", "do"} | set(G.PRESENT_VERBS) | \
     set(G.PRESENT_VERBS.values())
+
+
+def _agreement_change(before: list[str], after: list[str]) -> bool:
+    """Only articles, auxiliaries or a noun's number changed ("a" -> "an", "is" -> "are", "cat" -> "cats")."""
+    if set(before) | set(after) <= AGREEMENT_WORDS:
+        return True
+    sing = lambda ws: sorted(G.singularize(w) for w in ws if w not in AGREEMENT_WORDS)  # noqa: E731
+    return bool(before) and bool(after) and sing(before) == sing(after)
 
 
 def _attr_synonyms(a: str, b: str) -> bool:

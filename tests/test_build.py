@@ -139,3 +139,44 @@ def test_sigkill_mid_build_then_resume_matches_uninterrupted(demo, tmp_path):
         b = set(read_parts(result["build_dir"], sub, ["uid"])["uid"].to_pylist())
         assert a == b, f"{sub}: {len(a ^ b)} uids differ"
     assert image_digests(demo["build_dir"]) == image_digests(result["build_dir"])
+
+
+def test_filters_catch_their_noise_kind(demo):
+    """Each injected noise kind is caught by the stage meant for it: recall and precision >= 0.9 per kind."""
+    rej = read_parts(demo["build_dir"], "rejects", ["uid", "stage", "reason"])
+    got = {u: (s, r) for u, s, r in zip(*(rej[c].to_pylist() for c in ("uid", "stage", "reason")))}
+    stages = {s["stage"] for s in demo["result"]["stats"]["stages"]}
+    labels = demo["labels"].to_pylist()
+    report, checked = [], 0
+    by_reason: dict[tuple, list] = {}
+    for r in labels:
+        if r["expected_stage"] in stages and r["expected_stage"] not in ("input", "ingest", "dedup"):
+            by_reason.setdefault((r["expected_stage"], r["expected_reason"]), []).append(r)
+    for (stage, reason), rows in sorted(by_reason.items()):
+        caught = sum(got.get(r["uid"]) == (stage, reason) for r in rows)
+        flagged = [u for u, v in got.items() if v == (stage, reason)]
+        labelled = {r["uid"] for r in rows}
+        precision = sum(u in labelled for u in flagged) / max(1, len(flagged))
+        recall = caught / len(rows)
+        report.append(f"{stage}/{reason}: recall {recall:.2f} ({caught}/{len(rows)}) precision {precision:.2f}")
+        assert recall >= 0.9 and precision >= 0.9, "\n".join(report)
+        checked += 1
+    if "dedup" in stages:  # a group of copies of one picture: exactly one survives the dedup stage
+        groups: dict[int, list] = {}
+        for r in labels:
+            groups.setdefault(r["group"], []).append(r)
+        dup_groups = [g for g in groups.values() if len(g) > 1 and any(r["expected_stage"] == "dedup" for r in g)]
+        ok = 0
+        for g in dup_groups:
+            others = [r for r in g if got.get(r["uid"], ("", ""))[0] not in ("", "dedup")]
+            deduped = [r for r in g if got.get(r["uid"], ("", ""))[0] == "dedup"]
+            ok += len(deduped) == len(g) - len(others) - 1
+        flagged = [u for u, v in got.items() if v[0] == "dedup"]
+        in_groups = {r["uid"] for g in dup_groups for r in g}
+        precision = sum(u in in_groups for u in flagged) / max(1, len(flagged))
+        report.append(f"dedup: groups resolved {ok}/{len(dup_groups)}, precision {precision:.2f}")
+        assert ok >= 0.9 * len(dup_groups) and precision >= 0.9, "\n".join(report)
+        checked += 1
+    assert not [u for u, v in got.items() if v[0] == "safety"], "the demo has no NSFW content"
+    print("\n".join(report))
+    assert checked >= 3, f"too few filter stages in the demo spec: {sorted(stages)}"
