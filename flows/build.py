@@ -594,7 +594,7 @@ def prepare_task(ctx: BuildContext) -> dict:
     return prepare_inputs(ctx)
 
 
-@task(name="ingest", cache_policy=NO_CACHE)
+@task(name="ingest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)  # resumes: done shards are skipped
 def ingest_task(ctx: BuildContext, prepared: dict) -> dict:
     return ingest_all(ctx, prepared)
 
@@ -621,6 +621,13 @@ def write_task(ctx: BuildContext, prepared: dict, ingest: dict, processed: dict)
                "columns": build_schema(ctx.spec.stage_names()).names})
     write_build_docs(ctx.build_dir)
     return {"stats": stats, "manifest": manifest, "files": files}
+
+
+def drop_work_copies(ctx: BuildContext) -> None:
+    """A finished build's shards and rejects hold every row: drop _work's copies of the image bytes."""
+    shutil.rmtree(ctx.work / "processed", ignore_errors=True)
+    for f in (ctx.work / "ingest").glob("[0-9]*[0-9].parquet"):
+        f.unlink()
 
 
 def write_build_docs(build_dir: Path) -> None:
@@ -716,6 +723,7 @@ def run_build(spec: BuildSpec, *, new: bool = False, quiet: bool = False, wait_l
             raise
         ctx.set_state(status="complete", finished=datetime.now(timezone.utc).isoformat())
         record_in_catalog(ctx, "complete", result)
+        drop_work_copies(ctx)
         stats = result["stats"]
         logger.info("build %s: %d listed, %d kept, %d rejected", ctx.build_id, stats["rows_listed"],
                     stats["rows_kept"], stats["rows_rejected"])

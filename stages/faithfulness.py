@@ -385,16 +385,25 @@ def stem(word: str) -> str:
     return word.rstrip("e") if len(word) > 3 else word
 
 
+def content_key(word: str) -> str:
+    """Object nouns to their lemma (synonyms folded), colours to their canonical name, other words to a stem."""
+    return OBJECT_FORMS.get(word) or COLOUR_FORMS.get(word) or stem(word)
+
+
+def content_words(text: str | None) -> list[str]:
+    return [t for t in tokens(text) if t not in STOPWORDS and not t[0].isdigit() and t not in NUMBER_WORDS]
+
+
 def content_stems(text: str | None) -> list[str]:
-    return [stem(t) for t in tokens(text) if t not in STOPWORDS and not t[0].isdigit() and t not in NUMBER_WORDS]
+    return [content_key(t) for t in content_words(text)]
 
 
 def new_content_words(original: str, rewrite: str, concepts: str | None = None) -> tuple[list[str], int]:
     """Content words of the rewrite (stopwords, numbers dropped; crude stems) the original and concepts never use,
     and how many content words the rewrite has."""
     known = set(content_stems(original)) | set(content_stems(concepts))
-    words = [t for t in tokens(rewrite) if t not in STOPWORDS and not t[0].isdigit() and t not in NUMBER_WORDS]
-    new = [w for w in words if stem(w) not in known]
+    words = content_words(rewrite)
+    new = [w for w in words if content_key(w) not in known]
     return list(dict.fromkeys(new)), len(words)
 
 
@@ -404,11 +413,11 @@ def repeated_words(original: str, rewrite: str) -> list[str]:
     from collections import Counter
 
     src = Counter(content_stems(original))
-    words = [t for t in tokens(rewrite) if t not in STOPWORDS and not t[0].isdigit() and t not in NUMBER_WORDS]
-    new = Counter(stem(w) for w in words)
-    surface = {}
+    words = content_words(rewrite)
+    new = Counter(content_key(w) for w in words)
+    surface: dict[str, str] = {}
     for w in words:
-        surface.setdefault(stem(w), w)
+        surface.setdefault(content_key(w), w)
     return [surface[s] for s, c in new.items() if c >= 2 and c > src.get(s, 0)]
 
 

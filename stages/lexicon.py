@@ -257,6 +257,8 @@ def _forms() -> dict[str, list[tuple[Noun, bool | None]]]:
         else:
             forms.setdefault(n.lemma, []).append((n, False))
             forms.setdefault(n.plural, []).append((n, True))
+    for f, entries in forms.items():  # a form that is a lemma itself reads as that lemma ("glasses": eyewear)
+        entries.sort(key=lambda e: e[0].lemma != f)
     return forms
 
 

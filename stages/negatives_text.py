@@ -1059,16 +1059,22 @@ def validate_negative(pos: str, neg: str, kind: str) -> str | None:
     return None
 
 
+ARTICLES_AUX = {"a", "an", "one", "is", "are", "was", "were", "has", "have", "does", "do"}
 AGREEMENT_WORDS = {"a", "an", "one", "is", "are", "was", "were", "has", "have", "does", "do"} | set(G.PRESENT_VERBS) | \
     set(G.PRESENT_VERBS.values())
 
 
 def _agreement_change(before: list[str], after: list[str]) -> bool:
-    """Only articles, auxiliaries or a noun's number changed ("a" -> "an", "is" -> "are", "cat" -> "cats")."""
-    if set(before) | set(after) <= AGREEMENT_WORDS:
+    """Only articles, auxiliaries or a word's number changed ("a" -> "an", "is" -> "are", "cat" -> "cats")."""
+    if set(before) | set(after) <= ARTICLES_AUX:
         return True
-    sing = lambda ws: sorted(G.singularize(w) for w in ws if w not in AGREEMENT_WORDS)  # noqa: E731
-    return bool(before) and bool(after) and sing(before) == sing(after)
+    return len(before) == len(after) and all(_same_word(b, a) or {a, b} <= ARTICLES_AUX
+                                             for b, a in zip(before, after))
+
+
+def _same_word(b: str, a: str) -> bool:
+    return b == a or G.singularize(b) == G.singularize(a) or G.verb_for_number(b, True) == a or \
+        G.verb_for_number(b, False) == a
 
 
 def _attr_synonyms(a: str, b: str) -> bool:

@@ -31,6 +31,8 @@ def test_accounting_is_exact(demo):
     m = manifest(demo["build_dir"])
     assert m["rows"] == len(kept) and sum(s["rows"] for s in m["shards"]) == len(kept)
     assert all(len(s["sha256"]) == 64 for s in m["shards"] + m["rejects"])
+    for doc in ("report.html", "README.md", "spec.yaml", "stats.json"):
+        assert (demo["build_dir"] / doc).stat().st_size > 0, doc
 
 
 def test_each_injected_fault_ends_with_its_reason(demo):

@@ -32,8 +32,8 @@ MAX_BLIND_BIAS = 0.75
 
 
 # ------------------------------------------------------------------------------------------------ rule checks
-AGREEMENT = {"a", "an", "one", "is", "are", "was", "were", "has", "have", "does", "do"} | set(G.PRESENT_VERBS) | \
-    set(G.PRESENT_VERBS.values())
+ARTICLES_AUX = {"a", "an", "one", "is", "are", "was", "were", "has", "have", "does", "do"}
+AGREEMENT = ARTICLES_AUX | set(G.PRESENT_VERBS) | set(G.PRESENT_VERBS.values())
 
 
 def diff_groups(pos: str, neg: str) -> list[tuple[list[str], list[str]]]:
@@ -78,15 +78,22 @@ def number_errors(text: str) -> int:
 
 
 def _singular_words(ws: list[str]) -> list[str]:
-    return sorted(G.singularize(w) for w in ws if w not in AGREEMENT)
+    return sorted(G.singularize(w) for w in ws if w not in ARTICLES_AUX and G.verb_for_number(w, False) is None)
+
+
+def _same_word(b: str, a: str) -> bool:
+    """The same word in another number: "cat"/"cats", "sits"/"sit"."""
+    return b == a or G.singularize(b) == G.singularize(a) or G.verb_for_number(b, True) == a or \
+        G.verb_for_number(b, False) == a
 
 
 def _agreement_only(group: tuple[list[str], list[str]]) -> bool:
-    """A change of articles, auxiliaries or a noun's number only ("a" -> "an", "is" -> "are", "cat" -> "cats")."""
+    """A change of articles, auxiliaries or a word's number only ("a" -> "an", "is" -> "are", "cat" -> "cats")."""
     before, after = group
-    if (set(before) | set(after)) <= AGREEMENT:
+    if (set(before) | set(after)) <= ARTICLES_AUX:
         return True
-    return _singular_words(before) == _singular_words(after)
+    return len(before) == len(after) and all(_same_word(b, a) or {a, b} <= ARTICLES_AUX
+                                             for b, a in zip(before, after))
 
 
 def check_negative(pos: str, n: dict) -> None:

@@ -95,7 +95,7 @@ def test_gate_model_checks():
     assert judge(*ok, CFG, similarity=0.9, score=0.20, score_original=0.31) == "score_drop:-0.110"
     assert judge(*ok, CFG, lang=("de", 0.95)) == "language:de"
     assert judge(*ok, CFG, lang=("de", 0.30)) is None  # the detector is unsure: the language stage's rule
-    assert judge(*ok, GateConfig(max_words=4)) == "too_long:6"
+    assert judge(*ok, GateConfig(max_words=4)) == "too_long:7"
     assert judge("x", "   ", CFG) == "empty"
 
 
