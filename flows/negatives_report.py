@@ -30,8 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from stages.negatives_text import (KINDS, NgramLM, blind_accuracy, negatives_for, parse,  # noqa: E402
-                                   split_of)
+from stages.negatives_text import KINDS, NgramLM, blind_accuracy, negatives_for, split_of  # noqa: E402
 
 SUGARCREPE = Path("/work/shared/data/sugarcrepe")
 

@@ -335,8 +335,22 @@ def train(spec: TrainSpec, *, fresh: bool = False, stop_after: int | None = None
     """Train per `spec`, resuming from out/checkpoints unless `fresh`. `stop_after` ends this call after that many
     optimizer steps in total (a checkpoint is written there), as if interrupted; a later call resumes.
 
-    Returns {"status": "complete" | "stopped", "step", "out", "model_dir", "metrics", ...}.
+    Returns {"status": "complete" | "stopped", "step", "out", "model_dir"?, "export"?, "training"?}.
     """
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        return _train(spec, fresh=fresh, stop_after=stop_after, logger=logger, spec_text=spec_text,
+                      spec_file=spec_file)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(spec: TrainSpec, *, fresh: bool, stop_after: int | None, logger, spec_text: str | None,
+           spec_file: str | None) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
@@ -352,8 +366,6 @@ def train(spec: TrainSpec, *, fresh: bool = False, stop_after: int | None = None
             p = out / sub
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
     files = prepare_data(spec)
     thash = spec.training_hash()
     o = spec.optim
@@ -526,7 +538,7 @@ def training_markdown(info: dict) -> str:
              f"({info.get('train_pairs_per_epoch', '?')} training pairs per epoch), seed {info['seed']}",
              f"- parameters: {info['parameters']:,}; training time {info['train_seconds']} s on {info['threads']} "
              "CPU threads",
-             f"- final training loss (avg of the last logged window): {info.get('final_loss')}",
+             f"- final training loss (avg of the last logged window): {info.get('final_loss', float('nan')):.4f}",
              f"- model.safetensors sha256: `{info['model_sha256']}`", ""]
     if h:
         lines += ["## Held-out pairs of the training shards", "",

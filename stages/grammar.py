@@ -48,6 +48,9 @@ INVARIANT_PLURALS = {"sheep", "deer", "fish", "moose", "bison", "aircraft", "ser
 # Only plural (no singular form in use).
 PLURAL_ONLY = {"glasses", "sunglasses", "scissors", "pants", "shorts", "jeans", "trousers", "pajamas", "tongs",
                "goggles", "headphones", "binoculars", "clothes"}
+# Nouns ending in -ie (plural -ies, singular not -y).
+IE_NOUNS = {"cookie", "movie", "hoodie", "brownie", "selfie", "rookie", "goalie", "smoothie", "veggie", "zombie",
+            "calorie", "beanie", "necktie", "bowtie", "collie", "birdie", "genie", "cutie", "pixie", "prairie"}
 _IRREGULAR_SINGULARS = {v: k for k, v in IRREGULAR_PLURALS.items()}
 _F_TO_VES_EXCEPTIONS = {"roof", "chief", "belief", "chef", "cliff", "giraffe", "safe", "proof", "reef"}
 
@@ -85,15 +88,15 @@ def singularize(noun: str) -> str:
         return noun
     if low in _IRREGULAR_SINGULARS:
         return _match_case(noun, _IRREGULAR_SINGULARS[low])
-    if low.endswith("ies") and len(low) > 4:
+    if low in IRREGULAR_PLURALS or low.endswith(("us", "ss")):  # already singular: "bus", "glass"
+        return noun
+    if low.endswith("ies"):
+        if len(low) <= 4 or low[:-1] in IE_NOUNS:  # "pies", "ties", "cookies"
+            return noun[:-1]
         return noun[:-3] + "y"
-    if low.endswith("ves") and (low[:-3] + "fe") not in _F_TO_VES_EXCEPTIONS:
-        return noun[:-3] + "fe"
-    for suffix in ("sses", "xes", "zes", "ches", "shes", "uses"):
+    for suffix in ("sses", "xes", "zzes", "ches", "shes"):
         if low.endswith(suffix):
             return noun[:-2]
-    if low.endswith("oes"):
-        return noun[:-2]
     if low.endswith("s") and not low.endswith("ss"):
         return noun[:-1]
     return noun

@@ -82,7 +82,8 @@ NOUNS: dict[str, str] = {
 }
 
 # Nouns that name a whole class the others fall under: never a replacement source or target.
-GENERIC = {"flower", "person", "adult", "bird", "couple", "family", "crowd", "team", "animal", "vehicle", "food", "fruit",
+GENERIC = {"flower", "person", "adult", "bird", "couple", "family", "crowd", "team", "animal", "vehicle", "food",
+           "fruit",
            "dish", "container", "toy", "picture", "photo", "photograph", "building", "plant", "sign", "ball",
            "screen", "computer", "phone", "bag", "box", "glass", "store", "shop", "place", "meat", "cake",
            "clock", "vase", "station", "controller", "remote", "track", "court", "path", "slope", "bridge"}
@@ -90,7 +91,8 @@ GENERIC = {"flower", "person", "adult", "bird", "couple", "family", "crowd", "te
 # Words that mean the same (or nearly): never replaced by one another, never swapped with one another.
 SYNONYMS: list[set[str]] = [
     {"man", "guy", "gentleman"}, {"woman", "lady"}, {"child", "kid"}, {"baby", "toddler", "infant"},
-    {"sofa", "couch"}, {"bike", "bicycle", "motorcycle", "motorbike", "scooter"}, {"car", "taxi", "suv", "jeep", "limo"},
+    {"sofa", "couch"}, {"bike", "bicycle", "motorcycle", "motorbike", "scooter"},
+    {"car", "taxi", "suv", "jeep", "limo"},
     {"truck", "pickup truck", "fire truck"},
     {"airplane", "plane", "jet", "airliner", "aeroplane"}, {"boat", "ship", "sailboat", "yacht", "ferry"},
     {"kayak", "canoe"}, {"train", "locomotive", "subway train"}, {"tram", "trolley"},
@@ -111,8 +113,10 @@ SYNONYMS: list[set[str]] = [
     {"sign", "stop sign", "street sign", "billboard"}, {"hydrant", "fire hydrant"},
     {"traffic light", "street light", "street lamp", "lamp post", "pole", "lamp"}, {"parking meter", "meter"},
     {"picture", "painting", "photo", "photograph", "image", "poster"}, {"rug", "carpet"},
-    {"teddy bear", "stuffed animal", "toy"}, {"doll", "toy", "action figure"}, {"toy car", "toy"}, {"book", "magazine", "newspaper"},
-    {"plant", "bush", "shrub", "potted plant"}, {"tree", "palm tree"}, {"desk", "table", "computer desk", "dining table"},
+    {"teddy bear", "stuffed animal", "toy"}, {"doll", "toy", "action figure"}, {"toy car", "toy"},
+    {"book", "magazine", "newspaper"},
+    {"plant", "bush", "shrub", "potted plant"}, {"tree", "palm tree"},
+    {"desk", "table", "computer desk", "dining table"},
     {"cabinet", "cupboard", "dresser", "nightstand"}, {"shelf", "bookshelf"}, {"chair", "stool", "armchair"},
     {"bathroom", "restroom"}, {"kitchen", "dining room"}, {"living room", "room"},
     {"street", "road", "highway", "avenue", "alley"}, {"ocean", "sea"}, {"forest", "woods"},
@@ -376,7 +380,8 @@ FITS: dict[str, tuple[str, ...]] = {
     "fixture": ("colour", "size", "cleanness"), "tableware": ("colour", "material", "size", "fullness"),
     "electronics": ("colour", "size", "age_object"), "sports": ("colour", "size"),
     "clothing": ("colour", "pattern"), "accessory": ("colour", "size", "pattern"),
-    "street_object": ("colour", "size", "age_object"), "household": ("colour", "size"), "toy": ("colour", "size"), "plant": ("size",), "flower": ("colour",),
+    "street_object": ("colour", "size", "age_object"), "household": ("colour", "size"), "toy": ("colour", "size"),
+    "plant": ("size",), "flower": ("colour",),
     "room": ("size", "cleanness"), "urban_place": ("busyness",), "nature_place": ("size",), "water_place": (),
     "ground": (),
     "building": ("size", "colour", "age_object", "material"), "shape": ("size", "colour"), "role": (),
@@ -407,7 +412,7 @@ AGE_CATEGORY_FOR = {"person": "age_person", "pet": "age_person", "farm_animal": 
                     "wild_animal": "age_person", "bird": "age_person", "role": "age_person"}
 
 # ================================================================================================ counts
-COUNT_WORDS = dict(NUMBER_WORDS)
+COUNT_WORDS = dict(NUMBER_WORDS)  # "two" -> 2 (stages.grammar.NUMBER_WORDS)
 MAX_COUNT_EDIT = 6  # counts a replacement may produce
 
 # ================================================================================================ relations
@@ -445,7 +450,8 @@ DIRECTIONAL = ("to the left of", "to the right of", "above", "below")
 # "on"/"in" only before these object categories, with these replacements.
 ON_REPLACEMENTS: dict[str, tuple[str, ...]] = {
     "furniture": ("under", "next to"), "tableware": ("next to",), "appliance": ("next to",),
-    "fixture": ("next to",), "urban_place": ("next to",), "nature_place": ("next to",), "water_place": ("next to",), "ground": (), "car_like": ("next to",),
+    "fixture": ("next to",), "urban_place": ("next to",), "nature_place": ("next to",), "water_place": ("next to",),
+    "ground": (), "car_like": ("next to",),
     "rail": ("next to",), "boat": ("next to",), "sports": ("next to",), "pet": ("next to",),
     "farm_animal": ("next to",), "wild_animal": ("next to",), "street_object": ("next to",),
     "household": ("under", "next to"), "building": ("next to",),

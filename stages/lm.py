@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,26 @@ def _folder_complete(folder: Path) -> bool:
 
 # --------------------------------------------------------------------------- GGUF -> safetensors
 
+@contextmanager
+def _no_gguf_progress_bar():
+    """transformers draws a tqdm bar over the 272 GGUF tensors (hundreds of lines in a log off a TTY)."""
+    import functools
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as mod
+    except ImportError:
+        yield
+        return
+    orig = getattr(mod, "tqdm", None)
+    if orig is not None:
+        mod.tqdm = functools.partial(orig, disable=True)
+    try:
+        yield
+    finally:
+        if orig is not None:
+            mod.tqdm = orig
+
+
 def convert_gguf(gguf: Path, out: Path) -> dict:
     """De-quantize a GGUF causal LM with transformers and write it as a plain safetensors folder at `out`.
 
@@ -133,8 +154,10 @@ def convert_gguf(gguf: Path, out: Path) -> dict:
                 return {"converted": False, "folder": str(out)}
             t0 = time.perf_counter()
             _quiet_transformers()
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            with _no_gguf_progress_bar():
+                tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+                model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                             dtype=torch.float32)
             tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
             if tmp.exists():
                 shutil.rmtree(tmp)

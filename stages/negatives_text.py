@@ -35,16 +35,26 @@ Each negative differs from its caption in one character span: [span_start, span_
 edit_before, becomes edit_after (the span covers the core edit and its agreement fixes; for swaps both words), so
 caption[:span_start] + edit_after + caption[span_end:] == text exactly.
 
-Blind-bias check (SugarCrepe's lesson: negatives a text-only model tells apart teach nothing): `BlindBias` scores a
-caption with an add-k interpolated bigram LM (NgramLM) and measures, per kind, how often score(positive) >
-score(negative) (0.5: blind). With `max_blind_bias` set, process_batch fits the LM on the batch's captions
-(two folds: each half scored by an LM fitted on the other half) and, for a kind measured above the bound on at least
-`blind_min_pairs` pairs, drops that kind's most text-detectable negatives until the kind is back under the bound
-(SugarCrepe's adversarial refinement). flows/negatives_report prints the figures.
+Candidates are drawn in a seeded order that favours common words (the lexicon lists run from common to rare;
+colours by their use in COCO captions), since a replacement rarer than the word it replaces is a cue by itself.
 
-method "lm": an LM writes the negative from SugarCrepe-style in-context examples (lm_prompt); the output is kept
-only when it passes the same edit checks (validate_negative). It needs stages.lm (a causal LM wrapper); see
-LmNegatives for the extension point.
+Blind bias (SugarCrepe's lesson: a negative a text-only model tells from its caption teaches nothing). `NgramLM`
+(interpolated bigram/unigram, add-k) scores a caption by its mean log-probability per word; the blind-bias figure of
+a kind is the share of pairs with score(positive) > score(negative) (0.5: blind). The stage, per batch:
+1. fits BLIND_FOLDS n-gram LMs on the batch's captions (k-fold: a caption is scored by the LM of the other folds);
+2. select_plausible: draws up to `pool` candidates per kind and keeps the per_kind whose score is closest to the
+   caption's;
+3. blind check (max_blind_bias): for a kind with at least blind_min_pairs pairs whose figure lies outside
+   [1 - b, b] (b = max_blind_bias - BLIND_SLACK; one-sided with blind_two_sided off), drops the pairs the LM
+   separates best until it lies inside (SugarCrepe's adversarial refinement).
+So a caption's negatives depend on its batch (through the LMs); negatives_for(text, seed=...) without a scorer is a
+function of the caption alone. flows/negatives_report measures the figures with an LM fitted on other captions, and
+with SmolLM2 (LmScorer), next to SugarCrepe's reference negatives.
+
+method "lm": a causal LM (stages.lm, lm_model; SmolLM2-135M-Instruct by default) completes a few-shot prompt
+(lm_prompt, SugarCrepe-style examples per kind); a completion is kept only when validate_negative accepts it as an
+edit of that kind, and its span is found by diff (edit_span). The LM method skips the selection step; the blind
+check applies to it too.
 """
 from __future__ import annotations
 
@@ -113,7 +123,7 @@ COUNT_SHARE_INV = 0.75
 # add_att: how often each attribute category is tried first (common adjectives read as naturally as the caption;
 # "an old printer", "a plaid hat" give themselves away to a text-only model)
 ADD_ATT_WEIGHT = {"size": 1.0, "colour": 1.0, "age_person": 0.6, "material": 0.5, "height": 0.3}
-ADD_WITH_RELATION = 0.5  # add_obj: chance that the object comes with a relation ("next to a dog") not "and"  # replace_att: chance that attribute edits are tried before count edits
+ADD_WITH_RELATION = 0.5  # add_obj: chance that the object comes with a relation ("next to a dog") not "and"
 GENDER_PRONOUNS = {"he", "she", "his", "her", "him", "hers", "himself", "herself"}
 RELATIVE = {"that", "which", "who"}
 # Words between two noun phrases that make their order not matter ("a cat and a dog", "a cup next to a plate").
@@ -628,6 +638,7 @@ def _colour_options(np_: NP) -> tuple[str, ...]:
 
 
 def _attr_options(a: Attr, p: Parse) -> list[str]:
+    """Words that may replace attribute `a`: another cluster of its category, not already on its noun."""
     cat = L.ATTRIBUTE_CATEGORIES[a.category]
     cl = L.attribute_cluster(a.category, a.word)
     np_words = {p.lows[j] for j in a.np.premods}
@@ -636,9 +647,6 @@ def _attr_options(a: Attr, p: Parse) -> list[str]:
         if a.word not in _colour_options(a.np) and a.np.category in L.COLOURS_FOR:
             return []
         return opts
-    if a.category not in _fits(a.np.noun) and a.category not in ("size", "material", "colour") \
-            and not a.category.startswith("age_"):
-        pass
     return [c[0] for k, c in enumerate(cat.clusters) if k != cl and c[0] not in np_words]
 
 
@@ -1041,8 +1049,8 @@ def validate_negative(pos: str, neg: str, kind: str) -> str | None:
     elif kind.startswith("add_"):
         if len(wn) <= len(wp):
             return "an addition must add words"
-        if not _is_subsequence([w for w in wp if w not in ("a", "an", "is", "are")],
-                               [w for w in wn if w not in ("a", "an", "is", "are")]):
+        norm = lambda ws: [G.verb_for_number(w, True) or w for w in ws if w not in ARTICLES_AUX]  # noqa: E731
+        if not _is_subsequence(norm(wp), norm(wn)):
             return "an addition must keep the caption's words in order"
     elif kind.startswith("replace_"):
         import difflib
@@ -1084,8 +1092,15 @@ def _attr_synonyms(a: str, b: str) -> bool:
     return False
 
 
+def _sg(w: str) -> str:
+    """Singular for comparing word bags ("wine glasses" and "a wine glass" hold the same words)."""
+    return w[:-2] if w in ("glasses",) else G.singularize(w)
+
+
 def _count_swap_like(wp: list[str], wn: list[str]) -> bool:
-    norm = lambda ws: Counter(G.singularize(w) for w in ws if w not in ("a", "an", "is", "are", "one"))  # noqa: E731
+    """The same words up to number, articles, auxiliaries and verb agreement (a swap of counts or objects)."""
+    norm = lambda ws: Counter(_sg(w) for w in ws  # noqa: E731
+                              if w not in ARTICLES_AUX and G.verb_for_number(w, False) is None)
     return norm(wp) == norm(wn)
 
 

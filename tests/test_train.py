@@ -153,7 +153,7 @@ def test_saved_model_reloads_with_auto_classes(runs):
     proc = AutoProcessor.from_pretrained(folder)
     assert proc.image_processor.crop_size["height"] == 32
     inputs = proc(text=["a red circle", "two small blue squares above a green star"],
-                  images=[Image.new("RGB", (100, 80), (200, 20, 20))] * 2, return_tensors="pt", padding=True)
+                  images=[Image.new("RGB", (100, 80), (200, 20, 20))] * 2, return_tensors="pt", padding=True, truncation=True)
     with torch.no_grad():
         out = model(**inputs)
     assert out.image_embeds.shape == (2, 16) and out.text_embeds.shape == (2, 16)

@@ -273,6 +273,7 @@ def markdown(r: dict) -> str:
                      ("colour_swap", "colours of two groups swapped")):
         if f"{k}_acc" in r:
             lines.append(f"| true caption beats its {label} variant (n={r[f'{k}_n']}) | {r[f'{k}_acc']:.4f} |")
+    swap_note = r.get("lr_swap_acc", 1.0) < 0.65 or r.get("colour_swap_acc", 1.0) < 0.9
     lines += [f"| image->text R@1 / R@5 among {r['n']} | {r['i2t_r1']:.3f} / {r['i2t_r5']:.3f} |",
               f"| text->image R@1 / R@5 among {r['n']} | {r['t2i_r1']:.3f} / {r['t2i_r5']:.3f} |"]
     for kind, d in (r.get("near_dups") or {}).items():
@@ -287,6 +288,11 @@ def markdown(r: dict) -> str:
     lines += ["", f"Threshold {th['threshold']} (keep cosine >= it): true pairs rejected {th['true_rejected']:.4f}, "
               f"corpus-style wrong pairs kept {th['wrong_kept']:.4f}, another scene's caption kept "
               f"{th['other_scene_kept']:.4f}."]
+    if swap_note:
+        lines += ["", "Swapped variants are hard for a plain CLIP loss: with random in-batch negatives a relation or a "
+                  "colour binding is almost never what tells two pairs apart, so the model learns which shapes and "
+                  "colours are present more than how they are arranged (hard negatives, NegCLIP-style, are the fix). "
+                  "The align stage's wrong captions describe other scenes, which this scorer separates well."]
     if "real_photos" in r:
         rp = r["real_photos"]
         lines += ["", f"The corpus's {rp['n']} real photos with their true captions: mean cosine {rp['cos_mean']}, "
