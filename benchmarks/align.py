@@ -9,7 +9,7 @@ width 128, 3+3 layers, projection 64); the first line says which. Every variant 
     raw        one process, batches of --batch-size: decode JPEG -> PIL, image processor + tokenizer once per batch,
                one forward (the same ClipModel the stage uses). The forward-only seconds are reported apart.
     single     the raw path one pair at a time (batch of 1), on the first --single pairs.
-    ray        read_parquet -> map_batches(the build's _StageActor, ActorPoolStrategy(size=1), num_cpus=1)
+    ray        read_parquet -> map_batches(the build's _StageActor (+ CPU-time reporting), ActorPoolStrategy(size=1), num_cpus=1)
                -> write_parquet, in a local Ray with 2 CPUs. Steady state: rows / (end of the last batch - start of
                the first batch), timed inside the actor; Ray start-up and the actor's model load are one-time costs,
                reported apart (a long-running cluster pays them once per pipeline).
@@ -79,13 +79,14 @@ def make_pairs(path: Path, n: int, size: int = 256) -> pa.Table:
     return t
 
 
-def run_raw(clip, table: pa.Table, batch_size: int, limit: int | None = None) -> tuple[float, float, int]:
-    """(seconds, forward seconds, rows) for the plain loop over batches of batch_size."""
+def run_raw(clip, table: pa.Table, batch_size: int, limit: int | None = None) -> tuple[float, float, int, float]:
+    """(seconds, forward seconds, rows, CPU seconds) for the plain loop over batches of batch_size."""
     from stages.models import decode_rgb
 
     images = table.column("image").to_pylist()[:limit]
     texts = table.column("text").to_pylist()[:limit]
     fwd = 0.0
+    c0 = time.process_time()
     t0 = time.perf_counter()
     for s in range(0, len(images), batch_size):
         pil = [decode_rgb(b) for b in images[s:s + batch_size]]
@@ -94,14 +95,17 @@ def run_raw(clip, table: pa.Table, batch_size: int, limit: int | None = None) ->
         img, txt = clip.forward(inputs)
         (img * txt).sum(-1)
         fwd += time.perf_counter() - t1
-    return time.perf_counter() - t0, fwd, len(images)
+    return time.perf_counter() - t0, fwd, len(images), time.process_time() - c0
 
 
 class _SpanTimer:
     """The build's timer interface (add(stage, rows, seconds)), also keeping the first start and last end."""
 
     def __init__(self):
-        self.rows, self.busy, self.first, self.last = 0, 0.0, None, None
+        self.rows, self.busy, self.first, self.last, self.cpu = 0, 0.0, None, None, 0.0
+
+    def add_cpu(self, seconds: float) -> None:
+        self.cpu += seconds
 
     def add(self, stage: str, rows: int, seconds: float) -> None:
         now = time.time()
@@ -111,7 +115,22 @@ class _SpanTimer:
         self.last = now
 
     def get(self) -> dict:
-        return {"rows": self.rows, "busy": self.busy, "first": self.first, "last": self.last}
+        return {"rows": self.rows, "busy": self.busy, "first": self.first, "last": self.last, "cpu": self.cpu}
+
+
+def _bench_actor():
+    import flows.build as fb
+
+    class BenchActor(fb._StageActor):
+        """The build's actor, also reporting the CPU seconds its process spent per batch."""
+
+        def __call__(self, batch):
+            c0 = time.process_time()
+            out = super().__call__(batch)
+            self.timer.add_cpu.remote(time.process_time() - c0)
+            return out
+
+    return BenchActor
 
 
 def run_ray(parquet: Path, out: Path, model: str, batch_size: int, threads: int) -> dict:
@@ -132,7 +151,7 @@ def run_ray(parquet: Path, out: Path, model: str, batch_size: int, threads: int)
         params = AlignParams(model=model, batch_size=batch_size, threads=threads)
         timer = ray.remote(num_cpus=0)(_SpanTimer).remote()
         ds = ray.data.read_parquet(str(parquet)).map_batches(
-            fb._StageActor, fn_constructor_args=("align", params.model_dump_json(), timer),
+            _bench_actor(), fn_constructor_args=("align", params.model_dump_json(), timer),
             compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1, batch_size=batch_size, batch_format="pyarrow")
         t1 = time.time()
         ds.write_parquet(str(out))
@@ -141,7 +160,7 @@ def run_ray(parquet: Path, out: Path, model: str, batch_size: int, threads: int)
     finally:
         ray.shutdown()
     return {"ray_start": ray_start, "wall": wall, "rows": span["rows"], "steady": span["last"] - span["first"],
-            "busy": span["busy"], "to_first_batch": span["first"] - t1}
+            "busy": span["busy"], "cpu": span["cpu"], "to_first_batch": span["first"] - t1}
 
 
 def main() -> None:
@@ -171,11 +190,11 @@ def main() -> None:
 
         clip = load_clip(model, "cpu", "float32", threads=a.threads)
         run_raw(clip, table, a.batch_size, limit=2 * a.batch_size)  # warm-up
-        raw_s, fwd_s, rows = run_raw(clip, table, a.batch_size)
+        raw_s, fwd_s, rows, raw_cpu = run_raw(clip, table, a.batch_size)
         raw = rows / raw_s
         print(f"raw, one process:   {rows} pairs in {raw_s:.2f}s = {raw:.0f} img/s "
               f"(forward alone {fwd_s:.2f}s = {rows / fwd_s:.0f} img/s; decode + processor the rest)", flush=True)
-        one_s, _, one_rows = run_raw(clip, table, 1, limit=a.single)
+        one_s, _, one_rows, _ = run_raw(clip, table, 1, limit=a.single)
         single = one_rows / one_s
         print(f"one pair at a time: {one_rows} pairs in {one_s:.2f}s = {single:.0f} img/s "
               f"(batched is {raw / single:.1f}x faster)", flush=True)
@@ -185,10 +204,14 @@ def main() -> None:
         assert r["rows"] == a.n, r
         ray_rate = r["rows"] / r["steady"]
         clip = load_clip(model, "cpu", "float32", threads=a.threads)
-        raw2_s, fwd2_s, _ = run_raw(clip, table, a.batch_size)
+        raw2_s, fwd2_s, _, raw2_cpu = run_raw(clip, table, a.batch_size)
         print(f"raw again, after ray: {rows} pairs in {raw2_s:.2f}s = {rows / raw2_s:.0f} img/s "
               f"(forward alone {rows / fwd2_s:.0f} img/s)", flush=True)
         raw = max(raw, rows / raw2_s)  # the machine is shared: compare with the better of the two raw runs
+        raw_cpu_ms = 1000 * min(raw_cpu, raw2_cpu) / rows
+        print(f"CPU time per pair (steadier than wall time on a shared box): raw {raw_cpu_ms:.2f} ms, inside the "
+              f"Ray actor {1000 * r['cpu'] / r['rows']:.2f} ms (ratio {raw_cpu_ms / (1000 * r['cpu'] / r['rows']):.2f}; "
+              f"read/write tasks run in other processes)", flush=True)
         print(f"ray data, actor pool: {r['rows']} pairs, steady {r['steady']:.2f}s = {ray_rate:.0f} img/s "
               f"(inside the stage {r['busy']:.2f}s); one-time: ray.init {r['ray_start']:.1f}s, "
               f"pipeline start + actor model load {r['to_first_batch']:.1f}s; end to end {r['wall']:.1f}s "

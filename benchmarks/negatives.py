@@ -6,7 +6,7 @@ On the distinct COCO captions of SugarCrepe (or demo captions when those files a
 - rule negatives per second per kind (parse + generate, first candidate), and the share of captions that get one;
 - the stage's throughput with its defaults (k-fold n-gram LMs, plausibility selection over a pool of candidates,
   blind check): captions per second and negatives per second.
-An image part (rendering negatives for the demo scenes) may be added beside this one.
+Image part (stages.negatives_image / stages.editors): `.venv/bin/python benchmarks/negatives.py image [--scenes N]`.
 """
 from __future__ import annotations
 
@@ -56,5 +56,54 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- image part (stages.negatives_image)
+
+def image_main(argv: list[str] | None = None) -> int:
+    """Counterfactual images on freshly drawn demo scenes (128 px, JPEG q95), one thread:
+    negatives per second per editor and kind (generation only, candidates that got an image), the scorer's
+    validation time as a fraction of generation time, and the preference rate before / after validation."""
+    import random as _random
+
+    from flows.demo.scenes import caption, render_scene, sample_scene
+    from stages.models import load_clip
+    from stages.negatives_image import NegativesImageSpec, encode, make_negatives, summarize
+
+    ap = argparse.ArgumentParser(description=image_main.__doc__.split("\n")[0])
+    ap.add_argument("--scenes", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=11)
+    args = ap.parse_args(argv)
+    rng = _random.Random(args.seed)
+    uids, texts, images, ctx = [], [], [], []
+    for i in range(args.scenes):
+        s = sample_scene(rng)
+        rseed = rng.getrandbits(63)
+        uids.append(f"u{i:05d}")
+        texts.append(caption(s, rng))
+        images.append(encode(render_scene(s, 128, rseed), "jpg", 95))
+        ctx.append({"scene": s.to_json(), "render_seed": rseed})
+    table = pa.table({"uid": uids, "text": texts, "image": images})
+    spec = NegativesImageSpec()
+    clip = load_clip(spec.scorer, "cpu", "float32", threads=1)
+    out, tm = make_negatives(table, spec, clip, contexts=ctx)
+    print(f"{args.scenes} demo scenes, {out.num_rows} candidates; generate {tm['generate_s']:.2f} s "
+          f"(negative captions included), validate {tm['validate_s']:.2f} s "
+          f"= {tm['validate_s'] / max(tm['generate_s'], 1e-9):.2f}x generation")
+    rows = out.select(["editor", "kind", "neg_image", "gen_ms"]).to_pylist()
+    print(f"  {'editor':9s} {'kind':12s} {'made':>5s} {'negatives/s':>12s}")
+    for key in sorted({(r["editor"], r["kind"]) for r in rows}):
+        made = [r for r in rows if (r["editor"], r["kind"]) == key and r["neg_image"] is not None]
+        if made:
+            ms = sum(r["gen_ms"] for r in made)
+            print(f"  {key[0]:9s} {key[1]:12s} {len(made):5d} {1000 * len(made) / max(ms, 1e-9):12,.0f}")
+    print(f"  {'editor':9s} {'cands':>6s} {'made':>5s} {'kept':>5s} {'pref before':>12s} {'pref kept':>10s}  drops")
+    for ed, s in summarize(out).items():
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        print(f"  {ed:9s} {s['candidates']:6d} {s['made']:5d} {s['kept']:5d} {fmt(s['preferred_before']):>12s} "
+              f"{fmt(s['preferred_kept']):>10s}  {s['dropped']}")
+    return 0
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "image":
+        raise SystemExit(image_main(sys.argv[2:]))
     raise SystemExit(main())

@@ -313,14 +313,17 @@ def _make_stage(name: str, params_json: str):
     return stage
 
 
-def _timed(stage, batch: pa.Table, timer) -> pa.Table:
+def _timed(stage, batch: pa.Table, timer: str) -> pa.Table:
+    """Run a stage on a batch and tell the named timer actor its rows and seconds."""
+    import ray
+
     t0 = time.perf_counter()
     out = stage(batch)
-    timer.add.remote(stage.name, batch.num_rows, time.perf_counter() - t0)
+    ray.get_actor(timer).add.remote(stage.name, batch.num_rows, time.perf_counter() - t0)
     return out
 
 
-def _run_stage_task(batch: pa.Table, name: str, params_json: str, timer) -> pa.Table:
+def _run_stage_task(batch: pa.Table, name: str, params_json: str, timer: str) -> pa.Table:
     key = (name, params_json)
     if key not in _STAGE_CACHE:
         _STAGE_CACHE[key] = _make_stage(name, params_json)
@@ -328,7 +331,7 @@ def _run_stage_task(batch: pa.Table, name: str, params_json: str, timer) -> pa.T
 
 
 class _StageActor:
-    def __init__(self, name: str, params_json: str, timer):
+    def __init__(self, name: str, params_json: str, timer: str):
         self.stage = _make_stage(name, params_json)
         self.timer = timer
 
@@ -356,7 +359,8 @@ def process_stages(ctx: BuildContext, quiet: bool = False) -> dict:
         dctx.execution_options.preserve_order = True
         dctx.enable_progress_bars = False  # our reporter shows progress; Ray Data's would log lines off a TTY
         quiet_ray_data()
-        timer = ray.remote(num_cpus=0)(_StageTimer).remote()
+        timer = f"pairforge-timer-{ctx.build_id}"
+        timer_actor = ray.remote(num_cpus=0)(_StageTimer).options(name=timer).remote()
         ds = ray.data.read_parquet([f for f in pair_files if pq.read_metadata(f).num_rows])
         for entry in ctx.spec.stages:
             cls = stage_class(entry.name)
@@ -369,7 +373,8 @@ def process_stages(ctx: BuildContext, quiet: bool = False) -> dict:
                                     compute=ray.data.ActorPoolStrategy(size=res.pool_size), **common)
             else:
                 ds = ds.map_batches(_run_stage_task, fn_args=(entry.name, params_json, timer), **common)
-        stage_seconds = _run_with_progress(lambda: ds.write_parquet(str(tmp)), timer, names, rows)
+        stage_seconds = _run_with_progress(lambda: ds.write_parquet(str(tmp)), timer_actor, names, rows)
+        ray.kill(timer_actor)
     else:
         tmp.mkdir(parents=True)
         for i, f in enumerate(pair_files):

@@ -1,4 +1,4 @@
-"""pairforge command line: build, demo, catalog."""
+"""pairforge command line: build, demo, catalog, train, export, eval."""
 from __future__ import annotations
 
 import argparse
@@ -194,6 +194,49 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_negatives(args) -> int:
+    from flows.negatives import load_negatives_spec, negatives_flow
+
+    spec = load_negatives_spec(args.spec).model_dump()
+    if args.editors:
+        spec["editors"] = [e.strip() for e in args.editors.split(",") if e.strip()]
+    for key in ("max_rows", "scorer", "scenes", "min_image_sim", "max_image_sim"):
+        if getattr(args, key) is not None:
+            spec[key] = getattr(args, key)
+    result = negatives_flow(str(args.build), spec, quiet=args.quiet or args.json)
+    st = result["stats"]
+    if args.json:
+        print(json.dumps(st, indent=2, default=str))
+    else:
+        for ed, s in st["by_editor"].items():
+            print(f"{ed:10s} candidates={s['candidates']} made={s['made']} kept={s['kept']} "
+                  f"preferred_before={s['preferred_before']} dropped={s['dropped']}")
+        print(f"{st['candidates']} candidates = {st['kept']} kept + {st['dropped']} dropped\noutput: {result['dir']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from flows.export import ExportError, export
+
+    try:
+        out = export(args.build, args.format, args.out, samples_per_tar=args.samples_per_tar)
+    except ExportError as e:
+        print(f"pairforge: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=2) if args.json else
+          f"{args.format}: {out.get('samples', out.get('uids'))} samples -> {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from flows.eval import eval_flow
+
+    res = eval_flow(out=str(args.out), seeds=args.seed, n_build=args.n_build, n_eval=args.n_eval, steps=args.steps,
+                    batch_size=args.batch_size, catalog_path=args.catalog, threads=args.threads)
+    print(json.dumps(res["results"], indent=2, default=str) if args.json else res["table"])
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pairforge", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -266,6 +309,41 @@ def parser() -> argparse.ArgumentParser:
     sh.add_argument("uid", help="a uid, or a unique prefix of one")
     sh.add_argument("--json", action="store_true")
     sh.set_defaults(fn=cmd_show)
+
+    ng = sub.add_parser("negatives", help="counterfactual hard-negative images of a finished build (validated by "
+                                          "the scorer) -> BUILD/negatives")
+    ng.add_argument("build", type=Path, help="the finished build's folder")
+    ng.add_argument("--spec", type=Path, help="YAML of stages.negatives_image.NegativesImageSpec fields")
+    ng.add_argument("--editors", help="comma-separated: flip,recolor,render,diffusion")
+    ng.add_argument("--max-rows", dest="max_rows", type=int)
+    ng.add_argument("--scorer")
+    ng.add_argument("--scenes", help="parquet with uid, scene, render_seed (render editor)")
+    ng.add_argument("--min-image-sim", dest="min_image_sim", type=float)
+    ng.add_argument("--max-image-sim", dest="max_image_sim", type=float)
+    common(ng)
+    ng.set_defaults(fn=cmd_negatives)
+
+    ex = sub.add_parser("export", help="export a build's pairs: WebDataset tars (img2dataset layout) or a DataComp "
+                                       "uid subset (.npy)")
+    ex.add_argument("build", type=Path, help="the build's folder (its shards/), or a folder / glob of shards")
+    ex.add_argument("--format", choices=("webdataset", "uids"), required=True)
+    ex.add_argument("out", type=Path, help="folder of tars (webdataset) or .npy file (uids)")
+    ex.add_argument("--samples-per-tar", type=int, default=10000)
+    ex.add_argument("--json", action="store_true")
+    ex.set_defaults(fn=cmd_export)
+
+    ev = sub.add_parser("eval", help="demo comparisons at equal compute (raw vs curated build, clip vs negclip) on "
+                                     "fresh scenes: retrieval and SugarCrepe-style compositional accuracy")
+    ev.add_argument("--out", type=Path, default=Path("demo-out/eval"))
+    ev.add_argument("--seed", type=int, action="append", help="training seed (repeatable; default 0)")
+    ev.add_argument("--n-build", type=int, default=2000, help="demo scenes per build")
+    ev.add_argument("--n-eval", type=int, default=300, help="evaluation scenes")
+    ev.add_argument("--steps", type=int, help="training steps per run (default: flows.eval.PROXY_OPTIM)")
+    ev.add_argument("--batch-size", type=int)
+    ev.add_argument("--threads", type=int, default=1)
+    ev.add_argument("--catalog", default="demo-out/builds/catalog.duckdb", help="record metrics here")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(fn=cmd_eval)
     return p
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from flows import env  # noqa: F401
-from flows.loaders import ShardPairs, random_crop, resolve_shards
+from flows.loaders import HardNegativeCollate, ShardPairs, random_crop, resolve_shards
 from schemas.train_spec import ModelSpec, TrainSpec, load_train_spec
 
 log = logging.getLogger("pairforge.train")
@@ -47,7 +47,7 @@ class TrainError(RuntimeError):
 
 # --------------------------------------------------------------------------- losses
 
-# name -> fn(model, batch) -> scalar loss. negclip / tripletclip (hard negatives in the batch) register here later.
+# name -> fn(model, batch) -> scalar loss; negclip / tripletclip read hard negatives from the batch.
 LOSSES: dict[str, Callable] = {}
 
 
@@ -65,6 +65,58 @@ def clip_loss(model, batch: dict):
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 pixel_values=batch["pixel_values"], return_loss=True)
     return out.loss
+
+
+def _features(out):
+    """get_*_features returns a tensor in most transformers versions and a ModelOutput in some."""
+    return out if not hasattr(out, "pooler_output") else out.pooler_output
+
+
+def _hard_negative_loss(model, batch: dict, with_images: bool):
+    """NegCLIP / TripletCLIP over a HardNegativeCollate batch (flows.loaders).
+
+    Images I (B) and, with_images, negative images I' (K); texts T (B positives), T' (K captions of I') and N (M
+    negative captions). Logits = scale * cos(images, [T; T'; N]). image->text: each image's label is its own caption
+    among all texts (the negatives are extra columns); text->image: each paired caption (T; T') against all images
+    (the negative images are extra rows). Negative captions N have no image, so they only appear as columns.
+    With no negatives this is exactly CLIPModel's loss (mean of the two cross-entropies).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    img = _features(model.get_image_features(pixel_values=batch["pixel_values"]))
+    txt = _features(model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
+    if with_images and "neg_pixel_values" in batch:
+        img = torch.cat([img, _features(model.get_image_features(pixel_values=batch["neg_pixel_values"]))])
+        txt = torch.cat([txt, _features(model.get_text_features(input_ids=batch["neg_image_input_ids"],
+                                                                attention_mask=batch["neg_image_attention_mask"]))])
+    n_pairs = img.shape[0]
+    if "neg_input_ids" in batch:
+        txt = torch.cat([txt, _features(model.get_text_features(input_ids=batch["neg_input_ids"],
+                                                                attention_mask=batch["neg_attention_mask"]))])
+    img = F.normalize(img, dim=-1)
+    txt = F.normalize(txt, dim=-1)
+    logits = model.logit_scale.exp() * img @ txt.T  # (pairs, pairs + M)
+    labels = torch.arange(n_pairs, device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :n_pairs].T, labels)) / 2
+
+
+@register_loss("negclip")
+def negclip_loss(model, batch: dict):
+    """NegCLIP (Yuksekgonul et al. 2023): the batch's negative captions are extra columns of the image->text
+    logits."""
+    return _hard_negative_loss(model, batch, with_images=False)
+
+
+@register_loss("tripletclip")
+def tripletclip_loss(model, batch: dict):
+    """TripletCLIP (Patel et al. 2024): also negative images with their own captions, as extra pairs (rows and
+    columns), besides the negative captions as extra columns."""
+    return _hard_negative_loss(model, batch, with_images=True)
+
+
+# losses whose batches come from ShardPairs(negatives=True) through HardNegativeCollate
+NEGATIVE_LOSSES = {"negclip", "tripletclip"}
 
 
 # --------------------------------------------------------------------------- tokenizer, processor, model
@@ -320,6 +372,17 @@ def prepare_data(spec: TrainSpec) -> list[Path]:
         raise TrainError(f"data.shards: {e}") from None
 
 
+def prepare_hard_negatives(spec: TrainSpec) -> list[Path] | None:
+    """Parquet files of negative images (uid, neg_image, neg_text) for tripletclip, from data.hard_negatives."""
+    pats = getattr(spec.data, "hard_negatives", None)
+    if not pats or spec.loss != "tripletclip":
+        return None
+    try:
+        return resolve_shards(pats)
+    except ValueError as e:
+        raise TrainError(f"data.hard_negatives: {e}") from None
+
+
 def file_sha256(path: Path) -> str:
     import hashlib
 
@@ -402,8 +465,11 @@ def _train(spec: TrainSpec, *, fresh: bool, stop_after: int | None, logger, spec
                                                         spec.augment.crop_prob),
                         seed=spec.seed, split="train", eval_fraction=spec.data.eval_fraction,
                         shuffle_buffer=spec.data.shuffle_buffer, start=step * o.batch_size,
-                        text_column=spec.data.text_column, image_column=spec.data.image_column)
-        loader = DataLoader(ds, batch_size=o.batch_size, collate_fn=Collate(tokenizer), num_workers=0)
+                        text_column=spec.data.text_column, image_column=spec.data.image_column,
+                        negatives=spec.loss in NEGATIVE_LOSSES, max_negatives=spec.data.max_negatives,
+                        hard_negatives=prepare_hard_negatives(spec))
+        collate = HardNegativeCollate(tokenizer) if spec.loss in NEGATIVE_LOSSES else Collate(tokenizer)
+        loader = DataLoader(ds, batch_size=o.batch_size, collate_fn=collate, num_workers=0)
         model.train()
         t_last, window = time.perf_counter(), []
         with open(metrics_path, "a") as mf:

@@ -140,3 +140,32 @@ def rejects_schema(stages: list[str]) -> pa.Schema:
 
 # Column groups that are heavy and never needed by metadata passes.
 HEAVY_COLUMNS = {"image"}
+
+# The hard-negative image set (flows.negatives, stages.negatives_image): one row per (positive, negative), rows sorted
+# by uid so a positive and all its negatives sit together (a shard never splits a uid). Same schema in
+# negatives/ (kept) and negatives/rejects/ (dropped, with `reason`; `image` null there, neg_image null when the
+# editor made none).
+NEGATIVES_IMAGE_FIELDS = [
+    pa.field("uid", pa.string(), nullable=False),  # the positive pair's uid in the source build
+    pa.field("caption", pa.string()),
+    pa.field("image", pa.binary()),  # the positive image
+    pa.field("neg_caption", pa.string()),
+    pa.field("neg_image", pa.binary()),
+    pa.field("kind", pa.string()),  # negatives_text kind (replace_att ...) or the editor's own (flip_lr)
+    pa.field("editor", pa.string()),  # flip | recolor | render | diffusion
+    pa.field("edit_before", pa.string()),
+    pa.field("edit_after", pa.string()),
+    pa.field("score_neg", pa.float32()),  # scorer cosine(neg_image, neg_caption)
+    pa.field("score_pos", pa.float32()),  # scorer cosine(neg_image, caption)
+    pa.field("orig_score_pos", pa.float32()),  # cosine(image, caption)
+    pa.field("orig_score_neg", pa.float32()),  # cosine(image, neg_caption)
+    pa.field("image_sim", pa.float32()),  # cosine(image, neg_image) of the scorer's image embeddings
+    pa.field("preferred", pa.bool_()),  # score_neg > score_pos
+    pa.field("kept", pa.bool_()),
+    pa.field("reason", pa.string()),  # null when kept; not_preferred too_similar too_different no_region not_applicable
+    pa.field("detail", pa.string()),
+    pa.field("gen_ms", pa.float32()),  # time the editor took for this candidate
+    pa.field("negatives_id", pa.string()),
+    pa.field("source_build_id", pa.string()),
+]
+NEGATIVES_IMAGE_SCHEMA = pa.schema(NEGATIVES_IMAGE_FIELDS)

@@ -31,8 +31,8 @@ from schemas.spec import SpecError, _format_errors
 TRAIN_SPEC_VERSION = 1
 
 # Contrastive losses a spec may name; flows.train registers an implementation for each (LOSSES).
-# negclip / tripletclip need hard negatives from the loader and will be added with them.
-KNOWN_LOSSES = ("clip",)
+# negclip / tripletclip read hard negatives (the neg_captions column; tripletclip also data.hard_negatives images).
+KNOWN_LOSSES = ("clip", "negclip", "tripletclip")
 
 
 class _Strict(BaseModel):
@@ -65,6 +65,10 @@ class DataSpec(_Strict):
     text_column: str = "text"
     image_column: str = "image"
     synthetic: SyntheticData | None = None
+    max_negatives: int | None = Field(None, gt=0, description="negclip / tripletclip: negative captions per pair at "
+                                                             "most (a seeded sample of the neg_captions column)")
+    hard_negatives: list[str] | None = Field(None, description="tripletclip: Parquet files of negative images "
+                                                               "(uid, neg_image, neg_text)")
 
 
 class ModelSpec(_Strict):
@@ -160,6 +164,9 @@ class TrainSpec(_Strict):
             d.pop(k, None)
         d["data"].pop("synthetic", None)
         d["data"].pop("eval_max_pairs", None)
+        for k in ("max_negatives", "hard_negatives"):  # unset: hashes as before these fields existed
+            if d["data"].get(k) is None:
+                d["data"].pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
@@ -177,6 +184,8 @@ def parse_train_spec(data: dict, base_dir: Path | None = None, origin: str = "<t
         return p if p.is_absolute() else (base / p).resolve()
 
     spec.data.shards = [s if Path(s).is_absolute() else str(base / s) for s in spec.data.shards]
+    if spec.data.hard_negatives:
+        spec.data.hard_negatives = [s if Path(s).is_absolute() else str(base / s) for s in spec.data.hard_negatives]
     spec.out = resolve(spec.out)
     if spec.export is not None:
         spec.export = resolve(spec.export)

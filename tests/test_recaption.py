@@ -420,3 +420,32 @@ def test_fuse_concepts_from_ocr_column_or_a_captioner(lm_cache, tmp_path):
     im = Image.new("RGB", (40, 40), (200, 30, 30))
     got = st._concepts(pa.table({"text": ["x", "y"]}), [im, None])
     assert isinstance(got[0], str) and got[0] and got[1] is None
+
+
+def test_stage_runs_inside_a_real_build(lm_cache, tmp_path):
+    """The demo build (Prefect flow, local Ray, loopback server) with recaption as an actor-pool stage, on the
+    first 16 rows of a 200-row demo corpus (about 90 s here). Ray workers inherit PAIRFORGE_CACHE, so the actor
+    loads the module's converted model."""
+    from flows.build import build_flow
+    from flows.demo.server import DemoServer
+    from tests.builds import make_demo, read_parts
+
+    d = make_demo(tmp_path, 200, stages=[
+        {"basic": {"min_side": 48, "max_aspect": 3.0, "min_words": 3, "min_chars": 6}},
+        {"recaption": {"mode": "rewrite", "n": 1, "cpus": 0.5, "pool_size": 1, "batch_size": 16,
+                       "max_new_tokens": 32}}])
+    urls = pq.read_table(d["corpus"] / "urls.parquet")
+    pq.write_table(urls.slice(0, 16), d["corpus"] / "urls.parquet")
+    with DemoServer(d["corpus"], port=d["port"]):
+        result = build_flow(str(d["spec"]), quiet=True)
+    build_dir = Path(result["build_dir"])
+    t = read_parts(build_dir, "shards", ["uid", "text", "recaptions", "recaption_rejects"])
+    rejects = read_parts(build_dir, "rejects", ["uid", "stage", "reason"])
+    assert "recaption" not in rejects.column("stage").to_pylist()  # the stage never rejects a pair by default
+    rows = t.to_pylist()
+    assert rows and all(len(r["recaptions"]) + len(r["recaption_rejects"]) == 1 for r in rows)
+    kept = [c for r in rows for c in r["recaptions"]]
+    print(f"\nbuild: {len(rows)} pairs kept, {len(kept)} with a rewrite; "
+          f"rejects {summarize([r['recaptions'] for r in rows], [r['recaption_rejects'] for r in rows])['reasons']}")
+    meta = json.loads((build_dir / "manifest.json").read_text())["stage_metadata"]["recaption"]
+    assert meta["model"] == "smollm2-135m" and meta["mode"] == "rewrite" and meta["prompt_ids"]
