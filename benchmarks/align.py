@@ -6,7 +6,7 @@ Data: N demo scenes rendered at 256 px (what ingest stores), JPEG, with their ca
 Model: flows/models/demo-clip when it exists, else a random CLIP of the same shape built on the fly (64 px, patch 8,
 width 128, 3+3 layers, projection 64); the first line says which. Every variant uses the same torch thread count.
 
-    raw        one process, batches of --batch-size: decode JPEG -> PIL, image processor + tokenizer once per batch,
+    raw        a fresh process (model load, Parquet read), batches of --batch-size: decode JPEG -> PIL, image processor + tokenizer once per batch,
                one forward (the same ClipModel the stage uses). The forward-only seconds are reported apart.
     single     the raw path one pair at a time (batch of 1), on the first --single pairs.
     ray        read_parquet -> map_batches(the build's _StageActor (+ CPU-time reporting), ActorPoolStrategy(size=1), num_cpus=1)
@@ -119,6 +119,8 @@ class _SpanTimer:
 
 
 def _bench_actor():
+    import ray
+
     import flows.build as fb
 
     class BenchActor(fb._StageActor):
@@ -127,7 +129,7 @@ def _bench_actor():
         def __call__(self, batch):
             c0 = time.process_time()
             out = super().__call__(batch)
-            self.timer.add_cpu.remote(time.process_time() - c0)
+            ray.get_actor(self.timer).add_cpu.remote(time.process_time() - c0)
             return out
 
     return BenchActor
@@ -149,9 +151,9 @@ def run_ray(parquet: Path, out: Path, model: str, batch_size: int, threads: int)
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
         params = AlignParams(model=model, batch_size=batch_size, threads=threads)
-        timer = ray.remote(num_cpus=0)(_SpanTimer).remote()
+        timer = ray.remote(num_cpus=0)(_SpanTimer).options(name="align-bench-timer").remote()
         ds = ray.data.read_parquet(str(parquet)).map_batches(
-            _bench_actor(), fn_constructor_args=("align", params.model_dump_json(), timer),
+            _bench_actor(), fn_constructor_args=("align", params.model_dump_json(), "align-bench-timer"),
             compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1, batch_size=batch_size, batch_format="pyarrow")
         t1 = time.time()
         ds.write_parquet(str(out))
@@ -163,6 +165,31 @@ def run_ray(parquet: Path, out: Path, model: str, batch_size: int, threads: int)
             "busy": span["busy"], "cpu": span["cpu"], "to_first_batch": span["first"] - t1}
 
 
+def raw_worker(parquet: str, model: str, batch_size: int, threads: int, single: int) -> dict:
+    """The raw measurements in a fresh process (same start as the actor's: model load, then a Parquet read)."""
+    from stages.models import load_clip
+
+    clip = load_clip(model, "cpu", "float32", threads=threads)
+    table = pq.read_table(parquet)
+    run_raw(clip, table, batch_size, limit=2 * batch_size)  # warm-up
+    raw_s, fwd_s, rows, cpu = run_raw(clip, table, batch_size)
+    out = {"seconds": raw_s, "forward": fwd_s, "rows": rows, "cpu": cpu}
+    if single:
+        one_s, _, one_rows, _ = run_raw(clip, table, 1, limit=single)
+        out |= {"single_seconds": one_s, "single_rows": one_rows}
+    return out
+
+
+def run_raw_subprocess(parquet: Path, model: str, batch_size: int, threads: int, single: int) -> dict:
+    import json
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--raw-worker", str(parquet), "--model", model, "--batch-size",
+           str(batch_size), "--threads", str(threads), "--single", str(single)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": str(threads)})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=4096)
@@ -170,9 +197,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared 2-core box 2 threads ran 17x slower from contention)")
     ap.add_argument("--single", type=int, default=256, help="pairs for the one-at-a-time loop")
+    ap.add_argument("--raw-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.raw_worker:
+        import json
 
-    from stages.models import MODELS_DIR, load_clip
+        print(json.dumps(raw_worker(a.raw_worker, a.model, a.batch_size, a.threads, a.single)))
+        return
+
+    from stages.models import MODELS_DIR
 
     tmp = Path(tempfile.mkdtemp(prefix="align-bench-"))
     try:
@@ -184,38 +218,38 @@ def main() -> None:
             which = "a random demo-shaped CLIP built on the fly (flows/models/demo-clip not present)"
         print(f"model: {which}", flush=True)
         t0 = time.perf_counter()
-        table = make_pairs(tmp / "pairs.parquet", a.n)
+        parquet = tmp / "pairs.parquet"
+        table = make_pairs(parquet, a.n)
         print(f"data: {a.n} scenes, 256 px JPEG, {table.nbytes / 2**20:.1f} MiB, made in "
               f"{time.perf_counter() - t0:.1f}s; batch {a.batch_size}, {a.threads} torch threads everywhere", flush=True)
+        del table
 
-        clip = load_clip(model, "cpu", "float32", threads=a.threads)
-        run_raw(clip, table, a.batch_size, limit=2 * a.batch_size)  # warm-up
-        raw_s, fwd_s, rows, raw_cpu = run_raw(clip, table, a.batch_size)
-        raw = rows / raw_s
-        print(f"raw, one process:   {rows} pairs in {raw_s:.2f}s = {raw:.0f} img/s "
-              f"(forward alone {fwd_s:.2f}s = {rows / fwd_s:.0f} img/s; decode + processor the rest)", flush=True)
-        one_s, _, one_rows, _ = run_raw(clip, table, 1, limit=a.single)
-        single = one_rows / one_s
-        print(f"one pair at a time: {one_rows} pairs in {one_s:.2f}s = {single:.0f} img/s "
-              f"(batched is {raw / single:.1f}x faster)", flush=True)
-        del clip
+        r1 = run_raw_subprocess(parquet, model, a.batch_size, a.threads, a.single)
+        rows = r1["rows"]
+        print(f"raw, one process:   {rows} pairs in {r1['seconds']:.2f}s = {rows / r1['seconds']:.0f} img/s "
+              f"(forward alone {r1['forward']:.2f}s = {rows / r1['forward']:.0f} img/s; decode + processor the rest)",
+              flush=True)
+        single = r1["single_rows"] / r1["single_seconds"]
+        print(f"one pair at a time: {r1['single_rows']} pairs in {r1['single_seconds']:.2f}s = {single:.0f} img/s "
+              f"(batched is {rows / r1['seconds'] / single:.1f}x faster)", flush=True)
 
-        r = run_ray(tmp / "pairs.parquet", tmp / "out", model, a.batch_size, a.threads)
+        r = run_ray(parquet, tmp / "out", model, a.batch_size, a.threads)
         assert r["rows"] == a.n, r
         ray_rate = r["rows"] / r["steady"]
-        clip = load_clip(model, "cpu", "float32", threads=a.threads)
-        raw2_s, fwd2_s, _, raw2_cpu = run_raw(clip, table, a.batch_size)
-        print(f"raw again, after ray: {rows} pairs in {raw2_s:.2f}s = {rows / raw2_s:.0f} img/s "
-              f"(forward alone {rows / fwd2_s:.0f} img/s)", flush=True)
-        raw = max(raw, rows / raw2_s)  # the machine is shared: compare with the better of the two raw runs
-        raw_cpu_ms = 1000 * min(raw_cpu, raw2_cpu) / rows
-        print(f"CPU time per pair (steadier than wall time on a shared box): raw {raw_cpu_ms:.2f} ms, inside the "
-              f"Ray actor {1000 * r['cpu'] / r['rows']:.2f} ms (ratio {raw_cpu_ms / (1000 * r['cpu'] / r['rows']):.2f}; "
-              f"read/write tasks run in other processes)", flush=True)
         print(f"ray data, actor pool: {r['rows']} pairs, steady {r['steady']:.2f}s = {ray_rate:.0f} img/s "
               f"(inside the stage {r['busy']:.2f}s); one-time: ray.init {r['ray_start']:.1f}s, "
               f"pipeline start + actor model load {r['to_first_batch']:.1f}s; end to end {r['wall']:.1f}s "
               f"= {r['rows'] / r['wall']:.0f} img/s", flush=True)
+
+        r2 = run_raw_subprocess(parquet, model, a.batch_size, a.threads, 0)
+        print(f"raw again, after ray: {rows} pairs in {r2['seconds']:.2f}s = {rows / r2['seconds']:.0f} img/s "
+              f"(forward alone {rows / r2['forward']:.0f} img/s)", flush=True)
+        raw = rows / min(r1["seconds"], r2["seconds"])  # shared machine: the better of the two raw runs
+        raw_cpu_ms = 1000 * min(r1["cpu"], r2["cpu"]) / rows
+        ray_cpu_ms = 1000 * r["cpu"] / r["rows"]
+        print(f"CPU time per pair (steadier than wall time on a shared box): raw {raw_cpu_ms:.2f} ms, inside the "
+              f"Ray actor {ray_cpu_ms:.2f} ms (raw/actor {raw_cpu_ms / ray_cpu_ms:.2f}; Ray's read/write tasks run in "
+              f"other processes)", flush=True)
         print(f"ratio ray/raw = {ray_rate / raw:.2f} (goal >= 0.90)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

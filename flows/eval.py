@@ -279,8 +279,9 @@ def compare(runs: list[dict], scenes: list[dict], out: Path, seed: int = 0, step
     """runs: [{"name", "build_id", "shards", "loss"}]; trains and evaluates each at equal compute."""
     results = []
     for run in runs:
-        res = train_and_eval(Path(run["shards"]), out / f"{run['name']}-s{seed}", scenes, loss=run["loss"],
-                             seed=seed, steps=steps, batch_size=batch_size, threads=threads)
+        run_dir = out / f"{run['name'].replace('/', '-')}-s{seed}"
+        res = train_and_eval(Path(run["shards"]), run_dir, scenes, loss=run["loss"], seed=seed, steps=steps,
+                             batch_size=batch_size, threads=threads)
         results.append({**run, "seed": seed, "metrics": res})
         if catalog is not None:
             detail = {"seed": seed, "steps": steps or PROXY_OPTIM["steps"],

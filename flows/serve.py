@@ -1,6 +1,6 @@
 """Scheduled builds: serve the build flow as a Prefect deployment with a cron schedule.
 
-    pairforge serve SPEC [--cron "0 3 * * *"] [--name NAME] [--port P]
+    pairforge serve SPEC [--cron "0 3 * * *"] [--name NAME] [--port P] [--prefect-home DIR]
 
 Schedules do not run on Prefect's temporary per-run server, so unless PREFECT_API_URL already names a server,
 `serve` starts one (`prefect server start --host 127.0.0.1`) with its database under <out>/_prefect, waits until
@@ -83,14 +83,18 @@ class LocalPrefectServer:
         finally:
             log.close()
         deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                rc, self.proc = self.proc.returncode, None
-                raise ServeError(f"the Prefect server exited with code {rc} before it was healthy; "
-                                 f"log {self.log_path}:\n{self.log_tail()}")
-            if api_healthy(self.api_url):
-                return self
-            time.sleep(0.5)
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    rc, self.proc = self.proc.returncode, None
+                    raise ServeError(f"the Prefect server exited with code {rc} before it was healthy; "
+                                     f"log {self.log_path}:\n{self.log_tail()}")
+                if api_healthy(self.api_url):
+                    return self
+                time.sleep(0.5)
+        except BaseException:  # Ctrl-C while waiting: leave no server behind
+            self.stop()
+            raise
         self.stop()
         raise ServeError(f"the Prefect server on {self.api_url} was not healthy after {self.startup_timeout:.0f} s; "
                          f"log {self.log_path}:\n{self.log_tail()}")
@@ -152,8 +156,9 @@ def serve_build(spec_path: str | Path, cron: str = DEFAULT_CRON, name: str | Non
 
     try:
         CronSchedule(cron=cron)
-    except ValueError as e:
-        raise ServeError(f"--cron {cron!r} is not a valid cron expression: {e}") from None
+    except ValueError:
+        raise ServeError(f"--cron {cron!r} is not a valid cron expression (five fields: minute hour day month "
+                         "weekday, e.g. \"0 3 * * *\")") from None
 
     server = None
     api_url = os.environ.get("PREFECT_API_URL")

@@ -171,16 +171,25 @@ def generate(table: pa.Table, editors: list[Editor], spec: NegativesImageSpec,
 
 def score(cands: list[dict], clip, batch_size: int = 64) -> None:
     """Adds score_neg, score_pos, orig_score_pos, orig_score_neg, image_sim, preferred to candidates with an image
-    (in place). The counterfactual is scored as stored (decoded from its encoded bytes)."""
+    (in place). The counterfactual is scored as stored (decoded from its encoded bytes). Candidates of one uid share
+    its caption and original image."""
     todo = [c for c in cands if c.get("neg_image") is not None]
     for s in range(0, len(todo), batch_size):
         part = todo[s:s + batch_size]
         n = len(part)
-        imgs = [decode_rgb(c["neg_image"]) for c in part] + [c["_orig"] for c in part]
-        txts = [c["neg_caption"] for c in part] + [c["caption"] for c in part]
+        # each positive (image, caption) once per batch: the pairs are (counterfactual, negative caption) and
+        # (original, caption), so one forward embeds n + u images and texts
+        first: dict = {}
+        for c in part:
+            first.setdefault(c["uid"], c)
+        origs = list(first.values())
+        at = {u: n + k for k, u in enumerate(first)}
+        imgs = [decode_rgb(c["neg_image"]) for c in part] + [c["_orig"] for c in origs]
+        txts = [c["neg_caption"] for c in part] + [c["caption"] for c in origs]
         ie, te = clip.embed(imgs, txts)
         ie, te = ie.numpy(), te.numpy()
-        neg_img, orig_img, neg_txt, pos_txt = ie[:n], ie[n:], te[:n], te[n:]
+        idx = [at[c["uid"]] for c in part]
+        neg_img, orig_img, neg_txt, pos_txt = ie[:n], ie[idx], te[:n], te[idx]
         sn = np.einsum("nd,nd->n", neg_img, neg_txt)
         sp = np.einsum("nd,nd->n", neg_img, pos_txt)
         op = np.einsum("nd,nd->n", orig_img, pos_txt)

@@ -419,9 +419,9 @@ def test_ray_actor_pool_matches_direct_call(tiny_clip):
     try:
         fb.quiet_ray_data()
         ray.data.DataContext.get_current().execution_options.preserve_order = True
-        timer = ray.remote(num_cpus=0)(fb._StageTimer).remote()
+        timer = ray.remote(num_cpus=0)(fb._StageTimer).options(name="align-test-timer").remote()
         ds = ray.data.from_arrow(table).map_batches(
-            fb._StageActor, fn_constructor_args=("align", params.model_dump_json(), timer),
+            fb._StageActor, fn_constructor_args=("align", params.model_dump_json(), "align-test-timer"),
             compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5, batch_size=8, batch_format="pyarrow")
         got = pa.concat_tables(ray.get(ds.to_arrow_refs()))
         assert ray.get(timer.get.remote())["align"][0] == 24

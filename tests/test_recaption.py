@@ -220,18 +220,11 @@ def test_gguf_converted_once_then_loaded_from_cache(lm_cache):
 
 @pytest.fixture(scope="module")
 def stage(lm_cache):
-    st = RecaptionStage(RecaptionParams(threads=1, max_new_tokens=32, score_model=None))
+    st = RecaptionStage(RecaptionParams(threads=1, max_new_tokens=32))  # score_model auto: demo-clip if trained
     st.setup()
     assert st.lm.location == lm_cache["lm"].location  # the module's fresh cache
     yield st
     st.teardown()
-
-
-def _demo_captions(n: int, seed: int = 0) -> list[str]:
-    from flows.demo.scenes import caption, sample_scene
-
-    rng = random.Random(seed)
-    return [caption(sample_scene(rng), rng) for _ in range(n)]
 
 
 def _coco(n: int) -> list[str]:
@@ -255,46 +248,64 @@ def _laion_english(n: int) -> list[str]:
     return out
 
 
-# Measured on 24 captions per source (sampling, T=0.8, seed 0, this gate): kept 25% demo, 38% COCO, 38% LAION;
-# greedy: 8% / 42% / 46% (greedy mostly echoes the short demo captions). The bounds below leave room for the
-# smaller samples here and for float differences across machines.
-KEPT_BOUNDS = (0.10, 0.75)
+# Measured with benchmarks/recaption.py --report (defaults: sampling T=0.8, seed 0, max_new_tokens 32, this gate,
+# demo-clip scoring the demo captions): kept 28/200 = 14% of demo captions (rejects: echo 52, added_object 28,
+# score_drop 27, repetition 20, changed_number 16, changed_relation 12 ...; mean score change of kept rewrites
+# -0.015), 17/50 = 34% of English LAION alt texts, 21/50 = 42% of COCO captions; 22% overall. On this test's
+# 16 + 8 + 8 captions: 28% (no scorer) to 25%. The bounds leave room for the small sample and for float
+# differences between machines; a broken prompt or gate lands outside them (0% or most).
+KEPT_BOUNDS = (0.05, 0.60)
 
 
 def test_real_captions_kept_share(stage):
-    sets = {"demo": _demo_captions(16), "coco": _coco(8), "laion": _laion_english(8)}
-    assert len(sets["coco"]) == 8 and len(sets["laion"]) == 8
+    from flows.demo.scenes import render_scene, sample_scene
+
+    rng = random.Random(0)
+    from flows.demo.scenes import caption
+
+    scenes = [sample_scene(rng) for _ in range(16)]
+    demo_texts = [caption(s, rng) for s in scenes]
+    demo_images = [render_scene(s, 128, i).convert("RGB") for i, s in enumerate(scenes)]
+    sets = {"demo": (demo_texts, demo_images), "coco": (_coco(8), None), "laion": (_laion_english(8), None)}
+    assert len(sets["coco"][0]) == 8 and len(sets["laion"][0]) == 8
     all_kept = all_rej = 0
+    deltas = []
     t0 = time.perf_counter()
-    for name, texts in sets.items():
-        kept, rejected = stage.rewrite(texts, uids=[f"{name}-{i}" for i in range(len(texts))])
+    for name, (texts, images) in sets.items():
+        kept, rejected = stage.rewrite(texts, uids=[f"{name}-{i}" for i in range(len(texts))], images=images)
         s = summarize(kept, rejected)
         print(f"\n{name}: kept {s['kept']}/{s['candidates']} = {s['kept_share']:.0%}; rejects {s['reasons']}")
         assert s["candidates"] == len(texts)  # n=1: one candidate per caption
-        for orig, row in zip(texts, kept):
+        for row in kept:
             for c in row:  # what is kept passed the gate and is recorded with its provenance
-                assert c["mode"] == "rewrite" and c["model"] == "smollm2-135m" and c["prompt_id"].startswith("rewrite/0/")
-                assert c["similarity"] >= stage.params.min_similarity and c["score"] is None
+                assert c["mode"] == "rewrite" and c["model"] == "smollm2-135m"
+                assert c["prompt_id"].startswith("rewrite/0/") and c["similarity"] >= stage.params.min_similarity
+                if c["score"] is not None:
+                    deltas.append(c["score"] - c["score_original"])
+                    assert deltas[-1] >= -stage.params.max_score_drop
+                else:
+                    assert name != "demo" or stage.scorer is None
         all_kept += s["kept"]
         all_rej += s["candidates"] - s["kept"]
     dt = time.perf_counter() - t0
     share = all_kept / (all_kept + all_rej)
-    print(f"overall kept share {share:.0%} of {all_kept + all_rej} candidates; generation + gate {dt:.0f}s, "
-          f"{stage.generated_tokens} tokens generated so far")
+    change = f"{sum(deltas) / len(deltas):+.4f} over {len(deltas)}" if deltas else "n/a (no scorer or none kept)"
+    print(f"overall kept share {share:.0%} of {all_kept + all_rej} candidates; mean score change of kept demo "
+          f"rewrites {change} (score model {stage.score_model}); generation + gate {dt:.0f}s")
     assert KEPT_BOUNDS[0] <= share <= KEPT_BOUNDS[1]
 
 
 def test_sampling_is_seeded_and_batch_independent(lm_cache):
-    st = RecaptionStage(RecaptionParams(threads=1, max_new_tokens=16, score_model=None, do_sample=True, seed=7,
-                                        generate_batch_size=4))
+    st = RecaptionStage(RecaptionParams(threads=1, max_new_tokens=12, score_model=None, do_sample=True, seed=7,
+                                        generate_batch_size=3))
     st.lm = lm_cache["lm"]
     st.encoder = _encoder()
     from stages.language import LanguageDetector
 
     st.detector = LanguageDetector()
     texts = ["a red circle above two blue squares", "A brown dog standing on a wooden bench.",
-             "Vintage blue ceramic vase", "three small black triangles"]
-    uids = ["u0", "u1", "u2", "u3"]
+             "Vintage blue ceramic vase"]
+    uids = ["u0", "u1", "u2"]
 
     def run(ts, us, **kw):
         st.params = st.params.model_copy(update=kw)
@@ -302,7 +313,7 @@ def test_sampling_is_seeded_and_batch_independent(lm_cache):
         return {u: (k[0]["text"] if k else r[0]["text"]) for u, k, r in zip(us, kept, rej)}
 
     a = run(texts, uids)
-    b = run(texts[::-1], uids[::-1], generate_batch_size=2)  # other order, other batches
+    b = run(texts[::-1], uids[::-1], generate_batch_size=1)  # other order, batches of one
     assert a == b
     c = run(texts, uids, seed=8)
     assert c != a

@@ -125,6 +125,46 @@ def test_cron_deployment_runs_twice_and_the_second_run_is_incremental(tmp_path):
     assert all(u.startswith(base) for u in failed | processed)
 
 
+def test_serve_uses_the_server_prefect_api_url_names(tmp_path):
+    """With PREFECT_API_URL set, `pairforge serve` starts no server of its own: it registers the deployment there,
+    and on SIGTERM stops serving (schedule paused) and leaves that server running."""
+    import httpx
+
+    from flows.serve import LocalPrefectServer, api_healthy
+
+    d = make_demo(tmp_path, 200, seed=2, stages=CAPTION_STAGES)
+    bad = subprocess.run([sys.executable, "-m", "flows.cli", "serve", str(d["spec"]), "--cron", "61 * * * *"],
+                         env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "not a valid cron expression" in bad.stderr
+    with LocalPrefectServer(tmp_path / "prefect") as srv:
+        env = _env(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_API_URL=srv.api_url)
+        with open(tmp_path / "serve.log", "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", str(d["spec"]), "--cron", "0 3 * * *"],
+                                    env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 180
+            deps: list[dict] = []
+            while not deps:
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                assert time.time() < deadline, "no deployment registered"
+                time.sleep(1)
+                deps = httpx.post(f"{srv.api_url}/deployments/filter", json={}, timeout=10).json()
+            dep = deps[0]
+            assert dep["name"] == "demo-scenes" and dep["entrypoint"] == "flows.build.build_flow"
+            assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * *"]
+            assert dep["parameters"] == {"spec_path": str(d["spec"]), "quiet": True, "wait_lock": True}
+            time.sleep(2)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        finally:
+            _stop(proc, signal.SIGTERM, grace=10)
+        log_text = (tmp_path / "serve.log").read_text()
+        assert f"using the Prefect server at {srv.api_url}" in log_text and "starting a Prefect server" not in log_text
+        assert api_healthy(srv.api_url), "serve stopped a server it did not start"
+        dep = httpx.get(f"{srv.api_url}/deployments/{dep['id']}", timeout=10).json()
+        assert dep["paused"] or not any(s["active"] for s in dep["schedules"]), "schedule still active after stop"
+
+
 def test_two_builds_of_one_dataset_at_once(tmp_path):
     """While build A holds the dataset lock, B (no --wait) fails naming the dataset, C (--wait) waits for A."""
     import psutil
