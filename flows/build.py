@@ -432,7 +432,7 @@ def processed_files(ctx: BuildContext) -> list[Path]:
 
 def read_metadata(ctx: BuildContext) -> pa.Table:
     """Every processed row without its image bytes: what global decisions read."""
-    files = processed_files(ctx)
+    files = [f for f in processed_files(ctx) if pq.read_metadata(f).num_rows]  # empty ones lack stage columns
     if not files:
         return build_schema(ctx.spec.stage_names()).empty_table()
     ds = pads.dataset([str(f) for f in files], format="parquet")
@@ -599,7 +599,19 @@ def prepare_task(ctx: BuildContext) -> dict:
     return prepare_inputs(ctx)
 
 
-@task(name="ingest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)  # resumes: done shards are skipped
+def _transient(task, task_run, state) -> bool:
+    """Retry failures that may pass (a lost worker, a network error), not a bad spec or input."""
+    try:
+        state.result()
+    except (ValueError, BuildError):  # SpecError, IngestError, StageConfigError are ValueErrors
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="ingest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,  # resumes: done shards are skipped
+      retry_condition_fn=_transient)
 def ingest_task(ctx: BuildContext, prepared: dict) -> dict:
     return ingest_all(ctx, prepared)
 
