@@ -575,6 +575,7 @@ def ray_session(spec: BuildSpec):
         yield
         return
     env_vars = {k: os.environ[k] for k in ("NO_ALBUMENTATIONS_UPDATE", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
+                                           "PAIRFORGE_CACHE", "HF_HOME",
                                            "TOKENIZERS_PARALLELISM", "WANDB_MODE") if k in os.environ}
     kw = dict(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env_vars},
               configure_logging=True, logging_level="WARNING")
