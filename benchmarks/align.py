@@ -8,6 +8,7 @@ width 128, 3+3 layers, projection 64); the first line says which. Every variant 
 
     raw        a fresh process (model load, Parquet read), batches of --batch-size: decode JPEG -> PIL, image processor + tokenizer once per batch,
                one forward (the same ClipModel the stage uses). The forward-only seconds are reported apart.
+    stage      AlignStage called directly on the same batches in that process (its own overhead over raw).
     single     the raw path one pair at a time (batch of 1), on the first --single pairs.
     ray        read_parquet -> map_batches(the build's _StageActor (+ CPU-time reporting), ActorPoolStrategy(size=1), num_cpus=1)
                -> write_parquet, in a local Ray with 2 CPUs. Steady state: rows / (end of the last batch - start of
@@ -174,6 +175,16 @@ def raw_worker(parquet: str, model: str, batch_size: int, threads: int, single: 
     run_raw(clip, table, batch_size, limit=2 * batch_size)  # warm-up
     raw_s, fwd_s, rows, cpu = run_raw(clip, table, batch_size)
     out = {"seconds": raw_s, "forward": fwd_s, "rows": rows, "cpu": cpu}
+    # the stage itself on the same batches in this process, sharing the loaded model: its own overhead
+    from schemas.spec import AlignParams
+    from stages.align import AlignStage
+
+    stage = AlignStage(AlignParams(model=model, batch_size=batch_size, threads=threads))
+    stage.clip = clip
+    t0 = time.perf_counter()
+    for s in range(0, table.num_rows, batch_size):
+        stage(table.slice(s, batch_size))
+    out["stage_seconds"] = time.perf_counter() - t0
     if single:
         one_s, _, one_rows, _ = run_raw(clip, table, 1, limit=single)
         out |= {"single_seconds": one_s, "single_rows": one_rows}
@@ -229,6 +240,8 @@ def main() -> None:
         print(f"raw, one process:   {rows} pairs in {r1['seconds']:.2f}s = {rows / r1['seconds']:.0f} img/s "
               f"(forward alone {r1['forward']:.2f}s = {rows / r1['forward']:.0f} img/s; decode + processor the rest)",
               flush=True)
+        print(f"stage called directly on the same batches, same process: {rows / r1['stage_seconds']:.0f} img/s "
+              f"(stage/raw {r1['seconds'] / r1['stage_seconds']:.2f})", flush=True)
         single = r1["single_rows"] / r1["single_seconds"]
         print(f"one pair at a time: {r1['single_rows']} pairs in {r1['single_seconds']:.2f}s = {single:.0f} img/s "
               f"(batched is {rows / r1['seconds'] / single:.1f}x faster)", flush=True)

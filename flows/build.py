@@ -359,6 +359,7 @@ def process_stages(ctx: BuildContext, quiet: bool = False) -> dict:
         dctx.execution_options.preserve_order = True
         dctx.enable_progress_bars = False  # our reporter shows progress; Ray Data's would log lines off a TTY
         quiet_ray_data()
+        check_pool_budget(ctx.spec, ray.cluster_resources().get("CPU", 0.0))
         timer = f"pairforge-timer-{ctx.build_id}"
         timer_actor = ray.remote(num_cpus=0)(_StageTimer).options(name=timer).remote()
         ds = ray.data.read_parquet([f for f in pair_files if pq.read_metadata(f).num_rows])
@@ -384,6 +385,24 @@ def process_stages(ctx: BuildContext, quiet: bool = False) -> dict:
     summary = {"rows": rows, "seconds": time.perf_counter() - t0, "stage_seconds": stage_seconds}
     atomic_write_text(done, json.dumps(summary))
     return summary
+
+
+def check_pool_budget(spec: BuildSpec, cluster_cpus: float) -> None:
+    """Actor pools hold their CPUs for the whole pipeline; if what is left can't run one read or task, Ray Data
+    waits forever. Refuse such a spec up front, naming the numbers."""
+    pools, tasks = 0.0, [1.0]  # a read task takes one CPU
+    for entry in spec.stages:
+        cls = stage_class(entry.name)
+        res = cls.default_resources.override(entry.params)
+        if cls.uses_model:
+            pools += res.cpus * res.pool_size
+        else:
+            tasks.append(res.cpus)
+    if cluster_cpus - pools < max(tasks):
+        raise BuildError(
+            f"the model stages' actor pools hold {pools:g} of the cluster's {cluster_cpus:g} CPUs, leaving less than "
+            f"the {max(tasks):g} a read or CPU stage needs: the pipeline would stall. Lower those stages' `cpus` or "
+            f"`pool_size`, or add CPUs")
 
 
 def _run_with_progress(run, timer, names: list[str], rows: int) -> dict:

@@ -158,7 +158,8 @@ class NegativesTextParams(StageParams):
     per_kind: int = Field(1, ge=1, le=20, description="negatives of each kind per caption, at most")
     seed: int = Field(0, description="negatives are deterministic for (caption, kind, seed)")
     method: Literal["rule", "lm"] = Field("rule", description="rule: lexicon edits; lm: a causal LM with examples")
-    lm_model: str = Field("smollm2-135m", min_length=1, description="causal LM for method lm (stages.lm names)")
+    lm_model: str = Field("smollm2-135m", min_length=1,
+                          description="causal LM for method lm and plausibility lm (stages.lm names)")
     max_blind_bias: float | None = Field(
         0.75, ge=0.5, le=1.0, description="per kind, drop the negatives a text-only n-gram LM spots most easily "
                                           "until it prefers the caption in at most this share of pairs; None: off")
@@ -170,6 +171,9 @@ class NegativesTextParams(StageParams):
         True, description="draw `pool` candidates per kind and keep those a cross-fitted n-gram LM finds as "
                           "plausible as the caption (rule method)")
     pool: int = Field(12, ge=1, le=100, description="candidates drawn per kind when select_plausible")
+    plausibility: Literal["ngram", "lm"] = Field(
+        "ngram", description="scorer of selection and the blind check: ngram (k-fold bigram LMs fitted on the "
+                             "batch's captions) or lm (lm_model's log-likelihood; wants a GPU)")
 
     @field_validator("kinds")
     @classmethod

@@ -692,8 +692,8 @@ def gen_replace_att(p: Parse, rng: random.Random) -> Iterable[Negative]:
 
 
 def gen_replace_rel(p: Parse, rng: random.Random) -> Iterable[Negative]:
-    cands = [(r, o) for r in p.rels for o in r.options]
-    rng.shuffle(cands)
+    cands = [(r, o, k) for r in p.rels for k, o in enumerate(r.options)]
+    cands = [(r, o) for r, o, _ in _weighted_shuffle(rng, cands, [1.0 / (k + 1) for _, _, k in cands])]
     for r, o in cands:
         e = Edit(p).replace(r.start, r.end, _case_like(p, r.start, o))
         neg = e.result("replace_rel")
@@ -738,7 +738,8 @@ def gen_swap_obj(p: Parse, rng: random.Random) -> Iterable[Negative]:
                 continue
             if _symmetric_between(p, a, b) and sorted(_premod_words(p, a)) == sorted(_premod_words(p, b)):
                 continue
-            if L.coarse(a.category) != L.coarse(b.category) or _bare_singular(p, a) or _bare_singular(p, b):
+            if L.SWAP_GROUPS.get(a.category, a.category) != L.SWAP_GROUPS.get(b.category, b.category) \
+                    or _bare_singular(p, a) or _bare_singular(p, b):
                 continue
             if not (_premods_fit(p, a, b.noun) and _premods_fit(p, b, a.noun)):
                 continue
@@ -1163,9 +1164,9 @@ class LmScorer:
     plausibility score, stronger than NgramLM."""
 
     def __init__(self, name: str = "smollm2-135m", device: str = "auto", threads: int | None = None,
-                 batch_size: int = 64):
+                 batch_size: int = 64, gpus: float = 0.0):
         from stages.lm import load_lm  # noqa: PLC0415
-        self.lm = load_lm(name, device, "auto", threads=threads, stage="negatives_text")
+        self.lm = load_lm(name, device, "auto", threads=threads, gpus=gpus, stage="negatives_text")
         self.batch_size = batch_size
 
     def scores(self, texts: list[str]) -> list[float]:
@@ -1378,6 +1379,7 @@ class NegativesTextStage(Stage):
     def __init__(self, params: NegativesTextParams):
         super().__init__(params)
         self._lm: LmNegatives | None = None
+        self._scorer: LmScorer | None = None
         self.dropped_by_blind_check: Counter = Counter()
 
     def _lm_negatives(self) -> LmNegatives:
@@ -1389,41 +1391,76 @@ class NegativesTextStage(Stage):
     def preflight(self) -> None:
         if self.params.method == "lm":
             self._lm_negatives().preflight()
+        if self.params.plausibility == "lm" and (self.params.select_plausible or self._checking()):
+            from stages.lm import check_lm_loadable  # noqa: PLC0415
+            check_lm_loadable(self.params.lm_model, stage="negatives_text")
 
     def setup(self) -> None:
         if self.params.method == "lm":
             self._lm_negatives().load()
 
-    def _fold_lms(self, texts: list[str | None]) -> tuple[list[int], list[NgramLM]]:
-        """k-fold n-gram LMs over the batch's captions: a caption is scored by the LM fitted on the other folds."""
-        return fold_lms(texts, BLIND_FOLDS, FOLD_SALT)
+    def _margins(self, texts: list[str | None], negs: list[list[Negative]]) -> list[list[float]]:
+        """score(caption) - score(negative) for every negative, by the `plausibility` scorer: "ngram" (k-fold LMs
+        fitted on the batch's captions; a caption is scored by the LM of the other folds) or "lm" (stages.lm)."""
+        if self.params.plausibility == "lm":
+            if self._scorer is None:
+                self._scorer = LmScorer(self.params.lm_model, gpus=self.resources.gpus,
+                                        threads=max(1, int(self.resources.cpus)))
+            uniq = list(dict.fromkeys([t for t, ns in zip(texts, negs) if ns] + [n.text for ns in negs for n in ns]))
+            score = dict(zip(uniq, self._scorer.scores(uniq)))
+            return [[score[t] - score[n.text] for n in ns] if ns else [] for t, ns in zip(texts, negs)]
+        folds, lms = fold_lms(texts, BLIND_FOLDS, FOLD_SALT)
+        out = []
+        for t, f, ns in zip(texts, folds, negs):
+            if not ns:
+                out.append([])
+                continue
+            sp = lms[f].score(t)
+            out.append([sp - lms[f].score(n.text) for n in ns])
+        return out
 
     def negatives(self, texts: list[str | None]) -> list[list[Negative]]:
+        """Negatives per caption: rule candidates, the most plausible kept (select_plausible), the blind check."""
         ps = self.params
         if ps.method == "lm":
             self.setup()
-            return self._lm.negatives([t or "" for t in texts], ps.kinds, ps.per_kind)
-        if not ps.select_plausible:
-            return [negatives_for(t, ps.kinds, ps.per_kind, ps.seed) for t in texts]
-        folds, lms = self._fold_lms(texts)
-        return [negatives_for(t, ps.kinds, ps.per_kind, ps.seed, scorer=lms[f].score, pool=ps.pool)
-                for t, f in zip(texts, folds)]
-
-    def blind_check(self, texts: list[str | None], negs: list[list[Negative]]) -> list[list[Negative]]:
-        """Per kind, drop the negatives a cross-fitted n-gram LM tells apart most easily until its accuracy is
-        within [1 - max_blind_bias, max_blind_bias] (kinds with fewer than blind_min_pairs pairs are left)."""
-        ps = self.params
-        if ps.max_blind_bias is None or ps.max_blind_bias >= 1.0:
+            negs = self._lm.negatives([t or "" for t in texts], ps.kinds, ps.per_kind)
+            return self.blind_check(texts, negs, self._margins(texts, negs) if self._checking() else None)
+        select = ps.select_plausible and ps.pool > ps.per_kind
+        negs = [negatives_for(t, ps.kinds, ps.pool if select else ps.per_kind, ps.seed) for t in texts]
+        if not select and not self._checking():
             return negs
-        folds, lms = self._fold_lms(texts)
+        margins = self._margins(texts, negs)
+        if select:
+            kept_negs, kept_margins = [], []
+            for ns, ms in zip(negs, margins):
+                by_kind: dict[str, list[int]] = {}
+                for j, n in enumerate(ns):
+                    by_kind.setdefault(n.kind, []).append(j)
+                keep = sorted(j for js in by_kind.values()
+                              for j in sorted(js, key=lambda j: (abs(ms[j]), j))[:ps.per_kind])
+                kept_negs.append([ns[j] for j in keep])
+                kept_margins.append([ms[j] for j in keep])
+            negs, margins = kept_negs, kept_margins
+        return self.blind_check(texts, negs, margins)
+
+    def _checking(self) -> bool:
+        return self.params.max_blind_bias is not None and self.params.max_blind_bias < 1.0
+
+    def blind_check(self, texts: list[str | None], negs: list[list[Negative]],
+                    margins: list[list[float]] | None = None) -> list[list[Negative]]:
+        """Per kind, drop the negatives the plausibility scorer tells apart most easily until the share it prefers
+        the caption in lies within [1 - b, b], b = max_blind_bias - BLIND_SLACK (kinds with fewer than
+        blind_min_pairs pairs in the batch are left as they are)."""
+        ps = self.params
+        if not self._checking():
+            return negs
+        if margins is None:
+            margins = self._margins(texts, negs)
         by_kind: dict[str, list[tuple[int, int, float]]] = {}
-        for i, (t, ns) in enumerate(zip(texts, negs)):
-            if not ns:
-                continue
-            lm = lms[folds[i]]
-            sp = lm.score(t)
-            for j, n in enumerate(ns):
-                by_kind.setdefault(n.kind, []).append((i, j, sp - lm.score(n.text)))
+        for i, (ns, ms) in enumerate(zip(negs, margins)):
+            for j, (n, m) in enumerate(zip(ns, ms)):
+                by_kind.setdefault(n.kind, []).append((i, j, m))
         drop: set[tuple[int, int]] = set()
         for kind, items in by_kind.items():
             if len(items) < ps.blind_min_pairs:
@@ -1437,8 +1474,7 @@ class NegativesTextStage(Stage):
         return [[n for j, n in enumerate(ns) if (i, j) not in drop] for i, ns in enumerate(negs)]
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
-        texts = batch.column("text").to_pylist()
-        negs = self.blind_check(texts, self.negatives(texts))
+        negs = self.negatives(batch.column("text").to_pylist())
         return self.add_columns(batch, {
             "neg_captions": [[n.as_dict() for n in ns] for ns in negs],
             "negatives_count": [len(ns) for ns in negs],
@@ -1449,5 +1485,5 @@ class NegativesTextStage(Stage):
         return Decision.keep_all(table.num_rows)
 
     def metadata(self) -> dict:
-        return {"version": self.version, "method": self.params.method, "lm_model": self.params.lm_model,
-                "dropped_by_blind_check": dict(self.dropped_by_blind_check)}
+        return {"version": self.version, "method": self.params.method, "plausibility": self.params.plausibility,
+                "lm_model": self.params.lm_model, "dropped_by_blind_check": dict(self.dropped_by_blind_check)}

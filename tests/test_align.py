@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import os
 import random
 import time
 from pathlib import Path

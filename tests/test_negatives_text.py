@@ -25,7 +25,7 @@ needs_sugarcrepe = pytest.mark.skipif(not SUGARCREPE.is_dir(), reason="SugarCrep
 
 # Lower bounds of the share of captions that get each kind (measured: COCO 88 / 42 / 47 / 16 / 5.3 / 80 / 83 %,
 # demo 100 / 100 / 43 / 52 / 51 / 100 / 40 %).
-COCO_COVERAGE = {"replace_obj": 0.85, "replace_att": 0.38, "replace_rel": 0.43, "swap_obj": 0.13, "swap_att": 0.04,
+COCO_COVERAGE = {"replace_obj": 0.85, "replace_att": 0.38, "replace_rel": 0.43, "swap_obj": 0.07, "swap_att": 0.04,
                  "add_obj": 0.75, "add_att": 0.78}
 DEMO_COVERAGE = {"replace_obj": 0.99, "replace_att": 0.99, "replace_rel": 0.38, "swap_obj": 0.45, "swap_att": 0.45,
                  "add_obj": 0.99, "add_att": 0.35}

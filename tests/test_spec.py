@@ -65,3 +65,15 @@ def test_cli_fails_before_any_work(tmp_path):
     assert "unknown stage 'bogus'" in r.stderr and str(p) in r.stderr
     assert not (tmp_path / "builds").exists()  # nothing was started or written
     assert "Prefect" not in r.stderr and "ray" not in r.stderr.lower()
+
+
+def test_actor_pools_that_would_stall_ray_data_are_refused(tmp_path):
+    from flows.build import BuildError, check_pool_budget
+    from schemas.spec import load_spec
+
+    p = write(tmp_path, GOOD | {"stages": [{"basic": {}}, {"safety": {"cpus": 0.5}}, {"text": {"cpus": 0.5}},
+                                          {"align": {"cpus": 0.5}}]})
+    spec = load_spec(p)
+    with pytest.raises(BuildError, match="hold 1.5 of the cluster's 2 CPUs"):
+        check_pool_budget(spec, 2.0)
+    check_pool_budget(spec, 4.0)  # enough room: no error
