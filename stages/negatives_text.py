@@ -1159,14 +1159,26 @@ def surface(text: str) -> str:
     return " ".join(text.lower().split()).rstrip(" .!")
 
 
+_LOADED_LMS: dict[tuple, object] = {}
+
+
+def load_causal_lm(name: str, device: str = "auto", threads: int | None = None, gpus: float = 0.0):
+    """stages.lm.load_lm, once per process for (name, device, threads, gpus): the scorer and the generator of
+    one stage share the model."""
+    key = (name, device, threads, gpus)
+    if key not in _LOADED_LMS:
+        from stages.lm import load_lm  # noqa: PLC0415
+        _LOADED_LMS[key] = load_lm(name, device, "auto", threads=threads, gpus=gpus, stage="negatives_text")
+    return _LOADED_LMS[key]
+
+
 class LmScorer:
     """Mean log-probability per token of a caption under a causal LM (stages.lm, e.g. SmolLM2): a text-only
     plausibility score, stronger than NgramLM."""
 
     def __init__(self, name: str = "smollm2-135m", device: str = "auto", threads: int | None = None,
                  batch_size: int = 64, gpus: float = 0.0):
-        from stages.lm import load_lm  # noqa: PLC0415
-        self.lm = load_lm(name, device, "auto", threads=threads, gpus=gpus, stage="negatives_text")
+        self.lm = load_causal_lm(name, device, threads, gpus)
         self.batch_size = batch_size
 
     def scores(self, texts: list[str]) -> list[float]:
@@ -1340,9 +1352,7 @@ class LmNegatives:
         if self._generate is not None or self.lm is not None:
             return
         self.preflight()
-        from stages.lm import load_lm  # noqa: PLC0415
-        self.lm = load_lm(self.model, self.device, "auto", threads=self.threads, gpus=self.gpus,
-                          stage="negatives_text")
+        self.lm = load_causal_lm(self.model, self.device, self.threads, self.gpus)
 
     def generate(self, prompts: list[str], keys: list[str], sample: bool) -> list[str]:
         if self._generate is not None:

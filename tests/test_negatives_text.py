@@ -379,3 +379,48 @@ def test_grammar():
     assert G.verb_for_number("stand", False) == "stands" and G.verb_for_number("table", True) is None
     assert json.dumps(sorted(L.replacements_for("man")))  # the lexicon loads
     assert not {"couch"} & set(L.replacements_for("sofa")) and not {"boy"} & set(L.replacements_for("child"))
+
+
+# ------------------------------------------------------------------------------------------------ with SmolLM2
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        from stages.lm import check_lm_loadable
+
+        check_lm_loadable("smollm2-135m", stage="negatives_text")
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"SmolLM2 not loadable here: {e}")
+    return "smollm2-135m"
+
+
+@pytest.mark.slow
+@needs_sugarcrepe
+def test_with_smollm2(smollm2, coco):
+    """plausibility "lm": SmolLM2 selects and checks (its own figures land inside the bound); method "lm": its
+    completions are kept only when they are edits of the kind."""
+    from stages.negatives_text import LmScorer
+
+    from flows.negatives_report import split
+
+    _, test = split(coco)
+    caps = test[:60]
+    kinds = ["replace_obj", "replace_rel", "add_att"]
+    stage = NegativesTextStage(NegativesTextParams(kinds=kinds, plausibility="lm", pool=3, blind_min_pairs=15))
+    stage.preflight()
+    out = stage(pa.table({"text": caps})).column("neg_captions").to_pylist()
+    scorer = LmScorer(smollm2)
+    for kind in kinds:
+        pairs = [(c, n["text"]) for c, ns in zip(caps, out) for n in ns if n["kind"] == kind]
+        for c, n in zip(caps, out):
+            for x in n:
+                check_negative(c, x)
+        if len(pairs) < 15:
+            continue
+        texts = [t for p in pairs for t in p]
+        score = dict(zip(texts, scorer.scores(texts)))
+        acc = sum(score[a] > score[b] for a, b in pairs) / len(pairs)
+        assert 1 - MAX_BLIND_BIAS <= acc <= MAX_BLIND_BIAS, (kind, acc, len(pairs))
+    gen = LmNegatives(smollm2)
+    got = gen.negatives(["Two men riding horses on a beach."], ["replace_obj", "add_obj"], 1)[0]
+    for n in got:
+        assert n.method == "lm" and validate_negative("Two men riding horses on a beach.", n.text, n.kind) is None
