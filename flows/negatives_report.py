@@ -6,7 +6,8 @@
 SugarCrepe's lesson: a negative that a text-only model tells from its caption teaches a contrastive model nothing
 about the image. Per kind, the figure is the share of (caption, negative) pairs where a text-only plausibility score
 prefers the caption: 0.50 is blind (the goal), 1.00 means the text alone gives the negative away, and well below
-0.50 the negative reads *better* than its caption (a cue as well).
+0.50 the negative reads *better* than its caption (a cue as well for replace/swap kinds; for add_* kinds a per-token
+score favours the longer, predictable negative by construction, and length gives every addition away anyway).
 
 Scorers:
 - LM (the primary one when stages.lm can load it; --lm none skips it): mean token log-probability under a causal LM
@@ -228,7 +229,8 @@ def report(sugarcrepe: Path = SUGARCREPE, demo_n: int = 2000, seed: int = 0, lm:
 
 def _print(res: dict, with_lm: bool, with_lm_stage: bool, out) -> None:
     out("Blind bias per kind: share of test pairs where a text-only score prefers the caption to the negative")
-    out("(0.50 = blind, the goal; 1.00 = the text gives the negative away; near 0 the negative reads better).")
+    out("(0.50 = blind, the goal; 1.00 = the text gives the negative away; near 0 the negative reads better, which")
+    out("for add_* kinds is the per-token score favouring a longer, predictable caption: checked one way only).")
     out(f"LM: mean token log-prob under {res['lm']}; " if with_lm else "LM: not used (--lm none or no stages.lm); ")
     out("n-gram: bigram LM fitted on the domain's train captions, pairs from its test captions.")
     out("raw: rule negatives, first candidate; stage: the stage's defaults (selection against k-fold n-gram LMs "

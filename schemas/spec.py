@@ -164,8 +164,8 @@ class NegativesTextParams(StageParams):
         0.75, ge=0.5, le=1.0, description="per kind, drop the negatives a text-only n-gram LM spots most easily "
                                           "until it prefers the caption in at most this share of pairs; None: off")
     blind_two_sided: bool = Field(
-        True, description="also drop negatives the LM prefers to their caption until it does so in at most this "
-                          "share (a negative that reads better than its caption is a text cue too)")
+        True, description="replace/swap kinds: also drop negatives the LM prefers to their caption until it does so "
+                          "in at most this share (a negative that reads better is a text cue too)")
     blind_min_pairs: int = Field(50, ge=1, description="measure a kind's blind bias only on at least this many pairs")
     select_plausible: bool = Field(
         True, description="draw `pool` candidates per kind and keep those a cross-fitted n-gram LM finds as "

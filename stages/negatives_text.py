@@ -45,8 +45,11 @@ a kind is the share of pairs with score(positive) > score(negative) (0.5: blind)
 2. select_plausible: draws up to `pool` candidates per kind and keeps the per_kind whose score is closest to the
    caption's;
 3. blind check (max_blind_bias): for a kind with at least blind_min_pairs pairs whose figure lies outside
-   [1 - b, b] (b = max_blind_bias - BLIND_SLACK; one-sided with blind_two_sided off), drops the pairs the LM
-   separates best until it lies inside (SugarCrepe's adversarial refinement).
+   [1 - b, b] (b = max_blind_bias - BLIND_SLACK), drops the pairs the LM separates best until it lies inside
+   (SugarCrepe's adversarial refinement). Above b the caption reads better; below 1 - b the negative does, a cue
+   too, except for add_* kinds: their negatives are longer, a score per token favours a predictable addition for
+   that alone, and length gives them away whatever is done, so they are checked against b only (so are all kinds
+   with blind_two_sided off).
 So a caption's negatives depend on its batch (through the LMs); negatives_for(text, seed=...) without a scorer is a
 function of the caption alone. flows/negatives_report measures the figures with an LM fitted on other captions, and
 with SmolLM2 (LmScorer), next to SugarCrepe's reference negatives.
@@ -119,7 +122,7 @@ BLIND_FOLDS = 4
 # The batch's fold LMs are fitted on a few hundred captions and read less into a caption than an LM fitted on more
 # (flows/negatives_report measures with one fitted on 2,172): the check aims this far inside the bound.
 BLIND_SLACK = 0.05
-COUNT_SHARE_INV = 0.75
+COUNT_SHARE_INV = 0.75  # replace_att: chance that attribute edits are tried before count edits
 # add_att: how often each attribute category is tried first (common adjectives read as naturally as the caption;
 # "an old printer", "a plaid hat" give themselves away to a text-only model)
 ADD_ATT_WEIGHT = {"size": 1.0, "colour": 1.0, "age_person": 0.6, "material": 0.5, "height": 0.3}
@@ -722,8 +725,10 @@ def _slot_ok(noun: L.Noun, plural: bool | None) -> bool:
 
 def gen_swap_obj(p: Parse, rng: random.Random) -> Iterable[Negative]:
     gendered = p.has(GENDER_PRONOUNS)
+    lemma_counts = Counter(np_.noun.lemma for np_ in p.nps)
     nps = [np_ for np_ in p.nps
-           if not (np_.head_end < len(p.lows) and p.lows[np_.head_end] == "of") and not _compound(p, np_)]
+           if not (np_.head_end < len(p.lows) and p.lows[np_.head_end] == "of") and not _compound(p, np_)
+           and not np_.noun.generic and lemma_counts[np_.noun.lemma] == 1]  # "a table ... a table": which one?
     cands = []
     for x in range(len(nps)):
         for y in range(x + 1, len(nps)):
@@ -1475,7 +1480,10 @@ class NegativesTextStage(Stage):
         for kind, items in by_kind.items():
             if len(items) < ps.blind_min_pairs:
                 continue
-            idx = rebalance([m for _, _, m in items], max(0.5, ps.max_blind_bias - BLIND_SLACK), ps.blind_two_sided)
+            # an added word or object makes the negative longer, so a score per token can favour it for that
+            # alone (and length gives every add_* negative away whatever is done): add kinds are checked one way
+            two_sided = ps.blind_two_sided and not kind.startswith("add_")
+            idx = rebalance([m for _, _, m in items], max(0.5, ps.max_blind_bias - BLIND_SLACK), two_sided)
             for k in idx:
                 drop.add(items[k][:2])
             self.dropped_by_blind_check[kind] += len(idx)

@@ -64,7 +64,8 @@ def _epoch(shards, world=2, workers=2, **kw) -> list[list[str]]:
     for rank in range(world):
         ds = ShardPairs(resolve_shards([shards]), seed=3, epochs=1, shuffle_buffer=32, rank=rank,
                         world_size=world, decode=False, **kw)
-        dl = DataLoader(ds, batch_size=8, num_workers=workers, collate_fn=_collate_ids)
+        dl = DataLoader(ds, batch_size=8, num_workers=workers, collate_fn=_collate_ids,
+                        multiprocessing_context="spawn" if workers else None)
         out.append([u for b in dl for u in b["uid"]])
     return out
 
@@ -92,11 +93,11 @@ def test_resume_with_workers_yields_exactly_the_rest(shards):
     files = resolve_shards([shards])
     kw = dict(seed=5, epochs=1, shuffle_buffer=32, rank=1, world_size=2, decode=False)
     full_ds = ShardPairs(files, **kw)
-    full = [u for b in DataLoader(full_ds, batch_size=4, num_workers=2, collate_fn=_collate_ids) for u in b["uid"]]
+    full = [u for b in DataLoader(full_ds, batch_size=4, num_workers=2, collate_fn=_collate_ids, multiprocessing_context="spawn") for u in b["uid"]]
 
     ds = ShardPairs(files, **kw)
     got = []
-    for i, b in enumerate(DataLoader(ds, batch_size=4, num_workers=2, collate_fn=_collate_ids)):
+    for i, b in enumerate(DataLoader(ds, batch_size=4, num_workers=2, collate_fn=_collate_ids, multiprocessing_context="spawn")):
         ds.record(b)
         got += b["uid"]
         if i == 6:
@@ -104,7 +105,7 @@ def test_resume_with_workers_yields_exactly_the_rest(shards):
     state = json.loads(json.dumps(ds.state_dict()))  # serialisable
     ds2 = ShardPairs(files, **kw)
     ds2.load_state_dict(state)
-    rest = [u for b in DataLoader(ds2, batch_size=4, num_workers=2, collate_fn=_collate_ids) for u in b["uid"]]
+    rest = [u for b in DataLoader(ds2, batch_size=4, num_workers=2, collate_fn=_collate_ids, multiprocessing_context="spawn") for u in b["uid"]]
     assert sorted(got + rest) == sorted(full)
     assert not set(got) & set(rest)
 

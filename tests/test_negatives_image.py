@@ -170,13 +170,17 @@ def test_validation_on_demo_scenes(clip):
 
 # ------------------------------------------------------------------ the flow on the demo build
 
-def test_negatives_flow_on_demo_build(demo):
+def test_negatives_flow_on_demo_build(demo, tmp_path):
+    import shutil
+
     from catalogs import Catalog
     from flows.negatives import negatives_flow
 
-    res = negatives_flow(str(demo["build_dir"]), {"max_rows": 40, "rows_per_shard": 50}, quiet=True)
+    build = tmp_path / demo["build_dir"].name  # a copy: the shared build stays without negatives for other tests
+    shutil.copytree(demo["build_dir"], build)
+    res = negatives_flow(str(build), {"max_rows": 40, "rows_per_shard": 50}, quiet=True)
     st = res["stats"]
-    out = demo["build_dir"] / "negatives"
+    out = build / "negatives"
     kept = pq.read_table([f["path"] for f in res["files"]][0]) if len(res["files"]) == 1 else \
         pa.concat_tables([pq.read_table(f["path"]) for f in res["files"]])
     rej = pa.concat_tables([pq.read_table(f["path"]) for f in res["rejects"]])

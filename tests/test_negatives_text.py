@@ -23,9 +23,9 @@ from stages.negatives_text import (KINDS, LmNegatives, NegativesTextStage, Ngram
 SUGARCREPE = Path("/work/shared/data/sugarcrepe")
 needs_sugarcrepe = pytest.mark.skipif(not SUGARCREPE.is_dir(), reason="SugarCrepe files not present")
 
-# Lower bounds of the share of captions that get each kind (measured: COCO 88 / 42 / 47 / 16 / 5.3 / 80 / 83 %,
-# demo 100 / 100 / 43 / 52 / 51 / 100 / 40 %).
-COCO_COVERAGE = {"replace_obj": 0.85, "replace_att": 0.38, "replace_rel": 0.43, "swap_obj": 0.07, "swap_att": 0.04,
+# Lower bounds of the share of captions that get each kind (measured: COCO 88 / 42 / 47 / 6.0 / 5.3 / 80 / 83 %,
+# demo 100 / 100 / 49 / 50 / 52 / 100 / 41 %, in KINDS order).
+COCO_COVERAGE = {"replace_obj": 0.85, "replace_att": 0.38, "replace_rel": 0.43, "swap_obj": 0.05, "swap_att": 0.04,
                  "add_obj": 0.75, "add_att": 0.78}
 DEMO_COVERAGE = {"replace_obj": 0.99, "replace_att": 0.99, "replace_rel": 0.38, "swap_obj": 0.45, "swap_att": 0.45,
                  "add_obj": 0.99, "add_att": 0.35}
@@ -278,10 +278,10 @@ def test_blind_bias_under_the_bound(blind_report):
     for dom in ("coco", "demo"):
         for kind in KINDS:
             acc, n = res[dom]["ngram_stage"][kind]
-            if n < 50:  # a kind the blind check dropped (demo add_att: adding a size always reads better)
-                assert res[dom]["dropped"].get(kind, 0) > 0 or res[dom]["ngram_raw"][kind][1] < 50, (dom, kind)
-                continue
-            assert 1 - MAX_BLIND_BIAS <= acc <= MAX_BLIND_BIAS, (dom, kind, acc, n)
+            assert n >= 50, (dom, kind, n)
+            assert acc <= MAX_BLIND_BIAS, (dom, kind, acc, n)
+            if not kind.startswith("add_"):  # additions are longer: a per-word score may favour them (one-sided)
+                assert acc >= 1 - MAX_BLIND_BIAS, (dom, kind, acc, n)
     # the raw rule negatives on COCO are no easier to spot than SugarCrepe's own, kind for kind (+0.05)
     for kind in KINDS:
         ours, ref = res["coco"]["ngram_raw"][kind][0], res["coco"]["ngram_ref"][kind][0]
@@ -326,13 +326,13 @@ def test_stage_contract():
 
 def test_stage_blind_check_drops_the_easiest():
     caps = demo_captions(400, seed=5)
-    base = NegativesTextStage(NegativesTextParams(kinds=["add_att"], max_blind_bias=None))
-    checked = NegativesTextStage(NegativesTextParams(kinds=["add_att"], blind_min_pairs=20))
     t = pa.table({"text": caps})
-    n_base = sum(base(t).column("negatives_count").to_pylist())
-    n_checked = sum(checked(t).column("negatives_count").to_pylist())
-    assert n_base > 50 and n_checked < n_base / 2  # demo add_att: the added size reads better, a text cue
-    assert checked.dropped_by_blind_check["add_att"] == n_base - n_checked
+    counts = {}
+    for bound in (None, 0.62, 0.55):  # the check aims BLIND_SLACK inside the bound
+        stage = NegativesTextStage(NegativesTextParams(kinds=["add_obj"], max_blind_bias=bound, blind_min_pairs=20))
+        counts[bound] = sum(stage(t).column("negatives_count").to_pylist())
+        assert stage.dropped_by_blind_check["add_obj"] == counts[None] - counts[bound]
+    assert counts[None] == 400 and counts[None] > counts[0.62] > counts[0.55] > 100, counts
 
 
 def test_spec_accepts_the_stage(tmp_path):
@@ -403,9 +403,9 @@ def test_with_smollm2(smollm2, coco):
     from flows.negatives_report import split
 
     _, test = split(coco)
-    caps = test[:60]
+    caps = test[:40]
     kinds = ["replace_obj", "replace_rel", "add_att"]
-    stage = NegativesTextStage(NegativesTextParams(kinds=kinds, plausibility="lm", pool=3, blind_min_pairs=15))
+    stage = NegativesTextStage(NegativesTextParams(kinds=kinds, plausibility="lm", pool=3, blind_min_pairs=12))
     stage.preflight()
     out = stage(pa.table({"text": caps})).column("neg_captions").to_pylist()
     scorer = LmScorer(smollm2)
@@ -414,12 +414,12 @@ def test_with_smollm2(smollm2, coco):
         for c, n in zip(caps, out):
             for x in n:
                 check_negative(c, x)
-        if len(pairs) < 15:
+        if len(pairs) < 12:
             continue
         texts = [t for p in pairs for t in p]
         score = dict(zip(texts, scorer.scores(texts)))
         acc = sum(score[a] > score[b] for a, b in pairs) / len(pairs)
-        assert 1 - MAX_BLIND_BIAS <= acc <= MAX_BLIND_BIAS, (kind, acc, len(pairs))
+        assert acc <= MAX_BLIND_BIAS and (kind.startswith("add_") or acc >= 1 - MAX_BLIND_BIAS), (kind, acc)
     gen = LmNegatives(smollm2)
     got = gen.negatives(["Two men riding horses on a beach."], ["replace_obj", "add_obj"], 1)[0]
     for n in got:

@@ -62,8 +62,8 @@ def test_refilter_rejects_unknown_params(demo):
 
     with pytest.raises(SpecError, match="no parameter 'nope'"):
         child_spec(demo["build_dir"], ["basic.nope=1"])
-    with pytest.raises(SpecError, match="no stage 'align'"):
-        child_spec(demo["build_dir"], ["align.threshold=0.3"])
+    with pytest.raises(SpecError, match="no stage 'recaption'"):
+        child_spec(demo["build_dir"], ["recaption.n=2"])
 
 
 def test_curate_parquet_and_webdataset(demo, tmp_path):

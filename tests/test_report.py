@@ -561,9 +561,11 @@ def test_show_summarises_embeddings(derived):
     assert rec["summaries"]["image_emb"]["dim"] == 64 and abs(rec["summaries"]["image_emb"]["norm"] - 1) < 0.01
     assert "image_emb" not in rec["columns"]
     assert rec["rejection"]["stats"]["clip_score"] == pytest.approx(row["clip_score"], abs=1e-5)
-    assert rec["rejection"]["param"] == {"name": "align.threshold", "value": 0.25}
+    spec = yaml.safe_load((derived["dir"] / "spec.yaml").read_text())
+    threshold = next(s["align"] for s in spec["stages"] if "align" in s)["threshold"]
+    assert rec["rejection"]["param"] == {"name": "align.threshold", "value": threshold}
     text = format_record(rec)
-    assert "64 floats" in text and "align.threshold=0.25" in text
+    assert "64 floats" in text and f"align.threshold={threshold}" in text
 
 
 # --------------------------------------------------------------------------- the dataset card
