@@ -383,14 +383,7 @@ def prepare_hard_negatives(spec: TrainSpec) -> list[Path] | None:
         raise TrainError(f"data.hard_negatives: {e}") from None
 
 
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from stages.write import file_sha256  # noqa: E402  (one sha256-of-a-file helper for the project)
 
 
 def train(spec: TrainSpec, *, fresh: bool = False, stop_after: int | None = None, logger=None,

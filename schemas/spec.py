@@ -373,12 +373,17 @@ def parse_spec(data: dict, base_dir: Path | None = None, origin: str = "<spec>")
     return spec
 
 
-def load_spec(path: str | Path) -> BuildSpec:
+def read_yaml(path: str | Path):
+    """A spec file's YAML, with errors that name the file."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: spec file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML: {e}") from None
-    return parse_spec(data, base_dir=path.parent.resolve(), origin=str(path))
+
+
+def load_spec(path: str | Path) -> BuildSpec:
+    path = Path(path)
+    return parse_spec(read_yaml(path), base_dir=path.parent.resolve(), origin=str(path))

@@ -26,7 +26,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from schemas.spec import SpecError, _format_errors
+from schemas.spec import SpecError, _format_errors, read_yaml
 
 TRAIN_SPEC_VERSION = 1
 
@@ -205,10 +205,4 @@ def parse_train_spec(data: dict, base_dir: Path | None = None, origin: str = "<t
 
 def load_train_spec(path: str | Path) -> TrainSpec:
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: spec file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML: {e}") from None
-    return parse_train_spec(data, base_dir=path.parent.resolve(), origin=str(path))
+    return parse_train_spec(read_yaml(path), base_dir=path.parent.resolve(), origin=str(path))

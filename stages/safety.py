@@ -35,7 +35,6 @@ Cost: about 14 ms an image on one core (decode + model; 70 rows/s per core), see
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import io
@@ -46,6 +45,7 @@ import pyarrow as pa
 from PIL import Image
 
 from schemas.spec import SafetyParams
+from stages.write import file_sha256
 from stages.base import Decision, Resources, Stage, StageConfigError
 
 # nudenet's class order (the model's output channels 4..21).
@@ -183,12 +183,6 @@ def format_labels(found: dict[str, float], floor: float = LABEL_FLOOR) -> str:
     return ",".join(f"{c}:{s:.2f}" for s, c in items)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class SafetyStage(Stage):
@@ -222,7 +216,7 @@ class SafetyStage(Stage):
         except importlib.metadata.PackageNotFoundError:
             pkg = None
         return {"version": self.version, "model": "nudenet 320n (ONNX, bundled)", "package_version": pkg,
-                "model_file": path.name, "model_sha256": _file_sha256(path), "input_size": INPUT_SIZE,
+                "model_file": path.name, "model_sha256": file_sha256(path), "input_size": INPUT_SIZE,
                 "nsfw_classes": list(NSFW_CLASSES), "label_floor": LABEL_FLOOR, "threads": self.params.threads}
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
