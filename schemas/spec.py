@@ -62,6 +62,14 @@ class IngestSpec(_Strict):
     max_task_retries: int = Field(2, ge=0)
 
 
+def known_kinds(v: list[str], known, what: str) -> list[str]:
+    """A stage's `kinds` list must name kinds it knows."""
+    unknown = [k for k in v if k not in known]
+    if unknown:
+        raise ValueError(f"unknown {what} kinds {unknown}; known: {known}")
+    return v
+
+
 class StageParams(_Strict):
     """Resources every stage accepts; None keeps the stage's own default."""
 
@@ -102,10 +110,7 @@ class JunkParams(StageParams):
     @field_validator("kinds")
     @classmethod
     def _known_kinds(cls, v: list[str]) -> list[str]:
-        unknown = [k for k in v if k not in JUNK_KINDS]
-        if unknown:
-            raise ValueError(f"unknown junk kinds {unknown}; known: {JUNK_KINDS}")
-        return v
+        return known_kinds(v, JUNK_KINDS, "junk")
 
 
 class DedupParams(StageParams):
@@ -178,10 +183,7 @@ class NegativesTextParams(StageParams):
     @field_validator("kinds")
     @classmethod
     def _known_negative_kinds(cls, v: list[str]) -> list[str]:
-        unknown = [k for k in v if k not in NEGATIVE_KINDS]
-        if unknown:
-            raise ValueError(f"unknown negative kinds {unknown}; known: {NEGATIVE_KINDS}")
-        return v
+        return known_kinds(v, NEGATIVE_KINDS, "negative")
 
 
 class RecaptionExample(_Strict):
