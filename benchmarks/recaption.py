@@ -47,16 +47,9 @@ def demo_captions(n: int, seed: int = 0) -> list[str]:
 
 
 def demo_pairs(n: int, seed: int = 0, size: int = 128) -> tuple[list, list[str]]:
-    """(PIL images, captions) of n demo scenes."""
-    from flows.demo.scenes import caption, render_scene, sample_scene
+    from flows.demo.scenes import sample_pairs
 
-    rng = random.Random(seed)
-    images, texts = [], []
-    for i in range(n):
-        scene = sample_scene(rng)
-        images.append(render_scene(scene, size, seed * 100_003 + i).convert("RGB"))
-        texts.append(caption(scene, rng))
-    return images, texts
+    return sample_pairs(n, seed, size)
 
 
 def laion_english(n: int) -> list[str]:

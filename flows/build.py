@@ -369,7 +369,7 @@ def process_stages(ctx: BuildContext, quiet: bool = False) -> dict:
             params_json = entry.params.model_dump_json()
             common = dict(batch_format="pyarrow", batch_size=res.batch_size, num_cpus=res.cpus,
                           num_gpus=res.gpus or None)
-            if cls.uses_model:
+            if cls.runs_as_actor(entry.params):
                 ds = ds.map_batches(_StageActor, fn_constructor_args=(entry.name, params_json, timer),
                                     compute=ray.data.ActorPoolStrategy(size=res.pool_size), **common)
             else:
@@ -394,7 +394,7 @@ def check_pool_budget(spec: BuildSpec, cluster_cpus: float) -> None:
     for entry in spec.stages:
         cls = stage_class(entry.name)
         res = cls.default_resources.override(entry.params)
-        if cls.uses_model:
+        if cls.runs_as_actor(entry.params):
             pools += res.cpus * res.pool_size
         else:
             tasks.append(res.cpus)

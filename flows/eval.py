@@ -2,9 +2,11 @@
 evaluate on a set drawn apart from every build, print a table, record every metric in the catalog.
 
 Protocol (`compare`):
-- proxy model: a tiny transformers CLIPModel (PROXY_MODEL: 48 px, patch 8, 2+2 layers of width 64, char tokenizer)
-  trained by flows.train.train with the same steps, batch size, lr schedule and seed on every build (equal compute);
-  only the data (and, for the hard-negative comparison, the loss) differ.
+- proxy model: a tiny transformers CLIPModel (PROXY_MODEL: 48 px, patch 8, 2+2 layers of width 64, a word tokenizer
+  fitted on the build's captions) trained by flows.train.train with the same steps, batch size, lr schedule and
+  seed on every build (equal compute); only the data (and, for the hard-negative comparison, the loss) differ.
+  Equal compute means equal optimiser steps over equal batches of pairs: negclip also encodes the pairs' negative
+  captions (PROXY_MAX_NEGATIVES each), as NegCLIP does, so its steps cost more time.
 - evaluation set: `eval_scenes(n, seed=EVAL_SEED)`, fresh demo scenes (flows.demo.scenes) from a seed stream no
   build uses ("pairforge-eval/{seed}/{i}"), rendered at the training size and JPEG-encoded like the builds.
 - metrics: image->text and text->image R@1 / R@5 among the eval scenes (flows.train.retrieval_metrics), and
@@ -50,9 +52,11 @@ from schemas.records import make_uid
 EVAL_SEED = 9_100_003  # the evaluation scenes' stream; builds here use "pairforge-eval-build/{seed}/{i}"
 IMAGE_SIZE = 48
 PROXY_MODEL = dict(image_size=IMAGE_SIZE, patch_size=8, vision_width=64, vision_layers=2, vision_heads=4,
-                   text_width=64, text_layers=2, text_heads=4, mlp_ratio=2, projection_dim=64, max_text_length=96,
-                   tokenizer="char")
-PROXY_OPTIM = dict(lr=2e-3, weight_decay=0.1, warmup_steps=15, steps=150, batch_size=32)
+                   text_width=64, text_layers=2, text_heads=4, mlp_ratio=2, projection_dim=64, max_text_length=32,
+                   tokenizer="word")
+PROXY_OPTIM = dict(lr=2e-3, weight_decay=0.1, warmup_steps=15, steps=800, batch_size=32)
+PROXY_MAX_NEGATIVES = 4  # negative captions per pair in a negclip batch
+N_BUILD = 20000  # demo scenes per eval build: ~11k curated pairs, so 800 steps x 32 is ~2.3 epochs (2,000 overfit)
 COMP_KINDS = ("replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj", "add_obj", "replace_cnt")
 NEG_SCHEMA = pa.schema(list(PAIR_SCHEMA) + stage_fields("negatives_text"))
 
@@ -131,7 +135,7 @@ def _write_build(folder: Path, rows: list[dict], schema: pa.Schema, build_id: st
     return folder
 
 
-def make_demo_builds(root: str | Path, n: int = 2000, seed: int = 0, wrong_frac: float = 0.45,
+def make_demo_builds(root: str | Path, n: int = N_BUILD, seed: int = 0, wrong_frac: float = 0.45,
                      dup_frac: float = 0.1, image_size: int = IMAGE_SIZE) -> dict:
     """Two builds of the same demo scenes: raw (wrong captions, duplicates) and curated (true pairs, deduplicated,
     with neg_captions). Returns {"raw": {"dir", "build_id", "rows"}, "curated": {...}}; reuses finished ones."""
@@ -203,7 +207,8 @@ def eval_scenes(n: int = 300, seed: int = EVAL_SEED, image_size: int = IMAGE_SIZ
 # --------------------------------------------------------------------------- train and evaluate
 
 def proxy_spec(shards: Path, out: Path, loss: str = "clip", seed: int = 0, steps: int | None = None,
-               batch_size: int | None = None, threads: int | None = 1, max_negatives: int | None = 2):
+               batch_size: int | None = None, threads: int | None = 1,
+               max_negatives: int | None = PROXY_MAX_NEGATIVES):
     from schemas.train_spec import TrainSpec
 
     optim = dict(PROXY_OPTIM)
@@ -254,11 +259,15 @@ def evaluate_model(model_dir: Path, scenes: list[dict]) -> dict:
 
 
 def _load_processor(model_dir: Path):
+    from transformers import AutoTokenizer
+
     from flows.train import char_tokenizer, make_processor
     from schemas.train_spec import ModelSpec
 
-    # the proxy's tokenizer and processor are rebuilt exactly as trained (char tokenizer, PIL image processor)
-    return make_processor(ModelSpec(**PROXY_MODEL), char_tokenizer(PROXY_MODEL["max_text_length"]))
+    # the processor is rebuilt as trained (PIL image processor); a fitted tokenizer is read from the model folder
+    m = ModelSpec(**PROXY_MODEL)
+    tok = char_tokenizer(m.max_text_length) if m.tokenizer == "char" else AutoTokenizer.from_pretrained(model_dir)
+    return make_processor(m, tok)
 
 
 def train_and_eval(shards: Path, out: Path, scenes: list[dict], loss: str = "clip", seed: int = 0,
@@ -304,7 +313,7 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def demo_eval(out: str | Path, seeds=(0,), n_build: int = 2000, n_eval: int = 300, steps: int | None = None,
+def demo_eval(out: str | Path, seeds=(0,), n_build: int = N_BUILD, n_eval: int = 300, steps: int | None = None,
               batch_size: int | None = None, catalog_path: str | Path | None = None, threads: int | None = 1,
               comparisons=("curation", "negatives"), echo=print) -> dict:
     """Both demo comparisons for each seed; returns {"results": [...], "table": str}."""
@@ -340,7 +349,7 @@ from prefect import flow, get_run_logger  # noqa: E402
 
 
 @flow(name="pairforge-eval", validate_parameters=False, log_prints=True)
-def eval_flow(out: str, seeds: list[int] | None = None, n_build: int = 2000, n_eval: int = 300,
+def eval_flow(out: str, seeds: list[int] | None = None, n_build: int = N_BUILD, n_eval: int = 300,
               steps: int | None = None, batch_size: int | None = None, catalog_path: str | None = None,
               threads: int | None = 1) -> dict:
     """The demo comparisons (raw vs curated, clip vs negclip) at equal compute; metrics go to the catalog."""

@@ -134,9 +134,57 @@ def char_tokenizer(max_length: int = 128):
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
-def make_tokenizer(m: ModelSpec):
+def word_tokenizer(texts, max_length: int = 32, vocab_size: int = 8192, min_count: int = 1):
+    """A word-level tokenizer (Hugging Face `tokenizers` WordLevel) fitted on `texts`: NFKC + lowercase, split on
+    whitespace and punctuation, the `vocab_size` most frequent words seen at least `min_count` times (ties in
+    alphabetical order, so the same texts give the same ids), unknown words -> <unk>. Ids: <|startoftext|> 0,
+    <|endoftext|> 1 (also padding: CLIP pools at the first eos), <unk> 2. Saved and reloaded with the processor."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    norm = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    split = pre_tokenizers.Whitespace()
+    counts = Counter(w for t in texts if t for w, _ in split.pre_tokenize_str(norm.normalize_str(t)))
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "<unk>": 2}
+    for w, c in sorted(counts.items(), key=lambda x: (-x[1], x[0])):
+        if c < min_count or len(vocab) >= vocab_size:
+            break
+        vocab[w] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = norm
+    tk.pre_tokenizer = split
+    tk.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", unk_token="<unk>", model_max_length=max_length)
+
+
+def training_texts(files: list[Path], column: str = "text", neg_column: str = "neg_captions") -> list[str]:
+    """Every caption of the training files and, where the files have them, their negative captions (so a word
+    tokenizer knows the words a negative brings in and <unk> never gives a negative away)."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for f in files:
+        cols = [column] + ([neg_column] if neg_column in pq.read_schema(f).names else [])
+        t = pq.read_table(f, columns=cols)
+        out += [x for x in t.column(column).to_pylist() if x]
+        if neg_column in cols:
+            out += [n["text"] for negs in t.column(neg_column).to_pylist() for n in (negs or []) if n.get("text")]
+    return out
+
+
+def make_tokenizer(m: ModelSpec, texts=None):
+    """m.tokenizer: 'char', 'word' (fitted on `texts`, a callable returning the training captions) or a
+    tokenizer folder / hub id."""
     if m.tokenizer == "char":
         return char_tokenizer(m.max_text_length)
+    if m.tokenizer == "word":
+        if texts is None:
+            raise TrainError("model.tokenizer 'word' is fitted on the training captions; none were given")
+        return word_tokenizer(texts(), m.max_text_length)
     from transformers import AutoTokenizer
 
     try:
@@ -427,7 +475,7 @@ def _train(spec: TrainSpec, *, fresh: bool, stop_after: int | None, logger, spec
     o = spec.optim
 
     seed_everything(spec.seed)
-    tokenizer = make_tokenizer(spec.model)
+    tokenizer = make_tokenizer(spec.model, texts=lambda: training_texts(files, spec.data.text_column))
     processor = make_processor(spec.model, tokenizer)
     model = make_model(spec.model, tokenizer)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]

@@ -83,8 +83,9 @@ class ModelSpec(_Strict):
     mlp_ratio: int = Field(4, gt=0)
     projection_dim: int = Field(64, gt=0)
     max_text_length: int = Field(128, ge=8, description="tokens, bos and eos included; longer captions are cut")
-    tokenizer: str = Field("char", description="'char' (a character-level CLIP tokenizer built in memory) or the "
-                                               "path / hub id of an existing tokenizer")
+    tokenizer: str = Field("char", description="'char' (a character-level CLIP tokenizer built in memory), 'word' "
+                                               "(a word-level tokenizer fitted on the training captions, saved "
+                                               "with the model) or the path / hub id of an existing tokenizer")
 
     @model_validator(mode="after")
     def _shapes(self) -> "ModelSpec":
@@ -198,7 +199,7 @@ def parse_train_spec(data: dict, base_dir: Path | None = None, origin: str = "<t
             syn.out = first
         syn.out = resolve(syn.out)
     tok = spec.model.tokenizer
-    if tok != "char" and (tok.startswith((".", "/")) or (base / tok).exists()):
+    if tok not in ("char", "word") and (tok.startswith((".", "/")) or (base / tok).exists()):
         spec.model.tokenizer = str(resolve(Path(tok)))
     return spec
 

@@ -64,6 +64,12 @@ class Stage:
         self.params = params
         self.resources = self.default_resources.override(params)
 
+    @classmethod
+    def runs_as_actor(cls, params: StageParams) -> bool:
+        """Whether this configuration loads a model, and so runs on an actor pool (setup once per actor) rather
+        than as tasks. Stages whose model depends on their params override this."""
+        return cls.uses_model
+
     # lifecycle -----------------------------------------------------------
     def preflight(self) -> None:
         """Cheap checks run by the flow before any data is read (e.g. that the model can be found).

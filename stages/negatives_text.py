@@ -1397,6 +1397,11 @@ class NegativesTextStage(Stage):
         self._scorer: LmScorer | None = None
         self.dropped_by_blind_check: Counter = Counter()
 
+    @classmethod
+    def runs_as_actor(cls, params: NegativesTextParams) -> bool:
+        """The rule method is plain Python (tasks); the LM method and LM plausibility load a model (actors)."""
+        return params.method == "lm" or params.plausibility == "lm"
+
     def _lm_negatives(self) -> LmNegatives:
         if self._lm is None:
             self._lm = LmNegatives(self.params.lm_model, gpus=self.resources.gpus, seed=self.params.seed,

@@ -1,8 +1,8 @@
 """flows.eval (DataComp in miniature) and the hard-negative losses of flows.train.
 
 The acceptance test trains the tiny proxy CLIP three times (raw/clip, curated/clip, curated/negclip) at equal
-compute on demo builds and checks: curated beats raw on retrieval R@1, and negclip beats clip on compositional
-accuracy. Margins were set from runs over seeds 0, 1, 2 (see flows/eval.py and the numbers in the report).
+compute on demo builds for each of seeds 0, 1, 2 and checks: curated beats raw on retrieval R@1, and negclip beats
+clip on compositional accuracy, each by a margin below every gap measured (numbers at the end of this file).
 """
 from __future__ import annotations
 
@@ -93,26 +93,32 @@ def test_builds_and_eval_set_apart(tmp_path):
     assert ev[0]["image"].size == (48, 48)
 
 
-@pytest.mark.skip(reason="issue 7 open: the hard-negative margin is not yet robust over 3 seeds at CI compute "
-                         "(see the PROVISIONAL note below); measure it by hand with flows.eval.demo_eval")
 def test_curation_and_hard_negatives_help(tmp_path):
-    """Equal compute (same steps, batch, seed): curated > raw on R@1; negclip > clip on compositional accuracy."""
+    """Equal compute (same steps, batch, seed) for seeds 0, 1, 2: curated > raw on R@1 and negclip > clip on
+    compositional accuracy, each by its margin; every metric lands in the catalog. About 4-5 minutes on one core."""
     torch.set_num_threads(1)
-    res = demo_eval(tmp_path, seeds=(0,), n_build=2000, n_eval=100, catalog_path=tmp_path / "catalog.duckdb")
-    m = {r["name"]: r["metrics"] for r in res["results"]}
-    r1 = {k: (v["i2t_r1"] + v["t2i_r1"]) / 2 for k, v in m.items()}
-    assert r1["curated/clip"] >= r1["raw/clip"] + R1_MARGIN, (r1, res["table"])
-    assert m["curated/negclip"]["comp_mean"] >= m["curated/clip"]["comp_mean"] + COMP_MARGIN, res["table"]
+    res = demo_eval(tmp_path, seeds=SEEDS, n_eval=300, catalog_path=tmp_path / "catalog.duckdb")
+    print("\n" + res["table"])
+    by = {(r["name"], r["seed"]): r["metrics"] for r in res["results"]}
+    for seed in SEEDS:
+        r1 = {name: (by[name, seed]["i2t_r1"] + by[name, seed]["t2i_r1"]) / 2
+              for name in ("raw/clip", "curated/clip")}
+        assert r1["curated/clip"] >= r1["raw/clip"] + R1_MARGIN, (seed, r1)
+        comp = {name: by[name, seed]["comp_mean"] for name in ("curated/clip", "curated/negclip")}
+        assert comp["curated/negclip"] >= comp["curated/clip"] + COMP_MARGIN, (seed, comp)
     from catalogs import Catalog
 
     cat = Catalog(tmp_path / "catalog.duckdb", read_only=True)
     with cat._connect(write=False) as con:
-        n = con.execute("SELECT count(*) FROM evals").fetchone()[0]
-    assert n >= 3 * 10
+        rows = con.execute("SELECT build_id, count(*) FROM evals GROUP BY build_id").fetchall()
+    counts = dict(rows)
+    assert set(counts) == {res["builds"]["raw"]["build_id"], res["builds"]["curated"]["build_id"]}
+    assert counts[res["builds"]["curated"]["build_id"]] == 2 * counts[res["builds"]["raw"]["build_id"]] >= 3 * 12
 
 
-# PROVISIONAL: measured (150 steps x 32, 100 eval scenes) seed 0: R@1 (mean of i2t, t2i) curated 0.060 vs raw 0.025,
-# comp_mean negclip 0.595 vs clip 0.583; seed 1: R@1 0.065 vs 0.045. Not yet validated over 3 seeds: the
-# hard-negative margin is small at this compute and needs more steps / a stronger negclip setup.
-R1_MARGIN = 0.01
-COMP_MARGIN = 0.005
+# Measured with this protocol (flows.eval defaults: 20,000 scenes a build, 800 steps x 32, word tokenizer, 300 eval
+# scenes): R@1 (mean of i2t, t2i) curated vs raw 0.229 vs 0.015, 0.255 vs 0.034, 0.327 vs 0.032 for seeds 0, 1, 2;
+# comp_mean negclip vs clip 0.727 vs 0.670, 0.730 vs 0.701, 0.744 vs 0.714 (gains +0.057, +0.029, +0.030).
+SEEDS = (0, 1, 2)
+R1_MARGIN = 0.10
+COMP_MARGIN = 0.01

@@ -424,3 +424,42 @@ def test_with_smollm2(smollm2, coco):
     got = gen.negatives(["Two men riding horses on a beach."], ["replace_obj", "add_obj"], 1)[0]
     for n in got:
         assert n.method == "lm" and validate_negative("Two men riding horses on a beach.", n.text, n.kind) is None
+
+
+def test_rule_method_runs_as_tasks_and_lm_as_actors():
+    assert not NegativesTextStage.runs_as_actor(NegativesTextParams())
+    assert NegativesTextStage.runs_as_actor(NegativesTextParams(method="lm"))
+    assert NegativesTextStage.runs_as_actor(NegativesTextParams(plausibility="lm"))
+
+
+def test_stage_runs_inside_a_real_build(tmp_path):
+    """The demo build (Prefect flow, local Ray Data, loopback server) with negatives_text after the caption filters:
+    the list<struct> column crosses Ray Data into the shards, every kept pair has its negatives, each checked by
+    rule, and no pair is lost (kept + rejected == listed)."""
+    from flows.build import build_flow
+    from flows.demo.server import DemoServer
+    from tests.builds import make_demo, read_parts
+
+    d = make_demo(tmp_path, 160, seed=4, stages=[
+        {"junk": {}}, {"basic": {"min_side": 48, "max_aspect": 3.0, "min_words": 3, "min_chars": 6}},
+        {"negatives_text": {"per_kind": 1, "blind_min_pairs": 20}}])
+    with DemoServer(d["corpus"], port=d["port"]):
+        result = build_flow(str(d["spec"]), quiet=True)
+    build_dir = Path(result["build_dir"])
+    t = read_parts(build_dir, "shards", ["uid", "text", "neg_captions", "negatives_count"])
+    rejects = read_parts(build_dir, "rejects", ["uid", "stage"])
+    listed = pq.read_table(d["corpus"] / "urls.parquet").num_rows
+    assert t.num_rows + rejects.num_rows == listed and t.num_rows > 60
+    assert "negatives_text" not in rejects.column("stage").to_pylist()  # it adds negatives, never rejects
+    assert t.schema.field("neg_captions").type == stage_fields("negatives_text")[0].type
+    rows = t.to_pylist()
+    kinds = set()
+    for r in rows:
+        assert r["negatives_count"] == len(r["neg_captions"])
+        for n in r["neg_captions"]:
+            check_negative(r["text"], n)
+            kinds.add(n["kind"])
+    assert sum(r["negatives_count"] > 0 for r in rows) >= 0.9 * len(rows)
+    assert kinds == set(NEGATIVE_KINDS), kinds
+    stats = json.loads((build_dir / "stats.json").read_text())
+    assert "negatives_text" in json.dumps(stats)

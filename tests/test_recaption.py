@@ -249,50 +249,61 @@ def _laion_english(n: int) -> list[str]:
 
 
 # Measured with benchmarks/recaption.py --report (defaults: sampling T=0.8, seed 0, max_new_tokens 32, this gate,
-# demo-clip scoring the demo captions): kept 28/200 = 14% of demo captions (rejects: echo 52, added_object 28,
-# score_drop 27, repetition 20, changed_number 16, changed_relation 12 ...; mean score change of kept rewrites
-# -0.015), 17/50 = 34% of English LAION alt texts, 21/50 = 42% of COCO captions; 22% overall. On this test's
-# 16 + 8 + 8 captions: 28% (no scorer) to 25%. The bounds leave room for the small sample and for float
-# differences between machines; a broken prompt or gate lands outside them (0% or most).
-KEPT_BOUNDS = (0.05, 0.60)
+# demo-clip scoring the demo captions) on the same 200 demo pairs (flows.demo.scenes.sample_pairs(200)): kept
+# 28/200 = 14% (rejects: echo 52, added_object 28, score_drop 27, repetition 20, changed_number 16,
+# changed_relation 12 ...), mean image-text score change of the kept rewrites -0.015 (the bag-of-words demo scorer
+# likes its own caption template best, so a faithful paraphrase loses a little); 17/50 = 34% of English LAION alt
+# texts, 21/50 = 42% of COCO captions. This test (uids given, so other sampling seeds): kept 31/200 = 16%, mean
+# change -0.008; real captions 6/16. The bounds leave room for float differences between machines; a broken
+# prompt or gate lands outside them (0%, most, or a mean drop near max_score_drop).
+DEMO_KEPT_BOUNDS = (0.07, 0.30)
+DEMO_SCORE_CHANGE_BOUNDS = (-0.035, 0.01)
+REAL_KEPT_BOUNDS = (0.10, 0.70)  # 16 real captions: measured 38% over the 100 of the report
+
+
+def _check_kept(stage, kept, name):
+    for row in kept:
+        for c in row:  # what is kept passed the gate and is recorded with its provenance
+            assert c["mode"] == "rewrite" and c["model"] == "smollm2-135m"
+            assert c["prompt_id"].startswith("rewrite/0/") and c["similarity"] >= stage.params.min_similarity
+            if c["score"] is not None:
+                assert c["score"] - c["score_original"] >= -stage.params.max_score_drop
+            else:
+                assert name != "demo"
+
+
+def test_demo_captions_kept_share_and_score_change(stage):
+    """Issue 5's figure: the embedded SmolLM2 rewriting 200 demo captions, scored by the shipped demo scorer."""
+    from flows.demo.scenes import sample_pairs
+
+    assert stage.scorer is not None and stage.score_model == "demo-clip"
+    images, texts = sample_pairs(200)
+    t0 = time.perf_counter()
+    kept, rejected = stage.rewrite(texts, uids=[f"demo-{i}" for i in range(200)], images=images)
+    s = summarize(kept, rejected)
+    print(f"\n200 demo captions in {time.perf_counter() - t0:.0f}s: kept {s['kept']}/{s['candidates']} = "
+          f"{s['kept_share']:.0%}, mean score change {s['mean_score_change']} over {s['scored']}; "
+          f"rejects {s['reasons']}")
+    assert s["candidates"] == 200 and s["scored"] == s["kept"]  # n=1; every kept demo rewrite is scored
+    _check_kept(stage, kept, "demo")
+    assert DEMO_KEPT_BOUNDS[0] <= s["kept_share"] <= DEMO_KEPT_BOUNDS[1], s
+    assert DEMO_SCORE_CHANGE_BOUNDS[0] <= s["mean_score_change"] <= DEMO_SCORE_CHANGE_BOUNDS[1], s
+    assert {"echo", "added_object", "score_drop"} <= set(s["reasons"])  # the gate's main reasons all fire
 
 
 def test_real_captions_kept_share(stage):
-    from flows.demo.scenes import render_scene, sample_scene
-
-    rng = random.Random(0)
-    from flows.demo.scenes import caption
-
-    scenes = [sample_scene(rng) for _ in range(16)]
-    demo_texts = [caption(s, rng) for s in scenes]
-    demo_images = [render_scene(s, 128, i).convert("RGB") for i, s in enumerate(scenes)]
-    sets = {"demo": (demo_texts, demo_images), "coco": (_coco(8), None), "laion": (_laion_english(8), None)}
-    assert len(sets["coco"][0]) == 8 and len(sets["laion"][0]) == 8
-    all_kept = all_rej = 0
-    deltas = []
-    t0 = time.perf_counter()
-    for name, (texts, images) in sets.items():
-        kept, rejected = stage.rewrite(texts, uids=[f"{name}-{i}" for i in range(len(texts))], images=images)
+    sets = {"coco": _coco(8), "laion": _laion_english(8)}
+    assert len(sets["coco"]) == 8 and len(sets["laion"]) == 8
+    kept_n = cand_n = 0
+    for name, texts in sets.items():
+        kept, rejected = stage.rewrite(texts, uids=[f"{name}-{i}" for i in range(len(texts))])
         s = summarize(kept, rejected)
         print(f"\n{name}: kept {s['kept']}/{s['candidates']} = {s['kept_share']:.0%}; rejects {s['reasons']}")
-        assert s["candidates"] == len(texts)  # n=1: one candidate per caption
-        for row in kept:
-            for c in row:  # what is kept passed the gate and is recorded with its provenance
-                assert c["mode"] == "rewrite" and c["model"] == "smollm2-135m"
-                assert c["prompt_id"].startswith("rewrite/0/") and c["similarity"] >= stage.params.min_similarity
-                if c["score"] is not None:
-                    deltas.append(c["score"] - c["score_original"])
-                    assert deltas[-1] >= -stage.params.max_score_drop
-                else:
-                    assert name != "demo" or stage.scorer is None
-        all_kept += s["kept"]
-        all_rej += s["candidates"] - s["kept"]
-    dt = time.perf_counter() - t0
-    share = all_kept / (all_kept + all_rej)
-    change = f"{sum(deltas) / len(deltas):+.4f} over {len(deltas)}" if deltas else "n/a (no scorer or none kept)"
-    print(f"overall kept share {share:.0%} of {all_kept + all_rej} candidates; mean score change of kept demo "
-          f"rewrites {change} (score model {stage.score_model}); generation + gate {dt:.0f}s")
-    assert KEPT_BOUNDS[0] <= share <= KEPT_BOUNDS[1]
+        assert s["candidates"] == len(texts) and s["scored"] == 0  # no images: no score
+        _check_kept(stage, kept, name)
+        kept_n += s["kept"]
+        cand_n += s["candidates"]
+    assert REAL_KEPT_BOUNDS[0] <= kept_n / cand_n <= REAL_KEPT_BOUNDS[1]
 
 
 def test_sampling_is_seeded_and_batch_independent(lm_cache):

@@ -191,3 +191,38 @@ def test_shipped_demo_clip_reloads_and_scores_fresh_scenes():
     assert r["pairwise_acc"] >= 0.95, r["markdown"]
     assert r["wrong_caption_acc"] >= 0.95, r["markdown"]
     assert not math.isnan(r["recommended_threshold"])
+
+
+def test_word_tokenizer_is_fitted_deterministic_and_reloads(shards, tmp_path):
+    """model.tokenizer 'word': fitted on the training captions, same ids for the same texts, unknown words -> <unk>,
+    eos (pooling position) 1 not CLIP's legacy 2; a model trained with it reloads with AutoProcessor and pools at
+    the caption's end."""
+    from transformers import AutoModel, AutoProcessor
+
+    from flows.train import word_tokenizer
+
+    texts = ["a large red circle to the left of two small blue squares", "A red star.", "two red stars"]
+    tok = word_tokenizer(texts, max_length=8)
+    again = word_tokenizer(list(reversed(texts)), max_length=8)
+    assert tok.get_vocab() == again.get_vocab()
+    ids = tok(["a red circle", "A RED zebra"], padding=True, truncation=True)["input_ids"]
+    v = tok.get_vocab()
+    assert ids[0] == [0, v["a"], v["red"], v["circle"], 1] and ids[1] == [0, v["a"], v["red"], 2, 1]
+    assert v["red"] == 3  # the most frequent word first
+    long = tok(" ".join(["red"] * 20), truncation=True)["input_ids"]
+    assert len(long) == 8 and long[-1] == 1
+    spec = parse_train_spec(tiny_spec(shards, tmp_path / "w", model={"tokenizer": "word", "max_text_length": 24},
+                                      optim={"steps": 4, "warmup_steps": 1}))
+    res = train(spec)
+    folder = Path(res["model_dir"])
+    proc = AutoProcessor.from_pretrained(folder)
+    vocab = proc.tokenizer.get_vocab()
+    assert {"circle", "left", "squares"} <= set(vocab) and proc.tokenizer.eos_token_id == 1
+    model = AutoModel.from_pretrained(folder).eval()
+    enc = proc.tokenizer(["a red circle", "a red circle above a blue star"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        padded = model.get_text_features(**enc)
+        alone = model.get_text_features(**proc.tokenizer(["a red circle"], return_tensors="pt"))
+    feats = padded if isinstance(padded, torch.Tensor) else padded.pooler_output
+    one = alone if isinstance(alone, torch.Tensor) else alone.pooler_output
+    assert torch.allclose(feats[0], one[0], atol=1e-5)  # padding does not change the pooled caption

@@ -505,3 +505,15 @@ def render(scene: Scene, size: int = 128, rng: random.Random | None = None) -> I
     """Draw `scene` with a seed taken from `rng` (a fresh random one without it)."""
     rng = rng or random.Random()
     return render_scene(scene, size, rng.getrandbits(63))
+
+
+def sample_pairs(n: int, seed: int = 0, size: int = 128) -> tuple[list[Image.Image], list[str]]:
+    """(RGB images, true captions) of n demo scenes drawn from Random(seed): the fixed demo sample that
+    benchmarks/recaption.py --report and tests/test_recaption.py both measure."""
+    rng = random.Random(seed)
+    images, texts = [], []
+    for i in range(n):
+        scene = sample_scene(rng)
+        images.append(render_scene(scene, size, seed * 100_003 + i).convert("RGB"))
+        texts.append(caption(scene, rng))
+    return images, texts
