@@ -229,9 +229,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from flows.eval import N_BUILD, eval_flow
+    from flows.eval import N_BUILD, N_EVAL, eval_flow
 
-    res = eval_flow(out=str(args.out), seeds=args.seed, n_build=args.n_build or N_BUILD, n_eval=args.n_eval, steps=args.steps,
+    res = eval_flow(out=str(args.out), seeds=args.seed, n_build=args.n_build or N_BUILD,
+                    n_eval=args.n_eval or N_EVAL, steps=args.steps,
                     batch_size=args.batch_size, catalog_path=args.catalog, threads=args.threads)
     print(json.dumps(res["results"], indent=2, default=str) if args.json else res["table"])
     return 0
@@ -332,12 +333,13 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--json", action="store_true")
     ex.set_defaults(fn=cmd_export)
 
-    ev = sub.add_parser("eval", help="demo comparisons at equal compute (raw vs curated build, clip vs negclip) on "
-                                     "fresh scenes: retrieval and SugarCrepe-style compositional accuracy")
+    ev = sub.add_parser("eval", help="demo comparisons at equal compute (raw vs curated build; clip vs negclip and "
+                                     "tripletclip) on fresh scenes: retrieval and SugarCrepe-style compositional "
+                                     "accuracy")
     ev.add_argument("--out", type=Path, default=Path("demo-out/eval"))
     ev.add_argument("--seed", type=int, action="append", help="training seed (repeatable; default 0)")
     ev.add_argument("--n-build", type=int, help="demo scenes per build (default: flows.eval.N_BUILD)")
-    ev.add_argument("--n-eval", type=int, default=300, help="evaluation scenes")
+    ev.add_argument("--n-eval", type=int, help="evaluation scenes (default: flows.eval.N_EVAL)")
     ev.add_argument("--steps", type=int, help="training steps per run (default: flows.eval.PROXY_OPTIM)")
     ev.add_argument("--batch-size", type=int)
     ev.add_argument("--threads", type=int, default=1)

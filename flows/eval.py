@@ -25,10 +25,14 @@ Demo comparisons (`demo_eval`, what `pairforge eval --demo` and tests/test_eval.
    it: `wrong_frac` of the captions belong to another scene (the demo corpus's wrong_caption kind) and `dup_frac`
    extra exact duplicates; curated = what the demo filters keep: the true pairs, duplicates removed, with the
    negatives_text column (neg_captions) added. Both train with loss clip.
-2. without vs with hard negatives: clip vs negclip on the curated build. The negatives are Scene edits of the kinds
-   above (for the demo domain they are true negatives by construction; for real builds stages/negatives_text.py
-   writes the same column by rule).
-Each build id gets metrics "<run>/<metric>" (run: clip or negclip, with the seed) via Catalog.record_eval.
+2. without vs with hard negatives: clip vs negclip (negative captions) and tripletclip (negative captions plus one
+   counterfactual image a pair with its caption, in the curated build's `hard-negatives/` folder) on the curated
+   build. The negatives are Scene edits of the kinds above, the images the edited scene redrawn with the same
+   layout seed (the demo's render editor); for the demo domain they are true negatives by construction; for real
+   builds stages/negatives_text.py and flows/negatives.py write the same columns.
+   Measured (tests/test_eval.py, seeds 0-2): tripletclip raises comp_mean by +0.024 to +0.047, negclip by +0.008 to
+   +0.022 (negative captions alone teach the image encoder little at this compute).
+Each build id gets metrics "proxy-<loss>/<metric>" (with the seed in the detail) via Catalog.record_eval.
 """
 from __future__ import annotations
 
@@ -56,9 +60,13 @@ PROXY_MODEL = dict(image_size=IMAGE_SIZE, patch_size=8, vision_width=64, vision_
                    tokenizer="word")
 PROXY_OPTIM = dict(lr=2e-3, weight_decay=0.1, warmup_steps=15, steps=800, batch_size=32)
 PROXY_MAX_NEGATIVES = 4  # negative captions per pair in a negclip batch
+N_EVAL = 1000  # fresh evaluation scenes (embedding only: cheap; fewer make comp_mean noisy)
 N_BUILD = 20000  # demo scenes per eval build: ~11k curated pairs, so 800 steps x 32 is ~2.3 epochs (2,000 overfit)
 COMP_KINDS = ("replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj", "add_obj", "replace_cnt")
 NEG_SCHEMA = pa.schema(list(PAIR_SCHEMA) + stage_fields("negatives_text"))
+NEG_IMAGES = "hard-negatives"  # a curated eval build's counterfactual images (flows.loaders hard_negatives layout)
+NEG_IMAGE_SCHEMA = pa.schema([("uid", pa.string()), ("kind", pa.string()), ("neg_text", pa.string()),
+                              ("neg_image", pa.binary())])
 
 
 # --------------------------------------------------------------------------- scene edits (hard negatives)
@@ -140,7 +148,8 @@ def make_demo_builds(root: str | Path, n: int = N_BUILD, seed: int = 0, wrong_fr
     """Two builds of the same demo scenes: raw (wrong captions, duplicates) and curated (true pairs, deduplicated,
     with neg_captions). Returns {"raw": {"dir", "build_id", "rows"}, "curated": {...}}; reuses finished ones."""
     root = Path(root)
-    params = {"n": n, "seed": seed, "wrong_frac": wrong_frac, "dup_frac": dup_frac, "image_size": image_size}
+    params = {"n": n, "seed": seed, "wrong_frac": wrong_frac, "dup_frac": dup_frac, "image_size": image_size,
+              "negative_images": 1}
     tag = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
     out = {}
     for name in ("raw", "curated"):
@@ -154,14 +163,16 @@ def make_demo_builds(root: str | Path, n: int = N_BUILD, seed: int = 0, wrong_fr
     for i in range(n):
         rng = random.Random(f"pairforge-eval-build/{seed}/{i}")
         scene = sample_scene(rng)
-        data = _jpeg(render_scene(scene, image_size, rng.getrandbits(63)), rng.randint(75, 95))
+        layout_seed = rng.getrandbits(63)
+        quality = rng.randint(75, 95)
+        data = _jpeg(render_scene(scene, image_size, layout_seed), quality)
         cseed = f"caption/{seed}/{i}"
         text = caption(scene, random.Random(cseed))
         url = f"synthetic://pairforge-eval/{seed}/{i}.jpg"
         row = {"url": url, "source": "demo-eval", "image": data, "width": image_size, "height": image_size,
                "original_width": image_size, "original_height": image_size,
                "sha256": hashlib.sha256(data).hexdigest()}
-        scenes.append((scene, cseed, rng))
+        scenes.append((scene, cseed, rng, layout_seed, quality))
         clean.append(dict(row, text=text, uid=make_uid(url, text)))
     drng = random.Random(f"noise/{seed}")
     for i, r in enumerate(clean):
@@ -178,13 +189,25 @@ def make_demo_builds(root: str | Path, n: int = N_BUILD, seed: int = 0, wrong_fr
             raw.append(dict(r, uid=make_uid(r["url"], r["text"], occurrence=1)))
     drng.shuffle(raw)
     raw_ids = {r["uid"] for r in raw}
-    curated = []
-    for r, (scene, cseed, rng) in zip(clean, scenes):
+    curated, neg_images = [], []
+    for i, (r, (scene, cseed, rng, layout_seed, quality)) in enumerate(zip(clean, scenes)):
         if r["uid"] in raw_ids:  # the true pairs the raw build holds (the filters drop the wrong ones)
             negs = negative_captions(scene, cseed, rng)
             curated.append(dict(r, neg_captions=negs, negatives_count=len(negs)))
+            # one counterfactual image a pair (the demo's render editor: the edited scene redrawn with the same
+            # layout seed), captioned like the positive: TripletCLIP's negative image with its own caption
+            irng = random.Random(f"neg-image/{seed}/{i}")
+            edits = scene_edits(scene, irng)
+            kind = irng.choice(sorted(edits))
+            text = caption(edits[kind], random.Random(cseed))
+            if text != r["text"]:
+                neg_images.append({"uid": r["uid"], "kind": kind, "neg_text": text,
+                                   "neg_image": _jpeg(render_scene(edits[kind], image_size, layout_seed), quality)})
+    (out["curated"]["dir"] / NEG_IMAGES).mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(neg_images, schema=NEG_IMAGE_SCHEMA),
+                   out["curated"]["dir"] / NEG_IMAGES / "part-00000.parquet")
     _write_build(out["raw"]["dir"], raw, PAIR_SCHEMA, out["raw"]["build_id"])
-    _write_build(out["curated"]["dir"], curated, NEG_SCHEMA, out["curated"]["build_id"])
+    _write_build(out["curated"]["dir"], curated, NEG_SCHEMA, out["curated"]["build_id"])  # build.json: done
     out["raw"]["rows"], out["curated"]["rows"] = len(raw), len(curated)
     return out
 
@@ -219,7 +242,9 @@ def proxy_spec(shards: Path, out: Path, loss: str = "clip", seed: int = 0, steps
         optim["batch_size"] = batch_size
     return TrainSpec.model_validate({
         "name": f"proxy-{loss}", "data": {"shards": [str(shards)], "eval_fraction": 0.0, "shuffle_buffer": 512,
-                                          "max_negatives": max_negatives if loss != "clip" else None},
+                                          "max_negatives": max_negatives if loss != "clip" else None,
+                                          "hard_negatives": ([str(Path(shards).parent / NEG_IMAGES)]
+                                                             if loss == "tripletclip" else None)},
         "model": PROXY_MODEL, "optim": optim, "augment": {"crop_min_area": 1.0}, "loss": loss, "seed": seed,
         "threads": threads, "checkpoint_every": optim["steps"], "keep_checkpoints": 1, "log_every": 50,
         "out": str(out)})
@@ -313,10 +338,12 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def demo_eval(out: str | Path, seeds=(0,), n_build: int = N_BUILD, n_eval: int = 300, steps: int | None = None,
+def demo_eval(out: str | Path, seeds=(0,), n_build: int = N_BUILD, n_eval: int = N_EVAL, steps: int | None = None,
               batch_size: int | None = None, catalog_path: str | Path | None = None, threads: int | None = 1,
-              comparisons=("curation", "negatives"), echo=print) -> dict:
-    """Both demo comparisons for each seed; returns {"results": [...], "table": str}."""
+              comparisons=("curation", "negatives"), negative_losses=("negclip", "tripletclip"),
+              echo=print) -> dict:
+    """Both demo comparisons for each seed (the hard-negative one with each loss of `negative_losses`);
+    returns {"results": [...], "table": str, "builds": {...}}."""
     out = Path(out)
     builds = make_demo_builds(out / "builds", n=n_build)
     scenes = eval_scenes(n_eval)
@@ -332,7 +359,7 @@ def demo_eval(out: str | Path, seeds=(0,), n_build: int = N_BUILD, n_eval: int =
                      "shards": builds["raw"]["dir"] / "shards", "loss": "clip"})
     runs.append({"name": "curated/clip", **cur, "loss": "clip"})
     if "negatives" in comparisons:
-        runs.append({"name": "curated/negclip", **cur, "loss": "negclip"})
+        runs += [{"name": f"curated/{loss}", **cur, "loss": loss} for loss in negative_losses]
     results = []
     for seed in seeds:
         results += compare(runs, scenes, out / "runs", seed=seed, steps=steps, batch_size=batch_size,
@@ -349,7 +376,7 @@ from prefect import flow, get_run_logger  # noqa: E402
 
 
 @flow(name="pairforge-eval", validate_parameters=False, log_prints=True)
-def eval_flow(out: str, seeds: list[int] | None = None, n_build: int = N_BUILD, n_eval: int = 300,
+def eval_flow(out: str, seeds: list[int] | None = None, n_build: int = N_BUILD, n_eval: int = N_EVAL,
               steps: int | None = None, batch_size: int | None = None, catalog_path: str | None = None,
               threads: int | None = 1) -> dict:
     """The demo comparisons (raw vs curated, clip vs negclip) at equal compute; metrics go to the catalog."""
