@@ -439,10 +439,14 @@ def test_distributions_draw_the_spec_thresholds(report, demo):
 
 
 def test_empty_states_for_missing_sections(report):
+    """The demo spec has no recaption stage (an empty state) but does have negatives_text (a filled section)."""
     dom = report["dom"]
-    for section in ("rewrites", "negatives"):
-        empty = [e for e in dom.find("p") if inside(e, id=section) and e["attrs"].get("class") == "empty"]
-        assert empty and "No " in empty[0]["text"], section
+    empty = {section: [e for e in dom.find("p") if inside(e, id=section) and e["attrs"].get("class") == "empty"]
+             for section in ("rewrites", "negatives")}
+    assert empty["rewrites"] and "No " in empty["rewrites"][0]["text"]
+    assert not empty["negatives"]
+    cells = {e["text"] for e in dom.find("td") if inside(e, id="negatives")}
+    assert {"replace_obj", "replace_att", "add_obj"} <= cells, cells
 
 
 def test_sampling_is_seeded_and_order_free(demo):
