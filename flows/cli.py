@@ -233,7 +233,8 @@ def cmd_eval(args) -> int:
 
     res = eval_flow(out=str(args.out), seeds=args.seed, n_build=args.n_build or N_BUILD,
                     n_eval=args.n_eval or N_EVAL, steps=args.steps,
-                    batch_size=args.batch_size, catalog_path=args.catalog, threads=args.threads)
+                    batch_size=args.batch_size, catalog_path=args.catalog, threads=args.threads,
+                    workers=args.workers)
     print(json.dumps(res["results"], indent=2, default=str) if args.json else res["table"])
     return 0
 
@@ -342,7 +343,9 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-eval", type=int, help="evaluation scenes (default: flows.eval.N_EVAL)")
     ev.add_argument("--steps", type=int, help="training steps per run (default: flows.eval.PROXY_OPTIM)")
     ev.add_argument("--batch-size", type=int)
-    ev.add_argument("--threads", type=int, default=1)
+    ev.add_argument("--threads", type=int, default=1, help="torch threads per training run")
+    ev.add_argument("--workers", type=int, default=1, help="training runs at a time (spawned processes); the "
+                                                           "numbers do not depend on it")
     ev.add_argument("--catalog", default="demo-out/builds/catalog.duckdb", help="record metrics here")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(fn=cmd_eval)

@@ -308,17 +308,33 @@ def train_and_eval(shards: Path, out: Path, scenes: list[dict], loss: str = "cli
     return res
 
 
-def compare(runs: list[dict], scenes: list[dict], out: Path, seed: int = 0, steps: int | None = None,
-            batch_size: int | None = None, catalog=None, threads: int | None = 1) -> list[dict]:
-    """runs: [{"name", "build_id", "shards", "loss"}]; trains and evaluates each at equal compute."""
+def _eval_job(job: dict) -> dict:
+    """One (run, seed) of `compare`, in this process or a worker's."""
+    return train_and_eval(Path(job["shards"]), Path(job["run_dir"]), job["scenes"], loss=job["loss"],
+                          seed=job["seed"], steps=job["steps"], batch_size=job["batch_size"], threads=job["threads"])
+
+
+def compare(runs: list[dict], scenes: list[dict], out: Path, seeds=(0,), steps: int | None = None,
+            batch_size: int | None = None, catalog=None, threads: int | None = 1, workers: int = 1) -> list[dict]:
+    """runs: [{"name", "build_id", "shards", "loss"}]; trains and evaluates each for every seed at equal compute,
+    `workers` runs at a time in spawned processes (each run is seeded on its own, so the numbers do not depend on
+    `workers`). Results in (seed, run) order; the catalog is written from this process."""
+    jobs = [{**run, "seed": seed, "run_dir": str(out / f"{run['name'].replace('/', '-')}-s{seed}"), "steps": steps,
+             "batch_size": batch_size, "threads": threads} for seed in seeds for run in runs]
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            metrics = list(pool.map(_eval_job, [{**j, "scenes": scenes} for j in jobs]))
+    else:
+        metrics = [_eval_job({**j, "scenes": scenes}) for j in jobs]
     results = []
-    for run in runs:
-        run_dir = out / f"{run['name'].replace('/', '-')}-s{seed}"
-        res = train_and_eval(Path(run["shards"]), run_dir, scenes, loss=run["loss"], seed=seed, steps=steps,
-                             batch_size=batch_size, threads=threads)
-        results.append({**run, "seed": seed, "metrics": res})
+    for job, res in zip(jobs, metrics):
+        run = {k: job[k] for k in ("name", "build_id", "shards", "loss")}
+        results.append({**run, "seed": job["seed"], "metrics": res})
         if catalog is not None:
-            detail = {"seed": seed, "steps": steps or PROXY_OPTIM["steps"],
+            detail = {"seed": job["seed"], "steps": steps or PROXY_OPTIM["steps"],
                       "batch_size": batch_size or PROXY_OPTIM["batch_size"], "eval_scenes": len(scenes),
                       "eval_seed": EVAL_SEED, "model": PROXY_MODEL}
             for k, v in res.items():
@@ -341,7 +357,7 @@ def format_table(results: list[dict]) -> str:
 def demo_eval(out: str | Path, seeds=(0,), n_build: int = N_BUILD, n_eval: int = N_EVAL, steps: int | None = None,
               batch_size: int | None = None, catalog_path: str | Path | None = None, threads: int | None = 1,
               comparisons=("curation", "negatives"), negative_losses=("negclip", "tripletclip"),
-              echo=print) -> dict:
+              workers: int = 1, echo=print) -> dict:
     """Both demo comparisons for each seed (the hard-negative one with each loss of `negative_losses`);
     returns {"results": [...], "table": str, "builds": {...}}."""
     out = Path(out)
@@ -360,10 +376,8 @@ def demo_eval(out: str | Path, seeds=(0,), n_build: int = N_BUILD, n_eval: int =
     runs.append({"name": "curated/clip", **cur, "loss": "clip"})
     if "negatives" in comparisons:
         runs += [{"name": f"curated/{loss}", **cur, "loss": loss} for loss in negative_losses]
-    results = []
-    for seed in seeds:
-        results += compare(runs, scenes, out / "runs", seed=seed, steps=steps, batch_size=batch_size,
-                           catalog=catalog, threads=threads)
+    results = compare(runs, scenes, out / "runs", seeds=seeds, steps=steps, batch_size=batch_size, catalog=catalog,
+                      threads=threads, workers=workers)
     table = format_table(results)
     echo(f"builds: raw {builds['raw']['rows']} rows, curated {builds['curated']['rows']} rows; "
          f"eval: {len(scenes)} fresh scenes (seed {EVAL_SEED})\n{table}")
@@ -378,11 +392,12 @@ from prefect import flow, get_run_logger  # noqa: E402
 @flow(name="pairforge-eval", validate_parameters=False, log_prints=True)
 def eval_flow(out: str, seeds: list[int] | None = None, n_build: int = N_BUILD, n_eval: int = N_EVAL,
               steps: int | None = None, batch_size: int | None = None, catalog_path: str | None = None,
-              threads: int | None = 1) -> dict:
-    """The demo comparisons (raw vs curated, clip vs negclip) at equal compute; metrics go to the catalog."""
+              threads: int | None = 1, workers: int = 1) -> dict:
+    """The demo comparisons (raw vs curated; clip vs negclip and tripletclip) at equal compute; metrics go to the
+    catalog."""
     logger = get_run_logger()
     res = demo_eval(out, seeds=tuple(seeds or (0,)), n_build=n_build, n_eval=n_eval, steps=steps,
-                    batch_size=batch_size, catalog_path=catalog_path, threads=threads,
+                    batch_size=batch_size, catalog_path=catalog_path, threads=threads, workers=workers,
                     echo=lambda s: logger.info("%s", s))
     for r in res["results"]:
         r["shards"] = str(r["shards"])
