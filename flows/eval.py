@@ -6,7 +6,8 @@ Protocol (`compare`):
   fitted on the build's captions) trained by flows.train.train with the same steps, batch size, lr schedule and
   seed on every build (equal compute); only the data (and, for the hard-negative comparison, the loss) differ.
   Equal compute means equal optimiser steps over equal batches of pairs: negclip also encodes the pairs' negative
-  captions (PROXY_MAX_NEGATIVES each), as NegCLIP does, so its steps cost more time.
+  captions (PROXY_MAX_NEGATIVES each) and tripletclip also a counterfactual image a pair, as those papers do, so
+  their steps cost more time (tripletclip about 2.5x clip's here).
 - evaluation set: `eval_scenes(n, seed=EVAL_SEED)`, fresh demo scenes (flows.demo.scenes) from a seed stream no
   build uses ("pairforge-eval/{seed}/{i}"), rendered at the training size and JPEG-encoded like the builds.
 - metrics: image->text and text->image R@1 / R@5 among the eval scenes (flows.train.retrieval_metrics), and

@@ -126,3 +126,25 @@ def test_curation_and_hard_negatives_help(tmp_path):
 SEEDS = (0, 1, 2)
 R1_MARGIN = 0.05
 COMP_MARGIN = 0.01
+
+
+def test_eval_command_runs_the_flow(tmp_path, capsys):
+    """`pairforge eval` end to end at toy compute: the Prefect flow, both comparisons with every hard-negative loss,
+    two worker processes, the JSON output and the catalog rows."""
+    import json
+
+    from catalogs import Catalog
+    from flows.cli import main
+
+    cat_path = tmp_path / "catalog.duckdb"
+    assert main(["eval", "--out", str(tmp_path / "eval"), "--n-build", "300", "--n-eval", "40", "--steps", "12",
+                 "--batch-size", "8", "--workers", "2", "--catalog", str(cat_path), "--json"]) == 0
+    out = capsys.readouterr().out
+    results = json.loads(out[out.index("["):])
+    assert [r["name"] for r in results] == ["raw/clip", "curated/clip", "curated/negclip", "curated/tripletclip"]
+    for r in results:
+        m = r["metrics"]
+        assert 0.0 <= m["i2t_r1"] <= m["i2t_r5"] <= 1.0 and 0.0 <= m["comp_mean"] <= 1.0 and r["seed"] == 0
+    with Catalog(cat_path, read_only=True)._connect(write=False) as con:
+        metrics = {row[0] for row in con.execute("SELECT metric FROM evals").fetchall()}
+    assert {"proxy-clip/i2t_r1", "proxy-negclip/comp_mean", "proxy-tripletclip/comp_swap_att"} <= metrics
