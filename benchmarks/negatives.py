@@ -62,26 +62,15 @@ def image_main(argv: list[str] | None = None) -> int:
     """Counterfactual images on freshly drawn demo scenes (128 px, JPEG q95), one thread:
     negatives per second per editor and kind (generation only, candidates that got an image), the scorer's
     validation time as a fraction of generation time, and the preference rate before / after validation."""
-    import random as _random
-
-    from flows.demo.scenes import caption, render_scene, sample_scene
+    from flows.demo.scenes import scene_batch
     from stages.models import load_clip
-    from stages.negatives_image import NegativesImageSpec, encode, make_negatives, summarize
+    from stages.negatives_image import NegativesImageSpec, make_negatives, summarize
 
     ap = argparse.ArgumentParser(description=image_main.__doc__.split("\n")[0])
     ap.add_argument("--scenes", type=int, default=200)
     ap.add_argument("--seed", type=int, default=11)
     args = ap.parse_args(argv)
-    rng = _random.Random(args.seed)
-    uids, texts, images, ctx = [], [], [], []
-    for i in range(args.scenes):
-        s = sample_scene(rng)
-        rseed = rng.getrandbits(63)
-        uids.append(f"u{i:05d}")
-        texts.append(caption(s, rng))
-        images.append(encode(render_scene(s, 128, rseed), "jpg", 95))
-        ctx.append({"scene": s.to_json(), "render_seed": rseed})
-    table = pa.table({"uid": uids, "text": texts, "image": images})
+    table, ctx = scene_batch(args.scenes, args.seed)
     spec = NegativesImageSpec()
     clip = load_clip(spec.scorer, "cpu", "float32", threads=1)
     out, tm = make_negatives(table, spec, clip, contexts=ctx)

@@ -46,12 +46,6 @@ def demo_captions(n: int, seed: int = 0) -> list[str]:
     return [caption(sample_scene(rng), rng) for _ in range(n)]
 
 
-def demo_pairs(n: int, seed: int = 0, size: int = 128) -> tuple[list, list[str]]:
-    from flows.demo.scenes import sample_pairs
-
-    return sample_pairs(n, seed, size)
-
-
 def laion_english(n: int) -> list[str]:
     import pyarrow.parquet as pq
 
@@ -141,7 +135,9 @@ def main() -> None:
     if a.report:
         from stages.models import is_local, locate_model
 
-        sets = {"demo": demo_pairs(200), "laion": ([None] * 50, laion_english(50)),
+        from flows.demo.scenes import sample_pairs
+
+        sets = {"demo": sample_pairs(200), "laion": ([None] * 50, laion_english(50)),
                 "coco": ([None] * 50, coco_captions(50))}
         if not is_local(locate_model("demo-clip")):
             print("no flows/models/demo-clip: no image-text score check or score change")

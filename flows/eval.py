@@ -38,7 +38,6 @@ Each build id gets metrics "proxy-<loss>/<metric>" (with the seed in the detail)
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import random
 import time
@@ -49,8 +48,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flows import env  # noqa: F401
-from flows.demo.scenes import COLORS, INVERSE_RELATION, RELATIONS, SHAPES, Group, Scene, caption, render_scene, \
-    sample_scene
+from flows.demo.scenes import COLORS, INVERSE_RELATION, RELATIONS, SHAPES, Group, Scene, caption, encode_jpeg, \
+    render_scene, sample_scene
 from schemas.columns import PAIR_SCHEMA, stage_fields
 from schemas.records import make_uid
 
@@ -127,12 +126,6 @@ def negative_captions(scene: Scene, caption_seed: str, rng: random.Random) -> li
 
 # --------------------------------------------------------------------------- builds and the evaluation set
 
-def _jpeg(im, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
 def _write_build(folder: Path, rows: list[dict], schema: pa.Schema, build_id: str, rows_per_group: int = 128) -> Path:
     shards = folder / "shards"
     shards.mkdir(parents=True, exist_ok=True)
@@ -166,7 +159,7 @@ def make_demo_builds(root: str | Path, n: int = N_BUILD, seed: int = 0, wrong_fr
         scene = sample_scene(rng)
         layout_seed = rng.getrandbits(63)
         quality = rng.randint(75, 95)
-        data = _jpeg(render_scene(scene, image_size, layout_seed), quality)
+        data = encode_jpeg(render_scene(scene, image_size, layout_seed), quality)
         cseed = f"caption/{seed}/{i}"
         text = caption(scene, random.Random(cseed))
         url = f"synthetic://pairforge-eval/{seed}/{i}.jpg"
@@ -202,8 +195,8 @@ def make_demo_builds(root: str | Path, n: int = N_BUILD, seed: int = 0, wrong_fr
             kind = irng.choice(sorted(edits))
             text = caption(edits[kind], random.Random(cseed))
             if text != r["text"]:
-                neg_images.append({"uid": r["uid"], "kind": kind, "neg_text": text,
-                                   "neg_image": _jpeg(render_scene(edits[kind], image_size, layout_seed), quality)})
+                neg_image = encode_jpeg(render_scene(edits[kind], image_size, layout_seed), quality)
+                neg_images.append({"uid": r["uid"], "kind": kind, "neg_text": text, "neg_image": neg_image})
     (out["curated"]["dir"] / NEG_IMAGES).mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(neg_images, schema=NEG_IMAGE_SCHEMA),
                    out["curated"]["dir"] / NEG_IMAGES / "part-00000.parquet")
@@ -221,7 +214,7 @@ def eval_scenes(n: int = 300, seed: int = EVAL_SEED, image_size: int = IMAGE_SIZ
     for i in range(n):
         rng = random.Random(f"pairforge-eval/{seed}/{i}")
         scene = sample_scene(rng)
-        im = decode_image(_jpeg(render_scene(scene, image_size, rng.getrandbits(63))))
+        im = decode_image(encode_jpeg(render_scene(scene, image_size, rng.getrandbits(63))))
         cseed = f"pairforge-eval-caption/{seed}/{i}"
         negs = {n_["kind"]: n_["text"] for n_ in negative_captions(scene, cseed, rng)}
         out.append({"scene": scene, "text": caption(scene, random.Random(cseed)), "image": im, "negatives": negs})
@@ -254,7 +247,7 @@ def proxy_spec(shards: Path, out: Path, loss: str = "clip", seed: int = 0, steps
 def evaluate_model(model_dir: Path, scenes: list[dict]) -> dict:
     """Retrieval R@1/R@5 both ways and compositional accuracy per kind on the eval scenes."""
     import torch
-    from transformers import AutoModel, CLIPProcessor
+    from transformers import AutoModel
 
     from flows.train import embed, retrieval_metrics
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 
 import numpy as np
 import pyarrow as pa
@@ -11,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from flows.demo.scenes import scene_batch
 from stages.editors import (FlipEditor, RecolorEditor, RenderEditor, colour_mapping, has_left_right,
                             parse_demo_caption, swap_left_right)
-from stages.negatives_image import REASONS, NegativesImageSpec, decide, encode, make_negatives, summarize, to_table
+from stages.negatives_image import REASONS, NegativesImageSpec, decide, make_negatives, summarize, to_table
 
 
 @pytest.fixture(scope="module")
@@ -21,21 +21,6 @@ def clip():
     from stages.models import load_clip
 
     return load_clip("demo-clip", "cpu", "float32", threads=1)
-
-
-def _scenes(n: int, seed: int = 11):
-    from flows.demo.scenes import caption, render_scene, sample_scene
-
-    rng = random.Random(seed)
-    uids, texts, images, ctx = [], [], [], []
-    for i in range(n):
-        s = sample_scene(rng)
-        rseed = rng.getrandbits(63)
-        uids.append(f"u{i:04d}")
-        texts.append(caption(s, rng))
-        images.append(encode(render_scene(s, 128, rseed), "jpg", 95))
-        ctx.append({"scene": s.to_json(), "render_seed": rseed})
-    return pa.table({"uid": uids, "text": texts, "image": images}), ctx
 
 
 # ------------------------------------------------------------------ editors
@@ -149,7 +134,7 @@ def test_decide_reasons():
 
 
 def test_validation_on_demo_scenes(clip):
-    table, ctx = _scenes(40)
+    table, ctx = scene_batch(40)
     spec = NegativesImageSpec()
     out, tm = make_negatives(table, spec, clip, contexts=ctx)
     kept = out.filter(out.column("kept"))

@@ -517,3 +517,29 @@ def sample_pairs(n: int, seed: int = 0, size: int = 128) -> tuple[list[Image.Ima
         images.append(render_scene(scene, size, seed * 100_003 + i).convert("RGB"))
         texts.append(caption(scene, rng))
     return images, texts
+
+
+def encode_jpeg(im: Image.Image, quality: int = 90) -> bytes:
+    """JPEG bytes of a rendered image (the demo corpus encodes at 90)."""
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def scene_batch(n: int, seed: int = 11, size: int = 128, quality: int = 95):
+    """(pa.Table of uid, text, image; per-row contexts {scene, render_seed}) of n demo scenes from Random(seed):
+    what the render editor (stages.editors.RenderEditor) needs to redraw a scene."""
+    import pyarrow as pa
+
+    rng = random.Random(seed)
+    uids, texts, images, contexts = [], [], [], []
+    for i in range(n):
+        scene = sample_scene(rng)
+        render_seed = rng.getrandbits(63)
+        uids.append(f"u{i:05d}")
+        texts.append(caption(scene, rng))
+        images.append(encode_jpeg(render_scene(scene, size, render_seed), quality))
+        contexts.append({"scene": scene.to_json(), "render_seed": render_seed})
+    return pa.table({"uid": uids, "text": texts, "image": images}), contexts

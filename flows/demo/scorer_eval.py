@@ -29,18 +29,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from flows.demo.scenes import INVERSE_RELATION, Scene, caption, render_scene, sample_scene
+from flows.demo.scenes import INVERSE_RELATION, Scene, caption, encode_jpeg, render_scene, sample_scene
 
 EVAL_SEED = 7_000_001  # far from the training seeds' streams ("{seed}/{i}"): every scene is drawn fresh
 RENDER_SIZE = 128  # the demo corpus's image size
 JPEG_QUALITY = 90  # the demo corpus's encoding
 NEAR_DUP_KINDS = ("near_dup_reencode", "near_dup_resize", "near_dup_crop")
-
-
-def _jpeg(im: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def _decode(data: bytes) -> Image.Image:
@@ -55,7 +49,8 @@ def heldout_scenes(n: int, seed: int = EVAL_SEED, size: int = RENDER_SIZE) -> li
         rng = random.Random(f"eval/{seed}/{i}")
         scene = sample_scene(rng)
         im = render_scene(scene, size, rng.getrandbits(63))
-        out.append({"scene": scene, "text": caption(scene, rng), "jpeg": _jpeg(im), "rng_seed": f"eval/{seed}/{i}"})
+        out.append({"scene": scene, "text": caption(scene, rng), "jpeg": encode_jpeg(im, JPEG_QUALITY),
+                    "rng_seed": f"eval/{seed}/{i}"})
     return out
 
 
@@ -94,8 +89,7 @@ class Scorer:
     """Cosine of (image, caption) with a saved CLIP folder, through its own processor."""
 
     def __init__(self, model_dir: str | Path, batch_size: int = 128):
-        import torch
-        from transformers import AutoModel, AutoProcessor
+        from transformers import AutoModel
 
         self.model = AutoModel.from_pretrained(model_dir).eval()
         self.processor = load_processor(model_dir)
@@ -248,7 +242,7 @@ def evaluate_scorer(model_dir: str | Path, n: int = 1000, seed: int = EVAL_SEED,
         ims, caps = [], []
         for which, name, text in REAL_PHOTOS:
             try:
-                ims.append(_decode(_jpeg(_load_real(which, name))))
+                ims.append(_decode(encode_jpeg(_load_real(which, name), JPEG_QUALITY)))
                 caps.append(text)
             except (RuntimeError, OSError):
                 continue

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import random
 import shutil
@@ -20,17 +19,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows.demo.scenes import caption, render_scene, sample_scene
+from flows.demo.scenes import caption, encode_jpeg, render_scene, sample_scene
 from schemas.columns import PAIR_SCHEMA
 from schemas.records import make_uid
 
 SOURCE = "demo-scenes-train"
-
-
-def encode_jpeg(im, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def scene_rows(n: int, seed: int, image_size: int | Sequence[int], start: int = 0,
