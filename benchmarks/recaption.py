@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import flows.env  # noqa: E402,F401
 
-LAION = Path("/work/shared/data/laion-alt-text/laion_1000.parquet")
-SUGARCREPE = Path("/work/shared/data/sugarcrepe")
+LAION = ROOT / "tests" / "data" / "laion-alt-text" / "laion_1000.parquet"
+SUGARCREPE = ROOT / "tests" / "data" / "sugarcrepe"
 
 
 def demo_captions(n: int, seed: int = 0) -> list[str]:

@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
 
 from stages.negatives_text import KINDS, NgramLM, blind_accuracy, negatives_for, split_of  # noqa: E402
 
-SUGARCREPE = Path("/work/shared/data/sugarcrepe")
+SUGARCREPE = ROOT / "tests" / "data" / "sugarcrepe"
 DEFAULT_LM = "smollm2-135m"
 
 Pairs = dict[str, list[tuple[str, str]]]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import glob
 import json
 from pathlib import Path
 
@@ -14,9 +13,8 @@ from pydantic import ValidationError
 from schemas.spec import JUNK_KINDS, STAGE_PARAMS, JunkParams, parse_spec
 from stages import stage_class
 from stages.junk import JunkStage, junk_kind
+from tests.realdata import LAION, SUGARCREPE_FILES as SUGARCREPE
 
-LAION = Path("/work/shared/data/laion-alt-text/laion_1000.parquet")
-SUGARCREPE = sorted(glob.glob("/work/shared/data/sugarcrepe/*.json"))
 
 POSITIVES: dict[str, list[str]] = {
     "junk_filename": [
@@ -258,7 +256,7 @@ def test_laion_junk_rate_is_plausible(laion_texts):
 
 
 def test_sugarcrepe_coco_captions_are_not_junk():
-    assert SUGARCREPE, "no SugarCrepe files under /work/shared/data/sugarcrepe"
+    assert SUGARCREPE, "no SugarCrepe files under tests/data/sugarcrepe"
     captions = []
     for f in SUGARCREPE:
         captions += [v["caption"] for v in json.loads(Path(f).read_text()).values()]

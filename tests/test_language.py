@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import glob
 import json
 import socket
 from pathlib import Path
@@ -14,9 +13,8 @@ import pytest
 from schemas.spec import LanguageParams, STAGE_PARAMS, parse_spec
 from stages import stage_class
 from stages.language import UND, LanguageDetector, LanguageStage, clean_caption
+from tests.realdata import LAION, SUGARCREPE_FILES as SUGARCREPE
 
-LAION = Path("/work/shared/data/laion-alt-text/laion_1000.parquet")
-SUGARCREPE = sorted(glob.glob("/work/shared/data/sugarcrepe/*.json"))
 
 # Hand-read LAION rows whose language is not English (mixed English/other rows are in MIXED and left out).
 LAION_NOT_ENGLISH = [
@@ -245,7 +243,7 @@ def test_laion_distribution_and_hand_labelled_precision_recall(stage, laion_text
 
 
 def test_sugarcrepe_coco_captions_are_english(stage):
-    assert SUGARCREPE, "no SugarCrepe files under /work/shared/data/sugarcrepe"
+    assert SUGARCREPE, "no SugarCrepe files under tests/data/sugarcrepe"
     captions = []
     for f in SUGARCREPE:
         captions += [v["caption"] for v in json.loads(Path(f).read_text()).values()]

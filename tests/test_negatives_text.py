@@ -19,8 +19,8 @@ from stages import lexicon as L
 from stages import stage_class
 from stages.negatives_text import (KINDS, LmNegatives, NegativesTextStage, NgramLM, lm_negative, lm_prompt,
                                    negatives_for, parse, rebalance, validate_negative, words)
+from tests.realdata import SUGARCREPE
 
-SUGARCREPE = Path("/work/shared/data/sugarcrepe")
 needs_sugarcrepe = pytest.mark.skipif(not SUGARCREPE.is_dir(), reason="SugarCrepe files not present")
 
 # Lower bounds of the share of captions that get each kind (measured: COCO 88 / 42 / 47 / 6.0 / 5.3 / 80 / 83 %,

@@ -7,7 +7,6 @@ Run with -s to see the measured numbers.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import random
@@ -25,9 +24,8 @@ from stages.base import StageConfigError
 from stages.faithfulness import (GateConfig, added_names, facts, judge, lexical_violations, reason_code,
                                  repeated_words)
 from stages.recaption import RecaptionStage, build_prompts, clean_output, summarize
+from tests.realdata import LAION, SUGARCREPE_FILES as SUGARCREPE
 
-LAION = Path("/work/shared/data/laion-alt-text/laion_1000.parquet")
-SUGARCREPE = sorted(glob.glob("/work/shared/data/sugarcrepe/*.json"))
 CFG = GateConfig()
 
 

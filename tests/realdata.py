@@ -1,0 +1,7 @@
+"""Paths of the real data under tests/data (README.md there says what each set is and its licence)."""
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent / "data"
+LAION = DATA / "laion-alt-text" / "laion_1000.parquet"
+SUGARCREPE = DATA / "sugarcrepe"
+SUGARCREPE_FILES = sorted(str(p) for p in SUGARCREPE.glob("*.json"))
