@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/align.py [--n 4096] [--batch-size 64] [--threads 1] [--single 256]
 
 Data: N demo scenes rendered at 256 px (what ingest stores), JPEG, with their captions, in one Parquet file.
-Model: flows/models/demo-clip when it exists, else a random CLIP of the same shape built on the fly (64 px, patch 8,
+Model: stages/models/shipped/demo-clip when it exists, else a random CLIP of the same shape built on the fly (64 px, patch 8,
 width 128, 3+3 layers, projection 64); the first line says which. Every variant uses the same torch thread count.
 
     raw        a fresh process (model load, Parquet read), batches of --batch-size: decode JPEG -> PIL, image processor + tokenizer once per batch,
@@ -223,10 +223,10 @@ def main() -> None:
     try:
         demo = MODELS_DIR / "demo-clip"
         if (demo / "config.json").is_file():
-            model, which = str(demo), "flows/models/demo-clip (trained demo model)"
+            model, which = str(demo), "stages/models/shipped/demo-clip (trained demo model)"
         else:
             model = str(build_demo_shaped_clip(tmp / "model"))
-            which = "a random demo-shaped CLIP built on the fly (flows/models/demo-clip not present)"
+            which = "a random demo-shaped CLIP built on the fly (stages/models/shipped/demo-clip not present)"
         print(f"model: {which}", flush=True)
         t0 = time.perf_counter()
         parquet = tmp / "pairs.parquet"

@@ -93,7 +93,7 @@ def decode_resize_seconds(corpus: Path, k: int = 300) -> float:
     import cv2
 
     from schemas.spec import IngestSpec
-    from stages.ingest import _guarded_resizer
+    from stages.io.ingest import _guarded_resizer
 
     cv2.setNumThreads(1)
     resizer = _guarded_resizer(IngestSpec(image_size=256))

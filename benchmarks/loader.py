@@ -1,4 +1,4 @@
-"""Loader throughput: flows.loaders.ShardPairs vs reading the same Parquet with pyarrow alone.
+"""Loader throughput: flows.outputs.loaders.ShardPairs vs reading the same Parquet with pyarrow alone.
 
 Both sides decode every image (PIL open + convert("RGB"), the loader's decode_image) and read uid / image / text of
 every row group of every file once (one epoch). The loader adds its per-row work: uid split check, shuffle buffer,
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from flows.loaders import ShardPairs, decode_image, resolve_shards
+from flows.outputs.loaders import ShardPairs, decode_image, resolve_shards
 
 
 def pyarrow_epoch(files: list[Path]) -> int:

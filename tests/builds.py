@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from flows.demo.corpus import generate_corpus
-from flows.demo_build import DEMO_SPEC
+from flows.demo.build import DEMO_SPEC
 
 
 N = 400  # rows of the shared demo build in tests

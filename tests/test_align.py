@@ -1,6 +1,6 @@
 """The align stage: real transformers code on tiny CLIP and SigLIP models built here, preflight, decide, Ray Data.
 
-Acceptance tests on the trained demo model (flows/models/demo-clip) run when that folder exists; run with -s to see
+Acceptance tests on the trained demo model (stages/models/shipped/demo-clip) run when that folder exists; run with -s to see
 the retrieval numbers they print.
 """
 from __future__ import annotations
@@ -439,21 +439,21 @@ def test_ray_actor_pool_matches_direct_call(tiny_clip):
 
 def needs_demo_clip(fn):
     skip = pytest.mark.skipif(not (DEMO_CLIP / "config.json").is_file(),
-                              reason="flows/models/demo-clip is not trained yet (flows/train.py)")
+                              reason="stages/models/shipped/demo-clip is not trained yet (flows/training/train.py)")
     return pytest.mark.slow(skip(fn))
 
 
 def demo_threshold() -> float:
-    """The threshold the demo build uses: flows/demo.yaml's align entry, else the model's recommended_threshold
-    (training.json, written by flows/train.py)."""
+    """The threshold the demo build uses: flows/demo/demo.yaml's align entry, else the model's recommended_threshold
+    (training.json, written by flows/training/train.py)."""
     from stages.models import training_card
 
-    spec = yaml.safe_load((ROOT / "flows" / "demo.yaml").read_text())
+    spec = yaml.safe_load((ROOT / "flows" / "demo" / "demo.yaml").read_text())
     for entry in spec.get("stages") or []:
         if isinstance(entry, dict) and "align" in entry and (entry["align"] or {}).get("threshold") is not None:
             return float(entry["align"]["threshold"])
     t = training_card(str(DEMO_CLIP)).get("recommended_threshold")
-    assert t is not None, "no default threshold: flows/demo.yaml sets none and demo-clip/training.json has none"
+    assert t is not None, "no default threshold: flows/demo/demo.yaml sets none and demo-clip/training.json has none"
     return float(t)
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from flows.demo.server import DemoServer
 from schemas.records import make_uid
 from schemas.spec import IngestSpec
-from stages.ingest import AddressGuard, assign_uids, classify_error, ingest_shard, precheck_image
+from stages.io.ingest import AddressGuard, assign_uids, classify_error, ingest_shard, precheck_image
 
 
 def jpeg(w=300, h=200, color="red"):

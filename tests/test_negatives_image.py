@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from flows.demo.scenes import scene_batch
-from stages.editors import (FlipEditor, RecolorEditor, RenderEditor, colour_mapping, has_left_right,
-                            parse_demo_caption, swap_left_right)
-from stages.negatives_image import REASONS, NegativesImageSpec, decide, make_negatives, summarize, to_table
+from flows.demo.render_editor import RenderEditor, parse_demo_caption
+from stages.imaging.editors import FlipEditor, RecolorEditor, colour_mapping, has_left_right, swap_left_right
+from stages.imaging.negatives import REASONS, NegativesImageSpec, decide, make_negatives, summarize, to_table
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_tiny_diffusion_pipeline_through_the_editor(tmp_path, pipeline):
     """Random tiny weights: the output is noise; this checks the plumbing (save, reload by folder, run, size)."""
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInstructPix2PixPipeline
 
-    from stages.editors import make_editor
+    from stages.imaging.editors import make_editor
 
     cls = StableDiffusionInstructPix2PixPipeline if pipeline == "instruct_pix2pix" else StableDiffusionImg2ImgPipeline
     parts = _tiny_sd_parts(tmp_path, 8 if pipeline == "instruct_pix2pix" else 4)

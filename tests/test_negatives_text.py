@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from flows.negatives_report import coco_captions, demo_captions, load_sugarcrepe, report
+from flows.reporting.negatives_report import coco_captions, demo_captions, load_sugarcrepe, report
 from schemas.columns import stage_fields
 from schemas.spec import NEGATIVE_KINDS, STAGE_PARAMS, NegativesTextParams, parse_spec
-from stages import grammar as G
-from stages import lexicon as L
+from stages.nlp import grammar as G
+from stages.nlp import lexicon as L
 from stages import stage_class
 from stages.negatives_text import (KINDS, LmNegatives, NegativesTextStage, NgramLM, lm_negative, lm_prompt,
                                    negatives_for, parse, rebalance, validate_negative, words)
@@ -385,7 +385,7 @@ def test_grammar():
 @pytest.fixture(scope="module")
 def smollm2():
     try:
-        from stages.lm import check_lm_loadable
+        from stages.models.lm import check_lm_loadable
 
         check_lm_loadable("smollm2-135m", stage="negatives_text")
     except Exception as e:  # noqa: BLE001
@@ -400,7 +400,7 @@ def test_with_smollm2(smollm2, coco):
     completions are kept only when they are edits of the kind."""
     from stages.negatives_text import LmScorer
 
-    from flows.negatives_report import split
+    from flows.reporting.negatives_report import split
 
     _, test = split(coco)
     caps = test[:40]

@@ -21,7 +21,7 @@ from schemas.columns import stage_fields
 from schemas.spec import RecaptionExample, RecaptionParams, parse_spec
 from stages import stage_class
 from stages.base import StageConfigError
-from stages.faithfulness import (GateConfig, added_names, facts, judge, lexical_violations, reason_code,
+from stages.nlp.faithfulness import (GateConfig, added_names, facts, judge, lexical_violations, reason_code,
                                  repeated_words)
 from stages.recaption import RecaptionStage, build_prompts, clean_output, summarize
 from tests.realdata import LAION, SUGARCREPE_FILES as SUGARCREPE
@@ -176,7 +176,7 @@ def test_preflight(tmp_path):
 @pytest.fixture(scope="module")
 def lm_cache(tmp_path_factory):
     """A fresh cache: the first load converts the GGUF, the second reads the converted folder."""
-    from stages.lm import SMOLLM2, load_lm
+    from stages.models.lm import SMOLLM2, load_lm
 
     old = os.environ.get("PAIRFORGE_CACHE")
     os.environ["PAIRFORGE_CACHE"] = str(tmp_path_factory.mktemp("pairforge-cache"))

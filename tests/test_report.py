@@ -101,7 +101,7 @@ def derive_build(src: Path, dst: Path, rows: int | None = None, seed: int = 0, e
     (negatives="folder")."""
     from schemas.columns import build_schema, rejects_schema
     from schemas.spec import AlignParams, SafetyParams, TextParams
-    from stages.write import ShardWriter, atomic_write_text, write_manifest
+    from stages.io.shards import ShardWriter, atomic_write_text, write_manifest
 
     src, dst = Path(src), Path(dst)
     if dst.exists():
@@ -322,7 +322,7 @@ def rendered(report, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def derived(demo, tmp_path_factory):
-    from flows.report import write_report
+    from flows.reporting.report import write_report
 
     dst = derive_build(demo["build_dir"], tmp_path_factory.mktemp("derived") / "derived-build")
     path = write_report(dst)
@@ -387,7 +387,7 @@ def test_funnel_and_reasons_equal_stats(report):
 
 
 def test_each_reject_reason_has_a_sample_grid(report, demo):
-    from flows.report import N_PER_REASON
+    from flows.reporting.report import N_PER_REASON
 
     dom, stats = report["dom"], report["stats"]
     rej = read_parts(demo["build_dir"], "rejects", ["uid", "stage", "reason", "detail"])
@@ -421,7 +421,7 @@ def test_each_reject_reason_has_a_sample_grid(report, demo):
 
 
 def test_distributions_draw_the_spec_thresholds(report, demo):
-    from flows.report import stage_params
+    from flows.reporting.report import stage_params
 
     dom = report["dom"]
     figs = {e["attrs"]["data-column"]: json.loads(e["attrs"].get("data-thresholds", "[]"))
@@ -450,7 +450,7 @@ def test_empty_states_for_missing_sections(report):
 
 
 def test_sampling_is_seeded_and_order_free(demo):
-    from flows.report import seeded_sample
+    from flows.reporting.report import seeded_sample
 
     t = read_parts(demo["build_dir"], "rejects", ["uid"])
     shuffled = t.take(pa.array(np.random.default_rng(3).permutation(t.num_rows)))
@@ -461,7 +461,7 @@ def test_sampling_is_seeded_and_order_free(demo):
 
 
 def test_rewrites_negatives_and_model_stats_sections(derived):
-    from flows.report import N_NEG_PER_KIND, N_REWRITES, stage_params
+    from flows.reporting.report import N_NEG_PER_KIND, N_REWRITES, stage_params
 
     dom, stats = derived["dom"], derived["stats"]
     rw = dom.find("div", **{"class": "rw"})
@@ -503,7 +503,7 @@ def test_rewrites_negatives_and_model_stats_sections(derived):
 
 
 def test_negatives_from_a_negatives_set(demo, tmp_path):
-    from flows.report import N_NEG_PER_KIND, _negatives, load_build
+    from flows.reporting.report import N_NEG_PER_KIND, _negatives, load_build
 
     dst = derive_build(demo["build_dir"], tmp_path / "with-folder", negatives="folder")
     dom = Dom(_negatives(load_build(dst), seed=0))
@@ -557,7 +557,7 @@ def test_show_names_the_stage_reason_and_stat(demo, capsys):
 
 
 def test_show_summarises_embeddings(derived):
-    from flows.show import format_record, show_record
+    from flows.reporting.show import format_record, show_record
 
     rej = read_parts(derived["dir"], "rejects", ["uid", "reason", "clip_score"])
     row = next(r for r in rej.to_pylist() if r["reason"] == "low_alignment")
@@ -578,7 +578,7 @@ def test_dataset_card_parses_and_matches_the_shards(demo, tmp_path):
     from datasets import Features
     from huggingface_hub import DatasetCard
 
-    from flows.report import size_category, write_dataset_card
+    from flows.reporting.report import size_category, write_dataset_card
 
     path = write_dataset_card(demo["build_dir"], out=tmp_path / "README.md")
     text = path.read_text()
@@ -611,7 +611,7 @@ def test_dataset_card_parses_and_matches_the_shards(demo, tmp_path):
 def test_dataset_card_loads_the_folder_with_datasets(demo, tmp_path):
     import datasets
 
-    from flows.report import write_dataset_card
+    from flows.reporting.report import write_dataset_card
 
     folder = tmp_path / "hub"
     folder.mkdir()

@@ -11,13 +11,14 @@ import torch
 import yaml
 
 from flows.demo.train_data import write_scene_shards
-from flows.loaders import ShardPairs, resolve_shards
-from flows.train import TrainError, file_sha256, train
+from flows.outputs.loaders import ShardPairs, resolve_shards
+from flows.training.train import TrainError, file_sha256, train
 from schemas.spec import SpecError
 from schemas.train_spec import load_train_spec, parse_train_spec
+from stages.models import MODELS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_CLIP = ROOT / "flows" / "models" / "demo-clip"
+DEMO_CLIP = MODELS_DIR / "demo-clip"
 STEPS = 30
 
 
@@ -172,9 +173,9 @@ def test_checkpoints_of_another_spec_are_not_resumed(runs, shards):
 def test_cli_has_train():
     from flows.cli import cmd_train, parser
 
-    args = parser().parse_args(["train", "flows/train_demo.yaml", "--fresh"])
+    args = parser().parse_args(["train", "flows/demo/train_demo.yaml", "--fresh"])
     assert args.fn is cmd_train and args.fresh
-    spec = load_train_spec(ROOT / "flows" / "train_demo.yaml")
+    spec = load_train_spec(ROOT / "flows" / "demo" / "train_demo.yaml")
     assert spec.export == DEMO_CLIP and spec.loss == "clip"
 
 
@@ -199,7 +200,7 @@ def test_word_tokenizer_is_fitted_deterministic_and_reloads(shards, tmp_path):
     the caption's end."""
     from transformers import AutoModel, AutoProcessor
 
-    from flows.train import word_tokenizer
+    from flows.training.train import word_tokenizer
 
     texts = ["a large red circle to the left of two small blue squares", "A red star.", "two red stars"]
     tok = word_tokenizer(texts, max_length=8)

@@ -530,7 +530,7 @@ def encode_jpeg(im: Image.Image, quality: int = 90) -> bytes:
 
 def scene_batch(n: int, seed: int = 11, size: int = 128, quality: int = 95):
     """(pa.Table of uid, text, image; per-row contexts {scene, render_seed}) of n demo scenes from Random(seed):
-    what the render editor (stages.editors.RenderEditor) needs to redraw a scene."""
+    what the render editor (flows.demo.render_editor.RenderEditor) needs to redraw a scene."""
     import pyarrow as pa
 
     rng = random.Random(seed)

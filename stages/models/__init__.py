@@ -9,7 +9,7 @@ dual encoder (CLIP, SigLIP, SigLIP 2 ...) and embedding image/text batches with 
                                    StageConfigError.
     resolve_dtype("auto", device)  float16 on CUDA, float32 elsewhere; or float32 / float16 / bfloat16.
     locate_model(name)             an existing folder (absolute, relative to the repo root, or a name under
-                                   flows/models/) -> its absolute path; anything else is taken as a hub id.
+                                   stages/models/shipped/) -> its absolute path; anything else is taken as a hub id.
     check_loadable(name)           preflight: the folder has config.json, weights and processor files, or the hub id
                                    is in the local Hugging Face cache (HF_HUB_OFFLINE=1: nothing is fetched), and the
                                    config is a dual encoder this transformers knows. Time-boxed; StageConfigError
@@ -43,8 +43,8 @@ from typing import Any
 
 from stages.base import StageConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
-MODELS_DIR = ROOT / "flows" / "models"
+ROOT = Path(__file__).resolve().parents[2]
+MODELS_DIR = Path(__file__).resolve().parent / "shipped"  # model folders that ship with pairforge
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
@@ -135,7 +135,7 @@ def set_threads(n: int) -> None:
 # --------------------------------------------------------------------------- where a model lives
 
 def locate_model(name: str) -> str:
-    """An existing folder -> its absolute path (tried: as given, relative to the repo root, under flows/models/);
+    """An existing folder -> its absolute path (tried: as given, relative to the repo root, under stages/models/shipped/);
     otherwise the name itself, taken as a hub id."""
     p = Path(name).expanduser()
     cands = [p] if p.is_absolute() else [ROOT / p, MODELS_DIR / p]
@@ -278,7 +278,7 @@ def weights_sha256(folder: str | Path) -> str | None:
 
 
 def training_card(location: str) -> dict:
-    """training.json of a local model folder written by flows/train.py ({} when absent or unreadable)."""
+    """training.json of a local model folder written by flows/training/train.py ({} when absent or unreadable)."""
     path = Path(location) / "training.json"
     if not (is_local(location) and path.is_file()):
         return {}

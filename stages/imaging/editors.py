@@ -11,20 +11,16 @@ does; `no_region`: the edit is one it does, but the named region could not be fo
               saturation / value ranges of a named palette), drop specks, grow the mask by a pixel for anti-aliased
               edges, and repaint it in the target colour keeping the shading (value ratio). A colour named twice in
               the caption is ambiguous (which object?): no_region.
-    render    the demo domain only: the negative caption parsed back into a demo Scene (flows.demo.scenes) and
-              redrawn with the original render seed, so the background and layout stay. Needs the row's `scene`
-              (JSON) and `render_seed` in `context` (the demo corpus's labels.parquet has both per uid; the
-              negatives flow joins it). The only editor that depends on the demo domain.
+    render    the demo domain only, registered by the demo package (flows.demo.render_editor).
     diffusion diffusers InstructPix2Pix ("change X to Y"), img2img (the negative caption as prompt) or inpainting
               (the colour region as mask) from a hub id or a local folder; device / dtype as the model stages
               resolve them (stages.models). With random tiny weights (tests) its output is noise of the right size.
 
-`make_editor(name, **options)` builds one by name. Editors are cheap to build; diffusion loads its pipeline on the
+`make_editor(name, **options)` builds one by name; `register_editor` adds one. Editors are cheap to build; diffusion loads its pipeline on the
 first edit (or `setup()`).
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -259,117 +255,6 @@ class RecolorEditor(Editor):
         return Image.fromarray(out, "RGB")
 
 
-# --------------------------------------------------------------------------- render (demo domain)
-
-_NUM = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
-
-
-def parse_demo_caption(text: str):
-    """A demo caption (flows.demo.scenes.caption, any variant) -> Scene, or None if it is not one."""
-    from flows.demo.scenes import COLORS, RELATION_PHRASE, SHAPES, Group, Scene
-
-    t = text.strip().lower()
-    for p in ("a simple drawing of ", "a picture of ", "an image of ", "a drawing of ", "an illustration of "):
-        if t.startswith(p):
-            t = t[len(p):]
-            break
-    shapes = "|".join(SHAPES)
-    colours = "|".join(COLORS)
-    np_re = rf"(a|an|one|two|three) (?:(small|large) )?({colours}) ({shapes})(s?)"
-
-    def group(m: re.Match):
-        head, size, colour, shape, plural = m.groups()
-        count = _NUM[head]
-        if (count > 1) != bool(plural):
-            return None
-        return Group(shape, colour, size or "medium", count)
-
-    rel_alt = "|".join(re.escape(p) for p in RELATION_PHRASE.values())
-    phrase_rel = {v: k for k, v in RELATION_PHRASE.items()}
-    m = re.fullmatch(rf"{np_re} ({rel_alt}) {np_re}", t)
-    try:
-        if m:
-            g1 = group(re.fullmatch(np_re, t[:m.start(6)].strip()))
-            g2 = group(re.fullmatch(np_re, t[m.end(6):].strip()))
-            if g1 is None or g2 is None:
-                return None
-            return Scene((g1, g2), phrase_rel[m.group(6)])
-        m = re.fullmatch(rf"({np_re}), ({np_re}) and ({np_re})", t)
-        if m:
-            gs = [group(re.fullmatch(np_re, m.group(i))) for i in (1, 7, 13)]
-            return None if None in gs else Scene(tuple(gs))
-        m = re.fullmatch(np_re, t)
-        if m:
-            g = group(m)
-            return None if g is None else Scene((g,))
-    except ValueError:
-        return None
-    return None
-
-
-def align_scene(edited, original):
-    """Order `edited`'s groups like `original`'s (a caption may state them in another order), so re-rendering with
-    the same seed keeps the layout: the permutation matching the most group attributes position by position."""
-    from itertools import permutations
-
-    from flows.demo.scenes import INVERSE_RELATION, Scene
-
-    if len(edited.groups) != len(original.groups) or len(edited.groups) == 1:
-        return edited
-    best, best_score = edited, -1
-    for perm in permutations(range(len(edited.groups))):
-        groups = tuple(edited.groups[i] for i in perm)
-        rel = edited.relation
-        if rel is not None and perm != (0, 1):
-            rel = INVERSE_RELATION[rel]
-        score = sum((a.shape == b.shape) + (a.color == b.color) + (a.size == b.size) + (a.count == b.count)
-                    for a, b in zip(groups, original.groups))
-        score += 0.5 * (rel == original.relation)
-        if score > best_score:
-            best, best_score = Scene(groups, rel), score
-    return best
-
-
-def _norm_scene(scene) -> tuple:
-    """A scene up to the order its caption states groups in (the same picture)."""
-    from flows.demo.scenes import INVERSE_RELATION
-
-    gs = [g.to_dict() for g in scene.groups]
-    key = sorted(json.dumps(g, sort_keys=True) for g in gs)
-    rel = scene.relation
-    if rel is not None:
-        a, b = (json.dumps(g, sort_keys=True) for g in gs)
-        if a > b:
-            rel = INVERSE_RELATION[rel]
-    return tuple(key), rel
-
-
-class RenderEditor(Editor):
-    """Demo domain: redraw the scene the negative caption describes with the original seed."""
-
-    name = "render"
-
-    def _edit(self, image, caption, neg_caption, kind, context):
-        from flows.demo.scenes import Scene, render_scene
-
-        scene_json, seed = context.get("scene"), context.get("render_seed")
-        if not scene_json or seed is None:
-            raise Skip(NOT_APPLICABLE, "no scene / render_seed for this row (not a demo scene)")
-        original = Scene.from_json(scene_json) if isinstance(scene_json, str) else Scene.from_dict(scene_json)
-        edited = parse_demo_caption(neg_caption)
-        if edited is None:
-            raise Skip(NOT_APPLICABLE, "the negative caption does not describe a demo scene")
-        edited = align_scene(edited, original)
-        if _norm_scene(edited) == _norm_scene(original):
-            raise Skip(NOT_APPLICABLE, "the negative caption describes the same scene")
-        w, h = image.size
-        try:
-            out = render_scene(edited, max(w, h), int(seed))
-        except (RuntimeError, ValueError) as e:  # a scene that cannot be laid out
-            raise Skip(NOT_APPLICABLE, f"cannot render: {e}") from None
-        return out if out.size == (w, h) else out.resize((w, h), Image.BICUBIC)
-
-
 # --------------------------------------------------------------------------- diffusion
 
 PIPELINES = {
@@ -446,9 +331,13 @@ class DiffusionEditor(Editor):
                 "device": str(self.device) if self.device else self.device_name, "seed": self.seed}
 
 
-EDITORS: dict[str, type[Editor]] = {
-    "flip": FlipEditor, "recolor": RecolorEditor, "render": RenderEditor, "diffusion": DiffusionEditor,
-}
+EDITORS: dict[str, type[Editor]] = {"flip": FlipEditor, "recolor": RecolorEditor, "diffusion": DiffusionEditor}
+
+
+def register_editor(cls: type[Editor]) -> type[Editor]:
+    """Add an editor under its name (domain packages register their own, e.g. the demo's `render`)."""
+    EDITORS[cls.name] = cls
+    return cls
 
 
 def make_editor(name: str, **options) -> Editor:

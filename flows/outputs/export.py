@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from flows.loaders import resolve_shards
+from flows.outputs.loaders import resolve_shards
 
 UID_DTYPE = np.dtype("u8,u8")  # DataComp: np.dtype("u8,u8"), fields f0 (high 64 bits), f1 (low 64 bits)
 FORMATS = ("webdataset", "uids")

@@ -1000,7 +1000,7 @@ def render_report(build: Build, seed: int = 0) -> str:
 
 def write_report(build_dir: str | Path, out: str | Path | None = None, *, seed: int = 0) -> Path:
     """Write <build_dir>/report.html (or `out`) from the build's files; returns its path."""
-    from stages.write import atomic_write_text
+    from stages.io.shards import atomic_write_text
 
     build = load_build(build_dir)
     path = Path(out) if out else Path(build_dir) / REPORT_NAME
@@ -1170,7 +1170,7 @@ def render_dataset_card(build: Build) -> str:
 
 def write_dataset_card(build_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write <build_dir>/README.md (or `out`), a Hugging Face dataset card; returns its path."""
-    from stages.write import atomic_write_text
+    from stages.io.shards import atomic_write_text
 
     build = load_build(build_dir, rows=False)
     path = Path(out) if out else Path(build_dir) / CARD_NAME

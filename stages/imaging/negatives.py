@@ -34,7 +34,7 @@ from pydantic import Field, field_validator, model_validator
 
 from schemas.columns import NEGATIVES_IMAGE_SCHEMA
 from schemas.spec import NEGATIVE_KINDS, NegativesTextParams, _Strict
-from stages.editors import EDITORS, Editor, make_editor
+from stages.imaging.editors import EDITORS, Editor, make_editor
 from stages.models import decode_rgb
 
 REASONS = ("not_preferred", "too_similar", "too_different", "no_region", "not_applicable")

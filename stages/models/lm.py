@@ -10,7 +10,7 @@ Names (`resolve_lm`):
                          pairforge_source.json (the GGUF's sha256). Later loads read that folder (~0.2-1 s).
                          `save_pretrained` refuses a GGUF-loaded model ("quantized with gguf and is not
                          serializable"), hence the hand-written folder.
-    a folder             absolute, relative to the repo root, or under flows/models/ (stages.models.locate_model)
+    a folder             absolute, relative to the repo root, or under stages/models/shipped/ (stages.models.locate_model)
     a hub id             from the local Hugging Face cache only when HF_HUB_OFFLINE=1
 
 Cache folder: $PAIRFORGE_CACHE or ~/.cache/pairforge, then lm/<name>-<sha256[:12] of the GGUF>/. The conversion

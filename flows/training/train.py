@@ -2,7 +2,7 @@
 
 `train(spec)` does the work and `train_flow(spec_path)` wraps it as a Prefect flow (`pairforge train SPEC`):
 
-    data     ShardPairs over the spec's shards (flows.loaders): seeded shuffle, eval split held out by uid hash;
+    data     ShardPairs over the spec's shards (flows.outputs.loaders): seeded shuffle, eval split held out by uid hash;
              images decoded from their bytes and preprocessed by the model's own CLIPImageProcessor, so training
              and scoring see the same pixels (optional label-preserving random crops before it)
     model    CLIPModel from a small CLIPConfig; a character-level CLIPTokenizer built in memory (or a given one)
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from flows import env  # noqa: F401
-from flows.loaders import HardNegativeCollate, ShardPairs, random_crop, resolve_shards
+from flows.outputs.loaders import HardNegativeCollate, ShardPairs, random_crop, resolve_shards
 from schemas.train_spec import ModelSpec, TrainSpec, load_train_spec
 
 log = logging.getLogger("pairforge.train")
@@ -73,7 +73,7 @@ def _features(out):
 
 
 def _hard_negative_loss(model, batch: dict, with_images: bool):
-    """NegCLIP / TripletCLIP over a HardNegativeCollate batch (flows.loaders).
+    """NegCLIP / TripletCLIP over a HardNegativeCollate batch (flows.outputs.loaders).
 
     Images I (B) and, with_images, negative images I' (K); texts T (B positives), T' (K captions of I') and N (M
     negative captions). Logits = scale * cos(images, [T; T'; N]). image->text: each image's label is its own caption
@@ -431,7 +431,7 @@ def prepare_hard_negatives(spec: TrainSpec) -> list[Path] | None:
         raise TrainError(f"data.hard_negatives: {e}") from None
 
 
-from stages.write import file_sha256  # noqa: E402  (one sha256-of-a-file helper for the project)
+from stages.io.shards import file_sha256  # noqa: E402  (one sha256-of-a-file helper for the project)
 
 
 def train(spec: TrainSpec, *, fresh: bool = False, stop_after: int | None = None, logger=None,
@@ -639,7 +639,7 @@ def _versions() -> dict:
 def training_markdown(info: dict) -> str:
     h = info.get("heldout", {})
     lines = [f"# {info['name']}", "",
-             "A small CLIP (transformers CLIPModel) trained from scratch by `flows/train.py`"
+             "A small CLIP (transformers CLIPModel) trained from scratch by `flows/training/train.py`"
              + (f" from `{info['spec_file']}`." if info.get("spec_file") else "."), "",
              f"- steps: {info['steps']} x batch {info['batch_size']} = {info['pairs_seen']} pairs "
              f"({info.get('train_pairs_per_epoch', '?')} training pairs per epoch), seed {info['seed']}",
@@ -685,6 +685,6 @@ def train_flow(spec_path: str, fresh: bool = False) -> dict:
 
 def _rel(p: Path) -> str:
     try:
-        return str(p.resolve().relative_to(Path(__file__).resolve().parents[1]))
+        return str(p.resolve().relative_to(Path(__file__).resolve().parents[2]))
     except ValueError:
         return str(p)

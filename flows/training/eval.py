@@ -3,14 +3,14 @@ evaluate on a set drawn apart from every build, print a table, record every metr
 
 Protocol (`compare`):
 - proxy model: a tiny transformers CLIPModel (PROXY_MODEL: 48 px, patch 8, 2+2 layers of width 64, a word tokenizer
-  fitted on the build's captions) trained by flows.train.train with the same steps, batch size, lr schedule and
+  fitted on the build's captions) trained by flows.training.train.train with the same steps, batch size, lr schedule and
   seed on every build (equal compute); only the data (and, for the hard-negative comparison, the loss) differ.
   Equal compute means equal optimiser steps over equal batches of pairs: negclip also encodes the pairs' negative
   captions (PROXY_MAX_NEGATIVES each) and tripletclip also a counterfactual image a pair, as those papers do, so
   their steps cost more time (tripletclip about 2.5x clip's here).
 - evaluation set: `eval_scenes(n, seed=EVAL_SEED)`, fresh demo scenes (flows.demo.scenes) from a seed stream no
   build uses ("pairforge-eval/{seed}/{i}"), rendered at the training size and JPEG-encoded like the builds.
-- metrics: image->text and text->image R@1 / R@5 among the eval scenes (flows.train.retrieval_metrics), and
+- metrics: image->text and text->image R@1 / R@5 among the eval scenes (flows.training.train.retrieval_metrics), and
   SugarCrepe-style compositional accuracy per kind: the image's true caption scores above a hard negative made by
   editing the Scene (so the negative is false of the picture by construction) and captioning it with the same
   caption variant:
@@ -64,7 +64,7 @@ N_EVAL = 1000  # fresh evaluation scenes (embedding only: cheap; fewer make comp
 N_BUILD = 20000  # demo scenes per eval build: ~11k curated pairs, so 800 steps x 32 is ~2.3 epochs (2,000 overfit)
 COMP_KINDS = ("replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj", "add_obj", "replace_cnt")
 NEG_SCHEMA = pa.schema(list(PAIR_SCHEMA) + stage_fields("negatives_text"))
-NEG_IMAGES = "hard-negatives"  # a curated eval build's counterfactual images (flows.loaders hard_negatives layout)
+NEG_IMAGES = "hard-negatives"  # a curated eval build's counterfactual images (flows.outputs.loaders hard_negatives layout)
 NEG_IMAGE_SCHEMA = pa.schema([("uid", pa.string()), ("kind", pa.string()), ("neg_text", pa.string()),
                               ("neg_image", pa.binary())])
 
@@ -208,7 +208,7 @@ def make_demo_builds(root: str | Path, n: int = N_BUILD, seed: int = 0, wrong_fr
 
 def eval_scenes(n: int = 300, seed: int = EVAL_SEED, image_size: int = IMAGE_SIZE) -> list[dict]:
     """Fresh scenes no build contains: {scene, text, image (PIL, decoded from JPEG), negatives: {kind: text}}."""
-    from flows.loaders import decode_image
+    from flows.outputs.loaders import decode_image
 
     out = []
     for i in range(n):
@@ -249,7 +249,7 @@ def evaluate_model(model_dir: Path, scenes: list[dict]) -> dict:
     import torch
     from transformers import AutoModel
 
-    from flows.train import embed, retrieval_metrics
+    from flows.training.train import embed, retrieval_metrics
 
     model = AutoModel.from_pretrained(model_dir)
     processor = _load_processor(model_dir)
@@ -280,7 +280,7 @@ def evaluate_model(model_dir: Path, scenes: list[dict]) -> dict:
 def _load_processor(model_dir: Path):
     from transformers import AutoTokenizer
 
-    from flows.train import char_tokenizer, make_processor
+    from flows.training.train import char_tokenizer, make_processor
     from schemas.train_spec import ModelSpec
 
     # the processor is rebuilt as trained (PIL image processor); a fitted tokenizer is read from the model folder
@@ -291,7 +291,7 @@ def _load_processor(model_dir: Path):
 
 def train_and_eval(shards: Path, out: Path, scenes: list[dict], loss: str = "clip", seed: int = 0,
                    steps: int | None = None, batch_size: int | None = None, threads: int | None = 1) -> dict:
-    from flows.train import train
+    from flows.training.train import train
 
     spec = proxy_spec(shards, out, loss=loss, seed=seed, steps=steps, batch_size=batch_size, threads=threads)
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from flows.report import ReportError, _part_files, deciding_param, deciding_stats, fmt_bytes, stage_params
+from flows.reporting.report import ReportError, _part_files, deciding_param, deciding_stats, fmt_bytes, stage_params
 
 
 def find_row(build_dir: Path, uid: str) -> tuple[str, Path, dict]:

@@ -1,6 +1,6 @@
 """Blind-bias report of the hard negatives (stages.negatives_text), next to SugarCrepe's reference negatives.
 
-    .venv/bin/python -m flows.negatives_report [--lm smollm2-135m|none] [--lm-pairs 150] [--lm-stage 200]
+    .venv/bin/python -m flows.reporting.negatives_report [--lm smollm2-135m|none] [--lm-pairs 150] [--lm-stage 200]
                                                [--demo 2000] [--sugarcrepe DIR] [--json FILE]
 
 SugarCrepe's lesson: a negative that a text-only model tells from its caption teaches a contrastive model nothing
@@ -10,7 +10,7 @@ prefers the caption: 0.50 is blind (the goal), 1.00 means the text alone gives t
 score favours the longer, predictable negative by construction, and length gives every addition away anyway).
 
 Scorers:
-- LM (the primary one when stages.lm can load it; --lm none skips it): mean token log-probability under a causal LM
+- LM (the primary one when stages.models.lm can load it; --lm none skips it): mean token log-probability under a causal LM
   (SmolLM2-135M), on up to --lm-pairs random test pairs per kind. Nothing is fitted, so nothing leaks.
 - n-gram: stages.negatives_text.NgramLM (interpolated bigram/unigram, add-k), fitted on the *train* half of the
   domain's captions (split by a hash of the caption text; COCO: the real SugarCrepe captions, demo: demo captions)
@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -162,17 +162,17 @@ def stage_pairs(captions: list[str], batch_size: int = 1024, **params) -> tuple[
 
 
 def resolve_lm(name: str | None) -> str | None:
-    """The LM to score with: `name`, or for "auto" SmolLM2 when stages.lm can load it; None for none."""
+    """The LM to score with: `name`, or for "auto" SmolLM2 when stages.models.lm can load it; None for none."""
     if name in (None, "", "none"):
         return None
     if name != "auto":
         return name
     try:
-        from stages.lm import check_lm_loadable
+        from stages.models.lm import check_lm_loadable
 
         check_lm_loadable(DEFAULT_LM, stage="negatives_report")
         return DEFAULT_LM
-    except Exception:  # noqa: BLE001 - no stages.lm, no model: fall back to the n-gram scorer alone
+    except Exception:  # noqa: BLE001 - no stages.models.lm, no model: fall back to the n-gram scorer alone
         return None
 
 
@@ -231,7 +231,7 @@ def _print(res: dict, with_lm: bool, with_lm_stage: bool, out) -> None:
     out("Blind bias per kind: share of test pairs where a text-only score prefers the caption to the negative")
     out("(0.50 = blind, the goal; 1.00 = the text gives the negative away; near 0 the negative reads better, which")
     out("for add_* kinds is the per-token score favouring a longer, predictable caption: checked one way only).")
-    out(f"LM: mean token log-prob under {res['lm']}; " if with_lm else "LM: not used (--lm none or no stages.lm); ")
+    out(f"LM: mean token log-prob under {res['lm']}; " if with_lm else "LM: not used (--lm none or no stages.models.lm); ")
     out("n-gram: bigram LM fitted on the domain's train captions, pairs from its test captions.")
     out("raw: rule negatives, first candidate; stage: the stage's defaults (selection against k-fold n-gram LMs "
         "of the batch, blind check)" + ("; stage-lm: plausibility lm (its LM figure is its own target)."
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sugarcrepe", type=Path, default=SUGARCREPE)
     ap.add_argument("--demo", type=int, default=2000, help="demo captions to sample")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lm", default="auto", help="causal LM to score with (stages.lm name); auto: SmolLM2 when "
+    ap.add_argument("--lm", default="auto", help="causal LM to score with (stages.models.lm name); auto: SmolLM2 when "
                                                   "it can be loaded; none: the n-gram scorer only")
     ap.add_argument("--lm-pairs", type=int, default=150, help="test pairs per kind scored by the LM")
     ap.add_argument("--lm-stage", type=int, default=200,

@@ -25,12 +25,12 @@ Hard negatives (`negatives=True`, CounterCurate / NegCLIP / TripletCLIP batching
 most `max_negatives` of them, and, when a hard-negative image set is given (`hard_negatives`: Parquet files with
 columns uid, neg_image (bytes), neg_text), "neg_images" / "neg_image_texts" for the item's uid. `HardNegativeCollate`
 keeps a positive with its negatives in the same batch: positives first, then the negatives of every positive with
-an owner index (flows.train's negclip / tripletclip losses read that layout).
+an owner index (flows.training.train's negclip / tripletclip losses read that layout).
 
 Loading with Hugging Face datasets instead (the shards are plain Parquet):
 
     from datasets import load_dataset
-    from flows.loaders import resolve_shards
+    from flows.outputs.loaders import resolve_shards
     ds = load_dataset("parquet", data_files=[str(f) for f in resolve_shards(["BUILD/shards"])], split="train")
     ds[0]["uid"], ds[0]["text"]; PIL.Image.open(io.BytesIO(ds[0]["image"]))   # image: the JPEG bytes
     # streaming=True gives an IterableDataset; ds.to_iterable_dataset(num_shards=n) splits it for workers

@@ -1,0 +1,1 @@
+"""What training jobs read: loaders over shards and exports (WebDataset, uid lists)."""

@@ -1,0 +1,1 @@
+"""The build report, the dataset card and `pairforge show`."""

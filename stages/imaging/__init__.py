@@ -1,0 +1,1 @@
+"""Image helpers: decoding, editors that make counterfactual images, and their validation (no stages here)."""

@@ -1,0 +1,1 @@
+"""Reading and writing pairs: URL lists, downloads, corpora, shards."""

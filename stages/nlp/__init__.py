@@ -1,0 +1,1 @@
+"""Caption text helpers: grammar, lexicon and the faithfulness gate (no stages here)."""
