@@ -108,7 +108,7 @@ class _SpanTimer:
     def add_cpu(self, seconds: float) -> None:
         self.cpu += seconds
 
-    def add(self, stage: str, rows: int, seconds: float) -> None:
+    def add(self, stage: str, rows: int, seconds: float, decoded: int = 0) -> None:
         now = time.time()
         self.rows += rows
         self.busy += seconds
@@ -122,9 +122,9 @@ class _SpanTimer:
 def _bench_actor():
     import ray
 
-    import flows.build as fb
+    from flows.pipeline.runner import StageActor
 
-    class BenchActor(fb._StageActor):
+    class BenchActor(StageActor):
         """The build's actor, also reporting the CPU seconds its process spent per batch."""
 
         def __call__(self, batch):
@@ -139,15 +139,15 @@ def _bench_actor():
 def run_ray(parquet: Path, out: Path, model: str, batch_size: int, threads: int) -> dict:
     import ray
 
-    import flows.build as fb
-    from schemas.spec import AlignParams
+    from flows.pipeline.runner import quiet_ray_data
+    from stages.align import AlignParams
 
     t0 = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=2**30, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     ray_start = time.perf_counter() - t0
     try:
-        fb.quiet_ray_data()
+        quiet_ray_data()
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
@@ -176,7 +176,7 @@ def raw_worker(parquet: str, model: str, batch_size: int, threads: int, single: 
     raw_s, fwd_s, rows, cpu = run_raw(clip, table, batch_size)
     out = {"seconds": raw_s, "forward": fwd_s, "rows": rows, "cpu": cpu}
     # the stage itself on the same batches in this process, sharing the loaded model: its own overhead
-    from schemas.spec import AlignParams
+    from stages.align import AlignParams
     from stages.align import AlignStage
 
     stage = AlignStage(AlignParams(model=model, batch_size=batch_size, threads=threads))

@@ -128,7 +128,7 @@ def decide_timing(n: int, k: int) -> None:
     """decide()'s near step on n rows, each with a pHash and 9 crop hashes (a pool of 10n hashes)."""
     import pyarrow as pa
 
-    from schemas.spec import DedupParams
+    from stages.dedup import DedupParams
     from stages.dedup import DedupStage
 
     rng = np.random.default_rng(2)

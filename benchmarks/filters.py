@@ -37,10 +37,10 @@ GOAL = 1.2
 
 
 def _params(name: str):
-    from schemas.spec import STAGE_PARAMS
+    from stages import stage_class
 
     extra = {"threads": 1} if name in MODEL_STAGES else {}
-    return STAGE_PARAMS[name](**extra)
+    return stage_class(name).Params(**extra)
 
 
 def _rss_mb() -> float:
@@ -125,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from flows.demo.corpus import generate_corpus
-    from stages import REGISTRY
+    from stages import registry
 
-    names = [n for n in a.stages.split(",") if n in REGISTRY]
+    names = [n for n in a.stages.split(",") if n in registry()]
     with tempfile.TemporaryDirectory(prefix="pf-bench-filters-") as tmp:
         corpus = Path(tmp) / "corpus"
         generate_corpus(corpus, n=600, seed=0, base_url="http://127.0.0.1:9")

@@ -69,7 +69,9 @@ def run_img2dataset(urls: Path, out: Path, workers: int, threads: int) -> float:
 def run_pairforge(spec_path: Path, workers: int) -> tuple[float, float, int]:
     import ray
 
-    from flows.build import ingest_all, open_build, prepare_inputs
+    from flows.pipeline.context import open_build
+    from flows.pipeline.ingest import ingest_all
+    from flows.pipeline.inputs import prepare_inputs
     from schemas.spec import load_spec
 
     spec = load_spec(spec_path)
@@ -85,7 +87,7 @@ def run_pairforge(spec_path: Path, workers: int) -> tuple[float, float, int]:
         t_ingest = time.perf_counter() - t1
     finally:
         ray.shutdown()
-    ok = sum(pq.read_metadata(p).num_rows for p in (ctx.work / "ingest").glob("[0-9]*[0-9].parquet"))
+    ok = sum(pq.read_metadata(p).num_rows for p in ctx.folder.ingest_pair_files())
     return t_ingest, t_ray, ok
 
 

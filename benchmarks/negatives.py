@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow as pa  # noqa: E402
 
 from flows.reporting.negatives_report import SUGARCREPE, coco_captions, demo_captions, load_sugarcrepe  # noqa: E402
-from schemas.spec import NegativesTextParams  # noqa: E402
+from stages.negatives_text import NegativesTextParams  # noqa: E402
 from stages.negatives_text import KINDS, NegativesTextStage, negatives_for, parse  # noqa: E402
 
 

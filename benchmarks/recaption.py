@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="kept share on 200 demo + 50 LAION + 50 COCO captions")
     a = ap.parse_args()
 
-    from schemas.spec import RecaptionParams
+    from stages.recaption import RecaptionParams
     from stages.models.lm import SMOLLM2, load_lm, shipped_gguf
     from stages.recaption import STOP_STRINGS, RecaptionStage, messages, summarize
 
@@ -100,7 +100,11 @@ def main() -> None:
         print(f"load cold (GGUF {shipped_gguf(SMOLLM2).stat().st_size / 2**20:.0f} MiB -> safetensors cache): "
               f"{cold:.1f}s; from the cache: {warm:.2f}s ({cold / warm:.0f}x)", flush=True)
     t0 = time.perf_counter()
-    params = RecaptionParams(threads=a.threads, max_new_tokens=a.max_new_tokens, generate_batch_size=a.batch_size)
+    from stages.models import is_local, locate_model
+
+    scorer = "demo-clip" if is_local(locate_model("demo-clip")) else None
+    params = RecaptionParams(threads=a.threads, max_new_tokens=a.max_new_tokens, generate_batch_size=a.batch_size,
+                             score_model=scorer)
     stage = RecaptionStage(params)
     stage.setup()
     print(f"stage setup (LM from the cache + MiniLM + language detector): {time.perf_counter() - t0:.2f}s "

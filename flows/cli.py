@@ -239,6 +239,33 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_stages(args) -> int:
+    from stages import registry, stage_table
+
+    if args.markdown:
+        print(stage_table())
+        return 0
+    out = {}
+    for name, cls in sorted(registry().items()):
+        out[name] = {
+            "summary": cls.summary, "version": cls.version, "model": cls.uses_model, "needs_image": cls.needs_image,
+            "params": {k: {"default": f.default if f.default_factory is None else f.default_factory(),
+                           "description": f.description} for k, f in cls.Params.model_fields.items()},
+            "columns": [{"name": c.name, "type": str(c.type), "role": c.role, "doc": c.doc} for c in cls.columns],
+            "reasons": [{"name": r.name, "doc": r.doc, "stats": list(r.stats), "param": r.deciding_param}
+                        for r in cls.reasons],
+        }
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    for name, d in out.items():
+        print(f"{name}: {d['summary']}")
+        print("  columns: " + ", ".join(c["name"] for c in d["columns"]))
+        print("  reasons: " + (", ".join(f"{r['name']} ({r['param']})" if r["param"] else r["name"]
+                                         for r in d["reasons"]) or "-"))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pairforge", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -349,6 +376,11 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--catalog", default="demo-out/builds/catalog.duckdb", help="record metrics here")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(fn=cmd_eval)
+
+    st = sub.add_parser("stages", help="the registered stages: params, columns and reasons, from their declarations")
+    st.add_argument("--markdown", action="store_true", help="the README's stage table")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=cmd_stages)
     return p
 
 

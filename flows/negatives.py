@@ -41,7 +41,8 @@ from flows import demo as _demo  # noqa: F401  (registers the demo's render edit
 from flows import env  # noqa: F401
 from schemas.columns import NEGATIVES_IMAGE_SCHEMA
 from stages.imaging.negatives import NegativesImageSpec, build_editors, make_negatives, summarize
-from stages.io.shards import atomic_write_text, file_sha256
+from stages.io.build_folder import atomic_write_text
+from stages.io.shards import file_sha256
 
 CHUNK_ROWS = 256  # positives per generate/score round (bounds memory: decoded images live for one chunk)
 
@@ -165,7 +166,7 @@ def _record(info, spec, negatives_id, build_dir, files, rejects, stats) -> None:
     import hashlib
 
     from catalogs import Catalog
-    from flows.build import code_version
+    from flows.pipeline.context import code_version
 
     cat = Catalog(spec.catalog or info["catalog"])
     spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

@@ -5,7 +5,6 @@ the new spec's decide(), the same write. The child is recorded in the catalog wi
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -16,10 +15,12 @@ import yaml
 from prefect import flow, get_run_logger
 
 from flows import env  # noqa: F401
-from flows.build import BuildContext, dataset_lock, open_build, record_in_catalog, write_task
+from flows.build import record_in_catalog, write_task
+from flows.pipeline.context import BuildContext, dataset_lock, open_build
 from schemas.columns import INPUT_SCHEMA, REJECT_SCHEMA
-from schemas.spec import STAGE_PARAMS, BuildSpec, SpecError, _format_errors
-from stages.io.shards import atomic_write_text
+from schemas.spec import BuildSpec, SpecError, _format_errors
+from stages import stage_class
+from stages.io.build_folder import BuildFolder, atomic_write_table
 
 EARLY = ("input", "ingest")
 
@@ -34,7 +35,7 @@ def apply_overrides(spec_dict: dict, overrides: list[str]) -> dict:
             raise SpecError(f"--set {item!r}: expected stage.param=value")
         if stage not in stages:
             raise SpecError(f"--set {item!r}: the build has no stage {stage!r}; it has {sorted(stages)}")
-        if param not in STAGE_PARAMS[stage].model_fields:
+        if param not in stage_class(stage).Params.model_fields:
             raise SpecError(f"--set {item!r}: stage {stage!r} has no parameter {param!r}")
         stages[stage][param] = yaml.safe_load(raw)
     return spec_dict
@@ -58,13 +59,13 @@ def child_spec(parent_dir: Path, overrides: list[str] = (), spec_path: Path | No
 def stage_rows(parent_dir: Path, ctx: BuildContext) -> tuple[dict, dict]:
     """Lay the parent's rows out as the child's finished input, ingest and stage work."""
     t0 = time.perf_counter()
-    work = ctx.work
-    for sub in ("input", "ingest", "processed"):
-        (work / sub).mkdir(parents=True, exist_ok=True)
+    folder = ctx.folder
+    for sub in (folder.input_dir, folder.ingest_dir, folder.processed_dir):
+        sub.mkdir(parents=True, exist_ok=True)
     listed, early = [], {"input": [], "ingest": []}
     n_out = 0
     for kind in ("shards", "rejects"):
-        for i, f in enumerate(sorted((parent_dir / kind).glob("part-*.parquet"))):
+        for i, f in enumerate(BuildFolder(parent_dir).parts(kind)):
             t = pq.read_table(f)
             if kind == "rejects":
                 stage = t.column("stage")
@@ -74,17 +75,17 @@ def stage_rows(parent_dir: Path, ctx: BuildContext) -> tuple[dict, dict]:
                 t = t.drop_columns(["stage", "reason", "detail"])
             t = t.drop_columns(["build_id"])
             if t.num_rows:
-                pq.write_table(t, work / "processed" / f"{kind}-{i:05d}.parquet")
+                atomic_write_table(t, folder.processed_dir / f"{kind}-{i:05d}.parquet")
                 n_out += t.num_rows
                 listed.append(t.select(INPUT_SCHEMA.names))
     ingest_rej = pa.concat_tables(early["ingest"]) if early["ingest"] else REJECT_SCHEMA.empty_table()
     input_rej = pa.concat_tables(early["input"]) if early["input"] else REJECT_SCHEMA.empty_table()
     inputs = pa.concat_tables(listed + [ingest_rej.select(["uid", "url", "text"]).append_column(
         "source", pa.array([ctx.source_name] * ingest_rej.num_rows, pa.string()))]).cast(INPUT_SCHEMA)
-    pq.write_table(inputs, work / "input" / "00000.parquet")
-    pq.write_table(input_rej, work / "input_rejects.parquet")
-    pq.write_table(ingest_rej, work / "ingest" / "00000.rejects.parquet")
-    atomic_write_text(work / "processed" / "_DONE.json", json.dumps({"rows": n_out, "refilter_of": parent_dir.name}))
+    atomic_write_table(inputs, folder.input_shard(0))
+    atomic_write_table(input_rej, folder.input_rejects)
+    atomic_write_table(ingest_rej, folder.ingest_shard(0).rejects)
+    folder.mark_done("processed", {"rows": n_out, "refilter_of": parent_dir.name})
     prepared = {"rows_listed": inputs.num_rows + input_rej.num_rows, "rows": inputs.num_rows,
                 "rejected": input_rej.num_rows, "shards": 1, "seconds": time.perf_counter() - t0}
     return prepared, {"seconds": 0.0, "shards_fetched": 0}

@@ -1,4 +1,5 @@
-"""Every column pairforge writes, defined once. Stages, flows and loaders import these."""
+"""The core columns pairforge writes (input, ingest, rejects, decisions, negatives), defined once. Each stage
+declares the columns it adds in its own file; build_schema composes them."""
 from __future__ import annotations
 
 import pyarrow as pa
@@ -39,78 +40,6 @@ REJECT_SCHEMA = pa.schema(
     ]
 )
 
-# Per-stage output columns: a stage may only add the columns listed under its name.
-STAGE_FIELDS: dict[str, list[pa.Field]] = {
-    "dedup": [
-        pa.field("phash", pa.int64()),  # imagehash.phash of the image, 64 bits as a signed int64; null if undecodable
-        pa.field("phash_crops", pa.list_(pa.int64())),  # pHashes of 9 fixed crops (stages.dedup.CROP_BOXES)
-        pa.field("url_norm", pa.string()),  # schemas.records.normalize_url(url)
-        pa.field("image_bytes", pa.int64()),  # size of the stored image; a survivor tie-break
-    ],
-    "basic": [
-        pa.field("decode_ok", pa.bool_()),
-        pa.field("decode_error", pa.string()),
-        pa.field("min_side", pa.int32()),
-        pa.field("aspect_ratio", pa.float32()),
-        pa.field("caption_words", pa.int32()),
-        pa.field("caption_chars", pa.int32()),
-    ],
-    "language": [
-        pa.field("lang", pa.string()),  # ISO 639-1 where the language has one; "und" for captions with no letters
-        pa.field("lang_score", pa.float32()),  # ensemble probability of `lang`, 0..1
-        pa.field("lang_words", pa.int32()),  # words with a letter in the cleaned caption (short ones are unreliable)
-    ],
-    "junk": [
-        pa.field("junk_kind", pa.string()),  # first junk kind found (see stages.junk.KINDS), null when none
-        pa.field("junk_detail", pa.string()),
-    ],
-    "align": [
-        pa.field("clip_score", pa.float32()),  # cosine of the L2-normalised projected embeddings; null if undecodable
-        pa.field("image_emb", pa.list_(pa.float16())),  # L2-normalised image embedding (null: undecodable / not stored)
-        pa.field("text_emb", pa.list_(pa.float16())),  # L2-normalised caption embedding
-    ],
-    "safety": [
-        pa.field("nsfw_score", pa.float32()),  # best nudenet score of an exposed class; null: undecodable
-        pa.field("nsfw_labels", pa.string()),  # "CLASS:0.83,..." every detection >= stages.safety.LABEL_FLOOR
-    ],
-    "text": [
-        pa.field("text_frac", pa.float32()),  # image area under the union of read text boxes, 0..1; null: undecodable
-        pa.field("ocr_text", pa.string()),  # recognised text of those boxes joined by spaces, at most 500 chars
-        pa.field("ocr_words", pa.int32()),  # OCR words of >= 3 letters (stages.text.ocr_words)
-        pa.field("ocr_caption_overlap", pa.float32()),  # fraction of those OCR words found in the caption; null if none
-    ],
-    "negatives_text": [
-        # hard negative captions (stages.negatives_text): caption[:span_start] + edit_after + caption[span_end:] == text
-        pa.field("neg_captions", pa.list_(pa.struct([
-            pa.field("kind", pa.string()),  # replace_obj replace_att replace_rel swap_obj swap_att add_obj add_att
-            pa.field("text", pa.string()),
-            pa.field("edit_before", pa.string()),
-            pa.field("edit_after", pa.string()),
-            pa.field("span_start", pa.int32()),  # character offsets in the caption
-            pa.field("span_end", pa.int32()),
-            pa.field("method", pa.string()),  # "rule" or "lm"
-        ]))),
-        pa.field("negatives_count", pa.int32()),
-    ],
-    "recaption": [
-        # kept rewrites (stages.recaption; LaCLIP rewrite / VeCap fuse / clean); `text` itself is never changed
-        pa.field("recaptions", pa.list_(pa.struct([
-            pa.field("text", pa.string()),
-            pa.field("model", pa.string()),
-            pa.field("mode", pa.string()),  # rewrite | fuse | clean
-            pa.field("prompt_id", pa.string()),  # "<mode>/<k>/<digest of instruction + examples>"
-            pa.field("similarity", pa.float32()),  # cosine(original, rewrite), MiniLM sentence embeddings
-            pa.field("score", pa.float32()),  # image-text score of the rewrite; null: no image or no scorer
-            pa.field("score_original", pa.float32()),  # the same for the original caption
-        ]))),
-        # rejected candidates, reason "code" or "code:detail" (stages.nlp.faithfulness)
-        pa.field("recaption_rejects", pa.list_(pa.struct([
-            pa.field("text", pa.string()),
-            pa.field("reason", pa.string()),
-        ]))),
-    ],
-}
-
 # Decision columns, written by the global decide pass.
 DECISION_FIELDS = [
     pa.field("reject_stage", pa.string()),
@@ -120,7 +49,10 @@ DECISION_FIELDS = [
 
 
 def stage_fields(stage: str) -> list[pa.Field]:
-    return STAGE_FIELDS.get(stage, [])
+    """The columns a stage adds, as it declares them in its own file (stages/<name>.py)."""
+    from stages import stage_class  # stages import this module; the registry is read only when a schema is built
+
+    return stage_class(stage).output_fields()
 
 
 def build_schema(stages: list[str]) -> pa.Schema:

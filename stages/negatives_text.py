@@ -67,14 +67,45 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence
 
 import pyarrow as pa
+from pydantic import Field, field_validator
 
-from schemas.spec import NEGATIVE_KINDS, NegativesTextParams
+from schemas.spec import StageParams, known_kinds
+from stages.base import Column, DecideContext, Decision, Resources, Stage, StageConfigError
 from stages.nlp import grammar as G
 from stages.nlp import lexicon as L
-from stages.base import Decision, Resources, Stage, StageConfigError
+
+NEGATIVE_KINDS = ["replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att"]
+
+
+class NegativesTextParams(StageParams):
+    kinds: list[str] = Field(default_factory=lambda: list(NEGATIVE_KINDS), description="SugarCrepe kinds to make")
+    per_kind: int = Field(1, ge=1, le=20, description="negatives of each kind per caption, at most")
+    seed: int = Field(0, description="negatives are deterministic for (caption, kind, seed)")
+    method: Literal["rule", "lm"] = Field("rule", description="rule: lexicon edits; lm: a causal LM with examples")
+    lm_model: str = Field("smollm2-135m", min_length=1,
+                          description="causal LM for method lm and plausibility lm (stages.models.lm names)")
+    max_blind_bias: float | None = Field(
+        0.75, ge=0.5, le=1.0, description="per kind, drop the negatives a text-only n-gram LM spots most easily "
+                                          "until it prefers the caption in at most this share of pairs; None: off")
+    blind_two_sided: bool = Field(
+        True, description="replace/swap kinds: also drop negatives the LM prefers to their caption until it does so "
+                          "in at most this share (a negative that reads better is a text cue too)")
+    blind_min_pairs: int = Field(50, ge=1, description="measure a kind's blind bias only on at least this many pairs")
+    select_plausible: bool = Field(
+        True, description="draw `pool` candidates per kind and keep those a cross-fitted n-gram LM finds as "
+                          "plausible as the caption (rule method)")
+    pool: int = Field(12, ge=1, le=100, description="candidates drawn per kind when select_plausible")
+    plausibility: Literal["ngram", "lm"] = Field(
+        "ngram", description="scorer of selection and the blind check: ngram (k-fold bigram LMs fitted on the "
+                             "batch's captions) or lm (lm_model's log-likelihood; wants a GPU)")
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_negative_kinds(cls, v: list[str]) -> list[str]:
+        return known_kinds(v, NEGATIVE_KINDS, "negative")
 
 KINDS = tuple(NEGATIVE_KINDS)
 
@@ -1387,11 +1418,26 @@ LM_MAX_NEW_TOKENS = 48
 class NegativesTextStage(Stage):
     name = "negatives_text"
     version = 1
+    summary = "hard negative captions of SugarCrepe's seven kinds, each edit recorded (keeps every pair)"
+    Params = NegativesTextParams
+    columns = (
+        # caption[:span_start] + edit_after + caption[span_end:] == text
+        Column("neg_captions", pa.list_(pa.struct([
+            pa.field("kind", pa.string()),  # replace_obj replace_att replace_rel swap_obj swap_att add_obj add_att
+            pa.field("text", pa.string()),
+            pa.field("edit_before", pa.string()),
+            pa.field("edit_after", pa.string()),
+            pa.field("span_start", pa.int32()),  # character offsets in the caption
+            pa.field("span_end", pa.int32()),
+            pa.field("method", pa.string()),  # "rule" or "lm"
+        ])), "hard negative captions, each with its kind and edit", "data"),
+        Column("negatives_count", pa.int32(), "negative captions made for the pair"),
+    )
     default_resources = Resources(cpus=1.0, batch_size=1024)
 
     params: NegativesTextParams
 
-    def __init__(self, params: NegativesTextParams):
+    def __init__(self, params: NegativesTextParams | None = None):
         super().__init__(params)
         self._lm: LmNegatives | None = None
         self._scorer: LmScorer | None = None
@@ -1504,8 +1550,8 @@ class NegativesTextStage(Stage):
         })
 
     @classmethod
-    def decide(cls, table: pa.Table, params: NegativesTextParams) -> Decision:
-        return Decision.keep_all(table.num_rows)
+    def decide(cls, table: pa.Table, params: NegativesTextParams, ctx: DecideContext | None = None) -> Decision:
+        return cls.decision(table.num_rows)
 
     def metadata(self) -> dict:
         return {"version": self.version, "method": self.params.method, "plausibility": self.params.plausibility,

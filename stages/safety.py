@@ -37,16 +37,33 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import io
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
+import pyarrow.compute as pc
+from pydantic import Field
 
-from schemas.spec import SafetyParams
+from schemas.spec import StageParams
+from stages.base import (
+    Column,
+    DecideContext,
+    Decision,
+    Reason,
+    Resources,
+    Stage,
+    StageConfigError,
+    Threshold,
+    concat,
+    fixed,
+)
+from stages.imaging.decode import decode_image, images
 from stages.io.shards import file_sha256
-from stages.base import Decision, Resources, Stage, StageConfigError
+
+
+class SafetyParams(StageParams):
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="reject rows whose nsfw_score is at least this")
+    threads: int = Field(1, gt=0, description="onnxruntime intra-op threads per actor")
 
 # nudenet's class order (the model's output channels 4..21).
 NUDENET_LABELS = (
@@ -71,23 +88,8 @@ MODEL_BATCH = 4  # images per model call: 13.6 ms/image and 290 MB peak RSS, vs 
 
 
 def decode_rgb(data: bytes | None, draft: tuple[int, int] | None = None) -> np.ndarray | None:
-    """HxWx3 uint8 RGB, or None when the bytes do not decode. Transparent areas are put on white.
-
-    `draft` lets JPEG decode at a reduced scale (never below the size asked for): faster for big images."""
-    if not data:
-        return None
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if draft is not None and im.format == "JPEG":
-                im.draft("RGB", draft)
-            im.load()
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(bg, im)
-            return np.asarray(im.convert("RGB"))
-    except Exception:  # PIL raises many types for bad files
-        return None
+    """HxWx3 uint8 RGB, or None when the bytes do not decode (stages.imaging.decode)."""
+    return decode_image(data, draft)[0]
 
 
 def model_path() -> Path:
@@ -188,12 +190,23 @@ def format_labels(found: dict[str, float], floor: float = LABEL_FLOOR) -> str:
 class SafetyStage(Stage):
     name = "safety"
     version = 1
+    summary = "NSFW detection with nudenet's bundled detector"
+    Params = SafetyParams
     uses_model = True
+    needs_image = True
+    columns = (
+        Column("nsfw_score", pa.float32(), "best nudenet score of an exposed class; null: undecodable"),
+        Column("nsfw_labels", pa.string(), '"CLASS:0.83,..." every detection >= stages.safety.LABEL_FLOOR', "detail"),
+    )
+    reasons = (
+        Reason("nsfw", "an exposed-class detection scoring at least threshold", ("nsfw_score", "nsfw_labels"),
+               (Threshold("nsfw_score", "threshold", "max"),)),
+    )
     default_resources = Resources(cpus=1.0, batch_size=128)
 
     params: SafetyParams
 
-    def __init__(self, params: SafetyParams):
+    def __init__(self, params: SafetyParams | None = None):
         super().__init__(params)
         self._detector: NsfwDetector | None = None
 
@@ -221,18 +234,17 @@ class SafetyStage(Stage):
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         self.setup()
-        found = self._detector.detect_bytes(batch.column("image").to_pylist())
+        found = self._detector.detect_arrays(images(batch))
         return self.add_columns(batch, {
             "nsfw_score": [None if f is None else nsfw_score(f) for f in found],
             "nsfw_labels": [None if f is None else format_labels(f) for f in found],
         })
 
     @classmethod
-    def decide(cls, table: pa.Table, params: SafetyParams) -> Decision:
-        d = Decision.keep_all(table.num_rows)
-        scores = table.column("nsfw_score").to_pylist()
-        labels = table.column("nsfw_labels").to_pylist()
+    def decide(cls, table: pa.Table, params: SafetyParams, ctx: DecideContext | None = None) -> Decision:
+        d = cls.decision(table.num_rows)
+        score = table.column("nsfw_score")
         threshold = float(np.float32(params.threshold))  # compared as the float32 stat is stored
-        d.reject([s is not None and s >= threshold for s in scores], "nsfw",
-                 [None if s is None else f"score={s:.2f} labels={lab or ''}" for s, lab in zip(scores, labels)])
+        d.reject(pc.greater_equal(score, threshold), "nsfw",
+                 concat("score=", fixed(score, 2), " labels=", pc.fill_null(table.column("nsfw_labels"), "")))
         return d

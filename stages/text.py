@@ -54,10 +54,36 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field
 
-from schemas.spec import TextParams
-from stages.base import Decision, Resources, Stage, StageConfigError
-from stages.safety import decode_rgb
+from schemas.spec import StageParams
+from stages.base import (
+    Column,
+    DecideContext,
+    Decision,
+    Reason,
+    Resources,
+    Stage,
+    StageConfigError,
+    Threshold,
+    as_text,
+    concat,
+    fixed,
+)
+from stages.imaging.decode import images
+
+
+class TextParams(StageParams):
+    max_text_frac: float = Field(0.15, ge=0.0, le=1.0,
+                                 description="reject rows whose text boxes cover more than this fraction (text_heavy)")
+    max_ocr_words: int | None = Field(None, ge=0, description="reject rows with more OCR words than this (text_words)")
+    reject_caption_overlap: float | None = Field(
+        None, ge=0.0, le=1.0, description="reject rows whose caption holds at least this fraction of the OCR words "
+                                         "(text_spotting); None disables")
+    min_box_score: float = Field(0.5, ge=0.0, le=1.0, description="detector box score a text box needs")
+    max_side: int = Field(640, ge=32, description="images are downscaled to this longest side before OCR")
+    threads: int = Field(1, gt=0, description="onnxruntime intra-op threads per actor")
 
 MIN_LONG_SIDE = 320  # smaller images are upscaled to this longest side before detection
 REC_MIN_SCORE = 0.5  # recognition confidence a box needs to count as read text (rapidocr's own text_score)
@@ -201,20 +227,39 @@ def _f32(x: float) -> float:
     return float(np.float32(x))
 
 
-def _detail_text(ocr: str | None) -> str:
-    t = (ocr or "").replace("'", "’")
-    return t if len(t) <= DETAIL_OCR_CHARS else t[:DETAIL_OCR_CHARS - 3] + "..."
+def _detail_text(ocr) -> pa.Array:
+    """OCR text for a decision's detail: quotes made typographic, cut to DETAIL_OCR_CHARS."""
+    t = pc.replace_substring(pc.fill_null(ocr, ""), "'", "’")
+    cut = concat(pc.utf8_slice_codeunits(t, 0, DETAIL_OCR_CHARS - 3), "...")
+    return pc.if_else(pc.greater(pc.utf8_length(t), DETAIL_OCR_CHARS), cut, t)
 
 
 class TextStage(Stage):
     name = "text"
     version = 1
+    summary = "text in images: RapidOCR's bundled PP-OCRv4 detector and recogniser"
+    Params = TextParams
     uses_model = True
+    needs_image = True
+    columns = (
+        Column("text_frac", pa.float32(), "image area under the union of read text boxes, 0..1; null: undecodable"),
+        Column("ocr_text", pa.string(), "recognised text of those boxes joined by spaces, at most 500 chars", "detail"),
+        Column("ocr_words", pa.int32(), "OCR words of >= 3 letters (stages.text.ocr_words)"),
+        Column("ocr_caption_overlap", pa.float32(), "fraction of those OCR words found in the caption; null if none"),
+    )
+    reasons = (
+        Reason("text_heavy", "text boxes cover more than max_text_frac of the image", ("text_frac", "ocr_text"),
+               (Threshold("text_frac", "max_text_frac", "max"),)),
+        Reason("text_words", "more OCR words than max_ocr_words", ("ocr_words", "ocr_text"),
+               (Threshold("ocr_words", "max_ocr_words", "max"),)),
+        Reason("text_spotting", "the caption repeats the text in the image (reject_caption_overlap)",
+               ("ocr_caption_overlap", "ocr_text"), (Threshold("ocr_caption_overlap", "reject_caption_overlap", "max"),)),
+    )
     default_resources = Resources(cpus=1.0, batch_size=64)
 
     params: TextParams
 
-    def __init__(self, params: TextParams):
+    def __init__(self, params: TextParams | None = None):
         super().__init__(params)
         self._engine: OcrEngine | None = None
 
@@ -246,36 +291,30 @@ class TextStage(Stage):
     def process_batch(self, batch: pa.Table) -> pa.Table:
         self.setup()
         cols: dict[str, list] = {k: [] for k in self.stats_columns()}
-        for data, caption in zip(batch.column("image").to_pylist(), batch.column("text").to_pylist()):
-            rgb = decode_rgb(data, draft=(self.params.max_side, self.params.max_side))
+        for rgb, caption in zip(images(batch), batch.column("text").to_pylist()):
             if rgb is None:
                 for k in cols:
                     cols[k].append(None)
                 continue
             frac, read = self._engine.read(rgb)
-            text = " ".join(t for t, _, _ in read)[:MAX_OCR_CHARS]
+            ocr = " ".join(t for t, _, _ in read)[:MAX_OCR_CHARS]
             cols["text_frac"].append(frac)
-            cols["ocr_text"].append(text)
-            cols["ocr_words"].append(len(ocr_words(text)))
-            cols["ocr_caption_overlap"].append(caption_overlap(text, caption))
+            cols["ocr_text"].append(ocr)
+            cols["ocr_words"].append(len(ocr_words(ocr)))
+            cols["ocr_caption_overlap"].append(caption_overlap(ocr, caption))
         return self.add_columns(batch, cols)
 
     @classmethod
-    def decide(cls, table: pa.Table, params: TextParams) -> Decision:
-        d = Decision.keep_all(table.num_rows)
-        frac = table.column("text_frac").to_pylist()
-        text = table.column("ocr_text").to_pylist()
-        words = table.column("ocr_words").to_pylist()
-        overlap = table.column("ocr_caption_overlap").to_pylist()
-        ocr = [_detail_text(t) for t in text]
-        max_frac = _f32(params.max_text_frac)  # the stat is float32: 0.15 stored is 0.15000000596
-        d.reject([f is not None and f > max_frac for f in frac], "text_heavy",
-                 [None if f is None else f"text_frac={f:.2f} ocr='{o}'" for f, o in zip(frac, ocr)])
+    def decide(cls, table: pa.Table, params: TextParams, ctx: DecideContext | None = None) -> Decision:
+        d = cls.decision(table.num_rows)
+        frac, words = table.column("text_frac"), table.column("ocr_words")
+        overlap = table.column("ocr_caption_overlap")
+        ocr = concat(" ocr='", _detail_text(table.column("ocr_text")), "'")
+        d.reject(pc.greater(frac, _f32(params.max_text_frac)), "text_heavy",  # float32 stats: 0.15 is 0.15000000596
+                 concat("text_frac=", fixed(frac, 2), ocr))
         if params.max_ocr_words is not None:
-            d.reject([w is not None and w > params.max_ocr_words for w in words], "text_words",
-                     [None if w is None else f"ocr_words={w} ocr='{o}'" for w, o in zip(words, ocr)])
+            d.reject(pc.greater(words, params.max_ocr_words), "text_words", concat("ocr_words=", as_text(words), ocr))
         if params.reject_caption_overlap is not None:
-            min_overlap = _f32(params.reject_caption_overlap)
-            d.reject([v is not None and v >= min_overlap for v in overlap], "text_spotting",
-                     [None if v is None else f"overlap={v:.2f} ocr='{o}'" for v, o in zip(overlap, ocr)])
+            d.reject(pc.greater_equal(overlap, _f32(params.reject_caption_overlap)), "text_spotting",
+                     concat("overlap=", fixed(overlap, 2), ocr))
         return d

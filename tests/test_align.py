@@ -19,10 +19,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from schemas.columns import STAGE_FIELDS
-from schemas.spec import AlignParams, parse_spec
+from schemas.columns import stage_fields
+from schemas.spec import parse_spec
 from stages import stage_class
-from stages.align import AlignStage
+from stages.align import AlignParams, AlignStage
 from stages.base import StageConfigError
 from stages.models import MODELS_DIR, check_loadable, load_clip, locate_model, resolve_device, resolve_dtype
 
@@ -168,7 +168,7 @@ def test_stage_scores_tiny_models(which, tiny_clip, tiny_siglip, mixed_batch):
     stage.preflight()
     out = stage(mixed_batch)
     assert out.num_rows == mixed_batch.num_rows
-    for f in STAGE_FIELDS["align"]:
+    for f in stage_fields("align"):
         assert out.schema.field(f.name).type == f.type, f.name
     assert out.schema.field("image_emb").type == pa.list_(pa.float16())
 
@@ -400,10 +400,11 @@ def test_spec_accepts_align():
 
 @pytest.mark.slow
 def test_ray_actor_pool_matches_direct_call(tiny_clip):
-    """The build's own actor wrapper (flows.build._StageActor) in an actor pool gives the direct call's scores."""
+    """The build's own actor wrapper (flows.pipeline.runner.StageActor) in an actor pool gives the direct call's
+    scores."""
     import ray
 
-    import flows.build as fb
+    from flows.pipeline.runner import StageActor, StageTimer, quiet_ray_data
 
     images, texts = scene_pairs(24, seed=11)
     images[5] = b"broken"
@@ -416,11 +417,11 @@ def test_ray_actor_pool_matches_direct_call(tiny_clip):
         ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     try:
-        fb.quiet_ray_data()
+        quiet_ray_data()
         ray.data.DataContext.get_current().execution_options.preserve_order = True
-        timer = ray.remote(num_cpus=0)(fb._StageTimer).options(name="align-test-timer").remote()
+        timer = ray.remote(num_cpus=0)(StageTimer).options(name="align-test-timer").remote()
         ds = ray.data.from_arrow(table).map_batches(
-            fb._StageActor, fn_constructor_args=("align", params.model_dump_json(), "align-test-timer"),
+            StageActor, fn_constructor_args=("align", params.model_dump_json(), "align-test-timer"),
             compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5, batch_size=8, batch_format="pyarrow")
         got = pa.concat_tables(ray.get(ds.to_arrow_refs()))
         assert ray.get(timer.get.remote())["align"][0] == 24

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from schemas.spec import STAGE_PARAMS, DedupParams
 from stages import stage_class
-from stages.dedup import DedupStage, brute_pairs, distinct_pairs, image_hashes, near_pairs, to_signed
+from stages.base import DecideContext
+from stages.dedup import DedupParams, DedupStage, brute_pairs, distinct_pairs, image_hashes, near_pairs, to_signed
 
 ROOT = Path(__file__).resolve().parents[1]
 SITE = next((ROOT / ".venv" / "lib").glob("python3*/site-packages"))
@@ -64,8 +64,9 @@ def _processed(rows: list[dict]) -> pa.Table:
     return out.drop_columns(["image"])
 
 
-def _outcome(table: pa.Table, params: DedupParams | None = None, **kw) -> dict[str, tuple[str | None, str | None]]:
-    d = DedupStage.decide(table, params or DedupParams(), **kw)
+def _outcome(table: pa.Table, params: DedupParams | None = None, prior: pa.Table | None = None
+             ) -> dict[str, tuple[str | None, str | None]]:
+    d = DedupStage.decide(table, params or DedupParams(), DecideContext(prior=prior))
     assert len(d.reason) == len(d.detail) == table.num_rows
     return dict(zip(table.column("uid").to_pylist(), zip(d.reason, d.detail)))
 
@@ -75,8 +76,8 @@ def _outcome(table: pa.Table, params: DedupParams | None = None, **kw) -> dict[s
 
 def test_registered_and_declared():
     assert stage_class("dedup") is DedupStage
-    assert STAGE_PARAMS["dedup"] is DedupParams
-    assert DedupStage.global_decision
+    assert stage_class("dedup").Params is DedupParams
+    assert DedupStage.decides_globally(DedupParams())
     assert DedupStage.stats_columns() == ["phash", "phash_crops", "url_norm", "image_bytes"]
     p = DedupParams()
     assert (p.exact, p.url, p.near_hamming, p.semantic, p.semantic_eps, p.semantic_clusters) == (

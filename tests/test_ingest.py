@@ -12,6 +12,7 @@ from PIL import Image
 from flows.demo.server import DemoServer
 from schemas.records import make_uid
 from schemas.spec import IngestSpec
+from stages.io.build_folder import BuildFolder
 from stages.io.ingest import AddressGuard, assign_uids, classify_error, ingest_shard, precheck_image
 
 
@@ -112,20 +113,22 @@ def test_ingest_shard_every_url_accounted(tmp_path):
             f"{forbidden.url}/ok.jpg": "blocked_address",
         }
         inputs, _ = assign_uids(pa.table({"url": list(urls), "text": ["a red square"] * len(urls)}), "t")
-        pq.write_table(inputs, tmp_path / "in.parquet")
+        folder = BuildFolder(tmp_path)
+        folder.input_dir.mkdir(parents=True)
+        pq.write_table(inputs, folder.input_shard(0))
         params = IngestSpec(allow_hosts=[f"127.0.0.1:{srv.port}"], timeout_s=4, max_bytes=200_000,
                             max_pixels=10**7)
-        summary = ingest_shard(tmp_path / "in.parquet", tmp_path / "work", 0, params)
+        summary = ingest_shard(folder, 0, params)
         assert forbidden.requests == []  # refused before any connection, redirects included
-    pairs = pq.read_table(tmp_path / "work/ingest/00000.parquet")
-    rejects = pq.read_table(tmp_path / "work/ingest/00000.rejects.parquet")
+    pairs = pq.read_table(tmp_path / "_work/ingest/00000.parquet")
+    rejects = pq.read_table(tmp_path / "_work/ingest/00000.rejects.parquet")
     assert summary["pairs"] + summary["rejects"] == len(urls)
     got = dict(zip(rejects["url"].to_pylist(), rejects["reason"].to_pylist()))
     assert pairs["url"].to_pylist() == [f"{base}/ok.jpg"]
     assert got == {u: r for u, r in urls.items() if r}
     assert pairs["sha256"][0].as_py() is not None and pairs["width"][0].as_py() == 300
     # idempotent: a second call with the marker present does no work and returns the same summary
-    assert ingest_shard(tmp_path / "in.parquet", tmp_path / "work", 0, params) == summary
+    assert ingest_shard(folder, 0, params) == summary
 
 
 class _two_servers:

@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from schemas.spec import JUNK_KINDS, STAGE_PARAMS, JunkParams, parse_spec
+from schemas.spec import parse_spec
 from stages import stage_class
-from stages.junk import JunkStage, junk_kind
-from tests.realdata import LAION, SUGARCREPE_FILES as SUGARCREPE
-
+from stages.junk import JUNK_KINDS, JunkParams, JunkStage, junk_kind
+from tests.realdata import LAION
+from tests.realdata import SUGARCREPE_FILES as SUGARCREPE
 
 POSITIVES: dict[str, list[str]] = {
     "junk_filename": [
@@ -210,7 +210,7 @@ def test_stage_columns_and_decide_by_kind():
 
 
 def test_params_registered_and_validated(tmp_path):
-    assert STAGE_PARAMS["junk"] is JunkParams and stage_class("junk") is JunkStage
+    assert stage_class("junk").Params is JunkParams and stage_class("junk") is JunkStage
     assert JunkParams().kinds == JUNK_KINDS and JunkParams().max_chars == 1000
     assert JunkStage(JunkParams()).resources.batch_size == 1024
     with pytest.raises(ValidationError, match="unknown junk kinds"):

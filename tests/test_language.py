@@ -10,11 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.spec import LanguageParams, STAGE_PARAMS, parse_spec
+from schemas.spec import parse_spec
 from stages import stage_class
-from stages.language import UND, LanguageDetector, LanguageStage, clean_caption
-from tests.realdata import LAION, SUGARCREPE_FILES as SUGARCREPE
-
+from stages.language import UND, LanguageDetector, LanguageParams, LanguageStage, clean_caption
+from tests.realdata import LAION
+from tests.realdata import SUGARCREPE_FILES as SUGARCREPE
 
 # Hand-read LAION rows whose language is not English (mixed English/other rows are in MIXED and left out).
 LAION_NOT_ENGLISH = [
@@ -193,7 +193,7 @@ def test_decide_rules():
 
 
 def test_params_registered_and_spec_parses(tmp_path):
-    assert STAGE_PARAMS["language"] is LanguageParams
+    assert stage_class("language").Params is LanguageParams
     assert stage_class("language") is LanguageStage
     assert [f.name for f in LanguageStage.output_fields()] == ["lang", "lang_score", "lang_words"]
     urls = tmp_path / "u.csv"

@@ -13,12 +13,25 @@ from pydantic import ValidationError
 
 from flows.reporting.negatives_report import coco_captions, demo_captions, load_sugarcrepe, report
 from schemas.columns import stage_fields
-from schemas.spec import NEGATIVE_KINDS, STAGE_PARAMS, NegativesTextParams, parse_spec
+from schemas.spec import parse_spec
+from stages import stage_class
+from stages.negatives_text import (
+    KINDS,
+    NEGATIVE_KINDS,
+    LmNegatives,
+    NegativesTextParams,
+    NegativesTextStage,
+    NgramLM,
+    lm_negative,
+    lm_prompt,
+    negatives_for,
+    parse,
+    rebalance,
+    validate_negative,
+    words,
+)
 from stages.nlp import grammar as G
 from stages.nlp import lexicon as L
-from stages import stage_class
-from stages.negatives_text import (KINDS, LmNegatives, NegativesTextStage, NgramLM, lm_negative, lm_prompt,
-                                   negatives_for, parse, rebalance, validate_negative, words)
 from tests.realdata import SUGARCREPE
 
 needs_sugarcrepe = pytest.mark.skipif(not SUGARCREPE.is_dir(), reason="SugarCrepe files not present")
@@ -302,7 +315,7 @@ def test_ngram_lm_and_rebalance():
 # ------------------------------------------------------------------------------------------------ stage
 def test_stage_contract():
     assert stage_class("negatives_text") is NegativesTextStage
-    assert STAGE_PARAMS["negatives_text"] is NegativesTextParams
+    assert stage_class("negatives_text").Params is NegativesTextParams
     assert [f.name for f in stage_fields("negatives_text")] == ["neg_captions", "negatives_count"]
     with pytest.raises(ValidationError):
         NegativesTextParams(kinds=["replace_obj", "negate"])
@@ -398,9 +411,8 @@ def smollm2():
 def test_with_smollm2(smollm2, coco):
     """plausibility "lm": SmolLM2 selects and checks (its own figures land inside the bound); method "lm": its
     completions are kept only when they are edits of the kind."""
-    from stages.negatives_text import LmScorer
-
     from flows.reporting.negatives_report import split
+    from stages.negatives_text import LmScorer
 
     _, test = split(coco)
     caps = test[:40]

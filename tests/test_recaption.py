@@ -18,13 +18,21 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas.columns import stage_fields
-from schemas.spec import RecaptionExample, RecaptionParams, parse_spec
+from schemas.spec import parse_spec
 from stages import stage_class
 from stages.base import StageConfigError
-from stages.nlp.faithfulness import (GateConfig, added_names, facts, judge, lexical_violations, reason_code,
-                                 repeated_words)
-from stages.recaption import RecaptionStage, build_prompts, clean_output, summarize
-from tests.realdata import LAION, SUGARCREPE_FILES as SUGARCREPE
+from stages.nlp.faithfulness import (
+    GateConfig,
+    added_names,
+    facts,
+    judge,
+    lexical_violations,
+    reason_code,
+    repeated_words,
+)
+from stages.recaption import RecaptionExample, RecaptionParams, RecaptionStage, build_prompts, clean_output, summarize
+from tests.realdata import LAION
+from tests.realdata import SUGARCREPE_FILES as SUGARCREPE
 
 CFG = GateConfig()
 
@@ -218,7 +226,7 @@ def test_gguf_converted_once_then_loaded_from_cache(lm_cache):
 
 @pytest.fixture(scope="module")
 def stage(lm_cache):
-    st = RecaptionStage(RecaptionParams(threads=1, max_new_tokens=32))  # score_model auto: demo-clip if trained
+    st = RecaptionStage(RecaptionParams(threads=1, max_new_tokens=32, score_model="demo-clip"))
     st.setup()
     assert st.lm.location == lm_cache["lm"].location  # the module's fresh cache
     yield st
@@ -387,8 +395,14 @@ def test_process_batch_with_images_and_a_scorer(lm_cache, tmp_path):
 def _tiny_captioner(folder: Path) -> Path:
     """A random VisionEncoderDecoder (tiny ViT + tiny GPT-2) with a byte-level tokenizer: plumbing only."""
     import torch
-    from transformers import (GPT2Config, GPT2TokenizerFast, ViTConfig, ViTImageProcessor,
-                              VisionEncoderDecoderConfig, VisionEncoderDecoderModel)
+    from transformers import (
+        GPT2Config,
+        GPT2TokenizerFast,
+        VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+        ViTConfig,
+        ViTImageProcessor,
+    )
 
     vocab = {chr(c): i for i, c in enumerate(range(ord("a"), ord("z") + 1))}  # printable only: it decodes to text
     for t in ("\u0120", "<|startoftext|>", "<|endoftext|>"):
@@ -453,7 +467,7 @@ def test_stage_runs_inside_a_real_build(lm_cache, tmp_path):
     d = make_demo(tmp_path, 200, stages=[
         {"basic": {"min_side": 48, "max_aspect": 3.0, "min_words": 3, "min_chars": 6}},
         {"recaption": {"mode": "rewrite", "n": 1, "cpus": 0.5, "pool_size": 1, "batch_size": 16,
-                       "max_new_tokens": 32}}])
+                       "max_new_tokens": 32, "score_model": "demo-clip"}}])
     urls = pq.read_table(d["corpus"] / "urls.parquet")
     pq.write_table(urls.slice(0, 16), d["corpus"] / "urls.parquet")
     with DemoServer(d["corpus"], port=d["port"]):

@@ -100,7 +100,9 @@ def derive_build(src: Path, dst: Path, rows: int | None = None, seed: int = 0, e
     negatives_text stage writes it; kept when the source has one) or a negatives/ set with negative images
     (negatives="folder")."""
     from schemas.columns import build_schema, rejects_schema
-    from schemas.spec import AlignParams, SafetyParams, TextParams
+    from stages.align import AlignParams
+    from stages.safety import SafetyParams
+    from stages.text import TextParams
     from stages.io.shards import ShardWriter, atomic_write_text, write_manifest
 
     src, dst = Path(src), Path(dst)
@@ -233,9 +235,9 @@ def derive_build(src: Path, dst: Path, rows: int | None = None, seed: int = 0, e
 
 def synthetic_neg_captions(texts: list, has: np.ndarray) -> pa.Array:
     """neg_captions as stages.negatives_text writes them: a colour swap (replace_att) and a word swap (swap_obj)."""
-    from schemas.columns import STAGE_FIELDS
+    from schemas.columns import stage_fields
 
-    typ = next(f.type for f in STAGE_FIELDS["negatives_text"] if f.name == "neg_captions")
+    typ = next(f.type for f in stage_fields("negatives_text") if f.name == "neg_captions")
     swaps = {"red": "blue", "blue": "red", "green": "yellow", "yellow": "green", "black": "white", "white": "black"}
     out = []
     for x, h in zip(texts, has):

@@ -13,10 +13,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from schemas.spec import STAGE_PARAMS, SafetyParams
 from stages import stage_class
 from stages.safety import (
-    LABEL_FLOOR, NSFW_CLASSES, NsfwDetector, SafetyStage, decode_rgb, format_labels, model_path, nsfw_score,
+    LABEL_FLOOR,
+    NSFW_CLASSES,
+    NsfwDetector,
+    SafetyParams,
+    SafetyStage,
+    decode_rgb,
+    format_labels,
+    model_path,
+    nsfw_score,
 )
 
 SITE = Path(np.__file__).resolve().parents[1]
@@ -51,7 +58,7 @@ def _png(im: Image.Image) -> bytes:
 
 def test_registered_and_model_is_bundled():
     assert stage_class("safety") is SafetyStage
-    assert STAGE_PARAMS["safety"] is SafetyParams
+    assert stage_class("safety").Params is SafetyParams
     assert model_path().name == "320n.onnx" and model_path().stat().st_size > 1_000_000
     s = SafetyStage(SafetyParams())
     s.preflight()

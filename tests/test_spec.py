@@ -68,7 +68,8 @@ def test_cli_fails_before_any_work(tmp_path):
 
 
 def test_actor_pools_that_would_stall_ray_data_are_refused(tmp_path):
-    from flows.build import BuildError, check_pool_budget
+    from flows.pipeline.context import BuildError
+    from flows.pipeline.runner import check_pool_budget
     from schemas.spec import load_spec
 
     p = write(tmp_path, GOOD | {"stages": [{"basic": {}}, {"safety": {"cpus": 0.5}}, {"text": {"cpus": 0.5}},

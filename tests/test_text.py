@@ -11,10 +11,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from schemas.spec import STAGE_PARAMS, TextParams
 from stages import stage_class
 from stages.text import (
-    MIN_LONG_SIDE, OcrEngine, TextStage, caption_overlap, is_read_text, model_paths, ocr_size, ocr_words,
+    MIN_LONG_SIDE,
+    OcrEngine,
+    TextParams,
+    TextStage,
+    caption_overlap,
+    is_read_text,
+    model_paths,
+    ocr_size,
+    ocr_words,
     union_fraction,
 )
 
@@ -47,7 +54,7 @@ def _encode(im: Image.Image, fmt: str = "PNG") -> bytes:
 
 def test_registered_and_models_bundled():
     assert stage_class("text") is TextStage
-    assert STAGE_PARAMS["text"] is TextParams
+    assert stage_class("text").Params is TextParams
     paths = model_paths()
     assert all(p.is_file() and p.stat().st_size > 1_000_000 for p in paths.values())
     s = TextStage(TextParams())

@@ -143,7 +143,7 @@ def stage_pairs(captions: list[str], batch_size: int = 1024, **params) -> tuple[
     -> (kind -> pairs, {"dropped": negatives the blind check dropped per kind, "rows": rows with the kind})."""
     import pyarrow as pa
 
-    from schemas.spec import NegativesTextParams
+    from stages.negatives_text import NegativesTextParams
     from stages.negatives_text import NegativesTextStage
 
     stage = NegativesTextStage(NegativesTextParams(**params))

@@ -56,66 +56,9 @@ THUMB_PX = 112
 THUMB_QUALITY = 70
 CAPTION_CHARS = 160
 
-# Stat column -> the spec parameters drawn on its histogram: (stage, param, "min" | "max").
-THRESHOLDS: dict[str, list[tuple[str, str, str]]] = {
-    "min_side": [("basic", "min_side", "min")],
-    "aspect_ratio": [("basic", "max_aspect", "max")],
-    "caption_words": [("basic", "min_words", "min")],
-    "caption_chars": [("basic", "min_chars", "min"), ("junk", "max_chars", "max")],
-    "lang_score": [("language", "not_kept_min_score", "min"), ("language", "min_score", "min")],
-    "lang_words": [("language", "min_words", "min")],
-    "clip_score": [("align", "threshold", "min")],
-    "nsfw_score": [("safety", "threshold", "max")],
-    "text_frac": [("text", "max_text_frac", "max")],
-    "ocr_words": [("text", "max_ocr_words", "max")],
-    "ocr_caption_overlap": [("text", "reject_caption_overlap", "max")],
-}
-
-# Reject reason -> the stat columns that decided it, and the spec parameter it was compared with.
-REASON_STATS: dict[str, list[str]] = {
-    "undecodable": ["decode_error"],
-    "too_small": ["min_side"],
-    "bad_aspect": ["aspect_ratio"],
-    "caption_too_few_words": ["caption_words"],
-    "caption_too_short": ["caption_chars"],
-    "language_not_kept": ["lang", "lang_score", "lang_words"],
-    "language_low_confidence": ["lang", "lang_score"],
-    "low_alignment": ["clip_score"],
-    "below_top_fraction": ["clip_score"],
-    "nsfw": ["nsfw_score", "nsfw_labels"],
-    "text_heavy": ["text_frac", "ocr_text"],
-    "text_words": ["ocr_words", "ocr_text"],
-    "text_spotting": ["ocr_caption_overlap", "ocr_text"],
-    "junk_too_long": ["caption_chars", "junk_detail"],
-    "duplicate_exact": ["sha256"],
-    "duplicate_url": ["url_norm"],
-    "duplicate_near": ["phash"],
-    "duplicate_semantic": [],  # the detail holds the cosine
-}
-REASON_PARAM: dict[str, tuple[str, str]] = {
-    "too_small": ("basic", "min_side"),
-    "bad_aspect": ("basic", "max_aspect"),
-    "caption_too_few_words": ("basic", "min_words"),
-    "caption_too_short": ("basic", "min_chars"),
-    "language_not_kept": ("language", "not_kept_min_score"),
-    "language_low_confidence": ("language", "min_score"),
-    "low_alignment": ("align", "threshold"),
-    "below_top_fraction": ("align", "top_fraction"),
-    "nsfw": ("safety", "threshold"),
-    "text_heavy": ("text", "max_text_frac"),
-    "text_words": ("text", "max_ocr_words"),
-    "text_spotting": ("text", "reject_caption_overlap"),
-    "junk_too_long": ("junk", "max_chars"),
-    "duplicate_near": ("dedup", "near_hamming"),
-    "duplicate_semantic": ("dedup", "semantic_eps"),
-}
-
-# Histogram order; other numeric columns follow in schema order.
-STAT_ORDER = ["clip_score", "nsfw_score", "text_frac", "ocr_words", "ocr_caption_overlap", "caption_words",
-              "caption_chars", "lang_score", "lang_words", "min_side", "aspect_ratio", "width", "height",
-              "original_width", "original_height", "image_bytes"]
-NOT_PLOTTED = {"phash"}  # numeric but meaningless as a distribution
-CATEGORICAL = ["lang", "junk_kind"]
+# Core numeric columns plotted after the stages' stats; every stage-specific map below derives from the stages'
+# declarations (stages.base: columns with their roles, reasons with their stats and thresholds).
+CORE_STATS = ["width", "height", "original_width", "original_height"]
 DECISION = ["stage", "reason", "detail"]
 
 
@@ -306,17 +249,53 @@ def thumbnail_uri(data: bytes | None, px: int = THUMB_PX) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def column_owner() -> dict[str, str]:
-    from schemas.columns import STAGE_FIELDS
+def _stages() -> dict:
+    from stages import registry
 
-    return {f.name: stage for stage, fields in STAGE_FIELDS.items() for f in fields}
+    return registry()
+
+
+def column_owner() -> dict[str, str]:
+    """Stat column -> the stage that declares it."""
+    return {c.name: name for name, cls in _stages().items() for c in cls.columns}
+
+
+def column_role(column: str) -> str | None:
+    for cls in _stages().values():
+        for c in cls.columns:
+            if c.name == column:
+                return c.role
+    return None
+
+
+def thresholds_map() -> dict[str, list[tuple[str, str, str]]]:
+    """Stat column -> the spec parameters drawn on its histogram: (stage, param, "min" | "max")."""
+    out: dict[str, list[tuple[str, str, str]]] = {}
+    for name, cls in _stages().items():
+        for r in cls.reasons:
+            for t in r.thresholds:
+                entry = (name, t.param, t.bound)
+                if entry not in out.setdefault(t.column, []):
+                    out[t.column].append(entry)
+    return out
+
+
+def reason_declaration(reason: str | None, stage: str | None = None):
+    """(stage, Reason) that declares a reject reason; None for input and ingest reasons or unknown stages."""
+    stages = _stages()
+    owners = [stage] if stage in stages else list(stages)
+    for name in owners:
+        for r in stages[name].reasons:
+            if r.name == reason:
+                return name, r
+    return None
 
 
 def thresholds_for(build: Build, column: str) -> list[tuple[str, float]]:
     """(label, value) of the spec parameters compared with column, for stages in this build's spec."""
     out = []
     params = build.params
-    for stage, name, kind in THRESHOLDS.get(column, []):
+    for stage, name, kind in thresholds_map().get(column, []):
         if stage not in params:
             continue
         v = params[stage].get(name)
@@ -347,20 +326,21 @@ def deciding_stats(row: dict, reason: str | None, stage: str | None) -> list[tup
     """The stat columns that decided a rejection, with their values, as present in row."""
     if not reason:
         return []
-    cols = REASON_STATS.get(reason)
-    if cols is None and reason.startswith("junk_"):
-        cols = ["junk_kind", "junk_detail"]
-    if cols is None and stage:
-        from schemas.columns import STAGE_FIELDS
+    found = reason_declaration(reason, stage)
+    if found is not None:
+        cols = list(found[1].stats)
+    elif stage in _stages():
+        cols = [c.name for c in _stages()[stage].columns if c.role != "data"][:2]
+    else:
+        cols = []
+    return [(c, row.get(c)) for c in cols if c in row]
 
-        cols = [f.name for f in STAGE_FIELDS.get(stage, []) if not is_heavy(f)][:2]
-    return [(c, row.get(c)) for c in cols or [] if c in row]
 
-
-def deciding_param(spec_params: dict, reason: str | None) -> tuple[str, Any] | None:
-    if reason not in REASON_PARAM:
+def deciding_param(spec_params: dict, reason: str | None, stage: str | None = None) -> tuple[str, Any] | None:
+    found = reason_declaration(reason, stage)
+    if found is None or found[1].deciding_param is None:
         return None
-    stage, name = REASON_PARAM[reason]
+    stage, name = found[0], found[1].deciding_param
     if stage not in spec_params or spec_params[stage].get(name) is None:
         return None
     return f"{stage}.{name}", spec_params[stage][name]
@@ -621,11 +601,21 @@ def _groups(build: Build, owner: str | None) -> np.ndarray:
     return g
 
 
-def _numeric_columns(meta: pa.Table) -> list[str]:
-    names = [n for n in meta.column_names if not n.startswith("_") and n not in NOT_PLOTTED and n not in DECISION]
+def _stat_order(build: Build) -> list[str]:
+    """Stage stats in the build's stage order, then the core ones."""
+    stages = _stages()
+    cols = [c.name for s in build.params if s in stages for c in stages[s].columns if c.role == "stat"]
+    return cols + CORE_STATS
+
+
+def _numeric_columns(build: Build) -> list[str]:
+    meta = build.meta
+    names = [n for n in meta.column_names
+             if not n.startswith("_") and column_role(n) in (None, "stat") and n not in DECISION]
     numeric = [n for n in names if pa.types.is_integer(meta.schema.field(n).type)
                or pa.types.is_floating(meta.schema.field(n).type)]
-    return [c for c in STAT_ORDER if c in numeric] + [c for c in numeric if c not in STAT_ORDER]
+    order = _stat_order(build)
+    return [c for c in order if c in numeric] + [c for c in numeric if c not in order]
 
 
 def _distributions(build: Build) -> str:
@@ -634,7 +624,8 @@ def _distributions(build: Build) -> str:
            '<p>Every row with the stat (kept and rejected), stacked: kept, rejected by the stage that computes the '
            'stat, rejected by another stage. Dashed lines: the spec\'s thresholds.</p><div class="plots">']
     owners = column_owner()
-    cols = _numeric_columns(meta)
+    cols = _numeric_columns(build)
+    order = _stat_order(build)
     derived = {}
     if meta.num_rows and "text" in meta.column_names:
         text = pc.fill_null(meta["text"], "")
@@ -643,7 +634,7 @@ def _distributions(build: Build) -> str:
         if "caption_words" not in cols:
             derived["caption_words"] = pc.list_value_length(pc.utf8_split_whitespace(pc.utf8_trim_whitespace(text)))
     plotted = 0
-    for c in list(dict.fromkeys([k for k in STAT_ORDER if k in derived] + cols)):
+    for c in list(dict.fromkeys([k for k in order if k in derived] + cols)):
         arr = derived.get(c, meta[c] if c in meta.column_names else None)
         if arr is None:
             continue
@@ -658,7 +649,9 @@ def _distributions(build: Build) -> str:
         out.append(f'<figure data-column="{esc(c)}" data-thresholds="{esc(json.dumps([x for _, x in lines]))}">'
                    f'<img alt="{esc(title)}" src="{uri}"></figure>')
         plotted += 1
-    for c in CATEGORICAL:
+    stages = _stages()
+    categorical = [c.name for s in build.params if s in stages for c in stages[s].columns if c.role == "category"]
+    for c in categorical:
         if c in meta.column_names and meta[c].null_count < meta.num_rows:
             uri = category_png(c, meta[c].to_pylist(), _groups(build, owners.get(c)))
             out.append(f'<figure data-column="{esc(c)}"><img alt="{esc(c)}" src="{uri}"></figure>')
@@ -680,7 +673,7 @@ def _card(build: Build, r: int, thumb: str | None, row: dict, extra: str = "") -
         detail = str(row.get("detail") or "")
         stats = [(k, v) for k, v in deciding_stats(row, reason, stage)  # what the reason or detail says already
                  if v is not None and str(v) != reason and (not isinstance(v, str) or v not in detail)]
-        par = deciding_param(build.params, reason)
+        par = deciding_param(build.params, reason, stage)
         s = ", ".join(f"{k}={fmt_value(v)}" for k, v in stats)
         if par:
             s += f"{'; ' if s else ''}{par[0]}={par[1]}"
@@ -1000,7 +993,7 @@ def render_report(build: Build, seed: int = 0) -> str:
 
 def write_report(build_dir: str | Path, out: str | Path | None = None, *, seed: int = 0) -> Path:
     """Write <build_dir>/report.html (or `out`) from the build's files; returns its path."""
-    from stages.io.shards import atomic_write_text
+    from stages.io.build_folder import atomic_write_text
 
     build = load_build(build_dir)
     path = Path(out) if out else Path(build_dir) / REPORT_NAME
@@ -1145,7 +1138,7 @@ def known_limits(build: Build, header: dict) -> list[str]:
     if "align" not in params:
         out.append("No align stage ran: image-caption agreement was not scored.")
     thr = []
-    for col in THRESHOLDS:
+    for col in thresholds_map():
         for label, _ in thresholds_for(build, col):
             thr.append(label)
     if thr:
@@ -1170,7 +1163,7 @@ def render_dataset_card(build: Build) -> str:
 
 def write_dataset_card(build_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write <build_dir>/README.md (or `out`), a Hugging Face dataset card; returns its path."""
-    from stages.io.shards import atomic_write_text
+    from stages.io.build_folder import atomic_write_text
 
     build = load_build(build_dir, rows=False)
     path = Path(out) if out else Path(build_dir) / CARD_NAME

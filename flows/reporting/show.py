@@ -111,7 +111,7 @@ def show_record(build_dir: str | Path, uid: str) -> dict:
     if sub == "rejects":
         reason, stage = row.get("reason"), row.get("stage")
         stats = deciding_stats(row, reason, stage)
-        par = deciding_param(params, reason)
+        par = deciding_param(params, reason, stage)
         rec["rejection"] = {"stage": stage, "reason": reason, "detail": row.get("detail"),
                             "stats": {k: v for k, v in stats},
                             "param": {"name": par[0], "value": par[1]} if par else None}

@@ -33,9 +33,10 @@ import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 from schemas.columns import NEGATIVES_IMAGE_SCHEMA
-from schemas.spec import NEGATIVE_KINDS, NegativesTextParams, _Strict
+from schemas.spec import _Strict
 from stages.imaging.editors import EDITORS, Editor, make_editor
 from stages.models import decode_rgb
+from stages.negatives_text import NEGATIVE_KINDS, NegativesTextParams
 
 REASONS = ("not_preferred", "too_similar", "too_different", "no_region", "not_applicable")
 

@@ -27,6 +27,7 @@ from PIL import Image
 from schemas.columns import INGEST_FIELDS, INPUT_SCHEMA, REJECT_SCHEMA
 from schemas.records import make_uid
 from schemas.spec import IngestSpec, SourceSpec
+from stages.io.build_folder import BuildFolder, atomic_write_table, atomic_write_text
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -304,28 +305,12 @@ def classify_error(message: str | None) -> str:
 
 # --------------------------------------------------------------------------- one shard
 
-def _atomic_write(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
-
-
-def shard_paths(work: Path, shard_id: int) -> dict[str, Path]:
-    d = work / "ingest"
-    return {
-        "pairs": d / f"{shard_id:05d}.parquet",
-        "rejects": d / f"{shard_id:05d}.rejects.parquet",
-        "done": d / f"{shard_id:05d}.done.json",
-    }
-
-
-def ingest_shard(shard_file: Path, work: Path, shard_id: int, params: IngestSpec) -> dict:
+def ingest_shard(folder: BuildFolder, shard_id: int, params: IngestSpec) -> dict:
     """Download one input shard; writes its pairs and rejects, then a done marker. Idempotent."""
-    paths = shard_paths(work, shard_id)
-    if paths["done"].exists():
-        return json.loads(paths["done"].read_text())
-    paths["pairs"].parent.mkdir(parents=True, exist_ok=True)
-    inputs = pq.read_table(shard_file)
+    paths = folder.ingest_shard(shard_id)
+    if paths.done.exists():
+        return json.loads(paths.done.read_text())
+    inputs = pq.read_table(folder.input_shard(shard_id))
 
     guard = AddressGuard(params.allow_hosts)
     verdicts = [guard.check(u) for u in inputs.column("url").to_pylist()]
@@ -350,8 +335,8 @@ def ingest_shard(shard_file: Path, work: Path, shard_id: int, params: IngestSpec
         raise RuntimeError(
             f"ingest shard {shard_id}: {inputs.num_rows} in, {pairs.num_rows} pairs + {rejects.num_rows} rejects out"
         )
-    _atomic_write(rejects, paths["rejects"])
-    _atomic_write(pairs, paths["pairs"])
+    atomic_write_table(rejects, paths.rejects)
+    atomic_write_table(pairs, paths.pairs)
     summary = {
         "shard": shard_id,
         "rows_in": inputs.num_rows,
@@ -359,9 +344,7 @@ def ingest_shard(shard_file: Path, work: Path, shard_id: int, params: IngestSpec
         "rejects": rejects.num_rows,
         "bytes": int(sum(len(b) for b in pairs.column("image").to_pylist() if b)),
     }
-    tmp = paths["done"].with_name(paths["done"].name + ".tmp")
-    tmp.write_text(json.dumps(summary))
-    os.replace(tmp, paths["done"])
+    atomic_write_text(paths.done, json.dumps(summary))
     return summary
 
 

@@ -10,9 +10,9 @@ import os
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from schemas.columns import SCHEMA_VERSION
+from stages.io.build_folder import atomic_write_table, atomic_write_text
 
 
 def file_sha256(path: Path) -> str:
@@ -21,12 +21,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class ShardWriter:
@@ -57,9 +51,7 @@ class ShardWriter:
         self.pending = [rest] if rest.num_rows else []
         self.pending_rows = rest.num_rows
         path = self.folder / f"part-{len(self.files):05d}.parquet"
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(head, tmp, compression=self.compression, row_group_size=max(1, min(n, 1024)))
-        os.replace(tmp, path)
+        atomic_write_table(head, path, self.compression, row_group_size=max(1, min(n, 1024)))
         self.files.append(
             {"path": str(path), "rows": head.num_rows, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
         )

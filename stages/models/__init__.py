@@ -416,21 +416,8 @@ def load_clip(name: str, device: str = "auto", dtype: str = "auto", *, threads: 
 
 
 def decode_rgb(data: bytes | None):
-    """Image bytes -> a loaded RGB PIL image (transparency composited on white), or None if it does not decode."""
-    import io
+    """Image bytes -> an RGB PIL image (transparency composited on white), or None if it does not decode."""
+    from stages.imaging.decode import decode_image, pil
 
-    from PIL import Image
-
-    if not data:
-        return None
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                bg = Image.new("RGB", im.size, (255, 255, 255))
-                bg.paste(im, mask=im.getchannel("A"))
-                return bg
-            return im.convert("RGB")
-    except Exception:  # PIL raises many types for bad files; basic owns undecodable rows
-        return None
+    arr = decode_image(data)[0]
+    return None if arr is None else pil(arr)

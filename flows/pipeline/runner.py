@@ -1,0 +1,249 @@
+"""The stages as one Ray Data pipeline: CPU stages as tasks, model stages as actor pools, resources from the spec.
+
+Images are decoded once per batch: a decode step (CPU tasks) runs before the first stage that declares
+`needs_image`, and the private pixel columns are dropped after the last one. A named timer actor sums each step's
+rows, seconds and image decodes, which feed the live progress and the build's stats.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import time
+from contextlib import ExitStack, contextmanager
+
+import pyarrow as pa
+
+from flows.pipeline.context import BuildContext, BuildError
+from flows.progress import phase
+from schemas.spec import BuildSpec
+from stages import stage_class
+from stages.imaging.decode import add_pixels, decodes, drop_private
+
+DECODE = "decode"
+
+
+class StageTimer:
+    """A Ray actor summing rows, seconds and image decodes per pipeline step over all batches."""
+
+    def __init__(self):
+        self.totals: dict[str, list[float]] = {}
+
+    def add(self, step: str, rows: int, seconds: float, decoded: int = 0) -> None:
+        t = self.totals.setdefault(step, [0, 0.0, 0])
+        t[0] += rows
+        t[1] += seconds
+        t[2] += decoded
+
+    def get(self) -> dict:
+        return self.totals
+
+
+def _timed(step: str, fn, batch: pa.Table, timer: str, drop_after: bool) -> pa.Table:
+    """Run one step on a batch; tell the named timer actor its rows, seconds and decodes."""
+    import ray
+
+    t0, d0 = time.perf_counter(), decodes()
+    out = fn(batch)
+    if drop_after:
+        out = drop_private(out)
+    ray.get_actor(timer).add.remote(step, batch.num_rows, time.perf_counter() - t0, decodes() - d0)
+    return out
+
+
+def decode_step(batch: pa.Table, timer: str) -> pa.Table:
+    return _timed(DECODE, add_pixels, batch, timer, False)
+
+
+_STAGES: dict = {}  # stages set up in this worker process (task mode), torn down when it exits
+
+
+def _make_stage(name: str, params_json: str):
+    cls = stage_class(name)
+    stage = cls(cls.Params.model_validate_json(params_json))
+    stage.setup()
+    return stage
+
+
+@atexit.register
+def _teardown_task_stages() -> None:
+    for stage in _STAGES.values():
+        stage.teardown()
+    _STAGES.clear()
+
+
+def run_stage_task(batch: pa.Table, name: str, params_json: str, timer: str, drop_after: bool = False) -> pa.Table:
+    key = (name, params_json)
+    if key not in _STAGES:
+        _STAGES[key] = _make_stage(name, params_json)
+    return _timed(name, _STAGES[key], batch, timer, drop_after)
+
+
+class StageActor:
+    """A model stage in an actor pool: set up once per actor, torn down when Ray Data retires the actor."""
+
+    def __init__(self, name: str, params_json: str, timer: str, drop_after: bool = False):
+        self.stage = _make_stage(name, params_json)
+        self.timer = timer
+        self.drop_after = drop_after
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return _timed(self.stage.name, self.stage, batch, self.timer, self.drop_after)
+
+    def __del__(self):
+        stage = getattr(self, "stage", None)
+        if stage is not None:
+            stage.teardown()
+
+
+def image_span(spec: BuildSpec) -> tuple[int, int] | None:
+    """(first, last) positions of the stages that read decoded pixels, or None."""
+    pos = [i for i, e in enumerate(spec.stages) if stage_class(e.name).needs_image]
+    return (pos[0], pos[-1]) if pos else None
+
+
+def step_names(spec: BuildSpec) -> list[str]:
+    names = spec.stage_names()
+    span = image_span(spec)
+    return names if span is None else names[:span[0]] + [DECODE] + names[span[0]:]
+
+
+def stage_pipeline(ds, spec: BuildSpec, timer: str):
+    """The spec's stages over a Ray Dataset of pairs, each batch decoded once for the image stages."""
+    import ray
+
+    span = image_span(spec)
+    for i, entry in enumerate(spec.stages):
+        cls = stage_class(entry.name)
+        res = cls.default_resources.override(entry.params)
+        if span is not None and i == span[0]:
+            ds = ds.map_batches(decode_step, fn_args=(timer,), batch_format="pyarrow", batch_size=res.batch_size,
+                                num_cpus=min(1.0, res.cpus))
+        drop_after = span is not None and i == span[1]
+        params_json = entry.params.model_dump_json()
+        common = dict(batch_format="pyarrow", batch_size=res.batch_size, num_cpus=res.cpus, num_gpus=res.gpus or None)
+        if cls.runs_as_actor(entry.params):
+            ds = ds.map_batches(StageActor, fn_constructor_args=(entry.name, params_json, timer, drop_after),
+                                compute=ray.data.ActorPoolStrategy(size=res.pool_size), **common)
+        else:
+            ds = ds.map_batches(run_stage_task, fn_args=(entry.name, params_json, timer, drop_after), **common)
+    return ds
+
+
+def process_stages(ctx: BuildContext) -> dict:
+    """Run the spec's stages over the downloaded pairs, into _work/processed/."""
+    import pyarrow.parquet as pq
+    import ray
+
+    folder = ctx.folder
+    done = folder.done("processed")
+    if done is not None:
+        return done
+    pair_files = [str(p) for p in folder.ingest_pair_files()]
+    rows = sum(pq.read_metadata(f).num_rows for f in pair_files)
+    tmp = folder.fresh_dir(folder.work / "processed.tmp")
+    t0 = time.perf_counter()
+    steps: dict = {}
+    if rows and ctx.spec.stages:
+        dctx = ray.data.DataContext.get_current()
+        dctx.execution_options.preserve_order = True
+        dctx.enable_progress_bars = False  # our reporter shows progress; Ray Data's would log lines off a TTY
+        quiet_ray_data()
+        check_pool_budget(ctx.spec, ray.cluster_resources().get("CPU", 0.0))
+        timer = f"pairforge-timer-{ctx.build_id}"
+        timer_actor = ray.remote(num_cpus=0)(StageTimer).options(name=timer).remote()
+        ds = ray.data.read_parquet([f for f in pair_files if pq.read_metadata(f).num_rows])
+        ds = stage_pipeline(ds, ctx.spec, timer)
+        steps = _run_with_progress(lambda: ds.write_parquet(str(tmp)), timer_actor, step_names(ctx.spec), rows)
+        ray.kill(timer_actor)
+    else:
+        for i, f in enumerate(pair_files):
+            os.link(f, tmp / f"{i:05d}.parquet")
+    if folder.processed_dir.exists():
+        import shutil
+
+        shutil.rmtree(folder.processed_dir)
+    tmp.rename(folder.processed_dir)
+    decoded = sum(v[2] for v in steps.values())
+    summary = {"rows": rows, "seconds": time.perf_counter() - t0,
+               "stage_seconds": {k: v[1] for k, v in steps.items()},
+               "decodes_per_row": round(decoded / rows, 3) if rows else 0.0}
+    folder.mark_done("processed", summary)
+    return summary
+
+
+def check_pool_budget(spec: BuildSpec, cluster_cpus: float) -> None:
+    """Actor pools hold their CPUs for the whole pipeline; if what is left can't run one read or task, Ray Data
+    waits forever. Refuse such a spec up front, naming the numbers."""
+    pools, tasks = 0.0, [1.0]  # a read task takes one CPU
+    for entry in spec.stages:
+        cls = stage_class(entry.name)
+        res = cls.default_resources.override(entry.params)
+        if cls.runs_as_actor(entry.params):
+            pools += res.cpus * res.pool_size
+        else:
+            tasks.append(res.cpus)
+    if cluster_cpus - pools < max(tasks):
+        raise BuildError(
+            f"the model stages' actor pools hold {pools:g} of the cluster's {cluster_cpus:g} CPUs, leaving less than "
+            f"the {max(tasks):g} a read or CPU stage needs: the pipeline would stall. Lower those stages' `cpus` or "
+            f"`pool_size`, or add CPUs")
+
+
+def _run_with_progress(run, timer, names: list[str], rows: int) -> dict:
+    """Run the pipeline in a thread; report each step's rows from the timer actor. Returns the timer's totals."""
+    import ray
+
+    errors: list[BaseException] = []
+
+    def target():
+        try:
+            run()
+        except BaseException as e:  # re-raised in the caller's thread
+            errors.append(e)
+
+    th = threading.Thread(target=target, name="ray-data-pipeline", daemon=True)
+    with ExitStack() as stack:
+        advance = {n: stack.enter_context(phase(f"{n}", total=rows)) for n in names}
+        seen = dict.fromkeys(names, 0)
+        th.start()
+        while True:
+            th.join(0.5)
+            totals = ray.get(timer.get.remote())
+            for n in names:
+                done_rows = int(totals.get(n, [0])[0])
+                advance[n](done_rows - seen[n])
+                seen[n] = done_rows
+            if not th.is_alive():
+                break
+    if errors:
+        raise errors[0]
+    return ray.get(timer.get.remote())
+
+
+def quiet_ray_data() -> None:
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # after import: Ray Data configures its loggers then
+
+
+@contextmanager
+def ray_session(spec: BuildSpec):
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    env_vars = {k: os.environ[k] for k in ("NO_ALBUMENTATIONS_UPDATE", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
+                                           "PAIRFORGE_CACHE", "HF_HOME",
+                                           "TOKENIZERS_PARALLELISM", "WANDB_MODE") if k in os.environ}
+    kw = dict(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env_vars},
+              configure_logging=True, logging_level="WARNING")
+    if spec.ray.address:
+        ray.init(address=spec.ray.address, **kw)
+    else:
+        ray.init(num_cpus=spec.ray.num_cpus, object_store_memory=int(spec.ray.object_store_gb * 2**30), **kw)
+    try:
+        yield
+    finally:
+        ray.shutdown()
