@@ -41,6 +41,11 @@ REJECT_SCHEMA = pa.schema(
 
 # Per-stage output columns: a stage may only add the columns listed under its name.
 STAGE_FIELDS: dict[str, list[pa.Field]] = {
+    # clean also rewrites `text` (the one input column a stage may change: stages.base.Stage.rewrites)
+    "clean": [
+        pa.field("text_raw", pa.string()),  # the caption as listed, before stages.clean normalised `text`
+        pa.field("clean_edits", pa.string()),  # comma-separated steps that changed it (stages.clean.EDITS); null: none
+    ],
     "dedup": [
         pa.field("phash", pa.int64()),  # imagehash.phash of the image, 64 bits as a signed int64; null if undecodable
         pa.field("phash_crops", pa.list_(pa.int64())),  # pHashes of 9 fixed crops (stages.dedup.CROP_BOXES)

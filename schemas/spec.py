@@ -90,13 +90,17 @@ class LanguageParams(StageParams):
     keep: list[str] = Field(default_factory=lambda: ["en"], min_length=1, description="ISO 639-1 codes to keep")
     min_score: float = Field(0.0, ge=0.0, le=1.0, description="reject rows of a language not kept scoring below this")
     not_kept_min_score: float = Field(
-        0.4, ge=0.0, le=1.0, description="reject a language not kept only when the detector is at least this sure")
+        0.8, ge=0.0, le=1.0, description="reject a language not kept only when the detector is at least this sure")
     min_words: int = Field(3, ge=0, description="captions with fewer words are too short to reject as not kept")
 
     @field_validator("keep")
     @classmethod
     def _lower_codes(cls, v: list[str]) -> list[str]:
         return [c.strip().lower() for c in v]
+
+
+class CleanParams(StageParams):
+    """The caption normaliser (stages.clean) has no thresholds: it rewrites `text` and rejects nothing."""
 
 
 JUNK_KINDS = ["junk_html", "junk_emoji", "junk_url", "junk_filename", "junk_boilerplate", "junk_repeated",
@@ -246,6 +250,7 @@ class RecaptionParams(StageParams):
 STAGE_PARAMS: dict[str, type[StageParams]] = {
     "dedup": DedupParams,
     "basic": BasicParams,
+    "clean": CleanParams,
     "language": LanguageParams,
     "junk": JunkParams,
     "align": AlignParams,

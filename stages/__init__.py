@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 
 REGISTRY: dict[str, str] = {
+    "clean": "stages.clean:CleanStage",
     "dedup": "stages.dedup:DedupStage",
     "basic": "stages.basic:BasicStage",
     "language": "stages.language:LanguageStage",
