@@ -62,8 +62,8 @@ STAGE_FIELDS: dict[str, list[pa.Field]] = {
     ],
     "language": [
         pa.field("lang", pa.string()),  # ISO 639-1 where the language has one; "und" for captions with no letters
-        pa.field("lang_score", pa.float32()),  # ensemble probability of `lang`, 0..1
-        pa.field("lang_words", pa.int32()),  # words with a letter in the cleaned caption (short ones are unreliable)
+        pa.field("lang_score", pa.float32()),  # ensemble probability of `lang`, 0..1 (stages.language)
+        pa.field("lang_words", pa.int32()),  # words that may carry a language: no codes, acronyms, initials
     ],
     "junk": [
         pa.field("junk_kind", pa.string()),  # first junk kind found (see stages.junk.KINDS), null when none

@@ -90,7 +90,7 @@ class LanguageParams(StageParams):
     keep: list[str] = Field(default_factory=lambda: ["en"], min_length=1, description="ISO 639-1 codes to keep")
     min_score: float = Field(0.0, ge=0.0, le=1.0, description="reject rows of a language not kept scoring below this")
     not_kept_min_score: float = Field(
-        0.8, ge=0.0, le=1.0, description="reject a language not kept only when the detector is at least this sure")
+        0.7, ge=0.0, le=1.0, description="reject a language not kept only when the detector is at least this sure")
     min_words: int = Field(3, ge=0, description="captions with fewer words are too short to reject as not kept")
 
     @field_validator("keep")

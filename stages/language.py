@@ -12,10 +12,11 @@ English captions rejected 3 (0.3%), non-English caught 28 of 31 (90%). The earli
 rejected 5 English captions of 575 in another labelled set and caught 6 of 17 foreign ones there.
 
 Stats: lang (argmax of the ensemble; "und" for captions with no letters), lang_score (its probability),
-lang_words (words found in a frequency list, plus pseudo-words of space-less scripts).
+lang_words (words that may carry a language: not codes, acronyms or initials; plus pseudo-words of space-less
+scripts).
 
 Rule (decide, vectorised):
-- top language not in `keep`, score >= `not_kept_min_score` (0.8) and at least `min_words` (3) words
+- top language not in `keep`, score >= `not_kept_min_score` (0.7) and at least `min_words` (3) words
                                                                 -> language_not_kept ("lang=de score=0.97")
 - else top language not in `keep` (or "und") and score < `min_score` (0: off)  -> language_low_confidence
 - else keep. A row whose top language is kept is always kept; "und" rows (emoji, numbers) are the junk stage's.
@@ -63,7 +64,7 @@ _DOMAIN = re.compile(r"\b[\w-]+(?:\.[\w-]+)*\.(?:com|net|org|info|biz|io|co|uk|d
 _SPACE = re.compile(r"\s+")
 
 
-def language_text(text: str | None) -> str:
+def clean_caption(text: str | None) -> str:
     """The caption as prose: normalised (stages.clean; a no-op on a cleaned caption), then URLs, e-mail addresses
     and domains removed."""
     if not text:
@@ -115,8 +116,8 @@ class LanguageDetector:
 
     1. Words: tokens with a digit or "_" are codes ("MR9Q2KS", "G35CZ"); all-caps tokens of at most 3 letters in
        a caption that has lower case are acronyms (BMW, LED, PSD); single capitals are initials. None of these
-       carries a language. The rest, casefolded, are looked up in wordfreq's lists (stages.wordfreqs); words in no
-       list (names, brands, typos) carry none either. `lang_words` counts the words found.
+       carries a language; `lang_words` counts the rest. Those, casefolded, are looked up in wordfreq's lists
+       (stages.wordfreqs); words in no list (names, brands, typos) add no evidence.
        A run of a script that names its language (kana, hangul, han, thai, ...) adds that many pseudo-words.
     2. S[L] = sum over the words found of zipf_L(word), a word missing from L's list counting ABSENT_ZIPF:
        the log-likelihood of the caption's words under language L, in zipf units. Names and brands are about as
@@ -181,7 +182,7 @@ class LanguageDetector:
 
     def detect(self, texts: list[str | None]) -> list[tuple[str, float, int]]:
         """[(lang, score, words)] per caption; ("und", 0.0, 0) for captions with no letters."""
-        prepared = [language_text(t) for t in texts]
+        prepared = [clean_caption(t) for t in texts]
         feats = [self._tokens_of(c) for c in prepared]
         # one vectorised lookup for the whole batch
         flat = [w.casefold() for tokens, _ in feats for w in tokens]
@@ -197,9 +198,9 @@ class LanguageDetector:
                 out.append((UND, 0.0, 0))
                 continue
             logp = self.CHAR_WEIGHT * self._char_logp(c)
+            n_words = len(tokens) + sum(scripts.values())
             r = r[r >= 0]
-            n_words = len(r) + sum(scripts.values())
-            if n_words:
+            if len(r) or scripts:
                 s = np.zeros(len(self.langs))
                 s[self._word_cols] = self._zipf[r].sum(axis=0, dtype=np.float64) / 10.0
                 s[median_fill] = np.median(s[self._word_cols])

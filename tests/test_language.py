@@ -13,7 +13,7 @@ import pytest
 
 from schemas.spec import LanguageParams, STAGE_PARAMS, parse_spec
 from stages import stage_class
-from stages.language import UND, LanguageDetector, LanguageStage, canonical, language_text
+from stages.language import UND, LanguageDetector, LanguageStage, canonical, clean_caption
 from tests.realdata import LAION, SUGARCREPE_FILES as SUGARCREPE
 
 
@@ -79,13 +79,13 @@ def test_bundled_lite_model_loads_with_the_network_blocked(monkeypatch):
     assert fresh.detect_one("The quick brown fox jumps over the lazy dog")[0] == "en"
 
 
-def test_language_text_is_normalised_prose():
-    assert language_text("<b>Game 20:</b> at Denver &amp; Clippers") == "Game 20: at Denver & Clippers"
-    assert language_text("Getting Ready http://www.maharaniweddings.com/gallery/photo/41206 now") == "Getting Ready now"
-    assert language_text("Buy a jumper Online at johnlewis.com") == "Buy a jumper Online at"
-    assert language_text("kennedy_nixon_debate_first_chicago_1960") == "kennedy nixon debate first chicago 1960"
-    assert language_text("&lt;i&gt;Truong Son&lt;/i&gt;") == "Truong Son"
-    assert language_text(None) == ""
+def test_clean_caption_is_normalised_prose():
+    assert clean_caption("<b>Game 20:</b> at Denver &amp; Clippers") == "Game 20: at Denver & Clippers"
+    assert clean_caption("Getting Ready http://www.maharaniweddings.com/gallery/photo/41206 now") == "Getting Ready now"
+    assert clean_caption("Buy a jumper Online at johnlewis.com") == "Buy a jumper Online at"
+    assert clean_caption("kennedy_nixon_debate_first_chicago_1960") == "kennedy nixon debate first chicago 1960"
+    assert clean_caption("&lt;i&gt;Truong Son&lt;/i&gt;") == "Truong Son"
+    assert clean_caption(None) == ""
 
 
 def test_short_titles_names_and_mixed_captions():
@@ -178,7 +178,7 @@ def test_params_registered_and_spec_parses(tmp_path):
     urls.write_text("url,caption\nhttp://x/a.jpg,a cat\n")
     spec = parse_spec({"dataset": "d", "source": {"urls": str(urls)}, "stages": [{"language": {"keep": ["en"]}}]})
     p = spec.stage_params("language")
-    assert p.keep == ["en"] and p.min_score == 0.0 and p.not_kept_min_score == 0.8 and p.min_words == 3
+    assert p.keep == ["en"] and p.min_score == 0.0 and p.not_kept_min_score == 0.7 and p.min_words == 3
 
 
 # ------------------------------------------------------------------------------------------------ real data
