@@ -45,7 +45,6 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -84,10 +83,6 @@ def find_url(text: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ filename
-_EXTENSIONS = (
-    "jpg jpeg jpe jfif png gif webp bmp tif tiff heic heif svg avif ico raw cr2 nef dng psd eps"
-).split()
-_WITH_EXT = re.compile(r"^(?P<stem>.*?\S)\.(?P<ext>" + "|".join(_EXTENSIONS) + r")$", re.IGNORECASE)
 # Camera, phone and screenshot names; generic words followed only by numbers, dates and times.
 _CAMERA = re.compile(
     r"^(?:img|dsc[nf]?|_?mg|gopr|gp|dji|pxl|mvimg|vid|pano|sam|dcim|cimg|imag|p|wp|hpim|sdc|pict|mvc|100_)"
