@@ -214,7 +214,9 @@ class Stage:
     default_resources: ClassVar[Resources] = Resources()
     uses_model: ClassVar[bool] = False  # model stages run as actor pools, others as tasks
     needs_image: ClassVar[bool] = False  # reads decoded pixels (stages.imaging.decode), decoded once per batch
-    summary: ClassVar[str] = ""  # one line for the README stage table; defaults to the module's first line
+    summary: ClassVar[str] = ""  # one line for the README stage table
+    # Input columns this stage may change (rewrite_column); every other column it is given must come back as is.
+    rewrites: ClassVar[tuple[str, ...]] = ()
 
     registry: ClassVar[dict[str, type["Stage"]]] = {}
 
@@ -262,6 +264,12 @@ class Stage:
         out = self.process_batch(batch)
         if out.num_rows != batch.num_rows:
             raise RuntimeError(f"stage {self.name} changed the row count {batch.num_rows} -> {out.num_rows}")
+        for name in batch.column_names:
+            if name in self.rewrites:
+                continue
+            if name not in out.column_names or not _same_column(batch.column(name), out.column(name)):
+                raise RuntimeError(f"stage {self.name} changed or dropped its input column {name!r}; a stage may only "
+                                   f"change the columns it declares in `rewrites` ({list(self.rewrites)})")
         return out
 
     # decision --------------------------------------------------------------
@@ -296,6 +304,16 @@ class Stage:
 
     # helpers for subclasses --------------------------------------------------
     @classmethod
+    def rewrite_column(cls, batch: pa.Table, name: str, values) -> pa.Table:
+        """Replace input column `name` (one the stage declares in `rewrites`), keeping its field and type."""
+        if name not in cls.rewrites:
+            raise StageDeclarationError(f"stage {cls.name} rewrites column {name!r} without declaring it in `rewrites`")
+        i = batch.column_names.index(name)
+        fld = batch.schema.field(i)
+        arr = values.cast(fld.type) if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, fld.type)
+        return batch.set_column(i, fld, arr)
+
+    @classmethod
     def add_columns(cls, batch: pa.Table, values: dict[str, Any]) -> pa.Table:
         """Append this stage's declared columns, typed as declared; unknown or missing names are an error."""
         declared = {c.name: c.field for c in cls.columns}
@@ -313,6 +331,16 @@ class Stage:
             else:
                 batch = batch.append_column(fld, arr)
         return batch
+
+
+def _same_column(a: pa.ChunkedArray, b: pa.ChunkedArray) -> bool:
+    """Cheap when the stage passed the column through (the same buffers); a full comparison otherwise."""
+    if a.type == b.type and a.num_chunks == b.num_chunks and all(
+            [x.address if x is not None else None for x in ca.buffers()] ==
+            [y.address if y is not None else None for y in cb.buffers()] and ca.offset == cb.offset
+            for ca, cb in zip(a.chunks, b.chunks)):
+        return True
+    return a.equals(b)
 
 
 def _check_declarations(cls: type[Stage]) -> None:

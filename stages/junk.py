@@ -1,22 +1,35 @@
-"""junk: alt text that says nothing about the picture, one reason per kind.
+"""junk: alt text with nothing usable left once normalised, one reason per kind.
+
+The stage reads the normalised caption: `text` as the clean stage left it (with its `clean_edits`), or, in a spec
+without a clean stage, `text` normalised here by the same function (stages.clean.normalize_caption). Markup,
+mojibake, slugs and file extensions are cleaned, not rejected: "Gotrek &amp; Felix", "<strong>Comet</strong>
+Paper Shredder", "Scorching June 14 for Alabama.jpg" are usable captions.
 
 Kinds, checked in this order; a row's `junk_kind` is the first that matches (its reason when the kind is enabled):
 
-- junk_html        HTML entities (&amp; &#39; &nbsp; ...) or tags (<b>, <br />, <a href=...>) left in the text.
-                   A bare "&" ("Tom & Jerry", "S&P 500", "H&R Block") is not an entity.
+- junk_html        markup only: the caption had HTML and no letter is left once it is stripped ("&nbsp;&amp;",
+                   "&lt;img src=&quot;pic.jpg&quot;&gt;").
 - junk_emoji       no letter in any script: only emoji, symbols, punctuation or digits.
-- junk_url         the caption is only URLs or bare domains ("https://...", "www.x.org/u/1", "hitachi-solutions.jp").
+- junk_url         the caption is only URLs or bare domains ("https://...", "www.x.org/u/1", "hitachi-solutions.jp"),
+                   or spells a domain out to dodge filters ("... www period tubetob period net": spam).
                    A URL inside a sentence ("Buy ... Online at johnlewis.com") is not junk.
-- junk_filename    the caption is a file name: it ends in an image/file extension attached to its last word
-                   ("IMG_2231.JPG", "photo (3).jpeg", "shaker-heritage-barn-wedding-day007.jpg", "Screenshot
-                   2021-03-14 at 10.23.31.png", "Scorching June 14 for Alabama.jpg"), or, without an extension, it is a
-                   camera name or a hash ("DSC00042", "IMG_20190305_123456", "9f86d081884c7d65", a UUID). Slug names
-                   without an extension ("kennedy_nixon_debate_first_chicago_1960") are kept: they describe the image.
+- junk_filename    a file name with no description in it: a camera name or a hash ("DSC00042", "IMG_20190305_123456",
+                   "9f86d081884c7d65", a UUID), with or without its extension ("IMG_2231.JPG", "photo (3).jpeg",
+                   "Screenshot 2021-03-14 at 10.23.31.png"); or a file name or slug whose words hold no description
+                   word (has_description: a word of some language's list that is not a file or page word and not a
+                   name, i.e. not about equally frequent in every language): "stackable-1",
+                   "JeffHerrington_MBMiami-cover-500". File names and slugs that describe ("Scorching June 14 for
+                   Alabama.jpg", "kennedy_nixon_debate_first_chicago_1960") are cleaned into words and kept.
                    "Crocosmia in Pot PNG & PSD Images" and "Photo 15: DOWNTOWN Condo ..." are not file names.
 - junk_boilerplate the whole caption is a known empty phrase (BOILERPLATE, compared without case, digits or
                    punctuation: "click here", "Image 1 of 5", "Stock Photo", "untitled-3", "loading...") or starts
-                   with an auto-generated prefix (BOILERPLATE_PREFIXES: "image may contain: ...", "click here ...").
-                   "Stock Photo" at the end of a real description is not junk.
+                   with an auto-generated prefix (BOILERPLATE_PREFIXES: "image may contain: ...", "click here ..."),
+                   or is a call to action about the site rather than a picture: it opens with a call verb (CTA_VERBS:
+                   like, follow, welcome, help, subscribe, ...) and is short or speaks of the site or its readers
+                   (CTA_TARGETS: our, us, facebook, newsletter, ...): "Welcome to Carousell!", "LIKE X.COM ON
+                   FACEBOOK!", "Help our library WIN! Shop from booksellers that support this library.".
+                   "Stock Photo" at the end of a real description is not junk; "Buy ... Online at johnlewis.com"
+                   and "Watch the Entire Paul Lynde Halloween Special" describe a product or a video.
 - junk_repeated    one word, appearing >= 3 times, makes up more than half of the word tokens ("sale sale sale
                    sale"; "Baby baby blanket" is fine), or one 2- or 3-word phrase repeated >= 3 times covers more
                    than half of them ("buy now buy now buy now").
@@ -24,11 +37,11 @@ Kinds, checked in this order; a row's `junk_kind` is the first that matches (its
                    stage's max_chars, so changing it needs the stage re-run (it is cheap).
 
 Stats are computed for every row whatever `kinds` enables; decide() rejects a row with reason = junk_kind when that
-kind is in params.kinds. Empty captions are not junk here (the basic stage's caption_too_short owns them).
+kind is in params.kinds. Empty captions are not junk here (the basic stage's caption_too_short owns them), unless
+markup was all they held.
 """
 from __future__ import annotations
 
-import html
 import re
 from collections import Counter
 
@@ -38,6 +51,7 @@ from pydantic import Field, field_validator
 
 from schemas.spec import StageParams, known_kinds
 from stages.base import Column, DecideContext, Decision, Reason, Resources, Stage, Threshold
+from stages.clean import normalize_caption
 
 JUNK_KINDS = ["junk_html", "junk_emoji", "junk_url", "junk_filename", "junk_boilerplate", "junk_repeated",
               "junk_too_long"]
@@ -55,41 +69,14 @@ class JunkParams(StageParams):
 
 KINDS = tuple(JUNK_KINDS)
 KIND_DOCS = {
-    "junk_html": "HTML entities or tags left in the text",
+    "junk_html": "markup with nothing left once it is stripped",
     "junk_emoji": "no letter in any script: only emoji, symbols, punctuation or digits",
     "junk_url": "the caption is only URLs or bare domains",
-    "junk_filename": "the caption is a file name, a camera name or a hash",
-    "junk_boilerplate": "the whole caption is an empty phrase (click here, Image 1 of 5, Stock Photo)",
+    "junk_filename": "a file, camera or hash name, or a slug with no description word",
+    "junk_boilerplate": "an empty phrase or a call to action (click here, Image 1 of 5, Stock Photo)",
     "junk_repeated": "one word or phrase repeated over most of the caption",
     "junk_too_long": "more characters than max_chars",
 }
-
-# ------------------------------------------------------------------------------------------------ html
-_NAMED_ENTITY = re.compile(r"&([A-Za-z][A-Za-z0-9]{1,31});")
-_NUMERIC_ENTITY = re.compile(r"&#(?:\d{1,7}|[xX][0-9A-Fa-f]{1,6});?")
-# The common ones also count without their semicolon ("&amp " "&nbsp"), when no letter follows.
-_BARE_ENTITY = re.compile(r"&(?:amp|nbsp|quot|lt|gt|apos)(?![A-Za-z0-9])", re.IGNORECASE)
-_HTML_TAGS = (
-    "a abbr b big blockquote body br center code div em font h1 h2 h3 h4 h5 h6 head hr html i iframe img input "
-    "label li link meta nobr noscript ol p picture pre s script small source span strike strong style sub sup "
-    "table tbody td th thead title tr u ul wbr figure figcaption section article header footer nav button"
-).split()
-_TAG = re.compile(r"<\s*/?\s*(?:" + "|".join(_HTML_TAGS) + r")(?:\s[^<>]{0,500})?\s*/?\s*>", re.IGNORECASE)
-_HTML5_ENTITIES = {name.rstrip(";").lower() for name in html.entities.html5}
-
-
-def find_html(text: str) -> str | None:
-    m = _TAG.search(text)
-    if m:
-        return f"tag {m.group(0)[:40]}"
-    for m in _NAMED_ENTITY.finditer(text):
-        if m.group(1).lower() in _HTML5_ENTITIES:
-            return f"entity {m.group(0)}"
-    m = _NUMERIC_ENTITY.search(text) or _BARE_ENTITY.search(text)
-    if m:
-        return f"entity {m.group(0)}"
-    return None
-
 
 # ------------------------------------------------------------------------------------------------ url
 _TLDS = (
@@ -103,18 +90,23 @@ _URL_TOKEN = re.compile(
 )
 
 
+# "www period example period net", "example dot com": a domain spelled out to get past filters (spam).
+_SPELLED_DOMAIN = re.compile(
+    r"\b(?:www\s+(?:dot|period)\s+\w+|\w+)\s+(?:dot|period)\s+(?:" + "|".join(_TLDS[:12]) + r")\b", re.IGNORECASE)
+
+
 def find_url(text: str) -> str | None:
     tokens = text.split()
     if tokens and all(_URL_TOKEN.match(t.strip("<>()[]\"'.,;")) for t in tokens):
         return f"url {tokens[0][:60]}"
+    low = text.lower()
+    m = _SPELLED_DOMAIN.search(text) if (" dot " in low or " period " in low) else None
+    if m:
+        return f"spelled-out url {m.group(0)[:60]!r}"
     return None
 
 
 # ------------------------------------------------------------------------------------------------ filename
-_EXTENSIONS = (
-    "jpg jpeg jpe jfif png gif webp bmp tif tiff heic heif svg avif ico raw cr2 nef dng psd eps"
-).split()
-_WITH_EXT = re.compile(r"^(?P<stem>.*?\S)\.(?P<ext>" + "|".join(_EXTENSIONS) + r")$", re.IGNORECASE)
 # Camera, phone and screenshot names; generic words followed only by numbers, dates and times.
 _CAMERA = re.compile(
     r"^(?:img|dsc[nf]?|_?mg|gopr|gp|dji|pxl|mvimg|vid|pano|sam|dcim|cimg|imag|p|wp|hpim|sdc|pict|mvc|100_)"
@@ -129,6 +121,7 @@ _GENERIC_WORDS = (
 _GENERIC = re.compile(
     r"^(?:" + _GENERIC_WORDS + r")(?:[\s_.-]*(?:\d+|\(\d+\)|at|copy|am|pm|[a-z]?\d+[a-z]?))*$", re.IGNORECASE
 )
+
 # "Photo 3", "Slide 12", "untitled-3": boilerplate rather than a file name.
 _GENERIC_ONLY_NUMBER = re.compile(r"^(?:" + _GENERIC_WORDS + r")[\s_-]+\d{1,2}$", re.IGNORECASE)
 _HEX = re.compile(r"^(?=[0-9a-f_-]*\d)(?=[0-9a-f_-]*[a-f])[0-9a-f]{12,}$|^[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}$",
@@ -150,14 +143,46 @@ def _uninformative_stem(stem: str) -> bool:
     return bool(_CAMERA.match(s) or _GENERIC.match(s) or _HEX.match(s) or _random_token(s))
 
 
-def find_filename(text: str) -> str | None:
+# Words of file and page furniture: they name a file's role, not what it shows.
+FILE_WORDS = frozenset((
+    "image images img photo photos pic pics picture foto screenshot screen shot whatsapp untitled unnamed scan "
+    "scanned capture snapshot download file thumb thumbnail attachment upload default placeholder main banner slide "
+    "hero header large small medium full copy").split()) | {
+    "section", "cover", "page", "home", "final", "web", "edit", "edited", "crop", "cropped", "resized", "bg",
+    "background", "logo", "icon", "hero", "banner", "slider", "min", "img", "pic", "jpg", "jpeg", "png", "new", "old",
+    "version", "ver", "rev", "draft", "sample", "test", "temp", "tmp", "export", "original", "orig", "hires", "lores",
+    "mp", "mov", "avi", "raw", "scaled", "feature", "featured", "post", "blog", "site", "wp", "content", "uploads",
+    # camera and phone name prefixes (see _CAMERA)
+    "dsc", "dscn", "dscf", "gopr", "dji", "pxl", "mvimg", "vid", "pano", "sam", "dcim", "cimg", "imag", "hpim",
+    "sdc", "pict", "mvc"}
+_LETTER_WORD = re.compile(r"[^\W\d_]{3,}")
+
+
+def has_description(text: str) -> bool:
+    """Whether the words hold a description word: in some language's word list (stages.nlp.wordfreqs), not a file or
+    page word, and not name-like (about as frequent in most languages' lists as in its own: jeff, miami)."""
+    from stages.nlp.wordfreqs import word_table
+
+    words = [w for w in (w.casefold() for w in _LETTER_WORD.findall(text)) if w not in FILE_WORDS]
+    return bool(words) and bool(word_table().describes(words).any())
+
+
+def find_filename(text: str, edits: tuple[str, ...] = ()) -> str | None:
+    """`text` is the normalised caption; edits says whether it was a file name ("extension") or a slug."""
     t = text.strip().strip("\"'")
-    if _WITH_EXT.match(t):
-        # Alt text that ends in ".jpg" is the file's name, however descriptive the name.
+    # Names that carry no words (camera names with a number, hashes), with or without their extension.
+    if (re.search(r"\d", t) or "extension" in edits) and _uninformative_stem(t) \
+            and not (_GENERIC_ONLY_NUMBER.match(t) and "extension" not in edits):
         return f"filename {t[:60]}"
-    # No extension: only names that carry no words (camera names with a number, hashes).
-    if re.search(r"\d", t) and _uninformative_stem(t) and not _GENERIC_ONLY_NUMBER.match(t):
-        return f"filename {t[:60]}"
+    if "extension" in edits and not has_description(t):
+        return f"filename without description {t[:60]}"
+    return None
+
+
+def find_nondescript_slug(text: str, edits: tuple[str, ...] = ()) -> str | None:
+    """A caption that was one slug ("stackable-1", "JeffHerrington_MBMiami-cover-500") with no description word."""
+    if "slug" in edits and "ui_prefix" not in edits and len(text.split()) <= 8 and not has_description(text):
+        return f"slug without description {text[:60]}"
     return None
 
 
@@ -193,6 +218,39 @@ BOILERPLATE_PREFIXES = (
     "may be a graphic", "no photo description available", "click here", "click to enlarge", "click to view",
     "this image has an empty alt attribute", "image result for", "image is loading",
 )
+# Calls to action about the site, not the picture: a call verb first, and a short caption or one that speaks of the
+# site, its pages or its readers.
+CTA_VERBS = frozenset(
+    "follow welcome help support join subscribe share donate vote visit register signup login contact call "
+    "tap swipe pin retweet repost tag bookmark".split())
+CTA_TARGETS = frozenset(
+    "our us facebook twitter instagram pinterest youtube tiktok linkedin newsletter page website blog channel "
+    "feed profile account".split())
+CTA_MAX_WORDS_ALONE = 4
+
+
+# "LIKE X.COM ON FACEBOOK!", "find us on Instagram": a call anywhere in the caption to a social network.
+_SOCIAL_CALL = re.compile(r"\b(?:like|follow|find|join|add|friend|subscribe)\b.{0,60}?\bon\s+(?:facebook|twitter|"
+                          r"instagram|pinterest|youtube|tiktok|linkedin|snapchat)\b", re.IGNORECASE)
+
+
+_SOCIAL_NETWORK = re.compile(r"facebook|twitter|instagram|pinterest|youtube|tiktok|linkedin|snapchat")
+
+
+def find_call_to_action(text: str) -> str | None:
+    low = text.lower()
+    m = _SOCIAL_CALL.search(text) if " on " in low and _SOCIAL_NETWORK.search(low) else None
+    if m:
+        return f"call to action {m.group(0)[:60]!r}"
+    words = _WORD_LETTERS.findall(text.lower())
+    if not words or words[0] not in CTA_VERBS:
+        return None
+    if len(words) <= CTA_MAX_WORDS_ALONE or CTA_TARGETS.intersection(words):
+        return f"call to action {' '.join(words[:6])!r}"
+    return None
+
+
+_WORD_LETTERS = re.compile(r"[^\W\d_]+")
 _NON_LETTERS = re.compile(r"[^\w\s]|[\d_]")
 
 
@@ -200,16 +258,20 @@ def normalize_phrase(text: str) -> str:
     return " ".join(_NON_LETTERS.sub(" ", text.lower()).split())
 
 
+_PREFIX_STARTS = tuple(sorted({p.split()[0] for p in BOILERPLATE_PREFIXES}))
+_MAX_PHRASE_CHARS = 3 * max(len(p) for p in BOILERPLATE)  # room for the digits and punctuation dropped around it
+
+
 def find_boilerplate(text: str) -> str | None:
-    norm = normalize_phrase(text)
-    if not norm:
-        return None
-    if norm in BOILERPLATE:
-        return f"phrase {norm!r}"
-    for p in BOILERPLATE_PREFIXES:
-        if norm == p or norm.startswith(p + " "):
-            return f"prefix {p!r}"
-    return None
+    low = text.lstrip(" \"'([{*#-").lower()
+    if len(text) <= _MAX_PHRASE_CHARS or low.startswith(_PREFIX_STARTS):
+        norm = normalize_phrase(text)
+        if norm in BOILERPLATE:
+            return f"phrase {norm!r}"
+        for p in BOILERPLATE_PREFIXES:
+            if norm == p or norm.startswith(p + " "):
+                return f"prefix {p!r}"
+    return find_call_to_action(text)
 
 
 # ------------------------------------------------------------------------------------------------ repeated
@@ -219,7 +281,7 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 def find_repeated(text: str) -> str | None:
     tokens = _WORD.findall(text.lower())
     n = len(tokens)
-    if n < 3:
+    if n < 3 or len(set(tokens)) * 2 >= n + 6:  # no word or 2-3 word phrase can cover half of them
         return None
     word, count = Counter(tokens).most_common(1)[0]
     if count >= 3 and count * 2 > n:
@@ -243,37 +305,45 @@ def find_repeated(text: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ all kinds
-def junk_kind(text: str | None, max_chars: int = 1000) -> tuple[str | None, str | None]:
-    """(kind, detail) of the first junk kind the caption shows, (None, None) for a usable caption."""
-    if text is None or not text.strip():
+def junk_kind(text: str | None, max_chars: int = 1000, edits: tuple[str, ...] | None = None
+              ) -> tuple[str | None, str | None]:
+    """(kind, detail) of the first junk kind the caption shows, (None, None) for a usable caption.
+
+    `edits` None: `text` is raw alt text, normalised here first. Otherwise `text` is already normalised and
+    `edits` are the clean stage's steps for it."""
+    if text is None:
         return None, None
+    if edits is None:
+        text, edits = normalize_caption(text)
     t = text.strip()
-    d = find_html(t)
-    if d:
-        return "junk_html", d
     if not any(ch.isalpha() for ch in t):
-        return "junk_emoji", "no letters"
+        if "html" in edits:
+            return "junk_html", "markup only"
+        return ("junk_emoji", "no letters") if t else (None, None)
     d = find_url(t)
     if d:
         return "junk_url", d
-    d = find_filename(t)
+    d = find_filename(t, edits)
     if d:
         return "junk_filename", d
     d = find_boilerplate(t)
     if d:
         return "junk_boilerplate", d
+    d = find_nondescript_slug(t, edits)
+    if d:
+        return "junk_filename", d
     d = find_repeated(t)
     if d:
         return "junk_repeated", d
-    if len(text) > max_chars:
-        return "junk_too_long", f"chars={len(text)}"
+    if len(t) > max_chars:
+        return "junk_too_long", f"chars={len(t)}"
     return None, None
 
 
 class JunkStage(Stage):
     name = "junk"
     version = 1
-    summary = "alt text that says nothing about the picture, one reason per kind"
+    summary = "alt text that says nothing about the picture (judged after cleaning), one reason per kind"
     Params = JunkParams
     default_resources = Resources(cpus=1.0, batch_size=1024)
     columns = (
@@ -288,9 +358,14 @@ class JunkStage(Stage):
     params: JunkParams
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
+        texts = batch.column("text").to_pylist()
+        if "clean_edits" in batch.column_names:  # the clean stage ran: text is normalised, its edits recorded
+            edits = [tuple(e.split(",")) if e else () for e in batch.column("clean_edits").to_pylist()]
+        else:
+            edits = [None] * len(texts)
         kinds, details = [], []
-        for text in batch.column("text").to_pylist():
-            k, d = junk_kind(text, self.params.max_chars)
+        for text, e in zip(texts, edits):
+            k, d = junk_kind(text, self.params.max_chars, e)
             kinds.append(k)
             details.append(d)
         return self.add_columns(batch, {"junk_kind": kinds, "junk_detail": details})

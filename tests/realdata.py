@@ -5,3 +5,4 @@ DATA = Path(__file__).resolve().parent / "data"
 LAION = DATA / "laion-alt-text" / "laion_1000.parquet"
 SUGARCREPE = DATA / "sugarcrepe"
 SUGARCREPE_FILES = sorted(str(p) for p in SUGARCREPE.glob("*.json"))
+LAION_LABELS = DATA / "laion-alt-text" / "labels.csv"  # hand labels of LAION's captions (LABELS.md beside it)

@@ -1,4 +1,5 @@
-"""The junk stage: hand-built cases per kind and traps, hand-labelled LAION rows, COCO captions, the demo corpus."""
+"""The junk stage: hand-built cases per kind and traps, cleaned-not-rejected captions, LAION and COCO captions, the
+demo corpus. The four goals on the hand-labelled LAION set are asserted in tests/test_captions.py."""
 from __future__ import annotations
 
 import collections
@@ -12,6 +13,7 @@ from pydantic import ValidationError
 
 from schemas.spec import parse_spec
 from stages import stage_class
+from stages.clean import CleanParams, CleanStage, normalize_caption
 from stages.junk import JUNK_KINDS, JunkParams, JunkStage, junk_kind
 from tests.realdata import LAION
 from tests.realdata import SUGARCREPE_FILES as SUGARCREPE
@@ -22,28 +24,56 @@ POSITIVES: dict[str, list[str]] = {
         "IMG_20190305_123456", "IMG-20190305-WA0001.jpg", "P1010123.JPG", "GOPR0123.MP4.jpg",
         "Screenshot 2021-03-14 at 10.23.31.png", "Screen Shot 2020-01-02 at 9.15.00 AM.png",
         "WhatsApp Image 2020-05-01 at 12.30.45.jpeg", "9f86d081884c7d65.webp", "3f2a9c8e7b6d5a4f1e0d",
-        "123e4567-e89b-12d3-a456-426614174000", "shaker-heritage-barn-wedding-day007.jpg", "untitled-1.png",
+        "123e4567-e89b-12d3-a456-426614174000", "untitled-1.png", "GOPR0123.MP4.jpg",
+        # file-name stems and slugs with no description word (issue 15)
+        "stackable-1", "JeffHerrington_MBMiami-cover-500", "final_banner_v2", "DSC_0042-edit",
     ],
     "junk_url": [
         "https://www.example.com/images/123.jpg", "http://cdn.shop-site.net/gallery?id=12&size=large",
         "www.picturehost.org/u/1a2b3c4d", "hitachi-solutions.jp", "example.com", "https://t.co/abc123 https://t.co/x",
+        "Asia lose one s virginity porn first one www period tubetob period net", "free pics at mysite dot com",
     ],
     "junk_boilerplate": [
         "click here", "Click to enlarge", "image may contain: 2 people, people smiling, outdoor",
         "No photo description available.", "Stock Photo", "Royalty-Free Stock Photo", "placeholder image",
         "Untitled", "untitled-3", "thumbnail", "Loading...", "Image 1 of 5", "image not found", "no image available",
-        "Image is loading NWT-Polo-Sport-Ralph-Lauren-Drawstring-Bag-Backpack- 8de65cd444aa4", "Photo 3",
+        "Image is loading", "Photo 3",
+        # calls to action about the site, not a picture (issue 15)
+        "Help our library WIN! Shop from booksellers that support this library.", "Welcome to Carousell!",
+        "!!'LIKE' HELLOWESTTRAVEL.COM ON FACEBOOK!", "Follow us for more", "Subscribe to our newsletter",
+        "Find us on Instagram @bakery",
     ],
     "junk_repeated": [
         "sale sale sale sale", "image image image image image", "buy now buy now buy now", "wow wow wow",
         "best price best price best price best price", "Photo photo photo of",
     ],
     "junk_emoji": ["😍🔥✨", "❤️❤️❤️", "!!! ??? ...", "★★★★★", "2019", "12:30 - 45%", "👍 👍 :)"],
-    "junk_html": [
-        "Tom &amp; Jerry mug", "&nbsp;&nbsp;&amp;&nbsp;", "It&#39;s a cat", "&lt;img src=&quot;pic.jpg&quot;&gt;",
-        "A <b>red</b> car", "Orchid Jungle<br>Hawaiian Dresses<br>", "&quot;Keep Calm&quot; - Blue Canvas",
-        "Cats &amp dogs", "Caf&eacute; de Flore", "<a href='http://x.com/'>shop</a>", "&#8203;&#8203;",
-    ],
+    # markup with nothing left once it is stripped
+    "junk_html": ["&nbsp;&nbsp;&amp;&nbsp;", "&lt;img src=&quot;pic.jpg&quot;&gt;", "&#8203;&#8203;", "<br /><br />",
+                  "&lt;br /&gt;&lt;br /&gt;&nbsp;", "<a href='http://x.com/'></a>"],
+}
+
+# Captions that are usable once the clean stage has normalised them (issue 15: cleaned, not rejected), with what
+# the normaliser makes of them.
+CLEANED = {
+    "Tom &amp; Jerry mug": "Tom & Jerry mug", "It&#39;s a cat": "It's a cat", "A <b>red</b> car": "A red car",
+    "Orchid Jungle<br>Hawaiian Dresses<br>": "Orchid Jungle Hawaiian Dresses",
+    "&quot;Keep Calm&quot; - Blue Canvas": '"Keep Calm" - Blue Canvas', "Cats &amp dogs": "Cats & dogs",
+    "Caf&eacute; de Flore": "Café de Flore", "<a href='http://x.com/'>shop</a>": "shop",
+    "Gotrek &amp; Felix : The Third Omnibus": "Gotrek & Felix : The Third Omnibus",
+    "Hiland&#x27;s Megan Beachy dribbles around the tight defense": "Hiland's Megan Beachy dribbles around the tight "
+                                                                   "defense",
+    "<strong>Comet America</strong> Paper Shredder 12 Sheet Cross-cut in Black":
+        "Comet America Paper Shredder 12 Sheet Cross-cut in Black",
+    "CafÃ© de Flore, Paris": "Café de Flore, Paris",
+    "shaker-heritage-barn-wedding-day007.jpg": "shaker heritage barn wedding day007",
+    "Scorching June 14 for Alabama.jpg": "Scorching June 14 for Alabama",
+    "Image is loading NWT-Polo-Sport-Ralph-Lauren-Drawstring-Bag-Backpack- 8de65cd444aa4":
+        "NWT Polo Sport Ralph Lauren Drawstring Bag Backpack",
+    "inside-blue-mosque-istanbul-turkey": "inside blue mosque istanbul turkey",
+    "Cowshed_Gorgeous_Cow_Blissful_Body_Lotion_300ml_1372086846": "Cowshed Gorgeous Cow Blissful Body Lotion 300ml",
+    "\u200bBappi Lahrri Records for New Film": "Bappi Lahrri Records for New Film",
+    '"22"" Frozen Bubble Balloon"': '22" Frozen Bubble Balloon',
 }
 
 # Real-looking alt text that must not be junk.
@@ -95,53 +125,6 @@ TRAPS = [
     ("A long description of a lake at dawn with mist over the water and pine trees on the far shore. " * 11)[:1000],
 ]
 
-# Hand-labelled LAION rows (read in full): junk with its kind, and clean rows chosen to include traps.
-LAION_JUNK = {
-    "<a href='http://nymetroparents.com/listing/Yale-New-Haven-Children-s-Hospital-'>": "junk_html",
-    "Researcher holding two skulls of the never seen Truong Son muntjac (&lt;i&gt;": "junk_html",
-    "&quot;Keep Calm&quot; - Blue Canvas": "junk_html",
-    "Western theme &quot;save the date&quot; postcard": "junk_html",
-    "Orchid Jungle<br>Hawaiian Dresses<br>100% Rayon<br>": "junk_html",
-    "1:18 scale For LP610 Diecast Sports <font><b>Car</b></font>": "junk_html",
-    "A man uses burning wood to cook a traditional &#34;caldosa,&#34;": "junk_html",
-    "<b>Game 20: at Denver 109, Clippers 104</b>": "junk_html",
-    "Raw Air photos from Vikersund Ski Flying Hill.": "junk_html",  # ends in <br />
-    "hitachi-solutions.jp": "junk_url",
-    "7672-eco-cotton-culottes-87-lfs.jpg": "junk_filename",
-    "shaker-heritage-barn-wedding-day007.jpg": "junk_filename",
-    "MV046-CuteSpiderman-BW-Shirt.jpg": "junk_filename",
-    "Scorching June 14 for Alabama.jpg": "junk_filename",
-    "photo Ox Cheeks in Red Wine 4_zpszvubq49w.jpg": "junk_filename",
-    "Kepler Space Telescope spacecraft model 1.png": "junk_filename",
-    "Image is loading NWT-Polo-Sport-Ralph-Lauren-Drawstring-Bag-Backpack-": "junk_boilerplate",
-    "Cam Newton wife, age, weight, kids, high school, college,": "junk_too_long",  # 1,368 characters
-}
-LAION_CLEAN = [
-    "Classical Masterpieces: Xerses & More, Vol. 8 by Various Artists",
-    "Custom Portfolios, Padfolios & Writing Pads - Hampton Writing Pad",
-    "S&P 500 Monthly",
-    "H&R Block - Pomeroy, OH - Financial Advisors",
-    "M&S Collection Round Face Floral Strap Analogue Watch",
-    "Buy Winser London Wool Luxe Aran Jumper, Ivory Online at johnlewis.com",
-    "Getting Ready http://www.maharaniweddings.com/gallery/photo/41206 @houseoftalent1",
-    "Ram Ratan 2017 Hindi Full Movie DVDRip 720p at newbtcbank.com",
-    "Socionext hat den Display-Controller SC1711 für den Betrieb von Head-Up-Displays optimiert.",
-    "Extend Bar Barres Tendres Beurre D'Arachide et Chocolat 4 Barres x 160g",
-    "CHIMERA GAMESのアーカイブ画像:Vol.7FMX NIGHT SESSION",
-    "1970 Dodge Coronet Super Bee for sale 101403863",
-    "Post-it Super Sticky Note Canary Yellow 76x127mm (Pack of 12) 655-12SSCY",
-    "kennedy_nixon_debate_first_chicago_1960",
-    "mount-everest-89590_1280",
-    "947a0d69900a Sorel Youth Joan of Arctic Boot - Moosejaw",
-    "Rooster Royalty Free Stock Photos",
-    "Flight over sea 3D Screensaver image 1 Thumbnail",
-    "Photo 15: DOWNTOWN Condo for sale : 2 bedrooms : 1240 India #505 in San Diego",
-    "gray and white seamless pattern vector image vector image",
-    "Big Ben clock against autumn leaves in London, England, UK",
-    "Crocosmia in Pot PNG & PSD Images",
-]
-
-
 @pytest.fixture(scope="module")
 def laion_texts() -> list[str]:
     return pq.read_table(LAION, columns=["TEXT"]).column("TEXT").to_pylist()
@@ -179,6 +162,19 @@ def test_traps_are_not_junk():
     assert not flagged, flagged
 
 
+def test_markup_mojibake_and_slugs_are_cleaned_not_rejected():
+    """Issue 15: junk only when nothing usable remains; the clean stage's text is what the junk stage judges."""
+    got = {t: (normalize_caption(t)[0], junk_kind(t)) for t in CLEANED}
+    wrong = {t: g for t, g in got.items() if g != (CLEANED[t], (None, None))}
+    assert not wrong, wrong
+    # Through the stages, as a build runs them: clean, then junk on its output (reading clean_edits).
+    table = pa.table({"text": pa.array(list(CLEANED) + ["IMG_2231.JPG", "&nbsp;&amp;"], pa.string())})
+    cleaned = CleanStage(CleanParams())(table)
+    out = JunkStage(JunkParams())(cleaned)
+    assert out.column("junk_kind").to_pylist() == [None] * len(CLEANED) + ["junk_filename", "junk_html"]
+    assert out.column("text").to_pylist()[:len(CLEANED)] == list(CLEANED.values())
+
+
 def test_empty_caption_is_not_junk():
     """Empty captions belong to basic's caption_too_short."""
     assert junk_kind("") == (None, None) and junk_kind(None) == (None, None) and junk_kind("   ") == (None, None)
@@ -201,7 +197,7 @@ def test_stage_columns_and_decide_by_kind():
     kinds = out.column("junk_kind").to_pylist()
     assert kinds == ["junk_filename", None, "junk_boilerplate", "junk_emoji", None, "junk_repeated"]
     assert d.reason == kinds
-    assert d.detail[0] == "filename IMG_2231.JPG"
+    assert d.detail[0] == "filename IMG 2231"  # the detail names the normalised caption
     # Only enabled kinds reject; stats do not change with params.
     out2, d2 = run(texts, JunkParams(kinds=["junk_emoji"]))
     assert out2.column("junk_kind").to_pylist() == kinds
@@ -223,36 +219,15 @@ def test_params_registered_and_validated(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ real data
 
-def _lookup(texts: list[str], key: str) -> str:
-    hits = [t for t in texts if t == key or t.startswith(key)]
-    assert len(hits) == 1, f"{key!r} matches {len(hits)} LAION rows"
-    return hits[0]
-
-
-def test_laion_hand_labelled_precision_recall(laion_texts):
-    junk = {_lookup(laion_texts, k): kind for k, kind in LAION_JUNK.items()}
-    clean = [_lookup(laion_texts, k) for k in LAION_CLEAN]
-    assert len(junk) >= 18 and len(clean) >= 20
-    got = {t: junk_kind(t)[0] for t in list(junk) + clean}
-    tp = sum(got[t] is not None for t in junk)
-    fp = [t for t in clean if got[t] is not None]
-    precision, recall = tp / max(1, tp + len(fp)), tp / len(junk)
-    wrong_kind = [(t[:60], want, got[t]) for t, want in junk.items() if got[t] not in (None, want)]
-    missed = [t[:60] for t in junk if got[t] is None]
-    msg = f"precision {precision:.2f} recall {recall:.2f}; missed {missed}; false {fp}; wrong kind {wrong_kind}"
-    assert precision >= 0.95 and recall >= 0.9, msg
-    assert not wrong_kind, msg
-
-
 def test_laion_junk_rate_is_plausible(laion_texts):
-    """LAION alt text is already CLIP-filtered: we expect roughly 0.5-4% junk (measured 1.8%: 9 html, 6 file
-    names, 1 URL, 1 boilerplate, 1 too long); much more means the rules hit real captions."""
+    """LAION alt text is already CLIP-filtered: we expect roughly 0.3-4% junk (hand labels: 6 of 1,000; measured
+    0.5%: 2 calls to action, 2 URLs, 1 too long); much more means the rules hit real captions."""
     out, _ = run(laion_texts)
     kinds = out.column("junk_kind").to_pylist()
     counts = collections.Counter(k for k in kinds if k)
     rate = sum(counts.values()) / len(kinds)
     examples = {k: [t[:60] for t, kk in zip(laion_texts, kinds) if kk == k][:3] for k in counts}
-    assert 0.005 <= rate <= 0.04, f"junk rate {rate:.3f}: {dict(counts)} {examples}"
+    assert 0.003 <= rate <= 0.04, f"junk rate {rate:.3f}: {dict(counts)} {examples}"
 
 
 def test_sugarcrepe_coco_captions_are_not_junk():

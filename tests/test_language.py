@@ -1,4 +1,5 @@
-"""The language stage on real captions: LAION alt text, SugarCrepe (COCO) captions and the demo corpus."""
+"""The language stage on real captions: LAION alt text, SugarCrepe (COCO) captions and the demo corpus. The goals on
+the hand-labelled LAION set (English rejected, non-English caught) are asserted in tests/test_captions.py."""
 from __future__ import annotations
 
 import collections
@@ -12,58 +13,9 @@ import pytest
 
 from schemas.spec import parse_spec
 from stages import stage_class
-from stages.language import UND, LanguageDetector, LanguageParams, LanguageStage, clean_caption
+from stages.language import UND, LanguageDetector, LanguageParams, LanguageStage, canonical, clean_caption
 from tests.realdata import LAION
 from tests.realdata import SUGARCREPE_FILES as SUGARCREPE
-
-# Hand-read LAION rows whose language is not English (mixed English/other rows are in MIXED and left out).
-LAION_NOT_ENGLISH = [
-    "venta apartamento sector chinchina area 100 mtr2",
-    "Roos en Lieke in de bus",
-    "Extend Bar Barres Tendres Beurre D'Arachide et Chocolat 4 Barres x 160g",
-    "Chaussures Femme Tongs Havaianas YOU MAXI Orange",
-    "Socionext hat den Display-Controller SC1711 für den Betrieb von Head-Up-Displays optimiert.",
-    "Bier-Werbetruck-LKW-Tucher Truck Collection   Art. Nr.14",
-    "Luzes decorativas da cortina Light/LED do diodo emissor de luz do casamento Lights3mx3m 400",
-    "Expresiones regulares en Tkinter",
-    "Joies vintages de Halloween Cartes Postales",
-    "Salomon Agile 2 set Rood",
-    "zapatillas PUMA Future Cat Remix L  Black/Puma Silver/Prism Violet",
-    "NBA Draft 2019 : un enfant de Guinée Conakry vers les Washington Wizards mais pas que...",
-    "Eco Farm 4*2 Fuß (48*24*80 Zoll) DIY Grow-Paket",
-    "Cartier Santos 100 GM groes Modell Stahl/Gelbgold 51x42mm",
-    "Barbie Dont 5 Collection Prix variés (4)",
-    "Zimmer Hampton Inn® Gallatin Fotos",
-    "Dywan shaggy Osta Carpets RHAPSODY bordo",
-    "Обои snow, cars, white carsЗима, снег, автомобили, Bugatti Veyron, Bugatti Veyron",
-    "Immagine titolata Heal Mouth Inflammation Step 11",
-    "Cuaderno Perruno_Bulldog_Editorial Chocolate",
-    "Mooneyes Aufkleber, Mr. Horsepower m. Race-Flag, links",
-    "Chaussures Fille Baskets basses Lacoste POWERCOURT 0921 2 SUJ Blanc / Rose",
-    "Mini Countryman S E All4 Salone di Los Angeles 2016",
-    "Bianco Donna Pelle Sneakers Hogan HXW2220K130I9I0001 X17wc",
-    "CHIMERA GAMESのアーカイブ画像:Vol.7FMX NIGHT SESSION",
-    "adidas stan smith wit met blauw",
-    "TRANSFORMERS : L'ÂGE DE L'EXTINCTION - Featurette « TOURNAGE EN CHINE » LE 16 JUILLET 2014 AU CINEMA",
-    "Intellectuels communistes",
-    "bague coque iphone 6",
-    "coque iphone 8 papillon",
-    "Intervista a Detevilus project",
-    "Chinees Nieuwjaar Londen (2017) ; Chinatown London, london, china, new year | foto 11",
-    "Bäst i test massagestol relax Ultimate Pro 3D",
-]
-LAION_NOT_ENGLISH_PREFIX = ["La cocina de Martín Berasategui 100 recetas"]  # long rows, matched by prefix
-MIXED = [
-    "hitachi-solutions.jp", "WOOD WOOD HELMUT JACKET noir", "LOGONA Natural Nail Top Coat päällyslakka", "Tweed Heads",
-    "Inner Point - Nachtruhe", "CE Approved Liben Popular Kids крытое Trampoline Park с Foam Pit",
-    "G-Bike - Kielce Bike Expo", "Pharoahe Monch", "Chaussures   Made in Italia GIORGIO grey",
-    "Nascer do sol na Fazenda do Lobo - Sunrise in the Wolf's Farm - Brazil",
-    "kinito xiaomi mi 9 128gb 6gb dual sim blue gr photo", "Longsleeve - Football czacha",
-    "画像1: 1900-10's Mini Tin Case 【Colgate & Co. Shaving Stick New York】 (1)",
-    "Adu Pinalti Menegangkan ♥ Turnamen Bola ♥ Penalty Shoot In Tournament Football HD",
-    "JAYWALKER  - Tagesrucksack - black heather", "UNDER ARMOUR Gametime Fleece 1/2 Zip - Herren",
-]
-MIXED_PREFIX = ["Corte e transporte mecanicos de madeira"]
 
 # Plainly English LAION rows: each must come out "en" and be kept.
 LAION_ENGLISH = [
@@ -107,10 +59,6 @@ def run(stage: LanguageStage, texts: list[str | None], params: LanguageParams | 
     return out, LanguageStage.decide(out, params or stage.params)
 
 
-def _in(text: str, exact: list[str], prefixes: list[str]) -> bool:
-    return text in exact or any(text.startswith(p) for p in prefixes)
-
-
 # ------------------------------------------------------------------------------------------------ detector
 
 def test_bundled_lite_model_loads_with_the_network_blocked(monkeypatch):
@@ -131,13 +79,43 @@ def test_bundled_lite_model_loads_with_the_network_blocked(monkeypatch):
     assert fresh.detect_one("The quick brown fox jumps over the lazy dog")[0] == "en"
 
 
-def test_clean_caption_strips_markup_urls_and_entities():
+def test_clean_caption_is_normalised_prose():
     assert clean_caption("<b>Game 20:</b> at Denver &amp; Clippers") == "Game 20: at Denver & Clippers"
     assert clean_caption("Getting Ready http://www.maharaniweddings.com/gallery/photo/41206 now") == "Getting Ready now"
     assert clean_caption("Buy a jumper Online at johnlewis.com") == "Buy a jumper Online at"
     assert clean_caption("kennedy_nixon_debate_first_chicago_1960") == "kennedy nixon debate first chicago 1960"
     assert clean_caption("&lt;i&gt;Truong Son&lt;/i&gt;") == "Truong Son"
     assert clean_caption(None) == ""
+
+
+def test_short_titles_names_and_mixed_captions():
+    """Issue 15's cases: short English titles kept, short foreign product titles caught, names not rejected."""
+    det = LanguageDetector()
+    english = ["Rescued dog in hat", "Bananas Foster Parfaits", "Jesse Eisenberg and Director Ruben Fleischer Talk "
+               "Zombieland:", "Estate Turquoise Matrix Bead Necklace 32\"", "retro alley cats lounge sign mesh hat",
+               "Java Green BMW M6 Gran Coupe, 5 of 18", "Lake Maggiore Magic Tote Bag"]
+    foreign = {"Rowenta SO6510F2 Comfort Aqua - Calefactor, 2400 W, Acero Inoxidable, color Blanco": "es",
+               "VIP7211M: Appartement te koop in Mojacar Playa, Almería": "nl",
+               "Стол обеденный раскладной Leset Марсель 1Р белый": "ru",
+               "Damen Winterjacke mit Kapuze und Fellkragen schwarz": "de",
+               "CHIMERA GAMESのアーカイブ画像:Vol.7FMX NIGHT SESSION": "ja"}
+    params = LanguageParams()
+    got = det.detect(english + list(foreign))
+    kept = [(t, g) for t, g in zip(english, got)
+            if g[0] != "en" and g[1] >= params.not_kept_min_score and g[2] >= params.min_words]
+    assert not kept, kept
+    wrong = [(t, g) for t, g in zip(foreign, got[len(english):])
+             if g[0] != foreign[t] or g[1] < params.not_kept_min_score or g[2] < params.min_words]
+    assert not wrong, wrong
+    # names only: no language evidence, never rejected
+    names = det.detect(["Matt Damon", "Pharoahe Monch", "Kevin Garnett and Lamar Odom"])
+    assert all(lang == "en" or words < params.min_words for lang, _, words in names), names
+
+
+def test_language_codes_are_canonical():
+    assert canonical("HR") == "sh" and canonical("nb") == "no" and canonical("fil") == "tl" and canonical("de") == "de"
+    t = _table([("sh", 0.95, 8), ("no", 0.95, 8)])
+    assert LanguageStage.decide(t, LanguageParams(keep=["en", "hr", "nb"])).reason == [None, None]
 
 
 def test_captions_without_letters_are_und(stage):
@@ -174,7 +152,7 @@ def test_decide_rules():
         ("en", 0.05, 8),   # kept language, unsure: still kept
         ("de", 0.97, 8),   # sure and foreign
         ("de", 0.30, 8),   # foreign but unsure: kept by default
-        ("it", 0.59, 2),   # foreign, sure, but two words: too short to judge
+        ("it", 0.95, 2),   # foreign, sure, but two words: too short to judge
         (UND, 0.0, 0),
         (None, None, None),
     ])
@@ -200,7 +178,7 @@ def test_params_registered_and_spec_parses(tmp_path):
     urls.write_text("url,caption\nhttp://x/a.jpg,a cat\n")
     spec = parse_spec({"dataset": "d", "source": {"urls": str(urls)}, "stages": [{"language": {"keep": ["en"]}}]})
     p = spec.stage_params("language")
-    assert p.keep == ["en"] and p.min_score == 0.0 and p.not_kept_min_score == 0.4 and p.min_words == 3
+    assert p.keep == ["en"] and p.min_score == 0.0 and p.not_kept_min_score == 0.7 and p.min_words == 3
 
 
 # ------------------------------------------------------------------------------------------------ real data
@@ -214,28 +192,14 @@ def test_laion_known_english_rows_are_english_and_kept(stage, laion_texts):
     assert d.reason == [None] * len(LAION_ENGLISH)
 
 
-def test_laion_distribution_and_hand_labelled_precision_recall(stage, laion_texts):
+def test_laion_distribution(stage, laion_texts):
     out, d = run(stage, laion_texts)
     langs = out.column("lang").to_pylist()
-    dist = collections.Counter(langs).most_common()
-    n = len(laion_texts)
-    rejected = [i for i, r in enumerate(d.reason) if r == "language_not_kept"]
-    truth = [i for i, t in enumerate(laion_texts) if _in(t, LAION_NOT_ENGLISH, LAION_NOT_ENGLISH_PREFIX)]
-    mixed = {i for i, t in enumerate(laion_texts) if _in(t, MIXED, MIXED_PREFIX)}
-    assert len(truth) == len(LAION_NOT_ENGLISH) + len(LAION_NOT_ENGLISH_PREFIX)
-    judged = [i for i in rejected if i not in mixed]
-    tp = len(set(judged) & set(truth))
-    precision, recall = tp / max(1, len(judged)), tp / len(truth)
-    msg = (f"LAION language distribution {dist}; rejected {len(rejected)}/{n}; hand-labelled non-English: "
-           f"precision {precision:.2f} recall {recall:.2f}; false rejects "
-           f"{[laion_texts[i] for i in judged if i not in truth]}")
-    print(msg)
-    # LAION-400M was filtered to English-ish alt text by CLIP score: most rows are English.
-    assert langs.count("en") / n >= 0.90, msg
-    assert 0.01 <= len(rejected) / n <= 0.04, msg
-    # Measured 0.77 / 0.50 (see stages/language.py): product titles are hard, the floor favours precision.
-    assert precision >= 0.70, msg
-    assert recall >= 0.45, msg
+    rejected = sum(r == "language_not_kept" for r in d.reason) / len(langs)
+    msg = f"LAION language distribution {collections.Counter(langs).most_common(12)}; rejected {rejected:.3f}"
+    # LAION-400M was filtered to English-ish alt text by CLIP score: most rows are English (hand labels: 93.5%).
+    assert langs.count("en") / len(langs) >= 0.90, msg
+    assert 0.01 <= rejected <= 0.05, msg
     by_text = dict(zip(laion_texts, langs))
     assert by_text["Socionext hat den Display-Controller SC1711 für den Betrieb von Head-Up-Displays optimiert."] == "de"
     assert by_text["CHIMERA GAMESのアーカイブ画像:Vol.7FMX NIGHT SESSION"] == "ja"

@@ -1,0 +1,86 @@
+"""Word frequencies of ~40 languages from `wordfreq`'s bundled lists, as one table (language and junk stages).
+
+`word_table()` reads every wordfreq language that splits on spaces (not ja / zh / ko: their lists need MeCab or
+jieba) down to zipf 3.0 (one occurrence per million words: the level every list reaches, so an absent word means
+the same in each) into a sorted array of 64-bit word hashes and a (words x languages) matrix of zipf values x 10.
+About 1.3 million words, 60 MB, built in ~3 s once per process; nothing is downloaded.
+
+Zipf: log10 of a word's frequency per billion words (the: 7.7, house: 5.2, culottes: 2.3 in English).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+MIN_ZIPF = 3.0
+ABSENT_ZIPF = 2.5
+NAME_MAX_PEAK = 1.0  # what a word missing from a list (below MIN_ZIPF there) counts as when comparing lists
+# wordfreq code -> the code fastText and ISO 639-1 use
+CANONICAL = {"fil": "tl", "nb": "no"}
+SPACELESS = ("ja", "zh", "ko")  # their lists need a word segmenter: the language stage uses script for these
+
+
+@dataclass(frozen=True)
+class WordTable:
+    langs: tuple[str, ...]
+    keys: np.ndarray  # sorted uint64 hashes of the words
+    zipf10: np.ndarray  # uint8 (len(keys), len(langs)): zipf x 10, 0 where the word is not in that list
+    name_like: np.ndarray  # bool per word: in at least half the lists, its top zipf < NAME_MAX_PEAK above its median
+
+    def rows(self, words: list[str]) -> np.ndarray:
+        """Row index of each (lowercased) word, -1 for words in no list."""
+        if not words:
+            return np.zeros(0, np.int64)
+        h = np.fromiter((hash(w) for w in words), np.int64, len(words)).view(np.uint64)
+        pos = np.searchsorted(self.keys, h)
+        pos[pos == len(self.keys)] = 0
+        return np.where(self.keys[pos] == h, pos, -1)
+
+    def describes(self, words: list[str]) -> np.ndarray:
+        """Per (casefolded) word: in some list, and not name-like."""
+        r = self.rows(words)
+        hit = r >= 0
+        out = np.zeros(len(words), bool)
+        out[hit] = ~self.name_like[r[hit]]
+        return out
+
+
+def _name_like(zipf10: np.ndarray) -> np.ndarray:
+    """Names and brands are about as frequent in every list (jeff: 4.4 in English, ~4.0 in 26 other lists), while a
+    word stands out in its own languages (section: 5.0 in English, absent from most). Absent counts ABSENT_ZIPF."""
+    out = np.zeros(len(zipf10), bool)
+    n_langs = zipf10.shape[1]
+    for start in range(0, len(zipf10), 200_000):
+        z = zipf10[start:start + 200_000]
+        present = (z > 0).sum(axis=1)
+        filled = np.where(z > 0, z, np.uint8(ABSENT_ZIPF * 10))
+        median = np.partition(filled, n_langs // 2, axis=1)[:, n_langs // 2]
+        peak = (z.max(axis=1).astype(np.int16) - median) / 10.0
+        out[start:start + 200_000] = (present * 2 >= n_langs) & (peak < NAME_MAX_PEAK)
+    return out
+
+
+@lru_cache(maxsize=1)
+def word_table() -> WordTable:
+    import wordfreq
+
+    files = wordfreq.available_languages(wordlist="best")  # language -> its list's file
+    langs = sorted(c for c in files if c not in SPACELESS)
+    hashes, cols, values = [], [], []
+    for j, lang in enumerate(langs):
+        # read_cBpack, not get_frequency_list: that one caches whole lists (~1 GB for all of them)
+        for i, bucket in enumerate(wordfreq.read_cBpack(files[lang])):
+            z = 9.0 - i / 100.0  # bucket i holds words of frequency 10^(-i/100)
+            if z < MIN_ZIPF:
+                break
+            if bucket:
+                hashes.append(np.fromiter((hash(w) for w in bucket), np.int64, len(bucket)))
+                cols.append(np.full(len(bucket), j, np.int16))
+                values.append(np.full(len(bucket), round(z * 10), np.uint8))
+    h = np.concatenate(hashes).view(np.uint64)
+    keys, inverse = np.unique(h, return_inverse=True)
+    zipf10 = np.zeros((len(keys), len(langs)), np.uint8)
+    zipf10[inverse, np.concatenate(cols)] = np.concatenate(values)
+    return WordTable(tuple(CANONICAL.get(c, c) for c in langs), keys, zipf10, _name_like(zipf10))
