@@ -314,30 +314,25 @@ class Catalog:
             )
 
     # ------------------------------------------------------------------ seen uids / hashes
-    def add_seen(self, source: str, table: pa.Table) -> int:
+    def add_seen(self, source: str, table) -> int:
         """Add (uid, sha256, build_id) rows for ``source``; returns how many uids were new.
 
-        Idempotent: a uid already seen for the source is not added again (a missing sha256 of
-        an existing row is filled in if ``table`` has one). Duplicate uids in ``table`` count once.
+        ``table`` is a pyarrow Table, or a pyarrow Dataset / RecordBatchReader that DuckDB streams (a build's
+        output files: nothing is held in Python). Idempotent: a uid already seen for the source is not added again
+        (a missing sha256 of an existing row is filled in). Duplicate uids count once.
         """
-        if "uid" not in table.column_names:
+        names = table.schema.names
+        if "uid" not in names:
             raise ValueError("add_seen needs a 'uid' column")
-        n = table.num_rows
-        cols = {"uid": table.column("uid").cast(pa.string())}
-        for c in ("sha256", "build_id"):
-            cols[c] = (table.column(c).cast(pa.string()) if c in table.column_names
-                       else pa.nulls(n, pa.string()))
-        incoming = pa.table(cols)
-        if n == 0:
-            return 0
+        cols = ", ".join(f"CAST({c} AS VARCHAR) AS {c}" if c in names else f"CAST(NULL AS VARCHAR) AS {c}"
+                         for c in ("uid", "sha256", "build_id"))
         with self._txn() as con:
-            con.register("_incoming", incoming)
+            con.register("_incoming", table)
             try:
                 con.execute(
-                    """CREATE TEMP TABLE _new AS
-                       SELECT uid, max(sha256) AS sha256,
-                              any_value(build_id) AS build_id
-                       FROM _incoming WHERE uid IS NOT NULL GROUP BY uid"""
+                    f"""CREATE TEMP TABLE _new AS
+                       SELECT uid, max(sha256) AS sha256, any_value(build_id) AS build_id
+                       FROM (SELECT {cols} FROM _incoming) WHERE uid IS NOT NULL GROUP BY uid"""
                 )
                 con.execute(
                     """UPDATE seen SET sha256 = n.sha256 FROM _new n
@@ -354,6 +349,18 @@ class Catalog:
             finally:
                 con.unregister("_incoming")
         return int(added[0]) if added else 0
+
+    def seen_among(self, source: str, uids: pa.Array) -> pa.Array:
+        """The uids of ``uids`` that earlier builds of ``source`` processed (a join in DuckDB: a batch at a time,
+        never the whole seen set in Python)."""
+        with self._connect(write=False) as con:
+            con.register("_batch", pa.table({"uid": uids.cast(pa.string())}))
+            try:
+                t = con.sql("SELECT b.uid FROM _batch b JOIN seen s ON s.uid = b.uid AND s.source = ?",
+                            params=[source]).to_arrow_table()
+            finally:
+                con.unregister("_batch")
+        return t.column("uid").combine_chunks()
 
     def seen_uids(self, source: str) -> set[str]:
         with self._connect(write=False) as con:

@@ -16,15 +16,14 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import env  # noqa: F401  (offline, quiet defaults before Prefect and Ray load)
 from flows.pipeline.context import BuildContext, BuildError, code_version, dataset_lock, earlier_builds, open_build
-from flows.pipeline.decide import decide, read_metadata
+from flows.pipeline.global_decisions import run_global_stages
 from flows.pipeline.ingest import ingest_all
 from flows.pipeline.inputs import prepare_inputs, prior_pairs
-from flows.pipeline.outputs import check_accounting, collect_stats, manifest, processed_uids, write_outputs
+from flows.pipeline.outputs import check_accounting, collect_stats, manifest, seen_scanners, write_outputs
 from flows.pipeline.runner import process_stages, ray_session
 from schemas.spec import BuildSpec, load_spec
 from stages import stage_class
-from stages.base import DecideContext
-from stages.io.build_folder import atomic_write_table, atomic_write_text
+from stages.io.build_folder import atomic_write_text
 
 __all__ = ["BuildContext", "BuildError", "build_flow", "preflight", "run_build"]
 
@@ -58,15 +57,16 @@ def stages_task(ctx: BuildContext) -> dict:
 
 @task(name="decide-and-write", cache_policy=NO_CACHE)
 def write_task(ctx: BuildContext, prepared: dict, ingest: dict, processed: dict) -> dict:
+    """Global decisions (distributed), then workers write the shards; the driver checks and records."""
     t0 = time.perf_counter()
-    decisions, stage_stats = decide(ctx.spec, read_metadata(ctx), DecideContext(prior=prior_pairs(ctx)))
-    atomic_write_table(decisions, ctx.folder.work / "decisions.parquet")
-    files = write_outputs(ctx, decisions)
-    counts = check_accounting(ctx)
-    stats = collect_stats(ctx, prepared, ingest, processed, stage_stats, time.perf_counter() - t0, counts)
+    global_ = run_global_stages(ctx, prior=prior_pairs(ctx))
+    results = write_outputs(ctx, prepared["shards"])
+    counts = check_accounting(ctx, results)
+    stats = collect_stats(ctx, prepared, ingest, processed, global_, results, time.perf_counter() - t0, counts)
     atomic_write_text(ctx.folder.stats, json.dumps(stats, indent=2))
-    man = manifest(ctx, files)
+    man = manifest(ctx, results)
     write_build_docs(ctx.build_dir)
+    files = {k: sorted((f for r in results for f in r[k]), key=lambda f: f["path"]) for k in ("shards", "rejects")}
     return {"stats": stats, "manifest": man, "files": files}
 
 
@@ -98,7 +98,8 @@ def record_in_catalog(ctx: BuildContext, status: str, result: dict | None = None
         cat.record_shards(ctx.build_id, "shard", files["shards"])
         cat.record_shards(ctx.build_id, "rejects", files["rejects"])
         cat.record_stage_stats(ctx.build_id, stats["stages"])
-        cat.add_seen(ctx.source_name, processed_uids(ctx))
+        for scanner in seen_scanners(ctx):
+            cat.add_seen(ctx.source_name, scanner.to_reader())
         if ctx.spec.incremental:
             earlier = earlier_builds(ctx)
             if earlier:
@@ -138,7 +139,7 @@ def run_build(spec: BuildSpec, *, new: bool = False, quiet: bool = False, wait_l
                 prepared = prepare_task(ctx)
                 ingest = ingest_task(ctx, prepared)
                 processed = stages_task(ctx)
-            result = write_task(ctx, prepared, ingest, processed)
+                result = write_task(ctx, prepared, ingest, processed)
         except BaseException:
             ctx.set_state(status="failed")
             record_in_catalog(ctx, "failed", {})

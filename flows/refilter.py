@@ -5,6 +5,7 @@ the new spec's decide(), the same write. The child is recorded in the catalog wi
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -17,10 +18,11 @@ from prefect import flow, get_run_logger
 from flows import env  # noqa: F401
 from flows.build import record_in_catalog, write_task
 from flows.pipeline.context import BuildContext, dataset_lock, open_build
+from flows.pipeline.runner import process_stages, ray_session
 from schemas.columns import INPUT_SCHEMA, REJECT_SCHEMA
 from schemas.spec import BuildSpec, SpecError, _format_errors
 from stages import stage_class
-from stages.io.build_folder import BuildFolder, atomic_write_table
+from stages.io.build_folder import BuildFolder, atomic_write_table, atomic_write_text
 
 EARLY = ("input", "ingest")
 
@@ -57,37 +59,43 @@ def child_spec(parent_dir: Path, overrides: list[str] = (), spec_path: Path | No
 
 
 def stage_rows(parent_dir: Path, ctx: BuildContext) -> tuple[dict, dict]:
-    """Lay the parent's rows out as the child's finished input, ingest and stage work."""
+    """Lay the parent's rows out as the child's finished input and ingest work, one input shard per parent file:
+    the rows a stage saw become that shard's downloaded pairs (their stats included), the rows that failed to
+    download its ingest rejects."""
     t0 = time.perf_counter()
     folder = ctx.folder
-    for sub in (folder.input_dir, folder.ingest_dir, folder.processed_dir):
-        sub.mkdir(parents=True, exist_ok=True)
-    listed, early = [], {"input": [], "ingest": []}
-    n_out = 0
+    for sub in (folder.input_dir, folder.ingest_dir):
+        folder.fresh_dir(sub)
+    input_rej, listed, shards = [], 0, 0
     for kind in ("shards", "rejects"):
-        for i, f in enumerate(BuildFolder(parent_dir).parts(kind)):
+        for f in BuildFolder(parent_dir).parts(kind):
             t = pq.read_table(f)
+            ingest_rej = REJECT_SCHEMA.empty_table()
             if kind == "rejects":
                 stage = t.column("stage")
-                for s in EARLY:
-                    early[s].append(t.filter(pc.equal(stage, s)).select(REJECT_SCHEMA.names))
-                t = t.filter(pc.invert(pc.is_in(stage, value_set=pa.array(EARLY))))
-                t = t.drop_columns(["stage", "reason", "detail"])
+                input_rej.append(t.filter(pc.equal(stage, "input")).select(REJECT_SCHEMA.names))
+                ingest_rej = t.filter(pc.equal(stage, "ingest")).select(REJECT_SCHEMA.names)
+                t = t.filter(pc.invert(pc.is_in(stage, value_set=pa.array(EARLY)))).drop_columns(
+                    ["stage", "reason", "detail"])
             t = t.drop_columns(["build_id"])
-            if t.num_rows:
-                atomic_write_table(t, folder.processed_dir / f"{kind}-{i:05d}.parquet")
-                n_out += t.num_rows
-                listed.append(t.select(INPUT_SCHEMA.names))
-    ingest_rej = pa.concat_tables(early["ingest"]) if early["ingest"] else REJECT_SCHEMA.empty_table()
-    input_rej = pa.concat_tables(early["input"]) if early["input"] else REJECT_SCHEMA.empty_table()
-    inputs = pa.concat_tables(listed + [ingest_rej.select(["uid", "url", "text"]).append_column(
-        "source", pa.array([ctx.source_name] * ingest_rej.num_rows, pa.string()))]).cast(INPUT_SCHEMA)
-    atomic_write_table(inputs, folder.input_shard(0))
+            source = pa.array([ctx.source_name] * ingest_rej.num_rows, pa.string())
+            inputs = pa.concat_tables([t.select(INPUT_SCHEMA.names).cast(INPUT_SCHEMA), ingest_rej.select(
+                ["uid", "url", "text"]).append_column("source", source).cast(INPUT_SCHEMA)])
+            if not inputs.num_rows:
+                continue
+            paths = folder.ingest_shard(shards)
+            atomic_write_table(inputs, folder.input_shard(shards))
+            atomic_write_table(t, paths.pairs)
+            atomic_write_table(ingest_rej, paths.rejects)
+            atomic_write_text(paths.done, json.dumps({"shard": shards, "rows_in": inputs.num_rows,
+                                                      "pairs": t.num_rows, "rejects": ingest_rej.num_rows}))
+            listed += inputs.num_rows
+            shards += 1
+    input_rej = pa.concat_tables(input_rej) if input_rej else REJECT_SCHEMA.empty_table()
     atomic_write_table(input_rej, folder.input_rejects)
-    atomic_write_table(ingest_rej, folder.ingest_shard(0).rejects)
-    folder.mark_done("processed", {"rows": n_out, "refilter_of": parent_dir.name})
-    prepared = {"rows_listed": inputs.num_rows + input_rej.num_rows, "rows": inputs.num_rows,
-                "rejected": input_rej.num_rows, "shards": 1, "seconds": time.perf_counter() - t0}
+    prepared = {"rows_listed": listed + input_rej.num_rows, "rows": listed, "rejected": input_rej.num_rows,
+                "shards": shards, "seconds": time.perf_counter() - t0, "refilter_of": parent_dir.name}
+    folder.mark_done("input", prepared)
     return prepared, {"seconds": 0.0, "shards_fetched": 0}
 
 
@@ -105,7 +113,9 @@ def refilter_flow(build_dir: str, overrides: list[str] | None = None, spec_path:
         ctx.history_of = parent_dir.name
         record_in_catalog(ctx, "running")
         prepared, ingest = stage_rows(parent_dir, ctx)
-        result = write_task(ctx, prepared, ingest, {"stage_seconds": {}})
+        with ray_session(spec):  # re-deciding is distributed too; no stage runs, no model loads
+            processed = process_stages(ctx, compute=False)
+            result = write_task(ctx, prepared, ingest, processed)
         ctx.set_state(status="complete")
         record_in_catalog(ctx, "complete", result)
         from catalogs import Catalog

@@ -32,7 +32,7 @@ def test_refilter_equals_fresh_build(demo, tmp_path):
 
     overrides = ["basic.min_side=100", "language.min_score=0.5"]
     child = refilter_flow(str(demo["build_dir"]), overrides=overrides, quiet=True)
-    assert not ray.is_initialized()  # nothing was computed: no Ray, no stage set up
+    assert not ray.is_initialized()  # re-decided on a Ray session of its own, no stage set up, no model loaded
     child_dir = Path(child["build_dir"])
     spec = yaml.safe_load((child_dir / "spec.yaml").read_text())
     assert next(s for s in spec["stages"] if "basic" in s)["basic"]["min_side"] == 100

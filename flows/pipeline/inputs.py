@@ -50,10 +50,10 @@ def skip_seen(ctx: BuildContext, inputs: pa.Table, rejects: pa.Table) -> tuple[p
         return inputs, rejects
     from catalogs import Catalog
 
-    seen = Catalog(ctx.spec.catalog_path, read_only=True).seen_uids(ctx.source_name)
-    if not seen:
+    seen = Catalog(ctx.spec.catalog_path, read_only=True).seen_among(ctx.source_name, inputs.column("uid"))
+    if not len(seen):
         return inputs, rejects
-    mask = pc.is_in(inputs.column("uid"), value_set=pa.array(sorted(seen), pa.string()))
+    mask = pc.is_in(inputs.column("uid"), value_set=seen)
     old = inputs.filter(mask)
     earlier = earlier_builds(ctx)
     detail = f"seen by {earlier[0]['build_id']}" if earlier else "seen by an earlier build"
@@ -65,19 +65,22 @@ def skip_seen(ctx: BuildContext, inputs: pa.Table, rejects: pa.Table) -> tuple[p
     return inputs.filter(pc.invert(mask)), pa.concat_tables([rejects, skipped])
 
 
-def prior_pairs(ctx: BuildContext) -> pa.Table | None:
-    """Incremental: the pairs earlier builds of the source kept (metadata only), for cross-build dedup."""
+def prior_pairs(ctx: BuildContext):
+    """Incremental: the pairs earlier builds of the source kept (metadata only), as a Ray Dataset for cross-build
+    dedup; read by the workers, never whole in the driver."""
     if not ctx.spec.incremental:
         return None
+    import ray
+
     files = []
     for b in earlier_builds(ctx):
         files += sorted((Path(b["out_dir"]) / "shards").glob("part-*.parquet"))
     if not files:
         return None
-    ds = pads.dataset([str(f) for f in files], format="parquet")
+    names = pads.dataset([str(f) for f in files], format="parquet").schema.names
     cols = [c for c in ("uid", "sha256", "phash", "phash_crops", "url_norm", "original_width", "original_height",
-                        "image_bytes") if c in ds.schema.names]
-    return ds.to_table(columns=cols)
+                        "image_bytes") if c in names]
+    return ray.data.read_parquet([str(f) for f in files], columns=cols)
 
 
 def prepare_corpus(ctx: BuildContext) -> dict:

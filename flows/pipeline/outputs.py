@@ -1,103 +1,218 @@
-"""Outputs: kept rows -> shards/, every rejected row (input, ingest, stages) -> rejects/, the accounting check
-(kept + rejected == listed, no uid twice), stats.json and the manifest."""
+"""Outputs, written by workers: one Ray task per input shard joins its downloaded image bytes with its processed
+rows, applies the decisions (row-wise from the pipeline, global from _work/global) and writes its kept rows to
+shards/part-SSSSS-NNN.parquet and every other row (ingest rejects included) to rejects/part-SSSSS-NNN.parquet.
+Names are deterministic, each file is written atomically, and a task that finished leaves _work/written/SSSSS.json,
+so a resumed build rewrites nothing. The driver only assembles the per-shard results (files, counts): the
+manifest, stats.json, and an exact accounting check run as distributed operations over the uids.
+"""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from flows.pipeline.context import BuildContext, BuildError, code_version
+from flows.pipeline.decide import DECISION_COLUMNS
+from flows.pipeline.global_decisions import SRC, shard_decisions
 from flows.progress import phase
-from schemas.columns import INPUT_SCHEMA, build_schema, rejects_schema
-from stages.io.shards import ShardWriter, write_manifest
+from schemas.columns import build_schema, rejects_schema
+from schemas.spec import BuildSpec
+from stages.io.build_folder import BuildFolder, atomic_write_table, atomic_write_text
+from stages.io.shards import conform, file_sha256, write_manifest
 
 
 def with_build_id(t: pa.Table, build_id: str) -> pa.Table:
     if "build_id" in t.column_names:
         t = t.drop_columns(["build_id"])
-    return t.append_column("build_id", pa.array([build_id] * t.num_rows, pa.string()))
+    return t.append_column("build_id", pa.array(np.full(t.num_rows, build_id, dtype=object), pa.string()))
 
 
-def write_outputs(ctx: BuildContext, decisions: pa.Table) -> dict:
-    """Kept rows -> shards/, every rejected row (input, ingest, stages) -> rejects/."""
+def processed_rows(folder: BuildFolder, src: int) -> pa.Table | None:
+    d = folder.processed_dir / f"{SRC}={src}"
+    files = sorted(d.glob("*.parquet")) if d.is_dir() else []
+    if not files:
+        return None
+    return pads.dataset([str(f) for f in files], format="parquet").to_table()
+
+
+def final_decisions(rows: pa.Table, globals_: list[tuple[int, pa.Table]], names: list[str]) -> pa.Table:
+    """Set (stage, reason, detail) on each row: a global rejection (it saw only rows alive before it), else the
+    row-wise one from the pipeline."""
+    stage, reason, detail = (rows.column(c) for c in ("reject_stage", "reject_reason", "reject_detail"))
+    uid = rows.column("uid")
+    for k, dec in globals_:
+        if not dec.num_rows:
+            continue
+        at = pc.index_in(uid, value_set=dec.column("uid"))
+        hit = pc.is_valid(at)
+        stage = pc.if_else(hit, names[k], stage)
+        reason = pc.if_else(hit, pc.take(dec.column("reason"), at), reason)
+        detail = pc.if_else(hit, pc.take(dec.column("detail"), at), detail)
+    rows = rows.drop_columns([c for c in DECISION_COLUMNS if c in rows.column_names])
+    return rows.append_column("stage", stage).append_column("reason", reason).append_column("detail", detail)
+
+
+def _write_parts(table: pa.Table, folder: Path, src: int, rows_per_shard: int, compression: str) -> list[dict]:
+    files = []
+    starts = range(0, table.num_rows, rows_per_shard) if table.num_rows else []
+    for j, start in enumerate(starts):
+        path = folder / f"part-{src:05d}-{j:03d}.parquet"
+        part = table.slice(start, rows_per_shard)
+        atomic_write_table(part, path, compression, row_group_size=max(1, min(part.num_rows, 1024)))
+        files.append({"path": str(path), "rows": part.num_rows, "bytes": path.stat().st_size,
+                      "sha256": file_sha256(path)})
+    return files
+
+
+def write_shard(folder: BuildFolder, src: int, spec: BuildSpec, build_id: str) -> dict:
+    """Kept and rejected rows of input shard `src`, written by a worker. Idempotent."""
+    marker = folder.work / "written" / f"{src:05d}.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    names = spec.stage_names()
+    rows = processed_rows(folder, src)
+    parts = []
+    if rows is not None and rows.num_rows:
+        images = pq.read_table(folder.ingest_shard(src).pairs, columns=["uid", "image"])
+        at = pc.index_in(rows.column("uid"), value_set=images.column("uid"))  # each row's place in its shard
+        if at.null_count:
+            raise BuildError(f"input shard {src}: {at.null_count} processed rows are not among its downloads")
+        order = pc.sort_indices(at)  # rows in download order: the same files on every run
+        rows = rows.take(order).append_column("image", images.column("image").take(at.take(order)))
+        parts.append(final_decisions(rows, shard_decisions(folder.work, spec, src), names))
+    ingest_rej = folder.ingest_shard(src).rejects
+    if ingest_rej.exists():
+        parts.append(pq.read_table(ingest_rej))
+    rej_schema = rejects_schema(names)
+    table = pa.concat_tables([conform(with_build_id(p, build_id), rej_schema) for p in parts]) if parts \
+        else rej_schema.empty_table()
+    check_shard(folder, src, table)
+    is_rej = pc.is_valid(table.column("stage"))
+    kept = conform(table.filter(pc.invert(is_rej)), build_schema(names))
+    rejected = table.filter(is_rej)
+    counts = pc.value_counts(pc.binary_join_element_wise(rejected.column("stage"), rejected.column("reason"), "\t"))
+    result = {
+        "src": src,
+        "shards": _write_parts(kept, folder.shards, src, spec.write.rows_per_shard, spec.write.compression),
+        "rejects": _write_parts(rejected, folder.rejects, src, spec.write.rows_per_shard, spec.write.compression),
+        "kept": kept.num_rows, "rejected": rejected.num_rows,
+        "counts": {c["values"]: c["counts"] for c in counts.to_pylist()},
+    }
+    atomic_write_text(marker, json.dumps(result))
+    return result
+
+
+def write_input_rejects(folder: BuildFolder, build_id: str, names: list[str], compression: str,
+                        rows_per_shard: int) -> dict:
+    marker = folder.work / "written" / "input.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    files, n, by = [], 0, {}
+    pf = pq.ParquetFile(folder.input_rejects)
+    schema = rejects_schema(names)
+    for j, rb in enumerate(pf.iter_batches(batch_size=rows_per_shard)):
+        t = conform(with_build_id(pa.Table.from_batches([rb]), build_id), schema)
+        path = folder.rejects / f"part-input-{j:05d}.parquet"
+        atomic_write_table(t, path, compression)
+        files.append({"path": str(path), "rows": t.num_rows, "bytes": path.stat().st_size, "sha256": file_sha256(path)})
+        n += t.num_rows
+        for c in pc.value_counts(t.column("reason")).to_pylist():
+            by[f"input\t{c['values']}"] = by.get(f"input\t{c['values']}", 0) + c["counts"]
+    result = {"src": "input", "shards": [], "rejects": files, "kept": 0, "rejected": n, "counts": by}
+    atomic_write_text(marker, json.dumps(result))
+    return result
+
+
+def write_outputs(ctx: BuildContext, shards: int) -> list[dict]:
+    """One writer task per input shard (and one for the input rejects); returns their results."""
+    import ray
+
     folder, spec = ctx.folder, ctx.spec
     for sub in (folder.shards, folder.rejects):
-        folder.fresh_dir(sub)
-    schema = build_schema(spec.stage_names())
-    shards = ShardWriter(folder.shards, schema, spec.write.rows_per_shard, spec.write.compression)
-    rejects = ShardWriter(folder.rejects, rejects_schema(spec.stage_names()), spec.write.rows_per_shard,
-                          spec.write.compression)
-    rejected_uids = decisions.column("uid")
-    with phase("write") as adv:
-        for f in folder.processed_files():
-            for rb in pq.ParquetFile(f).iter_batches(batch_size=1024):
-                batch = with_build_id(pa.Table.from_batches([rb]), ctx.build_id)
-                is_rej = pc.is_in(batch.column("uid"), value_set=rejected_uids)
-                shards.write(batch.filter(pc.invert(is_rej)))
-                gone = batch.filter(is_rej)
-                if gone.num_rows:
-                    at = pc.index_in(gone.column("uid"), value_set=rejected_uids)
-                    for col, src in (("stage", "reject_stage"), ("reason", "reject_reason"), ("detail", "reject_detail")):
-                        gone = gone.append_column(col, decisions.column(src).take(at))
-                    rejects.write(gone)
-                adv(batch.num_rows)
-        for f in [folder.input_rejects] + folder.ingest_reject_files():
-            rejects.write(with_build_id(pq.read_table(f).drop_columns(["build_id"]), ctx.build_id))
-        return {"shards": shards.close(), "rejects": rejects.close()}
+        sub.mkdir(parents=True, exist_ok=True)
+    task = ray.remote(write_shard).options(num_cpus=0.5, max_retries=2, retry_exceptions=True, name="write_shard")
+    results = [write_input_rejects(folder, ctx.build_id, spec.stage_names(), spec.write.compression,
+                                   spec.write.rows_per_shard)]
+    with phase("write", total=shards, unit="shards") as adv:
+        pending = [task.remote(folder, s, spec, ctx.build_id) for s in range(shards)]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            results.append(ray.get(ready[0]))
+            adv(1)
+    # readers find a schema even where no row went: one empty part with it
+    for key, sub, schema in (("shards", folder.shards, build_schema(spec.stage_names())),
+                             ("rejects", folder.rejects, rejects_schema(spec.stage_names()))):
+        if not any(r[key] for r in results):
+            path = sub / "part-00000-000.parquet"
+            atomic_write_table(schema.empty_table(), path, spec.write.compression)
+            results.append({"src": "empty", "shards": [], "rejects": [], "kept": 0, "rejected": 0, "counts": {}}
+                           | {key: [{"path": str(path), "rows": 0, "bytes": path.stat().st_size,
+                                     "sha256": file_sha256(path)}]})
+    return results
 
 
-def _uids(files) -> pa.Array:
-    if not files:
-        return pa.array([], pa.string())
-    return pads.dataset([str(f) for f in files], format="parquet").to_table(columns=["uid"])["uid"].combine_chunks()
+# --------------------------------------------------------------------------- accounting, stats, manifest
 
-
-def check_accounting(ctx: BuildContext) -> dict:
-    """kept uids + rejected uids == listed uids, with no uid twice."""
-    folder = ctx.folder
-    listed = pads.dataset(str(folder.input_dir), format="parquet", schema=INPUT_SCHEMA).to_table(columns=["uid"])
-    listed = pa.concat_arrays([listed.column("uid").combine_chunks(),
-                               pq.read_table(folder.input_rejects, columns=["uid"])["uid"].combine_chunks()])
-    kept, rej = _uids(folder.parts("shards")), _uids(folder.parts("rejects"))
-    out = pa.concat_arrays([kept, rej])
+def check_shard(folder: BuildFolder, src: int, written: pa.Table) -> None:
+    """The uids a writer wrote are exactly its input shard's: each once, none missing, none from elsewhere."""
+    listed = pq.read_table(folder.input_shard(src), columns=["uid"]).column("uid")
+    out = written.column("uid")
     problems = []
-    if len(pc.unique(listed)) != len(listed):
-        problems.append("the input has repeated uids")
     if len(pc.unique(out)) != len(out):
-        problems.append(f"{len(out) - len(pc.unique(out))} uids appear twice in the output")
+        problems.append(f"{len(out) - len(pc.unique(out))} uids written twice")
     missing = pc.sum(pc.invert(pc.is_in(listed, value_set=out))).as_py() or 0
-    extra = pc.sum(pc.invert(pc.is_in(out, value_set=listed))).as_py() or 0
+    strangers = pc.sum(pc.invert(pc.is_in(out, value_set=listed))).as_py() or 0
     if missing:
-        problems.append(f"{missing} input uids are neither kept nor rejected")
-    if extra:
-        problems.append(f"{extra} output uids were never listed")
+        problems.append(f"{missing} listed uids neither kept nor rejected")
+    if strangers:
+        problems.append(f"{strangers} uids written that the shard does not list")
     if problems:
-        raise BuildError(f"accounting check failed for build {ctx.build_id}: " + "; ".join(problems))
-    return {"listed": len(listed), "kept": len(kept), "rejected": len(rej)}
+        raise BuildError(f"accounting check failed for input shard {src}: " + "; ".join(problems))
 
 
-def _reason_counts(files) -> dict[str, int]:
-    if not files:
-        return {}
-    reasons = pads.dataset([str(f) for f in files], format="parquet").to_table(columns=["reason"])["reason"]
-    return {c["values"]: c["counts"] for c in pc.value_counts(reasons).to_pylist()}
-
-
-def collect_stats(ctx: BuildContext, prepared: dict, ingest: dict, processed: dict, stage_stats: list[dict],
-                  write_seconds: float, counts: dict) -> dict:
+def check_accounting(ctx: BuildContext, results: list[dict]) -> dict:
+    """kept + rejected == listed, with no uid twice. Each writer checked its own input shard's uids (exactly
+    once each, nothing else); uids are unique across shards by construction (flows.pipeline.inputs), so the
+    driver only adds up counts."""
     folder = ctx.folder
-    input_rej = _reason_counts([folder.input_rejects])
-    ingest_rej = _reason_counts(folder.ingest_reject_files())
-    fetched = prepared["rows"] - sum(ingest_rej.values())
+    input_files = sorted(folder.input_dir.glob("[0-9]*.parquet")) + [folder.input_rejects]
+    listed = sum(pq.read_metadata(f).num_rows for f in input_files)
+    kept = sum(r["kept"] for r in results)
+    rejected = sum(r["rejected"] for r in results)
+    if kept + rejected != listed:
+        raise BuildError(f"accounting check failed for build {ctx.build_id}: {listed} listed but {kept} kept + "
+                         f"{rejected} rejected")
+    return {"listed": listed, "kept": kept, "rejected": rejected}
+
+
+def collect_stats(ctx: BuildContext, prepared: dict, ingest: dict, processed: dict, global_: dict,
+                  results: list[dict], write_seconds: float, counts: dict) -> dict:
+    by: dict[str, dict[str, int]] = {}
+    for r in results:
+        for key, c in r["counts"].items():
+            stage, reason = key.split("\t", 1)
+            by.setdefault(stage, {})
+            by[stage][reason] = by[stage].get(reason, 0) + c
+    fetched = prepared["rows"] - sum(by.get("ingest", {}).values())
     rows = [
-        {"stage": "input", "rows_in": prepared["rows_listed"], "rows_out": prepared["rows"], "rejected": input_rej,
-         "seconds": round(prepared["seconds"], 3)},
-        {"stage": "ingest", "rows_in": prepared["rows"], "rows_out": fetched, "rejected": ingest_rej,
+        {"stage": "input", "rows_in": prepared["rows_listed"], "rows_out": prepared["rows"],
+         "rejected": by.get("input", {}), "seconds": round(prepared["seconds"], 3)},
+        {"stage": "ingest", "rows_in": prepared["rows"], "rows_out": fetched, "rejected": by.get("ingest", {}),
          "seconds": round(ingest["seconds"], 3)},
     ]
-    for s in stage_stats:
-        rows.append(s | {"seconds": round(processed.get("stage_seconds", {}).get(s["stage"], 0.0), 3)})
+    alive = fetched
+    seconds = processed.get("stage_seconds", {})
+    for name in ctx.spec.stage_names():
+        rej = by.get(name, {})
+        n = sum(rej.values())
+        sec = seconds.get(name, 0.0) + global_.get(name, {}).get("seconds", 0.0)
+        rows.append({"stage": name, "rows_in": alive, "rows_out": alive - n, "rejected": rej, "seconds": round(sec, 3)})
+        alive -= n
     rows.append({"stage": "write", "rows_in": counts["kept"], "rows_out": counts["kept"], "rejected": {},
                  "seconds": round(write_seconds, 3)})
     return {"build_id": ctx.build_id, "dataset": ctx.spec.dataset, "rows_listed": counts["listed"],
@@ -105,28 +220,28 @@ def collect_stats(ctx: BuildContext, prepared: dict, ingest: dict, processed: di
             "decodes_per_row": processed.get("decodes_per_row"), "stages": rows}
 
 
-def manifest(ctx: BuildContext, files: dict) -> dict:
+def manifest(ctx: BuildContext, results: list[dict]) -> dict:
+    shards = sorted((f for r in results for f in r["shards"]), key=lambda f: f["path"])
+    rejects = sorted((f for r in results for f in r["rejects"]), key=lambda f: f["path"])
     return write_manifest(
         ctx.build_dir, build_id=ctx.build_id, dataset=ctx.spec.dataset, spec_hash=ctx.spec.spec_hash(),
-        code_version=code_version(), shards=files["shards"], rejects=files["rejects"],
+        code_version=code_version(), shards=shards, rejects=rejects,
         extra={"source": ctx.source_name, "source_fingerprint": ctx.fingerprint,
                "stages": ctx.spec.stage_names(), "stage_metadata": ctx.stage_meta,
                "columns": build_schema(ctx.spec.stage_names()).names})
 
 
-def processed_uids(ctx: BuildContext) -> pa.Table:
-    """uids this build fetched and decided (kept, or rejected by a stage): what later incremental builds skip.
-
-    Rows that failed to download are not marked seen, so a later build tries them again."""
-    parts = []
+def seen_scanners(ctx: BuildContext) -> list[pads.Scanner]:
+    """(uid, sha256, build_id) of the rows this build fetched and decided, as scanners the catalog streams: kept
+    rows and stage rejects. Rows that failed to download are not marked seen, so a later build tries them again."""
+    out = []
     for sub in ("shards", "rejects"):
-        files = ctx.folder.parts(sub)
+        files = [str(f) for f in ctx.folder.parts(sub)]
         if not files:
             continue
-        t = pads.dataset([str(f) for f in files], format="parquet").to_table(
-            columns=["uid", "sha256"] + (["stage"] if sub == "rejects" else []))
-        if sub == "rejects":
-            t = t.filter(pc.invert(pc.is_in(t["stage"], value_set=pa.array(["input", "ingest"])))).drop_columns(["stage"])
-        parts.append(t)
-    t = pa.concat_tables(parts) if parts else pa.table({"uid": pa.array([], pa.string()), "sha256": pa.array([], pa.string())})
-    return t.append_column("build_id", pa.array([ctx.build_id] * t.num_rows, pa.string()))
+        ds = pads.dataset(files, format="parquet")
+        where = None if sub == "shards" else ~pads.field("stage").isin(["input", "ingest"])
+        out.append(ds.scanner(columns={"uid": pads.field("uid"), "sha256": pads.field("sha256"),
+                                       "build_id": pads.scalar(ctx.build_id)}, filter=where))
+    return out
+

@@ -13,8 +13,11 @@ import time
 from contextlib import ExitStack, contextmanager
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from flows.pipeline.context import BuildContext, BuildError
+from flows.pipeline.decide import decide_rowwise
+from flows.pipeline.global_decisions import SRC
 from flows.progress import phase
 from schemas.spec import BuildSpec
 from stages import stage_class
@@ -130,8 +133,23 @@ def stage_pipeline(ds, spec: BuildSpec, timer: str):
     return ds
 
 
-def process_stages(ctx: BuildContext) -> dict:
-    """Run the spec's stages over the downloaded pairs, into _work/processed/."""
+def tag_source(batch: pa.Table) -> pa.Table:
+    """`path` (Ray Data's include_paths) -> `input_shard`, the input shard the row came from (its file NNNNN.parquet)."""
+    stem = pc.struct_field(pc.extract_regex(batch.column("path"), r"(?P<n>[0-9]+)\.parquet$"), "n")
+    return batch.drop_columns(["path"]).append_column(SRC, pc.cast(stem, pa.int64()))
+
+
+def finish_batch(batch: pa.Table, spec: BuildSpec) -> pa.Table:
+    """The row-wise decisions, then the batch as _work/processed keeps it: no image bytes, no private columns."""
+    batch = decide_rowwise(drop_private(batch), spec)
+    return batch.drop_columns([c for c in ("image",) if c in batch.column_names])
+
+
+def process_stages(ctx: BuildContext, compute: bool = True) -> dict:
+    """Run the spec's stages over the downloaded pairs (compute=False: only their row-wise decisions, over stats
+    the rows already hold, as refilter does), into _work/processed/input_shard=N/: stats and decisions, no image bytes."""
+    import shutil
+
     import pyarrow.parquet as pq
     import ray
 
@@ -139,29 +157,26 @@ def process_stages(ctx: BuildContext) -> dict:
     done = folder.done("processed")
     if done is not None:
         return done
-    pair_files = [str(p) for p in folder.ingest_pair_files()]
+    pair_files = [str(p) for p in folder.ingest_pair_files() if pq.read_metadata(p).num_rows]
     rows = sum(pq.read_metadata(f).num_rows for f in pair_files)
     tmp = folder.fresh_dir(folder.work / "processed.tmp")
     t0 = time.perf_counter()
     steps: dict = {}
-    if rows and ctx.spec.stages:
+    if rows:
         dctx = ray.data.DataContext.get_current()
-        dctx.execution_options.preserve_order = True
         dctx.enable_progress_bars = False  # our reporter shows progress; Ray Data's would log lines off a TTY
         quiet_ray_data()
         check_pool_budget(ctx.spec, ray.cluster_resources().get("CPU", 0.0))
         timer = f"pairforge-timer-{ctx.build_id}"
         timer_actor = ray.remote(num_cpus=0)(StageTimer).options(name=timer).remote()
-        ds = ray.data.read_parquet([f for f in pair_files if pq.read_metadata(f).num_rows])
-        ds = stage_pipeline(ds, ctx.spec, timer)
-        steps = _run_with_progress(lambda: ds.write_parquet(str(tmp)), timer_actor, step_names(ctx.spec), rows)
+        ds = ray.data.read_parquet(pair_files, include_paths=True).map_batches(tag_source, batch_format="pyarrow")
+        if compute:
+            ds = stage_pipeline(ds, ctx.spec, timer)
+        ds = ds.map_batches(finish_batch, fn_args=(ctx.spec,), batch_format="pyarrow")
+        names = step_names(ctx.spec) if compute else []
+        steps = _run_with_progress(lambda: ds.write_parquet(str(tmp), partition_cols=[SRC]), timer_actor, names, rows)
         ray.kill(timer_actor)
-    else:
-        for i, f in enumerate(pair_files):
-            os.link(f, tmp / f"{i:05d}.parquet")
     if folder.processed_dir.exists():
-        import shutil
-
         shutil.rmtree(folder.processed_dir)
     tmp.rename(folder.processed_dir)
     decoded = sum(v[2] for v in steps.values())

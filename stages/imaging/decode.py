@@ -4,7 +4,7 @@ The flow runs `add_pixels` on a batch before the first stage that declares `need
 columns after the last one; a stage called on a plain table (tests, benchmarks) decodes on the fly through
 `images()`, so it works either way. The `image` bytes stay in the batch for stages that need them.
 
-Private columns (names start with "_") never reach a written file.
+Its private columns (PIXELS, SHAPE, ERROR) never reach a written file.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from PIL import Image
 PIXELS = "_pixels"  # HxWx3 uint8 RGB, row-major bytes; null when the image does not decode
 SHAPE = "_pixels_shape"  # [height, width]
 ERROR = "_decode_error"  # why the image does not decode; null when it does
-PRIVATE = "_"
 
 _decodes = 0
 
@@ -88,10 +87,6 @@ def pil(arr: np.ndarray) -> Image.Image:
 
 
 def drop_private(batch: pa.Table) -> pa.Table:
-    """The batch without private columns (what may be written)."""
-    private = [c for c in batch.column_names if c.startswith(PRIVATE)]
+    """The batch without the shared decode's columns (what may be written)."""
+    private = [c for c in (PIXELS, SHAPE, ERROR) if c in batch.column_names]
     return batch.drop_columns(private) if private else batch
-
-
-def is_private(name: str) -> bool:
-    return name.startswith(PRIVATE)
