@@ -1,0 +1,71 @@
+"""Decisions in the pipeline: row-wise stages batch by batch in spec order, global stages skipped there; the
+distributed top-fraction cutoff equals align's own decide() over the same rows, ties included."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from flows.pipeline.decide import decide_rowwise, global_positions
+from schemas.spec import parse_spec
+from stages.align import AlignParams, AlignStage
+
+
+def spec(tmp_path, stages):
+    (tmp_path / "u.csv").write_text("url,caption\nhttp://x.test/a.jpg,a cat\n")
+    return parse_spec({"dataset": "d", "source": {"urls": "u.csv"}, "stages": stages}, tmp_path)
+
+
+def test_rowwise_decisions_first_stage_in_order_owns_the_row(tmp_path):
+    s = spec(tmp_path, [{"junk": {}}, {"dedup": {}}, {"basic": {"min_side": 100, "min_words": 2}},
+                        {"align": {"model": "demo-clip", "threshold": 0.5}}])
+    assert global_positions(s) == [1]  # dedup decides over the whole build, after the pipeline
+    batch = pa.table({
+        "uid": ["a", "b", "c", "d"],
+        "junk_kind": ["junk_url", None, None, None], "junk_detail": ["www.x.com", None, None, None],
+        "decode_ok": [True, True, True, True], "decode_error": pa.nulls(4, pa.string()),
+        "min_side": pa.array([50, 50, 200, 200], pa.int32()), "aspect_ratio": pa.array([1.0] * 4, pa.float32()),
+        "caption_words": pa.array([5, 5, 5, 5], pa.int32()), "caption_chars": pa.array([20] * 4, pa.int32()),
+        "clip_score": pa.array([0.1, 0.1, 0.1, 0.9], pa.float32()),
+    })
+    out = decide_rowwise(batch, s)
+    assert out.column("reject_pos").to_pylist() == [0, 2, 3, None]
+    assert out.column("reject_stage").to_pylist() == ["junk", "basic", "align", None]
+    assert out.column("reject_reason").to_pylist() == ["junk_url", "too_small", "low_alignment", None]
+    assert out.column("reject_detail").to_pylist()[1] == "min_side=50"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.97, 0.001])
+def test_distributed_top_fraction_equals_aligns_decide(ray_local, fraction):
+    import ray
+
+    from flows.pipeline.global_decisions import top_fraction_cutoff
+
+    rng = np.random.default_rng(7)
+    n = 5000
+    scores = np.round(rng.normal(0.3, 0.1, n), 2).astype(np.float32)  # rounded: many ties at the cutoff
+    scores[rng.random(n) < 0.05] = np.nan
+    uids = [f"{i:032x}" for i in rng.permutation(n)]
+    table = pa.table({"uid": uids, "clip_score": pa.array(scores, pa.float32(), mask=np.isnan(scores))})
+    want = AlignStage.decide(table, AlignParams(top_fraction=fraction)).reason
+    cut = top_fraction_cutoff(ray.data.from_arrow(table).repartition(7), "clip_score", fraction, sample=500)
+    s = table.column("clip_score").to_numpy(zero_copy_only=False)
+    if cut is None:
+        got = [None] * n
+    else:
+        cs, cu = cut
+        got = ["below_top_fraction" if not np.isnan(v) and (v < cs or (v == cs and u > cu)) else None
+               for v, u in zip(s, uids)]
+    assert got == want
