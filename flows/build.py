@@ -59,7 +59,7 @@ def stages_task(ctx: BuildContext) -> dict:
 def write_task(ctx: BuildContext, prepared: dict, ingest: dict, processed: dict) -> dict:
     """Global decisions (distributed), then workers write the shards; the driver checks and records."""
     t0 = time.perf_counter()
-    global_ = run_global_stages(ctx, prior=prior_pairs(ctx))
+    global_ = run_global_stages(ctx, processed["rows"], prior=prior_pairs(ctx))
     results = write_outputs(ctx, prepared["shards"])
     counts = check_accounting(ctx, results)
     stats = collect_stats(ctx, prepared, ingest, processed, global_, results, time.perf_counter() - t0, counts)

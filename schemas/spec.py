@@ -96,6 +96,13 @@ class WriteSpec(_Strict):
     compression: Literal["zstd", "snappy", "none"] = "zstd"
 
 
+class DecideSpec(_Strict):
+    driver_max_rows: int = Field(
+        100_000, ge=0, description="global decisions (dedup, top fractions) of builds with at most this many rows run "
+                                   "in the driver (faster for small builds, memory bounded by this number); larger "
+                                   "builds run them as distributed Ray Data operations. 0: always distributed")
+
+
 class RaySpec(_Strict):
     address: str | None = None  # None: start a local Ray; "auto" or host:port joins a cluster
     num_cpus: int | None = Field(None, gt=0)
@@ -109,6 +116,7 @@ class BuildSpec(_Strict):
     ingest: IngestSpec = Field(default_factory=IngestSpec)
     stages: list[StageEntry] = Field(default_factory=list)
     write: WriteSpec = Field(default_factory=WriteSpec)
+    decide: DecideSpec = Field(default_factory=DecideSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
     out: Path = Path("builds")
     catalog: Path | None = None  # default: <out>/catalog.duckdb

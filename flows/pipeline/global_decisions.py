@@ -77,9 +77,11 @@ def read_alive(ctx: BuildContext, k: int, columns: list[str] | None = None):
                           batch_format="pyarrow", batch_size=4096)
 
 
-def run_global_stages(ctx: BuildContext, prior=None) -> dict:
-    """Decide every global stage in spec order; resumes past stages that finished."""
+def run_global_stages(ctx: BuildContext, rows: int, prior=None) -> dict:
+    """Decide every global stage in spec order; resumes past stages that finished. Builds of at most
+    decide.driver_max_rows rows decide in the driver (the same decide(), bounded memory, no shuffle start-up)."""
     done: dict = {}
+    small = rows + (prior.count() if prior is not None else 0) <= ctx.spec.decide.driver_max_rows
     for k in global_positions(ctx.spec):
         entry = ctx.spec.stages[k]
         out = global_dir(ctx.folder.work, k, entry.name)
@@ -91,7 +93,7 @@ def run_global_stages(ctx: BuildContext, prior=None) -> dict:
             shutil.rmtree(out)
         t0 = time.perf_counter()
         with phase(f"{entry.name} (global)") as adv:
-            impl = IMPLEMENTATIONS.get(entry.name, decide_in_driver)
+            impl = decide_in_driver if small else IMPLEMENTATIONS.get(entry.name, decide_in_driver)
             decisions = impl(ctx, k, entry.params, prior)
             counts = write_decisions(decisions, out)
             adv(sum(counts.values()), f"{sum(counts.values())} rejected")
@@ -127,7 +129,10 @@ def decide_in_driver(ctx: BuildContext, k: int, params, prior) -> "object":
     import ray
 
     name = ctx.spec.stages[k].name
-    log.warning("%s: no distributed decision; deciding in the driver over the alive rows", name)
+    if name in IMPLEMENTATIONS and ctx.spec.decide.driver_max_rows:
+        log.info("%s: a small build, deciding in the driver", name)
+    else:
+        log.warning("%s: no distributed decision; deciding in the driver over the alive rows", name)
     table = to_table(read_alive(ctx, k))
     prior_t = to_table(prior) if prior is not None else None
     d = stage_class(name).decide(table, params, DecideContext(prior=prior_t))
