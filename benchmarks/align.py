@@ -108,7 +108,7 @@ class _SpanTimer:
     def add_cpu(self, seconds: float) -> None:
         self.cpu += seconds
 
-    def add(self, stage: str, rows: int, seconds: float) -> None:
+    def add(self, stage: str, rows: int, seconds: float, cpu_seconds: float = 0.0) -> None:
         now = time.time()
         self.rows += rows
         self.busy += seconds

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import inspect
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -27,7 +28,7 @@ from flows.progress import phase
 from schemas.columns import HEAVY_COLUMNS, INPUT_SCHEMA, REJECT_SCHEMA, build_schema, rejects_schema
 from schemas.spec import BuildSpec, load_spec
 from stages import stage_class
-from stages.base import Decision
+from stages.base import Decision, drop_private
 from stages.ingest import assign_uids, corpus_pairs, ingest_shard, iter_corpus, read_url_list, shard_paths
 from stages.write import ShardWriter, atomic_write_text, file_sha256, write_manifest
 
@@ -287,15 +288,21 @@ def ingest_all(ctx: BuildContext, prepared: dict) -> dict:
 
 
 class _StageTimer:
-    """A Ray actor summing rows and seconds per stage over all batches."""
+    """A Ray actor summing rows, seconds and CPU seconds (of the worker process, all its threads) per stage over
+    all batches (prepare steps as "<stage>.prepare"), and keeping when each stage's first batch started and its last
+    ended (wall clock): [rows, seconds, first, last, cpu_seconds]."""
 
     def __init__(self):
         self.totals: dict[str, list[float]] = {}
 
-    def add(self, stage: str, rows: int, seconds: float) -> None:
-        t = self.totals.setdefault(stage, [0, 0.0])
+    def add(self, stage: str, rows: int, seconds: float, cpu_seconds: float = 0.0) -> None:
+        now = time.time()
+        t = self.totals.setdefault(stage, [0, 0.0, now - seconds, now, 0.0])
         t[0] += rows
         t[1] += seconds
+        t[2] = min(t[2], now - seconds)
+        t[3] = max(t[3], now)
+        t[4] += cpu_seconds
 
     def get(self) -> dict:
         return self.totals
@@ -317,9 +324,30 @@ def _timed(stage, batch: pa.Table, timer: str) -> pa.Table:
     """Run a stage on a batch and tell the named timer actor its rows and seconds."""
     import ray
 
-    t0 = time.perf_counter()
-    out = stage(batch)
-    ray.get_actor(timer).add.remote(stage.name, batch.num_rows, time.perf_counter() - t0)
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = drop_private(stage(batch))  # a prepare step's columns end with the stage that used them
+    ray.get_actor(timer).add.remote(stage.name, batch.num_rows, time.perf_counter() - t0, time.process_time() - c0)
+    return out
+
+
+_PREPARE_CACHE: dict = {}
+
+
+def _run_prepare_task(batch: pa.Table, name: str, params_json: str, timer: str) -> pa.Table:
+    """A model stage's prepare_batch in a CPU task: the stage object without setup(), so no model is loaded."""
+    import ray
+
+    key = (name, params_json)
+    if key not in _PREPARE_CACHE:
+        from schemas.spec import STAGE_PARAMS
+
+        _PREPARE_CACHE[key] = stage_class(name)(STAGE_PARAMS[name].model_validate_json(params_json))
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = _PREPARE_CACHE[key].prepare_batch(batch)
+    if out.num_rows != batch.num_rows:
+        raise RuntimeError(f"stage {name}: prepare_batch changed the row count {batch.num_rows} -> {out.num_rows}")
+    ray.get_actor(timer).add.remote(f"{name}.prepare", batch.num_rows, time.perf_counter() - t0,
+                                    time.process_time() - c0)
     return out
 
 
@@ -359,43 +387,85 @@ def process_stages(ctx: BuildContext, quiet: bool = False) -> dict:
         dctx.execution_options.preserve_order = True
         dctx.enable_progress_bars = False  # our reporter shows progress; Ray Data's would log lines off a TTY
         quiet_ray_data()
-        check_pool_budget(ctx.spec, ray.cluster_resources().get("CPU", 0.0))
+        cluster = ray.cluster_resources()
+        pools = check_pool_budget(ctx.spec, cluster.get("CPU", 0.0), cluster.get("GPU", 0.0))
         timer = f"pairforge-timer-{ctx.build_id}"
         timer_actor = ray.remote(num_cpus=0)(_StageTimer).options(name=timer).remote()
         ds = ray.data.read_parquet([f for f in pair_files if pq.read_metadata(f).num_rows])
-        for entry in ctx.spec.stages:
+        for i, entry in enumerate(ctx.spec.stages):
             cls = stage_class(entry.name)
             res = cls.default_resources.override(entry.params)
             params_json = entry.params.model_dump_json()
             common = dict(batch_format="pyarrow", batch_size=res.batch_size, num_cpus=res.cpus,
                           num_gpus=res.gpus or None)
             if cls.runs_as_actor(entry.params):
+                if cls.prepares_batches():
+                    # decode and resize in CPU tasks streaming ahead of the pool (Ray Data fuses them into the
+                    # actors only when their resources are identical: a CPU-only pool with cpus: 1)
+                    ds = ds.map_batches(_run_prepare_task, fn_args=(entry.name, params_json, timer),
+                                        batch_format="pyarrow", batch_size=res.batch_size, num_cpus=PREPARE_CPUS)
                 ds = ds.map_batches(_StageActor, fn_constructor_args=(entry.name, params_json, timer),
-                                    compute=ray.data.ActorPoolStrategy(size=res.pool_size), **common)
+                                    compute=ray.data.ActorPoolStrategy(size=pools[i]), **common)
             else:
                 ds = ds.map_batches(_run_stage_task, fn_args=(entry.name, params_json, timer), **common)
-        stage_seconds = _run_with_progress(lambda: ds.write_parquet(str(tmp)), timer_actor, names, rows)
+        totals = _run_with_progress(lambda: ds.write_parquet(str(tmp)), timer_actor, names, rows)
+        stage_seconds = {k: v[1] for k, v in totals.items()}
+        stage_spans = {k: {"rows": int(v[0]), "first": v[2], "last": v[3], "cpu_seconds": v[4]}
+                       for k, v in totals.items()}
         ray.kill(timer_actor)
     else:
         tmp.mkdir(parents=True)
         for i, f in enumerate(pair_files):
             shutil.copyfile(f, tmp / f"{i:05d}.parquet")
-        stage_seconds = {}
+        stage_seconds, stage_spans = {}, {}
     tmp.rename(out)
-    summary = {"rows": rows, "seconds": time.perf_counter() - t0, "stage_seconds": stage_seconds}
+    summary = {"rows": rows, "seconds": time.perf_counter() - t0, "stage_seconds": stage_seconds,
+               "stage_spans": stage_spans}
     atomic_write_text(done, json.dumps(summary))
     return summary
 
 
-def check_pool_budget(spec: BuildSpec, cluster_cpus: float) -> None:
-    """Actor pools hold their CPUs for the whole pipeline; if what is left can't run one read or task, Ray Data
-    waits forever. Refuse such a spec up front, naming the numbers."""
-    pools, tasks = 0.0, [1.0]  # a read task takes one CPU
-    for entry in spec.stages:
+PREPARE_CPUS = 1.0  # one prepare task (PIL decode and resize: one thread)
+
+
+def pool_sizes(spec: BuildSpec, cluster_cpus: float, cluster_gpus: float = 0.0) -> dict[int, int]:
+    """Actors per model stage (by position in the spec). `pool_size` when the spec sets it; a GPU stage without
+    one gets as many actors as its share of the GPUs holds: the GPUs left by stages with a pool_size, split evenly
+    among the GPU stages without one, divided by its `gpus` (gpus: 0.25 on one GPU -> 4 actors), at least 1, and
+    no more than the CPUs left after the other pools and one read task allow. Others: the stage's default."""
+    actors: dict[int, tuple] = {}
+    for i, entry in enumerate(spec.stages):
+        cls = stage_class(entry.name)
+        if cls.runs_as_actor(entry.params):
+            actors[i] = (cls.default_resources.override(entry.params), entry.params.pool_size is not None)
+    sizes = {i: res.pool_size for i, (res, fixed) in actors.items() if fixed or not res.gpus}
+    auto = [i for i in actors if i not in sizes]
+    if auto:
+        free_gpus = cluster_gpus - sum(actors[i][0].gpus * n for i, n in sizes.items())
+        free_cpus = cluster_cpus - sum(actors[i][0].cpus * n for i, n in sizes.items()) - PREPARE_CPUS
+        share_gpus, share_cpus = free_gpus / len(auto), free_cpus / len(auto)
+        for i in auto:
+            res = actors[i][0]
+            by_gpu = math.floor(share_gpus / res.gpus + 1e-9)
+            by_cpu = math.floor(share_cpus / res.cpus + 1e-9) if res.cpus else by_gpu
+            sizes[i] = max(1, min(by_gpu, by_cpu))
+    return sizes
+
+
+def check_pool_budget(spec: BuildSpec, cluster_cpus: float, cluster_gpus: float = 0.0) -> dict[int, int]:
+    """Actor pools hold their CPUs (and GPUs) for the whole pipeline; if what is left can't run one read or task,
+    or the pools want more GPUs than the cluster has, Ray Data waits forever. Refuse such a spec up front, naming
+    the numbers. Returns the pool sizes (pool_sizes)."""
+    sizes = pool_sizes(spec, cluster_cpus, cluster_gpus)
+    pools, gpus, tasks = 0.0, 0.0, [1.0]  # a read task takes one CPU
+    for i, entry in enumerate(spec.stages):
         cls = stage_class(entry.name)
         res = cls.default_resources.override(entry.params)
         if cls.runs_as_actor(entry.params):
-            pools += res.cpus * res.pool_size
+            pools += res.cpus * sizes[i]
+            gpus += res.gpus * sizes[i]
+            if cls.prepares_batches():
+                tasks.append(PREPARE_CPUS)
         else:
             tasks.append(res.cpus)
     if cluster_cpus - pools < max(tasks):
@@ -403,10 +473,15 @@ def check_pool_budget(spec: BuildSpec, cluster_cpus: float) -> None:
             f"the model stages' actor pools hold {pools:g} of the cluster's {cluster_cpus:g} CPUs, leaving less than "
             f"the {max(tasks):g} a read or CPU stage needs: the pipeline would stall. Lower those stages' `cpus` or "
             f"`pool_size`, or add CPUs")
+    if gpus > cluster_gpus + 1e-9:
+        raise BuildError(
+            f"the model stages' actor pools want {gpus:g} GPUs (gpus x pool_size) but the cluster has "
+            f"{cluster_gpus:g}: the pipeline would wait for them forever. Lower `gpus` or `pool_size`, or add GPUs")
+    return sizes
 
 
 def _run_with_progress(run, timer, names: list[str], rows: int) -> dict:
-    """Run the pipeline in a thread; report each stage's rows from the timer actor. Returns seconds per stage."""
+    """Run the pipeline in a thread; report each stage's rows from the timer actor. Returns the timer's totals."""
     import threading
     from contextlib import ExitStack
 
@@ -436,7 +511,7 @@ def _run_with_progress(run, timer, names: list[str], rows: int) -> dict:
                 break
     if errors:
         raise errors[0]
-    return {k: v[1] for k, v in ray.get(timer.get.remote()).items()}
+    return ray.get(timer.get.remote())
 
 
 def quiet_ray_data() -> None:
@@ -576,8 +651,18 @@ def collect_stats(ctx: BuildContext, prepared: dict, ingest: dict, processed: di
         {"stage": "ingest", "rows_in": prepared["rows"], "rows_out": fetched, "rejected": ingest_rej,
          "seconds": round(ingest["seconds"], 3)},
     ]
+    spans, seconds = processed.get("stage_spans", {}), processed.get("stage_seconds", {})
     for s in stage_stats:
-        rows.append(s | {"seconds": round(processed.get("stage_seconds", {}).get(s["stage"], 0.0), 3)})
+        row = s | {"seconds": round(seconds.get(s["stage"], 0.0), 3)}
+        if s["stage"] in spans:  # first batch in to last batch out, wall clock: rows_in / this is the stage's rate
+            span = spans[s["stage"]]
+            row.update(span_seconds=round(span["last"] - span["first"], 3), span_start=round(span["first"], 3),
+                       cpu_seconds=round(span["cpu_seconds"], 3))
+            prep = spans.get(f"{s['stage']}.prepare")
+            if prep:  # its prepare tasks (decode, resize), wherever Ray ran them: time inside them
+                row.update(prepare_seconds=round(seconds.get(f"{s['stage']}.prepare", 0.0), 3),
+                           prepare_cpu_seconds=round(prep["cpu_seconds"], 3))
+        rows.append(row)
     rows.append({"stage": "write", "rows_in": counts["kept"], "rows_out": counts["kept"], "rejected": {},
                  "seconds": round(write_seconds, 3)})
     return {"build_id": ctx.build_id, "dataset": ctx.spec.dataset, "rows_listed": counts["listed"],

@@ -227,7 +227,9 @@ class RecaptionParams(StageParams):
                                   description="a rewrite's image-text score may be at most this below the original's")
     require_rewrite: bool = Field(False, description="reject pairs with no kept rewrite (no_faithful_rewrite)")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: on CUDA bf16 for the LM (fp16 where bf16 is unsupported) and fp16 for the scorer; "
+                            "fp32 on CPU")
     threads: int | None = Field(None, gt=0, description="torch CPU threads per actor; default: cpus, at least 1")
 
     @field_validator("languages")

@@ -5,6 +5,11 @@
 - `decide(table, params)` is pure over those columns: it returns, per row, a reject reason (None keeps the row)
   and a detail string. Builds and `refilter` share it, so re-thresholding needs no model.
 - Resources (cpus, gpus, batch size, pool size) have defaults here and are overridden by the spec.
+- A model stage may also define `prepare_batch(batch)`: its CPU work (decode, resize, normalise into model-ready
+  arrays), stateless apart from processor settings, written to private columns whose names start with "_". The
+  build runs it as Ray Data CPU tasks directly before the stage's actor pool, so the model's process only runs
+  the model; process_batch uses those columns when present, prepares the batch itself when called on a plain
+  table, and drops them. Private columns never reach the written shards (the build drops any left).
 """
 from __future__ import annotations
 
@@ -19,6 +24,15 @@ from schemas.spec import StageParams
 
 class StageConfigError(ValueError):
     """A stage that cannot run with its spec (a model that cannot be loaded, say): raised before any work."""
+
+
+PRIVATE_PREFIX = "_"
+
+
+def drop_private(table: pa.Table) -> pa.Table:
+    """The table without private columns (names starting with "_": a prepare step's hand-over)."""
+    private = [c for c in table.column_names if c.startswith(PRIVATE_PREFIX)]
+    return table.drop_columns(private) if private else table
 
 
 @dataclass(frozen=True)
@@ -85,6 +99,14 @@ class Stage:
     def process_batch(self, batch: pa.Table) -> pa.Table:
         raise NotImplementedError
 
+    def prepare_batch(self, batch: pa.Table) -> pa.Table:
+        """CPU work split off process_batch (see the module docstring); the default prepares nothing."""
+        return batch
+
+    @classmethod
+    def prepares_batches(cls) -> bool:
+        return cls.prepare_batch is not Stage.prepare_batch
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = self.process_batch(batch)
         if out.num_rows != batch.num_rows:
@@ -109,6 +131,19 @@ class Stage:
         return [f.name for f in cls.output_fields()]
 
     # helpers for subclasses --------------------------------------------------
+    @classmethod
+    def add_private(cls, batch: pa.Table, name: str, array) -> pa.Table:
+        """Set a private column (its name starts with "_"), replacing one of that name."""
+        if not name.startswith(PRIVATE_PREFIX):
+            raise KeyError(f"stage {cls.name}: private column {name!r} must start with {PRIVATE_PREFIX!r}")
+        if name in batch.column_names:
+            batch = batch.drop_columns([name])
+        return batch.append_column(name, array)
+
+    @staticmethod
+    def drop_private(batch: pa.Table) -> pa.Table:
+        return drop_private(batch)
+
     @classmethod
     def add_columns(cls, batch: pa.Table, values: dict[str, list]) -> pa.Table:
         """Append this stage's declared columns, typed by schemas.columns; unknown names are an error."""
