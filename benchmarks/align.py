@@ -10,7 +10,7 @@ width 128, 3+3 layers, projection 64); the first line says which. Every variant 
                one forward (the same ClipModel the stage uses). The forward-only seconds are reported apart.
     stage      AlignStage called directly on the same batches in that process (its own overhead over raw).
     single     the raw path one pair at a time (batch of 1), on the first --single pairs.
-    ray        read_parquet -> map_batches(the build's _StageActor (+ CPU-time reporting), ActorPoolStrategy(size=1), num_cpus=1)
+    ray        read_parquet -> map_batches(the build's StageActor (+ CPU-time reporting), ActorPoolStrategy(size=1), num_cpus=1)
                -> write_parquet, in a local Ray with 2 CPUs. Steady state: rows / (end of the last batch - start of
                the first batch), timed inside the actor; Ray start-up and the actor's model load are one-time costs,
                reported apart (a long-running cluster pays them once per pipeline).
@@ -108,7 +108,7 @@ class _SpanTimer:
     def add_cpu(self, seconds: float) -> None:
         self.cpu += seconds
 
-    def add(self, stage: str, rows: int, seconds: float, decoded: int = 0) -> None:
+    def add(self, stage: str, rows: int, seconds: float, cpu_seconds: float = 0.0, decoded: int = 0) -> None:
         now = time.time()
         self.rows += rows
         self.busy += seconds

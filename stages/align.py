@@ -8,6 +8,14 @@ Rows whose image does not decode get nulls (the basic stage owns undecodable row
 With store_embeddings: false the two embedding columns are written as nulls. A batch goes through the image
 processor, the tokenizer and the model once; nothing runs per row.
 
+CPU work and the model are split (stages.base: prepare_batch). prepare_batch decodes the images (decode_images)
+and resizes and crops them as the model's processor does (stages.models.PixelPrep) into the private column
+`_align_pixels` (uint8 [3, H, W] per row, null where the image does not decode); the build runs it as Ray Data
+CPU tasks ahead of the actor pool, so decoding never holds the model's process. process_batch tokenises the
+captions, rescales and normalises the pixels where the model is (pinned memory and asynchronous copies on CUDA),
+runs the forwards in chunks of batch_size, and drops the private column. Called on a plain table it prepares
+the batch itself first: the same pixels, the same scores.
+
 Rules (decide, pure over the columns; both may be set, the threshold is applied first):
 - threshold t:      clip_score < t                                 -> low_alignment ("clip_score=0.121 < 0.28")
 - top_fraction f:   keep the k = floor(f * n + 1/2) highest scores among the n rows with a score, over the whole
@@ -15,12 +23,12 @@ Rules (decide, pure over the columns; both may be set, the threshold is applied 
                     deterministically and exactly k rows survive this rule
                                                                    -> below_top_fraction
                     ("clip_score=0.201 below the top 0.3 cutoff 0.243")
-  n counts every scored row of the build, including rows another stage rejects (as DataComp ranks its whole pool);
-  rows rejected by the threshold still count in n and can hold top-k places.
+  n counts the scored rows alive before this stage (the build decides global stages over those rows only); rows
+  rejected by the threshold still count in n and can hold top-k places.
 Rows without a score are kept here.
 
 Scores are model-specific: CLIP ViT-B/32 is usually thresholded near 0.28 (DataComp). A model folder trained by
-flows/training/train.py carries training.json with a `recommended_threshold`; metadata() reports it, but the threshold that
+flows/train.py carries training.json with a `recommended_threshold`; metadata() reports it, but the threshold that
 applies is always the spec's (decide stays pure over the columns, so `refilter` needs no model folder).
 """
 from __future__ import annotations
@@ -32,35 +40,16 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from pydantic import Field
 
 from schemas.spec import StageParams
-from stages.base import (
-    Column,
-    DecideContext,
-    Decision,
-    Reason,
-    Resources,
-    Stage,
-    StageConfigError,
-    Threshold,
-    concat,
-    fixed,
-)
+from stages.base import (Column, DecideContext, Decision, Reason, Resources, Stage, StageConfigError, Threshold,
+                         concat, fixed)
 from stages.imaging.decode import images, pil
-from stages.models import (
-    check_loadable,
-    config_summary,
-    is_local,
-    load_clip,
-    locate_model,
-    resolve_device,
-    resolve_dtype,
-    resolve_threads,
-    training_card,
-    weights_sha256,
-)
-
+from stages.models import (check_loadable, config_summary, is_local, load_clip, load_pixel_prep, locate_model,
+                           pixel_column, pixel_rows, resolve_device, resolve_dtype, resolve_threads, training_card,
+                           weights_sha256)
 
 class AlignParams(StageParams):
     model: str = Field("demo-clip", min_length=1,
@@ -75,6 +64,15 @@ class AlignParams(StageParams):
                                                    "over the whole build (DataComp: 0.3)")
     store_embeddings: bool = Field(True, description="write image_emb and text_emb (float16) beside clip_score")
     threads: int | None = Field(None, gt=0, description="torch CPU threads per actor; default: cpus, at least 1")
+
+
+PIXELS = "_align_pixels"  # private: prepare_batch -> process_batch
+
+
+def decode_images(batch: pa.Table) -> list:
+    """The batch's images as RGB PIL images (None where they do not decode), from the shared decode
+    (stages.imaging.decode) when the batch carries it."""
+    return [None if a is None else pil(a) for a in images(batch)]
 
 
 def _emb_column(emb: np.ndarray | None, rows: np.ndarray, n: int) -> pa.Array:
@@ -118,6 +116,7 @@ class AlignStage(Stage):
         super().__init__(params)
         self.clip = None
         self.load_seconds: float | None = None
+        self._prep = None  # PixelPrep without the model, for prepare_batch in CPU workers
 
     # lifecycle -----------------------------------------------------------
     def preflight(self) -> None:
@@ -153,28 +152,61 @@ class AlignStage(Stage):
         return params.top_fraction is not None  # ranks the whole build
 
     # per batch -------------------------------------------------------------
+    def pixel_prep(self):
+        if self.clip is not None:
+            return self.clip.pixel_prep
+        if self._prep is None:
+            self._prep = load_pixel_prep(self.params.model, stage=self.name)
+        return self._prep
+
+    def prepare_batch(self, batch: pa.Table) -> pa.Table:
+        """CPU only: decode, resize and crop into `_align_pixels`, batch_size rows at a time. A processor that
+        cannot be split (PixelPrep.mode None) leaves the batch as it is, and process_batch runs it whole."""
+        prep = self.pixel_prep()
+        if prep.mode is None:
+            return batch
+        step = self.resources.batch_size
+        rows: list[int] = []
+        parts = []
+        for s in range(0, batch.num_rows, step):
+            images = decode_images(batch.slice(s, step))
+            ok = [j for j, im in enumerate(images) if im is not None]
+            if ok:
+                parts.append(prep.pixels([images[j] for j in ok]))
+                rows.extend(s + j for j in ok)
+        pixels = np.concatenate(parts) if parts else prep.pixels([])
+        return self.add_private(batch, PIXELS, pixel_column(pixels, np.array(rows, np.int64), batch.num_rows))
+
     def process_batch(self, batch: pa.Table) -> pa.Table:
         self.setup()  # no-op once loaded; lets the stage be called directly
         n = batch.num_rows
         texts = batch.column("text").to_pylist()
-        pixels = images(batch)
+        if PIXELS in batch.column_names:  # prepared upstream (the build's CPU tasks)
+            pieces = [(0, batch)]
+        else:  # a plain table: prepared here, batch_size rows at a time (bounded memory)
+            step = self.resources.batch_size
+            pieces = ((s, self.prepare_batch(batch.slice(s, step))) for s in range(0, n, step))
+        row_parts, img_parts, txt_parts = [], [], []
+        for start, piece in pieces:
+            piece_texts = texts[start:start + piece.num_rows]
+            if PIXELS in piece.column_names:
+                pixels, rows = pixel_rows(piece.column(PIXELS))
+                img = txt = None
+                if rows.size:
+                    img, txt = self.clip.embed_pixels(pixels, [piece_texts[i] for i in rows],
+                                                      self.resources.batch_size)
+            else:
+                rows, img, txt = self._embed_whole(piece, piece_texts)
+            if rows.size:
+                row_parts.append(rows + start)
+                img_parts.append(img)
+                txt_parts.append(txt)
+        batch = batch.drop_columns([PIXELS]) if PIXELS in batch.column_names else batch
+        rows = np.concatenate(row_parts) if row_parts else np.zeros(0, np.int64)
+        img_all = np.concatenate(img_parts) if img_parts else None
+        txt_all = np.concatenate(txt_parts) if txt_parts else None
         scores = np.full(n, np.nan, np.float32)
-        kept_rows, img_parts, txt_parts = [], [], []
-        step = self.resources.batch_size
-        # decode a chunk of batch_size at a time (a batch larger than that is split, never run row by row)
-        for s in range(0, n, step):
-            decoded = [None if a is None else pil(a) for a in pixels[s:s + step]]
-            part = [s + j for j, im in enumerate(decoded) if im is not None]
-            if not part:
-                continue
-            img, txt = self.clip.embed([decoded[i - s] for i in part], [texts[i] for i in part])
-            kept_rows.extend(part)
-            img_parts.append(img.numpy())
-            txt_parts.append(txt.numpy())
-        rows = np.array(kept_rows, dtype=np.int64)
-        img_all = txt_all = None
         if rows.size:
-            img_all, txt_all = np.concatenate(img_parts), np.concatenate(txt_parts)
             scores[rows] = np.einsum("nd,nd->n", img_all, txt_all).clip(-1.0, 1.0)
         valid = np.zeros(n, bool)
         valid[rows] = True
@@ -185,6 +217,24 @@ class AlignStage(Stage):
             "image_emb": _emb_column(img_all if store else None, rows, n),
             "text_emb": _emb_column(txt_all if store else None, rows, n),
         })
+
+    def _embed_whole(self, batch: pa.Table, texts: list):
+        """Processors that cannot be split: decode and the whole processor here, batch_size rows at a time."""
+        kept_rows, img_parts, txt_parts = [], [], []
+        step = self.resources.batch_size
+        for s in range(0, batch.num_rows, step):
+            decoded = decode_images(batch.slice(s, step))
+            part = [s + j for j, im in enumerate(decoded) if im is not None]
+            if not part:
+                continue
+            img, txt = self.clip.forward(self.clip.preprocess([decoded[i - s] for i in part], [texts[i] for i in part]))
+            kept_rows.extend(part)
+            img_parts.append(img.numpy())
+            txt_parts.append(txt.numpy())
+        rows = np.array(kept_rows, dtype=np.int64)
+        if not rows.size:
+            return rows, None, None
+        return rows, np.concatenate(img_parts), np.concatenate(txt_parts)
 
     # decision --------------------------------------------------------------
     @classmethod

@@ -12,6 +12,11 @@ Defining the class registers it (Stage.__init_subclass__): the spec's stage para
 distributions and threshold lines, `pairforge show`, refilter's `--set` and the README stage table all derive from
 these declarations. Lifecycle: preflight() (before any data), setup() once per worker, process_batch() per batch,
 teardown() when the worker ends. decide(table, params, ctx) is pure over columns, so builds and refilter share it.
+
+A model stage may also define `prepare_batch(batch)`: its CPU work (decode, resize, normalise into model-ready
+arrays), written to private columns (names start with "_"). The build runs it as Ray Data CPU tasks directly before
+the stage's actor pool, so the model's process only runs the model; process_batch uses those columns when present,
+prepares the batch itself when called on a plain table, and drops them. Private columns never reach the shards.
 """
 from __future__ import annotations
 
@@ -31,6 +36,15 @@ class StageConfigError(ValueError):
 
 class StageDeclarationError(TypeError):
     """A stage class whose declarations do not hold together (raised when its module is imported)."""
+
+
+PRIVATE_PREFIX = "_"
+
+
+def drop_private(table: pa.Table) -> pa.Table:
+    """The table without private columns (names starting with "_": prepare steps' and the shared decode's)."""
+    private = [c for c in table.column_names if c.startswith(PRIVATE_PREFIX)]
+    return table.drop_columns(private) if private else table
 
 
 @dataclass(frozen=True)
@@ -260,12 +274,20 @@ class Stage:
     def process_batch(self, batch: pa.Table) -> pa.Table:
         raise NotImplementedError
 
+    def prepare_batch(self, batch: pa.Table) -> pa.Table:
+        """CPU work split off process_batch (see the module docstring); the default prepares nothing."""
+        return batch
+
+    @classmethod
+    def prepares_batches(cls) -> bool:
+        return cls.prepare_batch is not Stage.prepare_batch
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = self.process_batch(batch)
         if out.num_rows != batch.num_rows:
             raise RuntimeError(f"stage {self.name} changed the row count {batch.num_rows} -> {out.num_rows}")
         for name in batch.column_names:
-            if name in self.rewrites:
+            if name in self.rewrites or name.startswith(PRIVATE_PREFIX):  # private hand-overs may be consumed
                 continue
             if name not in out.column_names or not _same_column(batch.column(name), out.column(name)):
                 raise RuntimeError(f"stage {self.name} changed or dropped its input column {name!r}; a stage may only "
@@ -312,6 +334,16 @@ class Stage:
         fld = batch.schema.field(i)
         arr = values.cast(fld.type) if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, fld.type)
         return batch.set_column(i, fld, arr)
+
+    @classmethod
+    def add_private(cls, batch: pa.Table, name: str, array) -> pa.Table:
+        """Set a private column (its name starts with "_"), replacing one of that name."""
+        if not name.startswith(PRIVATE_PREFIX):
+            raise KeyError(f"stage {cls.name}: private column {name!r} must start with {PRIVATE_PREFIX!r}")
+        if name in batch.column_names:
+            batch = batch.drop_columns([name])
+        return batch.append_column(name, array)
+
 
     @classmethod
     def add_columns(cls, batch: pa.Table, values: dict[str, Any]) -> pa.Table:

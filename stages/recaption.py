@@ -581,12 +581,12 @@ class RecaptionStage(Stage):
                         load_seconds=round(self.lm.load_seconds, 3), converted=self.lm.load_info.get("converted"))
         else:
             try:
-                from stages.models import resolve_device, resolve_dtype
-                from stages.models.lm import check_lm_loadable
+                from stages.models import resolve_device
+                from stages.models.lm import check_lm_loadable, resolve_lm_dtype
 
                 meta["location"] = check_lm_loadable(p.model, stage=self.name)
                 dev = resolve_device(p.device, self.resources.gpus, stage=self.name, in_ray=True)
-                meta.update(device=str(dev), dtype=str(resolve_dtype(p.dtype, dev)).removeprefix("torch."))
+                meta.update(device=str(dev), dtype=str(resolve_lm_dtype(p.dtype, dev)).removeprefix("torch."))
             except StageConfigError as e:
                 meta.update(device=f"unavailable: {e}", dtype=p.dtype)
             meta["threads"] = self.threads

@@ -78,3 +78,26 @@ def test_actor_pools_that_would_stall_ray_data_are_refused(tmp_path):
     with pytest.raises(BuildError, match="hold 1.5 of the cluster's 2 CPUs"):
         check_pool_budget(spec, 2.0)
     check_pool_budget(spec, 4.0)  # enough room: no error
+
+
+def test_gpu_stages_fill_their_share_of_the_gpus(tmp_path):
+    """A GPU stage without pool_size gets as many actors as its gpus fit in its share of the GPUs (several per GPU
+    when gpus is fractional), bounded by the CPUs; pools that want more GPUs than the cluster has are refused."""
+    from flows.pipeline.context import BuildError
+    from flows.pipeline.runner import check_pool_budget, pool_sizes
+
+    def spec(*stages):
+        return load_spec(write(tmp_path, GOOD | {"stages": [{"basic": {}}, *stages]}))
+
+    quarter = spec({"align": {"gpus": 0.25}})
+    assert pool_sizes(quarter, 16, 1) == {1: 4}
+    assert pool_sizes(quarter, 16, 2) == {1: 8}
+    assert pool_sizes(quarter, 4, 1) == {1: 3}  # 4 CPUs less one for a prepare task, 1 CPU per actor
+    assert check_pool_budget(quarter, 16, 1) == {1: 4}
+    assert pool_sizes(spec({"align": {}}), 16, 1) == {1: 1}  # a CPU stage keeps its default pool
+    shared = spec({"align": {"gpus": 0.5}}, {"recaption": {"gpus": 0.25, "cpus": 0.5}})
+    assert pool_sizes(shared, 16, 1) == {1: 1, 2: 2}  # half a GPU each
+    fixed = spec({"align": {"gpus": 0.5, "pool_size": 1}}, {"recaption": {"gpus": 0.25, "cpus": 0.5}})
+    assert pool_sizes(fixed, 16, 1) == {1: 1, 2: 2}
+    with pytest.raises(BuildError, match="want 2 GPUs .* the cluster has 1"):
+        check_pool_budget(spec({"align": {"gpus": 1, "pool_size": 2}}), 16, 1)

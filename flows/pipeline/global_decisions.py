@@ -133,7 +133,8 @@ def decide_in_driver(ctx: BuildContext, k: int, params, prior) -> "object":
         log.info("%s: a small build, deciding in the driver", name)
     else:
         log.warning("%s: no distributed decision; deciding in the driver over the alive rows", name)
-    table = to_table(read_alive(ctx, k))
+    parts = pads.dataset(str(ctx.folder.processed_dir), format="parquet", partitioning="hive")
+    table = _alive_rows(parts.to_table(), k, str(ctx.folder.work), ctx.spec)
     prior_t = to_table(prior) if prior is not None else None
     d = stage_class(name).decide(table, params, DecideContext(prior=prior_t))
     r, dt = d.arrays()

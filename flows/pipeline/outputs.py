@@ -206,12 +206,21 @@ def collect_stats(ctx: BuildContext, prepared: dict, ingest: dict, processed: di
          "seconds": round(ingest["seconds"], 3)},
     ]
     alive = fetched
-    seconds = processed.get("stage_seconds", {})
+    seconds, spans = processed.get("stage_seconds", {}), processed.get("stage_spans", {})
     for name in ctx.spec.stage_names():
         rej = by.get(name, {})
         n = sum(rej.values())
         sec = seconds.get(name, 0.0) + global_.get(name, {}).get("seconds", 0.0)
-        rows.append({"stage": name, "rows_in": alive, "rows_out": alive - n, "rejected": rej, "seconds": round(sec, 3)})
+        row = {"stage": name, "rows_in": alive, "rows_out": alive - n, "rejected": rej, "seconds": round(sec, 3)}
+        if name in spans:  # first batch in to last batch out, wall clock: rows_in / this is the stage's rate
+            span = spans[name]
+            row.update(span_seconds=round(span["last"] - span["first"], 3), span_start=round(span["first"], 3),
+                       cpu_seconds=round(span["cpu_seconds"], 3))
+            prep = spans.get(f"{name}.prepare")
+            if prep:  # its prepare tasks (decode, resize), wherever Ray ran them: time inside them
+                row.update(prepare_seconds=round(seconds.get(f"{name}.prepare", 0.0), 3),
+                           prepare_cpu_seconds=round(prep["cpu_seconds"], 3))
+        rows.append(row)
         alive -= n
     rows.append({"stage": "write", "rows_in": counts["kept"], "rows_out": counts["kept"], "rejected": {},
                  "seconds": round(write_seconds, 3)})

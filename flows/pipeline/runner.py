@@ -7,6 +7,7 @@ rows, seconds and image decodes, which feed the live progress and the build's st
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import threading
 import time
@@ -21,36 +22,46 @@ from flows.pipeline.global_decisions import SRC
 from flows.progress import phase
 from schemas.spec import BuildSpec
 from stages import stage_class
+from stages.base import drop_private as drop_all_private
 from stages.imaging.decode import add_pixels, decodes, drop_private
 
 DECODE = "decode"
 
 
 class StageTimer:
-    """A Ray actor summing rows, seconds and image decodes per pipeline step over all batches."""
+    """A Ray actor summing, per pipeline step over all batches: rows, seconds, image decodes, CPU seconds of the
+    worker process, and when the first batch started and the last ended (wall clock):
+    [rows, seconds, decodes, cpu_seconds, first, last]. Prepare steps report as "<stage>.prepare"."""
 
     def __init__(self):
         self.totals: dict[str, list[float]] = {}
 
-    def add(self, step: str, rows: int, seconds: float, decoded: int = 0) -> None:
-        t = self.totals.setdefault(step, [0, 0.0, 0])
+    def add(self, step: str, rows: int, seconds: float, decoded: int = 0, cpu_seconds: float = 0.0) -> None:
+        now = time.time()
+        t = self.totals.setdefault(step, [0, 0.0, 0, 0.0, now - seconds, now])
         t[0] += rows
         t[1] += seconds
         t[2] += decoded
+        t[3] += cpu_seconds
+        t[4] = min(t[4], now - seconds)
+        t[5] = max(t[5], now)
 
     def get(self) -> dict:
         return self.totals
 
 
 def _timed(step: str, fn, batch: pa.Table, timer: str, drop_after: bool) -> pa.Table:
-    """Run one step on a batch; tell the named timer actor its rows, seconds and decodes."""
+    """Run one step on a batch; tell the named timer actor its rows, seconds, decodes and CPU seconds."""
     import ray
 
-    t0, d0 = time.perf_counter(), decodes()
+    t0, c0, d0 = time.perf_counter(), time.process_time(), decodes()
     out = fn(batch)
+    if out.num_rows != batch.num_rows:
+        raise RuntimeError(f"{step} changed the row count {batch.num_rows} -> {out.num_rows}")
     if drop_after:
         out = drop_private(out)
-    ray.get_actor(timer).add.remote(step, batch.num_rows, time.perf_counter() - t0, decodes() - d0)
+    ray.get_actor(timer).add.remote(step, batch.num_rows, time.perf_counter() - t0, decodes() - d0,
+                                    time.process_time() - c0)
     return out
 
 
@@ -73,6 +84,18 @@ def _teardown_task_stages() -> None:
     for stage in _STAGES.values():
         stage.teardown()
     _STAGES.clear()
+
+
+_PREPARERS: dict = {}  # model stages without setup(): their prepare_batch runs in CPU tasks, no model loaded
+
+
+def run_prepare_task(batch: pa.Table, name: str, params_json: str, timer: str) -> pa.Table:
+    """A model stage's prepare_batch (decode, resize into model-ready pixels) in a CPU task ahead of its actors."""
+    key = (name, params_json)
+    if key not in _PREPARERS:
+        cls = stage_class(name)
+        _PREPARERS[key] = cls(cls.Params.model_validate_json(params_json))
+    return _timed(f"{name}.prepare", _PREPARERS[key].prepare_batch, batch, timer, False)
 
 
 def run_stage_task(batch: pa.Table, name: str, params_json: str, timer: str, drop_after: bool = False) -> pa.Table:
@@ -111,8 +134,9 @@ def step_names(spec: BuildSpec) -> list[str]:
     return names if span is None else names[:span[0]] + [DECODE] + names[span[0]:]
 
 
-def stage_pipeline(ds, spec: BuildSpec, timer: str):
-    """The spec's stages over a Ray Dataset of pairs, each batch decoded once for the image stages."""
+def stage_pipeline(ds, spec: BuildSpec, timer: str, pools: dict[int, int]):
+    """The spec's stages over a Ray Dataset of pairs, each batch decoded once for the image stages; a model stage
+    that prepares its batches gets CPU tasks streaming ahead of its actor pool (`pools`: actors per stage)."""
     import ray
 
     span = image_span(spec)
@@ -126,8 +150,11 @@ def stage_pipeline(ds, spec: BuildSpec, timer: str):
         params_json = entry.params.model_dump_json()
         common = dict(batch_format="pyarrow", batch_size=res.batch_size, num_cpus=res.cpus, num_gpus=res.gpus or None)
         if cls.runs_as_actor(entry.params):
+            if cls.prepares_batches():
+                ds = ds.map_batches(run_prepare_task, fn_args=(entry.name, params_json, timer), batch_format="pyarrow",
+                                    batch_size=res.batch_size, num_cpus=PREPARE_CPUS)
             ds = ds.map_batches(StageActor, fn_constructor_args=(entry.name, params_json, timer, drop_after),
-                                compute=ray.data.ActorPoolStrategy(size=res.pool_size), **common)
+                                compute=ray.data.ActorPoolStrategy(size=pools[i]), **common)
         else:
             ds = ds.map_batches(run_stage_task, fn_args=(entry.name, params_json, timer, drop_after), **common)
     return ds
@@ -141,7 +168,7 @@ def tag_source(batch: pa.Table) -> pa.Table:
 
 def finish_batch(batch: pa.Table, spec: BuildSpec) -> pa.Table:
     """The row-wise decisions, then the batch as _work/processed keeps it: no image bytes, no private columns."""
-    batch = decide_rowwise(drop_private(batch), spec)
+    batch = decide_rowwise(drop_all_private(batch), spec)
     return batch.drop_columns([c for c in ("image",) if c in batch.column_names])
 
 
@@ -166,12 +193,13 @@ def process_stages(ctx: BuildContext, compute: bool = True) -> dict:
         dctx = ray.data.DataContext.get_current()
         dctx.enable_progress_bars = False  # our reporter shows progress; Ray Data's would log lines off a TTY
         quiet_ray_data()
-        check_pool_budget(ctx.spec, ray.cluster_resources().get("CPU", 0.0))
+        cluster = ray.cluster_resources()
+        pools = check_pool_budget(ctx.spec, cluster.get("CPU", 0.0), cluster.get("GPU", 0.0))
         timer = f"pairforge-timer-{ctx.build_id}"
         timer_actor = ray.remote(num_cpus=0)(StageTimer).options(name=timer).remote()
         ds = ray.data.read_parquet(pair_files, include_paths=True).map_batches(tag_source, batch_format="pyarrow")
         if compute:
-            ds = stage_pipeline(ds, ctx.spec, timer)
+            ds = stage_pipeline(ds, ctx.spec, timer, pools)
         ds = ds.map_batches(finish_batch, fn_args=(ctx.spec,), batch_format="pyarrow")
         names = step_names(ctx.spec) if compute else []
         steps = _run_with_progress(lambda: ds.write_parquet(str(tmp), partition_cols=[SRC]), timer_actor, names, rows)
@@ -182,20 +210,54 @@ def process_stages(ctx: BuildContext, compute: bool = True) -> dict:
     decoded = sum(v[2] for v in steps.values())
     summary = {"rows": rows, "seconds": time.perf_counter() - t0,
                "stage_seconds": {k: v[1] for k, v in steps.items()},
+               "stage_spans": {k: {"rows": int(v[0]), "cpu_seconds": v[3], "first": v[4], "last": v[5]}
+                               for k, v in steps.items()},
                "decodes_per_row": round(decoded / rows, 3) if rows else 0.0}
     folder.mark_done("processed", summary)
     return summary
 
 
-def check_pool_budget(spec: BuildSpec, cluster_cpus: float) -> None:
-    """Actor pools hold their CPUs for the whole pipeline; if what is left can't run one read or task, Ray Data
-    waits forever. Refuse such a spec up front, naming the numbers."""
-    pools, tasks = 0.0, [1.0]  # a read task takes one CPU
-    for entry in spec.stages:
+PREPARE_CPUS = 1.0  # one prepare task (PIL decode and resize: one thread)
+
+
+def pool_sizes(spec: BuildSpec, cluster_cpus: float, cluster_gpus: float = 0.0) -> dict[int, int]:
+    """Actors per model stage (by position in the spec). `pool_size` when the spec sets it; a GPU stage without
+    one gets as many actors as its share of the GPUs holds: the GPUs left by stages with a pool_size, split evenly
+    among the GPU stages without one, divided by its `gpus` (gpus: 0.25 on one GPU -> 4 actors), at least 1, and
+    no more than the CPUs left after the other pools and one prepare task allow. Others: the stage's default."""
+    actors: dict[int, tuple] = {}
+    for i, entry in enumerate(spec.stages):
+        cls = stage_class(entry.name)
+        if cls.runs_as_actor(entry.params):
+            actors[i] = (cls.default_resources.override(entry.params), entry.params.pool_size is not None)
+    sizes = {i: res.pool_size for i, (res, fixed) in actors.items() if fixed or not res.gpus}
+    auto = [i for i in actors if i not in sizes]
+    if auto:
+        free_gpus = cluster_gpus - sum(actors[i][0].gpus * n for i, n in sizes.items())
+        free_cpus = cluster_cpus - sum(actors[i][0].cpus * n for i, n in sizes.items()) - PREPARE_CPUS
+        share_gpus, share_cpus = free_gpus / len(auto), free_cpus / len(auto)
+        for i in auto:
+            res = actors[i][0]
+            by_gpu = math.floor(share_gpus / res.gpus + 1e-9)
+            by_cpu = math.floor(share_cpus / res.cpus + 1e-9) if res.cpus else by_gpu
+            sizes[i] = max(1, min(by_gpu, by_cpu))
+    return sizes
+
+
+def check_pool_budget(spec: BuildSpec, cluster_cpus: float, cluster_gpus: float = 0.0) -> dict[int, int]:
+    """Actor pools hold their CPUs (and GPUs) for the whole pipeline; if what is left can't run one read or task,
+    or the pools want more GPUs than the cluster has, Ray Data waits forever. Refuse such a spec up front, naming
+    the numbers. Returns the pool sizes (pool_sizes)."""
+    sizes = pool_sizes(spec, cluster_cpus, cluster_gpus)
+    pools, gpus, tasks = 0.0, 0.0, [1.0]  # a read task takes one CPU
+    for i, entry in enumerate(spec.stages):
         cls = stage_class(entry.name)
         res = cls.default_resources.override(entry.params)
         if cls.runs_as_actor(entry.params):
-            pools += res.cpus * res.pool_size
+            pools += res.cpus * sizes[i]
+            gpus += res.gpus * sizes[i]
+            if cls.prepares_batches():
+                tasks.append(PREPARE_CPUS)
         else:
             tasks.append(res.cpus)
     if cluster_cpus - pools < max(tasks):
@@ -203,6 +265,11 @@ def check_pool_budget(spec: BuildSpec, cluster_cpus: float) -> None:
             f"the model stages' actor pools hold {pools:g} of the cluster's {cluster_cpus:g} CPUs, leaving less than "
             f"the {max(tasks):g} a read or CPU stage needs: the pipeline would stall. Lower those stages' `cpus` or "
             f"`pool_size`, or add CPUs")
+    if gpus > cluster_gpus + 1e-9:
+        raise BuildError(
+            f"the model stages' actor pools want {gpus:g} GPUs (gpus x pool_size) but the cluster has "
+            f"{cluster_gpus:g}: the pipeline would wait for them forever. Lower `gpus` or `pool_size`, or add GPUs")
+    return sizes
 
 
 def _run_with_progress(run, timer, names: list[str], rows: int) -> dict:

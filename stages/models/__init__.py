@@ -9,12 +9,20 @@ dual encoder (CLIP, SigLIP, SigLIP 2 ...) and embedding image/text batches with 
                                    StageConfigError.
     resolve_dtype("auto", device)  float16 on CUDA, float32 elsewhere; or float32 / float16 / bfloat16.
     locate_model(name)             an existing folder (absolute, relative to the repo root, or a name under
-                                   stages/models/shipped/) -> its absolute path; anything else is taken as a hub id.
+                                   stages/models/shipped/) -> its absolute path; "random-clip-vit-b-32" and the other
+                                   published sizes of stages.models.sizes -> their cached random-weight folder;
+                                   anything else is taken as a hub id.
     check_loadable(name)           preflight: the folder has config.json, weights and processor files, or the hub id
                                    is in the local Hugging Face cache (HF_HUB_OFFLINE=1: nothing is fetched), and the
                                    config is a dual encoder this transformers knows. Time-boxed; StageConfigError
                                    "align: model 'x' cannot be loaded: <reason>".
     load_clip(name, device, dtype, threads)  -> ClipModel: AutoModel + AutoProcessor, eval mode, no grad.
+    load_pixel_prep(name)          the processor's image half alone (PixelPrep), for CPU workers: no weights.
+
+Feeding a model (PixelPrep, pixel_column / pixel_rows): CPU workers resize and crop into uint8 [3, H, W] per row,
+handed over as an Arrow fixed_shape_tensor column; the model's process copies them (pinned, non_blocking on CUDA)
+and rescales and normalises them on the device. `ClipModel.embed_pixels` queues a batch's forwards back to back
+and copies the embeddings back once.
 
 `ClipModel.embed(images, texts)` runs ONE forward for a whole batch under torch.inference_mode() (no autograd
 state, no dropout since the model is in eval mode) and returns L2-normalised float32 image and text embeddings.
@@ -136,12 +144,17 @@ def set_threads(n: int) -> None:
 
 def locate_model(name: str) -> str:
     """An existing folder -> its absolute path (tried: as given, relative to the repo root, under stages/models/shipped/);
-    otherwise the name itself, taken as a hub id."""
+    "random-<size>" (stages.models.sizes) -> its cached folder, built on first use; otherwise the name itself,
+    taken as a hub id."""
     p = Path(name).expanduser()
     cands = [p] if p.is_absolute() else [ROOT / p, MODELS_DIR / p]
     for c in cands:
         if c.is_dir():
             return str(c.resolve())
+    from stages.models.sizes import is_sized_name, sized_model
+
+    if is_sized_name(name):
+        return str(sized_model(name))
     return name
 
 
@@ -312,6 +325,136 @@ def config_summary(location: str) -> dict:
 
 # --------------------------------------------------------------------------- loading and embedding
 
+class PixelPrep:
+    """The image half of a CLIP-like processor, cut in two so the costly half can run on CPU workers ahead of the
+    model:
+
+        pixels(images)   PIL RGB images -> the processor's resize and crop, without rescale and normalise:
+                         uint8 [n, 3, H, W] (a quarter of float32's bytes to ship between processes and to copy
+                         to a GPU).
+        to_model(t, device, dtype)  moves the tensor (non_blocking: from pinned memory on CUDA it overlaps), then
+                         applies the processor's rescale and mean/std there, in float32, then casts to dtype.
+
+    The result matches the processor's own float32 output to float rounding (5e-7 on CLIP's). A probe image run
+    once through the processor fixes the mode: "uint8" as above; "float32" (the whole processor on the CPU;
+    to_model only moves and casts) for processors without rescale/normalise settings or whose resize gives other
+    than whole numbers in 0..255; None when it gives more than pixel_values (SigLIP 2's NaFlex patches, say):
+    such models take the whole processor in the model's process. `shape` is one row's [3, H, W]."""
+
+    SETTINGS = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
+
+    def __init__(self, image_processor):
+        import numpy as np
+        from PIL import Image
+
+        self.processor = image_processor
+        self._stats: dict = {}
+        probe = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8))
+        self.mode, self.shape = None, None
+        if all(getattr(image_processor, a, None) is not None for a in self.SETTINGS):
+            px = self._raw([probe])
+            if px is not None and px.min() >= 0 and px.max() <= 255 and np.array_equal(px, np.rint(px)):
+                self.mode, self.shape = "uint8", tuple(px.shape[1:])
+        if self.mode is None:
+            px = self._full([probe])
+            if px is not None:
+                self.mode, self.shape = "float32", tuple(px.shape[1:])
+
+    def _raw(self, images):
+        out = self.processor(images=images, do_rescale=False, do_normalize=False, return_tensors="np")
+        return out["pixel_values"] if set(out.keys()) == {"pixel_values"} else None
+
+    def _full(self, images):
+        import numpy as np
+
+        out = self.processor(images=images, return_tensors="np")
+        return np.asarray(out["pixel_values"], np.float32) if set(out.keys()) == {"pixel_values"} else None
+
+    @property
+    def dtype(self):
+        import numpy as np
+
+        return np.dtype(self.mode) if self.mode else None
+
+    def pixels(self, images: list):
+        """-> [n, *shape] of self.dtype; None when this processor cannot be split (mode None)."""
+        import numpy as np
+
+        if self.mode is None:
+            return None
+        if not images:
+            return np.zeros((0, *self.shape), self.dtype)
+        if self.mode == "float32":
+            return self._full(images)
+        px = np.asarray(self._raw(images))
+        return px if px.dtype == np.uint8 else np.clip(np.rint(px), 0, 255).astype(np.uint8)
+
+    def _mean_std(self, device):
+        import torch
+
+        key = str(device)
+        if key not in self._stats:
+            ip = self.processor
+            mean = torch.tensor(list(ip.image_mean), dtype=torch.float32).view(-1, 1, 1).to(device)
+            std = torch.tensor(list(ip.image_std), dtype=torch.float32).view(-1, 1, 1).to(device)
+            self._stats[key] = (mean, std)
+        return self._stats[key]
+
+    def to_model(self, px, device, dtype):
+        import torch
+
+        px = px.to(device, non_blocking=True)
+        if px.dtype == torch.uint8:
+            ip = self.processor
+            x = px.float()
+            if ip.do_rescale:
+                x.mul_(float(ip.rescale_factor))
+            if ip.do_normalize:
+                mean, std = self._mean_std(device)
+                x.sub_(mean).div_(std)
+            px = x
+        return px.to(dtype)
+
+
+def as_tensor(array):
+    """A numpy array (possibly a read-only view of an Arrow buffer: only read here) as a torch tensor, no copy."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
+        return torch.from_numpy(array)
+
+
+def pixel_column(pixels, rows, n: int):
+    """pixels [m, ...] of `rows` (sorted row numbers) -> an Arrow fixed_shape_tensor column of length n, null
+    elsewhere (what a prepare step hands the model's process)."""
+    import numpy as np
+    import pyarrow as pa
+
+    shape = list(pixels.shape[1:])
+    size = int(np.prod(shape)) if shape else 0
+    valid = np.zeros(n, bool)
+    valid[rows] = True
+    full = np.zeros((n, size), pixels.dtype)
+    full[rows] = pixels.reshape(len(rows), size)
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), size, mask=pa.array(~valid))
+    return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.from_numpy_dtype(pixels.dtype), shape), storage)
+
+
+def pixel_rows(column):
+    """The inverse of pixel_column: (pixels [m, ...] of the non-null rows, their row numbers); zero-copy."""
+    import numpy as np
+
+    col = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    storage = col.storage
+    valid = np.asarray(storage.is_valid().to_numpy(zero_copy_only=False), bool)
+    rows = np.flatnonzero(valid)
+    values = storage.flatten().to_numpy(zero_copy_only=False)  # the non-null rows' values, offset respected
+    return values.reshape(len(rows), *col.type.shape), rows
+
+
 @dataclass
 class ClipModel:
     name: str
@@ -326,6 +469,7 @@ class ClipModel:
     text_max_length: int
     text_padding: str
     _forward_args: set = field(default_factory=set)
+    pixel_prep: PixelPrep | None = None
 
     @property
     def tokenizer(self):
@@ -336,37 +480,96 @@ class ClipModel:
         return self.processor.image_processor
 
     def preprocess(self, images: list, texts: list[str]) -> dict:
-        """Processor and tokenizer over the whole batch at once -> model inputs (on the CPU)."""
+        """The whole processor and the tokenizer over the batch at once -> model inputs (float32, on the CPU)."""
         px = self.image_processor(images=images, return_tensors="pt")
-        tx = self.tokenizer([t or "" for t in texts], padding=self.text_padding, truncation=True,
-                            max_length=self.text_max_length, return_tensors="pt")
-        inputs = {**px, **tx}
+        inputs = {**px, **self.tokenize(texts)}
         return {k: v for k, v in inputs.items() if k in self._forward_args}
 
-    def forward(self, inputs: dict):
-        """One forward pass -> (image_emb, text_emb), float32, L2-normalised, on the CPU."""
+    def tokenize(self, texts: list[str]) -> dict:
+        return dict(self.tokenizer([t or "" for t in texts], padding=self.text_padding, truncation=True,
+                                   max_length=self.text_max_length, return_tensors="pt"))
+
+    def _on_device(self, inputs: dict):
+        """One forward pass, left on the device (CUDA runs it asynchronously) -> (image_emb, text_emb) float32,
+        L2-normalised. uint8 pixel_values (PixelPrep.pixels) are rescaled and normalised on the device."""
         import torch
 
+        cuda = self.device.type == "cuda"
         moved = {}
         for k, v in inputs.items():
+            if k not in self._forward_args:
+                continue
+            if cuda and not v.is_pinned():
+                v = v.pin_memory()  # page-locked: the copy below runs asynchronously
+            if k == "pixel_values" and self.pixel_prep is not None:
+                moved[k] = self.pixel_prep.to_model(v, self.device, self.dtype)
+                continue
             v = v.to(self.device, non_blocking=True)
-            if v.is_floating_point():
-                v = v.to(self.dtype)
-            moved[k] = v
+            moved[k] = v.to(self.dtype) if v.is_floating_point() else v
         with torch.inference_mode():
             out = self.model(**moved, return_dict=True)
             img = out.image_embeds.float()
             txt = out.text_embeds.float()
             img = img / img.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             txt = txt / txt.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return img, txt
+
+    def forward(self, inputs: dict):
+        """One forward pass -> (image_emb, text_emb), float32, L2-normalised, on the CPU."""
+        img, txt = self._on_device(inputs)
         return img.cpu(), txt.cpu()
+
+    def pixels(self, images: list):
+        """PIL RGB images -> model-ready pixels on the CPU (PixelPrep.pixels), or None if this processor cannot
+        be split."""
+        return self.pixel_prep.pixels(images) if self.pixel_prep is not None else None
+
+    def embed_pixels(self, pixels, texts: list[str], batch_size: int):
+        """pixels (PixelPrep.pixels: one row per caption) and captions -> (image_emb, text_emb) as float32 numpy
+        [n, dim]. Forwards run on chunks of batch_size; on CUDA they are queued back to back and the results come
+        back in one copy at the end, so the GPU never waits for the host between chunks."""
+        import torch
+
+        if len(pixels) != len(texts):
+            raise ValueError(f"{len(pixels)} images but {len(texts)} texts")
+        set_threads(self.threads)
+        step = max(1, int(batch_size))
+        parts = [self._on_device({"pixel_values": as_tensor(pixels[s:s + step]), **self.tokenize(texts[s:s + step])})
+                 for s in range(0, len(texts), step)]
+        if not parts:
+            return None, None
+        img = torch.cat([p[0] for p in parts]).cpu().numpy()
+        txt = torch.cat([p[1] for p in parts]).cpu().numpy()
+        return img, txt
 
     def embed(self, images: list, texts: list[str]):
         """PIL RGB images and captions (same length) -> (image_emb, text_emb) as float32 [n, dim] tensors."""
+        import torch
+
         if len(images) != len(texts):
             raise ValueError(f"{len(images)} images but {len(texts)} texts")
         set_threads(self.threads)
-        return self.forward(self.preprocess(images, texts))
+        px = self.pixels(images) if images else None
+        if px is None:
+            return self.forward(self.preprocess(images, texts))
+        img, txt = self.embed_pixels(px, texts, len(texts))
+        return torch.from_numpy(img), torch.from_numpy(txt)
+
+
+def load_pixel_prep(name: str, *, stage: str = "align") -> PixelPrep:
+    """The PixelPrep of a model's processor, without loading its weights (for prepare steps on CPU workers)."""
+    from transformers import AutoProcessor
+
+    location = locate_model(name)
+    _quiet_transformers()
+    try:
+        processor = AutoProcessor.from_pretrained(location)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _fail(stage, name, f"{type(e).__name__}: {msg}") from None
+    if not hasattr(processor, "image_processor"):
+        raise _fail(stage, name, f"its processor {type(processor).__name__} has no image processor")
+    return PixelPrep(processor.image_processor)
 
 
 def _quiet_transformers():
@@ -412,6 +615,7 @@ def load_clip(name: str, device: str = "auto", dtype: str = "auto", *, threads: 
         model_type=model_type, embedding_dim=int(dim), text_max_length=max_len,
         text_padding="max_length" if siglip else "longest",
         _forward_args=set(inspect.signature(model.forward).parameters),
+        pixel_prep=PixelPrep(processor.image_processor),
     )
 
 

@@ -406,7 +406,7 @@ class CausalLM:
         for start in range(0, len(order), max(1, batch_size)):
             idx = order[start:start + batch_size]
             enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(self.device) for k, v in enc.items()}
+            enc = {k: v.to(self.device, non_blocking=True) for k, v in enc.items()}
             extra = {}
             if prefix_cache is not None:
                 b = len(idx)
@@ -441,6 +441,17 @@ class CausalLM:
         return out  # type: ignore[return-value]
 
 
+def resolve_lm_dtype(dtype: str, device):
+    """As stages.models.resolve_dtype, except that "auto" on a CUDA device with bfloat16 support is bfloat16:
+    language models (SmolLM2, Llama kin) are trained in bf16, and fp16's narrow range can overflow in them."""
+    import torch
+
+    dev = torch.device(device)
+    if (dtype or "auto").strip().lower() == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return resolve_dtype(dtype, dev)
+
+
 def load_lm(name: str, device: str = "auto", dtype: str = "auto", *, threads: int | None = None, gpus: float = 0,
             stage: str = "recaption") -> CausalLM:
     """Load a causal LM for batched generation (left padding, eval mode)."""
@@ -448,7 +459,7 @@ def load_lm(name: str, device: str = "auto", dtype: str = "auto", *, threads: in
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device, gpus, stage=stage)
-    dt = resolve_dtype(dtype, dev)
+    dt = resolve_lm_dtype(dtype, dev)
     n_threads = resolve_threads(threads, 1)
     set_threads(n_threads)
     t0 = time.perf_counter()
