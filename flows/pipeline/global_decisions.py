@@ -29,7 +29,7 @@ from flows.progress import phase
 from schemas.spec import BuildSpec
 from stages import stage_class
 from stages.base import DecideContext, concat, fixed
-from stages.io.build_folder import atomic_write_text
+from stages.io.build_folder import atomic_write_table, atomic_write_text
 
 log = logging.getLogger("pairforge")
 SRC = "input_shard"  # the input shard a row came from (processed rows are hive-partitioned by it)
@@ -104,8 +104,15 @@ def run_global_stages(ctx: BuildContext, rows: int, prior=None) -> dict:
 
 
 def write_decisions(decisions, out: Path) -> dict[str, int]:
-    """Write a Ray Dataset of (uid, reason, detail, input_shard) partitioned by input_shard; returns counts by reason."""
+    """Write (uid, reason, detail, input_shard) partitioned by input_shard: an Arrow table (decided in the driver)
+    or a Ray Dataset (distributed, written by the workers). Returns counts by reason."""
     out.mkdir(parents=True, exist_ok=True)
+    if isinstance(decisions, pa.Table):
+        src = decisions.column(SRC)
+        for s in pc.unique(src).to_pylist():
+            part = decisions.filter(pc.equal(src, s)).drop_columns([SRC])
+            atomic_write_table(part, out / f"{SRC}={s}" / "part-0.parquet")
+        return {c["values"]: c["counts"] for c in pc.value_counts(decisions.column("reason")).to_pylist()}
     decisions = decisions.materialize()
     if not decisions.count():
         return {}
@@ -124,10 +131,9 @@ def to_table(ds) -> pa.Table:
 
 # --------------------------------------------------------------------------- implementations
 
-def decide_in_driver(ctx: BuildContext, k: int, params, prior) -> "object":
-    """Fallback for a global stage with no distributed implementation: its decide() over the alive rows."""
-    import ray
-
+def decide_in_driver(ctx: BuildContext, k: int, params, prior) -> pa.Table:
+    """A global stage's own decide() over the alive rows, in the driver: small builds, and stages with no
+    distributed implementation."""
     name = ctx.spec.stages[k].name
     if name in IMPLEMENTATIONS and ctx.spec.decide.driver_max_rows:
         log.info("%s: a small build, deciding in the driver", name)
@@ -139,8 +145,8 @@ def decide_in_driver(ctx: BuildContext, k: int, params, prior) -> "object":
     d = stage_class(name).decide(table, params, DecideContext(prior=prior_t))
     r, dt = d.arrays()
     mask = pa.array(d.rejected)
-    t = pa.table({"uid": table.column("uid"), "reason": r, "detail": dt, SRC: table.column(SRC)}).filter(mask)
-    return ray.data.from_arrow(t.cast(DECISION_SCHEMA))
+    return pa.table({"uid": table.column("uid"), "reason": r, "detail": dt, SRC: table.column(SRC)}).filter(
+        mask).cast(DECISION_SCHEMA)
 
 
 def dedup_global(ctx: BuildContext, k: int, params, prior):
