@@ -1,0 +1,1 @@
+"""Build steps that run as distributed operations over Ray Data."""
