@@ -48,6 +48,11 @@ are candidates, dropped on the window bits when those alone differ in more than 
 with a popcount. Subsets of about log2(n) + 1 bits keep chance candidates near n/8 per subset, so the cost is
 about one sort of n uint64 per subset: 62 subsets for k = 6 at n = 1M. Identical hashes are collapsed first.
 Connected components (union-find) come from scipy.sparse.csgraph.
+
+flows/pipeline/global_dedup.py makes the same decisions as a distributed operation over Ray Data, from the pieces
+here: the design's blocks (_design_blocks), the search restricted to some masks (distinct_pairs(masks=...)), the
+edges from a pool of hash entries (evidence_edges), the survivor rule (resolve_groups) and SemDeDup's k-means,
+normalisation and per-cluster pairs.
 """
 from __future__ import annotations
 
@@ -182,32 +187,33 @@ def _greedy_cover(b: int, s: int, k: int) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def _design(k: int, key_bits: int) -> tuple[int, ...]:
-    """64-bit masks such that any two hashes within Hamming distance k agree on all bits of at least one mask.
+def _design_blocks(k: int, key_bits: int) -> tuple[int, tuple[int, ...]]:
+    """(B, subsets): B contiguous blocks of the 64 bits and subsets of them (bitmasks over blocks) such that any set
+    of k blocks misses one subset entirely.
 
     Among block counts B (k < B <= 16) it takes the subsets of about key_bits bits and keeps the smallest family;
     plain pigeonhole (k + 1 bands, one must match) when no B fits.
     """
-    best: tuple[int, ...] | None = None
-    best_blocks: list[int] = []
+    best: tuple[int, tuple[int, ...]] | None = None
     for b in range(k + 1, 17):
         s = max(1, math.ceil(key_bits * b / 64))
         if s > b - k or math.comb(b, s) * math.comb(b, k) > _MAX_DESIGN_WORK:
             continue
         fam = _greedy_cover(b, s, k)
-        if best is None or len(fam) < len(best):
-            best, best_blocks = fam, _block_masks(b)
+        if best is None or len(fam) < len(best[1]):
+            best = (b, fam)
     if best is None:
-        b = k + 1
-        best, best_blocks = tuple(1 << i for i in range(b)), _block_masks(b)
-    out = []
-    for sub in best:
-        m = 0
-        for i, bm in enumerate(best_blocks):
-            if sub >> i & 1:
-                m |= bm
-        out.append(m)
-    return tuple(out)
+        best = (k + 1, tuple(1 << i for i in range(k + 1)))
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def _design(k: int, key_bits: int) -> tuple[int, ...]:
+    """64-bit masks such that any two hashes within Hamming distance k agree on all bits of at least one mask:
+    the subsets of _design_blocks(k, key_bits), in its order, as bit masks."""
+    b, fam = _design_blocks(k, key_bits)
+    blocks = _block_masks(b)
+    return tuple(sum(bm for i, bm in enumerate(blocks) if sub >> i & 1) for sub in fam)
 
 
 def _block_masks(b: int) -> list[int]:
@@ -215,18 +221,23 @@ def _block_masks(b: int) -> list[int]:
     return [((1 << (edges[i + 1] - edges[i])) - 1) << edges[i] for i in range(b)]
 
 
-def _plan(k: int, m: int) -> tuple[tuple[int, ...], float]:
-    """The design for m distinct hashes and its estimated seconds: per mask one sort (about 8 ns a row) plus the
+def _search_cost(masks, m: int) -> float:
+    """Estimated seconds of the masked search over m distinct hashes: per mask one sort (about 8 ns a row) plus the
     candidates that share a bucket by chance (about m^2 / 2^(bits + 1), some 15 ns each)."""
-    best = None
+    bits = sum(bin(x).count("1") for x in masks) / len(masks)
+    return len(masks) * (m * 8e-9 + m * m / 2 ** (bits + 1) * 15e-9)
+
+
+def _plan_bits(k: int, m: int) -> int:
+    """The key size of the cheapest design for m distinct hashes (see _search_cost)."""
     ib = max(1, (m - 1).bit_length())
-    for key_bits in range(max(8, ib - 4), min(40, ib + 5)):
-        masks = _design(k, key_bits)
-        bits = sum(bin(x).count("1") for x in masks) / len(masks)
-        cost = len(masks) * (m * 8e-9 + m * m / 2 ** (bits + 1) * 15e-9)
-        if best is None or cost < best[1]:
-            best = (masks, cost)
-    return best
+    return min(range(max(8, ib - 4), min(40, ib + 5)), key=lambda kb: _search_cost(_design(k, kb), m))
+
+
+def _plan(k: int, m: int) -> tuple[tuple[int, ...], float]:
+    """The design for m distinct hashes and its estimated seconds."""
+    masks = _design(k, _plan_bits(k, m))
+    return masks, _search_cost(masks, m)
 
 
 def brute_pairs(h, k: int, chunk: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -248,12 +259,15 @@ def _cat(parts, dtype) -> np.ndarray:
     return np.concatenate(parts).astype(dtype, copy=False) if parts else np.empty(0, dtype)
 
 
-def distinct_pairs(u: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def distinct_pairs(u: np.ndarray, k: int, masks: tuple[int, ...] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs i < j of distinct uint64 hashes `u` with 0 < popcount(u[i] ^ u[j]) <= k (u need not be sorted).
 
     Per mask of the covering design one sort of n packed words [hash of the masked bits | X | row], where X is a
     window of the hash's own bits: rows whose masked bits agree end up adjacent, and since two hashes within k
     differ in at most k bits of X too, most candidates are dropped on X without reading their hashes.
+    With `masks` given (not a full design), the pairs within k that agree on all bits of one of them, and possibly
+    other pairs within k (all of them when comparing all pairs is cheaper).
     """
     u = to_unsigned(u)
     m = u.size
@@ -261,7 +275,10 @@ def distinct_pairs(u: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.nd
     if m < 2 or k <= 0:
         return empty
     ib = max(1, (m - 1).bit_length())  # row index bits
-    masks, sort_cost = _plan(k, m) if m > 4096 else ((), 0.0)
+    if masks is not None:
+        sort_cost = _search_cost(masks, m) if m > 4096 else 0.0
+    else:
+        masks, sort_cost = _plan(k, m) if m > 4096 else ((), 0.0)
     if m <= 4096 or sort_cost > m * m / 2 * 2e-9:  # all pairs is cheaper
         i, j, d = brute_pairs(u, k)
         keep = d > 0
@@ -388,6 +405,41 @@ def _codes(values: pa.Array, take: np.ndarray) -> np.ndarray:
     return out
 
 
+def row_sizes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(area, image_bytes) of each row, the survivor rule's sizes: the original image's pixels (the stored image's
+    when the original size is unknown, 0 when both are) and the stored file's bytes (0 when unknown)."""
+    n = table.num_rows
+    w = _int_np(_col(table, "original_width", n, pa.int64()), -1)
+    h = _int_np(_col(table, "original_height", n, pa.int64()), -1)
+    w2 = _int_np(_col(table, "width", n, pa.int64()), 0)
+    h2 = _int_np(_col(table, "height", n, pa.int64()), 0)
+    area = np.where((w >= 0) & (h >= 0), w * h, w2 * h2)
+    return area, _int_np(_col(table, "image_bytes", n, pa.int64()), 0)
+
+
+def uid_ranks(uid: pa.Array) -> np.ndarray:
+    """Rank of each uid in sorted order (the last tie-break of the survivor rule)."""
+    ranks = np.empty(len(uid), np.int64)
+    ranks[np.asarray(pc.sort_indices(uid))] = np.arange(len(uid))
+    return ranks
+
+
+def resolve_groups(labels: np.ndarray, uid_rank: np.ndarray, is_prior: np.ndarray, area: np.ndarray,
+                   nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(losers, their survivors) for groups given by labels (-1: not grouped). In each group the survivor is a prior
+    row if there is one, then the largest area, the larger file, the smallest uid; prior rows never lose."""
+    idx = np.flatnonzero(labels >= 0)
+    if not idx.size:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    o = np.lexsort((uid_rank[idx], -nbytes[idx], -area[idx], ~is_prior[idx], labels[idx]))
+    s = idx[o]
+    lab = labels[s]
+    first = np.r_[True, lab[1:] != lab[:-1]]
+    surv = s[first][np.cumsum(first) - 1]
+    lose = ~first & ~is_prior[s]
+    return s[lose], surv[lose]
+
+
 class _Nodes:
     """The rows of this build (0..n-1) followed by the prior rows (n..n+m-1), with the survivor ranking."""
 
@@ -396,17 +448,11 @@ class _Nodes:
         self.m = m = prior.num_rows if prior is not None else 0
         uid = pa.concat_arrays([_col(table, "uid", n, pa.string()), _col(prior, "uid", m, pa.string())])
         self.uid = uid
-        ranks = np.empty(n + m, np.int64)
-        ranks[np.asarray(pc.sort_indices(uid))] = np.arange(n + m)
-        self.uid_rank = ranks
+        self.uid_rank = uid_ranks(uid)
         self.is_prior = np.r_[np.zeros(n, bool), np.ones(m, bool)]
-        w = _int_np(_col(table, "original_width", n, pa.int64()), -1)
-        h = _int_np(_col(table, "original_height", n, pa.int64()), -1)
-        w2 = _int_np(_col(table, "width", n, pa.int64()), 0)
-        h2 = _int_np(_col(table, "height", n, pa.int64()), 0)
-        area = np.where((w >= 0) & (h >= 0), w * h, w2 * h2)
+        area, nbytes = row_sizes(table)
         self.area = np.r_[area, np.zeros(m, np.int64)]
-        self.nbytes = np.r_[_int_np(_col(table, "image_bytes", n, pa.int64()), 0), np.zeros(m, np.int64)]
+        self.nbytes = np.r_[nbytes, np.zeros(m, np.int64)]
         self.alive = np.r_[np.ones(n, bool), np.ones(m, bool)]  # prior rows stay alive
 
     def both(self, table: pa.Table, prior: pa.Table | None, name: str, typ: pa.DataType) -> pa.Array:
@@ -414,16 +460,99 @@ class _Nodes:
 
     def resolve(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(losers, their survivors) for groups given by labels (-1: not grouped); losers are rows of this build."""
-        idx = np.flatnonzero(labels >= 0)
-        if not idx.size:
-            return np.empty(0, np.int64), np.empty(0, np.int64)
-        o = np.lexsort((self.uid_rank[idx], -self.nbytes[idx], -self.area[idx], ~self.is_prior[idx], labels[idx]))
-        s = idx[o]
-        lab = labels[s]
-        first = np.r_[True, lab[1:] != lab[:-1]]
-        surv = s[first][np.cumsum(first) - 1]
-        lose = ~first & (s < self.n)
-        return s[lose], surv[lose]
+        return resolve_groups(labels, self.uid_rank, self.is_prior, self.area, self.nbytes)
+
+
+def evidence_edges(values: np.ndarray, owner: np.ndarray, is_full: np.ndarray, small: np.ndarray,
+                   large: np.ndarray, value_pairs, same_value: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Near-duplicate edges (owner pairs, self-loops dropped) from a pool of hash entries.
+
+    Entry e is a full pHash (is_full) or a crop pHash of row owner[e]; small[e] / large[e] are its row's size as
+    the smaller / larger image of a pair (unknown: 0 / the largest int). Two entries within k are evidence when
+    both are full hashes, or when one is the full hash of X, the other a crop hash of Y, and X is the smaller
+    image. value_pairs(uniq) gives the pairs (i, j) of distinct sorted values within k that this pool decides;
+    same_value adds the edges between entries of equal values. Per value, the edges go through one full entry (its
+    representative: the smallest image), which gives the same connected components as every pair of entries.
+    """
+    uniq, inv = np.unique(values, return_inverse=True)
+    ui, uj = value_pairs(uniq)
+    # only entries of values in a pair, or (same_value) of values held by several entries, can make an edge
+    relevant = np.zeros(uniq.size, bool)
+    relevant[ui] = True
+    relevant[uj] = True
+    if same_value:
+        relevant |= np.bincount(inv, minlength=uniq.size) > 1
+    sel = np.flatnonzero(relevant[inv])
+    inv, owner, is_full, small, large = inv[sel], owner[sel], is_full[sel], small[sel], large[sel]
+    # rep[u]: the owner of the full entry of value u with the smallest image, -1 when u has no full entry
+    rep = np.full(uniq.size, -1, np.int64)
+    rep_small = np.zeros(uniq.size, np.int64)
+    fe = np.flatnonzero(is_full)
+    fe = fe[np.lexsort((owner[fe], -small[fe], inv[fe]))]  # per value, the smallest image last
+    rep[inv[fe]] = owner[fe]  # the last write per value wins
+    rep_small[inv[fe]] = small[fe]
+    ce = np.flatnonzero(~is_full)
+    edges_i, edges_j, valid = [rep[ui]], [rep[uj]], [(rep[ui] >= 0) & (rep[uj] >= 0)]
+    if same_value:
+        edges_i += [owner[fe], rep[inv[ce]]]
+        edges_j += [rep[inv[fe]], owner[ce]]
+        valid += [np.ones(fe.size, bool), (rep[inv[ce]] >= 0) & (rep_small[inv[ce]] < large[ce])]
+    # every crop entry of one value against the smallest full image of a value within k
+    cu = inv[ce]
+    c_order = np.argsort(cu, kind="stable")
+    c_start = np.searchsorted(cu[c_order], np.arange(uniq.size + 1))
+    for x, y in ((ui, uj), (uj, ui)):
+        sel = rep[x] >= 0
+        x, y = x[sel], y[sel]
+        cnt = c_start[y + 1] - c_start[y]
+        members = ce[c_order[_ranges(c_start[y], cnt)]]
+        edges_i.append(np.repeat(rep[x], cnt))
+        edges_j.append(owner[members])
+        valid.append(np.repeat(rep_small[x], cnt) < large[members])
+    ok = np.concatenate(valid)
+    ei, ej = np.concatenate(edges_i)[ok], np.concatenate(edges_j)[ok]
+    keep = ei != ej
+    return ei[keep], ej[keep]
+
+
+def near_distances(full: np.ndarray, crops: np.ndarray, crop_ok: np.ndarray, losers: np.ndarray,
+                   survivors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(pHash distance, closest crop distance in either direction; 64 when no crops) of each loser to its survivor."""
+    dist = np.bitwise_count(full[losers] ^ full[survivors]).astype(np.int64)
+    xa = np.where(crop_ok[survivors], np.bitwise_count(crops[survivors] ^ full[losers][:, None]), 64).min(1, initial=64)
+    xb = np.where(crop_ok[losers], np.bitwise_count(crops[losers] ^ full[survivors][:, None]), 64).min(1, initial=64)
+    return dist, np.minimum(xa, xb).astype(np.int64)
+
+
+def semantic_kmeans(clusters: int):
+    """The k-means SemDeDup fits (deterministic: seeded)."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    return MiniBatchKMeans(n_clusters=clusters, random_state=0, n_init=3, batch_size=max(1024, 4 * clusters))
+
+
+def semantic_cluster_count(params: DedupParams, rows: int) -> int:
+    return min(params.semantic_clusters or max(1, round(math.sqrt(rows))), rows)
+
+
+def normalized_embeddings(emb: pa.Array, dim: int) -> np.ndarray:
+    """(rows, dim) float32 L2-normalised, from a list array whose entries all have dim values."""
+    x = np.array(emb.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(len(emb), dim)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x
+
+
+def cluster_pairs(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs i < j of the rows of one cluster (canonical order) with cosine above threshold."""
+    out_i, out_j = [], []
+    for a in range(0, len(x), 2048):
+        sim = x[a:a + 2048] @ x.T
+        i, j = np.nonzero(sim > threshold)
+        i = i + a
+        keep = j > i
+        out_i.append(i[keep])
+        out_j.append(j[keep])
+    return _cat(out_i, np.int64), _cat(out_j, np.int64)
 
 
 class DedupStage(Stage):
@@ -523,49 +652,19 @@ class DedupStage(Stage):
         if fr.size < 2:
             return
         cr, cv = np.nonzero(crop_ok)
-        pool = np.r_[full[fr], crops[cr, cv]]
         owner = np.r_[fr, cr]
-        is_full = np.r_[np.ones(fr.size, bool), np.zeros(cr.size, bool)]
         small = np.where(nodes.area > 0, nodes.area, 0)  # X's size (unknown: smallest)
         large = np.where(nodes.area > 0, nodes.area, np.iinfo(np.int64).max)  # Y's size (unknown: largest)
-        uniq, inv = np.unique(pool, return_inverse=True)
-        ui, uj, _ = distinct_pairs(uniq, k)
-        # rep[u]: the owner of the full entry of value u with the smallest image, -1 when u has no full entry
-        rep = np.full(uniq.size, -1, np.int64)
-        fe = np.flatnonzero(is_full)
-        fe = fe[np.lexsort((owner[fe], -small[owner[fe]], inv[fe]))]  # per value, the smallest image last
-        rep[inv[fe]] = owner[fe]  # the last write per value wins
-        ce = np.flatnonzero(~is_full)
-        edges_i = [owner[fe], rep[ui], rep[inv[ce]]]
-        edges_j = [rep[inv[fe]], rep[uj], owner[ce]]
-        valid = [np.ones(fe.size, bool), (rep[ui] >= 0) & (rep[uj] >= 0),
-                 (rep[inv[ce]] >= 0) & (small[np.maximum(rep[inv[ce]], 0)] < large[owner[ce]])]
-        # every crop entry of one value against the smallest full image of a value within k
-        cu = inv[ce]
-        c_order = np.argsort(cu, kind="stable")
-        c_start = np.searchsorted(cu[c_order], np.arange(uniq.size + 1))
-        for x, y in ((ui, uj), (uj, ui)):
-            sel = rep[x] >= 0
-            x, y = x[sel], y[sel]
-            cnt = c_start[y + 1] - c_start[y]
-            members = ce[c_order[_ranges(c_start[y], cnt)]]
-            r = np.repeat(rep[x], cnt)
-            edges_i.append(r)
-            edges_j.append(owner[members])
-            valid.append(small[r] < large[owner[members]])
-        ok = np.concatenate(valid)
-        ei, ej = np.concatenate(edges_i)[ok], np.concatenate(edges_j)[ok]
-        keep = ei != ej
-        labels = components(nodes.n + nodes.m, ei[keep], ej[keep])
+        ei, ej = evidence_edges(np.r_[full[fr], crops[cr, cv]], owner,
+                                np.r_[np.ones(fr.size, bool), np.zeros(cr.size, bool)], small[owner], large[owner],
+                                lambda uniq: distinct_pairs(uniq, k)[:2])
+        labels = components(nodes.n + nodes.m, ei, ej)
         grouped = np.zeros(nodes.n + nodes.m, bool)
-        grouped[ei[keep]] = True
-        grouped[ej[keep]] = True
+        grouped[ei] = True
+        grouped[ej] = True
         labels[~grouped] = -1
         losers, survivors = nodes.resolve(labels)
-        dist = np.bitwise_count(full[losers] ^ full[survivors]).astype(int)
-        xa = np.where(crop_ok[survivors], np.bitwise_count(crops[survivors] ^ full[losers][:, None]), 64).min(1)
-        xb = np.where(crop_ok[losers], np.bitwise_count(crops[losers] ^ full[survivors][:, None]), 64).min(1)
-        crop = np.minimum(xa, xb).astype(int)
+        dist, crop = near_distances(full, crops, crop_ok, losers, survivors)
         hamming = concat("hamming=", as_text(pa.array(dist)))
         via_crop = (dist > k) & (crop <= dist)
         extra = pc.if_else(pa.array(via_crop), concat(hamming, ", crop hamming=", as_text(pa.array(crop))), hamming)
@@ -584,31 +683,18 @@ class DedupStage(Stage):
         dim = int(np.bincount(lens[rows]).argmax())
         rows = rows[lens[rows] == dim]
         rows = rows[np.argsort(nodes.uid_rank[rows])]  # canonical order: k-means does not see row order
-        x = np.asarray(emb.take(pa.array(rows)).flatten().to_numpy(zero_copy_only=False), np.float32)
-        x = x.reshape(rows.size, dim)
-        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        c = params.semantic_clusters or max(1, round(math.sqrt(rows.size)))
-        c = min(c, rows.size)
-        if c > 1:
-            from sklearn.cluster import MiniBatchKMeans
-
-            km = MiniBatchKMeans(n_clusters=c, random_state=0, n_init=3, batch_size=max(1024, 4 * c))
-            lab = km.fit_predict(x)
-        else:
-            lab = np.zeros(rows.size, np.int64)
+        x = normalized_embeddings(emb.take(pa.array(rows)), dim)
+        c = semantic_cluster_count(params, rows.size)
+        lab = semantic_kmeans(c).fit_predict(x) if c > 1 else np.zeros(rows.size, np.int64)
         thr = 1.0 - params.semantic_eps
         ei, ej = [], []
         order = np.argsort(lab, kind="stable")
         bounds = np.searchsorted(lab[order], np.arange(c + 1))
         for g in range(c):
             mem = order[bounds[g]:bounds[g + 1]]
-            for a in range(0, mem.size, 2048):
-                sim = x[mem[a:a + 2048]] @ x[mem].T
-                i, j = np.nonzero(sim > thr)
-                i = i + a
-                keep = j > i
-                ei.append(mem[i[keep]])
-                ej.append(mem[j[keep]])
+            i, j = cluster_pairs(x[mem], thr)
+            ei.append(mem[i])
+            ej.append(mem[j])
         ei, ej = np.concatenate(ei), np.concatenate(ej)
         if not ei.size:
             return

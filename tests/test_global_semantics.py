@@ -41,7 +41,8 @@ def jpeg(im: Image.Image, side: int) -> bytes:
     return buf.getvalue()
 
 
-def test_dedup_keeps_the_clean_copy_when_other_copies_are_junk_or_foreign(tmp_path):
+@pytest.mark.parametrize("driver_max_rows", [100_000, 0], ids=["in-driver", "distributed"])
+def test_dedup_keeps_the_clean_copy_when_other_copies_are_junk_or_foreign(tmp_path, driver_max_rows):
     from flows.curate import curate_flow
 
     rows, clean_urls = [], []
@@ -67,6 +68,7 @@ def test_dedup_keeps_the_clean_copy_when_other_copies_are_junk_or_foreign(tmp_pa
         "dataset": "semantics", "source": {"pairs": str(corpus), "caption_col": "text"},
         "stages": [{"clean": {}}, {"junk": {}}, {"language": {"keep": ["en"]}}, {"basic": {"min_side": 64}},
                    {"dedup": {"near_hamming": 8}}],
+        "decide": {"driver_max_rows": driver_max_rows},  # 0: the distributed dedup, as on a big build
         "out": str(tmp_path / "b"), "ray": {"num_cpus": 2, "object_store_gb": 0.5}}))
     r = curate_flow(str(spec), quiet=True)
     kept = set(read_parts(r["build_dir"], "shards", ["url"])["url"].to_pylist())
