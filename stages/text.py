@@ -46,7 +46,6 @@ Cost: about 30-60 ms an image on one core, most of it the detector; see benchmar
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import re
@@ -72,6 +71,7 @@ from stages.base import (
     fixed,
 )
 from stages.imaging.decode import images
+from stages.io.shards import file_sha256
 
 
 class TextParams(StageParams):
@@ -214,14 +214,6 @@ class OcrEngine:
         return union_fraction(polys, rw, rh), read
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _f32(x: float) -> float:
     """A threshold rounded as the float32 stats it is compared with are."""
     return float(np.float32(x))
@@ -283,7 +275,7 @@ class TextStage(Stage):
             pkg = None
         return {"version": self.version, "model": "PP-OCRv4 det + rec (rapidocr-onnxruntime, bundled ONNX)",
                 "package_version": pkg,
-                "model_files": {k: {"file": p.name, "sha256": _file_sha256(p)} for k, p in model_paths().items()},
+                "model_files": {k: {"file": p.name, "sha256": file_sha256(p)} for k, p in model_paths().items()},
                 "min_long_side": MIN_LONG_SIDE, "max_side": self.params.max_side,
                 "min_box_score": self.params.min_box_score, "rec_min_score": REC_MIN_SCORE,
                 "min_box_alnum": MIN_BOX_ALNUM, "threads": self.params.threads}

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.base import StageConfigError
+from stages.io.shards import file_sha256
 from stages.models import (
     _HUB_ID,
     _hub_cached,
@@ -90,14 +91,6 @@ def package_file(package: str, filename: str) -> Path | None:
 def shipped_gguf(name: str) -> Path | None:
     package, filename = SHIPPED_GGUF[name]
     return package_file(package, filename)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 _GGUF_DIGESTS: dict = {}
