@@ -48,8 +48,10 @@ class IngestSpec(_Strict):
     resize_only_if_bigger: bool = True
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
     encode_quality: int = Field(95, ge=1, le=100)
-    timeout_s: float = Field(10, gt=0)
-    retries: int = Field(0, ge=0)
+    timeout_s: float = Field(10, gt=0, description="deadline of one fetch attempt as a whole: DNS, connect, TLS, "
+                                                  "headers, body and redirects together")
+    retries: int = Field(0, ge=0, description="attempts after a failed one, each with its own timeout_s")
+    max_redirects: int = Field(5, ge=0, description="redirects followed per URL; a loop is rejected at once")
     max_bytes: int = Field(20_000_000, gt=0)
     max_pixels: int = Field(89_478_485, gt=0)  # PIL's decompression-bomb limit
     allow_hosts: list[str] = Field(default_factory=list, description="hosts, host:port or CIDRs that may be private")
