@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -274,13 +275,19 @@ def ingest_all(ctx: BuildContext, prepared: dict) -> dict:
     with phase("ingest", total=prepared["rows"]) as adv:
         adv(done_rows)
         pending = {remote.remote(ctx.work / "input" / f"{i:05d}.parquet", ctx.work, i, params): i for i in todo}
+        fetch_ms: list[int] = []
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 pending.pop(ref)
                 s = ray.get(ref)
+                fetch_ms += s.get("fetch_ms", [])
                 adv(s["rows_in"])
-        adv(0, f"{len(todo)} shards fetched, {prepared['shards'] - len(todo)} already done")
+        times = ""
+        if fetch_ms:
+            p50, p99 = np.percentile(fetch_ms, [50, 99]) / 1000
+            times = f"; per URL p50 {p50:.2f}s, p99 {p99:.2f}s, max {max(fetch_ms) / 1000:.2f}s"
+        adv(0, f"{len(todo)} shards fetched, {prepared['shards'] - len(todo)} already done{times}")
     seconds = ctx.state().get("ingest_seconds", 0.0) + time.perf_counter() - t0
     ctx.set_state(ingest_seconds=seconds)
     return {"seconds": seconds, "shards_fetched": len(todo)}

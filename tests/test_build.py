@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,12 +133,19 @@ def test_sigkill_mid_build_then_resume_matches_uninterrupted(demo, tmp_path):
         for i in shards_done:
             done_urls |= set(pq.read_table(work / "input" / f"{i:05d}.parquet", columns=["url"])["url"].to_pylist())
         server.clear_requests()
-        r = subprocess.run(cmd + ["--json"], capture_output=True, text=True, timeout=600)
+        # the resumed run prints its progress and summary to a pipe: plain lines, as in a cron or CI log
+        r = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         refetched = {p for p in server.requests if any(u.endswith(p) for u in done_urls)}
         assert not refetched, f"finished shards fetched again: {sorted(refetched)[:5]}"
-    result = json.loads(r.stdout[r.stdout.index("{"):])
-    assert result["resumed"] and Path(result["build_dir"]) == work.parent
+    out = r.stdout
+    assert not any(c in out for c in ("\x1b", "\r", "━", "…")), out[:2000]  # no bars, colours or cut text
+    assert re.search(r"^ingest: started, \d[\d,]* rows$", out, re.M), out[:2000]
+    assert re.search(r"^ingest: done, [\d,]+ rows in \S+ \([\d,]+ rows/s\); \d+ shards fetched", out, re.M), out
+    assert re.search(r"^build \S+ \(resumed\)$", out, re.M) and re.search(r"^\d+ listed = \d+ kept \+ \d+ rejected$",
+                                                                        out, re.M), out
+    result = {"build_dir": re.search(r"^output: (.+)$", out, re.M).group(1)}
+    assert Path(result["build_dir"]) == work.parent
     # same uids kept and rejected, same image bytes, as the uninterrupted build of the same corpus
     for sub in ("shards", "rejects"):
         a = set(read_parts(demo["build_dir"], sub, ["uid"])["uid"].to_pylist())
