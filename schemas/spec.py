@@ -366,13 +366,20 @@ def parse_spec(data: dict, base_dir: Path | None = None, origin: str = "<spec>")
         raise SpecError(f"{origin}: {_format_errors(e)}") from None
     base = base_dir or Path.cwd()
     field_name = "urls" if spec.source.urls is not None else "pairs"
+    for name, value in ((f"source.{field_name}", spec.source.path), ("out", spec.out), ("catalog", spec.catalog)):
+        if value is not None and ("\x00" in str(value) or not str(value).strip()):
+            raise SpecError(f"{origin}: {name}: not a usable path: {str(value)!r}")
     if not spec.source.path.is_absolute():
         setattr(spec.source, field_name, (base / spec.source.path).resolve())
     if not spec.out.is_absolute():
         spec.out = (base / spec.out).resolve()
     if spec.catalog is not None and not spec.catalog.is_absolute():
         spec.catalog = (base / spec.catalog).resolve()
-    if not spec.source.path.exists() or (field_name == "urls" and not spec.source.path.is_file()):
+    try:
+        found = spec.source.path.exists() and (field_name == "pairs" or spec.source.path.is_file())
+    except OSError as e:  # a name too long, say
+        raise SpecError(f"{origin}: source.{field_name}: cannot be read: {e}") from None
+    if not found:
         raise SpecError(f"{origin}: source.{field_name}: file not found: {spec.source.path}")
     return spec
 
@@ -383,9 +390,13 @@ def read_yaml(path: str | Path):
     if not path.is_file():
         raise SpecError(f"{path}: spec file not found")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not valid YAML: not UTF-8 text ({e})") from None
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: not valid YAML: nested too deeply") from None
 
 
 def load_spec(path: str | Path) -> BuildSpec:

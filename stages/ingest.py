@@ -37,6 +37,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # Reject reasons of the input and ingest steps.
 REASONS = {
     "missing_url": "the row has no URL",
+    "malformed_row": "the row does not parse: a CSV/TSV line with the wrong number of fields, a JSONL line that is "
+                     "not a JSON object; `text` holds the line",
     "missing_image": "a corpus row has no image bytes",
     "bad_url": "the URL cannot be parsed or names no host",
     "bad_scheme": "the URL (or a redirect) is not http or https (file:, ftp:, data: ...): never fetched",
@@ -65,8 +67,15 @@ class IngestError(ValueError):
 
 # --------------------------------------------------------------------------- reading the URL list
 
+_URL_LIST_SCHEMA = pa.schema([("url", pa.string()), ("text", pa.string()), ("malformed", pa.string())])
+
+
 def read_url_list(src: SourceSpec) -> pa.Table:
-    """Read the source list into (url, text) strings; clear errors for a bad file or missing columns."""
+    """Read the source list into (url, text, malformed) strings, one row per listed row.
+
+    A row that does not parse (a CSV line with too many or too few fields, a JSONL line that is not a JSON object)
+    is kept as a row with `malformed` saying why, so it can be rejected and counted; bytes that are not UTF-8 are
+    replaced (U+FFFD). A file that cannot be read at all, or lacks the URL or caption column, is an IngestError."""
     path = Path(src.urls)
     fmt = src.format
     if fmt == "auto":
@@ -74,30 +83,145 @@ def read_url_list(src: SourceSpec) -> pa.Table:
         fmt = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}.get(suffix)
         if fmt is None:
             raise IngestError(f"{path}: cannot tell the format from the suffix {suffix!r}; set source.format")
+    cols = (src.url_col, src.caption_col)
+    clean = None
     try:
         if fmt == "parquet":
-            table = pq.read_table(path)
-        elif fmt in ("csv", "tsv"):
-            table = pacsv.read_csv(
-                path,
-                parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True),
-                convert_options=pacsv.ConvertOptions(
-                    column_types={src.url_col: pa.string(), src.caption_col: pa.string()}
-                ),
-            )
+            names = pq.read_schema(path).names
+            _require_columns(path, cols, names)
+            table, malformed = pq.read_table(path, columns=list(dict.fromkeys(cols))), []
         else:
-            table = pajson.read_json(path)
-    except (pa.ArrowInvalid, OSError) as e:
+            clean = _utf8_copy(path)
+            text_path = clean or path
+            if fmt in ("csv", "tsv"):
+                table, malformed = _read_delimited(path, text_path, "\t" if fmt == "tsv" else ",", cols)
+            else:
+                table, malformed = _read_jsonl(path, text_path, cols)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
         raise IngestError(f"{path}: cannot read as {fmt}: {e}") from None
-    missing = [c for c in (src.url_col, src.caption_col) if c not in table.column_names]
+    finally:
+        if clean is not None:
+            clean.unlink(missing_ok=True)
+    n = table.num_rows
+    parsed = pa.table({"url": _as_text(table.column(src.url_col)), "text": _as_text(table.column(src.caption_col)),
+                       "malformed": pa.nulls(n, pa.string())}, schema=_URL_LIST_SCHEMA)
+    if not malformed:
+        return parsed
+    bad = pa.table({"url": pa.nulls(len(malformed), pa.string()), "text": [m[1] for m in malformed],
+                    "malformed": [m[0] for m in malformed]}, schema=_URL_LIST_SCHEMA)
+    return pa.concat_tables([parsed, bad])
+
+
+def _require_columns(path: Path, cols: tuple[str, str], names: list[str]) -> None:
+    missing = [c for c in dict.fromkeys(cols) if c not in names]
     if missing:
-        raise IngestError(
-            f"{path}: column(s) {missing} not found (source.url_col / source.caption_col); "
-            f"the file has {table.column_names}"
+        raise IngestError(f"{path}: column(s) {missing} not found (source.url_col / source.caption_col); "
+                          f"the file has {names}")
+
+
+def _as_text(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Any column as UTF-8 strings: bytes that are not UTF-8 become U+FFFD, nested values their JSON."""
+    t = col.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return col.cast(pa.string())
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        try:
+            return col.cast(pa.string())  # validates UTF-8
+        except pa.ArrowInvalid:
+            return pa.chunked_array([pa.array([None if b is None else b.decode("utf-8", "replace")
+                                               for b in col.to_pylist()], pa.string())])
+    try:
+        return col.cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return pa.chunked_array([pa.array([None if v is None else json.dumps(v, default=str, ensure_ascii=False)
+                                           for v in col.to_pylist()], pa.string())])
+
+
+def _utf8_copy(path: Path, chunk: int = 1 << 24) -> Path | None:
+    """None when the file is UTF-8 throughout; else a temporary copy with each bad byte replaced by U+FFFD."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as f:
+        try:
+            while block := f.read(chunk):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+            return None
+        except UnicodeDecodeError:
+            pass
+        f.seek(0)
+        fd, name = tempfile.mkstemp(prefix="pairforge-urls-", suffix=path.suffix)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            while block := f.read(chunk):
+                out.write(decoder.decode(block))
+            out.write(decoder.decode(b"", final=True))
+    return Path(name)
+
+
+def _read_delimited(path: Path, text_path: Path, delimiter: str,
+                    cols: tuple[str, str]) -> tuple[pa.Table, list[tuple[str, str]]]:
+    """CSV / TSV (`text_path`: the file, or its UTF-8 copy): only the two columns; rows with the wrong field count
+    set aside."""
+    import csv
+
+    bad: list[tuple[int | None, str]] = []
+
+    def set_aside(row) -> str:
+        bad.append((row.number, f"expected {row.expected_columns} fields, got {row.actual_columns}", row.text))
+        return "skip"
+
+    wanted = list(dict.fromkeys(cols))
+    try:
+        table = pacsv.read_csv(
+            text_path,
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True,
+                                             invalid_row_handler=set_aside),
+            convert_options=pacsv.ConvertOptions(include_columns=wanted,
+                                                 column_types={c: pa.string() for c in wanted}),
         )
-    urls = table.column(src.url_col).cast(pa.string())
-    texts = table.column(src.caption_col).cast(pa.string())
-    return pa.table({"url": urls, "text": texts})
+    except pa.ArrowKeyError as e:  # a column not in the header
+        with open(text_path, encoding="utf-8") as f:
+            first = f.readline()
+        _require_columns(path, cols, next(csv.reader([first], delimiter=delimiter), []))
+        raise IngestError(f"{path}: {e}") from None
+    bad.sort(key=lambda b: (b[0] is None, b[0] or 0, b[2]))
+    return table, [(f"line {num}: {why}" if num else why, text[:10_000]) for num, why, text in bad]
+
+
+def _read_jsonl(path: Path, text_path: Path, cols: tuple[str, str]) -> tuple[pa.Table, list[tuple[str, str]]]:
+    """JSON lines (`text_path`: the file, or its UTF-8 copy): Arrow's reader when every line is a clean object;
+    else line by line, each bad line set aside."""
+    try:
+        table = pajson.read_json(text_path)
+        _require_columns(path, cols, table.column_names)
+        return table, []
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    rows: dict[str, list] = {c: [] for c in dict.fromkeys(cols)}
+    bad, seen_cols = [], set()
+    with open(text_path, encoding="utf-8", newline="\n") as f:
+        for number, raw in enumerate(f, start=1):
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                bad.append((f"line {number}: not JSON ({e})", line[:10_000]))
+                continue
+            if not isinstance(obj, dict):
+                bad.append((f"line {number}: a JSON {type(obj).__name__}, not an object", line[:10_000]))
+                continue
+            seen_cols.update(obj)
+            for c in rows:
+                v = obj.get(c)
+                v = v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+                # a lone surrogate ("\ud800" in the JSON) is no character: U+FFFD instead
+                rows[c].append(None if v is None else v.encode("utf-8", "surrogatepass").decode("utf-8", "replace"))
+    _require_columns(path, cols, sorted(seen_cols) if seen_cols or not bad else list(cols))
+    return pa.table({c: pa.array(v, pa.string()) for c, v in rows.items()}), bad
 
 
 def _url_problem(url: str) -> tuple[str | None, str | None]:
@@ -111,6 +235,8 @@ def _url_problem(url: str) -> tuple[str | None, str | None]:
         return "bad_scheme", f"{parts.scheme or '(none)'}:// in {url[:200]}"
     if not parts.hostname:
         return "bad_url", f"no host in {url[:200]}"
+    if "\ufffd" in url or any(c in url for c in "\x00\r\n"):
+        return "bad_url", f"bytes that are not UTF-8, or control characters, in {url[:200]!r}"
     return None, None
 
 
@@ -119,10 +245,14 @@ def assign_uids(table: pa.Table, source: str, seen: dict[str, int] | None = None
     seen = {} if seen is None else seen
     keep = {"uid": [], "url": [], "text": [], "source": []}
     rej = {k: [] for k in REJECT_SCHEMA.names}
-    for row, (url, text) in enumerate(zip(table.column("url").to_pylist(), table.column("text").to_pylist())):
+    malformed = table.column("malformed").to_pylist() if "malformed" in table.column_names else [None] * len(table)
+    for row, (url, text, bad) in enumerate(zip(table.column("url").to_pylist(), table.column("text").to_pylist(),
+                                               malformed)):
         url_s = (url or "").strip()
         reason = None
-        if not url_s:
+        if bad:
+            reason, detail, uid = "malformed_row", bad, make_uid("", text, row + 1)
+        elif not url_s:
             reason, detail, uid = "missing_url", f"row {row}", make_uid("", text, row + 1)
         else:
             reason, detail = _url_problem(url_s)
@@ -764,15 +894,29 @@ def iter_corpus(src: SourceSpec, batch_rows: int = 1000):
     if missing:
         raise IngestError(f"{src.pairs}: column(s) {missing} not found (source.caption_col / source.image_col); "
                           f"the corpus has {ds.schema.names}")
-    cols = [src.caption_col, src.image_col] + ([src.url_col] if src.url_col in ds.schema.names else [])
-    for rb in ds.to_batches(columns=cols, batch_size=batch_rows):
-        image = rb.column(src.image_col)
-        if pa.types.is_struct(image.type):  # Hugging Face datasets' Image feature: {bytes, path}
-            image = image.field("bytes")
-        n = rb.num_rows
-        url = rb.column(src.url_col).cast(pa.string()) if src.url_col in rb.schema.names else pa.nulls(n, pa.string())
-        yield pa.table({"url": url, "text": rb.column(src.caption_col).cast(pa.string()),
-                        "image": image.cast(pa.binary())})
+    image_type = ds.schema.field(src.image_col).type
+    if pa.types.is_struct(image_type):  # Hugging Face datasets' Image feature: {bytes, path}
+        if image_type.get_field_index("bytes") < 0:
+            raise IngestError(f"{src.pairs}: column {src.image_col!r} is a struct without a 'bytes' field "
+                              f"({image_type}); expected image bytes")
+        image_type = image_type.field("bytes").type
+    if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type) or pa.types.is_null(image_type)):
+        raise IngestError(f"{src.pairs}: column {src.image_col!r} holds {image_type}, not image bytes (binary); "
+                          "set source.image_col")
+    cols = list(dict.fromkeys([src.caption_col, src.image_col] + ([src.url_col] if src.url_col in ds.schema.names
+                                                                   else [])))
+    try:
+        for rb in ds.to_batches(columns=cols, batch_size=batch_rows):
+            image = rb.column(src.image_col)
+            if pa.types.is_struct(image.type):
+                image = image.field("bytes")
+            n = rb.num_rows
+            url = _as_text(pa.chunked_array([rb.column(src.url_col)])) if src.url_col in rb.schema.names \
+                else pa.nulls(n, pa.string())
+            yield pa.table({"url": url, "text": _as_text(pa.chunked_array([rb.column(src.caption_col)])),
+                            "image": image.cast(pa.binary())}, schema=_CORPUS_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+        raise IngestError(f"{src.pairs}: cannot read as parquet: {e}") from None
 
 
 def _iter_webdataset(folder: Path, batch_rows: int):
@@ -789,27 +933,39 @@ def _iter_webdataset(folder: Path, batch_rows: int):
                 meta = json.loads(parts["json"])
             except ValueError:
                 meta = {}
+        if not isinstance(meta, dict):
+            meta = {}
         img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
         text = parts["txt"].decode("utf-8", "replace") if "txt" in parts else meta.get("caption")
-        rows["url"].append(meta.get("url"))
-        rows["text"].append(text)
+        url = meta.get("url")
+        rows["url"].append(url if url is None or isinstance(url, str) else json.dumps(url))
+        rows["text"].append(text if text is None or isinstance(text, str) else json.dumps(text))
         rows["image"].append(img)
 
     for tar_path in sorted(folder.glob("*.tar")):
-        key, parts = None, {}
-        with tarfile.open(tar_path) as tf:
-            for member in tf:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                k, _, ext = base.partition(".")
-                if k != key:
-                    flush_sample(parts)
-                    key, parts = k, {}
-                    if len(rows["url"]) >= batch_rows:
-                        yield pa.table(rows, schema=_CORPUS_SCHEMA)
-                        rows = {"url": [], "text": [], "image": []}
-                parts[ext.lower()] = tf.extractfile(member).read()
+        key, parts, member = None, {}, None
+        try:
+            with tarfile.open(tar_path) as tf:
+                for member in tf:
+                    if not member.isfile():
+                        continue
+                    base = member.name.rsplit("/", 1)[-1]
+                    k, _, ext = base.partition(".")
+                    if k != key:
+                        flush_sample(parts)
+                        key, parts = k, {}
+                        if len(rows["url"]) >= batch_rows:
+                            yield pa.table(rows, schema=_CORPUS_SCHEMA)
+                            rows = {"url": [], "text": [], "image": []}
+                    parts[ext.lower()] = tf.extractfile(member).read()
+                end = tf.offset
+            with open(tar_path, "rb") as f:  # a tar cut at a member boundary reads as a shorter, complete one
+                f.seek(end)
+                if f.read(1024) != bytes(1024):
+                    raise tarfile.ReadError("no end-of-archive marker after the last member read: cut short")
+        except (tarfile.TarError, EOFError, OSError) as e:
+            at = f" at member {member.name!r}" if member is not None else ""
+            raise IngestError(f"{tar_path}: truncated or not a tar{at}: {type(e).__name__}: {e}") from None
         flush_sample(parts)
     if rows["url"]:
         yield pa.table(rows, schema=_CORPUS_SCHEMA)

@@ -578,7 +578,7 @@ def test_dataset_card_parses_and_matches_the_shards(demo, tmp_path):
     from datasets import Features
     from huggingface_hub import DatasetCard
 
-    from flows.report import size_category, write_dataset_card
+    from flows.report import _md_escape, size_category, write_dataset_card
 
     path = write_dataset_card(demo["build_dir"], out=tmp_path / "README.md")
     text = path.read_text()
@@ -604,7 +604,7 @@ def test_dataset_card_parses_and_matches_the_shards(demo, tmp_path):
     spec_block = body.split("```yaml\n")[1].split("```")[0]
     assert yaml.safe_load(spec_block) == yaml.safe_load((demo["build_dir"] / "spec.yaml").read_text())
     for s in json.loads((demo["build_dir"] / "stats.json").read_text())["stages"]:
-        assert f"| {s['stage']} | {s['rows_in']:,} | {s['rows_out']:,} |" in body
+        assert f"| {_md_escape(s['stage'])} | {s['rows_in']:,} | {s['rows_out']:,} |" in body
     assert "## Known limits" in body and "## Source" in body
 
 
