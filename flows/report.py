@@ -1108,7 +1108,8 @@ def _md_code(s: Any) -> str:
     """A code span that holds s whatever it holds: delimited by more backticks than any run in it."""
     text = _LINE_BREAKS.sub(" ", str(s))
     fence = "`" * (max((len(r) for r in re.findall(r"`+", text)), default=0) + 1)
-    return f"{fence} {text} {fence}"
+    pad = " " if not text.strip() or text[0] == "`" or text[-1] == "`" or (text[0] == " " and text[-1] == " ") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"  # CommonMark strips one space each side when both are there
 
 
 def _md_fence(text: str, info: str = "") -> list[str]:
@@ -1123,9 +1124,10 @@ def card_body(build: Build, header: dict) -> str:
     params = build.params
     n = header["dataset_info"]["splits"][0]["num_examples"]
     lines = [f"# {_md_escape(header['pretty_name'])}", "",
-             f"{n:,} image-text pairs built by pairforge from the source {_md_code(mf.get('source') or src.get('name'))}"
-             f" (build {_md_code(mf.get('build_id') or build.dir.name)}, spec hash "
-             f"{_md_code((mf.get('spec_hash') or '')[:12])}, code {_md_code(mf.get('code_version', '?'))}). "
+             f"{n:,} image-text pairs built by pairforge from the source "
+             f"{_md_code(mf.get('source') or src.get('name'))} "
+             f"(build {_md_code(mf.get('build_id') or build.dir.name)}, "
+             f"spec hash {_md_code((mf.get('spec_hash') or '')[:12])}, code {_md_code(mf.get('code_version', '?'))}). "
              "The build report is `report.html` beside this card.", "",
              "## Dataset structure", "",
              "One split, `train`: the kept pairs in `shards/*.parquet` "

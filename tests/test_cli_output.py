@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -78,3 +79,34 @@ def test_show_and_catalog_accept_the_flags_and_fail_cleanly(tmp_path, flag):
 
     assert main(["catalog", "--catalog", str(tmp_path / "none.duckdb"), flag]) == 1
     assert main(["show", str(tmp_path), "abc", flag]) == 1
+
+
+def test_ingest_reasons_are_explained_in_show_and_the_report(tmp_path):
+    """too_many_redirects, tls_error, connection_refused, timeout...: `show` and the report say what each means and,
+    where a spec value decided it, which one."""
+    from flows.report import load_build, render_report
+    from flows.show import format_record, show_record
+    from stages.ingest import REASONS
+    from tests.test_fuzz import Elements, make_hostile_build
+
+    build = make_hostile_build(tmp_path, [f"a red box {i}" for i in range(21)])
+    rejects = pq.read_table(next((build / "rejects").glob("*.parquet")), columns=["uid", "stage", "reason"])
+    by_reason = {r: u for u, s, r in zip(*(rejects[c].to_pylist() for c in ("uid", "stage", "reason")))
+                 if s == "ingest"}
+    assert {"timeout", "too_many_redirects", "tls_error", "connection_refused", "bad_scheme", "http_404"} <= set(
+        by_reason)
+    for reason, uid in by_reason.items():
+        rec = show_record(build, uid)
+        assert rec["rejection"]["reason"] == reason
+        meaning = rec["rejection"]["meaning"]
+        assert meaning == REASONS.get(reason, "the server answered HTTP 404 (Not Found)"), (reason, meaning)
+        assert f"meaning: {meaning}" in format_record(rec)
+    assert show_record(build, by_reason["timeout"])["rejection"]["param"] == {"name": "ingest.timeout_s", "value": 5}
+    assert show_record(build, by_reason["too_many_redirects"])["rejection"]["param"]["name"] == "ingest.max_redirects"
+    html = render_report(load_build(build))
+    parsed = Elements(html)
+    rows = re.findall(r'<tr data-stage="ingest" data-reason="([a-z_0-9]+)"[^>]*>.*?data-role="meaning">([^<]*)</td>',
+                      html)
+    cells = dict(rows)
+    assert parsed.elements and cells["tls_error"] == REASONS["tls_error"]
+    assert cells["too_many_redirects"] == REASONS["too_many_redirects"]

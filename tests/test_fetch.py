@@ -108,8 +108,8 @@ def test_only_http_and_https_are_fetched(server, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("secret")
     f = fetcher(server, allow=["127.0.0.1", "localhost"])
-    for url in (f"file://127.0.0.1{secret}", f"file://localhost{secret}", "ftp://127.0.0.1/x", "data:image/png;base64,AA",
-                "javascript:alert(1)", f"gopher://127.0.0.1:{server.port}/"):
+    for url in (f"file://127.0.0.1{secret}", f"file://localhost{secret}", "ftp://127.0.0.1/x",
+                "data:image/png;base64,AA", "javascript:alert(1)", f"gopher://127.0.0.1:{server.port}/"):
         assert reason_of(f, url) == "bad_scheme", url
     assert reason_of(f, f"{server.url}/to_file/1.jpg") == "bad_scheme"  # a redirect is vetted the same way
     inputs, rejects = assign_uids(pa.table({"url": [f"file://127.0.0.1{secret}", "FILE:///etc/passwd", "http:///x",

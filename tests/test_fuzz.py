@@ -62,8 +62,8 @@ def jpeg(w=40, h=30, color="red") -> bytes:
 # --------------------------------------------------------------------------- the spec loader
 
 SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(TEXT, max_size=20)
-ANY_YAML = st.recursive(SCALARS, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(TEXT, max_size=10) | st.integers(), c, max_size=3),
-                        max_leaves=12)
+ANY_YAML = st.recursive(SCALARS, lambda c: st.lists(c, max_size=3)
+                        | st.dictionaries(st.text(TEXT, max_size=10) | st.integers(), c, max_size=3), max_leaves=12)
 STAGE_NAMES = sorted(STAGE_PARAMS)
 
 
@@ -353,13 +353,13 @@ def make_hostile_build(root: Path, strings: list[str]) -> Path:
         "recaption_rejects": [[{"text": s, "reason": s}] for s in strings],
     }
     pq.write_table(pa.table(kept, schema=build_schema(stages)), b / "shards" / "part-00000.parquet")
-    reasons = ["timeout", "too_many_redirects", "tls_error", "connection_refused", "bad_scheme", "http_404",
-               "junk_html"]
+    reasons = ["timeout", "too_many_redirects", "tls_error", "connection_refused", "bad_scheme", "http_404"]
     rej_schema = rejects_schema(stages)
     rej = {f.name: [None] * n for f in rej_schema}
     rej |= {"uid": [f"{n + i:032x}" for i in range(n)], "url": [f"javascript:{s}" for s in strings],
             "text": strings, "stage": ["ingest" if i % 3 else "junk" for i in range(n)],
-            "reason": [reasons[i % len(reasons)] if i % 3 else "junk_html" for i in range(n)], "detail": strings}
+            "reason": [reasons[(i - i // 3 - 1) % len(reasons)] if i % 3 else "junk_html" for i in range(n)],
+            "detail": strings}
     pq.write_table(pa.table(rej, schema=rej_schema), b / "rejects" / "part-00000.parquet")
     joined = " ".join(strings)
     spec = {"dataset": "hostile", "source": {"urls": f"/data/{joined}.csv", "name": joined},
