@@ -114,9 +114,11 @@ def show_record(build_dir: str | Path, uid: str) -> dict:
         stats = deciding_stats(row, reason, stage)
         par = deciding_param(params, reason, (spec or {}).get("ingest"))
         meaning = reason_meaning(reason) if stage in ("input", "ingest") else None
-        rec["rejection"] = {"stage": stage, "reason": reason, "meaning": meaning, "detail": row.get("detail"),
+        rec["rejection"] = {"stage": stage, "reason": reason, "detail": row.get("detail"),
                             "stats": {k: v for k, v in stats},
                             "param": {"name": par[0], "value": par[1]} if par else None}
+        if meaning:  # input and ingest reasons: what they mean (stages.ingest.REASONS)
+            rec["rejection"]["meaning"] = meaning
     return _jsonable(rec)
 
 

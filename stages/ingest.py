@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -364,6 +364,10 @@ class AddressGuard:
         host = (parts.hostname or "").lower()
         if not host:
             raise FetchError("bad_url", f"no host in {url[:200]}")
+        try:  # an internationalised name as DNS, the Host header and TLS carry it
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError as e:
+            raise FetchError("bad_url", f"host {host[:100]!r}: {e}") from None
         port = port or (443 if scheme == "https" else 80)
         try:
             ips = self.resolve(host, timeout)
@@ -559,6 +563,8 @@ class Fetcher:
                 raise FetchError("tls_error", f"{host}: {e}") from None
             except ConnectionRefusedError as e:
                 raise FetchError("connection_refused", f"{host}:{port}: {e.strerror or e}") from None
+            except http.client.InvalidURL as e:
+                raise FetchError("bad_url", f"{current[:200]}: {e}") from None
             except http.client.IncompleteRead as e:
                 raise FetchError("truncated", f"the connection closed after {len(e.partial)} bytes, "
                                               f"{e.expected} more were announced") from None
@@ -582,6 +588,8 @@ class Fetcher:
     def _get(self, scheme, host, port, ips, url, headers, deadline):
         parts = urlsplit(url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        # what a browser sends for a path with spaces or non-ASCII characters: their UTF-8, percent-encoded
+        target = re.sub(r"[^\x21-\x7e]+", lambda m: quote(m.group(), safe=""), target)
         conn_cls = _PinnedHTTPS if scheme == "https" else _PinnedHTTP
         conn = conn_cls(host, port, ips, deadline, self.context)
         try:

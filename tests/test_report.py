@@ -547,6 +547,7 @@ def test_show_names_the_stage_reason_and_stat(demo, capsys):
     assert main(["show", str(demo["build_dir"]), ingest["uid"], "--json"]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert rec["rejection"]["stage"] == "ingest" and rec["rejection"]["reason"] == ingest["reason"]
+    assert rec["rejection"]["meaning"]  # what the ingest reason means
 
     kept_uid = read_parts(demo["build_dir"], "shards", ["uid"])["uid"][0].as_py()
     assert main(["show", str(demo["build_dir"]), kept_uid]) == 0
