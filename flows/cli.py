@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from flows import env  # noqa: F401
@@ -46,6 +47,9 @@ def _print_summary(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=2, default=str))
         return
+    if not sys.stdout.isatty():  # a log file or a pipe: plain lines, nothing cut to a guessed width
+        print(plain_summary(result))
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -62,10 +66,32 @@ def _print_summary(result: dict, as_json: bool) -> None:
             f"output: {result['build_dir']}")
 
 
+def plain_summary(result: dict) -> str:
+    """The build summary as plain lines (no table drawing), for logs."""
+    st = result["stats"]
+    lines = [f"build {result['build_id']}{' (resumed)' if result.get('resumed') else ''}"]
+    for s in st["stages"]:
+        rej = ", ".join(f"{k}={v}" for k, v in sorted(s["rejected"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"  {s['stage']}: {s['rows_in']} in, {s['rows_out']} out, {s['seconds']:.1f}s"
+                     + (f"; rejected {rej}" if rej else ""))
+    lines.append(f"{st['rows_listed']} listed = {st['rows_kept']} kept + {st['rows_rejected']} rejected")
+    lines.append(f"output: {result['build_dir']}")
+    return "\n".join(lines)
+
+
+def make_reporter(args):
+    """No progress with --quiet or --json; bars on a terminal; plain lines anywhere else (cron, CI, nohup)."""
+    from flows.progress import PlainReporter
+
+    if args.quiet or args.json:
+        return None
+    return RichReporter() if sys.stdout.isatty() else PlainReporter(sys.stdout)
+
+
 def _run(fn, args, **kw):
     from flows.progress import set_reporter
 
-    reporter = None if (args.quiet or args.json) else RichReporter()
+    reporter = make_reporter(args)
     set_reporter(reporter)
     try:
         return fn(**kw, quiet=args.quiet or args.json)
@@ -154,7 +180,15 @@ def cmd_serve(args) -> int:
     from flows.serve import ServeError, serve_build
 
     try:
-        serve_build(args.spec, cron=args.cron, name=args.name, port=args.port, prefect_home=args.prefect_home)
+        say = None
+        if args.json:
+            def say(message, **fields):
+                print(json.dumps({"message": message, **fields}), flush=True)
+        elif args.quiet:
+            def say(message, **fields):
+                pass
+        serve_build(args.spec, cron=args.cron, name=args.name, port=args.port, prefect_home=args.prefect_home,
+                    say=say)
     except ServeError as e:
         print(f"pairforge: {e}", file=sys.stderr)
         return 2
@@ -266,13 +300,38 @@ def cmd_stages(args) -> int:
     return 0
 
 
+@contextmanager
+def quiet_logs(on: bool):
+    """Prefect's INFO lines (flow started, training steps) off while a command runs: through the environment for a
+    Prefect not imported yet, and on its logger for one that is; both restored after (main() may run in-process)."""
+    if not on:
+        yield
+        return
+    import logging
+    import os
+
+    before_env, logger = os.environ.get("PREFECT_LOGGING_LEVEL"), logging.getLogger("prefect")
+    before_level = logger.level
+    os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(before_level)
+        if before_env is None:
+            os.environ.pop("PREFECT_LOGGING_LEVEL", None)
+        else:
+            os.environ["PREFECT_LOGGING_LEVEL"] = before_env
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pairforge", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp):
-        sp.add_argument("--quiet", action="store_true", help="no progress bars")
-        sp.add_argument("--json", action="store_true", help="print a machine-readable summary")
+        sp.add_argument("--quiet", action="store_true",
+                        help="no progress output (bars, lines, INFO logs); the result still prints")
+        sp.add_argument("--json", action="store_true", help="print the result as JSON (implies --quiet)")
 
     b = sub.add_parser("build", help="build a dataset from a spec (resumes an unfinished build of the same spec)")
     b.add_argument("spec", type=Path)
@@ -307,13 +366,13 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("build_id", nargs="?")
     c.add_argument("--catalog", default="demo-out/builds/catalog.duckdb")
     c.add_argument("--dataset")
-    c.add_argument("--json", action="store_true")
+    common(c)
     c.set_defaults(fn=cmd_catalog)
 
     t = sub.add_parser("train", help="train a CLIP model on pairforge shards (resumes from its latest checkpoint)")
     t.add_argument("spec", type=Path)
     t.add_argument("--fresh", action="store_true", help="drop existing checkpoints and start over")
-    t.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    common(t)
     t.set_defaults(fn=cmd_train)
 
     sv = sub.add_parser("serve", help="serve the build of a spec on a cron schedule (a local Prefect server unless "
@@ -323,6 +382,7 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--name", help="deployment name (default: the spec's dataset)")
     sv.add_argument("--port", type=int, help="port of the local Prefect server (default: a free one)")
     sv.add_argument("--prefect-home", type=Path, help="PREFECT_HOME of the local server (default: <out>/_prefect)")
+    common(sv)
     sv.set_defaults(fn=cmd_serve)
 
     rp = sub.add_parser("report", help="write a build's report.html and dataset card README.md from its files")
@@ -330,13 +390,13 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", type=Path, help="report path (default: BUILD/report.html)")
     rp.add_argument("--seed", type=int, default=0, help="seed of the sample grids")
     rp.add_argument("--no-card", action="store_true", help="do not rewrite README.md")
-    rp.add_argument("--json", action="store_true")
+    common(rp)
     rp.set_defaults(fn=cmd_report)
 
     sh = sub.add_parser("show", help="print one record of a build with its stats, and why it was rejected")
     sh.add_argument("build", type=Path, help="the build's folder")
     sh.add_argument("uid", help="a uid, or a unique prefix of one")
-    sh.add_argument("--json", action="store_true")
+    common(sh)
     sh.set_defaults(fn=cmd_show)
 
     ng = sub.add_parser("negatives", help="counterfactual hard-negative images of a finished build (validated by "
@@ -358,7 +418,7 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", choices=("webdataset", "uids"), required=True)
     ex.add_argument("out", type=Path, help="folder of tars (webdataset) or .npy file (uids)")
     ex.add_argument("--samples-per-tar", type=int, default=10000)
-    ex.add_argument("--json", action="store_true")
+    common(ex)
     ex.set_defaults(fn=cmd_export)
 
     ev = sub.add_parser("eval", help="demo comparisons at equal compute (raw vs curated build; clip vs negclip and "
@@ -374,7 +434,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--workers", type=int, default=1, help="training runs at a time (spawned processes); the "
                                                            "numbers do not depend on it")
     ev.add_argument("--catalog", default="demo-out/builds/catalog.duckdb", help="record metrics here")
-    ev.add_argument("--json", action="store_true")
+    common(ev)
     ev.set_defaults(fn=cmd_eval)
 
     st = sub.add_parser("stages", help="the registered stages: params, columns and reasons, from their declarations")
@@ -386,16 +446,17 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from schemas.spec import SpecError
-    from stages.io.ingest import IngestError
-    from flows.build import BuildError
-    from stages.base import StageConfigError
+    with quiet_logs(args.quiet or args.json):
+        from schemas.spec import SpecError
+        from stages.io.ingest import IngestError
+        from flows.build import BuildError
+        from stages.base import StageConfigError
 
-    try:
-        return args.fn(args)
-    except (SpecError, IngestError, BuildError, StageConfigError) as e:
-        print(f"pairforge: {e}", file=sys.stderr)
-        return 2
+        try:
+            return args.fn(args)
+        except (SpecError, IngestError, BuildError, StageConfigError) as e:
+            print(f"pairforge: {e}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -44,3 +44,57 @@ def phase(name: str, total: int | None = None, unit: str = "rows", logger=None):
     dt = time.perf_counter() - t0
     _reporter.finish(name, box["summary"])
     (logger or log).info("%s: done in %.1fs %s", name, dt, box["summary"])
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class PlainReporter(Reporter):
+    """Progress as whole lines for logs (cron, CI, nohup, a pipe): one when a phase starts, then at most one every
+    `interval_s` while it runs (rows done of total, rows/s, ETA), and one when it ends. No bars, no cursor moves."""
+
+    def __init__(self, stream=None, interval_s: float = 10.0, clock=time.monotonic):
+        import sys
+
+        self.stream = stream or sys.stdout
+        self.interval_s, self.clock = interval_s, clock
+        self.phases: dict[str, dict] = {}
+
+    def _line(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def start(self, phase: str, total: int | None, unit: str = "rows") -> None:
+        now = self.clock()
+        self.phases[phase] = {"t0": now, "last": now, "done": 0, "total": total, "unit": unit}
+        self._line(f"{phase}: started" + (f", {total:,} {unit}" if total is not None else ""))
+
+    def status(self, phase: str) -> str:
+        p = self.phases[phase]
+        elapsed = max(self.clock() - p["t0"], 1e-9)
+        rate = p["done"] / elapsed
+        done = f"{p['done']:,}" + (f"/{p['total']:,}" if p["total"] else "")
+        pct = f" ({p['done'] / p['total']:.0%})" if p["total"] else ""
+        eta = ""
+        if p["total"] and rate > 0 and p["done"] < p["total"]:
+            eta = f", eta {_duration((p['total'] - p['done']) / rate)}"
+        return f"{phase}: {done} {p['unit']}{pct}, {rate:,.0f} {p['unit']}/s, {_duration(elapsed)} elapsed{eta}"
+
+    def advance(self, phase: str, n: int) -> None:
+        p = self.phases[phase]
+        p["done"] += n
+        now = self.clock()
+        if now - p["last"] >= self.interval_s:
+            p["last"] = now
+            self._line(self.status(phase))
+
+    def finish(self, phase: str, summary: str = "") -> None:
+        p = self.phases[phase]
+        elapsed = max(self.clock() - p["t0"], 1e-9)
+        self._line(f"{phase}: done, {p['done']:,} {p['unit']} in {_duration(elapsed)} "
+                   f"({p['done'] / elapsed:,.0f} {p['unit']}/s)" + (f"; {summary}" if summary else ""))
+
+    def close(self) -> None:
+        pass

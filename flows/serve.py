@@ -146,9 +146,13 @@ def make_deployment(spec_path: Path, cron: str, name: str | None = None):
 
 
 def serve_build(spec_path: str | Path, cron: str = DEFAULT_CRON, name: str | None = None, port: int | None = None,
-                prefect_home: str | Path | None = None, limit: int = 1) -> None:
-    """Serve build_flow for spec_path on a cron schedule until interrupted; see the module docstring."""
+                prefect_home: str | Path | None = None, limit: int = 1, say=None) -> None:
+    """Serve build_flow for spec_path on a cron schedule until interrupted; see the module docstring.
+
+    say(message, **fields) reports each step (default: print the message)."""
     from schemas.spec import load_spec
+
+    say = say or (lambda message, **fields: print(message, flush=True))
 
     spec_path = Path(spec_path).resolve()
     spec = load_spec(spec_path)
@@ -163,26 +167,29 @@ def serve_build(spec_path: str | Path, cron: str = DEFAULT_CRON, name: str | Non
     server = None
     api_url = os.environ.get("PREFECT_API_URL")
     if api_url:
-        print(f"using the Prefect server at {api_url} (PREFECT_API_URL)", flush=True)
+        say(f"using the Prefect server at {api_url} (PREFECT_API_URL)", event="server", api_url=api_url)
     else:
         home = Path(prefect_home) if prefect_home else spec.out / "_prefect"
-        print(f"starting a Prefect server on 127.0.0.1 (PREFECT_HOME={home}) ...", flush=True)
+        say(f"starting a Prefect server on 127.0.0.1 (PREFECT_HOME={home}) ...", event="starting_server",
+            prefect_home=str(home))
         server = LocalPrefectServer(home, port=port).start()
         api_url = server.api_url
         os.environ["PREFECT_API_URL"] = api_url  # flow runs the runner starts inherit it
-        print(f"Prefect server ready at {api_url} (log: {server.log_path})", flush=True)
+        say(f"Prefect server ready at {api_url} (log: {server.log_path})", event="server", api_url=api_url,
+            log=str(server.log_path))
     try:
         from prefect import serve
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             deployment = make_deployment(spec_path, cron, name)
-            print(f"serving deployment pairforge-build/{deployment.name} on cron {cron!r}: build {spec.dataset} "
-                  f"from {spec_path} (Ctrl-C to stop)", flush=True)
+            say(f"serving deployment pairforge-build/{deployment.name} on cron {cron!r}: build {spec.dataset} "
+                f"from {spec_path} (Ctrl-C to stop)", event="serving", deployment=f"pairforge-build/{deployment.name}",
+                cron=cron, dataset=spec.dataset, spec=str(spec_path))
             _serve_until_signal(serve, deployment, limit)
     finally:
         if server is not None:
-            print("stopping the Prefect server ...", flush=True)
+            say("stopping the Prefect server ...", event="stopping_server")
             server.stop()
             os.environ.pop("PREFECT_API_URL", None)
 

@@ -6,10 +6,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 
 def normalize_url(url: str) -> str:
-    """Lower-case scheme and host, drop the fragment and default ports; keep path and query as given."""
-    u = urlsplit(url.strip())
+    """Lower-case scheme and host, drop the fragment and default ports; keep path and query as given.
+    A URL that does not parse (a bad port, an unclosed IPv6 bracket) is returned stripped, as given."""
+    try:
+        u = urlsplit(url.strip())
+        port = u.port
+    except ValueError:
+        return url.strip()
     host = (u.hostname or "").lower()
-    port = u.port
     if port and not ((u.scheme == "http" and port == 80) or (u.scheme == "https" and port == 443)):
         host = f"{host}:{port}"
     if u.username or u.password:
@@ -23,9 +27,9 @@ def normalize_url(url: str) -> str:
 def make_uid(url: str, text: str | None, occurrence: int = 0) -> str:
     """128-bit hex uid of (normalised url, caption); the n-th repeat of a pair gets its own uid."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(normalize_url(url).encode())
+    h.update(normalize_url(url).encode("utf-8", "surrogatepass"))
     h.update(b"\x00")
-    h.update((text or "").encode())
+    h.update((text or "").encode("utf-8", "surrogatepass"))
     if occurrence:
         h.update(b"\x00%d" % occurrence)
     return h.hexdigest()

@@ -48,8 +48,10 @@ class IngestSpec(_Strict):
     resize_only_if_bigger: bool = True
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
     encode_quality: int = Field(95, ge=1, le=100)
-    timeout_s: float = Field(10, gt=0)
-    retries: int = Field(0, ge=0)
+    timeout_s: float = Field(10, gt=0, description="deadline of one fetch attempt as a whole: DNS, connect, TLS, "
+                                                  "headers, body and redirects together")
+    retries: int = Field(0, ge=0, description="attempts after a failed one, each with its own timeout_s")
+    max_redirects: int = Field(5, ge=0, description="redirects followed per URL; a loop is rejected at once")
     max_bytes: int = Field(20_000_000, gt=0)
     max_pixels: int = Field(89_478_485, gt=0)  # PIL's decompression-bomb limit
     allow_hosts: list[str] = Field(default_factory=list, description="hosts, host:port or CIDRs that may be private")
@@ -203,13 +205,20 @@ def parse_spec(data: dict, base_dir: Path | None = None, origin: str = "<spec>")
         raise SpecError(f"{origin}: {_format_errors(e)}") from None
     base = base_dir or Path.cwd()
     field_name = "urls" if spec.source.urls is not None else "pairs"
+    for name, value in ((f"source.{field_name}", spec.source.path), ("out", spec.out), ("catalog", spec.catalog)):
+        if value is not None and ("\x00" in str(value) or not str(value).strip()):
+            raise SpecError(f"{origin}: {name}: not a usable path: {str(value)!r}")
     if not spec.source.path.is_absolute():
         setattr(spec.source, field_name, (base / spec.source.path).resolve())
     if not spec.out.is_absolute():
         spec.out = (base / spec.out).resolve()
     if spec.catalog is not None and not spec.catalog.is_absolute():
         spec.catalog = (base / spec.catalog).resolve()
-    if not spec.source.path.exists() or (field_name == "urls" and not spec.source.path.is_file()):
+    try:
+        found = spec.source.path.exists() and (field_name == "pairs" or spec.source.path.is_file())
+    except OSError as e:  # a name too long, say
+        raise SpecError(f"{origin}: source.{field_name}: cannot be read: {e}") from None
+    if not found:
         raise SpecError(f"{origin}: source.{field_name}: file not found: {spec.source.path}")
     return spec
 
@@ -220,9 +229,13 @@ def read_yaml(path: str | Path):
     if not path.is_file():
         raise SpecError(f"{path}: spec file not found")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not valid YAML: not UTF-8 text ({e})") from None
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: not valid YAML: nested too deeply") from None
 
 
 def load_spec(path: str | Path) -> BuildSpec:

@@ -1415,6 +1415,9 @@ LM_MAX_NEW_TOKENS = 48
 
 
 # ================================================================================================ stage
+MAX_CAPTION_CHARS = 2000
+
+
 class NegativesTextStage(Stage):
     name = "negatives_text"
     version = 1
@@ -1486,8 +1489,10 @@ class NegativesTextStage(Stage):
         return out
 
     def negatives(self, texts: list[str | None]) -> list[list[Negative]]:
-        """Negatives per caption: rule candidates, the most plausible kept (select_plausible), the blind check."""
+        """Negatives per caption: rule candidates, the most plausible kept (select_plausible), the blind check.
+        Captions longer than MAX_CAPTION_CHARS get none (no text encoder reads that far; they cost seconds each)."""
         ps = self.params
+        texts = [t if t is None or len(t) <= MAX_CAPTION_CHARS else None for t in texts]
         if ps.method == "lm":
             self.setup()
             negs = self._lm.negatives([t or "" for t in texts], ps.kinds, ps.per_kind)

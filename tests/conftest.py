@@ -20,7 +20,7 @@ def demo(tmp_path_factory):
     """One real demo build (Prefect flow, local Ray, loopback server), shared by the tests that read a build."""
     from flows.build import build_flow
     from flows.demo.server import DemoServer
-    from tests.builds import N, make_demo
+    from tests.builds import N, free_port, make_demo
 
     root = tmp_path_factory.mktemp("demo")
     forbidden_root = root / "forbidden"
@@ -28,8 +28,17 @@ def demo(tmp_path_factory):
     (forbidden_root / "secret.jpg").write_bytes(b"\xff\xd8secret\xff\xd9")
     (forbidden_root / "routes.json").write_text(json.dumps({"/secret.jpg": {"file": "secret.jpg", "status": 200}}))
     forbidden = DemoServer(forbidden_root).start()
-    d = make_demo(root, N, extra_urls=[(f"{forbidden.url}/secret.jpg", "a secret red circle on a table")],
-                  ingest={"shard_rows": 100})
+    port = free_port()
+    trickle_url = f"http://127.0.0.1:{port}/trickle.jpg"  # one byte every 2 s: only the whole-response deadline ends it
+    d = make_demo(root, N, port=port, ingest={"shard_rows": 100},
+                  extra_urls=[(f"{forbidden.url}/secret.jpg", "a secret red circle on a table"),
+                              (trickle_url, "a red circle sent one byte at a time")])
+    routes = json.loads((d["corpus"] / "routes.json").read_text())
+    image = next(r for r in routes.values() if r.get("status", 200) == 200 and r.get("content_type") == "image/jpeg"
+                 and not r.get("delay_s"))
+    routes["/trickle.jpg"] = {**image, "trickle_s": 2.0}
+    (d["corpus"] / "routes.json").write_text(json.dumps(routes))
+    d["trickle_url"] = trickle_url
     with DemoServer(d["corpus"], port=d["port"]) as server:
         result = build_flow(str(d["spec"]), quiet=True)
         d["requests"] = list(server.requests)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from flows.demo.server import DemoServer
 from tests.builds import N, image_digests, make_demo, manifest, read_parts
@@ -24,10 +26,10 @@ def test_accounting_is_exact(demo):
     rejected = read_parts(demo["build_dir"], "rejects", ["uid"])["uid"].to_pylist()
     listed = set(demo["labels"]["uid"].to_pylist())
     assert len(kept) + len(rejected) == len(set(kept) | set(rejected)), "a uid appears twice"
-    assert len(set(kept) | set(rejected)) == len(listed) + 1  # + the forbidden URL
+    assert len(set(kept) | set(rejected)) == len(listed) + 2  # + the forbidden and the trickling URL
     assert listed <= set(kept) | set(rejected)
     st = demo["result"]["stats"]
-    assert st["rows_listed"] == st["rows_kept"] + st["rows_rejected"] == len(listed) + 1
+    assert st["rows_listed"] == st["rows_kept"] + st["rows_rejected"] == len(listed) + 2
     m = manifest(demo["build_dir"])
     assert m["rows"] == len(kept) and sum(s["rows"] for s in m["shards"]) == len(kept)
     assert all(len(s["sha256"]) == 64 for s in m["shards"] + m["rejects"])
@@ -65,6 +67,18 @@ def test_loopback_url_not_allowed_is_refused_unrequested(demo):
     secret = [r for r in rej if r["url"].endswith("/secret.jpg")]
     assert secret == [{"url": secret[0]["url"], "stage": "ingest", "reason": "blocked_address"}]
     assert demo["forbidden"].requests == []
+
+
+def test_a_trickling_server_is_cut_at_the_deadline_and_the_build_finishes(demo):
+    """The server sends one byte every 2 s, so no single read times out; the spec's timeout_s (5) ends the whole
+    response, the row is rejected `timeout` and no fetch of the build took longer than that (+ slack)."""
+    timeout_s = yaml.safe_load(demo["spec"].read_text())["ingest"]["timeout_s"]
+    rej = read_parts(demo["build_dir"], "rejects", ["url", "stage", "reason", "detail"]).to_pylist()
+    row = next(r for r in rej if r["url"] == demo["trickle_url"])
+    assert (row["stage"], row["reason"]) == ("ingest", "timeout") and "timeout_s" in row["detail"]
+    done = [json.loads(p.read_text()) for p in (demo["build_dir"] / "_work" / "ingest").glob("*.done.json")]
+    slowest = max(ms for s in done for ms in s["fetch_ms"]) / 1000
+    assert timeout_s - 0.5 <= slowest <= timeout_s + 1.5, slowest
 
 
 def test_catalog_records_the_build(demo):
@@ -132,15 +146,25 @@ def test_sigkill_mid_build_then_resume_matches_uninterrupted(demo, tmp_path):
         for i in shards_done:
             done_urls |= set(pq.read_table(work / "input" / f"{i:05d}.parquet", columns=["url"])["url"].to_pylist())
         server.clear_requests()
-        r = subprocess.run(cmd + ["--json"], capture_output=True, text=True, timeout=600)
+        # the resumed run prints its progress and summary to a pipe: plain lines, as in a cron or CI log
+        r = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         refetched = {p for p in server.requests if any(u.endswith(p) for u in done_urls)}
         assert not refetched, f"finished shards fetched again: {sorted(refetched)[:5]}"
-    result = json.loads(r.stdout[r.stdout.index("{"):])
-    assert result["resumed"] and Path(result["build_dir"]) == work.parent
-    # same uids kept and rejected, same image bytes, as the uninterrupted build of the same corpus
+    out = r.stdout
+    assert not any(c in out for c in ("\x1b", "\r", "━", "…")), out[:2000]  # no bars, colours or cut text
+    assert re.search(r"^ingest: started, \d[\d,]* rows$", out, re.M), out[:2000]
+    assert re.search(r"^ingest: done, [\d,]+ rows in \S+ \([\d,]+ rows/s\); \d+ shards fetched", out, re.M), out
+    assert re.search(r"^build \S+ \(resumed\)$", out, re.M) and re.search(r"^\d+ listed = \d+ kept \+ \d+ rejected$",
+                                                                        out, re.M), out
+    result = {"build_dir": re.search(r"^output: (.+)$", out, re.M).group(1)}
+    assert Path(result["build_dir"]) == work.parent
+    # same uids kept and rejected, same image bytes, as the uninterrupted build of the same corpus (which also
+    # lists the trickling URL)
+    trickling = {r["uid"] for r in read_parts(demo["build_dir"], "rejects", ["uid", "url"]).to_pylist()
+                 if r["url"] == demo["trickle_url"]}
     for sub in ("shards", "rejects"):
-        a = set(read_parts(demo["build_dir"], sub, ["uid"])["uid"].to_pylist())
+        a = set(read_parts(demo["build_dir"], sub, ["uid"])["uid"].to_pylist()) - trickling
         b = set(read_parts(result["build_dir"], sub, ["uid"])["uid"].to_pylist())
         assert a == b, f"{sub}: {len(a ^ b)} uids differ"
     assert image_digests(demo["build_dir"]) == image_digests(result["build_dir"])

@@ -58,13 +58,18 @@ def test_precheck_catches_bombs_truncation_and_html():
 
 
 @pytest.mark.parametrize("msg, reason", [
-    ("HTTP Error 404: Not Found", "http_404"), ("HTTP Error 503: Service Unavailable", "http_503"),
-    ("timed out", "timeout"), ("<urlopen error timed out>", "timeout"),
-    ("<urlopen error [Errno 111] Connection refused>", "connection_error"),
+    ("http_404: 404 Not Found", "http_404"), ("HTTP Error 503: Service Unavailable", "http_503"),
+    ("timeout: no complete answer within 5s", "timeout"), ("<urlopen error timed out>", "timeout"),
+    ("connection_refused: 127.0.0.1:9: Connection refused", "connection_refused"),
+    ("<urlopen error [Errno 104] Connection reset by peer>", "connection_error"),
+    ("too_many_redirects: redirect loop: a -> b -> a", "too_many_redirects"),
+    ("tls_error: x: [SSL: CERTIFICATE_VERIFY_FAILED]", "tls_error"), ("dns_error: x.invalid: ...", "dns_error"),
+    ("bad_scheme: file:// is not fetched", "bad_scheme"),
     ("Use of image disallowed by X-Robots-Tag directive", "opt_out"),
-    ("<urlopen error too_large: Content-Length 9 > max_bytes 1>", "too_large"),
+    ("too_large: Content-Length 9 > max_bytes 1", "too_large"),
     ("truncated: JPEG ends without its end-of-image marker", "truncated"),
     ("Image decoding error", "not_an_image"), ("something new", "download_error"),
+    ("no_such_reason: text", "download_error"),
 ])
 def test_classify_error(msg, reason):
     assert classify_error(msg) == reason
@@ -93,7 +98,7 @@ def test_assign_uids_accounts_for_every_row():
     assert inputs["uid"].to_pylist()[0] == make_uid("http://a.com/1.jpg", "cat")
     reasons = dict(zip(rejects["url"].to_pylist(), rejects["reason"].to_pylist()))
     assert reasons["http://A.com/1.jpg#x"] == "duplicate_input_row"  # same normalised url + caption
-    assert reasons["ftp://a.com/x"] == "bad_url"
+    assert reasons["ftp://a.com/x"] == "bad_scheme"
     assert sorted(rejects["reason"].to_pylist()).count("missing_url") == 2
     uids = inputs["uid"].to_pylist() + rejects["uid"].to_pylist()
     assert len(set(uids)) == len(uids)

@@ -549,6 +549,7 @@ def test_show_names_the_stage_reason_and_stat(demo, capsys):
     assert main(["show", str(demo["build_dir"]), ingest["uid"], "--json"]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert rec["rejection"]["stage"] == "ingest" and rec["rejection"]["reason"] == ingest["reason"]
+    assert rec["rejection"]["meaning"]  # what the ingest reason means
 
     kept_uid = read_parts(demo["build_dir"], "shards", ["uid"])["uid"][0].as_py()
     assert main(["show", str(demo["build_dir"]), kept_uid]) == 0
@@ -580,7 +581,7 @@ def test_dataset_card_parses_and_matches_the_shards(demo, tmp_path):
     from datasets import Features
     from huggingface_hub import DatasetCard
 
-    from flows.reporting.report import size_category, write_dataset_card
+    from flows.reporting.report import _md_escape, size_category, write_dataset_card
 
     path = write_dataset_card(demo["build_dir"], out=tmp_path / "README.md")
     text = path.read_text()
@@ -606,7 +607,7 @@ def test_dataset_card_parses_and_matches_the_shards(demo, tmp_path):
     spec_block = body.split("```yaml\n")[1].split("```")[0]
     assert yaml.safe_load(spec_block) == yaml.safe_load((demo["build_dir"] / "spec.yaml").read_text())
     for s in json.loads((demo["build_dir"] / "stats.json").read_text())["stages"]:
-        assert f"| {s['stage']} | {s['rows_in']:,} | {s['rows_out']:,} |" in body
+        assert f"| {_md_escape(s['stage'])} | {s['rows_in']:,} | {s['rows_out']:,} |" in body
     assert "## Known limits" in body and "## Source" in body
 
 

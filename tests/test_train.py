@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,7 @@ def runs(shards, tmp_path_factory) -> dict:
         if name == "B":
             first = train(spec, stop_after=12)
             assert first["status"] == "stopped" and first["step"] == 12
-            out["B_checkpoints_at_stop"] = sorted(p.name for p in (base / name / "checkpoints").glob("*.pt"))
+            out["B_checkpoints_at_stop"] = sorted(p.name for p in (base / name / "checkpoints").glob("step-*"))
             out["B_metrics_at_stop"] = metrics(base / name)
         out[name] = train(spec)
         out[name + "_dir"] = base / name
@@ -121,9 +122,12 @@ def test_loss_goes_down_and_checkpoints_are_written(runs):
     assert [r["step"] for r in m] == list(range(1, STEPS + 1))
     first, last = [r["loss"] for r in m[:5]], [r["loss"] for r in m[-5:]]
     assert sum(last) / 5 < sum(first) / 5 - 0.2, (first, last)
-    ckpts = sorted(p.name for p in (runs["A_dir"] / "checkpoints").glob("*.pt"))
-    assert ckpts == ["step-0000020.pt", f"step-{STEPS:07d}.pt"]  # keep_checkpoints=2
-    assert runs["B_checkpoints_at_stop"][-1] == "step-0000012.pt"
+    ckpts = sorted(p.name for p in (runs["A_dir"] / "checkpoints").glob("step-*"))
+    assert ckpts == ["step-0000020", f"step-{STEPS:07d}"]  # keep_checkpoints=2
+    assert runs["B_checkpoints_at_stop"][-1] == "step-0000012"
+    # safetensors + JSON, nothing pickled
+    assert sorted(p.name for p in (runs["A_dir"] / "checkpoints" / ckpts[-1]).iterdir()) == ["state.json",
+                                                                                            "state.safetensors"]
 
 
 def test_resume_continues_with_identical_losses_and_weights(runs):
@@ -168,6 +172,23 @@ def test_checkpoints_of_another_spec_are_not_resumed(runs, shards):
     spec = parse_train_spec(tiny_spec(shards, runs["A_dir"], optim={"lr": 1e-3}))
     with pytest.raises(TrainError, match="another training spec"):
         train(spec)
+
+
+def test_a_pickled_checkpoint_is_never_loaded(shards, tmp_path):
+    """A step-*.pt from an older version (or anyone) is refused, not unpickled: unpickling runs the file's code."""
+    import pickle
+
+    spec = parse_train_spec(tiny_spec(shards, tmp_path / "P"))
+    (tmp_path / "P" / "checkpoints").mkdir(parents=True)
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    (tmp_path / "P" / "checkpoints" / "step-0000005.pt").write_bytes(pickle.dumps({"step": 5, "x": Boom()}))
+    with pytest.raises(TrainError, match="pickled checkpoint .* not loaded"):
+        train(spec)
+    assert not (tmp_path / "ran").exists()
 
 
 def test_cli_has_train():

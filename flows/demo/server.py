@@ -1,4 +1,5 @@
-"""A small HTTP server for the demo corpus: serves routes.json (status, headers, content type, delay).
+"""A small HTTP server for the demo corpus: serves routes.json (status, headers, content type, delay, trickle_s: the
+body one byte every trickle_s seconds).
 
     with DemoServer(root) as srv:        # port 0: a free port
         urllib.request.urlopen(srv.url + "/img/abc.jpg")
@@ -70,18 +71,27 @@ class _Handler(BaseHTTPRequestHandler):
                 body = demo.read(route["file"])
             headers = {"Content-Type": route.get("content_type") or "application/octet-stream"}
             headers.update(route.get("headers") or {})
-            self._send(int(route.get("status", 200)), headers, body, head)
+            self._send(int(route.get("status", 200)), headers, body, head, float(route.get("trickle_s") or 0.0))
         except _QUIET_ERRORS:
             self.close_connection = True
 
-    def _send(self, status: int, headers: dict[str, str], body: bytes, head: bool) -> None:
+    def _send(self, status: int, headers: dict[str, str], body: bytes, head: bool, trickle_s: float = 0.0) -> None:
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if not head and body:
+        if head or not body:
+            return
+        if trickle_s <= 0:
             self.wfile.write(body)
+            return
+        self.wfile.flush()
+        for i in range(len(body)):  # one byte every trickle_s: a per-read timeout never fires
+            self.wfile.write(body[i:i + 1])
+            self.wfile.flush()
+            if self.server.demo._stop.wait(trickle_s):
+                return
 
 
 class DemoServer:

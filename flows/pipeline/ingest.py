@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from flows.pipeline.context import BuildContext
 from flows.progress import phase
 from stages.io.ingest import ingest_shard
+
+
+MS_BINS = np.unique(np.geomspace(1, 3_600_000, 200).astype(np.int64))  # upper edges of per-URL time buckets, ms
 
 
 def ingest_all(ctx: BuildContext, prepared: dict) -> dict:
@@ -23,12 +27,22 @@ def ingest_all(ctx: BuildContext, prepared: dict) -> dict:
     with phase("ingest", total=prepared["rows"]) as adv:
         adv(done_rows)
         pending = {remote.remote(folder, i, params): i for i in todo}
+        hist, longest = np.zeros(len(MS_BINS) + 1, np.int64), 0  # per-URL times, O(1) in the build's size
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 pending.pop(ref)
-                adv(ray.get(ref)["rows_in"])
-        adv(0, f"{len(todo)} shards fetched, {prepared['shards'] - len(todo)} already done")
+                s = ray.get(ref)
+                ms = np.asarray(s.get("fetch_ms", []), np.int64)
+                hist += np.bincount(np.searchsorted(MS_BINS, ms), minlength=len(hist))
+                longest = max(longest, int(ms.max(initial=0)))
+                adv(s["rows_in"])
+        times = ""
+        if hist.sum():
+            p50, p99 = (MS_BINS[min(np.searchsorted(np.cumsum(hist), q * hist.sum()), len(MS_BINS) - 1)] / 1000
+                        for q in (0.5, 0.99))
+            times = f"; per URL p50 <= {p50:.2f}s, p99 <= {p99:.2f}s, max {longest / 1000:.2f}s"
+        adv(0, f"{len(todo)} shards fetched, {prepared['shards'] - len(todo)} already done{times}")
     seconds = ctx.state().get("ingest_seconds", 0.0) + time.perf_counter() - t0
     ctx.set_state(ingest_seconds=seconds)
     return {"seconds": seconds, "shards_fetched": len(todo)}

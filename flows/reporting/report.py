@@ -59,6 +59,9 @@ CAPTION_CHARS = 160
 # Core numeric columns plotted after the stages' stats; every stage-specific map below derives from the stages'
 # declarations (stages.base: columns with their roles, reasons with their stats and thresholds).
 CORE_STATS = ["width", "height", "original_width", "original_height"]
+# Ingest reasons decided by a spec value (ingest.*): stages declare their own reasons.
+INGEST_PARAMS = {"timeout": "timeout_s", "too_large": "max_bytes", "decompression_bomb": "max_pixels",
+                 "too_many_redirects": "max_redirects"}
 DECISION = ["stage", "reason", "detail"]
 
 
@@ -336,7 +339,13 @@ def deciding_stats(row: dict, reason: str | None, stage: str | None) -> list[tup
     return [(c, row.get(c)) for c in cols if c in row]
 
 
-def deciding_param(spec_params: dict, reason: str | None, stage: str | None = None) -> tuple[str, Any] | None:
+def deciding_param(spec_params: dict, reason: str | None, stage: str | None = None,
+                   ingest: dict | None = None) -> tuple[str, Any] | None:
+    """(spec.param, value) a rejection was decided by: a stage's declared parameter, or for ingest reasons the
+    spec's ingest value (`ingest`: the spec's ingest section)."""
+    if stage == "ingest" or (stage is None and reason in INGEST_PARAMS):
+        name = INGEST_PARAMS.get(reason)
+        return (f"ingest.{name}", (ingest or {})[name]) if name and (ingest or {}).get(name) is not None else None
     found = reason_declaration(reason, stage)
     if found is None or found[1].deciding_param is None:
         return None
@@ -344,6 +353,13 @@ def deciding_param(spec_params: dict, reason: str | None, stage: str | None = No
     if stage not in spec_params or spec_params[stage].get(name) is None:
         return None
     return f"{stage}.{name}", spec_params[stage][name]
+
+
+def reason_meaning(reason: str | None) -> str | None:
+    """What an input or ingest reason means (stages.io.ingest.REASONS; http_NNN by its status)."""
+    from stages.io.ingest import reason_text
+
+    return reason_text(reason)
 
 
 # --------------------------------------------------------------------------- plots
@@ -581,11 +597,13 @@ def _rejects(build: Build, rows: list[tuple[str, str, int]]) -> str:
         return "".join(out)
     listed = build.stats.get("rows_listed") or build.meta.num_rows or 1
     out.append('<table><tr><th class="l">stage</th><th class="l">reason</th><th>rows</th><th>% of listed</th>'
-               '</tr>')
+               '<th class="l">meaning</th></tr>')
     for stage, reason, c in rows:
+        meaning = reason_meaning(reason) if stage in ("input", "ingest") else None
         out.append(f'<tr data-stage="{esc(stage)}" data-reason="{esc(reason)}" data-count="{c}">'
                    f'<td class="l">{esc(stage)}</td><td class="l"><a href="#rej-{slug(stage)}-{slug(reason)}">'
-                   f'{esc(reason)}</a></td><td>{c:,}</td><td>{c / listed:.2%}</td></tr>')
+                   f'{esc(reason)}</a></td><td>{c:,}</td><td>{c / listed:.2%}</td>'
+                   f'<td class="l" data-role="meaning">{esc(meaning or "")}</td></tr>')
     out.append('</table><div class="plots"><figure><img alt="rejects by reason" src="'
                f'{reasons_png(rows)}"></figure></div></section>')
     return "".join(out)
@@ -673,7 +691,7 @@ def _card(build: Build, r: int, thumb: str | None, row: dict, extra: str = "") -
         detail = str(row.get("detail") or "")
         stats = [(k, v) for k, v in deciding_stats(row, reason, stage)  # what the reason or detail says already
                  if v is not None and str(v) != reason and (not isinstance(v, str) or v not in detail)]
-        par = deciding_param(build.params, reason, stage)
+        par = deciding_param(build.params, reason, stage, build.spec.get("ingest"))
         s = ", ".join(f"{k}={fmt_value(v)}" for k, v in stats)
         if par:
             s += f"{'; ' if s else ''}{par[0]}={par[1]}"
@@ -1071,8 +1089,28 @@ def _plural(n: int, word: str) -> str:
     return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>!&|~#])")
+_LINE_BREAKS = re.compile(r"[\r\n\v\f\x85\u2028\u2029]+")
+
+
 def _md_escape(s: Any) -> str:
-    return str(s).replace("|", "\\|").replace("\n", " ")
+    """Text from the build (names, reasons, spec values) as inline Markdown that renders as itself: one line, each
+    character that could start markup, HTML, a link or an image backslash-escaped."""
+    return _MD_SPECIAL.sub(r"\\\1", _LINE_BREAKS.sub(" ", str(s)))
+
+
+def _md_code(s: Any) -> str:
+    """A code span that holds s whatever it holds: delimited by more backticks than any run in it."""
+    text = _LINE_BREAKS.sub(" ", str(s))
+    fence = "`" * (max((len(r) for r in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if not text.strip() or text[0] == "`" or text[-1] == "`" or (text[0] == " " and text[-1] == " ") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"  # CommonMark strips one space each side when both are there
+
+
+def _md_fence(text: str, info: str = "") -> list[str]:
+    """A fenced code block no line of text can close: its fence is longer than any backtick run in text."""
+    fence = "`" * max(3, max((len(r) for r in re.findall(r"`+", text)), default=0) + 1)
+    return [fence + info, text, fence]
 
 
 def card_body(build: Build, header: dict) -> str:
@@ -1080,10 +1118,12 @@ def card_body(build: Build, header: dict) -> str:
     src = spec.get("source") or {}
     params = build.params
     n = header["dataset_info"]["splits"][0]["num_examples"]
-    lines = [f"# {header['pretty_name']}", "",
-             f"{n:,} image-text pairs built by pairforge from the source `{mf.get('source') or src.get('name')}`"
-             f" (build `{mf.get('build_id') or build.dir.name}`, spec hash `{(mf.get('spec_hash') or '')[:12]}`, "
-             f"code `{mf.get('code_version', '?')}`). The build report is `report.html` beside this card.", "",
+    lines = [f"# {_md_escape(header['pretty_name'])}", "",
+             f"{n:,} image-text pairs built by pairforge from the source "
+             f"{_md_code(mf.get('source') or src.get('name'))} "
+             f"(build {_md_code(mf.get('build_id') or build.dir.name)}, "
+             f"spec hash {_md_code((mf.get('spec_hash') or '')[:12])}, code {_md_code(mf.get('code_version', '?'))}). "
+             "The build report is `report.html` beside this card.", "",
              "## Dataset structure", "",
              "One split, `train`: the kept pairs in `shards/*.parquet` "
              f"({_plural(len(mf.get('shards', [])), 'file')}). "
@@ -1091,28 +1131,29 @@ def card_body(build: Build, header: dict) -> str:
              "with their full record and `stage`, `reason`, `detail`; they are not part of the split.", "",
              "| column | type |", "|---|---|"]
     for f in build.schema or []:
-        lines.append(f"| `{f.name}` | {_md_escape(f.type)} |")
+        lines.append(f"| {_md_code(f.name)} | {_md_escape(f.type)} |")
     lines += ["", "```python", "from datasets import load_dataset",
               "ds = load_dataset(\"path/to/this/folder\", split=\"train\")  # image is JPEG/PNG/WebP bytes", "```", "",
               "## Source", "",
-              f"- name: `{src.get('name') or mf.get('source')}`",
-              f"- input: `{src.get('urls') or src.get('pairs')}`",
-              f"- input fingerprint: `{mf.get('source_fingerprint', '?')}`",
+              f"- name: {_md_code(src.get('name') or mf.get('source'))}",
+              f"- input: {_md_code(src.get('urls') or src.get('pairs'))}",
+              f"- input fingerprint: {_md_code(mf.get('source_fingerprint', '?'))}",
               f"- rows listed: {st.get('rows_listed', '?'):,}" if isinstance(st.get("rows_listed"), int)
               else "- rows listed: ?", "",
               "## Curation", "", "| stage | rows in | rows out | rejected (by reason) | seconds |",
               "|---|---|---|---|---|"]
     for s in st.get("stages", []):
         rej = ", ".join(f"{k}: {v}" for k, v in sorted(s.get("rejected", {}).items(), key=lambda kv: -kv[1]))
-        lines.append(f"| {s['stage']} | {s['rows_in']:,} | {s['rows_out']:,} | {_md_escape(rej) or '-'} | "
+        lines.append(f"| {_md_escape(s['stage'])} | {s['rows_in']:,} | {s['rows_out']:,} | {_md_escape(rej) or '-'} | "
                      f"{s.get('seconds', 0):.1f} |")
     smeta = mf.get("stage_metadata") or {}
     models = {k: v for k, v in smeta.items() if isinstance(v, dict) and v.get("model")}
     if models:
-        lines += ["", "Models: " + "; ".join(f"{k}: `{v['model']}`" for k, v in models.items()) + "."]
-    lines += ["", "## Resolved spec", "", "```yaml", yaml.safe_dump(spec, sort_keys=False).rstrip(), "```", "",
+        lines += ["", "Models: " + "; ".join(f"{_md_escape(k)}: {_md_code(v['model'])}" for k, v in models.items())
+                  + "."]
+    lines += ["", "## Resolved spec", "", *_md_fence(yaml.safe_dump(spec, sort_keys=False).rstrip(), "yaml"), "",
               "## Known limits", ""]
-    lines += [f"- {x}" for x in known_limits(build, header)]
+    lines += [f"- {_md_escape(x)}" for x in known_limits(build, header)]
     return "\n".join(lines) + "\n"
 
 

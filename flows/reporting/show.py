@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from flows.reporting.report import ReportError, _part_files, deciding_param, deciding_stats, fmt_bytes, stage_params
+from flows.reporting.report import (ReportError, _part_files, deciding_param, deciding_stats, fmt_bytes,
+                                    reason_meaning, stage_params)
 
 
 def find_row(build_dir: Path, uid: str) -> tuple[str, Path, dict]:
@@ -111,10 +112,13 @@ def show_record(build_dir: str | Path, uid: str) -> dict:
     if sub == "rejects":
         reason, stage = row.get("reason"), row.get("stage")
         stats = deciding_stats(row, reason, stage)
-        par = deciding_param(params, reason, stage)
+        par = deciding_param(params, reason, stage, (spec or {}).get("ingest"))
+        meaning = reason_meaning(reason) if stage in ("input", "ingest") else None
         rec["rejection"] = {"stage": stage, "reason": reason, "detail": row.get("detail"),
                             "stats": {k: v for k, v in stats},
                             "param": {"name": par[0], "value": par[1]} if par else None}
+        if meaning:  # input and ingest reasons: what they mean (stages.io.ingest.REASONS)
+            rec["rejection"]["meaning"] = meaning
     return _jsonable(rec)
 
 
@@ -131,6 +135,8 @@ def format_record(rec: dict) -> str:
     rej = rec.get("rejection")
     if rej:
         lines.append(f"  rejected by stage {rej['stage']!r}, reason {rej['reason']!r}")
+        if rej.get("meaning"):
+            lines.append(f"  meaning: {rej['meaning']}")
         if rej.get("detail"):
             lines.append(f"  detail: {rej['detail']}")
         if rej.get("stats"):

@@ -8,9 +8,9 @@
     model    CLIPModel from a small CLIPConfig; a character-level CLIPTokenizer built in memory (or a given one)
     loop     the model's contrastive loss through the loss registry (LOSSES), AdamW, linear warmup then cosine,
              gradient clipping; torch / numpy / random seeded from the spec
-    state    out/checkpoints/step-NNNNNNN.pt (model, optimizer, scheduler, step, RNG states); a rerun resumes from
-             the newest one that belongs to the same training spec and sees exactly the batches an uninterrupted run
-             would have seen (the loader skips the rows already consumed)
+    state    out/checkpoints/step-NNNNNNN/ (state.safetensors + state.json: model, optimizer, scheduler, step, RNG
+             states; no pickle); a rerun resumes from the newest one that belongs to the same training spec and sees
+             exactly the batches an uninterrupted run would have seen (the loader skips the rows already consumed)
     metrics  out/metrics.jsonl every log_every steps (and the Prefect log); final held-out evaluation: image->text
              and text->image R@1/R@5 and pairwise accuracy (true caption vs another pair's caption)
     output   out/model/ (config.json, model.safetensors, tokenizer files, processor_config.json) loadable with
@@ -287,31 +287,94 @@ def _set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
 
 
+# A checkpoint is a folder step-NNNNNNN/ of state.safetensors (every tensor: model, optimizer moments, RNG) and
+# state.json (everything else: step, hashes, scheduler, optimizer groups, Python / numpy RNG). Nothing is pickled,
+# so reading one runs no code from the file.
+STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"
+
+
+def _tensors_and_json(value, prefix: str, tensors: dict):
+    """A nested state (dicts, lists, tuples, tensors, numpy arrays, scalars) -> its JSON form, tensors moved to
+    `tensors` under path keys; tuples, numpy arrays and int dict keys are tagged so they come back as they were."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        tensors[prefix] = value.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(value, np.ndarray):
+        tensors[prefix] = torch.from_numpy(np.ascontiguousarray(value))
+        return {"__ndarray__": prefix}
+    if isinstance(value, dict):
+        int_keys = all(isinstance(k, int) for k in value) and bool(value)
+        body = {str(k): _tensors_and_json(v, f"{prefix}/{k}", tensors) for k, v in value.items()}
+        return {"__intkeys__": body} if int_keys else body
+    if isinstance(value, tuple):
+        return {"__tuple__": [_tensors_and_json(v, f"{prefix}/{i}", tensors) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_tensors_and_json(v, f"{prefix}/{i}", tensors) for i, v in enumerate(value)]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"checkpoint state at {prefix}: {type(value).__name__} is not saved (tensors, arrays, numbers, "
+                    "strings, lists, tuples and dicts are)")
+
+
+def _from_json(value, tensors: dict):
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__ndarray__" in value:
+            return tensors[value["__ndarray__"]].numpy()
+        if "__tuple__" in value:
+            return tuple(_from_json(v, tensors) for v in value["__tuple__"])
+        if "__intkeys__" in value:
+            return {int(k): _from_json(v, tensors) for k, v in value["__intkeys__"].items()}
+        return {k: _from_json(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v, tensors) for v in value]
+    return value
+
+
 def checkpoints(out: Path) -> list[Path]:
-    return sorted((out / CHECKPOINT_DIR).glob("step-*.pt"))
+    return sorted(p for p in (out / CHECKPOINT_DIR).glob("step-*") if (p / STATE_JSON).is_file())
 
 
 def save_checkpoint(out: Path, state: dict, keep: int) -> Path:
-    import torch
+    from safetensors.torch import save_file
 
     folder = out / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{state['step']:07d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
+    path = folder / f"step-{state['step']:07d}"
+    tmp = folder / f".{path.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors: dict = {}
+    doc = _tensors_and_json(state, "state", tensors)
+    save_file(tensors, tmp / STATE_TENSORS)
+    (tmp / STATE_JSON).write_text(json.dumps(doc))
+    shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     for old in checkpoints(out)[:-keep]:
-        old.unlink()
+        shutil.rmtree(old)
     return path
 
 
-def latest_checkpoint(out: Path, training_hash: str) -> dict | None:
-    import torch
+def load_checkpoint(path: Path) -> dict:
+    from safetensors.torch import load_file
 
+    return _from_json(json.loads((path / STATE_JSON).read_text()), load_file(path / STATE_TENSORS))
+
+
+def latest_checkpoint(out: Path, training_hash: str) -> dict | None:
     found = checkpoints(out)
     if not found:
+        legacy = sorted((out / CHECKPOINT_DIR).glob("step-*.pt"))
+        if legacy:
+            raise TrainError(f"{out}: {legacy[-1].name} is a pickled checkpoint of an older pairforge, which is not "
+                             "loaded (unpickling runs code from the file); pass fresh=True (--fresh) to start over")
         return None
-    state = torch.load(found[-1], map_location="cpu", weights_only=False)
+    state = load_checkpoint(found[-1])
     if state.get("training_hash") != training_hash:
         raise TrainError(f"{out}: checkpoints there belong to another training spec; "
                          "use a new `out` folder or pass fresh=True (--fresh) to start over")

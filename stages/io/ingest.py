@@ -5,18 +5,22 @@ in the shard's pairs or in its rejects, with a reason from REASONS.
 """
 from __future__ import annotations
 
+import http.client
 import io
 import ipaddress
 import json
 import os
+import re
 import shutil
 import socket
+import ssl
 import tempfile
-import urllib.error
+import time
 import urllib.request
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -34,14 +38,20 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # Reject reasons of the input and ingest steps.
 REASONS = {
     "missing_url": "the row has no URL",
+    "malformed_row": "the row does not parse: a CSV/TSV line with the wrong number of fields, a JSONL line that is "
+                     "not a JSON object; `text` holds the line",
     "missing_image": "a corpus row has no image bytes",
-    "bad_url": "the URL is not an http(s) URL",
+    "bad_url": "the URL cannot be parsed or names no host",
+    "bad_scheme": "the URL (or a redirect) is not http or https (file:, ftp:, data: ...): never fetched",
     "duplicate_input_row": "the same URL and caption are listed again",
     "seen_in_earlier_build": "an incremental build skips uids earlier builds of the source processed",
     "blocked_address": "the host resolves to a private, loopback, link-local or reserved address the spec does not allow",
     "dns_error": "the host name does not resolve",
-    "connection_error": "the connection was refused or reset",
-    "timeout": "no answer within the spec's timeout",
+    "connection_refused": "nothing listens on the host's port (connection refused)",
+    "connection_error": "the connection failed, was reset or closed before a complete HTTP answer",
+    "tls_error": "the TLS handshake failed: bad or expired certificate, wrong host name, no common protocol",
+    "timeout": "no complete response (DNS, connect, headers and body together) within ingest.timeout_s",
+    "too_many_redirects": "a redirect loop, or more redirects than ingest.max_redirects",
     "opt_out": "the server opts the image out of AI use (X-Robots-Tag)",
     "too_large": "the response is bigger than the spec's max_bytes",
     "decompression_bomb": "the image header declares more pixels than the spec's max_pixels",
@@ -58,8 +68,15 @@ class IngestError(ValueError):
 
 # --------------------------------------------------------------------------- reading the URL list
 
+_URL_LIST_SCHEMA = pa.schema([("url", pa.string()), ("text", pa.string()), ("malformed", pa.string())])
+
+
 def read_url_list(src: SourceSpec) -> pa.Table:
-    """Read the source list into (url, text) strings; clear errors for a bad file or missing columns."""
+    """Read the source list into (url, text, malformed) strings, one row per listed row.
+
+    A row that does not parse (a CSV line with too many or too few fields, a JSONL line that is not a JSON object)
+    is kept as a row with `malformed` saying why, so it can be rejected and counted; bytes that are not UTF-8 are
+    replaced (U+FFFD). A file that cannot be read at all, or lacks the URL or caption column, is an IngestError."""
     path = Path(src.urls)
     fmt = src.format
     if fmt == "auto":
@@ -67,30 +84,161 @@ def read_url_list(src: SourceSpec) -> pa.Table:
         fmt = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}.get(suffix)
         if fmt is None:
             raise IngestError(f"{path}: cannot tell the format from the suffix {suffix!r}; set source.format")
+    cols = (src.url_col, src.caption_col)
+    clean = None
     try:
         if fmt == "parquet":
-            table = pq.read_table(path)
-        elif fmt in ("csv", "tsv"):
-            table = pacsv.read_csv(
-                path,
-                parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True),
-                convert_options=pacsv.ConvertOptions(
-                    column_types={src.url_col: pa.string(), src.caption_col: pa.string()}
-                ),
-            )
+            names = pq.read_schema(path).names
+            _require_columns(path, cols, names)
+            table, malformed = pq.read_table(path, columns=list(dict.fromkeys(cols))), []
         else:
-            table = pajson.read_json(path)
-    except (pa.ArrowInvalid, OSError) as e:
+            clean = _utf8_copy(path)
+            text_path = clean or path
+            if fmt in ("csv", "tsv"):
+                table, malformed = _read_delimited(path, text_path, "\t" if fmt == "tsv" else ",", cols)
+            else:
+                table, malformed = _read_jsonl(path, text_path, cols)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
         raise IngestError(f"{path}: cannot read as {fmt}: {e}") from None
-    missing = [c for c in (src.url_col, src.caption_col) if c not in table.column_names]
+    finally:
+        if clean is not None:
+            clean.unlink(missing_ok=True)
+    n = table.num_rows
+    parsed = pa.table({"url": _as_text(table.column(src.url_col)), "text": _as_text(table.column(src.caption_col)),
+                       "malformed": pa.nulls(n, pa.string())}, schema=_URL_LIST_SCHEMA)
+    if not malformed:
+        return parsed
+    bad = pa.table({"url": pa.nulls(len(malformed), pa.string()), "text": [m[1] for m in malformed],
+                    "malformed": [m[0] for m in malformed]}, schema=_URL_LIST_SCHEMA)
+    return pa.concat_tables([parsed, bad])
+
+
+def _require_columns(path: Path, cols: tuple[str, str], names: list[str]) -> None:
+    missing = [c for c in dict.fromkeys(cols) if c not in names]
     if missing:
-        raise IngestError(
-            f"{path}: column(s) {missing} not found (source.url_col / source.caption_col); "
-            f"the file has {table.column_names}"
+        raise IngestError(f"{path}: column(s) {missing} not found (source.url_col / source.caption_col); "
+                          f"the file has {names}")
+
+
+def _as_text(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Any column as UTF-8 strings: bytes that are not UTF-8 become U+FFFD, nested values their JSON."""
+    t = col.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return col.cast(pa.string())
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        try:
+            return col.cast(pa.string())  # validates UTF-8
+        except pa.ArrowInvalid:
+            return pa.chunked_array([pa.array([None if b is None else b.decode("utf-8", "replace")
+                                               for b in col.to_pylist()], pa.string())])
+    try:
+        return col.cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return pa.chunked_array([pa.array([None if v is None else json.dumps(v, default=str, ensure_ascii=False)
+                                           for v in col.to_pylist()], pa.string())])
+
+
+def _utf8_copy(path: Path, chunk: int = 1 << 24) -> Path | None:
+    """None when the file is UTF-8 throughout; else a temporary copy with each bad byte replaced by U+FFFD."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as f:
+        try:
+            while block := f.read(chunk):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+            return None
+        except UnicodeDecodeError:
+            pass
+        f.seek(0)
+        fd, name = tempfile.mkstemp(prefix="pairforge-urls-", suffix=path.suffix)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            while block := f.read(chunk):
+                out.write(decoder.decode(block))
+            out.write(decoder.decode(b"", final=True))
+    return Path(name)
+
+
+def _read_delimited(path: Path, text_path: Path, delimiter: str,
+                    cols: tuple[str, str]) -> tuple[pa.Table, list[tuple[str, str]]]:
+    """CSV / TSV (`text_path`: the file, or its UTF-8 copy): only the two columns; rows with the wrong field count
+    set aside."""
+    import csv
+
+    bad: list[tuple[int | None, str]] = []
+
+    def set_aside(row) -> str:
+        bad.append((row.number, f"expected {row.expected_columns} fields, got {row.actual_columns}", row.text))
+        return "skip"
+
+    wanted = list(dict.fromkeys(cols))
+    try:
+        table = pacsv.read_csv(
+            text_path,
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True,
+                                             invalid_row_handler=set_aside),
+            convert_options=pacsv.ConvertOptions(include_columns=wanted,
+                                                 column_types={c: pa.string() for c in wanted}),
         )
-    urls = table.column(src.url_col).cast(pa.string())
-    texts = table.column(src.caption_col).cast(pa.string())
-    return pa.table({"url": urls, "text": texts})
+    except pa.ArrowKeyError as e:  # a column not in the header
+        with open(text_path, encoding="utf-8") as f:
+            first = f.readline()
+        _require_columns(path, cols, next(csv.reader([first], delimiter=delimiter), []))
+        raise IngestError(f"{path}: {e}") from None
+    bad.sort(key=lambda b: (b[0] is None, b[0] or 0, b[2]))
+    return table, [(f"line {num}: {why}" if num else why, text[:10_000]) for num, why, text in bad]
+
+
+def _read_jsonl(path: Path, text_path: Path, cols: tuple[str, str]) -> tuple[pa.Table, list[tuple[str, str]]]:
+    """JSON lines (`text_path`: the file, or its UTF-8 copy): Arrow's reader when every line is a clean object;
+    else line by line, each bad line set aside."""
+    try:
+        table = pajson.read_json(text_path)
+        _require_columns(path, cols, table.column_names)
+        return table, []
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    rows: dict[str, list] = {c: [] for c in dict.fromkeys(cols)}
+    bad, seen_cols = [], set()
+    with open(text_path, encoding="utf-8", newline="\n") as f:
+        for number, raw in enumerate(f, start=1):
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                bad.append((f"line {number}: not JSON ({e})", line[:10_000]))
+                continue
+            if not isinstance(obj, dict):
+                bad.append((f"line {number}: a JSON {type(obj).__name__}, not an object", line[:10_000]))
+                continue
+            seen_cols.update(obj)
+            for c in rows:
+                v = obj.get(c)
+                v = v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+                # a lone surrogate ("\ud800" in the JSON) is no character: U+FFFD instead
+                rows[c].append(None if v is None else v.encode("utf-8", "surrogatepass").decode("utf-8", "replace"))
+    _require_columns(path, cols, sorted(seen_cols) if seen_cols or not bad else list(cols))
+    return pa.table({c: pa.array(v, pa.string()) for c, v in rows.items()}), bad
+
+
+def _url_problem(url: str) -> tuple[str | None, str | None]:
+    """(bad_scheme | bad_url, detail) for a URL that is never fetched, else (None, None)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises on a bad port)
+    except ValueError as e:
+        return "bad_url", f"{url[:200]}: {e}"
+    if parts.scheme.lower() not in FETCH_SCHEMES:
+        return "bad_scheme", f"{parts.scheme or '(none)'}:// in {url[:200]}"
+    if not parts.hostname:
+        return "bad_url", f"no host in {url[:200]}"
+    if "\ufffd" in url or any(c in url for c in "\x00\r\n"):
+        return "bad_url", f"bytes that are not UTF-8, or control characters, in {url[:200]!r}"
+    return None, None
 
 
 def assign_uids(table: pa.Table, source: str, seen: dict[str, int] | None = None) -> tuple[pa.Table, pa.Table]:
@@ -98,15 +246,17 @@ def assign_uids(table: pa.Table, source: str, seen: dict[str, int] | None = None
     seen = {} if seen is None else seen
     keep = {"uid": [], "url": [], "text": [], "source": []}
     rej = {k: [] for k in REJECT_SCHEMA.names}
-    for row, (url, text) in enumerate(zip(table.column("url").to_pylist(), table.column("text").to_pylist())):
+    malformed = table.column("malformed").to_pylist() if "malformed" in table.column_names else [None] * len(table)
+    for row, (url, text, bad) in enumerate(zip(table.column("url").to_pylist(), table.column("text").to_pylist(),
+                                               malformed)):
         url_s = (url or "").strip()
         reason = None
-        if not url_s:
+        if bad:
+            reason, detail, uid = "malformed_row", bad, make_uid("", text, row + 1)
+        elif not url_s:
             reason, detail, uid = "missing_url", f"row {row}", make_uid("", text, row + 1)
         else:
-            parts = urlsplit(url_s)
-            if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-                reason, detail = "bad_url", url_s[:200]
+            reason, detail = _url_problem(url_s)
             key = make_uid(url_s, text)
             n = seen.get(key, 0)
             seen[key] = n + 1
@@ -126,13 +276,48 @@ def assign_uids(table: pa.Table, source: str, seen: dict[str, int] | None = None
 
 # --------------------------------------------------------------------------- the address guard
 
+FETCH_SCHEMES = ("http", "https")
+
+
+class FetchError(Exception):
+    """A URL that could not be fetched: `reason` is a key of REASONS (or http_NNN), `detail` says more."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@lru_cache(maxsize=65536)
+def system_resolve(host: str) -> tuple[str, ...]:
+    """The system resolver's addresses for host, in its order, cached per process."""
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return tuple(dict.fromkeys(i[4][0] for i in infos))
+
+
+_DNS_POOL = None
+
+
+def _dns_pool():
+    """Lookups run here so a caller can stop waiting: getaddrinfo has no timeout of its own."""
+    global _DNS_POOL
+    if _DNS_POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _DNS_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="pairforge-dns")
+    return _DNS_POOL
+
+
 class AddressGuard:
-    """Refuses URLs whose host resolves to a non-public address, unless allow_hosts lists it.
+    """Refuses URLs that are not http(s), or whose host resolves to a non-public address unless allow_hosts lists it.
 
     allow_hosts entries: a host name or IP ("127.0.0.1"), host:port ("127.0.0.1:8619") or a CIDR ("10.0.0.0/8").
+    `resolver(host)` returns the host's addresses (default: the system resolver); a lookup that outlasts the
+    caller's timeout is abandoned. `vet` hands the checked addresses to the fetcher, which connects to them and
+    never resolves the name again.
     """
 
-    def __init__(self, allow_hosts: list[str] | tuple[str, ...] = ()):
+    def __init__(self, allow_hosts: list[str] | tuple[str, ...] = (), resolver=None):
+        self.resolver = resolver or system_resolve
         self.hosts: set[str] = set()
         self.host_ports: set[tuple[str, int]] = set()
         self.networks = []
@@ -146,11 +331,17 @@ class AddressGuard:
             else:
                 self.hosts.add(entry.strip("[]"))
 
-    @staticmethod
-    @lru_cache(maxsize=65536)
-    def resolve(host: str) -> tuple[str, ...]:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        return tuple(sorted({i[4][0] for i in infos}))
+    def resolve(self, host: str, timeout: float | None = None) -> tuple[str, ...]:
+        try:
+            return (str(ipaddress.ip_address(host)),)
+        except ValueError:
+            pass
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        try:
+            return tuple(_dns_pool().submit(self.resolver, host).result(timeout=timeout))
+        except FutureTimeout:
+            raise TimeoutError(f"resolving {host} took over {timeout:.1f}s") from None
 
     def _allowed(self, host: str, port: int, ip: str) -> bool:
         if host in self.hosts or ip in self.hosts:
@@ -160,69 +351,306 @@ class AddressGuard:
         addr = ipaddress.ip_address(ip)
         return any(addr in n for n in self.networks)
 
-    def check(self, url: str) -> tuple[str, str] | None:
-        """None if the URL may be fetched, else (reason, detail). Makes no connection to the host."""
-        parts = urlsplit(url)
+    def vet(self, url: str, timeout: float | None = None) -> tuple[str, str, int, tuple[str, ...]]:
+        """(scheme, host, port, addresses) of a URL that may be fetched; raises FetchError if it may not.
+        Makes no connection to the host."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as e:
+            raise FetchError("bad_url", f"{url[:200]}: {e}") from None
+        scheme = parts.scheme.lower()
+        if scheme not in FETCH_SCHEMES:
+            raise FetchError("bad_scheme", f"{scheme or '(none)'}:// is not fetched, only http and https")
         host = (parts.hostname or "").lower()
+        if not host:
+            raise FetchError("bad_url", f"no host in {url[:200]}")
+        try:  # an internationalised name as DNS, the Host header and TLS carry it
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError as e:
+            raise FetchError("bad_url", f"host {host[:100]!r}: {e}") from None
+        port = port or (443 if scheme == "https" else 80)
         try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            return "bad_url", f"bad port in {url[:200]}"
-        try:
-            ips = self.resolve(host)
-        except (socket.gaierror, UnicodeError) as e:
-            return "dns_error", f"{host}: {e}"
+            ips = self.resolve(host, timeout)
+        except TimeoutError as e:
+            raise FetchError("timeout", str(e)) from None
+        except (OSError, UnicodeError) as e:
+            raise FetchError("dns_error", f"{host}: {e}") from None
+        if not ips:
+            raise FetchError("dns_error", f"{host}: no address")
         for ip in ips:
             addr = ipaddress.ip_address(ip.split("%")[0])
             public = addr.is_global and not addr.is_multicast
             if not public and not self._allowed(host, port, str(addr)):
-                return "blocked_address", f"{host} -> {addr} (not public; allow it with ingest.allow_hosts)"
+                raise FetchError("blocked_address",
+                                 f"{host} -> {addr} (not public; allow it with ingest.allow_hosts)")
+        return scheme, host, port, tuple(ips)
+
+    def check(self, url: str, timeout: float | None = None) -> tuple[str, str] | None:
+        """None if the URL may be fetched, else (reason, detail). Makes no connection to the host."""
+        try:
+            self.vet(url, timeout)
+        except FetchError as e:
+            return e.reason, e.detail
         return None
 
 
-class _GuardedRedirects(urllib.request.HTTPRedirectHandler):
-    """Follows a redirect only if its target passes the guard."""
+# --------------------------------------------------------------------------- the fetch: one deadline, pinned address
 
-    def __init__(self, guard: AddressGuard):
-        self.guard = guard
+class _DeadlineSocket(socket.socket):
+    """A socket whose every blocking call waits at most until `deadline` (time.monotonic()): a server trickling
+    one byte at a time cannot stretch a fetch past it, as it can with a per-read timeout."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        verdict = self.guard.check(newurl)
-        if verdict:
-            raise urllib.error.URLError(f"{verdict[0]}: redirect to {newurl}: {verdict[1]}")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+    deadline: float = float("inf")
 
+    def arm(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        self.settimeout(left)
 
-class _ByteCap(urllib.request.BaseHandler):
-    """Refuses responses over max_bytes, by Content-Length up front and by counting while reading."""
+    def connect(self, address):
+        self.arm()
+        return super().connect(address)
 
-    handler_order = 1000
+    def recv(self, *args):
+        self.arm()
+        return super().recv(*args)
 
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
+    def recv_into(self, *args):
+        self.arm()
+        return super().recv_into(*args)
 
-    def http_response(self, request, response):
-        length = response.headers.get("Content-Length")
-        if length and length.isdigit() and int(length) > self.max_bytes:
-            response.close()
-            raise urllib.error.URLError(f"too_large: Content-Length {length} > max_bytes {self.max_bytes}")
-        read, cap = response.read, self.max_bytes
-
-        def capped_read(amt=None):
-            data = read(cap + 1) if amt is None or amt > cap + 1 else read(amt)
-            if amt is None and len(data) > cap:
-                raise urllib.error.URLError(f"too_large: body over max_bytes {cap}")
-            return data
-
-        response.read = capped_read
-        return response
-
-    https_response = http_response
+    def sendall(self, *args):
+        self.arm()
+        return super().sendall(*args)
 
 
-def install_guarded_opener(guard: AddressGuard, max_bytes: int) -> None:
+class _DeadlineSSLSocket(ssl.SSLSocket):
+    """TLS over a deadline: SSLContext.wrap_socket makes these (sslsocket_class); the handshake runs under the
+    plain socket's timeout, armed just before."""
+
+    deadline: float = float("inf")
+    arm = _DeadlineSocket.arm
+
+    def recv(self, *args):
+        self.arm()
+        return super().recv(*args)
+
+    def recv_into(self, *args):
+        self.arm()
+        return super().recv_into(*args)
+
+    def read(self, *args):
+        self.arm()
+        return super().read(*args)
+
+    def sendall(self, *args):
+        self.arm()
+        return super().sendall(*args)
+
+
+def tls_context(cafile: str | None = None) -> ssl.SSLContext:
+    """The default verifying context (certificate and host name checked), with deadline sockets."""
+    ctx = ssl.create_default_context(cafile=cafile)
+    ctx.sslsocket_class = _DeadlineSSLSocket
+    return ctx
+
+
+def _connect_pinned(ips: tuple[str, ...], port: int, deadline: float) -> _DeadlineSocket:
+    """A TCP connection to the first of the checked addresses that answers; never resolves a name."""
+    err: OSError | None = None
+    for ip in ips:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        sock = _DeadlineSocket(family, socket.SOCK_STREAM)
+        sock.deadline = deadline
+        try:
+            sock.connect((ip, port))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        except TimeoutError:
+            sock.close()
+            raise
+        except OSError as e:
+            sock.close()
+            err = e
+    raise err if err else OSError("no address to connect to")
+
+
+class _PinnedHTTP(http.client.HTTPConnection):
+    """HTTP to a checked address: the Host header still names the URL's host."""
+
+    def __init__(self, host: str, port: int, ips: tuple[str, ...], deadline: float, context=None):
+        super().__init__(host, port, timeout=max(deadline - time.monotonic(), 0.001))
+        self.pinned, self.deadline, self.peer = ips, deadline, None
+
+    def connect(self):
+        self.sock = _connect_pinned(self.pinned, self.port, self.deadline)
+        self.peer = self.sock.getpeername()[0]
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    """HTTPS to a checked address: Host header, SNI and certificate check all use the URL's host."""
+
+    def __init__(self, host: str, port: int, ips: tuple[str, ...], deadline: float, context=None):
+        super().__init__(host, port, timeout=max(deadline - time.monotonic(), 0.001), context=context)
+        self.pinned, self.deadline, self.peer = ips, deadline, None
+
+    def connect(self):
+        sock = _connect_pinned(self.pinned, self.port, self.deadline)
+        self.peer = sock.getpeername()[0]
+        sock.arm()  # the handshake as a whole waits at most until the deadline
+        try:
+            self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock.deadline = self.deadline
+
+
+@dataclass
+class Fetched:
+    """A complete response: final URL, status, headers, body, the address connected to, the redirects followed."""
+
+    url: str
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+    peer: str | None
+    redirects: list[str]
+    seconds: float
+
+
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+class Fetcher:
+    """GET with a deadline for the whole response (DNS, connect, TLS, headers, body and every redirect), to the
+    address the guard checked (the name is never resolved again), http(s) only, capped at max_bytes.
+
+    Every failure is a FetchError whose reason is a key of REASONS or http_NNN.
+    """
+
+    def __init__(self, guard: AddressGuard, deadline_s: float, max_bytes: int, max_redirects: int = 5,
+                 context: ssl.SSLContext | None = None, user_agent: str | None = None):
+        self.guard, self.deadline_s, self.max_bytes, self.max_redirects = guard, deadline_s, max_bytes, max_redirects
+        self.context = context or tls_context()
+        self.user_agent = user_agent
+        self.durations: list[float] = []  # seconds per fetch, in completion order (list.append is thread-safe)
+
+    def fetch(self, url: str, headers: dict[str, str] | None = None) -> Fetched:
+        t0 = time.monotonic()
+        try:
+            return self._fetch(url, headers or {}, t0)
+        finally:
+            self.durations.append(time.monotonic() - t0)
+
+    def _fetch(self, url: str, headers: dict[str, str], t0: float) -> Fetched:
+        deadline = t0 + self.deadline_s
+        chain = [url]
+        current = url
+        while True:
+            try:
+                scheme, host, port, ips = self.guard.vet(current, max(deadline - time.monotonic(), 0.001))
+                status, reason, hdrs, body, peer = self._get(scheme, host, port, ips, current, headers, deadline)
+            except FetchError as e:
+                if len(chain) > 1:  # say which hop failed
+                    raise FetchError(e.reason, f"{e.detail} (after redirects {' -> '.join(chain)})") from None
+                raise
+            except (TimeoutError, socket.timeout):
+                raise FetchError("timeout", f"no complete answer within {self.deadline_s:g}s (ingest.timeout_s), "
+                                            f"at {current[:200]}") from None
+            except ssl.SSLError as e:  # includes certificate errors
+                raise FetchError("tls_error", f"{host}: {e}") from None
+            except ConnectionRefusedError as e:
+                raise FetchError("connection_refused", f"{host}:{port}: {e.strerror or e}") from None
+            except http.client.InvalidURL as e:
+                raise FetchError("bad_url", f"{current[:200]}: {e}") from None
+            except http.client.IncompleteRead as e:
+                raise FetchError("truncated", f"the connection closed after {len(e.partial)} bytes, "
+                                              f"{e.expected} more were announced") from None
+            except (http.client.HTTPException, OSError) as e:
+                raise FetchError("connection_error", f"{host}:{port}: {type(e).__name__}: {e}") from None
+            if status in _REDIRECTS and hdrs.get("Location"):
+                nxt = urljoin(current, hdrs["Location"].strip()).split("#", 1)[0]
+                if nxt in chain:
+                    raise FetchError("too_many_redirects", f"redirect loop: {' -> '.join(chain + [nxt])}"[:500])
+                if len(chain) > self.max_redirects:
+                    raise FetchError("too_many_redirects",
+                                     f"more than {self.max_redirects} redirects (ingest.max_redirects): "
+                                     f"{' -> '.join(chain[:3])} -> ..."[:500])
+                chain.append(nxt)
+                current = nxt
+                continue
+            if status >= 400:
+                raise FetchError(f"http_{status}", f"{status} {reason}".strip())
+            return Fetched(current, status, hdrs, body, peer, chain[1:], time.monotonic() - t0)
+
+    def _get(self, scheme, host, port, ips, url, headers, deadline):
+        parts = urlsplit(url)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        # what a browser sends for a path with spaces or non-ASCII characters: their UTF-8, percent-encoded
+        target = re.sub(r"[^\x21-\x7e]+", lambda m: quote(m.group(), safe=""), target)
+        conn_cls = _PinnedHTTPS if scheme == "https" else _PinnedHTTP
+        conn = conn_cls(host, port, ips, deadline, self.context)
+        try:
+            hdrs = {"Accept-Encoding": "identity", "Connection": "close"}
+            if self.user_agent:
+                hdrs["User-Agent"] = self.user_agent
+            conn.request("GET", target, headers=hdrs | headers)
+            resp = conn.getresponse()
+            if resp.status in _REDIRECTS or resp.status >= 400:
+                return resp.status, resp.reason, resp.headers, b"", conn.peer
+            length = resp.headers.get("Content-Length", "").strip()
+            if length.isdigit() and int(length) > self.max_bytes:
+                raise FetchError("too_large", f"Content-Length {length} > max_bytes {self.max_bytes}")
+            chunks, size = [], 0
+            while True:
+                chunk = resp.read(min(65536, self.max_bytes + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise FetchError("too_large", f"body over max_bytes {self.max_bytes}")
+            if length.isdigit() and size < int(length):
+                raise FetchError("truncated", f"the connection closed after {size} of {length} bytes")
+            return resp.status, resp.reason, resp.headers, b"".join(chunks), conn.peer
+        finally:
+            conn.close()
+
+
+class _FetchedResponse(io.BytesIO):
+    """What urlopen's caller sees: the body, `headers`, `status`, `url`; a context manager."""
+
+    def __init__(self, f: Fetched):
+        super().__init__(f.body)
+        self.headers, self.status, self.url, self.fetched = f.headers, f.status, f.url, f
+
+    def getcode(self) -> int:
+        return self.status
+
+
+class FetchOpener:
+    """Stands in for urllib's opener (urllib.request.install_opener), so img2dataset's downloader, which calls
+    urllib.request.urlopen, fetches through a Fetcher: no other handler (file:, ftp:, data:, proxies) is reachable."""
+
+    def __init__(self, fetcher: Fetcher):
+        self.fetcher = fetcher
+
+    def open(self, fullurl, data=None, timeout=None):
+        if data is not None:
+            raise FetchError("bad_url", "ingest only GETs")
+        if isinstance(fullurl, urllib.request.Request):
+            url, headers = fullurl.full_url, dict(fullurl.header_items())
+        else:
+            url, headers = str(fullurl), {}
+        return _FetchedResponse(self.fetcher.fetch(url, headers))
+
+
+def install_fetcher(fetcher: Fetcher) -> None:
     """img2dataset fetches with urllib.request.urlopen, which uses the process-wide opener."""
-    urllib.request.install_opener(urllib.request.build_opener(_GuardedRedirects(guard), _ByteCap(max_bytes)))
+    urllib.request.install_opener(FetchOpener(fetcher))
 
 
 # --------------------------------------------------------------------------- guarded decode
@@ -280,53 +708,66 @@ def _guarded_resizer(params: IngestSpec):
 
 # --------------------------------------------------------------------------- errors -> reasons
 
+_REASON_PREFIX = re.compile(r"^([a-z][a-z0-9_]*): ")
+
+
 def classify_error(message: str | None) -> str:
-    m = (message or "").lower()
-    for prefix in ("blocked_address", "too_large", "decompression_bomb", "truncated", "not_an_image"):
-        if prefix in m:
-            return prefix
+    """The reason of a failed row from img2dataset's error text: ours start with "reason: " (FetchError, the
+    guarded resizer); the rest are img2dataset's or urllib's own words."""
+    text = message or ""
+    hit = _REASON_PREFIX.match(text)
+    if hit and (hit.group(1) in REASONS or re.fullmatch(r"http_[0-9]{3}", hit.group(1))):
+        return hit.group(1)
+    m = text.lower()
     if m.startswith("http error "):
         code = m.split()[2].rstrip(":")
         return f"http_{code}" if code.isdigit() else "download_error"
     if "x-robots-tag" in m:
         return "opt_out"
-    if "timed out" in m or "timeout" in m:
-        return "timeout"
-    if "name or service not known" in m or "nodename nor servname" in m or "name resolution" in m:
-        return "dns_error"
-    if "refused" in m or "reset" in m or "remote end closed" in m or "connection" in m:
-        return "connection_error"
     if "image decoding error" in m:
         return "not_an_image"
     if "image area too large" in m:
         return "decompression_bomb"
+    if "timed out" in m or "timeout" in m:
+        return "timeout"
+    if "name or service not known" in m or "nodename nor servname" in m or "name resolution" in m:
+        return "dns_error"
+    if "refused" in m:
+        return "connection_refused"
+    if "reset" in m or "remote end closed" in m or "connection" in m:
+        return "connection_error"
     return "download_error"
+
+
+def reason_text(reason: str | None) -> str | None:
+    """What an input or ingest reason means, for the report and `pairforge show`; None for other stages' reasons."""
+    if reason in REASONS:
+        return REASONS[reason]
+    hit = re.fullmatch(r"http_([0-9]{3})", reason or "")
+    if hit:
+        from http import HTTPStatus
+
+        code = int(hit.group(1))
+        phrase = HTTPStatus(code).phrase if code in HTTPStatus._value2member_map_ else "unknown status"
+        return f"the server answered HTTP {code} ({phrase})"
+    return None
 
 
 # --------------------------------------------------------------------------- one shard
 
-def ingest_shard(folder: BuildFolder, shard_id: int, params: IngestSpec) -> dict:
-    """Download one input shard; writes its pairs and rejects, then a done marker. Idempotent."""
+def ingest_shard(folder: BuildFolder, shard_id: int, params: IngestSpec, resolver=None) -> dict:
+    """Download one input shard; writes its pairs and rejects, then a done marker. Idempotent.
+
+    resolver(host) -> addresses replaces the system resolver (tests)."""
     paths = folder.ingest_shard(shard_id)
     if paths.done.exists():
         return json.loads(paths.done.read_text())
     inputs = pq.read_table(folder.input_shard(shard_id))
 
-    guard = AddressGuard(params.allow_hosts)
-    verdicts = [guard.check(u) for u in inputs.column("url").to_pylist()]
-    blocked = pa.array([v is not None for v in verdicts])
-    to_fetch = inputs.filter(pa.compute.invert(blocked))
-    refused = inputs.filter(blocked)
-    rej_rows = [
-        (uid, url, text, "ingest", v[0], v[1])
-        for (uid, url, text), v in zip(
-            zip(*(refused.column(c).to_pylist() for c in ("uid", "url", "text"))), [v for v in verdicts if v]
-        )
-    ]
-
-    raw = _download(to_fetch, params) if to_fetch.num_rows else None
-    pairs, fetch_rejects = split_raw(raw, inputs.column("source")[0].as_py() if inputs.num_rows else None)
-    rej_rows += fetch_rejects
+    fetcher = Fetcher(AddressGuard(params.allow_hosts, resolver), params.timeout_s, params.max_bytes,
+                      params.max_redirects)
+    raw = _download(inputs, params, fetcher) if inputs.num_rows else None
+    pairs, rej_rows = split_raw(raw, inputs.column("source")[0].as_py() if inputs.num_rows else None)
     rejects = pa.table(
         {k: [r[i] for r in rej_rows] for i, k in enumerate(REJECT_SCHEMA.names[:6])} | {"build_id": [None] * len(rej_rows)},
         schema=REJECT_SCHEMA,
@@ -343,6 +784,7 @@ def ingest_shard(folder: BuildFolder, shard_id: int, params: IngestSpec) -> dict
         "pairs": pairs.num_rows,
         "rejects": rejects.num_rows,
         "bytes": int(sum(len(b) for b in pairs.column("image").to_pylist() if b)),
+        "fetch_ms": sorted(round(1000 * d) for d in fetcher.durations),  # per attempt, for p50 / p99
     }
     atomic_write_text(paths.done, json.dumps(summary))
     return summary
@@ -351,12 +793,13 @@ def ingest_shard(folder: BuildFolder, shard_id: int, params: IngestSpec) -> dict
 PAIRS_SCHEMA = pa.schema(list(INPUT_SCHEMA) + INGEST_FIELDS)
 
 
-def _download(inputs: pa.Table, params: IngestSpec) -> pa.Table:
-    """Run img2dataset's Downloader over one shard in this process; returns its raw Parquet table."""
+def _download(inputs: pa.Table, params: IngestSpec, fetcher: Fetcher) -> pa.Table:
+    """Run img2dataset's Downloader over one shard in this process, fetching through `fetcher`; returns its raw
+    Parquet table."""
     from img2dataset.downloader import Downloader
     from img2dataset.writer import ParquetSampleWriter
 
-    install_guarded_opener(AddressGuard(params.allow_hosts), params.max_bytes)
+    install_fetcher(fetcher)
     tmp = Path(tempfile.mkdtemp(prefix="pairforge-ingest-"))
     try:
         feed = tmp / "input.arrow"
@@ -442,15 +885,29 @@ def iter_corpus(src: SourceSpec, batch_rows: int = 1000):
     if missing:
         raise IngestError(f"{src.pairs}: column(s) {missing} not found (source.caption_col / source.image_col); "
                           f"the corpus has {ds.schema.names}")
-    cols = [src.caption_col, src.image_col] + ([src.url_col] if src.url_col in ds.schema.names else [])
-    for rb in ds.to_batches(columns=cols, batch_size=batch_rows):
-        image = rb.column(src.image_col)
-        if pa.types.is_struct(image.type):  # Hugging Face datasets' Image feature: {bytes, path}
-            image = image.field("bytes")
-        n = rb.num_rows
-        url = rb.column(src.url_col).cast(pa.string()) if src.url_col in rb.schema.names else pa.nulls(n, pa.string())
-        yield pa.table({"url": url, "text": rb.column(src.caption_col).cast(pa.string()),
-                        "image": image.cast(pa.binary())})
+    image_type = ds.schema.field(src.image_col).type
+    if pa.types.is_struct(image_type):  # Hugging Face datasets' Image feature: {bytes, path}
+        if image_type.get_field_index("bytes") < 0:
+            raise IngestError(f"{src.pairs}: column {src.image_col!r} is a struct without a 'bytes' field "
+                              f"({image_type}); expected image bytes")
+        image_type = image_type.field("bytes").type
+    if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type) or pa.types.is_null(image_type)):
+        raise IngestError(f"{src.pairs}: column {src.image_col!r} holds {image_type}, not image bytes (binary); "
+                          "set source.image_col")
+    cols = list(dict.fromkeys([src.caption_col, src.image_col] + ([src.url_col] if src.url_col in ds.schema.names
+                                                                   else [])))
+    try:
+        for rb in ds.to_batches(columns=cols, batch_size=batch_rows):
+            image = rb.column(src.image_col)
+            if pa.types.is_struct(image.type):
+                image = image.field("bytes")
+            n = rb.num_rows
+            url = _as_text(pa.chunked_array([rb.column(src.url_col)])) if src.url_col in rb.schema.names \
+                else pa.nulls(n, pa.string())
+            yield pa.table({"url": url, "text": _as_text(pa.chunked_array([rb.column(src.caption_col)])),
+                            "image": image.cast(pa.binary())}, schema=_CORPUS_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+        raise IngestError(f"{src.pairs}: cannot read as parquet: {e}") from None
 
 
 def _iter_webdataset(folder: Path, batch_rows: int):
@@ -467,27 +924,39 @@ def _iter_webdataset(folder: Path, batch_rows: int):
                 meta = json.loads(parts["json"])
             except ValueError:
                 meta = {}
+        if not isinstance(meta, dict):
+            meta = {}
         img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
         text = parts["txt"].decode("utf-8", "replace") if "txt" in parts else meta.get("caption")
-        rows["url"].append(meta.get("url"))
-        rows["text"].append(text)
+        url = meta.get("url")
+        rows["url"].append(url if url is None or isinstance(url, str) else json.dumps(url))
+        rows["text"].append(text if text is None or isinstance(text, str) else json.dumps(text))
         rows["image"].append(img)
 
     for tar_path in sorted(folder.glob("*.tar")):
-        key, parts = None, {}
-        with tarfile.open(tar_path) as tf:
-            for member in tf:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                k, _, ext = base.partition(".")
-                if k != key:
-                    flush_sample(parts)
-                    key, parts = k, {}
-                    if len(rows["url"]) >= batch_rows:
-                        yield pa.table(rows, schema=_CORPUS_SCHEMA)
-                        rows = {"url": [], "text": [], "image": []}
-                parts[ext.lower()] = tf.extractfile(member).read()
+        key, parts, member = None, {}, None
+        try:
+            with tarfile.open(tar_path) as tf:
+                for member in tf:
+                    if not member.isfile():
+                        continue
+                    base = member.name.rsplit("/", 1)[-1]
+                    k, _, ext = base.partition(".")
+                    if k != key:
+                        flush_sample(parts)
+                        key, parts = k, {}
+                        if len(rows["url"]) >= batch_rows:
+                            yield pa.table(rows, schema=_CORPUS_SCHEMA)
+                            rows = {"url": [], "text": [], "image": []}
+                    parts[ext.lower()] = tf.extractfile(member).read()
+                end = tf.offset
+            with open(tar_path, "rb") as f:  # a tar cut at a member boundary reads as a shorter, complete one
+                f.seek(end)
+                if f.read(1024) != bytes(1024):
+                    raise tarfile.ReadError("no end-of-archive marker after the last member read: cut short")
+        except (tarfile.TarError, EOFError, OSError) as e:
+            at = f" at member {member.name!r}" if member is not None else ""
+            raise IngestError(f"{tar_path}: truncated or not a tar{at}: {type(e).__name__}: {e}") from None
         flush_sample(parts)
     if rows["url"]:
         yield pa.table(rows, schema=_CORPUS_SCHEMA)
