@@ -439,7 +439,7 @@ def parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("stages", help="the registered stages: params, columns and reasons, from their declarations")
     st.add_argument("--markdown", action="store_true", help="the README's stage table")
-    st.add_argument("--json", action="store_true")
+    common(st)
     st.set_defaults(fn=cmd_stages)
     return p
 

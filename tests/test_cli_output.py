@@ -18,7 +18,7 @@ from flows.progress import PlainReporter
 COMMANDS = {
     "build": ["s.yaml"], "demo": [], "refilter": ["b"], "curate": ["s.yaml"], "catalog": [], "train": ["t.yaml"],
     "serve": ["s.yaml"], "report": ["b"], "show": ["b", "uid"], "negatives": ["b"],
-    "export": ["b", "--format", "uids", "o.npy"], "eval": [],
+    "export": ["b", "--format", "uids", "o.npy"], "eval": [], "stages": [],
 }
 
 

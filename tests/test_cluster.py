@@ -7,6 +7,8 @@ Ray resolves --node-ip-address 127.0.0.1 to the host's own address; the ports ar
 """
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import signal
@@ -186,6 +188,14 @@ def test_both_nodes_run_ingest_tasks(cluster_build):
     seen = cluster_build["seen"]
     assert set(seen) == {"head", "node1"}, f"ingest workers seen per node: {seen}"
     assert cluster_build["result"]["stats"]["rows_kept"] > 0
+
+
+def test_both_nodes_write_shards(cluster_build):
+    """Workers write the output shards (one task per input shard, spread over the cluster), not the driver."""
+    written = sorted((cluster_build["build_dir"] / "_work" / "written").glob("[0-9]*.json"))
+    nodes = [json.loads(p.read_text())["node"] for p in written]
+    assert len(written) >= 4 and None not in nodes
+    assert len(set(nodes)) == 2, f"shards written per node: {nodes}"
 
 
 def test_killed_ingest_worker_is_retried_and_accounting_is_exact(cluster_build):

@@ -97,7 +97,7 @@ def write_shard(folder: BuildFolder, src: int, spec: BuildSpec, build_id: str) -
     rejected = table.filter(is_rej)
     counts = pc.value_counts(pc.binary_join_element_wise(rejected.column("stage"), rejected.column("reason"), "\t"))
     result = {
-        "src": src,
+        "src": src, "node": _node_id(),
         "shards": _write_parts(kept, folder.shards, src, spec.write.rows_per_shard, spec.write.compression),
         "rejects": _write_parts(rejected, folder.rejects, src, spec.write.rows_per_shard, spec.write.compression),
         "kept": kept.num_rows, "rejected": rejected.num_rows,
@@ -105,6 +105,12 @@ def write_shard(folder: BuildFolder, src: int, spec: BuildSpec, build_id: str) -
     }
     atomic_write_text(marker, json.dumps(result))
     return result
+
+
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def write_input_rejects(folder: BuildFolder, build_id: str, names: list[str], compression: str,
@@ -135,7 +141,8 @@ def write_outputs(ctx: BuildContext, shards: int) -> list[dict]:
     folder, spec = ctx.folder, ctx.spec
     for sub in (folder.shards, folder.rejects):
         sub.mkdir(parents=True, exist_ok=True)
-    task = ray.remote(write_shard).options(num_cpus=0.5, max_retries=2, retry_exceptions=True, name="write_shard")
+    task = ray.remote(write_shard).options(num_cpus=0.5, max_retries=2, retry_exceptions=True, name="write_shard",
+                                           scheduling_strategy="SPREAD")  # every node writes its share
     results = [write_input_rejects(folder, ctx.build_id, spec.stage_names(), spec.write.compression,
                                    spec.write.rows_per_shard)]
     with phase("write", total=shards, unit="shards") as adv:
