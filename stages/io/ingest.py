@@ -648,9 +648,17 @@ class FetchOpener:
         return _FetchedResponse(self.fetcher.fetch(url, headers))
 
 
-def install_fetcher(fetcher: Fetcher) -> None:
-    """img2dataset fetches with urllib.request.urlopen, which uses the process-wide opener."""
+def install_fetcher(fetcher: Fetcher):
+    """img2dataset fetches with urllib.request.urlopen, which uses the process-wide opener: ours while a shard
+    downloads. Returns the opener it replaced, for restore_opener (other urlopen callers of the process, such as
+    a health check, must not go through the download guard)."""
+    previous = urllib.request._opener
     urllib.request.install_opener(FetchOpener(fetcher))
+    return previous
+
+
+def restore_opener(previous) -> None:
+    urllib.request._opener = previous
 
 
 # --------------------------------------------------------------------------- guarded decode
@@ -799,7 +807,7 @@ def _download(inputs: pa.Table, params: IngestSpec, fetcher: Fetcher) -> pa.Tabl
     from img2dataset.downloader import Downloader
     from img2dataset.writer import ParquetSampleWriter
 
-    install_fetcher(fetcher)
+    previous = install_fetcher(fetcher)
     tmp = Path(tempfile.mkdtemp(prefix="pairforge-ingest-"))
     try:
         feed = tmp / "input.arrow"
@@ -828,6 +836,7 @@ def _download(inputs: pa.Table, params: IngestSpec, fetcher: Fetcher) -> pa.Tabl
         downloader.download_shard((0, str(feed)))
         return pq.read_table(tmp / "out" / "00000.parquet")
     finally:
+        restore_opener(previous)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
