@@ -397,9 +397,9 @@ class AddressGuard:
 
 # --------------------------------------------------------------------------- the fetch: one deadline, pinned address
 
-class _DeadlineSocket(socket.socket):
-    """A socket whose every blocking call waits at most until `deadline` (time.monotonic()): a server trickling
-    one byte at a time cannot stretch a fetch past it, as it can with a per-read timeout."""
+class _Deadline:
+    """Every blocking call waits at most until `deadline` (time.monotonic()): a server trickling one byte at a time
+    cannot stretch a fetch past it, as it can with a per-read timeout. Mixed into the plain and the TLS socket."""
 
     deadline: float = float("inf")
 
@@ -409,45 +409,32 @@ class _DeadlineSocket(socket.socket):
             raise TimeoutError("deadline passed")
         self.settimeout(left)
 
+    def recv(self, *args):
+        self.arm()
+        return super().recv(*args)
+
+    def recv_into(self, *args):
+        self.arm()
+        return super().recv_into(*args)
+
+    def sendall(self, *args):
+        self.arm()
+        return super().sendall(*args)
+
+
+class _DeadlineSocket(_Deadline, socket.socket):
     def connect(self, address):
         self.arm()
         return super().connect(address)
 
-    def recv(self, *args):
-        self.arm()
-        return super().recv(*args)
 
-    def recv_into(self, *args):
-        self.arm()
-        return super().recv_into(*args)
-
-    def sendall(self, *args):
-        self.arm()
-        return super().sendall(*args)
-
-
-class _DeadlineSSLSocket(ssl.SSLSocket):
-    """TLS over a deadline: SSLContext.wrap_socket makes these (sslsocket_class); the handshake runs under the
-    plain socket's timeout, armed just before."""
-
-    deadline: float = float("inf")
-    arm = _DeadlineSocket.arm
-
-    def recv(self, *args):
-        self.arm()
-        return super().recv(*args)
-
-    def recv_into(self, *args):
-        self.arm()
-        return super().recv_into(*args)
+class _DeadlineSSLSocket(_Deadline, ssl.SSLSocket):
+    """SSLContext.wrap_socket makes these (sslsocket_class); the handshake runs under the plain socket's timeout,
+    armed just before."""
 
     def read(self, *args):
         self.arm()
         return super().read(*args)
-
-    def sendall(self, *args):
-        self.arm()
-        return super().sendall(*args)
 
 
 def tls_context(cafile: str | None = None) -> ssl.SSLContext:
