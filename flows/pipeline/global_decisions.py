@@ -152,7 +152,7 @@ def dedup_global(ctx: BuildContext, k: int, params, prior):
     decisions = dedup_decisions(alive.drop_columns(["reject_pos"]), params, prior,
                                 tmp_dir=str(ctx.folder.work / "global" / "tmp"))
     where = alive.select_columns(["uid", SRC])
-    return decisions.join(where, join_type="inner", num_partitions=max(1, min(64, where.num_blocks())),
+    return decisions.join(where, join_type="inner", num_partitions=max(1, min(64, alive.num_blocks())),
                           on=("uid",)).select_columns(["uid", "reason", "detail", SRC])
 
 
