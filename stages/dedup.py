@@ -296,7 +296,8 @@ def distinct_pairs(u: np.ndarray, k: int, masks: tuple[int, ...] | None = None
     buf = np.empty(m, np.uint64)
     x = np.empty(m - 1, np.uint64)  # xor of sorted neighbours
     same = np.empty(m - 1, bool)
-    for mask in masks:
+    design = np.array(masks, np.uint64)
+    for t, mask in enumerate(masks):
         # X: the window of xb bits overlapping the masked bits least (those agree within a bucket anyway)
         sh = min(range(0, 64 - xb + 1, 4), key=lambda t: (bin(mask & (((1 << xb) - 1) << t)).count("1"), t))
         if sh not in bases:
@@ -317,8 +318,14 @@ def distinct_pairs(u: np.ndarray, k: int, masks: tuple[int, ...] | None = None
                 c = pos[near]
                 a = (buf[c] & lo).astype(np.intp)
                 b = (buf[c + off] & lo).astype(np.intp)
-                d = np.bitwise_count(u[a] ^ u[b])
-                ok = d <= k
+                xu = u[a] ^ u[b]
+                d = np.bitwise_count(xu)
+                # each pair once: in the pass of the first mask it agrees on (a pair sharing a bucket by a
+                # collision of the bucket hash, without agreeing on this mask, is found in its own mask's pass)
+                ok = (d <= k) & ((xu & design[t]) == 0)
+                for earlier in np.array_split(design[:t], max(1, t // 16)) if t else ():
+                    if ok.any():
+                        ok &= ((xu[:, None] & earlier[None, :]) != 0).all(axis=1)
                 if ok.any():
                     a, b = a[ok], b[ok]
                     out_i.append(np.minimum(a, b))
@@ -331,8 +338,8 @@ def distinct_pairs(u: np.ndarray, k: int, masks: tuple[int, ...] | None = None
     if not out_i:
         return empty
     i, j, d = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_d)
-    _, first = np.unique(i.astype(np.int64) * m + j, return_index=True)
-    return i[first].astype(np.int64), j[first].astype(np.int64), d[first]
+    order = np.lexsort((j, i))
+    return i[order].astype(np.int64), j[order].astype(np.int64), d[order]
 
 
 def near_pairs(h, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -283,6 +283,10 @@ def test_distinct_pairs_on_clustered_hashes():
     got = distinct_pairs(h, 4)
     ref = brute_pairs(h, 4)
     assert set(zip(got[0].tolist(), got[1].tolist())) == set(zip(ref[0].tolist(), ref[1].tolist()))
+    # each pair comes out once (in the pass of its first agreeing mask), sorted by i then j
+    key = got[0] * h.size + got[1]
+    assert key.size == np.unique(key).size == (ref[2] > 0).sum()
+    assert (np.diff(key) > 0).all()
 
 
 # ------------------------------------------------------------------------------------------- prior builds

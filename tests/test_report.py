@@ -625,3 +625,23 @@ def test_dataset_card_loads_the_folder_with_datasets(demo, tmp_path):
     assert ds.num_rows == manifest["rows"]
     assert ds.features == datasets.Features.from_arrow_schema(
         pq.read_schema(sorted((demo["build_dir"] / "shards").glob("part-*.parquet"))[0]))
+
+
+def test_large_builds_report_over_a_uid_sample(demo):
+    """Past max_rows, the report reads a uid-hash sample (the same rows every time), one file at a time; its rows
+    still point at their files, and the counts come from stats.json."""
+    from flows.reporting.report import load_build, render_report
+
+    whole = load_build(demo["build_dir"])
+    assert not whole.sampled and whole.meta.num_rows == whole.total_rows == demo["result"]["stats"]["rows_listed"]
+    part = load_build(demo["build_dir"], max_rows=100)
+    assert part.sampled and part.total_rows == whole.total_rows
+    assert 50 <= part.meta.num_rows <= 150
+    assert load_build(demo["build_dir"], max_rows=100).meta["uid"].equals(part.meta["uid"])
+    assert set(part.meta["uid"].to_pylist()) <= set(whole.meta["uid"].to_pylist())
+    rows = list(range(0, part.meta.num_rows, 7))
+    assert part.take(rows, "uid") == {r: part.meta["uid"][r].as_py() for r in rows}
+    html = render_report(part)
+    assert f"Over a sample of {part.meta.num_rows:,} of the build's {part.total_rows:,} rows" in html
+    stats = demo["result"]["stats"]
+    assert f"{stats['rows_kept']:,}" in html or str(stats["rows_kept"]) in html

@@ -63,6 +63,7 @@ CORE_STATS = ["width", "height", "original_width", "original_height"]
 INGEST_PARAMS = {"timeout": "timeout_s", "too_large": "max_bytes", "decompression_bomb": "max_pixels",
                  "too_many_redirects": "max_redirects"}
 DECISION = ["stage", "reason", "detail"]
+REPORT_MAX_ROWS = 200_000  # larger builds: distributions and samples over a uid-hash sample of about this many rows
 
 
 class ReportError(RuntimeError):
@@ -107,7 +108,12 @@ class Build:
     files: list[Path]  # shards then rejects; meta's _file indexes this list
     meta: pa.Table  # every row, light columns, plus stage/reason/detail (null for kept), _kept, _file, _row
     schema: pa.Schema | None  # the kept shards' schema
+    total_rows: int = 0  # rows in the build's files; more than meta's when meta is a sample
     _pf: dict = field(default_factory=dict)
+
+    @property
+    def sampled(self) -> bool:
+        return self.meta.num_rows < self.total_rows
 
     @property
     def params(self) -> dict[str, dict]:
@@ -149,27 +155,40 @@ def take_column(build: Build, where: list[tuple[int, int, Any]], column: str) ->
     return out
 
 
-def _read_meta(files: list[Path], first_index: int, kept: bool) -> list[pa.Table]:
+def _read_meta(files: list[Path], first_index: int, kept: bool, fraction: float = 1.0) -> list[pa.Table]:
+    """Light columns of every row, or of a uid-hash sample of about `fraction` of them (one file at a time)."""
     tables = []
     for i, f in enumerate(files):
         schema = pq.read_schema(f)
         cols = [fl.name for fl in schema if not is_heavy(fl)]
         t = pq.read_table(f, columns=cols)
+        n = t.num_rows
+        t = t.append_column("_row", pa.array(np.arange(n, dtype=np.int64)))
+        if fraction < 1.0:
+            t = t.filter(pa.array(in_sample(t.column("uid"), fraction)))
+            n = t.num_rows
         for c in DECISION:
             if c not in t.column_names:
-                t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
-        n = t.num_rows
+                t = t.append_column(c, pa.nulls(n, pa.string()))
         t = t.append_column("_kept", pa.array(np.full(n, kept), pa.bool_()))
         t = t.append_column("_file", pa.array(np.full(n, first_index + i, np.int32)))
-        t = t.append_column("_row", pa.array(np.arange(n, dtype=np.int64)))
         # nullability differs between shards and rejects; drop it so tables concatenate
         t = t.cast(pa.schema([fl.with_nullable(True) for fl in t.schema]))
         tables.append(t)
     return tables
 
 
-def load_build(build_dir: str | Path, rows: bool = True) -> Build:
-    """The build's json/yaml files and, with rows, the metadata of every kept and rejected row."""
+def in_sample(uid: pa.ChunkedArray | pa.Array, fraction: float) -> np.ndarray:
+    """True for about `fraction` of uids, the same uids in every run (a hash of the uid, not of its position)."""
+    import polars as pl
+
+    h = pl.Series(uid.combine_chunks() if isinstance(uid, pa.ChunkedArray) else uid).hash(seed=7).to_numpy()
+    return (h >> np.uint64(11)) < np.uint64(int(fraction * 2**53))
+
+
+def load_build(build_dir: str | Path, rows: bool = True, max_rows: int = REPORT_MAX_ROWS) -> Build:
+    """The build's json/yaml files and, with rows, the metadata of its kept and rejected rows: every row, or a
+    uid-hash sample of about max_rows of them when the build is larger (counts then come from stats.json)."""
     build_dir = Path(build_dir)
     if not (build_dir / "shards").is_dir() and not (build_dir / "rejects").is_dir():
         raise ReportError(f"{build_dir}: not a build folder (no shards/ or rejects/)")
@@ -180,13 +199,15 @@ def load_build(build_dir: str | Path, rows: bool = True) -> Build:
 
     spec = yaml.safe_load((build_dir / "spec.yaml").read_text()) if (build_dir / "spec.yaml").exists() else {}
     shards, rejects = _part_files(build_dir, "shards"), _part_files(build_dir, "rejects")
-    tables = (_read_meta(shards, 0, True) + _read_meta(rejects, len(shards), False)) if rows else []
+    total = sum(pq.read_metadata(f).num_rows for f in shards + rejects) if rows else 0
+    fraction = min(1.0, max_rows / total) if total else 1.0
+    tables = (_read_meta(shards, 0, True, fraction) + _read_meta(rejects, len(shards), False, fraction)) if rows else []
     meta = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table(
         {"uid": pa.array([], pa.string()), **{c: pa.array([], pa.string()) for c in DECISION},
          "_kept": pa.array([], pa.bool_()), "_file": pa.array([], pa.int32()), "_row": pa.array([], pa.int64())})
     meta = meta.combine_chunks()
     return Build(build_dir, read_json("stats.json"), read_json("manifest.json"), spec or {}, shards + rejects, meta,
-                 pq.read_schema(shards[0]) if shards else None)
+                 pq.read_schema(shards[0]) if shards else None, total_rows=total)
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -640,7 +661,9 @@ def _distributions(build: Build) -> str:
     meta = build.meta
     out = ['<section id="distributions" data-section="distributions"><h2>Distributions</h2>'
            '<p>Every row with the stat (kept and rejected), stacked: kept, rejected by the stage that computes the '
-           'stat, rejected by another stage. Dashed lines: the spec\'s thresholds.</p><div class="plots">']
+           'stat, rejected by another stage. Dashed lines: the spec\'s thresholds.'
+           + (f' Over a sample of {meta.num_rows:,} of the build\'s {build.total_rows:,} rows (a hash of the uid '
+              'picks them).' if build.sampled else '') + '</p><div class="plots">']
     owners = column_owner()
     cols = _numeric_columns(build)
     order = _stat_order(build)
