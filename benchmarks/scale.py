@@ -335,7 +335,7 @@ def _baseline_pairs(batch):
 
 def _baseline_stage(batch, name: str, params_json: str, drop_after: bool):
     from stages import stage_class
-    from stages.imaging.decode import drop_private
+    from stages.imaging.decode import drop_pixels
 
     stage = _BASELINE_STAGES.get((name, params_json))
     if stage is None:
@@ -343,7 +343,7 @@ def _baseline_stage(batch, name: str, params_json: str, drop_after: bool):
         stage = _BASELINE_STAGES[(name, params_json)] = cls(cls.Params.model_validate_json(params_json))
         stage.setup()
     out = stage(batch)
-    return drop_private(out) if drop_after else out
+    return drop_pixels(out) if drop_after else out
 
 
 def child_baseline(spec_path: str, out: str, result: str) -> None:

@@ -52,9 +52,9 @@ from stages.models import (check_loadable, config_summary, is_local, load_clip, 
                            weights_sha256)
 
 class AlignParams(StageParams):
-    model: str = Field("demo-clip", min_length=1,
+    model: str = Field("openai/clip-vit-base-patch32", min_length=1,
                        description="model folder (absolute, relative to the repo root, or a name under stages/models/shipped/) "
-                                   "or a Hugging Face hub id in the local cache")
+                                   "or a Hugging Face hub id in the local cache (the default: OpenAI's CLIP ViT-B/32)")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$",
                         description="auto: the GPU Ray assigned (gpus > 0) or CUDA outside Ray, else cpu")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")

@@ -438,7 +438,9 @@ def test_spec_accepts_align():
     p = AlignParams.model_validate({"model": "x", "threshold": 0.3, "batch_size": 32, "gpus": 0.25})
     s = stage_class("align")(p)
     assert (s.resources.batch_size, s.resources.gpus, s.resources.cpus, s.resources.pool_size) == (32, 0.25, 1.0, 1)
-    assert AlignStage(AlignParams()).params.model == "demo-clip"
+    assert AlignStage(AlignParams()).params.model == "openai/clip-vit-base-patch32"  # a real CLIP, not the demo's
+    with pytest.raises(StageConfigError, match="openai/clip-vit-base-patch32.*cannot be loaded"):
+        AlignStage(AlignParams()).preflight()  # offline, not in the cache: a clear error before any data is read
     for bad in ({"top_fraction": 0}, {"top_fraction": 1.5}, {"dtype": "int8"}, {"device": "gpu"}, {"threads": 0}):
         with pytest.raises(Exception):
             AlignParams.model_validate(bad)
@@ -512,7 +514,7 @@ def demo_threshold() -> float:
 
 @pytest.fixture(scope="module")
 def demo_stage():
-    stage = AlignStage(AlignParams())  # the default model is demo-clip
+    stage = AlignStage(AlignParams(model="demo-clip"))
     stage.preflight()
     stage.setup()
     return stage

@@ -22,8 +22,8 @@ from flows.pipeline.global_decisions import SRC
 from flows.progress import phase
 from schemas.spec import BuildSpec
 from stages import stage_class
-from stages.base import drop_private as drop_all_private
-from stages.imaging.decode import add_pixels, decodes, drop_private
+from stages.base import drop_private
+from stages.imaging.decode import add_pixels, decodes, drop_pixels
 
 DECODE = "decode"
 
@@ -59,7 +59,7 @@ def _timed(step: str, fn, batch: pa.Table, timer: str, drop_after: bool) -> pa.T
     if out.num_rows != batch.num_rows:
         raise RuntimeError(f"{step} changed the row count {batch.num_rows} -> {out.num_rows}")
     if drop_after:
-        out = drop_private(out)
+        out = drop_pixels(out)
     ray.get_actor(timer).add.remote(step, batch.num_rows, time.perf_counter() - t0, decodes() - d0,
                                     time.process_time() - c0)
     return out
@@ -168,7 +168,7 @@ def tag_source(batch: pa.Table) -> pa.Table:
 
 def finish_batch(batch: pa.Table, spec: BuildSpec) -> pa.Table:
     """The row-wise decisions, then the batch as _work/processed keeps it: no image bytes, no private columns."""
-    batch = decide_rowwise(drop_all_private(batch), spec)
+    batch = decide_rowwise(drop_private(batch), spec)
     return batch.drop_columns([c for c in ("image",) if c in batch.column_names])
 
 

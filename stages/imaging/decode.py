@@ -86,7 +86,7 @@ def pil(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
-def drop_private(batch: pa.Table) -> pa.Table:
+def drop_pixels(batch: pa.Table) -> pa.Table:
     """The batch without the shared decode's columns (what may be written)."""
     private = [c for c in (PIXELS, SHAPE, ERROR) if c in batch.column_names]
     return batch.drop_columns(private) if private else batch
