@@ -238,11 +238,10 @@ def test_caption_stages_take_one_megabyte_captions(caption_stages):
 
 def _accounted(src: SourceSpec) -> tuple[int, int, int] | None:
     """(rows read, pairs, rejects) of a corpus, or None after a clear IngestError."""
-    seen: dict[str, int] = {}
     read = pairs = rejects = 0
     try:
         for batch in iter_corpus(src, batch_rows=7):
-            inputs, p, r = corpus_pairs(batch, "fuzz", seen)
+            inputs, p, r = corpus_pairs(batch, "fuzz")
             assert p.num_rows + r.num_rows == batch.num_rows and inputs.num_rows == p.num_rows
             assert all(r["reason"].to_pylist())
             read, pairs, rejects = read + batch.num_rows, pairs + p.num_rows, rejects + r.num_rows
