@@ -168,3 +168,14 @@ def test_corpus_repeats_across_batches_keep_the_first(tmp_path, ray_local):
     assert pa.concat_tables(ingest).drop_columns(["image"]).equals(pairs.drop_columns(["image"]))
     assert all(ctx.folder.ingest_shard(i).done.exists() for i in range(5))
     shutil.rmtree(ctx.folder.root)
+
+
+def test_empty_and_all_malformed_lists(tmp_path, ray_local):
+    empty = write_csv(tmp_path / "empty.csv", [])
+    shards, rej, summary = prepared(build_ctx(tmp_path, "empty", empty), batch_rows=4, buckets=2)
+    assert (shards, rej.num_rows, summary["rows_listed"]) == ([], 0, 0)
+    bad = write_csv(tmp_path / "bad.csv", [], [f"a,b,{i}" for i in range(9)])
+    shards, rej, summary = prepared(build_ctx(tmp_path, "bad", bad), batch_rows=4, buckets=2)
+    assert shards == [] and summary["rejected"] == rej.num_rows == 9
+    assert set(rej["reason"].to_pylist()) == {"malformed_row"}
+    assert rej["uid"].to_pylist() == [make_uid("", f"a,b,{i}", i + 1) for i in range(9)]  # numbered by position

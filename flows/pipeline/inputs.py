@@ -105,6 +105,7 @@ def _task(fn):
 
 
 def _window() -> int:
+    """Tasks in flight at once: one per CPU of the cluster, and one queued."""
     import ray
 
     return int(ray.cluster_resources().get("CPU", 1)) + 1
@@ -115,12 +116,12 @@ def run_batches(fn, work: Path, batches, buckets: int, adv) -> int:
     (the driver holds no more); returns how many batches there were."""
     import ray
 
-    task, pending, first_row, n = _task(fn), [], 0, 0
+    task, pending, first_row, n, window = _task(fn), [], 0, 0, _window()
     for n, batch in enumerate(batches, start=1):
         pending.append(task.remote(work, n - 1, batch, first_row, buckets))
         first_row += batch.num_rows
         del batch
-        while len(pending) >= _window():
+        while len(pending) >= window:
             ready, pending = ray.wait(pending, num_returns=1)
             adv(ray.get(ready[0]))
     for rows in ray.get(pending):
@@ -137,10 +138,10 @@ def run_tasks(fn, args: list[tuple]) -> list:
     """fn(*a) as a Ray task for each a, a few in flight; results in the order of `args`."""
     import ray
 
-    task, pending, results = _task(fn), {}, {}
+    task, pending, results, window = _task(fn), {}, {}, _window()
     for i, a in enumerate(args):
         pending[task.remote(*a)] = i
-        while len(pending) >= _window() or (i == len(args) - 1 and pending):
+        while len(pending) >= window or (i == len(args) - 1 and pending):
             ready, _ = ray.wait(list(pending), num_returns=1)
             results[pending.pop(ready[0])] = ray.get(ready[0])
     return [results[i] for i in range(len(args))]

@@ -177,12 +177,13 @@ class _MalformedRows:
         self.writer.close()
         self.writer = False
         import duckdb
+        import pyarrow.dataset as pads
 
         order = "number NULLS LAST, text, seq" if self.by_text else "seq"
         con = duckdb.connect(config={"memory_limit": "256MB", "temp_directory": str(self.dir / "sort")})
-        try:
-            reader = con.sql(f"SELECT text, malformed FROM read_parquet('{self.dir / 'rows.parquet'}') "
-                             f"ORDER BY {order}").to_arrow_reader(batch_rows)
+        try:  # DuckDB sorts within its memory limit, spilling to disk past it
+            con.register("malformed_rows", pads.dataset(self.dir / "rows.parquet", format="parquet"))
+            reader = con.sql(f"SELECT text, malformed FROM malformed_rows ORDER BY {order}").to_arrow_reader(batch_rows)
             for rb in reader:
                 yield pa.table({"url": pa.nulls(rb.num_rows, pa.string()), "text": rb.column("text"),
                                 "malformed": rb.column("malformed")}, schema=_URL_LIST_SCHEMA)
@@ -505,6 +506,8 @@ def bucket_repeats(work: Path, bucket: int) -> int:
     import pyarrow.dataset as pads
 
     files = sorted(str(f) for f in (work / "keys").glob("*.parquet"))
+    if not files:
+        return 0
     keys = pads.dataset(files, format="parquet").to_table(columns=["key", "row"],
                                                           filter=pc.field("bucket") == bucket)
     repeats = find_repeats(keys)
