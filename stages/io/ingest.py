@@ -73,7 +73,6 @@ class IngestError(ValueError):
 # --------------------------------------------------------------------------- reading the URL list
 
 _URL_LIST_SCHEMA = pa.schema([("url", pa.string()), ("text", pa.string()), ("malformed", pa.string())])
-_URL_LIST_SCHEMA = pa.schema([("url", pa.string()), ("text", pa.string()), ("malformed", pa.string())])
 
 URL_BATCH_ROWS = 200_000  # rows of a URL list read at a time: what input preparation holds per batch
 
@@ -153,7 +152,8 @@ class _MalformedRows:
         self.by_text, self.flush_rows = by_text, flush_rows
         self.rows: list[tuple] = []
         self.count = 0
-        self.dir = self.writer = None
+        self.dir: Path | None = None
+        self.writer: pq.ParquetWriter | None = None
 
     def add(self, number: int | None, malformed: str, text: str) -> None:
         self.rows.append((self.count, number, text[:10_000], malformed))
@@ -175,7 +175,7 @@ class _MalformedRows:
         if self.writer is None:
             return
         self.writer.close()
-        self.writer = False
+        self.writer = None
         import duckdb
         import pyarrow.dataset as pads
 
@@ -183,8 +183,8 @@ class _MalformedRows:
         con = duckdb.connect(config={"memory_limit": "256MB", "temp_directory": str(self.dir / "sort")})
         try:  # DuckDB sorts within its memory limit, spilling to disk past it
             con.register("malformed_rows", pads.dataset(self.dir / "rows.parquet", format="parquet"))
-            reader = con.sql(f"SELECT text, malformed FROM malformed_rows ORDER BY {order}").to_arrow_reader(batch_rows)
-            for rb in reader:
+            for rb in con.sql(f"SELECT text, malformed FROM malformed_rows ORDER BY {order}").to_arrow_reader(
+                    batch_rows):
                 yield pa.table({"url": pa.nulls(rb.num_rows, pa.string()), "text": rb.column("text"),
                                 "malformed": rb.column("malformed")}, schema=_URL_LIST_SCHEMA)
         finally:
@@ -243,7 +243,6 @@ def _utf8_copy(path: Path, chunk: int = 1 << 24) -> Path | None:
                 out.write(decoder.decode(block))
             out.write(decoder.decode(b"", final=True))
     return Path(name)
-
 
 
 def _iter_delimited(path: Path, text_path: Path, delimiter: str, cols: tuple[str, str],
