@@ -170,6 +170,21 @@ def test_corpus_repeats_across_batches_keep_the_first(tmp_path, ray_local):
     shutil.rmtree(ctx.folder.root)
 
 
+def test_jsonl_blocks_of_different_value_types_read_as_one_list(tmp_path, monkeypatch):
+    import stages.io.ingest as ingest
+
+    monkeypatch.setattr(ingest, "JSONL_BLOCK_BYTES", 40)  # a block or two of lines each
+    p = tmp_path / "l.jsonl"
+    lines = [{"url": None, "caption": None}, {"url": "http://a.example/1.jpg", "caption": 7},
+             {"url": "http://a.example/2.jpg", "caption": {"k": [1]}}, "not json", {"url": "http://b.example/x"}]
+    p.write_text("".join((json.dumps(x) if isinstance(x, dict) else x) + "\n" for x in lines))
+    got = pa.Table.from_batches([b for t in iter_url_list(SourceSpec(urls=p), batch_rows=2) for b in t.to_batches()])
+    assert got.column("url").to_pylist() == [None, "http://a.example/1.jpg", "http://a.example/2.jpg",
+                                             "http://b.example/x", None]
+    assert got.column("text").to_pylist() == [None, "7", '{"k": [1]}', None, "not json"]
+    assert got.column("malformed").to_pylist()[-1].startswith("line 4: not JSON")
+
+
 def test_empty_and_all_malformed_lists(tmp_path, ray_local):
     empty = write_csv(tmp_path / "empty.csv", [])
     shards, rej, summary = prepared(build_ctx(tmp_path, "empty", empty), batch_rows=4, buckets=2)

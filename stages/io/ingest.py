@@ -113,10 +113,9 @@ def iter_url_list(src: SourceSpec, batch_rows: int = URL_BATCH_ROWS) -> Iterator
                 blocks = _iter_delimited(path, text_path, "\t" if fmt == "tsv" else ",", cols, set_aside)
             else:
                 blocks = _iter_jsonl(path, text_path, cols, set_aside)
-        for table in _rebatch(blocks, batch_rows):
-            yield pa.table({"url": _as_text(table.column(src.url_col)),
-                            "text": _as_text(table.column(src.caption_col)),
-                            "malformed": pa.nulls(table.num_rows, pa.string())}, schema=_URL_LIST_SCHEMA)
+        parsed = (pa.table({"url": _as_text(t.column(src.url_col)), "text": _as_text(t.column(src.caption_col)),
+                            "malformed": pa.nulls(t.num_rows, pa.string())}, schema=_URL_LIST_SCHEMA) for t in blocks)
+        yield from _rebatch(parsed, batch_rows)
         yield from set_aside.tables(batch_rows)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
         raise IngestError(f"{path}: cannot read as {fmt}: {e}") from None
@@ -274,8 +273,10 @@ def _iter_delimited(path: Path, text_path: Path, delimiter: str, cols: tuple[str
         yield pa.Table.from_batches([rb])
 
 
-def _iter_jsonl(path: Path, text_path: Path, cols: tuple[str, str], set_aside: _MalformedRows,
-                block_bytes: int = 1 << 24) -> Iterator[pa.Table]:
+JSONL_BLOCK_BYTES = 1 << 24  # JSON lines parsed at a time
+
+
+def _iter_jsonl(path: Path, text_path: Path, cols: tuple[str, str], set_aside: _MalformedRows) -> Iterator[pa.Table]:
     """JSON lines (`text_path`: the file, or its UTF-8 copy), a block of whole lines at a time: Arrow's reader when
     every line of the block is a clean object; else line by line, each bad line set aside. The URL and caption
     columns must appear somewhere in the file (checked at its end)."""
@@ -285,7 +286,7 @@ def _iter_jsonl(path: Path, text_path: Path, cols: tuple[str, str], set_aside: _
     with open(text_path, "rb") as f:
         rest = b""
         while True:
-            chunk = f.read(block_bytes)
+            chunk = f.read(JSONL_BLOCK_BYTES)
             data = rest + chunk
             cut = data.rfind(b"\n") + 1 if chunk else len(data)
             if chunk and not cut:  # one line longer than a block: read on
