@@ -280,7 +280,7 @@ def _iter_jsonl(path: Path, text_path: Path, cols: tuple[str, str], set_aside: _
     """JSON lines (`text_path`: the file, or its UTF-8 copy), a block of whole lines at a time: Arrow's reader when
     every line of the block is a clean object; else line by line, each bad line set aside. The URL and caption
     columns must appear somewhere in the file (checked at its end)."""
-    seen_cols: set[str] = set()
+    seen_cols: dict[str, None] = {}  # in the order first met, as Arrow's reader names them
     any_bad = False
     lines_before = 0
     with open(text_path, "rb") as f:
@@ -301,16 +301,17 @@ def _iter_jsonl(path: Path, text_path: Path, cols: tuple[str, str], set_aside: _
                     yield table
             if not chunk:
                 break
-    _require_columns(path, cols, sorted(seen_cols) if seen_cols or not any_bad else list(cols))
+    names = (sorted(seen_cols) if any_bad else list(seen_cols)) if seen_cols or not any_bad else list(cols)
+    _require_columns(path, cols, names)
 
 
-def _jsonl_block(block: bytes, lines_before: int, cols: tuple[str, str], seen_cols: set[str],
+def _jsonl_block(block: bytes, lines_before: int, cols: tuple[str, str], seen_cols: dict[str, None],
                  set_aside: _MalformedRows) -> tuple[pa.Table, bool]:
     """One block of JSON lines -> (the two columns, whether a line was set aside)."""
     wanted = list(dict.fromkeys(cols))
     try:
         table = pajson.read_json(io.BytesIO(block))
-        seen_cols.update(table.column_names)
+        seen_cols.update(dict.fromkeys(table.column_names))
         return pa.table({c: table.column(c) if c in table.column_names else pa.nulls(table.num_rows, pa.string())
                          for c in wanted}), False
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -331,7 +332,7 @@ def _jsonl_block(block: bytes, lines_before: int, cols: tuple[str, str], seen_co
             set_aside.add(number, f"line {number}: a JSON {type(obj).__name__}, not an object", line)
             bad = True
             continue
-        seen_cols.update(obj)
+        seen_cols.update(dict.fromkeys(obj))
         for c in rows:
             v = obj.get(c)
             v = v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False)
