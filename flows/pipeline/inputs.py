@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -48,7 +49,8 @@ def prepare_inputs(ctx: BuildContext, batch_rows: int = URL_BATCH_ROWS, buckets:
         buckets = buckets or repeat_buckets(_estimated_rows(Path(ctx.spec.source.urls), bytes_per_row=40))
         batches = run_batches(key_url_batch, work, iter_url_list(ctx.spec.source, batch_rows), buckets, adv)
         find_all_repeats(work, buckets)
-        run_tasks(settle_url_batch, [(work, i, ctx.source_name) for i in range(batches)])
+        for _ in run_tasks(settle_url_batch, ((work, i, ctx.source_name) for i in range(batches))):
+            pass
         summary = write_input_shards(ctx, work, batches)
         shutil.rmtree(work)
         summary["seconds"] = time.perf_counter() - t0
@@ -70,12 +72,13 @@ def prepare_corpus(ctx: BuildContext, buckets: int | None = None) -> dict:
         batches = run_batches(key_corpus_batch, work, iter_corpus(ctx.spec.source, ctx.spec.ingest.shard_rows),
                               buckets, adv)
         find_all_repeats(work, buckets)
-        settled = run_tasks(settle_corpus_batch, [(folder, work, i, ctx.source_name) for i in range(batches)])
+        listed = kept = 0
+        for settled in run_tasks(settle_corpus_batch, ((folder, work, i, ctx.source_name) for i in range(batches))):
+            listed, kept = listed + settled["rows"], kept + settled["kept"]
         with RejectsWriter(folder.input_rejects) as rejects:
             for i in range(batches):
                 rejects.write(pq.read_table(work / "settled" / f"{i:06d}.rejects.parquet"))
         shutil.rmtree(work)
-        listed, kept = sum(s["rows"] for s in settled), sum(s["kept"] for s in settled)
         summary = {"rows_listed": listed, "rows": kept, "rejected": listed - kept, "shards": batches,
                    "seconds": time.perf_counter() - t0}
         folder.mark_done("input", summary)
@@ -131,20 +134,20 @@ def run_batches(fn, work: Path, batches, buckets: int, adv) -> int:
 
 def find_all_repeats(work: Path, buckets: int) -> int:
     """Step 2: one Ray task per bucket; returns how many rows repeat an earlier one."""
-    return sum(run_tasks(bucket_repeats, [(work, b) for b in range(buckets)]))
+    return sum(run_tasks(bucket_repeats, ((work, b) for b in range(buckets))))
 
 
-def run_tasks(fn, args: list[tuple]) -> list:
-    """fn(*a) as a Ray task for each a, a few in flight; results in the order of `args`."""
+def run_tasks(fn, args: Iterable[tuple]) -> Iterator:
+    """fn(*a) as a Ray task for each a, a few in flight; yields the results as they come."""
     import ray
 
-    task, pending, results, window = _task(fn), {}, {}, _window()
-    for i, a in enumerate(args):
-        pending[task.remote(*a)] = i
-        while len(pending) >= window or (i == len(args) - 1 and pending):
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            results[pending.pop(ready[0])] = ray.get(ready[0])
-    return [results[i] for i in range(len(args))]
+    task, pending, window = _task(fn), [], _window()
+    for a in args:
+        pending.append(task.remote(*a))
+        while len(pending) >= window:
+            ready, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(ready[0])
+    yield from ray.get(pending)
 
 
 # --------------------------------------------------------------------------- shards and rejects (driver, streaming)
