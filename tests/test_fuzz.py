@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from schemas.spec import BuildSpec, IngestSpec, SourceSpec, SpecError, load_spec, stage_params_models
-from stages.io.ingest import IngestError, assign_uids, corpus_pairs, iter_corpus, read_url_list
+from stages.io.ingest import IngestError, assign_uids, corpus_pairs, iter_corpus, iter_url_list, read_url_list
 
 EXAMPLES = int(os.environ.get("PAIRFORGE_FUZZ_EXAMPLES", "40"))  # more for a deeper run on demand
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True,
@@ -183,6 +183,9 @@ def test_url_lists_end_in_rows_and_rejects_or_a_clear_error(tmp_path_factory, ca
         assert str(e).startswith(str(p)), e
         return
     assert table.num_rows == listed  # no row lost, none invented
+    batches = list(iter_url_list(SourceSpec(urls=p), batch_rows=3))  # small batches: the same rows, in order
+    assert all(b.num_rows <= 3 for b in batches)
+    assert pa.Table.from_batches([rb for b in batches for rb in b.to_batches()], schema=table.schema).equals(table)
     inputs, rejects = assign_uids(table, "fuzz")
     assert inputs.num_rows + rejects.num_rows == table.num_rows
     uids = inputs["uid"].to_pylist() + rejects["uid"].to_pylist()
@@ -238,11 +241,10 @@ def test_caption_stages_take_one_megabyte_captions(caption_stages):
 
 def _accounted(src: SourceSpec) -> tuple[int, int, int] | None:
     """(rows read, pairs, rejects) of a corpus, or None after a clear IngestError."""
-    seen: dict[str, int] = {}
     read = pairs = rejects = 0
     try:
         for batch in iter_corpus(src, batch_rows=7):
-            inputs, p, r = corpus_pairs(batch, "fuzz", seen)
+            inputs, p, r = corpus_pairs(batch, "fuzz")
             assert p.num_rows + r.num_rows == batch.num_rows and inputs.num_rows == p.num_rows
             assert all(r["reason"].to_pylist())
             read, pairs, rejects = read + batch.num_rows, pairs + p.num_rows, rejects + r.num_rows

@@ -5,6 +5,7 @@ in the shard's pairs or in its rejects, with a reason from REASONS.
 """
 from __future__ import annotations
 
+import hashlib
 import http.client
 import io
 import ipaddress
@@ -17,12 +18,15 @@ import ssl
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import quote, urljoin, urlsplit
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
@@ -70,13 +74,22 @@ class IngestError(ValueError):
 
 _URL_LIST_SCHEMA = pa.schema([("url", pa.string()), ("text", pa.string()), ("malformed", pa.string())])
 
+URL_BATCH_ROWS = 200_000  # rows of a URL list read at a time: what input preparation holds per batch
+
 
 def read_url_list(src: SourceSpec) -> pa.Table:
-    """Read the source list into (url, text, malformed) strings, one row per listed row.
+    """The whole list as one table: iter_url_list's batches together (tests, small lists)."""
+    return pa.Table.from_batches([b for t in iter_url_list(src) for b in t.to_batches()], schema=_URL_LIST_SCHEMA)
+
+
+def iter_url_list(src: SourceSpec, batch_rows: int = URL_BATCH_ROWS) -> Iterator[pa.Table]:
+    """Read the source list as tables of at most `batch_rows` (url, text, malformed) strings, in list order;
+    one row per listed row, never more than a batch (and a reader block) in memory.
 
     A row that does not parse (a CSV line with too many or too few fields, a JSONL line that is not a JSON object)
-    is kept as a row with `malformed` saying why, so it can be rejected and counted; bytes that are not UTF-8 are
-    replaced (U+FFFD). A file that cannot be read at all, or lacks the URL or caption column, is an IngestError."""
+    is kept as a row with `malformed` saying why, so it can be rejected and counted; those rows come last, after
+    every parsed row (they are set aside on disk while reading). Bytes that are not UTF-8 are replaced (U+FFFD).
+    A file that cannot be read at all, or lacks the URL or caption column, is an IngestError."""
     path = Path(src.urls)
     fmt = src.format
     if fmt == "auto":
@@ -86,31 +99,101 @@ def read_url_list(src: SourceSpec) -> pa.Table:
             raise IngestError(f"{path}: cannot tell the format from the suffix {suffix!r}; set source.format")
     cols = (src.url_col, src.caption_col)
     clean = None
+    set_aside = _MalformedRows(by_text=fmt in ("csv", "tsv"))
     try:
         if fmt == "parquet":
-            names = pq.read_schema(path).names
-            _require_columns(path, cols, names)
-            table, malformed = pq.read_table(path, columns=list(dict.fromkeys(cols))), []
+            pf = pq.ParquetFile(path)
+            _require_columns(path, cols, pf.schema_arrow.names)
+            blocks = (pa.Table.from_batches([rb]) for rb in pf.iter_batches(batch_size=batch_rows,
+                                                                              columns=list(dict.fromkeys(cols))))
         else:
             clean = _utf8_copy(path)
             text_path = clean or path
             if fmt in ("csv", "tsv"):
-                table, malformed = _read_delimited(path, text_path, "\t" if fmt == "tsv" else ",", cols)
+                blocks = _iter_delimited(path, text_path, "\t" if fmt == "tsv" else ",", cols, set_aside)
             else:
-                table, malformed = _read_jsonl(path, text_path, cols)
+                blocks = _iter_jsonl(path, text_path, cols, set_aside)
+        parsed = (pa.table({"url": _as_text(t.column(src.url_col)), "text": _as_text(t.column(src.caption_col)),
+                            "malformed": pa.nulls(t.num_rows, pa.string())}, schema=_URL_LIST_SCHEMA) for t in blocks)
+        yield from _rebatch(parsed, batch_rows)
+        yield from set_aside.tables(batch_rows)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
         raise IngestError(f"{path}: cannot read as {fmt}: {e}") from None
     finally:
+        set_aside.close()
         if clean is not None:
             clean.unlink(missing_ok=True)
-    n = table.num_rows
-    parsed = pa.table({"url": _as_text(table.column(src.url_col)), "text": _as_text(table.column(src.caption_col)),
-                       "malformed": pa.nulls(n, pa.string())}, schema=_URL_LIST_SCHEMA)
-    if not malformed:
-        return parsed
-    bad = pa.table({"url": pa.nulls(len(malformed), pa.string()), "text": [m[1] for m in malformed],
-                    "malformed": [m[0] for m in malformed]}, schema=_URL_LIST_SCHEMA)
-    return pa.concat_tables([parsed, bad])
+
+
+def _rebatch(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """The same rows, in order, as tables of exactly `rows` rows (the last may hold fewer)."""
+    held, n = [], 0
+    for t in tables:
+        held.append(t)
+        n += t.num_rows
+        while n >= rows:
+            whole = pa.concat_tables(held)
+            yield whole.slice(0, rows)
+            held, n = [whole.slice(rows)], n - rows
+    if n:
+        yield pa.concat_tables(held)
+
+
+class _MalformedRows:
+    """Rows that do not parse, set aside on disk while the list is read; handed back (url null, text, malformed)
+    after the parsed rows. CSV/TSV ones are ordered by line number, else by their text (the reader cannot number
+    lines when values may hold newlines); JSONL ones stay in line order."""
+
+    _SCHEMA = pa.schema([("seq", pa.int64()), ("number", pa.int64()), ("text", pa.string()),
+                         ("malformed", pa.string())])
+
+    def __init__(self, by_text: bool, flush_rows: int = 10_000):
+        self.by_text, self.flush_rows = by_text, flush_rows
+        self.rows: list[tuple] = []
+        self.count = 0
+        self.dir: Path | None = None
+        self.writer: pq.ParquetWriter | None = None
+
+    def add(self, number: int | None, malformed: str, text: str) -> None:
+        self.rows.append((self.count, number, text[:10_000], malformed))
+        self.count += 1
+        if len(self.rows) >= self.flush_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.rows:
+            return
+        if self.writer is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="pairforge-malformed-"))
+            self.writer = pq.ParquetWriter(self.dir / "rows.parquet", self._SCHEMA)
+        self.writer.write_table(pa.table(list(zip(*self.rows)), schema=self._SCHEMA))
+        self.rows = []
+
+    def tables(self, batch_rows: int) -> Iterator[pa.Table]:
+        self._flush()
+        if self.writer is None:
+            return
+        self.writer.close()
+        self.writer = None
+        import duckdb
+        import pyarrow.dataset as pads
+
+        order = "number NULLS LAST, text, seq" if self.by_text else "seq"
+        con = duckdb.connect(config={"memory_limit": "256MB", "temp_directory": str(self.dir / "sort")})
+        try:  # DuckDB sorts within its memory limit, spilling to disk past it
+            con.register("malformed_rows", pads.dataset(self.dir / "rows.parquet", format="parquet"))
+            for rb in con.sql(f"SELECT text, malformed FROM malformed_rows ORDER BY {order}").to_arrow_reader(
+                    batch_rows):
+                yield pa.table({"url": pa.nulls(rb.num_rows, pa.string()), "text": rb.column("text"),
+                                "malformed": rb.column("malformed")}, schema=_URL_LIST_SCHEMA)
+        finally:
+            con.close()
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _require_columns(path: Path, cols: tuple[str, str], names: list[str]) -> None:
@@ -161,24 +244,23 @@ def _utf8_copy(path: Path, chunk: int = 1 << 24) -> Path | None:
     return Path(name)
 
 
-def _read_delimited(path: Path, text_path: Path, delimiter: str,
-                    cols: tuple[str, str]) -> tuple[pa.Table, list[tuple[str, str]]]:
-    """CSV / TSV (`text_path`: the file, or its UTF-8 copy): only the two columns; rows with the wrong field count
-    set aside."""
+def _iter_delimited(path: Path, text_path: Path, delimiter: str, cols: tuple[str, str],
+                    set_aside: _MalformedRows) -> Iterator[pa.Table]:
+    """CSV / TSV (`text_path`: the file, or its UTF-8 copy), a reader block at a time: only the two columns; rows
+    with the wrong field count set aside."""
     import csv
 
-    bad: list[tuple[int | None, str]] = []
-
-    def set_aside(row) -> str:
-        bad.append((row.number, f"expected {row.expected_columns} fields, got {row.actual_columns}", row.text))
+    def bad_row(row) -> str:
+        why = f"expected {row.expected_columns} fields, got {row.actual_columns}"
+        set_aside.add(row.number, f"line {row.number}: {why}" if row.number else why, row.text)
         return "skip"
 
     wanted = list(dict.fromkeys(cols))
     try:
-        table = pacsv.read_csv(
+        reader = pacsv.open_csv(
             text_path,
             parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True,
-                                             invalid_row_handler=set_aside),
+                                             invalid_row_handler=bad_row),
             convert_options=pacsv.ConvertOptions(include_columns=wanted,
                                                  column_types={c: pa.string() for c in wanted}),
         )
@@ -187,41 +269,75 @@ def _read_delimited(path: Path, text_path: Path, delimiter: str,
             first = f.readline()
         _require_columns(path, cols, next(csv.reader([first], delimiter=delimiter), []))
         raise IngestError(f"{path}: {e}") from None
-    bad.sort(key=lambda b: (b[0] is None, b[0] or 0, b[2]))
-    return table, [(f"line {num}: {why}" if num else why, text[:10_000]) for num, why, text in bad]
+    for rb in reader:
+        yield pa.Table.from_batches([rb])
 
 
-def _read_jsonl(path: Path, text_path: Path, cols: tuple[str, str]) -> tuple[pa.Table, list[tuple[str, str]]]:
-    """JSON lines (`text_path`: the file, or its UTF-8 copy): Arrow's reader when every line is a clean object;
-    else line by line, each bad line set aside."""
+JSONL_BLOCK_BYTES = 1 << 24  # JSON lines parsed at a time
+
+
+def _iter_jsonl(path: Path, text_path: Path, cols: tuple[str, str], set_aside: _MalformedRows) -> Iterator[pa.Table]:
+    """JSON lines (`text_path`: the file, or its UTF-8 copy), a block of whole lines at a time: Arrow's reader when
+    every line of the block is a clean object; else line by line, each bad line set aside. The URL and caption
+    columns must appear somewhere in the file (checked at its end)."""
+    seen_cols: dict[str, None] = {}  # in the order first met, as Arrow's reader names them
+    any_bad = False
+    lines_before = 0
+    with open(text_path, "rb") as f:
+        rest = b""
+        while True:
+            chunk = f.read(JSONL_BLOCK_BYTES)
+            data = rest + chunk
+            cut = data.rfind(b"\n") + 1 if chunk else len(data)
+            if chunk and not cut:  # one line longer than a block: read on
+                rest = data
+                continue
+            block, rest = data[:cut], data[cut:]
+            if block:
+                table, bad = _jsonl_block(block, lines_before, cols, seen_cols, set_aside)
+                any_bad |= bad
+                lines_before += block.count(b"\n")
+                if table.num_rows:
+                    yield table
+            if not chunk:
+                break
+    names = (sorted(seen_cols) if any_bad else list(seen_cols)) if seen_cols or not any_bad else list(cols)
+    _require_columns(path, cols, names)
+
+
+def _jsonl_block(block: bytes, lines_before: int, cols: tuple[str, str], seen_cols: dict[str, None],
+                 set_aside: _MalformedRows) -> tuple[pa.Table, bool]:
+    """One block of JSON lines -> (the two columns, whether a line was set aside)."""
+    wanted = list(dict.fromkeys(cols))
     try:
-        table = pajson.read_json(text_path)
-        _require_columns(path, cols, table.column_names)
-        return table, []
+        table = pajson.read_json(io.BytesIO(block))
+        seen_cols.update(dict.fromkeys(table.column_names))
+        return pa.table({c: table.column(c) if c in table.column_names else pa.nulls(table.num_rows, pa.string())
+                         for c in wanted}), False
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass
-    rows: dict[str, list] = {c: [] for c in dict.fromkeys(cols)}
-    bad, seen_cols = [], set()
-    with open(text_path, encoding="utf-8", newline="\n") as f:
-        for number, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                bad.append((f"line {number}: not JSON ({e})", line[:10_000]))
-                continue
-            if not isinstance(obj, dict):
-                bad.append((f"line {number}: a JSON {type(obj).__name__}, not an object", line[:10_000]))
-                continue
-            seen_cols.update(obj)
-            for c in rows:
-                v = obj.get(c)
-                v = v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False)
-                # a lone surrogate ("\ud800" in the JSON) is no character: U+FFFD instead
-                rows[c].append(None if v is None else v.encode("utf-8", "surrogatepass").decode("utf-8", "replace"))
-    _require_columns(path, cols, sorted(seen_cols) if seen_cols or not bad else list(cols))
+    rows: dict[str, list] = {c: [] for c in wanted}
+    bad = False
+    for number, raw in enumerate(io.StringIO(block.decode("utf-8"), newline="\n"), start=lines_before + 1):
+        line = raw.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            set_aside.add(number, f"line {number}: not JSON ({e})", line)
+            bad = True
+            continue
+        if not isinstance(obj, dict):
+            set_aside.add(number, f"line {number}: a JSON {type(obj).__name__}, not an object", line)
+            bad = True
+            continue
+        seen_cols.update(dict.fromkeys(obj))
+        for c in rows:
+            v = obj.get(c)
+            v = v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+            # a lone surrogate ("\ud800" in the JSON) is no character: U+FFFD instead
+            rows[c].append(None if v is None else v.encode("utf-8", "surrogatepass").decode("utf-8", "replace"))
     return pa.table({c: pa.array(v, pa.string()) for c, v in rows.items()}), bad
 
 
@@ -241,37 +357,193 @@ def _url_problem(url: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-def assign_uids(table: pa.Table, source: str, seen: dict[str, int] | None = None) -> tuple[pa.Table, pa.Table]:
-    """Give every listed row a uid; rows that cannot be fetched go to rejects. Returns (inputs, rejects)."""
-    seen = {} if seen is None else seen
-    keep = {"uid": [], "url": [], "text": [], "source": []}
-    rej = {k: [] for k in REJECT_SCHEMA.names}
-    malformed = table.column("malformed").to_pylist() if "malformed" in table.column_names else [None] * len(table)
-    for row, (url, text, bad) in enumerate(zip(table.column("url").to_pylist(), table.column("text").to_pylist(),
-                                               malformed)):
-        url_s = (url or "").strip()
-        reason = None
-        if bad:
-            reason, detail, uid = "malformed_row", bad, make_uid("", text, row + 1)
-        elif not url_s:
-            reason, detail, uid = "missing_url", f"row {row}", make_uid("", text, row + 1)
-        else:
-            reason, detail = _url_problem(url_s)
-            key = make_uid(url_s, text)
-            n = seen.get(key, 0)
-            seen[key] = n + 1
-            uid = make_uid(url_s, text, n) if n else key
-            if n and reason is None:
-                reason, detail = "duplicate_input_row", f"repeat {n} of {key}"
-        if reason:
-            for k, v in zip(REJECT_SCHEMA.names, (uid, url, text, "input", reason, detail, None)):
-                rej[k].append(v)
-        else:
-            keep["uid"].append(uid)
-            keep["url"].append(url_s)
-            keep["text"].append(text)
-            keep["source"].append(source)
-    return pa.table(keep, schema=INPUT_SCHEMA), pa.table(rej, schema=REJECT_SCHEMA)
+# --------------------------------------------------------------------------- uids and repeated rows
+#
+# A row's uid is make_uid(url, caption) the first time the (normalised url, caption) pair is listed, and
+# make_uid(url, caption, n) for its n-th repeat (schemas.records); a row that cannot be named by its URL (malformed,
+# no URL) gets make_uid("", caption, row + 1). Input preparation works in three steps, each over bounded data, so
+# a list of any size never has to be in one process:
+#   1. key_url_rows, per batch of the list: the row's key (its first-listing uid), bucket and never-fetch reason;
+#   2. find_repeats, per bucket (a hash partition of the keys): which rows repeat an earlier row, and how often;
+#   3. settle_url_rows, per batch: uids of the repeats, reasons, inputs and rejects.
+# The flow (flows.pipeline.inputs) runs them as Ray tasks over files in a scratch folder; assign_uids runs them in
+# memory over one table.
+
+_KEYED_SCHEMA = pa.schema([("row", pa.int64()), ("uid", pa.string()), ("key", pa.string()), ("url", pa.string()),
+                           ("fetch_url", pa.string()), ("text", pa.string()), ("reason", pa.string()),
+                           ("detail", pa.string())])
+_REPEATS_SCHEMA = pa.schema([("row", pa.int64()), ("occurrence", pa.int64())])
+
+
+def _url_key(url: str | None, text: str | None) -> tuple:
+    """(stripped url, key, never-fetch reason, detail) of a listed row; all None when it has no URL."""
+    url_s = (url or "").strip()
+    if not url_s:
+        return None, None, None, None
+    return (url_s, make_uid(url_s, text)) + _url_problem(url_s)
+
+
+def key_url_rows(batch: pa.Table, first_row: int) -> pa.Table:
+    """A batch of the URL list (its rows numbered from first_row, in list order) -> keyed rows: `key` names the
+    (normalised url, caption) pair, reasons for rows that are never fetched are set; malformed and URL-less rows
+    get their final uid here (by row number), the others in settle_url_rows.
+
+    The per-row step: uids are blake2b over Python's URL normalisation (schemas.records), which no Arrow kernel
+    reproduces, so the stripped URL, key and URL check are computed row by row; every decision is vectorised."""
+    n = batch.num_rows
+    row = pa.array(np.arange(first_row, first_row + n, dtype=np.int64))
+    url = batch.column("url").combine_chunks().cast(pa.string())
+    text = batch.column("text").combine_chunks().cast(pa.string())
+    malformed = (batch.column("malformed").combine_chunks().cast(pa.string()) if "malformed" in batch.column_names
+                 else pa.nulls(n, pa.string()))
+    is_malformed = pc.is_valid(malformed)
+    listed = pc.if_else(is_malformed, pa.nulls(n, pa.string()), url)
+    derived = [_url_key(u, t) for u, t in zip(listed.to_pylist(), text.to_pylist())] if n else []
+    fetch_url, key, problem, problem_detail = (pa.array(list(c), pa.string()) for c in (zip(*derived) if n
+                                                                                          else ([],) * 4))
+    no_url = pc.and_(pc.invert(is_malformed), pc.is_null(fetch_url))
+    by_row = pc.or_(is_malformed, no_url)
+    reason = pc.if_else(is_malformed, "malformed_row", pc.if_else(no_url, "missing_url", problem))
+    detail = pc.if_else(is_malformed, malformed,
+                        pc.if_else(no_url, pc.binary_join_element_wise("row ", row.cast(pa.string()), ""),
+                                   problem_detail))
+    named = np.flatnonzero(by_row.to_numpy(zero_copy_only=False))
+    uid = pa.nulls(n, pa.string())
+    if len(named):
+        texts = pc.take(text, pa.array(named)).to_pylist()
+        uid = pc.replace_with_mask(uid, by_row, pa.array(
+            [make_uid("", t, first_row + int(i) + 1) for t, i in zip(texts, named)], pa.string()))
+    return pa.table([row, uid, key, url, fetch_url, text, reason, detail], schema=_KEYED_SCHEMA)
+
+
+def key_buckets(key: pa.Array, buckets: int) -> pa.Array:
+    """The bucket (0..buckets-1) of each key: keys are hex digests, so their leading digits spread evenly."""
+    import polars as pl
+
+    return (pl.from_arrow(key).str.slice(0, 8).str.to_integer(base=16) % buckets).cast(pl.Int32).to_arrow()
+
+
+def find_repeats(keys: pa.Table) -> pa.Table:
+    """(key, row) rows -> (row, occurrence) for each row whose key an earlier row (lower row number) has, with
+    how many earlier rows have it; sorted by row. The rows of a key must all be in `keys` (one bucket holds them)."""
+    keys = keys.filter(pc.is_valid(keys.column("key")))
+    n = keys.num_rows
+    if n < 2:
+        return _REPEATS_SCHEMA.empty_table()
+    s = keys.sort_by([("key", "ascending"), ("row", "ascending")])
+    k = s.column("key").combine_chunks()
+    first = np.ones(n, bool)
+    first[1:] = pc.not_equal(k.slice(1), k.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    pos = np.arange(n, dtype=np.int64)
+    occurrence = pos - np.maximum.accumulate(np.where(first, pos, 0))
+    out = pa.table({"row": s.column("row"), "occurrence": occurrence}, schema=_REPEATS_SCHEMA)
+    return out.filter(pa.array(occurrence > 0)).sort_by("row")
+
+
+def occurrences(row: pa.Array, repeats: pa.Table) -> pa.Array:
+    """Each row's occurrence number from `repeats` (0: the first listing)."""
+    at = pc.index_in(row, value_set=repeats.column("row").combine_chunks())
+    return pc.fill_null(pc.take(repeats.column("occurrence").combine_chunks(), at), 0)
+
+
+def settle_url_rows(keyed: pa.Table, occurrence: pa.Array, source: str) -> tuple[pa.Table, pa.Table]:
+    """Keyed rows and their occurrence numbers -> (inputs, rejects), both in list order. A repeat gets the uid of
+    its occurrence and, unless its URL is already refused, the reason duplicate_input_row."""
+    key, text, fetch_url = (keyed.column(c).combine_chunks() for c in ("key", "text", "fetch_url"))
+    repeat = pc.fill_null(pc.greater(occurrence, 0), False)
+    uid = pc.coalesce(keyed.column("uid").combine_chunks(), key)
+    again = np.flatnonzero(repeat.to_numpy(zero_copy_only=False))
+    if len(again):  # the uid of the n-th repeat hashes n in (per row, repeats only)
+        at = pa.array(again)
+        uid = pc.replace_with_mask(uid, repeat, pa.array(
+            [make_uid(u, t, o) for u, t, o in zip(*(pc.take(c, at).to_pylist()
+                                                    for c in (fetch_url, text, occurrence)))], pa.string()))
+    nothing = pa.nulls(keyed.num_rows, pa.string())
+    reason = pc.coalesce(keyed.column("reason"), pc.if_else(repeat, "duplicate_input_row", nothing))
+    detail = pc.coalesce(keyed.column("detail"), pc.if_else(
+        repeat, pc.binary_join_element_wise("repeat ", occurrence.cast(pa.string()), " of ", key, ""), nothing))
+    keep = pc.is_null(reason)
+    inputs = pa.table({"uid": uid, "url": fetch_url, "text": text}).filter(keep)
+    inputs = inputs.append_column("source", pa.repeat(pa.scalar(source, pa.string()), inputs.num_rows))
+    rejected = pc.invert(keep)
+    rejects = pa.table({"uid": uid, "url": keyed.column("url"), "text": text, "stage": pc.if_else(
+        rejected, "input", nothing), "reason": reason, "detail": detail, "build_id": nothing}).filter(rejected)
+    return inputs.cast(INPUT_SCHEMA), rejects.cast(REJECT_SCHEMA)
+
+
+def assign_uids(table: pa.Table, source: str) -> tuple[pa.Table, pa.Table]:
+    """Give every listed row of a whole list (one table) a uid; rows that cannot be fetched go to rejects.
+    Returns (inputs, rejects). The same steps input preparation distributes, in memory."""
+    keyed = key_url_rows(table, 0)
+    row = keyed.column("row").combine_chunks()
+    return settle_url_rows(keyed, occurrences(row, find_repeats(keyed.select(["key", "row"]))), source)
+
+
+# Scratch files of the distributed steps, under one folder (`work`): keyed/NNNNNN.parquet (a batch's keyed rows),
+# keys/NNNNNN.parquet (its (bucket, key, row), one row group per bucket), repeats/BBBBB.parquet (a bucket's repeats).
+
+def write_keyed_batch(work: Path, batch_no: int, keyed: pa.Table, buckets: int) -> int:
+    """Step 1's files for one batch; returns its row count."""
+    work = Path(work)
+    atomic_write_table(keyed, work / "keyed" / f"{batch_no:06d}.parquet")
+    keys = keyed.select(["key", "row"]).filter(pc.is_valid(keyed.column("key")))
+    keys = keys.append_column("bucket", key_buckets(keys.column("key").combine_chunks(), buckets))
+    keys = keys.sort_by([("bucket", "ascending"), ("row", "ascending")])
+    bucket = keys.column("bucket").to_numpy()
+    path = work / "keys" / f"{batch_no:06d}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with pq.ParquetWriter(tmp, keys.schema) as w:  # one row group per bucket: a bucket's reader skips the rest
+        edges = np.flatnonzero(np.diff(bucket)) + 1
+        for start, stop in zip(np.r_[0, edges], np.r_[edges, len(bucket)]):
+            w.write_table(keys.slice(int(start), int(stop - start)))
+    os.replace(tmp, path)
+    return keyed.num_rows
+
+
+def bucket_repeats(work: Path, bucket: int) -> int:
+    """Step 2 for one bucket: its keys from every batch -> repeats/BBBBB.parquet (when any); returns their count."""
+    work = Path(work)
+    import pyarrow.dataset as pads
+
+    files = sorted(str(f) for f in (work / "keys").glob("*.parquet"))
+    if not files:
+        return 0
+    keys = pads.dataset(files, format="parquet").to_table(columns=["key", "row"],
+                                                          filter=pc.field("bucket") == bucket)
+    repeats = find_repeats(keys)
+    if repeats.num_rows:
+        atomic_write_table(repeats, work / "repeats" / f"{bucket:05d}.parquet")
+    return repeats.num_rows
+
+
+def batch_repeats(work: Path, first_row: int, rows: int) -> pa.Table:
+    """The repeats among rows first_row .. first_row + rows - 1, from every bucket's file."""
+    import pyarrow.dataset as pads
+
+    files = sorted(str(f) for f in (Path(work) / "repeats").glob("*.parquet"))
+    if not files:
+        return _REPEATS_SCHEMA.empty_table()
+    row = pc.field("row")
+    return pads.dataset(files, format="parquet", schema=_REPEATS_SCHEMA).to_table(
+        filter=(row >= first_row) & (row < first_row + rows))
+
+
+def key_url_batch(work: Path, batch_no: int, batch: pa.Table, first_row: int, buckets: int) -> int:
+    """Step 1 of a URL list batch, to files."""
+    return write_keyed_batch(work, batch_no, key_url_rows(batch, first_row), buckets)
+
+
+def settle_url_batch(work: Path, batch_no: int, source: str) -> dict:
+    """Step 3 of a URL list batch: settled/NNNNNN.parquet (inputs) and settled/NNNNNN.rejects.parquet."""
+    work = Path(work)
+    keyed = pq.read_table(work / "keyed" / f"{batch_no:06d}.parquet")
+    row = keyed.column("row").combine_chunks()
+    first = row[0].as_py() if len(row) else 0
+    inputs, rejects = settle_url_rows(keyed, occurrences(row, batch_repeats(work, first, len(row))), source)
+    atomic_write_table(inputs, work / "settled" / f"{batch_no:06d}.parquet")
+    atomic_write_table(rejects, work / "settled" / f"{batch_no:06d}.rejects.parquet")
+    return {"rows": keyed.num_rows, "kept": inputs.num_rows, "rejected": rejects.num_rows}
 
 
 # --------------------------------------------------------------------------- the address guard
@@ -961,31 +1233,95 @@ def _iter_webdataset(folder: Path, batch_rows: int):
 _CORPUS_SCHEMA = pa.schema([("url", pa.string()), ("text", pa.string()), ("image", pa.binary())])
 
 
-def corpus_pairs(batch: pa.Table, source: str, seen: dict[str, int]) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """A corpus batch -> (inputs, pairs, rejects). Rows without a URL are named by their image's sha256."""
-    import hashlib
+_CORPUS_KEYED_SCHEMA = pa.schema([("row", pa.int64()), ("key", pa.string()), ("name", pa.string()),
+                                  ("url", pa.string()), ("text", pa.string()), ("image", pa.binary()),
+                                  ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()),
+                                  ("reason", pa.string())])
 
-    pairs = {k: [] for k in PAIRS_SCHEMA.names}
-    rej = {k: [] for k in REJECT_SCHEMA.names}
-    for url, text, img in zip(*(batch.column(c).to_pylist() for c in ("url", "text", "image"))):
-        sha = hashlib.sha256(img).hexdigest() if img else None
-        name = (url or "").strip() or (f"sha256:{sha}" if sha else "")
-        key = make_uid(name, text)
-        n = seen.get(key, 0)
-        seen[key] = n + 1
-        uid = make_uid(name, text, n) if n else key
-        reason = "missing_image" if not img else ("duplicate_input_row" if n else None)
-        if reason:
-            for k, v in zip(REJECT_SCHEMA.names, (uid, url, text, "input", reason, None, None)):
-                rej[k].append(v)
-            continue
+
+def _corpus_row(url: str | None, text: str | None, img: bytes | None) -> tuple:
+    """(name, key, width, height, sha256) of a corpus row: named by its URL, else by its image's sha256."""
+    sha = hashlib.sha256(img).hexdigest() if img else None
+    name = (url or "").strip() or (f"sha256:{sha}" if sha else "")
+    w = h = None
+    if img:
         try:
             with Image.open(io.BytesIO(img)) as im:
                 w, h = im.width, im.height
         except Exception:
-            w = h = None  # basic's decode check owns undecodable images
-        for k, v in (("uid", uid), ("url", url or name), ("text", text), ("source", source), ("image", img),
-                     ("width", w), ("height", h), ("original_width", w), ("original_height", h), ("sha256", sha)):
-            pairs[k].append(v)
-    pairs_t = pa.table(pairs, schema=PAIRS_SCHEMA)
-    return pairs_t.select(INPUT_SCHEMA.names), pairs_t, pa.table(rej, schema=REJECT_SCHEMA)
+            pass  # basic's decode check owns undecodable images
+    return name, make_uid(name, text), w, h, sha
+
+
+def key_corpus_rows(batch: pa.Table, first_row: int) -> pa.Table:
+    """A corpus batch (rows numbered from first_row) -> keyed rows, the corpus's step 1 (see key_url_rows).
+    Per row: the image's sha256 and size, and the key (blake2b over the normalised name); decisions vectorised."""
+    n = batch.num_rows
+    url, text, image = (batch.column(c).combine_chunks() for c in ("url", "text", "image"))
+    derived = [_corpus_row(u, t, i) for u, t, i in zip(url.to_pylist(), text.to_pylist(), image.to_pylist())]
+    name, key, w, h, sha = (list(c) for c in zip(*derived)) if n else ([],) * 5
+    no_image = pc.invert(pc.fill_null(pc.greater(pc.binary_length(image), 0), False))
+    return pa.table({"row": pa.array(np.arange(first_row, first_row + n, dtype=np.int64)), "key": key,
+                     "name": name, "url": url, "text": text, "image": image, "width": w, "height": h, "sha256": sha,
+                     "reason": pc.if_else(no_image, "missing_image", pa.nulls(n, pa.string()))},
+                    schema=_CORPUS_KEYED_SCHEMA)
+
+
+def settle_corpus_rows(keyed: pa.Table, occurrence: pa.Array, source: str) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """Keyed corpus rows and their occurrence numbers -> (inputs, pairs, rejects), in corpus order."""
+    name, text, url = (keyed.column(c).combine_chunks() for c in ("name", "text", "url"))
+    repeat = pc.fill_null(pc.greater(occurrence, 0), False)
+    uid = keyed.column("key").combine_chunks()
+    again = np.flatnonzero(repeat.to_numpy(zero_copy_only=False))
+    if len(again):
+        at = pa.array(again)
+        uid = pc.replace_with_mask(uid, repeat, pa.array(
+            [make_uid(m, t, o) for m, t, o in zip(*(pc.take(c, at).to_pylist()
+                                                    for c in (name, text, occurrence)))], pa.string()))
+    nothing = pa.nulls(keyed.num_rows, pa.string())
+    reason = pc.coalesce(keyed.column("reason"), pc.if_else(repeat, "duplicate_input_row", nothing))
+    keep = pc.is_null(reason)
+    kept = keyed.filter(keep)
+    no_url = pc.fill_null(pc.equal(kept.column("url"), ""), True)
+    w, h = kept.column("width"), kept.column("height")
+    pairs = pa.table({"uid": pc.filter(uid, keep), "url": pc.if_else(no_url, kept.column("name"), kept.column("url")),
+                      "text": kept.column("text"),
+                      "source": pa.repeat(pa.scalar(source, pa.string()), kept.num_rows),
+                      "image": kept.column("image"), "width": w, "height": h, "original_width": w,
+                      "original_height": h, "sha256": kept.column("sha256")}).cast(PAIRS_SCHEMA)
+    rejected = pc.invert(keep)
+    rejects = pa.table({"uid": uid, "url": url, "text": text, "stage": pc.if_else(rejected, "input", nothing),
+                        "reason": reason, "detail": nothing, "build_id": nothing}).filter(rejected)
+    return pairs.select(INPUT_SCHEMA.names), pairs, rejects.cast(REJECT_SCHEMA)
+
+
+def corpus_pairs(batch: pa.Table, source: str) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """A whole corpus batch -> (inputs, pairs, rejects), repeats found within the batch (in memory).
+    Rows without a URL are named by their image's sha256."""
+    keyed = key_corpus_rows(batch, 0)
+    return settle_corpus_rows(keyed, occurrences(keyed.column("row").combine_chunks(),
+                                                 find_repeats(keyed.select(["key", "row"]))), source)
+
+
+def key_corpus_batch(work: Path, batch_no: int, batch: pa.Table, first_row: int, buckets: int) -> int:
+    """Step 1 of a corpus batch, to files (the keyed rows hold the image bytes until the batch is settled)."""
+    return write_keyed_batch(work, batch_no, key_corpus_rows(batch, first_row), buckets)
+
+
+def settle_corpus_batch(folder: BuildFolder, work: Path, batch_no: int, source: str) -> dict:
+    """Step 3 of a corpus batch: its pairs become input shard `batch_no` and that shard's finished ingest files;
+    its rejects go to settled/NNNNNN.rejects.parquet."""
+    work = Path(work)
+    keyed = pq.read_table(work / "keyed" / f"{batch_no:06d}.parquet")
+    row = keyed.column("row").combine_chunks()
+    first = row[0].as_py() if len(row) else 0
+    inputs, pairs, rejects = settle_corpus_rows(keyed, occurrences(row, batch_repeats(work, first, len(row))),
+                                                source)
+    atomic_write_table(inputs, folder.input_shard(batch_no))
+    paths = folder.ingest_shard(batch_no)
+    atomic_write_table(pairs, paths.pairs)
+    atomic_write_table(REJECT_SCHEMA.empty_table(), paths.rejects)
+    atomic_write_text(paths.done, json.dumps({"shard": batch_no, "rows_in": inputs.num_rows,
+                                              "pairs": pairs.num_rows, "rejects": 0}))
+    atomic_write_table(rejects, work / "settled" / f"{batch_no:06d}.rejects.parquet")
+    return {"rows": keyed.num_rows, "kept": inputs.num_rows, "rejected": rejects.num_rows}
