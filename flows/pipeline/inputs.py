@@ -70,7 +70,7 @@ def prepare_corpus(ctx: BuildContext, buckets: int | None = None) -> dict:
         folder.fresh_dir(folder.ingest_dir)
         buckets = buckets or repeat_buckets(_estimated_rows(Path(ctx.spec.source.pairs), bytes_per_row=2000))
         batches = run_batches(key_corpus_batch, work, iter_corpus(ctx.spec.source, ctx.spec.ingest.shard_rows),
-                              buckets, adv)
+                              buckets, adv, lead=(folder, ctx.source_name))
         find_all_repeats(work, buckets)
         listed = kept = 0
         for settled in run_tasks(settle_corpus_batch, ((folder, work, i, ctx.source_name) for i in range(batches))):
@@ -114,14 +114,14 @@ def _window() -> int:
     return int(ray.cluster_resources().get("CPU", 1)) + 1
 
 
-def run_batches(fn, work: Path, batches, buckets: int, adv) -> int:
-    """Step 1: fn(work, batch_no, batch, first_row, buckets) as a Ray task per batch, a few batches in flight
+def run_batches(fn, work: Path, batches, buckets: int, adv, lead: tuple = ()) -> int:
+    """Step 1: fn(*lead, work, batch_no, batch, first_row, buckets) as a Ray task per batch, a few batches in flight
     (the driver holds no more); returns how many batches there were."""
     import ray
 
     task, pending, first_row, n, window = _task(fn), [], 0, 0, _window()
     for n, batch in enumerate(batches, start=1):
-        pending.append(task.remote(work, n - 1, batch, first_row, buckets))
+        pending.append(task.remote(*lead, work, n - 1, batch, first_row, buckets))
         first_row += batch.num_rows
         del batch
         while len(pending) >= window:

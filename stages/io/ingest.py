@@ -1303,23 +1303,37 @@ def corpus_pairs(batch: pa.Table, source: str) -> tuple[pa.Table, pa.Table, pa.T
                                                  find_repeats(keyed.select(["key", "row"]))), source)
 
 
-def key_corpus_batch(work: Path, batch_no: int, batch: pa.Table, first_row: int, buckets: int) -> int:
-    """Step 1 of a corpus batch, to files (the keyed rows hold the image bytes until the batch is settled)."""
-    return write_keyed_batch(work, batch_no, key_corpus_rows(batch, first_row), buckets)
+def key_corpus_batch(folder: BuildFolder, source: str, work: Path, batch_no: int, batch: pa.Table, first_row: int,
+                     buckets: int) -> int:
+    """Step 1 of a corpus batch: the keyed rows to files, without their image bytes, which go straight to the
+    batch's ingest shard (as if no row repeated an earlier one; step 3 rewrites it only in a batch with repeats):
+    the bytes are written once before the output shards."""
+    keyed = key_corpus_rows(batch, first_row)
+    n = keyed.num_rows
+    _, pairs, _ = settle_corpus_rows(keyed, pa.nulls(n, pa.int64()), source)
+    atomic_write_table(pairs, folder.ingest_shard(batch_no).pairs)
+    return write_keyed_batch(work, batch_no, keyed.set_column(keyed.schema.get_field_index("image"), "image",
+                                                                 pa.nulls(n, pa.binary())), buckets)
 
 
 def settle_corpus_batch(folder: BuildFolder, work: Path, batch_no: int, source: str) -> dict:
-    """Step 3 of a corpus batch: its pairs become input shard `batch_no` and that shard's finished ingest files;
-    its rejects go to settled/NNNNNN.rejects.parquet."""
+    """Step 3 of a corpus batch: input shard `batch_no`, its ingest shard without the repeats, marked done; its
+    rejects go to settled/NNNNNN.rejects.parquet."""
     work = Path(work)
     keyed = pq.read_table(work / "keyed" / f"{batch_no:06d}.parquet")
     row = keyed.column("row").combine_chunks()
     first = row[0].as_py() if len(row) else 0
-    inputs, pairs, rejects = settle_corpus_rows(keyed, occurrences(row, batch_repeats(work, first, len(row))),
-                                                source)
-    atomic_write_table(inputs, folder.input_shard(batch_no))
+    occurrence = occurrences(row, batch_repeats(work, first, len(row)))
+    inputs, _, rejects = settle_corpus_rows(keyed, occurrence, source)
     paths = folder.ingest_shard(batch_no)
-    atomic_write_table(pairs, paths.pairs)
+    pairs = pq.read_table(paths.pairs)  # step 1's: a row for each keyed row without a reason
+    if pairs.num_rows != inputs.num_rows:
+        first_listing = pc.invert(pc.fill_null(pc.greater(occurrence, 0), False))
+        pairs = pairs.filter(first_listing.filter(pc.is_null(keyed.column("reason")).combine_chunks()))
+        atomic_write_table(pairs, paths.pairs)
+    if not pairs.column("uid").equals(inputs.column("uid")):
+        raise RuntimeError(f"corpus batch {batch_no}: step 1's pairs and step 3's inputs differ")
+    atomic_write_table(inputs, folder.input_shard(batch_no))
     atomic_write_table(REJECT_SCHEMA.empty_table(), paths.rejects)
     atomic_write_text(paths.done, json.dumps({"shard": batch_no, "rows_in": inputs.num_rows,
                                               "pairs": pairs.num_rows, "rejects": 0}))
