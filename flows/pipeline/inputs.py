@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from flows.pipeline.context import BuildContext, earlier_builds
 from flows.progress import phase
 from schemas.columns import REJECT_SCHEMA
 from stages.io.build_folder import atomic_write_table, atomic_write_text
 from stages.io.ingest import assign_uids, corpus_pairs, iter_corpus, read_url_list
+from stages.io.storage import location, parquet_dataset
 
 
 def prepare_inputs(ctx: BuildContext) -> dict:
@@ -74,13 +73,13 @@ def prior_pairs(ctx: BuildContext):
 
     files = []
     for b in earlier_builds(ctx):
-        files += sorted((Path(b["out_dir"]) / "shards").glob("part-*.parquet"))
+        files += (location(b["out_dir"]) / "shards").glob("part-*.parquet")
     if not files:
         return None
-    names = pads.dataset([str(f) for f in files], format="parquet").schema.names
+    names = parquet_dataset(files).schema.names
     cols = [c for c in ("uid", "sha256", "phash", "phash_crops", "url_norm", "original_width", "original_height",
                         "image_bytes") if c in names]
-    return ray.data.read_parquet([str(f) for f in files], columns=cols)
+    return ray.data.read_parquet([f.path for f in files], filesystem=files[0].fs, columns=cols)
 
 
 def prepare_corpus(ctx: BuildContext) -> dict:

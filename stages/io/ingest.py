@@ -17,6 +17,7 @@ import ssl
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,8 +31,9 @@ from PIL import Image
 
 from schemas.columns import INGEST_FIELDS, INPUT_SCHEMA, REJECT_SCHEMA
 from schemas.records import make_uid
-from schemas.spec import IngestSpec, SourceSpec
+from schemas.spec import IngestSpec, SourceSpec, is_uri
 from stages.io.build_folder import BuildFolder, atomic_write_table, atomic_write_text
+from stages.io.storage import Location, location, parquet_dataset
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -77,6 +79,9 @@ def read_url_list(src: SourceSpec) -> pa.Table:
     A row that does not parse (a CSV line with too many or too few fields, a JSONL line that is not a JSON object)
     is kept as a row with `malformed` saying why, so it can be rejected and counted; bytes that are not UTF-8 are
     replaced (U+FFFD). A file that cannot be read at all, or lacks the URL or caption column, is an IngestError."""
+    if is_uri(src.urls):  # read from object storage through a local copy
+        with _local_copy(location(src.urls)) as copy:
+            return read_url_list(src.model_copy(update={"urls": str(copy)}))
     path = Path(src.urls)
     fmt = src.format
     if fmt == "auto":
@@ -111,6 +116,19 @@ def read_url_list(src: SourceSpec) -> pa.Table:
     bad = pa.table({"url": pa.nulls(len(malformed), pa.string()), "text": [m[1] for m in malformed],
                     "malformed": [m[0] for m in malformed]}, schema=_URL_LIST_SCHEMA)
     return pa.concat_tables([parsed, bad])
+
+
+@contextmanager
+def _local_copy(loc: Location):
+    """A temporary local copy of a remote file (same suffix), removed afterwards."""
+    fd, name = tempfile.mkstemp(prefix="pairforge-source-", suffix=loc.suffix)
+    try:
+        with os.fdopen(fd, "wb") as out, loc.fs.open_input_stream(loc.path) as f:
+            while chunk := f.read(1 << 24):
+                out.write(chunk)
+        yield Path(name)
+    finally:
+        os.unlink(name)
 
 
 def _require_columns(path: Path, cols: tuple[str, str], names: list[str]) -> None:
@@ -757,7 +775,7 @@ def ingest_shard(folder: BuildFolder, shard_id: int, params: IngestSpec, resolve
     paths = folder.ingest_shard(shard_id)
     if paths.done.exists():
         return json.loads(paths.done.read_text())
-    inputs = pq.read_table(folder.input_shard(shard_id))
+    inputs = folder.input_shard(shard_id).read_table()
 
     fetcher = Fetcher(AddressGuard(params.allow_hosts, resolver), params.timeout_s, params.max_bytes,
                       params.max_redirects)
@@ -860,8 +878,8 @@ def corpus_kind(src: SourceSpec) -> str:
         raise IngestError(f"{src.pairs}: source.pairs reads parquet or webdataset, not {src.format}")
     if src.format != "auto":
         return src.format
-    p = Path(src.pairs)
-    if p.is_dir() and any(p.glob("*.tar")):
+    p = location(src.pairs)
+    if p.is_dir() and p.glob("*.tar"):
         return "webdataset"
     return "parquet"
 
@@ -869,12 +887,10 @@ def corpus_kind(src: SourceSpec) -> str:
 def iter_corpus(src: SourceSpec, batch_rows: int = 1000):
     """Yield tables (url, text, image) from a Parquet corpus or a WebDataset folder, in a stable order."""
     if corpus_kind(src) == "webdataset":
-        yield from _iter_webdataset(Path(src.pairs), batch_rows)
+        yield from _iter_webdataset(location(src.pairs), batch_rows)
         return
-    import pyarrow.dataset as pads
-
     try:
-        ds = pads.dataset(str(src.pairs), format="parquet")
+        ds = parquet_dataset(location(src.pairs))
     except (pa.ArrowInvalid, OSError) as e:
         raise IngestError(f"{src.pairs}: cannot read as parquet: {e}") from None
     missing = [c for c in (src.caption_col, src.image_col) if c not in ds.schema.names]
@@ -906,7 +922,7 @@ def iter_corpus(src: SourceSpec, batch_rows: int = 1000):
         raise IngestError(f"{src.pairs}: cannot read as parquet: {e}") from None
 
 
-def _iter_webdataset(folder: Path, batch_rows: int):
+def _iter_webdataset(folder: Location, batch_rows: int):
     import tarfile
 
     rows: dict[str, list] = {"url": [], "text": [], "image": []}
@@ -929,10 +945,10 @@ def _iter_webdataset(folder: Path, batch_rows: int):
         rows["text"].append(text if text is None or isinstance(text, str) else json.dumps(text))
         rows["image"].append(img)
 
-    for tar_path in sorted(folder.glob("*.tar")):
+    for tar_path in folder.glob("*.tar"):
         key, parts, member = None, {}, None
         try:
-            with tarfile.open(tar_path) as tf:
+            with tar_path.open_input() as raw, tarfile.open(fileobj=raw) as tf:
                 for member in tf:
                     if not member.isfile():
                         continue
@@ -946,7 +962,7 @@ def _iter_webdataset(folder: Path, batch_rows: int):
                             rows = {"url": [], "text": [], "image": []}
                     parts[ext.lower()] = tf.extractfile(member).read()
                 end = tf.offset
-            with open(tar_path, "rb") as f:  # a tar cut at a member boundary reads as a shorter, complete one
+            with tar_path.open_input() as f:  # a tar cut at a member boundary reads as a shorter, complete one
                 f.seek(end)
                 if f.read(1024) != bytes(1024):
                     raise tarfile.ReadError("no end-of-archive marker after the last member read: cut short")
