@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,8 @@ def s3_build(s3_bucket, tmp_path_factory):
     from flows.build import build_flow
 
     root = tmp_path_factory.mktemp("s3build")
-    d = make_demo(root, 200, ingest={"shard_rows": 10}, stages=STAGES, out=f"s3://{s3_bucket}/builds")
+    d = make_demo(root, 200, ingest={"shard_rows": 10}, stages=STAGES, out=f"s3://{s3_bucket}/builds",
+                  decide={"driver_max_rows": 0})  # global decisions as distributed Ray Data operations, as at scale
     urls = pq.read_table(d["corpus"] / "urls.parquet")
     pq.write_table(urls.take(list(range(0, urls.num_rows, urls.num_rows // N))[:N]), root / "urls.parquet")
     urls_key = "sources/urls.parquet"  # every 5th row of the demo list (the smallest demo corpus is 200 rows)
@@ -144,22 +146,34 @@ def test_export_loader_and_show_read_shards_from_object_storage(s3_build, tmp_pa
     assert rec["status"] == "rejected" and rec["file"].startswith("rejects/part-")
 
 
-def test_curate_a_corpus_in_object_storage(s3_build, tmp_path):
+@pytest.mark.parametrize("kind", ["parquet", "webdataset"])
+def test_curate_a_corpus_in_object_storage(s3_build, tmp_path, kind):
     import boto3
 
     from flows.curate import curate_flow
 
     bucket = s3_build["bucket"]
     corpus = read_build(s3_build["build_dir"], "shards", ["url", "text", "image"])
-    local = tmp_path / "part-0.parquet"
-    pq.write_table(corpus, local)
-    boto3.client("s3").upload_file(str(local), bucket, "corpus/part-0.parquet")
-    spec = {"dataset": "curated", "source": {"pairs": f"s3://{bucket}/corpus", "caption_col": "text"}, "stages": STAGES[2:],
-            "out": f"s3://{bucket}/curated", "ray": {"num_cpus": 2, "object_store_gb": 1}}
+    if kind == "parquet":
+        local = tmp_path / "part-0.parquet"
+        pq.write_table(corpus, local)
+    else:  # img2dataset's layout: KEY.jpg, KEY.txt, KEY.json
+        local = tmp_path / "00000.tar"
+        with tarfile.open(local, "w") as tf:
+            for i, row in enumerate(corpus.to_pylist()):
+                for ext, data in (("jpg", row["image"]), ("txt", row["text"].encode()),
+                                  ("json", json.dumps({"url": row["url"]}).encode())):
+                    info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    boto3.client("s3").upload_file(str(local), bucket, f"corpus-{kind}/{local.name}")
+    spec = {"dataset": f"curated-{kind}", "out": f"s3://{bucket}/curated", "stages": STAGES[2:],
+            "source": {"pairs": f"s3://{bucket}/corpus-{kind}", "caption_col": "text"},
+            "ray": {"num_cpus": 2, "object_store_gb": 1}}
     spec_path = tmp_path / "curate.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     result = curate_flow(str(spec_path), quiet=True)
-    assert result["build_dir"].startswith(f"s3://{bucket}/curated/curated/")
+    assert result["build_dir"].startswith(f"s3://{bucket}/curated/curated-{kind}/")
     out = build_outcome(result["build_dir"])
     assert len(out) == corpus.num_rows and sum(v is None for v in out.values()) == result["stats"]["rows_kept"] > 0
 

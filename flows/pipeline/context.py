@@ -71,9 +71,10 @@ def source_fingerprint(path: str | Path | Location) -> str:
         return path.sha256()
     h = hashlib.sha256()
     files = path.fs.get_file_info(pafs.FileSelector(path.path, recursive=True))
-    for f in sorted((f for f in files if f.type == pafs.FileType.File), key=lambda f: f.path):
+    rel = {f: posixpath.relpath(f.path, path.path) for f in files if f.type == pafs.FileType.File}
+    for f in sorted(rel, key=lambda f: PurePosixPath(rel[f]).parts):  # pathlib's order, as before
         mtime = f.mtime_ns if f.mtime_ns is not None else 0
-        h.update(f"{posixpath.relpath(f.path, path.path)}\0{f.size}\0{mtime}\n".encode())
+        h.update(f"{rel[f]}\0{f.size}\0{mtime}\n".encode())
     return h.hexdigest()
 
 

@@ -61,7 +61,7 @@ def _write_parts(table: pa.Table, folder: Location, src: int, rows_per_shard: in
     for j, start in enumerate(starts):
         part = table.slice(start, rows_per_shard)
         files.append(atomic_write_table(part, folder / f"part-{src:05d}-{j:03d}.parquet", compression,
-                                        row_group_size=max(1, min(part.num_rows, 1024))))
+                                        checksum=True, row_group_size=max(1, min(part.num_rows, 1024))))
     return files
 
 
@@ -119,7 +119,8 @@ def write_input_rejects(folder: BuildFolder, build_id: str, names: list[str], co
     schema = rejects_schema(names)
     for j, rb in enumerate(pf.iter_batches(batch_size=rows_per_shard)):
         t = conform(with_build_id(pa.Table.from_batches([rb]), build_id), schema)
-        files.append(atomic_write_table(t, folder.rejects / f"part-input-{j:05d}.parquet", compression))
+        files.append(atomic_write_table(t, folder.rejects / f"part-input-{j:05d}.parquet", compression,
+                                        checksum=True))
         n += t.num_rows
         for c in pc.value_counts(t.column("reason")).to_pylist():
             by[f"input\t{c['values']}"] = by.get(f"input\t{c['values']}", 0) + c["counts"]
@@ -149,7 +150,8 @@ def write_outputs(ctx: BuildContext, shards: int) -> list[dict]:
     for key, sub, schema in (("shards", folder.shards, build_schema(spec.stage_names())),
                              ("rejects", folder.rejects, rejects_schema(spec.stage_names()))):
         if not any(r[key] for r in results):
-            written = atomic_write_table(schema.empty_table(), sub / "part-00000-000.parquet", spec.write.compression)
+            written = atomic_write_table(schema.empty_table(), sub / "part-00000-000.parquet", spec.write.compression,
+                                         checksum=True)
             results.append({"src": "empty", "shards": [], "rejects": [], "kept": 0, "rejected": 0, "counts": {}}
                            | {key: [written]})
     return results

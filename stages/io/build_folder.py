@@ -33,9 +33,9 @@ def atomic_write_text(path: str | os.PathLike | Location, text: str) -> None:
 
 
 def atomic_write_table(table: pa.Table, path: str | os.PathLike | Location, compression: str | None = "zstd",
-                       **kw) -> dict:
-    """Write Parquet whole or absent; returns {path, rows, bytes, sha256}."""
-    return write_table_whole(table, path, compression, **kw)
+                       checksum: bool = False, **kw) -> dict:
+    """Write Parquet whole or absent; returns {path, rows, bytes, sha256 (with checksum)}."""
+    return write_table_whole(table, path, compression, checksum, **kw)
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,8 @@ class ShardWriter:
         self.pending = [rest] if rest.num_rows else []
         self.pending_rows = rest.num_rows
         path = self.folder / f"part-{len(self.files):05d}.parquet"
-        self.files.append(atomic_write_table(head, path, self.compression, row_group_size=max(1, min(n, 1024))))
+        self.files.append(atomic_write_table(head, path, self.compression, checksum=True,
+                                             row_group_size=max(1, min(n, 1024))))
 
     def close(self) -> list[dict]:
         """Flush the rest; a writer that got no rows still leaves one empty file with the schema for readers."""

@@ -171,7 +171,8 @@ class Location:
         return h.hexdigest()
 
     # writes --------------------------------------------------------------------
-    def mkdir(self) -> "Location":
+    def mkdir(self, parents: bool = True, exist_ok: bool = True) -> "Location":
+        """Create the folder and its parents; an existing one is fine (pathlib's arguments are accepted)."""
         self.fs.create_dir(self.path, recursive=True)
         return self
 
@@ -218,8 +219,8 @@ def location(value: str | os.PathLike | Location) -> Location:
 
 
 def write_table_whole(table: pa.Table, where: str | os.PathLike | Location, compression: str | None = "zstd",
-                      **kw) -> dict:
-    """Write Parquet whole or absent; returns {path, rows, bytes, sha256} of the file written."""
+                      checksum: bool = False, **kw) -> dict:
+    """Write Parquet whole or absent; returns {path, rows, bytes, sha256 (with checksum, else None)}."""
     loc = location(where)
     compression = None if compression == "none" else compression
     if loc.is_local:  # stream to a temporary file, rename, hash the file: no second copy in memory
@@ -227,13 +228,13 @@ def write_table_whole(table: pa.Table, where: str | os.PathLike | Location, comp
         tmp = loc.with_name(f".{loc.name}.tmp")
         pq.write_table(table, tmp.path, compression=compression, **kw)
         os.replace(tmp.path, loc.path)
-        size, digest = loc.size(), loc.sha256()
+        size, digest = loc.size(), loc.sha256() if checksum else None
     else:  # serialize in memory, then one upload
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression=compression, **kw)
         buf = sink.getvalue()
         loc.write_bytes(buf)
-        size, digest = buf.size, hashlib.sha256(buf).hexdigest()
+        size, digest = buf.size, hashlib.sha256(buf).hexdigest() if checksum else None
     return {"path": str(loc), "rows": table.num_rows, "bytes": size, "sha256": digest}
 
 
