@@ -16,8 +16,6 @@ from flows.demo.server import DemoServer
 from tests.builds import make_demo
 from tests.object_storage import object_keys
 
-pytestmark = pytest.mark.slow
-
 N = 40
 STAGES = [{"clean": {}}, {"junk": {}}, {"basic": {"min_side": 48, "max_aspect": 3.0, "min_words": 3,
                                                   "min_chars": 6}}, {"dedup": {"near_hamming": 6, "semantic": False}}]
@@ -63,6 +61,7 @@ def s3_build(s3_bucket, tmp_path_factory):
     return d | {"result": result, "build_dir": result["build_dir"], "bucket": s3_bucket}
 
 
+@pytest.mark.slow
 def test_build_writes_its_outputs_to_object_storage(s3_build):
     from catalogs import Catalog
     from stages.io.storage import location
@@ -97,6 +96,7 @@ def test_build_writes_its_outputs_to_object_storage(s3_build):
     assert (Path(s3_build["root"]) / "catalog.duckdb.demo-scenes.lock").exists()  # the dataset lock, local too
 
 
+@pytest.mark.slow
 def test_refilter_in_object_storage_equals_a_fresh_local_build(s3_build, tmp_path):
     from flows.build import build_flow
     from flows.refilter import refilter_flow
@@ -106,6 +106,7 @@ def test_refilter_in_object_storage_equals_a_fresh_local_build(s3_build, tmp_pat
 
     spec = yaml.safe_load(Path(s3_build["spec"]).read_text())
     next(s for s in spec["stages"] if "basic" in s)["basic"]["min_side"] = 100
+    spec.pop("decide")  # decided in the driver here: the distributed decisions must agree
     spec["out"] = str(tmp_path / "fresh")
     spec["catalog"] = str(tmp_path / "fresh" / "catalog.duckdb")
     fresh_spec = Path(s3_build["root"]) / "fresh.yaml"
@@ -119,6 +120,7 @@ def test_refilter_in_object_storage_equals_a_fresh_local_build(s3_build, tmp_pat
         v == ("basic", "too_small") for v in build_outcome(s3_build["build_dir"]).values())
 
 
+@pytest.mark.slow
 def test_export_loader_and_show_read_shards_from_object_storage(s3_build, tmp_path):
     from flows.outputs.export import export_uids, export_webdataset, uids_from_array
     from flows.outputs.loaders import ShardPairs, resolve_shards
@@ -146,6 +148,7 @@ def test_export_loader_and_show_read_shards_from_object_storage(s3_build, tmp_pa
     assert rec["status"] == "rejected" and rec["file"].startswith("rejects/part-")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["parquet", "webdataset"])
 def test_curate_a_corpus_in_object_storage(s3_build, tmp_path, kind):
     import boto3
@@ -191,3 +194,29 @@ def test_bad_storage_locations_get_clear_errors(s3_bucket, tmp_path):
         parse_spec(base | {"source": {"urls": f"s3://{s3_bucket}/missing.csv"}}, tmp_path)
     spec = parse_spec(base | {"out": f"s3://{s3_bucket}/b"}, tmp_path)
     assert spec.out == f"s3://{s3_bucket}/b" and spec.catalog == (tmp_path / "catalog.duckdb").resolve()
+
+
+def test_locations_write_whole_list_and_pickle_the_same_locally_and_in_s3(s3_bucket, tmp_path):
+    import pickle
+
+    import pyarrow as pa
+
+    from stages.io.storage import StorageError, location, write_table_whole
+
+    for root in (location(tmp_path / "store"), location(f"s3://{s3_bucket}/store")):
+        table = pa.table({"uid": ["a", "b", "c"]})
+        info = write_table_whole(table, root / "t" / "part-1.parquet", checksum=True)
+        assert info["rows"] == 3 and info["bytes"] == (root / "t" / "part-1.parquet").size()
+        assert len(info["sha256"]) == 64 and info["path"] == str(root / "t" / "part-1.parquet")
+        (root / "t" / "_DONE.json").write_text('{"ok": 1}')
+        assert [f.name for f in (root / "t").glob("part-*.parquet")] == ["part-1.parquet"]
+        assert [d.name for d in root.subdirs()] == ["t"]
+        assert (root / "t" / "part-1.parquet").read_table().equals(table)
+        assert not [f for f in (root / "t").rglob("*") if f.name.endswith(".tmp")]  # no temporary left behind
+        again = pickle.loads(pickle.dumps(root / "t"))
+        assert again == root / "t" and again.glob("_DONE.json")
+        (root / "t").rmtree()
+        assert not (root / "t").exists() and (root / "t").glob("*") == []
+    assert str(location(f"s3://{s3_bucket}/store/x")) == f"s3://{s3_bucket}/store/x"
+    with pytest.raises(StorageError, match="AWS_"):
+        location(f"s3://{s3_bucket}/x?endpoint_override=127.0.0.1:1")

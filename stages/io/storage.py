@@ -18,21 +18,17 @@ import fnmatch
 import hashlib
 import os
 import posixpath
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from schemas.spec import is_uri
+
 
 class StorageError(ValueError):
     """A location that cannot be used; the message names it."""
-
-
-def is_uri(value: str | os.PathLike) -> bool:
-    """True for scheme://... other than file://."""
-    s = str(value)
-    return "://" in s and not s.startswith("file://")
 
 
 class Location:
@@ -119,10 +115,6 @@ class Location:
 
     def _children(self, recursive: bool) -> list[pafs.FileInfo]:
         return self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True, recursive=recursive))
-
-    def iterdir(self) -> list["Location"]:
-        """Files and folders directly inside, sorted (one listing request in object storage)."""
-        return sorted(Location(self.fs, f.path, self.scheme) for f in self._children(False))
 
     def subdirs(self) -> list["Location"]:
         """Folders directly inside, sorted."""
@@ -249,12 +241,4 @@ def parquet_dataset(files: list[Location] | Location, **kw):
     return pads.dataset([f.path for f in files], filesystem=files[0].fs, format="parquet", **kw)
 
 
-def local_path(value: str | os.PathLike | Location) -> Path:
-    """A local Path; object storage is refused with a clear error (for what must be a local file: the catalog)."""
-    loc = location(value)
-    if not loc.is_local:
-        raise StorageError(f"{loc}: must be a local path")
-    return Path(loc.path)
-
-
-__all__ = ["Location", "StorageError", "is_uri", "local_path", "location", "parquet_dataset", "write_table_whole"]
+__all__ = ["Location", "StorageError", "is_uri", "location", "parquet_dataset", "write_table_whole"]
