@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +47,11 @@ class SourceSpec(_Strict):
     caption_col: str = "caption"
     image_col: str = "image"
     name: str | None = None  # source name in the catalog; defaults to the file stem
+
+    @field_validator("urls", "pairs", mode="before")
+    @classmethod
+    def _path_as_text(cls, v: Any) -> Any:
+        return os.fspath(v) if isinstance(v, os.PathLike) else v
 
     @model_validator(mode="after")
     def _one_input(self) -> "SourceSpec":
@@ -143,6 +149,11 @@ class BuildSpec(_Strict):
     # An incremental build of a source skips uids earlier builds of it processed (rejected as
     # seen_in_earlier_build, never fetched) and dedups against the pairs they kept.
     incremental: bool = False
+
+    @field_validator("out", mode="before")
+    @classmethod
+    def _out_as_text(cls, v: Any) -> Any:
+        return os.fspath(v) if isinstance(v, os.PathLike) else v
 
     @field_validator("catalog", mode="before")
     @classmethod
