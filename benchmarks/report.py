@@ -86,7 +86,7 @@ def main() -> int:
         w0 = time.perf_counter()
         write_dataset_card(dst)
         card_s = time.perf_counter() - w0
-        size_mb = report.stat().st_size / 2**20
+        size_mb = report.size() / 2**20
         html = report.read_text()
         print(f"generate: {gen_wall:.2f} s wall, {gen_cpu:.2f} s CPU; dataset card {card_s:.2f} s; "
               f"{html.count('<img')} images embedded")

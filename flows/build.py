@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -24,6 +23,7 @@ from flows.pipeline.runner import process_stages, ray_session
 from schemas.spec import BuildSpec, load_spec
 from stages import stage_class
 from stages.io.build_folder import atomic_write_text
+from stages.io.storage import Location
 
 __all__ = ["BuildContext", "BuildError", "build_flow", "preflight", "run_build"]
 
@@ -70,7 +70,7 @@ def write_task(ctx: BuildContext, prepared: dict, ingest: dict, processed: dict)
     return {"stats": stats, "manifest": man, "files": files}
 
 
-def write_build_docs(build_dir: Path) -> None:
+def write_build_docs(build_dir: Location) -> None:
     """report.html and the dataset card (README.md). They read only the build's files; a failure is logged,
     never allowed to lose a finished build (`pairforge report BUILD` regenerates them)."""
     from flows.reporting.report import write_dataset_card, write_report

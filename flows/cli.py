@@ -205,12 +205,12 @@ def cmd_report(args) -> int:
     except ReportError as e:
         print(f"pairforge: {e}", file=sys.stderr)
         return 1
-    out = {"report": str(report), "report_bytes": report.stat().st_size, "card": str(card) if card else None,
+    out = {"report": str(report), "report_bytes": report.size(), "card": str(card) if card else None,
            "seconds": round(time.perf_counter() - t0, 2)}
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        print(f"report: {report} ({report.stat().st_size / 2**20:.2f} MB, {out['seconds']:.1f} s)"
+        print(f"report: {report} ({report.size() / 2**20:.2f} MB, {out['seconds']:.1f} s)"
               + (f"\ncard:   {card}" if card else ""))
     return 0
 
@@ -350,7 +350,7 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
 
     r = sub.add_parser("refilter", help="re-decide a finished build with new thresholds (no model runs)")
-    r.add_argument("build", type=Path, help="the finished build's folder")
+    r.add_argument("build", type=str, help="the finished build's folder (a path or s3://...)")
     r.add_argument("--set", action="append", default=[], metavar="STAGE.PARAM=VALUE")
     r.add_argument("--spec", type=Path, help="a whole spec with the same stages, instead of --set")
     common(r)
@@ -386,15 +386,15 @@ def parser() -> argparse.ArgumentParser:
     sv.set_defaults(fn=cmd_serve)
 
     rp = sub.add_parser("report", help="write a build's report.html and dataset card README.md from its files")
-    rp.add_argument("build", type=Path, help="the finished build's folder")
-    rp.add_argument("--out", type=Path, help="report path (default: BUILD/report.html)")
+    rp.add_argument("build", type=str, help="the finished build's folder (a path or s3://...)")
+    rp.add_argument("--out", type=str, help="report path (default: BUILD/report.html)")
     rp.add_argument("--seed", type=int, default=0, help="seed of the sample grids")
     rp.add_argument("--no-card", action="store_true", help="do not rewrite README.md")
     common(rp)
     rp.set_defaults(fn=cmd_report)
 
     sh = sub.add_parser("show", help="print one record of a build with its stats, and why it was rejected")
-    sh.add_argument("build", type=Path, help="the build's folder")
+    sh.add_argument("build", type=str, help="the build's folder (a path or s3://...)")
     sh.add_argument("uid", help="a uid, or a unique prefix of one")
     common(sh)
     sh.set_defaults(fn=cmd_show)
@@ -414,9 +414,9 @@ def parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="export a build's pairs: WebDataset tars (img2dataset layout) or a DataComp "
                                        "uid subset (.npy)")
-    ex.add_argument("build", type=Path, help="the build's folder (its shards/), or a folder / glob of shards")
+    ex.add_argument("build", type=str, help="the build's folder (its shards/), or a folder / glob of shards")
     ex.add_argument("--format", choices=("webdataset", "uids"), required=True)
-    ex.add_argument("out", type=Path, help="folder of tars (webdataset) or .npy file (uids)")
+    ex.add_argument("out", type=str, help="folder of tars (webdataset) or .npy file (uids)")
     ex.add_argument("--samples-per-tar", type=int, default=10000)
     common(ex)
     ex.set_defaults(fn=cmd_export)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import yaml
 from prefect import flow, get_run_logger
 
@@ -23,6 +22,7 @@ from schemas.columns import INPUT_SCHEMA, REJECT_SCHEMA
 from schemas.spec import BuildSpec, SpecError, _format_errors
 from stages import stage_class
 from stages.io.build_folder import BuildFolder, atomic_write_table, atomic_write_text
+from stages.io.storage import Location, location
 
 EARLY = ("input", "ingest")
 
@@ -43,7 +43,7 @@ def apply_overrides(spec_dict: dict, overrides: list[str]) -> dict:
     return spec_dict
 
 
-def child_spec(parent_dir: Path, overrides: list[str] = (), spec_path: Path | None = None) -> BuildSpec:
+def child_spec(parent_dir: Location, overrides: list[str] = (), spec_path: Path | None = None) -> BuildSpec:
     parent = yaml.safe_load((parent_dir / "spec.yaml").read_text())
     data = yaml.safe_load(Path(spec_path).read_text()) if spec_path else apply_overrides(parent, list(overrides))
     try:
@@ -58,7 +58,7 @@ def child_spec(parent_dir: Path, overrides: list[str] = (), spec_path: Path | No
     return spec
 
 
-def stage_rows(parent_dir: Path, ctx: BuildContext) -> tuple[dict, dict]:
+def stage_rows(parent_dir: Location, ctx: BuildContext) -> tuple[dict, dict]:
     """Lay the parent's rows out as the child's finished input and ingest work, one input shard per parent file:
     the rows a stage saw become that shard's downloaded pairs (their stats included), the rows that failed to
     download its ingest rejects."""
@@ -69,7 +69,7 @@ def stage_rows(parent_dir: Path, ctx: BuildContext) -> tuple[dict, dict]:
     input_rej, listed, shards = [], 0, 0
     for kind in ("shards", "rejects"):
         for f in BuildFolder(parent_dir).parts(kind):
-            t = pq.read_table(f)
+            t = f.read_table()
             ingest_rej = REJECT_SCHEMA.empty_table()
             if kind == "rejects":
                 stage = t.column("stage")
@@ -103,7 +103,7 @@ def stage_rows(parent_dir: Path, ctx: BuildContext) -> tuple[dict, dict]:
 def refilter_flow(build_dir: str, overrides: list[str] | None = None, spec_path: str | None = None,
                   quiet: bool = False) -> dict:
     logger = get_run_logger()
-    parent_dir = Path(build_dir).resolve()
+    parent_dir = location(build_dir)
     if not (parent_dir / "manifest.json").exists():
         raise SpecError(f"{parent_dir}: not a finished build (no manifest.json)")
     spec = child_spec(parent_dir, overrides or [], Path(spec_path) if spec_path else None)

@@ -150,7 +150,7 @@ def serve_build(spec_path: str | Path, cron: str = DEFAULT_CRON, name: str | Non
     """Serve build_flow for spec_path on a cron schedule until interrupted; see the module docstring.
 
     say(message, **fields) reports each step (default: print the message)."""
-    from schemas.spec import load_spec
+    from schemas.spec import is_uri, load_spec
 
     say = say or (lambda message, **fields: print(message, flush=True))
 
@@ -169,7 +169,8 @@ def serve_build(spec_path: str | Path, cron: str = DEFAULT_CRON, name: str | Non
     if api_url:
         say(f"using the Prefect server at {api_url} (PREFECT_API_URL)", event="server", api_url=api_url)
     else:
-        home = Path(prefect_home) if prefect_home else spec.out / "_prefect"
+        local_out = spec.catalog_path.parent if is_uri(spec.out) else Path(spec.out)  # the server's files stay local
+        home = Path(prefect_home) if prefect_home else local_out / "_prefect"
         say(f"starting a Prefect server on 127.0.0.1 (PREFECT_HOME={home}) ...", event="starting_server",
             prefect_home=str(home))
         server = LocalPrefectServer(home, port=port).start()

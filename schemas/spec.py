@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,20 @@ class SpecError(ValueError):
     """A spec that cannot be used; the message names the file and the field."""
 
 
+def is_uri(value) -> bool:
+    """scheme://... (object storage), as opposed to a local path."""
+    s = str(value)
+    return "://" in s and not s.startswith("file://")
+
+
+def _remote_exists(uri: str, want_file: bool) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)
+    kind = fs.get_file_info(path).type
+    return kind == pafs.FileType.File if want_file else kind != pafs.FileType.NotFound
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -23,13 +38,20 @@ class _Strict(BaseModel):
 class SourceSpec(_Strict):
     """Either `urls` (a URL list to download) or `pairs` (an existing corpus with image bytes: curate, no download)."""
 
-    urls: Path | None = Field(None, description="URL list: parquet, csv, tsv or jsonl")
-    pairs: Path | None = Field(None, description="Parquet file/folder with image bytes, or a WebDataset folder of tars")
+    urls: str | None = Field(None, description="URL list: parquet, csv, tsv or jsonl; a local path or a URI "
+                                               "(s3://bucket/key)")
+    pairs: str | None = Field(None, description="Parquet file/folder with image bytes, or a WebDataset folder of "
+                                                "tars; a local path or a URI (s3://bucket/prefix)")
     format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "webdataset"] = "auto"
     url_col: str = "url"
     caption_col: str = "caption"
     image_col: str = "image"
     name: str | None = None  # source name in the catalog; defaults to the file stem
+
+    @field_validator("urls", "pairs", mode="before")
+    @classmethod
+    def _path_as_text(cls, v: Any) -> Any:
+        return os.fspath(v) if isinstance(v, os.PathLike) else v
 
     @model_validator(mode="after")
     def _one_input(self) -> "SourceSpec":
@@ -38,7 +60,7 @@ class SourceSpec(_Strict):
         return self
 
     @property
-    def path(self) -> Path:
+    def path(self) -> str:
         return self.urls if self.urls is not None else self.pairs
 
 
@@ -120,11 +142,25 @@ class BuildSpec(_Strict):
     write: WriteSpec = Field(default_factory=WriteSpec)
     decide: DecideSpec = Field(default_factory=DecideSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
-    out: Path = Path("builds")
-    catalog: Path | None = None  # default: <out>/catalog.duckdb
+    out: str = Field("builds", description="where builds go: a local folder or object storage (s3://bucket/prefix)")
+    catalog: Path | None = Field(
+        None, description="the catalog, a local DuckDB file. Default: <out>/catalog.duckdb; when `out` is in object "
+                          "storage, catalog.duckdb beside the spec file")
     # An incremental build of a source skips uids earlier builds of it processed (rejected as
     # seen_in_earlier_build, never fetched) and dedups against the pairs they kept.
     incremental: bool = False
+
+    @field_validator("out", mode="before")
+    @classmethod
+    def _out_as_text(cls, v: Any) -> Any:
+        return os.fspath(v) if isinstance(v, os.PathLike) else v
+
+    @field_validator("catalog", mode="before")
+    @classmethod
+    def _local_catalog(cls, v: Any) -> Any:
+        if v is not None and is_uri(v):
+            raise ValueError(f"must be a local DuckDB file, not {v}")
+        return v
 
     @field_validator("stages", mode="before")
     @classmethod
@@ -162,7 +198,11 @@ class BuildSpec(_Strict):
 
     @property
     def catalog_path(self) -> Path:
-        return self.catalog or (self.out / "catalog.duckdb")
+        if self.catalog is not None:
+            return self.catalog
+        if is_uri(self.out):
+            raise SpecError(f"out is in object storage ({self.out}): set `catalog` to a local DuckDB file")
+        return Path(self.out) / "catalog.duckdb"
 
     def stage_names(self) -> list[str]:
         return [s.name for s in self.stages]
@@ -208,15 +248,24 @@ def parse_spec(data: dict, base_dir: Path | None = None, origin: str = "<spec>")
     for name, value in ((f"source.{field_name}", spec.source.path), ("out", spec.out), ("catalog", spec.catalog)):
         if value is not None and ("\x00" in str(value) or not str(value).strip()):
             raise SpecError(f"{origin}: {name}: not a usable path: {str(value)!r}")
-    if not spec.source.path.is_absolute():
-        setattr(spec.source, field_name, (base / spec.source.path).resolve())
-    if not spec.out.is_absolute():
-        spec.out = (base / spec.out).resolve()
+        if value is not None and is_uri(value) and "?" in str(value):
+            raise SpecError(f"{origin}: {name}: query options in a storage URI are not supported; give the endpoint "
+                            "and credentials in the AWS_* environment variables")
+    if not is_uri(spec.source.path):
+        setattr(spec.source, field_name, str((base / spec.source.path).resolve()))
+    if not is_uri(spec.out):
+        spec.out = str((base / spec.out).resolve())
+    elif spec.catalog is None:  # the catalog stays local: beside the spec file
+        spec.catalog = (base / "catalog.duckdb").resolve()
     if spec.catalog is not None and not spec.catalog.is_absolute():
         spec.catalog = (base / spec.catalog).resolve()
+    want_file = field_name == "urls"
     try:
-        found = spec.source.path.exists() and (field_name == "pairs" or spec.source.path.is_file())
-    except OSError as e:  # a name too long, say
+        if is_uri(spec.source.path):
+            found = _remote_exists(spec.source.path, want_file)
+        else:
+            found = Path(spec.source.path).exists() and (not want_file or Path(spec.source.path).is_file())
+    except (OSError, ValueError) as e:  # a name too long, an unknown scheme, storage out of reach
         raise SpecError(f"{origin}: source.{field_name}: cannot be read: {e}") from None
     if not found:
         raise SpecError(f"{origin}: source.{field_name}: file not found: {spec.source.path}")

@@ -46,3 +46,13 @@ def demo(tmp_path_factory):
     d.update(result=result, build_dir=Path(result["build_dir"]), forbidden=forbidden,
              labels=pq.read_table(d["corpus"] / "labels.parquet"))
     return d
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """A real S3 API (moto in server mode) on 127.0.0.1 with one bucket; the standard AWS_* variables point this
+    process, pyarrow and the Ray workers it starts at it. Yields the bucket name."""
+    from tests.object_storage import s3_server
+
+    with s3_server() as bucket:
+        yield bucket

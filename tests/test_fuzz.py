@@ -101,7 +101,7 @@ def _check_spec_file(path: Path) -> None:
         assert msg.startswith(str(path)), msg
         assert any(w in msg for w in FIELD_WORDS), msg  # names the field (or says the file is no mapping / YAML)
         return
-    assert isinstance(spec, BuildSpec) and spec.source.path.exists()
+    assert isinstance(spec, BuildSpec) and Path(spec.source.path).exists()
 
 
 @FUZZ

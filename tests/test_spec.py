@@ -19,10 +19,10 @@ def write(tmp_path, data, name="spec.yaml"):
 
 def test_good_spec_resolves_defaults_and_paths(tmp_path):
     spec = load_spec(write(tmp_path, GOOD))
-    assert spec.source.urls == (tmp_path / "u.csv").resolve()
+    assert spec.source.urls == str((tmp_path / "u.csv").resolve())
     assert spec.stage_params("basic").min_side == 10
     assert spec.stage_params("basic").max_aspect == 3.0  # default filled in
-    assert spec.out == (tmp_path / "builds").resolve()
+    assert spec.out == str((tmp_path / "builds").resolve())
     again = load_spec(write(tmp_path, yaml.safe_load(spec.to_yaml()), "resolved.yaml"))
     assert again.spec_hash() == spec.spec_hash()
 

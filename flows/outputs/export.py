@@ -27,9 +27,9 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from flows.outputs.loaders import resolve_shards
+from stages.io.storage import Location, location
 
 UID_DTYPE = np.dtype("u8,u8")  # DataComp: np.dtype("u8,u8"), fields f0 (high 64 bits), f1 (low 64 bits)
 FORMATS = ("webdataset", "uids")
@@ -40,11 +40,11 @@ class ExportError(ValueError):
     pass
 
 
-def build_shards(build: str | Path) -> list[Path]:
-    p = Path(build)
-    if p.is_dir() and (p / "shards").is_dir():
-        p = p / "shards"
+def build_shards(build: str | Path | Location) -> list[Location]:
     try:
+        p = location(build) if not any(ch in str(build) for ch in "*?[") else build
+        if isinstance(p, Location) and (p / "shards").is_dir():
+            p = p / "shards"
         return resolve_shards([p])
     except ValueError as e:
         raise ExportError(str(e)) from None
@@ -74,23 +74,24 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def export_webdataset(build: str | Path, out: str | Path, samples_per_tar: int = 10000) -> dict:
-    """Write OUT/NNNNN.tar (img2dataset layout); returns the summary also written to OUT/_export.json."""
+def export_webdataset(build: str | Path | Location, out: str | Path | Location, samples_per_tar: int = 10000) -> dict:
+    """Write OUT/NNNNN.tar (img2dataset layout), local or in object storage; returns the summary also written to
+    OUT/_export.json."""
     if samples_per_tar <= 0:
         raise ExportError("samples_per_tar must be positive")
     files = build_shards(build)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = location(out).mkdir()
     width = max(4, len(str(samples_per_tar - 1)))
-    tars, n, tar, k, stats = [], 0, None, 0, None
+    tars, n, tar, k, stats, stream = [], 0, None, 0, None, None
 
     def close():
         if tar is not None:
             tar.close()
+            stream.close()
             (out / f"{len(tars) - 1:05d}_stats.json").write_text(json.dumps(stats, indent=2))
 
     for f in files:
-        pf = pq.ParquetFile(f)
+        pf = f.parquet_file()
         scalar = [fld.name for fld in pf.schema_arrow
                   if fld.name not in _META_SKIP and not (str(fld.type).startswith(("list", "large_list", "struct"))
                                                          or str(fld.type) in ("binary", "large_binary"))]
@@ -104,7 +105,8 @@ def export_webdataset(build: str | Path, out: str | Path, samples_per_tar: int =
                 if tar is None or k == samples_per_tar:
                     close()
                     path = out / f"{len(tars):05d}.tar"
-                    tar = tarfile.open(path, "w")
+                    stream = path.fs.open_output_stream(path.path)  # in object storage: one upload per tar
+                    tar = tarfile.open(fileobj=stream, mode="w")
                     tars.append(path.name)
                     k, stats = 0, {"count": 0, "successes": 0}
                 key = f"{len(tars) - 1:05d}{k:0{width}d}"
@@ -143,19 +145,20 @@ def uids_from_array(arr: np.ndarray) -> list[str]:
     return [f"{int(a):016x}{int(b):016x}" for a, b in arr.tolist()]
 
 
-def export_uids(build: str | Path, out: str | Path) -> dict:
+def export_uids(build: str | Path | Location, out: str | Path | Location) -> dict:
     """Write the kept uids of a build to OUT (a .npy file; '.npy' is added when missing)."""
     files = build_shards(build)
     uids = set()
     for f in files:
-        uids.update(pq.read_table(f, columns=["uid"]).column(0).to_pylist())
+        uids.update(f.read_table(columns=["uid"]).column(0).to_pylist())
     uids.discard(None)
     arr = uid_array(sorted(uids))
-    out = Path(out)
+    out = location(out)
     if out.suffix != ".npy":
         out = out.with_name(out.name + ".npy")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, arr)
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    out.write_bytes(buf.getvalue())
     return {"format": "uids", "uids": len(arr), "out": str(out), "dtype": str(arr.dtype)}
 
 

@@ -52,6 +52,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 from torch.utils.data import IterableDataset
 
+from stages.io.storage import Location, is_uri, location
+
 # Called per row with the decoded RGB image and a per-row generator; returns what the batch holds (a tensor).
 ImageTransform = Callable[[Image.Image, random.Random], Any]
 
@@ -60,22 +62,31 @@ class LoaderError(ValueError):
     pass
 
 
-def resolve_shards(patterns: list[str | Path]) -> list[Path]:
-    """Folders (every *.parquet inside, recursively) and glob patterns -> sorted, unique Parquet files."""
-    files: set[Path] = set()
+def resolve_shards(patterns: list[str | Path | Location]) -> list[Location]:
+    """Folders (every *.parquet inside, recursively) and glob patterns -> sorted, unique Parquet files, local or in
+    object storage (s3://bucket/prefix; there a glob may only be in the last name: s3://b/shards/part-*.parquet)."""
+    files: set[Location] = set()
     for pat in patterns:
-        p = Path(pat)
-        if p.is_dir():
-            found = [f for f in p.rglob("*.parquet") if not f.name.startswith(("_", "."))]
-        elif any(ch in str(pat) for ch in "*?["):
-            found = [Path(f) for f in glob.glob(str(pat), recursive=True) if f.endswith(".parquet")]
-        elif p.is_file():
-            found = [p]
+        text = str(pat)
+        if any(ch in text for ch in "*?["):
+            if is_uri(text):
+                base, _, name = text.rpartition("/")
+                if any(ch in base for ch in "*?["):
+                    raise LoaderError(f"{text}: in object storage a glob may only be in the last name")
+                found = [f for f in location(base).glob(name) if f.name.endswith(".parquet")]
+            else:
+                found = [location(f) for f in glob.glob(text, recursive=True) if f.endswith(".parquet")]
         else:
-            raise LoaderError(f"no such shard folder or file: {pat}")
+            p = location(pat)
+            if p.is_dir():
+                found = [f for f in p.rglob("*.parquet") if not f.name.startswith(("_", "."))]
+            elif p.is_file():
+                found = [p]
+            else:
+                raise LoaderError(f"no such shard folder or file: {pat}")
         if not found:
             raise LoaderError(f"no Parquet shards match {pat}")
-        files.update(f.resolve() for f in found)
+        files.update(found)
     return sorted(files)
 
 
@@ -102,7 +113,7 @@ def decode_image(data: bytes) -> Image.Image:
 
 @dataclass(frozen=True)
 class _Unit:
-    file: Path
+    file: Location
     row_group: int
 
 
@@ -125,18 +136,18 @@ class ShardPairs(IterableDataset):
     `negatives=True` (see the module docstring). `start` skips that many rows of every reader's stream.
     """
 
-    def __init__(self, files: list[Path], *, transform: ImageTransform | None = None, seed: int = 0,
+    def __init__(self, files: list[str | Path | Location], *, transform: ImageTransform | None = None, seed: int = 0,
                  split: str = "train", eval_fraction: float = 0.0, shuffle: bool = True, shuffle_buffer: int = 2048,
                  epochs: int | None = None, start: int = 0, text_column: str = "text", image_column: str = "image",
                  uid_column: str = "uid", rank: int | None = None, world_size: int | None = None,
                  negatives: bool = False, neg_column: str = "neg_captions", max_negatives: int | None = None,
-                 neg_kinds: tuple[str, ...] | None = None, hard_negatives: list[Path] | None = None,
+                 neg_kinds: tuple[str, ...] | None = None, hard_negatives: list[str | Path | Location] | None = None,
                  decode: bool = True):
         if split not in ("train", "eval", "all"):
             raise LoaderError(f"split must be train, eval or all, got {split!r}")
         if not files:
             raise LoaderError("no shard files")
-        self.files = [Path(f) for f in files]
+        self.files = [location(f) for f in files]
         self.transform = transform
         self.seed = seed
         self.split = split
@@ -156,14 +167,14 @@ class ShardPairs(IterableDataset):
         self.neg_column = neg_column
         self.max_negatives = max_negatives
         self.neg_kinds = tuple(neg_kinds) if neg_kinds else None
-        self._hard_files = [Path(f) for f in (hard_negatives or [])]
+        self._hard_files = [location(f) for f in (hard_negatives or [])]
         self._hard: dict[str, list[tuple[bytes, str]]] | None = None
         self._units = None
         self._consumed: dict[int, int] = {}  # reader -> rows consumed (in-process iteration or record())
         self._resume: dict[int, int] = {}
         self._readers_total: int | None = None
         for f in self.files:
-            names = pq.read_schema(f).names
+            names = f.read_schema().names
             missing = [c for c in self.columns.values() if c not in names]
             if missing:
                 raise LoaderError(f"{f}: missing columns {missing} (has {names})")
@@ -184,7 +195,7 @@ class ShardPairs(IterableDataset):
 
     def units(self) -> list[_Unit]:
         if self._units is None:
-            self._units = [_Unit(f, rg) for f in self.files for rg in range(pq.ParquetFile(f).num_row_groups)]
+            self._units = [_Unit(f, rg) for f in self.files for rg in range(f.parquet_file().num_row_groups)]
         return self._units
 
     def _keep(self, uid: str) -> bool:
@@ -202,9 +213,9 @@ class ShardPairs(IterableDataset):
         cols = [self.columns["uid"], self.columns["image"], self.columns["text"]]
         if self.negatives:
             cols.append(self.neg_column)
-        open_files: dict[Path, pq.ParquetFile] = {}
+        open_files: dict[Location, pq.ParquetFile] = {}
         for u in units:
-            pf = open_files.get(u.file) or open_files.setdefault(u.file, pq.ParquetFile(u.file))
+            pf = open_files.get(u.file) or open_files.setdefault(u.file, u.file.parquet_file())
             t = pf.read_row_group(u.row_group, columns=cols)
             for row in zip(*(t.column(c).to_pylist() for c in cols)):
                 uid, img, text = row[0], row[1], row[2]
@@ -281,7 +292,7 @@ class ShardPairs(IterableDataset):
         if self._hard is None:
             self._hard = {}
             for f in self._hard_files:
-                t = pq.read_table(f, columns=["uid", "neg_image", "neg_text"])
+                t = f.read_table(columns=["uid", "neg_image", "neg_text"])
                 for uid, im, tx in zip(*(t.column(c).to_pylist() for c in ("uid", "neg_image", "neg_text"))):
                     if im is not None and tx:
                         self._hard.setdefault(uid, []).append((im, tx))
@@ -318,7 +329,7 @@ class ShardPairs(IterableDataset):
         """Rows of this split in one epoch (reads the uid column only)."""
         n = 0
         for f in self.files:
-            for uid in pq.read_table(f, columns=[self.columns["uid"]]).column(0).to_pylist():
+            for uid in f.read_table(columns=[self.columns["uid"]]).column(0).to_pylist():
                 n += self._keep(uid)
         return n
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import posixpath
 import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from schemas.spec import BuildSpec
+from schemas.spec import BuildSpec, is_uri
 from stages.io.build_folder import BuildFolder, atomic_write_text
-from stages.io.shards import file_sha256
+from stages.io.storage import Location, location
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,12 +48,12 @@ class BuildContext:
         return self.folder.build_id
 
     @property
-    def build_dir(self) -> Path:
+    def build_dir(self) -> Location:
         return self.folder.root
 
     @property
     def source_name(self) -> str:
-        return self.spec.source.name or Path(self.spec.source.path).stem
+        return self.spec.source.name or PurePosixPath(self.spec.source.path).stem
 
     def state(self) -> dict:
         return self.folder.state()
@@ -61,25 +62,30 @@ class BuildContext:
         self.folder.set_state(**kw)
 
 
-def source_fingerprint(path: Path) -> str:
-    """sha256 of a URL list file; for a corpus folder, of its files' names, sizes and mtimes."""
+def source_fingerprint(path: str | Path | Location) -> str:
+    """sha256 of a URL list file; for a corpus folder, of its files' names, sizes and mtimes (local or remote)."""
+    import pyarrow.fs as pafs
+
+    path = location(path)
     if path.is_file():
-        return file_sha256(path)
+        return path.sha256()
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        st = f.stat()
-        h.update(f"{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    files = path.fs.get_file_info(pafs.FileSelector(path.path, recursive=True))
+    rel = {f: posixpath.relpath(f.path, path.path) for f in files if f.type == pafs.FileType.File}
+    for f in sorted(rel, key=lambda f: PurePosixPath(rel[f]).parts):  # pathlib's order, as before
+        mtime = f.mtime_ns if f.mtime_ns is not None else 0
+        h.update(f"{rel[f]}\0{f.size}\0{mtime}\n".encode())
     return h.hexdigest()
 
 
 def open_build(spec: BuildSpec, new: bool = False) -> BuildContext:
     """Resume the newest unfinished build of this spec and input, or start a new one."""
-    fingerprint = source_fingerprint(Path(spec.source.path))
+    fingerprint = source_fingerprint(spec.source.path)
     spec_hash = spec.spec_hash()
-    root = spec.out / spec.dataset
-    root.mkdir(parents=True, exist_ok=True)
+    root = location(spec.out) / spec.dataset
+    root.mkdir()
     if not new:
-        for cand in sorted(root.iterdir(), reverse=True):
+        for cand in reversed(root.subdirs()):
             st = BuildFolder(cand).state()
             if st.get("spec_hash") == spec_hash and st.get("fingerprint") == fingerprint and st.get("status") != "complete":
                 return BuildContext(spec, BuildFolder(cand), fingerprint, resumed=True)
@@ -90,7 +96,7 @@ def open_build(spec: BuildSpec, new: bool = False) -> BuildContext:
         n += 1
         build_id = f"{stamp}-{spec_hash[:8]}-{n}"
     folder = BuildFolder(root / build_id)
-    folder.work.mkdir(parents=True)
+    folder.work.mkdir()
     ctx = BuildContext(spec, folder, fingerprint)
     atomic_write_text(folder.spec_file, spec.to_yaml())
     ctx.set_state(spec_hash=spec_hash, fingerprint=fingerprint, status="running", build_id=build_id,
@@ -100,10 +106,15 @@ def open_build(spec: BuildSpec, new: bool = False) -> BuildContext:
 
 @contextmanager
 def dataset_lock(spec: BuildSpec, wait: bool = False):
-    """One build of a dataset at a time: a second run waits (wait=True) or fails naming the holder."""
-    root = spec.out / spec.dataset
-    root.mkdir(parents=True, exist_ok=True)
-    fh = open(root / ".lock", "a+")
+    """One build of a dataset at a time: a second run waits (wait=True) or fails naming the holder. The lock is a
+    local file: <out>/<dataset>/.lock, or, when `out` is in object storage (which has no locks), beside the catalog:
+    <catalog>.<dataset>.lock. Builds of one remote `out` must then share that catalog's machine."""
+    if is_uri(spec.out):
+        lock = spec.catalog_path.with_name(f"{spec.catalog_path.name}.{spec.dataset}.lock")
+    else:
+        lock = Path(spec.out) / spec.dataset / ".lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(lock, "a+")
     try:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))

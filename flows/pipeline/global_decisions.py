@@ -14,14 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from flows.pipeline.context import BuildContext
 from flows.pipeline.decide import global_positions
@@ -30,6 +27,7 @@ from schemas.spec import BuildSpec
 from stages import stage_class
 from stages.base import DecideContext, concat, fixed
 from stages.io.build_folder import atomic_write_table, atomic_write_text
+from stages.io.storage import Location, location, parquet_dataset
 
 log = logging.getLogger("pairforge")
 SRC = "input_shard"  # the input shard a row came from (processed rows are hive-partitioned by it)
@@ -37,19 +35,19 @@ DECISION_SCHEMA = pa.schema([("uid", pa.string()), ("reason", pa.string()), ("de
                              (SRC, pa.int64())])
 
 
-def global_dir(work: Path, k: int, name: str) -> Path:
+def global_dir(work: Location, k: int, name: str) -> Location:
     return work / "global" / f"{k:02d}-{name}"
 
 
-def shard_decisions(work: Path, spec: BuildSpec, src: int, upto: int | None = None) -> list[tuple[int, pa.Table]]:
+def shard_decisions(work: Location, spec: BuildSpec, src: int, upto: int | None = None) -> list[tuple[int, pa.Table]]:
     """(position, decisions) of the global stages before position `upto` (all if None) for input shard `src`."""
     out = []
     for k in global_positions(spec):
         if upto is not None and k >= upto:
             break
         d = global_dir(work, k, spec.stages[k].name) / f"{SRC}={src}"
-        files = sorted(d.glob("*.parquet")) if d.is_dir() else []
-        t = pads.dataset([str(f) for f in files], format="parquet").to_table(columns=["uid", "reason", "detail"]) \
+        files = d.glob("*.parquet")  # an absent folder lists nothing
+        t = parquet_dataset(files).to_table(columns=["uid", "reason", "detail"]) \
             if files else DECISION_SCHEMA.empty_table().drop_columns([SRC])
         out.append((k, t))
     return out
@@ -61,7 +59,7 @@ def _alive_rows(batch: pa.Table, k: int, work: str, spec: BuildSpec) -> pa.Table
     batch = batch.set_column(batch.column_names.index(SRC), SRC, src)
     keep = pc.fill_null(pc.greater_equal(batch.column("reject_pos"), k), True)
     for s in pc.unique(src).to_pylist():
-        for _, dec in shard_decisions(Path(work), spec, s, upto=k):
+        for _, dec in shard_decisions(location(work), spec, s, upto=k):
             if dec.num_rows:
                 hit = pc.and_(pc.equal(src, s), pc.is_in(batch.column("uid"), value_set=dec.column("uid")))
                 keep = pc.and_(keep, pc.invert(hit))
@@ -72,7 +70,8 @@ def read_alive(ctx: BuildContext, k: int, columns: list[str] | None = None):
     """A Ray Dataset of the processed rows alive before spec position k."""
     import ray
 
-    ds = ray.data.read_parquet(str(ctx.folder.processed_dir), columns=columns)
+    processed = ctx.folder.processed_dir
+    ds = ray.data.read_parquet(processed.path, filesystem=processed.fs, columns=columns)
     return ds.map_batches(_alive_rows, fn_args=(k, str(ctx.folder.work), ctx.spec),
                           batch_format="pyarrow", batch_size=4096)
 
@@ -89,8 +88,7 @@ def run_global_stages(ctx: BuildContext, rows: int, prior=None) -> dict:
         if marker.exists():
             done[entry.name] = json.loads(marker.read_text())
             continue
-        if out.exists():
-            shutil.rmtree(out)
+        out.rmtree()
         t0 = time.perf_counter()
         with phase(f"{entry.name} (global)") as adv:
             impl = decide_in_driver if small else IMPLEMENTATIONS.get(entry.name, decide_in_driver)
@@ -103,10 +101,10 @@ def run_global_stages(ctx: BuildContext, rows: int, prior=None) -> dict:
     return done
 
 
-def write_decisions(decisions, out: Path) -> dict[str, int]:
+def write_decisions(decisions, out: Location) -> dict[str, int]:
     """Write (uid, reason, detail, input_shard) partitioned by input_shard: an Arrow table (decided in the driver)
     or a Ray Dataset (distributed, written by the workers). Returns counts by reason."""
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir()
     if isinstance(decisions, pa.Table):
         src = decisions.column(SRC)
         for s in pc.unique(src).to_pylist():
@@ -116,7 +114,7 @@ def write_decisions(decisions, out: Path) -> dict[str, int]:
     decisions = decisions.materialize()
     if not decisions.count():
         return {}
-    decisions.write_parquet(str(out), partition_cols=[SRC])
+    decisions.write_parquet(out.path, filesystem=out.fs, partition_cols=[SRC])
     return {r["reason"]: int(r["count()"]) for r in decisions.groupby("reason").count().take_all()}
 
 
@@ -139,7 +137,7 @@ def decide_in_driver(ctx: BuildContext, k: int, params, prior) -> pa.Table:
         log.info("%s: a small build, deciding in the driver", name)
     else:
         log.warning("%s: no distributed decision; deciding in the driver over the alive rows", name)
-    parts = pads.dataset(str(ctx.folder.processed_dir), format="parquet", partitioning="hive")
+    parts = parquet_dataset(ctx.folder.processed_dir, partitioning="hive")
     table = _alive_rows(parts.to_table(), k, str(ctx.folder.work), ctx.spec)
     prior_t = to_table(prior) if prior is not None else None
     d = stage_class(name).decide(table, params, DecideContext(prior=prior_t))
@@ -157,7 +155,7 @@ def dedup_global(ctx: BuildContext, k: int, params, prior):
 
     cols = ["uid", "url", "sha256", "url_norm", "phash", "phash_crops", "image_bytes", "original_width",
             "original_height", "width", "height", "reject_pos", SRC]
-    names = set(pads.dataset(str(ctx.folder.processed_dir), format="parquet", partitioning="hive").schema.names)
+    names = set(parquet_dataset(ctx.folder.processed_dir, partitioning="hive").schema.names)
     if params.semantic and "image_emb" in names:
         cols.append("image_emb")
     alive = read_alive(ctx, k, [c for c in cols if c in names]).materialize()

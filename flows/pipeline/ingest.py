@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from flows.pipeline.context import BuildContext
 from flows.progress import phase
@@ -19,8 +18,9 @@ def ingest_all(ctx: BuildContext, prepared: dict) -> dict:
     import ray
 
     folder, params = ctx.folder, ctx.spec.ingest
-    todo = [i for i in range(prepared["shards"]) if not folder.ingest_shard(i).done.exists()]
-    done_rows = prepared["rows"] - sum(pq.read_metadata(folder.input_shard(i)).num_rows for i in todo)
+    finished = set(folder.ingest_dir.glob("*.done.json"))  # one listing, not a request per shard
+    todo = [i for i in range(prepared["shards"]) if folder.ingest_shard(i).done not in finished]
+    done_rows = prepared["rows"] - sum(folder.input_shard(i).read_metadata().num_rows for i in todo)
     t0 = time.perf_counter()
     remote = ray.remote(ingest_shard).options(
         num_cpus=params.cpus, max_retries=params.max_task_retries, retry_exceptions=True, name="ingest_shard")

@@ -12,14 +12,13 @@ makes the same shards: nothing in them depends on batch sizes or task timing."""
 from __future__ import annotations
 
 import os
-import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from flows.pipeline.context import BuildContext, earlier_builds
@@ -28,6 +27,7 @@ from schemas.columns import REJECT_SCHEMA
 from stages.io.build_folder import atomic_write_table
 from stages.io.ingest import (URL_BATCH_ROWS, bucket_repeats, iter_corpus, iter_url_list, key_corpus_batch,
                               key_url_batch, settle_corpus_batch, settle_url_batch)
+from stages.io.storage import Location, location, parquet_dataset
 
 BUCKET_ROWS = 4_000_000  # keys per repeat-detection bucket, about (what one step-2 task sorts)
 
@@ -46,13 +46,13 @@ def prepare_inputs(ctx: BuildContext, batch_rows: int = URL_BATCH_ROWS, buckets:
         t0 = time.perf_counter()
         work = folder.fresh_dir(folder.work / "input_prep")
         folder.fresh_dir(folder.input_dir)
-        buckets = buckets or repeat_buckets(_estimated_rows(Path(ctx.spec.source.urls), bytes_per_row=40))
+        buckets = buckets or repeat_buckets(_estimated_rows(location(ctx.spec.source.urls), bytes_per_row=40))
         batches = run_batches(key_url_batch, work, iter_url_list(ctx.spec.source, batch_rows), buckets, adv)
         find_all_repeats(work, buckets)
         for _ in run_tasks(settle_url_batch, ((work, i, ctx.source_name) for i in range(batches))):
             pass
         summary = write_input_shards(ctx, work, batches)
-        shutil.rmtree(work)
+        work.rmtree()
         summary["seconds"] = time.perf_counter() - t0
         folder.mark_done("input", summary)
         adv(0, f"{summary['rows']} to fetch, {summary['rejected']} rejected, {summary['shards']} shards")
@@ -68,7 +68,7 @@ def prepare_corpus(ctx: BuildContext, buckets: int | None = None) -> dict:
         work = folder.fresh_dir(folder.work / "input_prep")
         folder.fresh_dir(folder.input_dir)
         folder.fresh_dir(folder.ingest_dir)
-        buckets = buckets or repeat_buckets(_estimated_rows(Path(ctx.spec.source.pairs), bytes_per_row=2000))
+        buckets = buckets or repeat_buckets(_estimated_rows(location(ctx.spec.source.pairs), bytes_per_row=2000))
         batches = run_batches(key_corpus_batch, work, iter_corpus(ctx.spec.source, ctx.spec.ingest.shard_rows),
                               buckets, adv, lead=(folder, ctx.source_name))
         find_all_repeats(work, buckets)
@@ -77,8 +77,8 @@ def prepare_corpus(ctx: BuildContext, buckets: int | None = None) -> dict:
             listed, kept = listed + settled["rows"], kept + settled["kept"]
         with RejectsWriter(folder.input_rejects) as rejects:
             for i in range(batches):
-                rejects.write(pq.read_table(work / "settled" / f"{i:06d}.rejects.parquet"))
-        shutil.rmtree(work)
+                rejects.write((work / "settled" / f"{i:06d}.rejects.parquet").read_table())
+        work.rmtree()
         summary = {"rows_listed": listed, "rows": kept, "rejected": listed - kept, "shards": batches,
                    "seconds": time.perf_counter() - t0}
         folder.mark_done("input", summary)
@@ -93,12 +93,12 @@ def repeat_buckets(rows: int) -> int:
     return max(1, min(4096, -(-rows // BUCKET_ROWS)))
 
 
-def _estimated_rows(path: Path, bytes_per_row: int) -> int:
+def _estimated_rows(source: Location, bytes_per_row: int) -> int:
     """Rows of a source, roughly: a Parquet file's own count, else its bytes over `bytes_per_row`."""
-    if path.is_file() and path.suffix.lower() == ".parquet":
-        return pq.read_metadata(path).num_rows
-    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else []
-    return sum(f.stat().st_size for f in files) // bytes_per_row
+    if source.is_file() and source.suffix.lower() == ".parquet":
+        return source.read_metadata().num_rows
+    files = [source] if source.is_file() else source.rglob("*") if source.is_dir() else []
+    return sum(f.size() for f in files) // bytes_per_row
 
 
 def _task(fn):
@@ -114,7 +114,7 @@ def _window() -> int:
     return int(ray.cluster_resources().get("CPU", 1)) + 1
 
 
-def run_batches(fn, work: Path, batches, buckets: int, adv, lead: tuple = ()) -> int:
+def run_batches(fn, work: Location, batches, buckets: int, adv, lead: tuple = ()) -> int:
     """Step 1: fn(*lead, work, batch_no, batch, first_row, buckets) as a Ray task per batch, a few batches in flight
     (the driver holds no more); returns how many batches there were."""
     import ray
@@ -132,7 +132,7 @@ def run_batches(fn, work: Path, batches, buckets: int, adv, lead: tuple = ()) ->
     return n
 
 
-def find_all_repeats(work: Path, buckets: int) -> int:
+def find_all_repeats(work: Location, buckets: int) -> int:
     """Step 2: one Ray task per bucket; returns how many rows repeat an earlier one."""
     return sum(run_tasks(bucket_repeats, ((work, b) for b in range(buckets))))
 
@@ -152,7 +152,7 @@ def run_tasks(fn, args: Iterable[tuple]) -> Iterator:
 
 # --------------------------------------------------------------------------- shards and rejects (driver, streaming)
 
-def write_input_shards(ctx: BuildContext, work: Path, batches: int) -> dict:
+def write_input_shards(ctx: BuildContext, work: Location, batches: int) -> dict:
     """The settled batches, in list order, cut into input shards of ingest.shard_rows; their rejects (and, for an
     incremental build, the rows seen before) into the input rejects. Holds one batch and one shard at a time."""
     folder, n = ctx.folder, ctx.spec.ingest.shard_rows
@@ -160,8 +160,8 @@ def write_input_shards(ctx: BuildContext, work: Path, batches: int) -> dict:
     held, held_rows, shards, listed, kept = [], 0, 0, 0, 0
     with RejectsWriter(folder.input_rejects) as rejects:
         for i in range(batches):
-            inputs = pq.read_table(work / "settled" / f"{i:06d}.parquet")
-            rejected = pq.read_table(work / "settled" / f"{i:06d}.rejects.parquet")
+            inputs = (work / "settled" / f"{i:06d}.parquet").read_table()
+            rejected = (work / "settled" / f"{i:06d}.rejects.parquet").read_table()
             listed += inputs.num_rows + rejected.num_rows
             if seen is not None:
                 inputs, skipped = seen(inputs)
@@ -210,15 +210,16 @@ class SeenFilter:
 
 
 class RejectsWriter:
-    """The input rejects as one Parquet file written a batch at a time: whole or absent (temporary file, rename)."""
+    """The input rejects as one Parquet file written a batch at a time, whole or absent: into a local temporary
+    file, then moved (locally) or uploaded (object storage) into place."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+    def __init__(self, where: Location):
+        self.where = location(where)
         self.rows = 0
 
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix="pairforge-input-rejects-", suffix=".parquet")
+        os.close(fd)
         self.writer = pq.ParquetWriter(self.tmp, REJECT_SCHEMA, compression="zstd")
         return self
 
@@ -228,13 +229,17 @@ class RejectsWriter:
             self.rows += table.num_rows
 
     def __exit__(self, exc_type, *_):
-        if not self.rows:
-            self.writer.write_table(REJECT_SCHEMA.empty_table())
-        self.writer.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+        try:
+            if not self.rows:
+                self.writer.write_table(REJECT_SCHEMA.empty_table())
+            self.writer.close()
+            if exc_type is None:
+                self.where.parent.mkdir()
+                tmp = self.where.with_name(f".{self.where.name}.tmp")
+                pafs.copy_files(self.tmp, tmp.path, destination_filesystem=self.where.fs)
+                self.where.fs.move(tmp.path, self.where.path)
+        finally:
+            os.unlink(self.tmp)
 
 
 def prior_pairs(ctx: BuildContext):
@@ -246,10 +251,10 @@ def prior_pairs(ctx: BuildContext):
 
     files = []
     for b in earlier_builds(ctx):
-        files += sorted((Path(b["out_dir"]) / "shards").glob("part-*.parquet"))
+        files += (location(b["out_dir"]) / "shards").glob("part-*.parquet")
     if not files:
         return None
-    names = pads.dataset([str(f) for f in files], format="parquet").schema.names
+    names = parquet_dataset(files).schema.names
     cols = [c for c in ("uid", "sha256", "phash", "phash_crops", "url_norm", "original_width", "original_height",
                         "image_bytes") if c in names]
-    return ray.data.read_parquet([str(f) for f in files], columns=cols)
+    return ray.data.read_parquet([f.path for f in files], filesystem=files[0].fs, columns=cols)

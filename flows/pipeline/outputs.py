@@ -8,13 +8,11 @@ manifest, stats.json, and an exact accounting check run as distributed operation
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from flows.pipeline.context import BuildContext, BuildError, code_version
 from flows.pipeline.decide import DECISION_COLUMNS
@@ -23,7 +21,8 @@ from flows.progress import phase
 from schemas.columns import build_schema, rejects_schema
 from schemas.spec import BuildSpec
 from stages.io.build_folder import BuildFolder, atomic_write_table, atomic_write_text
-from stages.io.shards import conform, file_sha256, write_manifest
+from stages.io.shards import conform, write_manifest
+from stages.io.storage import Location, parquet_dataset
 
 
 def with_build_id(t: pa.Table, build_id: str) -> pa.Table:
@@ -33,11 +32,10 @@ def with_build_id(t: pa.Table, build_id: str) -> pa.Table:
 
 
 def processed_rows(folder: BuildFolder, src: int) -> pa.Table | None:
-    d = folder.processed_dir / f"{SRC}={src}"
-    files = sorted(d.glob("*.parquet")) if d.is_dir() else []
+    files = (folder.processed_dir / f"{SRC}={src}").glob("*.parquet")
     if not files:
         return None
-    return pads.dataset([str(f) for f in files], format="parquet").to_table()
+    return parquet_dataset(files).to_table()
 
 
 def final_decisions(rows: pa.Table, globals_: list[tuple[int, pa.Table]], names: list[str]) -> pa.Table:
@@ -57,15 +55,13 @@ def final_decisions(rows: pa.Table, globals_: list[tuple[int, pa.Table]], names:
     return rows.append_column("stage", stage).append_column("reason", reason).append_column("detail", detail)
 
 
-def _write_parts(table: pa.Table, folder: Path, src: int, rows_per_shard: int, compression: str) -> list[dict]:
+def _write_parts(table: pa.Table, folder: Location, src: int, rows_per_shard: int, compression: str) -> list[dict]:
     files = []
     starts = range(0, table.num_rows, rows_per_shard) if table.num_rows else []
     for j, start in enumerate(starts):
-        path = folder / f"part-{src:05d}-{j:03d}.parquet"
         part = table.slice(start, rows_per_shard)
-        atomic_write_table(part, path, compression, row_group_size=max(1, min(part.num_rows, 1024)))
-        files.append({"path": str(path), "rows": part.num_rows, "bytes": path.stat().st_size,
-                      "sha256": file_sha256(path)})
+        files.append(atomic_write_table(part, folder / f"part-{src:05d}-{j:03d}.parquet", compression,
+                                        checksum=True, row_group_size=max(1, min(part.num_rows, 1024))))
     return files
 
 
@@ -78,7 +74,7 @@ def write_shard(folder: BuildFolder, src: int, spec: BuildSpec, build_id: str) -
     rows = processed_rows(folder, src)
     parts = []
     if rows is not None and rows.num_rows:
-        images = pq.read_table(folder.ingest_shard(src).pairs, columns=["uid", "image"])
+        images = folder.ingest_shard(src).pairs.read_table(columns=["uid", "image"])
         at = pc.index_in(rows.column("uid"), value_set=images.column("uid"))  # each row's place in its shard
         if at.null_count:
             raise BuildError(f"input shard {src}: {at.null_count} processed rows are not among its downloads")
@@ -87,7 +83,7 @@ def write_shard(folder: BuildFolder, src: int, spec: BuildSpec, build_id: str) -
         parts.append(final_decisions(rows, shard_decisions(folder.work, spec, src), names))
     ingest_rej = folder.ingest_shard(src).rejects
     if ingest_rej.exists():
-        parts.append(pq.read_table(ingest_rej))
+        parts.append(ingest_rej.read_table())
     rej_schema = rejects_schema(names)
     table = pa.concat_tables([conform(with_build_id(p, build_id), rej_schema) for p in parts]) if parts \
         else rej_schema.empty_table()
@@ -119,13 +115,12 @@ def write_input_rejects(folder: BuildFolder, build_id: str, names: list[str], co
     if marker.exists():
         return json.loads(marker.read_text())
     files, n, by = [], 0, {}
-    pf = pq.ParquetFile(folder.input_rejects)
+    pf = folder.input_rejects.parquet_file()
     schema = rejects_schema(names)
     for j, rb in enumerate(pf.iter_batches(batch_size=rows_per_shard)):
         t = conform(with_build_id(pa.Table.from_batches([rb]), build_id), schema)
-        path = folder.rejects / f"part-input-{j:05d}.parquet"
-        atomic_write_table(t, path, compression)
-        files.append({"path": str(path), "rows": t.num_rows, "bytes": path.stat().st_size, "sha256": file_sha256(path)})
+        files.append(atomic_write_table(t, folder.rejects / f"part-input-{j:05d}.parquet", compression,
+                                        checksum=True))
         n += t.num_rows
         for c in pc.value_counts(t.column("reason")).to_pylist():
             by[f"input\t{c['values']}"] = by.get(f"input\t{c['values']}", 0) + c["counts"]
@@ -140,7 +135,7 @@ def write_outputs(ctx: BuildContext, shards: int) -> list[dict]:
 
     folder, spec = ctx.folder, ctx.spec
     for sub in (folder.shards, folder.rejects):
-        sub.mkdir(parents=True, exist_ok=True)
+        sub.mkdir()
     task = ray.remote(write_shard).options(num_cpus=0.5, max_retries=2, retry_exceptions=True, name="write_shard",
                                            scheduling_strategy="SPREAD")  # every node writes its share
     results = [write_input_rejects(folder, ctx.build_id, spec.stage_names(), spec.write.compression,
@@ -155,11 +150,10 @@ def write_outputs(ctx: BuildContext, shards: int) -> list[dict]:
     for key, sub, schema in (("shards", folder.shards, build_schema(spec.stage_names())),
                              ("rejects", folder.rejects, rejects_schema(spec.stage_names()))):
         if not any(r[key] for r in results):
-            path = sub / "part-00000-000.parquet"
-            atomic_write_table(schema.empty_table(), path, spec.write.compression)
+            written = atomic_write_table(schema.empty_table(), sub / "part-00000-000.parquet", spec.write.compression,
+                                         checksum=True)
             results.append({"src": "empty", "shards": [], "rejects": [], "kept": 0, "rejected": 0, "counts": {}}
-                           | {key: [{"path": str(path), "rows": 0, "bytes": path.stat().st_size,
-                                     "sha256": file_sha256(path)}]})
+                           | {key: [written]})
     return results
 
 
@@ -167,7 +161,7 @@ def write_outputs(ctx: BuildContext, shards: int) -> list[dict]:
 
 def check_shard(folder: BuildFolder, src: int, written: pa.Table) -> None:
     """The uids a writer wrote are exactly its input shard's: each once, none missing, none from elsewhere."""
-    listed = pq.read_table(folder.input_shard(src), columns=["uid"]).column("uid")
+    listed = folder.input_shard(src).read_table(columns=["uid"]).column("uid")
     out = written.column("uid")
     problems = []
     if len(pc.unique(out)) != len(out):
@@ -187,8 +181,8 @@ def check_accounting(ctx: BuildContext, results: list[dict]) -> dict:
     once each, nothing else); uids are unique across shards by construction (flows.pipeline.inputs), so the
     driver only adds up counts."""
     folder = ctx.folder
-    input_files = sorted(folder.input_dir.glob("[0-9]*.parquet")) + [folder.input_rejects]
-    listed = sum(pq.read_metadata(f).num_rows for f in input_files)
+    input_files = folder.input_dir.glob("[0-9]*.parquet") + [folder.input_rejects]
+    listed = sum(f.read_metadata().num_rows for f in input_files)
     kept = sum(r["kept"] for r in results)
     rejected = sum(r["rejected"] for r in results)
     if kept + rejected != listed:
@@ -252,10 +246,10 @@ def seen_scanners(ctx: BuildContext) -> list[pads.Scanner]:
     rows and stage rejects. Rows that failed to download are not marked seen, so a later build tries them again."""
     out = []
     for sub in ("shards", "rejects"):
-        files = [str(f) for f in ctx.folder.parts(sub)]
+        files = ctx.folder.parts(sub)
         if not files:
             continue
-        ds = pads.dataset(files, format="parquet")
+        ds = parquet_dataset(files)
         where = None if sub == "shards" else ~pads.field("stage").isin(["input", "ingest"])
         out.append(ds.scanner(columns={"uid": pads.field("uid"), "sha256": pads.field("sha256"),
                                        "build_id": pads.scalar(ctx.build_id)}, filter=where))

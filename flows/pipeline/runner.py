@@ -175,18 +175,16 @@ def finish_batch(batch: pa.Table, spec: BuildSpec) -> pa.Table:
 def process_stages(ctx: BuildContext, compute: bool = True) -> dict:
     """Run the spec's stages over the downloaded pairs (compute=False: only their row-wise decisions, over stats
     the rows already hold, as refilter does), into _work/processed/input_shard=N/: stats and decisions, no image bytes."""
-    import shutil
-
-    import pyarrow.parquet as pq
     import ray
 
     folder = ctx.folder
     done = folder.done("processed")
     if done is not None:
         return done
-    pair_files = [str(p) for p in folder.ingest_pair_files() if pq.read_metadata(p).num_rows]
-    rows = sum(pq.read_metadata(f).num_rows for f in pair_files)
-    tmp = folder.fresh_dir(folder.work / "processed.tmp")
+    sizes = {f: f.read_metadata().num_rows for f in folder.ingest_pair_files()}
+    pair_files = [f for f, n in sizes.items() if n]
+    rows = sum(sizes.values())
+    out = folder.fresh_dir(folder.processed_dir)  # its _DONE.json marker, written last, says it is whole
     t0 = time.perf_counter()
     steps: dict = {}
     if rows:
@@ -197,16 +195,15 @@ def process_stages(ctx: BuildContext, compute: bool = True) -> dict:
         pools = check_pool_budget(ctx.spec, cluster.get("CPU", 0.0), cluster.get("GPU", 0.0))
         timer = f"pairforge-timer-{ctx.build_id}"
         timer_actor = ray.remote(num_cpus=0)(StageTimer).options(name=timer).remote()
-        ds = ray.data.read_parquet(pair_files, include_paths=True).map_batches(tag_source, batch_format="pyarrow")
+        ds = ray.data.read_parquet([f.path for f in pair_files], filesystem=out.fs, include_paths=True)
+        ds = ds.map_batches(tag_source, batch_format="pyarrow")
         if compute:
             ds = stage_pipeline(ds, ctx.spec, timer, pools)
         ds = ds.map_batches(finish_batch, fn_args=(ctx.spec,), batch_format="pyarrow")
         names = step_names(ctx.spec) if compute else []
-        steps = _run_with_progress(lambda: ds.write_parquet(str(tmp), partition_cols=[SRC]), timer_actor, names, rows)
+        steps = _run_with_progress(lambda: ds.write_parquet(out.path, filesystem=out.fs, partition_cols=[SRC]),
+                                   timer_actor, names, rows)
         ray.kill(timer_actor)
-    if folder.processed_dir.exists():
-        shutil.rmtree(folder.processed_dir)
-    tmp.rename(folder.processed_dir)
     decoded = sum(v[2] for v in steps.values())
     summary = {"rows": rows, "seconds": time.perf_counter() - t0,
                "stage_seconds": {k: v[1] for k, v in steps.items()},
@@ -319,6 +316,7 @@ def ray_session(spec: BuildSpec):
     env_vars = {k: os.environ[k] for k in ("NO_ALBUMENTATIONS_UPDATE", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
                                            "PAIRFORGE_CACHE", "HF_HOME",
                                            "TOKENIZERS_PARALLELISM", "WANDB_MODE") if k in os.environ}
+    env_vars |= {k: v for k, v in os.environ.items() if k.startswith("AWS_")}  # object storage: endpoint, keys
     kw = dict(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env_vars},
               configure_logging=True, logging_level="WARNING")
     if spec.ray.address:

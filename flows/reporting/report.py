@@ -45,6 +45,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
+from stages.io.storage import Location, location
+
 REPORT_NAME = "report.html"
 CARD_NAME = "README.md"
 
@@ -72,8 +74,8 @@ class ReportError(RuntimeError):
 
 # --------------------------------------------------------------------------- reading a build
 
-def _part_files(build_dir: Path, sub: str) -> list[Path]:
-    return sorted((build_dir / sub).glob("part-*.parquet"))
+def _part_files(build_dir: Location, sub: str) -> list[Location]:
+    return (build_dir / sub).glob("part-*.parquet")
 
 
 def is_heavy(f: pa.Field) -> bool:
@@ -101,11 +103,11 @@ def stage_params(spec: dict) -> dict[str, dict]:
 
 @dataclass
 class Build:
-    dir: Path
+    dir: Location
     stats: dict
     manifest: dict
     spec: dict
-    files: list[Path]  # shards then rejects; meta's _file indexes this list
+    files: list[Location]  # shards then rejects; meta's _file indexes this list
     meta: pa.Table  # every row, light columns, plus stage/reason/detail (null for kept), _kept, _file, _row
     schema: pa.Schema | None  # the kept shards' schema
     total_rows: int = 0  # rows in the build's files; more than meta's when meta is a sample
@@ -124,7 +126,7 @@ class Build:
 
     def parquet(self, i: int) -> pq.ParquetFile:
         if i not in self._pf:
-            self._pf[i] = pq.ParquetFile(self.files[i])
+            self._pf[i] = self.files[i].parquet_file()
         return self._pf[i]
 
     def take(self, rows: Iterable[int], column: str = "image") -> dict[int, Any]:
@@ -155,13 +157,13 @@ def take_column(build: Build, where: list[tuple[int, int, Any]], column: str) ->
     return out
 
 
-def _read_meta(files: list[Path], first_index: int, kept: bool, fraction: float = 1.0) -> list[pa.Table]:
+def _read_meta(files: list[Location], first_index: int, kept: bool, fraction: float = 1.0) -> list[pa.Table]:
     """Light columns of every row, or of a uid-hash sample of about `fraction` of them (one file at a time)."""
     tables = []
     for i, f in enumerate(files):
-        schema = pq.read_schema(f)
+        schema = f.read_schema()
         cols = [fl.name for fl in schema if not is_heavy(fl)]
-        t = pq.read_table(f, columns=cols)
+        t = f.read_table(columns=cols)
         n = t.num_rows
         t = t.append_column("_row", pa.array(np.arange(n, dtype=np.int64)))
         if fraction < 1.0:
@@ -186,10 +188,10 @@ def in_sample(uid: pa.ChunkedArray | pa.Array, fraction: float) -> np.ndarray:
     return (h >> np.uint64(11)) < np.uint64(int(fraction * 2**53))
 
 
-def load_build(build_dir: str | Path, rows: bool = True, max_rows: int = REPORT_MAX_ROWS) -> Build:
+def load_build(build_dir: str | Path | Location, rows: bool = True, max_rows: int = REPORT_MAX_ROWS) -> Build:
     """The build's json/yaml files and, with rows, the metadata of its kept and rejected rows: every row, or a
     uid-hash sample of about max_rows of them when the build is larger (counts then come from stats.json)."""
-    build_dir = Path(build_dir)
+    build_dir = location(build_dir)
     if not (build_dir / "shards").is_dir() and not (build_dir / "rejects").is_dir():
         raise ReportError(f"{build_dir}: not a build folder (no shards/ or rejects/)")
 
@@ -199,7 +201,7 @@ def load_build(build_dir: str | Path, rows: bool = True, max_rows: int = REPORT_
 
     spec = yaml.safe_load((build_dir / "spec.yaml").read_text()) if (build_dir / "spec.yaml").exists() else {}
     shards, rejects = _part_files(build_dir, "shards"), _part_files(build_dir, "rejects")
-    total = sum(pq.read_metadata(f).num_rows for f in shards + rejects) if rows else 0
+    total = sum(f.read_metadata().num_rows for f in shards + rejects) if rows else 0
     fraction = min(1.0, max_rows / total) if total else 1.0
     tables = (_read_meta(shards, 0, True, fraction) + _read_meta(rejects, len(shards), False, fraction)) if rows else []
     meta = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table(
@@ -207,7 +209,7 @@ def load_build(build_dir: str | Path, rows: bool = True, max_rows: int = REPORT_
          "_kept": pa.array([], pa.bool_()), "_file": pa.array([], pa.int32()), "_row": pa.array([], pa.int64())})
     meta = meta.combine_chunks()
     return Build(build_dir, read_json("stats.json"), read_json("manifest.json"), spec or {}, shards + rejects, meta,
-                 pq.read_schema(shards[0]) if shards else None, total_rows=total)
+                 shards[0].read_schema() if shards else None, total_rows=total)
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -905,10 +907,10 @@ def _collect_negatives(build: Build) -> tuple[list[_Neg], str, str | None]:
     files = _part_files(build.dir, "negatives") or sorted((build.dir / "negatives").glob("*.parquet"))
     if files:
         uid_index = {u: i for i, u in enumerate(meta["uid"].to_pylist())}
-        schema = pq.read_schema(files[0])
+        schema = files[0].read_schema()
         image_col = _first(schema.names, NEG_IMAGE)
         for k, f in enumerate(files):
-            t = pq.read_table(f, columns=[fl.name for fl in pq.read_schema(f) if not is_heavy(fl)])
+            t = f.read_table(columns=[fl.name for fl in f.read_schema() if not is_heavy(fl)])
             names = t.column_names
             text_col, kind_col = _first(names, NEG_TEXT), _first(names, NEG_KIND)
             uid_col, nuid_col = _first(names, ("uid", "pos_uid", "source_uid")), _first(names, NEG_UID)
@@ -1032,12 +1034,14 @@ def render_report(build: Build, seed: int = 0) -> str:
     return "".join(parts)
 
 
-def write_report(build_dir: str | Path, out: str | Path | None = None, *, seed: int = 0) -> Path:
-    """Write <build_dir>/report.html (or `out`) from the build's files; returns its path."""
+def write_report(build_dir: str | Path | Location, out: str | Path | Location | None = None, *,
+                 seed: int = 0) -> Location:
+    """Write <build_dir>/report.html (or `out`) from the build's files, local or in object storage; returns its
+    location."""
     from stages.io.build_folder import atomic_write_text
 
     build = load_build(build_dir)
-    path = Path(out) if out else Path(build_dir) / REPORT_NAME
+    path = location(out) if out else build.dir / REPORT_NAME
     atomic_write_text(path, render_report(build, seed=seed))
     return path
 
@@ -1083,11 +1087,11 @@ def card_header(build: Build) -> dict:
     mf, st = build.manifest, build.stats
     dataset = st.get("dataset") or mf.get("dataset") or build.spec.get("dataset") or build.dir.name
     shards = _part_files(build.dir, "shards")
-    n = sum(pq.read_metadata(f).num_rows for f in shards)
-    download = sum(f.stat().st_size for f in shards)
+    metas = [f.read_metadata() for f in shards]
+    n = sum(md.num_rows for md in metas)
+    download = sum(f.size() for f in shards)
     in_memory = 0
-    for f in shards:
-        md = pq.read_metadata(f)
+    for md in metas:
         in_memory += sum(md.row_group(g).total_byte_size for g in range(md.num_row_groups))
     spec = build.spec
     license_ = spec.get("license") or (spec.get("card") or {}).get("license") or "unknown"
@@ -1225,11 +1229,12 @@ def render_dataset_card(build: Build) -> str:
     return str(card)
 
 
-def write_dataset_card(build_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write <build_dir>/README.md (or `out`), a Hugging Face dataset card; returns its path."""
+def write_dataset_card(build_dir: str | Path | Location, out: str | Path | Location | None = None) -> Location:
+    """Write <build_dir>/README.md (or `out`), a Hugging Face dataset card, local or in object storage; returns its
+    location."""
     from stages.io.build_folder import atomic_write_text
 
     build = load_build(build_dir, rows=False)
-    path = Path(out) if out else Path(build_dir) / CARD_NAME
+    path = location(out) if out else build.dir / CARD_NAME
     atomic_write_text(path, render_dataset_card(build))
     return path

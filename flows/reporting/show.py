@@ -14,22 +14,22 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import yaml
 
 from flows.reporting.report import (ReportError, _part_files, deciding_param, deciding_stats, fmt_bytes,
                                     reason_meaning, stage_params)
+from stages.io.storage import Location, location
 
 
-def find_row(build_dir: Path, uid: str) -> tuple[str, Path, dict]:
+def find_row(build_dir: Location, uid: str) -> tuple[str, Location, dict]:
     """(shards|rejects, file, row) of a uid or a unique uid prefix; ReportError when none or several match."""
     uid = uid.strip().lower()
     if not uid:
         raise ReportError("empty uid")
-    hits: list[tuple[str, Path, int, str]] = []
+    hits: list[tuple[str, Location, int, str]] = []
     for sub in ("shards", "rejects"):
         for f in _part_files(build_dir, sub):
-            col = pq.read_table(f, columns=["uid"]).column("uid")
+            col = f.read_table(columns=["uid"]).column("uid")
             exact = pc.equal(col, uid)
             mask = exact if pc.any(exact).as_py() else pc.starts_with(col, uid)
             for i in np.flatnonzero(np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), bool)):
@@ -43,7 +43,7 @@ def find_row(build_dir: Path, uid: str) -> tuple[str, Path, dict]:
         shown = ", ".join(sorted({h[3] for h in hits})[:5])
         raise ReportError(f"uid prefix {uid!r} matches {len({h[3] for h in hits})} rows ({shown}...): give more of it")
     sub, f, i, _ = hits[0]
-    pf = pq.ParquetFile(f)
+    pf = f.parquet_file()
     start = 0
     for g in range(pf.num_row_groups):
         n = pf.metadata.row_group(g).num_rows
@@ -88,14 +88,15 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def show_record(build_dir: str | Path, uid: str) -> dict:
-    """The record of uid in a build, JSON-able: columns, image and embedding summaries, the rejection."""
-    build_dir = Path(build_dir)
+def show_record(build_dir: str | Path | Location, uid: str) -> dict:
+    """The record of uid in a build (local or in object storage), JSON-able: columns, image and embedding
+    summaries, the rejection."""
+    build_dir = location(build_dir)
     sub, f, row = find_row(build_dir, uid)
     spec_file = build_dir / "spec.yaml"
     spec = yaml.safe_load(spec_file.read_text()) if spec_file.exists() else {}
     params = stage_params(spec or {})
-    schema = pq.read_schema(f)
+    schema = f.read_schema()
     columns, summaries = {}, {}
     for fl in schema:
         v = row.get(fl.name)

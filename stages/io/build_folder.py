@@ -13,51 +13,43 @@
         ingest/NNNNN.rejects.parquet, ingest/NNNNN.done.json
         processed/                  rows with every stage's stats; processed/_DONE.json
 
-Every file is written under a temporary name and renamed, so a file is whole or absent, and a phase is done exactly
-when its marker exists.
+The folder may be local or in object storage (stages.io.storage): every path it hands out is a Location. Every file
+is written whole or absent, and a phase is done exactly when its marker exists.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from stages.io.storage import Location, location, write_table_whole
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename: the file is whole or absent."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def atomic_write_text(path: str | os.PathLike | Location, text: str) -> None:
+    """Write text whole or absent (a temporary file renamed locally, one upload in object storage)."""
+    location(path).write_text(text)
 
 
-def atomic_write_table(table: pa.Table, path: Path, compression: str | None = "zstd", **kw) -> None:
-    """Write Parquet via a temporary file and rename: the file is whole or absent."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression=None if compression == "none" else compression, **kw)
-    os.replace(tmp, path)
+def atomic_write_table(table: pa.Table, path: str | os.PathLike | Location, compression: str | None = "zstd",
+                       checksum: bool = False, **kw) -> dict:
+    """Write Parquet whole or absent; returns {path, rows, bytes, sha256 (with checksum)}."""
+    return write_table_whole(table, path, compression, checksum, **kw)
 
 
 @dataclass(frozen=True)
 class IngestShard:
     """The files of one download task."""
 
-    pairs: Path
-    rejects: Path
-    done: Path
+    pairs: Location
+    rejects: Location
+    done: Location
 
 
 class BuildFolder:
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike | Location):
+        self.root = location(root)
 
     def __repr__(self) -> str:
         return f"BuildFolder({str(self.root)!r})"
@@ -71,67 +63,67 @@ class BuildFolder:
         return self.root.name
 
     @property
-    def work(self) -> Path:
+    def work(self) -> Location:
         return self.root / "_work"
 
     @property
-    def spec_file(self) -> Path:
+    def spec_file(self) -> Location:
         return self.root / "spec.yaml"
 
     @property
-    def manifest(self) -> Path:
+    def manifest(self) -> Location:
         return self.root / "manifest.json"
 
     @property
-    def stats(self) -> Path:
+    def stats(self) -> Location:
         return self.root / "stats.json"
 
     @property
-    def shards(self) -> Path:
+    def shards(self) -> Location:
         return self.root / "shards"
 
     @property
-    def rejects(self) -> Path:
+    def rejects(self) -> Location:
         return self.root / "rejects"
 
     @property
-    def input_dir(self) -> Path:
+    def input_dir(self) -> Location:
         return self.work / "input"
 
-    def input_shard(self, i: int) -> Path:
+    def input_shard(self, i: int) -> Location:
         return self.input_dir / f"{i:05d}.parquet"
 
     @property
-    def input_rejects(self) -> Path:
+    def input_rejects(self) -> Location:
         return self.work / "input_rejects.parquet"
 
     @property
-    def ingest_dir(self) -> Path:
+    def ingest_dir(self) -> Location:
         return self.work / "ingest"
 
     def ingest_shard(self, i: int) -> IngestShard:
         d = self.ingest_dir
         return IngestShard(d / f"{i:05d}.parquet", d / f"{i:05d}.rejects.parquet", d / f"{i:05d}.done.json")
 
-    def ingest_pair_files(self) -> list[Path]:
-        return sorted(self.ingest_dir.glob("[0-9]*[0-9].parquet"))
+    def ingest_pair_files(self) -> list[Location]:
+        return self.ingest_dir.glob("[0-9]*[0-9].parquet")
 
-    def ingest_reject_files(self) -> list[Path]:
-        return sorted(self.ingest_dir.glob("*.rejects.parquet"))
+    def ingest_reject_files(self) -> list[Location]:
+        return self.ingest_dir.glob("*.rejects.parquet")
 
     @property
-    def processed_dir(self) -> Path:
+    def processed_dir(self) -> Location:
         return self.work / "processed"
 
-    def processed_files(self) -> list[Path]:
-        return sorted(self.processed_dir.glob("*.parquet"))
+    def processed_files(self) -> list[Location]:
+        return self.processed_dir.glob("*.parquet")
 
-    def parts(self, sub: str) -> list[Path]:
+    def parts(self, sub: str) -> list[Location]:
         """The part files of shards/ or rejects/."""
-        return sorted((self.root / sub).glob("part-*.parquet"))
+        return (self.root / sub).glob("part-*.parquet")
 
     # phase markers -----------------------------------------------------------
-    def _marker(self, phase: str) -> Path:
+    def _marker(self, phase: str) -> Location:
         return {"input": self.input_dir, "processed": self.processed_dir}[phase] / "_DONE.json"
 
     def done(self, phase: str) -> dict | None:
@@ -144,7 +136,7 @@ class BuildFolder:
 
     # state -----------------------------------------------------------------
     @property
-    def state_file(self) -> Path:
+    def state_file(self) -> Location:
         return self.work / "state.json"
 
     def state(self) -> dict:
@@ -155,15 +147,13 @@ class BuildFolder:
 
     # writes ----------------------------------------------------------------
     @staticmethod
-    def fresh_dir(path: Path) -> Path:
+    def fresh_dir(path: Location) -> Location:
         """An empty folder at path (what a phase that restarts from scratch writes into)."""
-        if path.exists():
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
-        return path
+        path.rmtree()
+        return path.mkdir()
 
     def drop_work_copies(self) -> None:
         """A finished build's shards and rejects hold every row: drop _work's copies of the image bytes."""
-        shutil.rmtree(self.processed_dir, ignore_errors=True)
+        self.processed_dir.rmtree()
         for f in self.ingest_pair_files():
             f.unlink()

@@ -19,6 +19,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -34,8 +35,9 @@ from PIL import Image
 
 from schemas.columns import INGEST_FIELDS, INPUT_SCHEMA, REJECT_SCHEMA
 from schemas.records import make_uid
-from schemas.spec import IngestSpec, SourceSpec
+from schemas.spec import IngestSpec, SourceSpec, is_uri
 from stages.io.build_folder import BuildFolder, atomic_write_table, atomic_write_text
+from stages.io.storage import Location, location, parquet_dataset
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -90,6 +92,10 @@ def iter_url_list(src: SourceSpec, batch_rows: int = URL_BATCH_ROWS) -> Iterator
     is kept as a row with `malformed` saying why, so it can be rejected and counted; those rows come last, after
     every parsed row (they are set aside on disk while reading). Bytes that are not UTF-8 are replaced (U+FFFD).
     A file that cannot be read at all, or lacks the URL or caption column, is an IngestError."""
+    if is_uri(src.urls):  # read from object storage through a local copy
+        with _local_copy(location(src.urls)) as copy:
+            yield from iter_url_list(src.model_copy(update={"urls": str(copy)}), batch_rows)
+        return
     path = Path(src.urls)
     fmt = src.format
     if fmt == "auto":
@@ -194,6 +200,19 @@ class _MalformedRows:
             self.writer.close()
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextmanager
+def _local_copy(loc: Location):
+    """A temporary local copy of a remote file (same suffix), removed afterwards."""
+    fd, name = tempfile.mkstemp(prefix="pairforge-source-", suffix=loc.suffix)
+    try:
+        with os.fdopen(fd, "wb") as out, loc.fs.open_input_stream(loc.path) as f:
+            while chunk := f.read(1 << 24):
+                out.write(chunk)
+        yield Path(name)
+    finally:
+        os.unlink(name)
 
 
 def _require_columns(path: Path, cols: tuple[str, str], names: list[str]) -> None:
@@ -482,62 +501,55 @@ def assign_uids(table: pa.Table, source: str) -> tuple[pa.Table, pa.Table]:
 # Scratch files of the distributed steps, under one folder (`work`): keyed/NNNNNN.parquet (a batch's keyed rows),
 # keys/NNNNNN.parquet (its (bucket, key, row), one row group per bucket), repeats/BBBBB.parquet (a bucket's repeats).
 
-def write_keyed_batch(work: Path, batch_no: int, keyed: pa.Table, buckets: int) -> int:
+def write_keyed_batch(work: Location, batch_no: int, keyed: pa.Table, buckets: int) -> int:
     """Step 1's files for one batch; returns its row count."""
-    work = Path(work)
+    work = location(work)
     atomic_write_table(keyed, work / "keyed" / f"{batch_no:06d}.parquet")
     keys = keyed.select(["key", "row"]).filter(pc.is_valid(keyed.column("key")))
     keys = keys.append_column("bucket", key_buckets(keys.column("key").combine_chunks(), buckets))
     keys = keys.sort_by([("bucket", "ascending"), ("row", "ascending")])
     bucket = keys.column("bucket").to_numpy()
-    path = work / "keys" / f"{batch_no:06d}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with pq.ParquetWriter(tmp, keys.schema) as w:  # one row group per bucket: a bucket's reader skips the rest
+    sink = pa.BufferOutputStream()  # a batch's keys: small beside the batch
+    with pq.ParquetWriter(sink, keys.schema) as w:  # one row group per bucket: a bucket's reader skips the rest
         edges = np.flatnonzero(np.diff(bucket)) + 1
         for start, stop in zip(np.r_[0, edges], np.r_[edges, len(bucket)]):
             w.write_table(keys.slice(int(start), int(stop - start)))
-    os.replace(tmp, path)
+    (work / "keys" / f"{batch_no:06d}.parquet").write_bytes(sink.getvalue())
     return keyed.num_rows
 
 
-def bucket_repeats(work: Path, bucket: int) -> int:
+def bucket_repeats(work: Location, bucket: int) -> int:
     """Step 2 for one bucket: its keys from every batch -> repeats/BBBBB.parquet (when any); returns their count."""
-    work = Path(work)
-    import pyarrow.dataset as pads
-
-    files = sorted(str(f) for f in (work / "keys").glob("*.parquet"))
+    work = location(work)
+    files = (work / "keys").glob("*.parquet")
     if not files:
         return 0
-    keys = pads.dataset(files, format="parquet").to_table(columns=["key", "row"],
-                                                          filter=pc.field("bucket") == bucket)
+    keys = parquet_dataset(files).to_table(columns=["key", "row"], filter=pc.field("bucket") == bucket)
     repeats = find_repeats(keys)
     if repeats.num_rows:
         atomic_write_table(repeats, work / "repeats" / f"{bucket:05d}.parquet")
     return repeats.num_rows
 
 
-def batch_repeats(work: Path, first_row: int, rows: int) -> pa.Table:
+def batch_repeats(work: Location, first_row: int, rows: int) -> pa.Table:
     """The repeats among rows first_row .. first_row + rows - 1, from every bucket's file."""
-    import pyarrow.dataset as pads
-
-    files = sorted(str(f) for f in (Path(work) / "repeats").glob("*.parquet"))
+    files = (location(work) / "repeats").glob("*.parquet")
     if not files:
         return _REPEATS_SCHEMA.empty_table()
     row = pc.field("row")
-    return pads.dataset(files, format="parquet", schema=_REPEATS_SCHEMA).to_table(
+    return parquet_dataset(files, schema=_REPEATS_SCHEMA).to_table(
         filter=(row >= first_row) & (row < first_row + rows))
 
 
-def key_url_batch(work: Path, batch_no: int, batch: pa.Table, first_row: int, buckets: int) -> int:
+def key_url_batch(work: Location, batch_no: int, batch: pa.Table, first_row: int, buckets: int) -> int:
     """Step 1 of a URL list batch, to files."""
     return write_keyed_batch(work, batch_no, key_url_rows(batch, first_row), buckets)
 
 
-def settle_url_batch(work: Path, batch_no: int, source: str) -> dict:
+def settle_url_batch(work: Location, batch_no: int, source: str) -> dict:
     """Step 3 of a URL list batch: settled/NNNNNN.parquet (inputs) and settled/NNNNNN.rejects.parquet."""
-    work = Path(work)
-    keyed = pq.read_table(work / "keyed" / f"{batch_no:06d}.parquet")
+    work = location(work)
+    keyed = (work / "keyed" / f"{batch_no:06d}.parquet").read_table()
     row = keyed.column("row").combine_chunks()
     first = row[0].as_py() if len(row) else 0
     inputs, rejects = settle_url_rows(keyed, occurrences(row, batch_repeats(work, first, len(row))), source)
@@ -1029,7 +1041,7 @@ def ingest_shard(folder: BuildFolder, shard_id: int, params: IngestSpec, resolve
     paths = folder.ingest_shard(shard_id)
     if paths.done.exists():
         return json.loads(paths.done.read_text())
-    inputs = pq.read_table(folder.input_shard(shard_id))
+    inputs = folder.input_shard(shard_id).read_table()
 
     fetcher = Fetcher(AddressGuard(params.allow_hosts, resolver), params.timeout_s, params.max_bytes,
                       params.max_redirects)
@@ -1132,8 +1144,8 @@ def corpus_kind(src: SourceSpec) -> str:
         raise IngestError(f"{src.pairs}: source.pairs reads parquet or webdataset, not {src.format}")
     if src.format != "auto":
         return src.format
-    p = Path(src.pairs)
-    if p.is_dir() and any(p.glob("*.tar")):
+    p = location(src.pairs)
+    if p.is_dir() and p.glob("*.tar"):
         return "webdataset"
     return "parquet"
 
@@ -1141,12 +1153,10 @@ def corpus_kind(src: SourceSpec) -> str:
 def iter_corpus(src: SourceSpec, batch_rows: int = 1000):
     """Yield tables (url, text, image) from a Parquet corpus or a WebDataset folder, in a stable order."""
     if corpus_kind(src) == "webdataset":
-        yield from _iter_webdataset(Path(src.pairs), batch_rows)
+        yield from _iter_webdataset(location(src.pairs), batch_rows)
         return
-    import pyarrow.dataset as pads
-
     try:
-        ds = pads.dataset(str(src.pairs), format="parquet")
+        ds = parquet_dataset(location(src.pairs))
     except (pa.ArrowInvalid, OSError) as e:
         raise IngestError(f"{src.pairs}: cannot read as parquet: {e}") from None
     missing = [c for c in (src.caption_col, src.image_col) if c not in ds.schema.names]
@@ -1178,7 +1188,7 @@ def iter_corpus(src: SourceSpec, batch_rows: int = 1000):
         raise IngestError(f"{src.pairs}: cannot read as parquet: {e}") from None
 
 
-def _iter_webdataset(folder: Path, batch_rows: int):
+def _iter_webdataset(folder: Location, batch_rows: int):
     import tarfile
 
     rows: dict[str, list] = {"url": [], "text": [], "image": []}
@@ -1201,10 +1211,10 @@ def _iter_webdataset(folder: Path, batch_rows: int):
         rows["text"].append(text if text is None or isinstance(text, str) else json.dumps(text))
         rows["image"].append(img)
 
-    for tar_path in sorted(folder.glob("*.tar")):
+    for tar_path in folder.glob("*.tar"):
         key, parts, member = None, {}, None
         try:
-            with tarfile.open(tar_path) as tf:
+            with tar_path.open_input() as raw, tarfile.open(fileobj=raw) as tf:
                 for member in tf:
                     if not member.isfile():
                         continue
@@ -1218,7 +1228,7 @@ def _iter_webdataset(folder: Path, batch_rows: int):
                             rows = {"url": [], "text": [], "image": []}
                     parts[ext.lower()] = tf.extractfile(member).read()
                 end = tf.offset
-            with open(tar_path, "rb") as f:  # a tar cut at a member boundary reads as a shorter, complete one
+            with tar_path.open_input() as f:  # a tar cut at a member boundary reads as a shorter, complete one
                 f.seek(end)
                 if f.read(1024) != bytes(1024):
                     raise tarfile.ReadError("no end-of-archive marker after the last member read: cut short")
@@ -1303,7 +1313,7 @@ def corpus_pairs(batch: pa.Table, source: str) -> tuple[pa.Table, pa.Table, pa.T
                                                  find_repeats(keyed.select(["key", "row"]))), source)
 
 
-def key_corpus_batch(folder: BuildFolder, source: str, work: Path, batch_no: int, batch: pa.Table, first_row: int,
+def key_corpus_batch(folder: BuildFolder, source: str, work: Location, batch_no: int, batch: pa.Table, first_row: int,
                      buckets: int) -> int:
     """Step 1 of a corpus batch: the keyed rows to files, without their image bytes, which go straight to the
     batch's ingest shard (as if no row repeated an earlier one; step 3 rewrites it only in a batch with repeats):
@@ -1316,17 +1326,17 @@ def key_corpus_batch(folder: BuildFolder, source: str, work: Path, batch_no: int
                                                                  pa.nulls(n, pa.binary())), buckets)
 
 
-def settle_corpus_batch(folder: BuildFolder, work: Path, batch_no: int, source: str) -> dict:
+def settle_corpus_batch(folder: BuildFolder, work: Location, batch_no: int, source: str) -> dict:
     """Step 3 of a corpus batch: input shard `batch_no`, its ingest shard without the repeats, marked done; its
     rejects go to settled/NNNNNN.rejects.parquet."""
-    work = Path(work)
-    keyed = pq.read_table(work / "keyed" / f"{batch_no:06d}.parquet")
+    work = location(work)
+    keyed = (work / "keyed" / f"{batch_no:06d}.parquet").read_table()
     row = keyed.column("row").combine_chunks()
     first = row[0].as_py() if len(row) else 0
     occurrence = occurrences(row, batch_repeats(work, first, len(row)))
     inputs, _, rejects = settle_corpus_rows(keyed, occurrence, source)
     paths = folder.ingest_shard(batch_no)
-    pairs = pq.read_table(paths.pairs)  # step 1's: a row for each keyed row without a reason
+    pairs = paths.pairs.read_table()  # step 1's: a row for each keyed row without a reason
     if pairs.num_rows != inputs.num_rows:
         first_listing = pc.invert(pc.fill_null(pc.greater(occurrence, 0), False))
         pairs = pairs.filter(first_listing.filter(pc.is_null(keyed.column("reason")).combine_chunks()))

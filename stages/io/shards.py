@@ -1,18 +1,18 @@
 """write: kept rows -> shards/part-NNNNN.parquet of a target row count, rejects -> rejects/, plus the manifest.
 
-Files are written under a temporary name and renamed, so a shard is either whole or absent.
+Each file is written whole or absent, locally or in object storage (stages.io.storage).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
 
 from schemas.columns import SCHEMA_VERSION
 from stages.io.build_folder import atomic_write_table, atomic_write_text
+from stages.io.storage import Location, location
 
 
 def file_sha256(path: Path) -> str:
@@ -26,9 +26,9 @@ def file_sha256(path: Path) -> str:
 class ShardWriter:
     """Buffers rows and writes part-NNNNN.parquet files of rows_per_shard rows (the last may be smaller)."""
 
-    def __init__(self, folder: Path, schema: pa.Schema, rows_per_shard: int, compression: str = "zstd"):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def __init__(self, folder: str | Path | Location, schema: pa.Schema, rows_per_shard: int,
+                 compression: str = "zstd"):
+        self.folder = location(folder).mkdir()
         self.schema = schema
         self.rows_per_shard = rows_per_shard
         self.compression = None if compression == "none" else compression
@@ -51,10 +51,8 @@ class ShardWriter:
         self.pending = [rest] if rest.num_rows else []
         self.pending_rows = rest.num_rows
         path = self.folder / f"part-{len(self.files):05d}.parquet"
-        atomic_write_table(head, path, self.compression, row_group_size=max(1, min(n, 1024)))
-        self.files.append(
-            {"path": str(path), "rows": head.num_rows, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
-        )
+        self.files.append(atomic_write_table(head, path, self.compression, checksum=True,
+                                             row_group_size=max(1, min(n, 1024))))
 
     def close(self) -> list[dict]:
         """Flush the rest; a writer that got no rows still leaves one empty file with the schema for readers."""
@@ -72,10 +70,12 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def write_manifest(build_dir: Path, *, build_id: str, dataset: str, spec_hash: str, code_version: str,
+def write_manifest(build_dir: str | Path | Location, *, build_id: str, dataset: str, spec_hash: str, code_version: str,
                    shards: list[dict], rejects: list[dict], extra: dict | None = None) -> dict:
+    build_dir = location(build_dir)
+
     def rel(files):
-        return [dict(f, path=os.path.relpath(f["path"], build_dir)) for f in files]
+        return [dict(f, path=location(f["path"]).relative_to(build_dir)) for f in files]
 
     manifest = {
         "build_id": build_id,
