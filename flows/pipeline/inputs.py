@@ -25,8 +25,9 @@ from flows.pipeline.context import BuildContext, earlier_builds
 from flows.progress import phase
 from schemas.columns import REJECT_SCHEMA
 from stages.io.build_folder import atomic_write_table
-from stages.io.ingest import (URL_BATCH_ROWS, bucket_repeats, iter_corpus, iter_url_list, key_corpus_batch,
-                              key_url_batch, settle_corpus_batch, settle_url_batch)
+from stages.io.ingest import (URL_BATCH_ROWS, bucket_repeats, corpus_kind, corpus_pieces, iter_corpus, iter_url_list,
+                              key_corpus_batch, key_corpus_piece, key_url_batch, settle_corpus_batch,
+                              settle_url_batch)
 from stages.io.storage import Location, location, parquet_dataset
 
 BUCKET_ROWS = 4_000_000  # keys per repeat-detection bucket, about (what one step-2 task sorts)
@@ -69,8 +70,13 @@ def prepare_corpus(ctx: BuildContext, buckets: int | None = None) -> dict:
         folder.fresh_dir(folder.input_dir)
         folder.fresh_dir(folder.ingest_dir)
         buckets = buckets or repeat_buckets(_estimated_rows(location(ctx.spec.source.pairs), bytes_per_row=2000))
-        batches = run_batches(key_corpus_batch, work, iter_corpus(ctx.spec.source, ctx.spec.ingest.shard_rows),
-                              buckets, adv, lead=(folder, ctx.source_name))
+        src, rows = ctx.spec.source, ctx.spec.ingest.shard_rows
+        if corpus_kind(src) == "parquet":  # the workers read the pieces; the driver reads footers
+            batches = run_batches(key_corpus_piece, work, corpus_pieces(src, rows), buckets, adv,
+                                  lead=(folder, ctx.source_name, src))
+        else:  # WebDataset tars stream through the driver
+            batches = run_batches(key_corpus_batch, work, iter_corpus(src, rows), buckets, adv,
+                                  lead=(folder, ctx.source_name))
         find_all_repeats(work, buckets)
         listed = kept = 0
         for settled in run_tasks(settle_corpus_batch, ((folder, work, i, ctx.source_name) for i in range(batches))):
@@ -115,8 +121,8 @@ def _window() -> int:
 
 
 def run_batches(fn, work: Location, batches, buckets: int, adv, lead: tuple = ()) -> int:
-    """Step 1: fn(*lead, work, batch_no, batch, first_row, buckets) as a Ray task per batch, a few batches in flight
-    (the driver holds no more); returns how many batches there were."""
+    """Step 1: fn(*lead, work, batch_no, batch, first_row, buckets) as a Ray task per batch (a table, or a piece of
+    the source the task reads itself), a few in flight (the driver holds no more); returns how many there were."""
     import ray
 
     task, pending, first_row, n, window = _task(fn), [], 0, 0, _window()

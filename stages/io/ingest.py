@@ -1155,15 +1155,27 @@ def iter_corpus(src: SourceSpec, batch_rows: int = 1000):
     if corpus_kind(src) == "webdataset":
         yield from _iter_webdataset(location(src.pairs), batch_rows)
         return
-    try:
-        ds = parquet_dataset(location(src.pairs))
-    except (pa.ArrowInvalid, OSError) as e:
-        raise IngestError(f"{src.pairs}: cannot read as parquet: {e}") from None
-    missing = [c for c in (src.caption_col, src.image_col) if c not in ds.schema.names]
+    for piece in corpus_pieces(src, batch_rows):
+        yield read_corpus_piece(src, piece)
+
+
+@dataclass(frozen=True)
+class CorpusPiece:
+    """Rows start .. start + num_rows - 1 of one row group of one Parquet file of a corpus: what a worker reads."""
+
+    path: str
+    row_group: int
+    start: int
+    num_rows: int
+
+
+def _corpus_columns(src: SourceSpec, schema: pa.Schema) -> list[str]:
+    """The corpus's columns to read, checked: a caption, image bytes (or a Hugging Face Image struct), the URL."""
+    missing = [c for c in (src.caption_col, src.image_col) if c not in schema.names]
     if missing:
         raise IngestError(f"{src.pairs}: column(s) {missing} not found (source.caption_col / source.image_col); "
-                          f"the corpus has {ds.schema.names}")
-    image_type = ds.schema.field(src.image_col).type
+                          f"the corpus has {schema.names}")
+    image_type = schema.field(src.image_col).type
     if pa.types.is_struct(image_type):  # Hugging Face datasets' Image feature: {bytes, path}
         if image_type.get_field_index("bytes") < 0:
             raise IngestError(f"{src.pairs}: column {src.image_col!r} is a struct without a 'bytes' field "
@@ -1172,20 +1184,41 @@ def iter_corpus(src: SourceSpec, batch_rows: int = 1000):
     if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type) or pa.types.is_null(image_type)):
         raise IngestError(f"{src.pairs}: column {src.image_col!r} holds {image_type}, not image bytes (binary); "
                           "set source.image_col")
-    cols = list(dict.fromkeys([src.caption_col, src.image_col] + ([src.url_col] if src.url_col in ds.schema.names
-                                                                   else [])))
+    return list(dict.fromkeys([src.caption_col, src.image_col] + ([src.url_col] if src.url_col in schema.names
+                                                                  else [])))
+
+
+def corpus_pieces(src: SourceSpec, batch_rows: int) -> Iterator[CorpusPiece]:
+    """A Parquet corpus cut into pieces of at most batch_rows rows, never across a row group, in corpus order; only
+    the files' footers are read (the columns are checked here, once)."""
     try:
-        for rb in ds.to_batches(columns=cols, batch_size=batch_rows):
-            image = rb.column(src.image_col)
-            if pa.types.is_struct(image.type):
-                image = image.field("bytes")
-            n = rb.num_rows
-            url = _as_text(pa.chunked_array([rb.column(src.url_col)])) if src.url_col in rb.schema.names \
-                else pa.nulls(n, pa.string())
-            yield pa.table({"url": url, "text": _as_text(pa.chunked_array([rb.column(src.caption_col)])),
-                            "image": image.cast(pa.binary())}, schema=_CORPUS_SCHEMA)
+        ds = parquet_dataset(location(src.pairs))
+        _corpus_columns(src, ds.schema)
+        for frag in ds.get_fragments():
+            meta = frag.metadata
+            for g in range(meta.num_row_groups):
+                rows = meta.row_group(g).num_rows
+                for start in range(0, rows, batch_rows):
+                    yield CorpusPiece(frag.path, g, start, min(batch_rows, rows - start))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise IngestError(f"{src.pairs}: cannot read as parquet: {e}") from None
+
+
+def read_corpus_piece(src: SourceSpec, piece: CorpusPiece) -> pa.Table:
+    """One piece of a Parquet corpus as (url, text, image)."""
+    loc = location(src.pairs)
+    try:
+        pf = pq.ParquetFile(piece.path, filesystem=loc.fs)
+        cols = _corpus_columns(src, pf.schema_arrow)
+        rb = pf.read_row_group(piece.row_group, columns=cols).slice(piece.start, piece.num_rows)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
         raise IngestError(f"{src.pairs}: cannot read as parquet: {e}") from None
+    image = rb.column(src.image_col).combine_chunks()
+    if pa.types.is_struct(image.type):
+        image = image.field("bytes")
+    url = _as_text(rb.column(src.url_col)) if src.url_col in rb.column_names else pa.nulls(rb.num_rows, pa.string())
+    return pa.table({"url": url, "text": _as_text(rb.column(src.caption_col)), "image": image.cast(pa.binary())},
+                    schema=_CORPUS_SCHEMA)
 
 
 def _iter_webdataset(folder: Location, batch_rows: int):
@@ -1324,6 +1357,12 @@ def key_corpus_batch(folder: BuildFolder, source: str, work: Location, batch_no:
     atomic_write_table(pairs, folder.ingest_shard(batch_no).pairs)
     return write_keyed_batch(work, batch_no, keyed.set_column(keyed.schema.get_field_index("image"), "image",
                                                                  pa.nulls(n, pa.binary())), buckets)
+
+
+def key_corpus_piece(folder: BuildFolder, source: str, src: SourceSpec, work: Location, batch_no: int,
+                     piece: CorpusPiece, first_row: int, buckets: int) -> int:
+    """Step 1 of a Parquet corpus piece, read here in the worker (the driver reads only footers)."""
+    return key_corpus_batch(folder, source, work, batch_no, read_corpus_piece(src, piece), first_row, buckets)
 
 
 def settle_corpus_batch(folder: BuildFolder, work: Location, batch_no: int, source: str) -> dict:
