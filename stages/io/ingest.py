@@ -465,18 +465,23 @@ def occurrences(row: pa.Array, repeats: pa.Table) -> pa.Array:
     return pc.fill_null(pc.take(repeats.column("occurrence").combine_chunks(), at), 0)
 
 
+def repeat_uids(uid: pa.Array, occurrence: pa.Array, name: pa.Array, text: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """(repeat mask, uids): the n-th repeat of a row gets make_uid(name, text, n) (a Python call per repeat only)."""
+    repeat = pc.fill_null(pc.greater(occurrence, 0), False)
+    again = np.flatnonzero(repeat.to_numpy(zero_copy_only=False))
+    if len(again):
+        at = pa.array(again)
+        uid = pc.replace_with_mask(uid, repeat, pa.array(
+            [make_uid(m, t, o) for m, t, o in zip(*(pc.take(c, at).to_pylist() for c in (name, text, occurrence)))],
+            pa.string()))
+    return repeat, uid
+
+
 def settle_url_rows(keyed: pa.Table, occurrence: pa.Array, source: str) -> tuple[pa.Table, pa.Table]:
     """Keyed rows and their occurrence numbers -> (inputs, rejects), both in list order. A repeat gets the uid of
     its occurrence and, unless its URL is already refused, the reason duplicate_input_row."""
     key, text, fetch_url = (keyed.column(c).combine_chunks() for c in ("key", "text", "fetch_url"))
-    repeat = pc.fill_null(pc.greater(occurrence, 0), False)
-    uid = pc.coalesce(keyed.column("uid").combine_chunks(), key)
-    again = np.flatnonzero(repeat.to_numpy(zero_copy_only=False))
-    if len(again):  # the uid of the n-th repeat hashes n in (per row, repeats only)
-        at = pa.array(again)
-        uid = pc.replace_with_mask(uid, repeat, pa.array(
-            [make_uid(u, t, o) for u, t, o in zip(*(pc.take(c, at).to_pylist()
-                                                    for c in (fetch_url, text, occurrence)))], pa.string()))
+    repeat, uid = repeat_uids(pc.coalesce(keyed.column("uid").combine_chunks(), key), occurrence, fetch_url, text)
     nothing = pa.nulls(keyed.num_rows, pa.string())
     reason = pc.coalesce(keyed.column("reason"), pc.if_else(repeat, "duplicate_input_row", nothing))
     detail = pc.coalesce(keyed.column("detail"), pc.if_else(
@@ -1313,14 +1318,7 @@ def key_corpus_rows(batch: pa.Table, first_row: int) -> pa.Table:
 def settle_corpus_rows(keyed: pa.Table, occurrence: pa.Array, source: str) -> tuple[pa.Table, pa.Table, pa.Table]:
     """Keyed corpus rows and their occurrence numbers -> (inputs, pairs, rejects), in corpus order."""
     name, text, url = (keyed.column(c).combine_chunks() for c in ("name", "text", "url"))
-    repeat = pc.fill_null(pc.greater(occurrence, 0), False)
-    uid = keyed.column("key").combine_chunks()
-    again = np.flatnonzero(repeat.to_numpy(zero_copy_only=False))
-    if len(again):
-        at = pa.array(again)
-        uid = pc.replace_with_mask(uid, repeat, pa.array(
-            [make_uid(m, t, o) for m, t, o in zip(*(pc.take(c, at).to_pylist()
-                                                    for c in (name, text, occurrence)))], pa.string()))
+    repeat, uid = repeat_uids(keyed.column("key").combine_chunks(), occurrence, name, text)
     nothing = pa.nulls(keyed.num_rows, pa.string())
     reason = pc.coalesce(keyed.column("reason"), pc.if_else(repeat, "duplicate_input_row", nothing))
     keep = pc.is_null(reason)
