@@ -297,7 +297,7 @@ def distinct_pairs(u: np.ndarray, k: int, masks: tuple[int, ...] | None = None
     x = np.empty(m - 1, np.uint64)  # xor of sorted neighbours
     same = np.empty(m - 1, bool)
     design = np.array(masks, np.uint64)
-    for t, mask in enumerate(masks):
+    for pass_no, mask in enumerate(masks):
         # X: the window of xb bits overlapping the masked bits least (those agree within a bucket anyway)
         sh = min(range(0, 64 - xb + 1, 4), key=lambda t: (bin(mask & (((1 << xb) - 1) << t)).count("1"), t))
         if sh not in bases:
@@ -322,8 +322,8 @@ def distinct_pairs(u: np.ndarray, k: int, masks: tuple[int, ...] | None = None
                 d = np.bitwise_count(xu)
                 # each pair once: in the pass of the first mask it agrees on (a pair sharing a bucket by a
                 # collision of the bucket hash, without agreeing on this mask, is found in its own mask's pass)
-                ok = (d <= k) & ((xu & design[t]) == 0)
-                for earlier in np.array_split(design[:t], max(1, t // 16)) if t else ():
+                ok = (d <= k) & ((xu & design[pass_no]) == 0)
+                for earlier in np.array_split(design[:pass_no], max(1, pass_no // 16)) if pass_no else ():
                     if ok.any():
                         ok &= ((xu[:, None] & earlier[None, :]) != 0).all(axis=1)
                 if ok.any():
