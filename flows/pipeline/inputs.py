@@ -123,19 +123,18 @@ def _window() -> int:
 def run_batches(fn, work: Location, batches, buckets: int, adv, lead: tuple = ()) -> int:
     """Step 1: fn(*lead, work, batch_no, batch, first_row, buckets) as a Ray task per batch (a table, or a piece of
     the source the task reads itself), a few in flight (the driver holds no more); returns how many there were."""
-    import ray
+    count = 0
 
-    task, pending, first_row, n, window = _task(fn), [], 0, 0, _window()
-    for n, batch in enumerate(batches, start=1):
-        pending.append(task.remote(*lead, work, n - 1, batch, first_row, buckets))
-        first_row += batch.num_rows
-        del batch
-        while len(pending) >= window:
-            ready, pending = ray.wait(pending, num_returns=1)
-            adv(ray.get(ready[0]))
-    for rows in ray.get(pending):
+    def args():
+        nonlocal count
+        first_row = 0
+        for count, batch in enumerate(batches, start=1):
+            yield (*lead, work, count - 1, batch, first_row, buckets)
+            first_row += batch.num_rows
+
+    for rows in run_tasks(fn, args()):
         adv(rows)
-    return n
+    return count
 
 
 def find_all_repeats(work: Location, buckets: int) -> int:

@@ -1373,16 +1373,20 @@ def settle_corpus_batch(folder: BuildFolder, work: Location, batch_no: int, sour
     occurrence = occurrences(row, batch_repeats(work, first, len(row)))
     inputs, _, rejects = settle_corpus_rows(keyed, occurrence, source)
     paths = folder.ingest_shard(batch_no)
-    pairs = paths.pairs.read_table()  # step 1's: a row for each keyed row without a reason
-    if pairs.num_rows != inputs.num_rows:
+    # step 1's pairs: a row for each keyed row without a reason; read whole (image bytes) only to drop repeats
+    if paths.pairs.read_metadata().num_rows != inputs.num_rows:
         first_listing = pc.invert(pc.fill_null(pc.greater(occurrence, 0), False))
+        pairs = paths.pairs.read_table()
         pairs = pairs.filter(first_listing.filter(pc.is_null(keyed.column("reason")).combine_chunks()))
         atomic_write_table(pairs, paths.pairs)
-    if not pairs.column("uid").equals(inputs.column("uid")):
+        uids = pairs.column("uid")
+    else:
+        uids = paths.pairs.read_table(columns=["uid"]).column("uid")
+    if not uids.equals(inputs.column("uid")):
         raise RuntimeError(f"corpus batch {batch_no}: step 1's pairs and step 3's inputs differ")
     atomic_write_table(inputs, folder.input_shard(batch_no))
     atomic_write_table(REJECT_SCHEMA.empty_table(), paths.rejects)
     atomic_write_text(paths.done, json.dumps({"shard": batch_no, "rows_in": inputs.num_rows,
-                                              "pairs": pairs.num_rows, "rejects": 0}))
+                                              "pairs": inputs.num_rows, "rejects": 0}))
     atomic_write_table(rejects, work / "settled" / f"{batch_no:06d}.rejects.parquet")
     return {"rows": keyed.num_rows, "kept": inputs.num_rows, "rejected": rejects.num_rows}
