@@ -65,7 +65,7 @@ def build_demo_shaped_clip(folder: Path) -> Path:
 
 
 def make_pairs(path: Path, n: int, size: int = 256) -> pa.Table:
-    from flows.demo.scenes import caption, render_scene, sample_scene
+    from demo.scenes import caption, render_scene, sample_scene
 
     rng = random.Random(0)
     images, texts = [], []
@@ -122,7 +122,7 @@ class _SpanTimer:
 def _bench_actor():
     import ray
 
-    from flows.pipeline.runner import StageActor
+    from flows.engine.runner import StageActor
 
     class BenchActor(StageActor):
         """The build's actor, also reporting the CPU seconds its process spent per batch."""
@@ -139,7 +139,7 @@ def _bench_actor():
 def run_ray(parquet: Path, out: Path, model: str, batch_size: int, threads: int) -> dict:
     import ray
 
-    from flows.pipeline.runner import quiet_ray_data
+    from flows.engine.runner import quiet_ray_data
     from stages.align import AlignParams
 
     t0 = time.perf_counter()

@@ -36,7 +36,7 @@ FILE_ROWS = 1000
 def in_ray(files: Path, model: str, batch: int, gpus: float, pool: int, cpus: float) -> dict:
     import ray
 
-    import flows.pipeline.runner as fb
+    import flows.engine.runner as fb
     from stages.align import AlignParams
 
     params = AlignParams(model=model, gpus=gpus, cpus=cpus, batch_size=batch).model_dump_json()

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(a.child, a.rows, a.corpus)))
         return 0
 
-    from flows.demo.corpus import generate_corpus
+    from demo.corpus import generate_corpus
     from stages import registry
 
     names = [n for n in a.stages.split(",") if n in registry()]

@@ -1,4 +1,4 @@
-"""Benchmark of the distributed global dedup (flows.pipeline.global_dedup). Run on demand, not a test:
+"""Benchmark of the distributed global dedup (flows.engine.global_dedup). Run on demand, not a test:
 
     .venv/bin/python benchmarks/global_dedup.py [--rows 1000000] [--base 100000] [--cpus 2]
 
@@ -122,7 +122,7 @@ def peak_rss_mb() -> float:
 def measure_near(data: str, cpus: int) -> dict:
     import pyarrow.parquet as pq
 
-    from flows.pipeline import global_dedup as gd
+    from flows.engine import global_dedup as gd
     from stages.dedup import DedupParams
     from stages.dedup import DedupStage
 
@@ -158,7 +158,7 @@ def measure_near(data: str, cpus: int) -> dict:
 
 
 def measure_rss(data: str, cpus: int) -> dict:
-    from flows.pipeline.global_dedup import dedup_decisions
+    from flows.engine.global_dedup import dedup_decisions
     from stages.dedup import DedupParams
 
     ray = _ray(cpus)

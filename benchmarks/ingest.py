@@ -30,7 +30,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 
 def make_corpus(root: Path, n: int) -> list[str]:
-    from flows.demo.scenes import caption, render_scene, sample_scene
+    from demo.scenes import caption, render_scene, sample_scene
 
     files = root / "files"
     files.mkdir(parents=True)
@@ -69,9 +69,9 @@ def run_img2dataset(urls: Path, out: Path, workers: int, threads: int) -> float:
 def run_pairforge(spec_path: Path, workers: int) -> tuple[float, float, int]:
     import ray
 
-    from flows.pipeline.context import open_build
-    from flows.pipeline.ingest import ingest_all
-    from flows.pipeline.inputs import prepare_inputs
+    from flows.engine.context import open_build
+    from flows.engine.ingest import ingest_all
+    from flows.engine.inputs import prepare_inputs
     from schemas.spec import load_spec
 
     spec = load_spec(spec_path)
@@ -95,7 +95,7 @@ def decode_resize_seconds(corpus: Path, k: int = 300) -> float:
     import cv2
 
     from schemas.spec import IngestSpec
-    from stages.io.ingest import _guarded_resizer
+    from dataio.download import _guarded_resizer
 
     cv2.setNumThreads(1)
     resizer = _guarded_resizer(IngestSpec(image_size=256))
@@ -125,7 +125,7 @@ def main() -> None:
             f"ingest: {{image_size: 256, timeout_s: 10, allow_hosts: ['127.0.0.1:{port}'], thread_count: {a.threads},"
             f" shard_rows: 1000, cpus: 1}}\nout: builds\n")
         print(f"corpus: {a.n} JPEGs in {time.perf_counter() - t0:.1f}s", flush=True)
-        server = subprocess.Popen([sys.executable, "-m", "flows.demo.server", str(tmp / "corpus"), "--port", str(port)],
+        server = subprocess.Popen([sys.executable, "-m", "demo.server", str(tmp / "corpus"), "--port", str(port)],
                                   stdout=subprocess.PIPE, cwd=ROOT)
         server.stdout.readline()
         try:

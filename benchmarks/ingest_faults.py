@@ -49,8 +49,9 @@ def run(n: int = 20_000, workers: int = 2, threads: int = 64, deadline: float = 
     from PIL import Image
 
     from schemas.spec import IngestSpec
-    from stages.io.build_folder import BuildFolder
-    from stages.io.ingest import assign_uids, ingest_shard
+    from dataio.build_folder import BuildFolder
+    from dataio.download import ingest_shard
+    from dataio.uids import assign_uids
     from tests.fault_server import FaultServer
 
     b = io.BytesIO()

@@ -1,4 +1,4 @@
-"""Benchmark of input preparation (flows.pipeline.inputs.prepare_inputs). Run on demand, not a test:
+"""Benchmark of input preparation (flows.engine.inputs.prepare_inputs). Run on demand, not a test:
 
     .venv/bin/python benchmarks/inputs.py [--rows 10000000] [--base 1000000] [--cpus 2]
 
@@ -48,8 +48,8 @@ def generate(rows: int, path: str, chunk: int = 1_000_000) -> None:
 def measure(urls: str, cpus: int, batch_rows: int) -> dict:
     import ray
 
-    from flows.pipeline.context import open_build
-    from flows.pipeline.inputs import prepare_inputs
+    from flows.engine.context import open_build
+    from flows.engine.inputs import prepare_inputs
     from schemas.spec import parse_spec
 
     ray.init(num_cpus=cpus, object_store_memory=2**30, include_dashboard=False, log_to_driver=False,

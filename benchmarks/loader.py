@@ -1,9 +1,9 @@
-"""Loader throughput: flows.outputs.loaders.ShardPairs vs reading the same Parquet with pyarrow alone.
+"""Loader throughput: loaders.pairs.ShardPairs vs reading the same Parquet with pyarrow alone.
 
 Both sides decode every image (PIL open + convert("RGB"), the loader's decode_image) and read uid / image / text of
 every row group of every file once (one epoch). The loader adds its per-row work: uid split check, shuffle buffer,
 item dicts. Usage: python -m benchmarks.loader [SHARDS] [--n 4000] [--repeat 3]; without SHARDS it writes demo scene
-shards (flows.demo.train_data) to a temp folder. The ratio loader/pyarrow is printed last (goal >= 0.9).
+shards (demo.train_data) to a temp folder. The ratio loader/pyarrow is printed last (goal >= 0.9).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from flows.outputs.loaders import ShardPairs, decode_image, resolve_shards
+from loaders.pairs import ShardPairs, decode_image, resolve_shards
 
 
 def pyarrow_epoch(files: list[Path]) -> int:
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     if a.shards:
         files = resolve_shards([a.shards])
     else:
-        from flows.demo.train_data import write_scene_shards
+        from demo.train_data import write_scene_shards
 
         tmp = tempfile.TemporaryDirectory()
         write_scene_shards(Path(tmp.name) / "s", a.n, seed=0, image_size=64, rows_per_shard=1000)

@@ -6,7 +6,7 @@ On the distinct COCO captions of SugarCrepe (or demo captions when those files a
 - rule negatives per second per kind (parse + generate, first candidate), and the share of captions that get one;
 - the stage's throughput with its defaults (k-fold n-gram LMs, plausibility selection over a pool of candidates,
   blind check): captions per second and negatives per second.
-Image part (stages.imaging.negatives / stages.imaging.editors): `.venv/bin/python benchmarks/negatives.py image [--scenes N]`.
+Image part (negatives.images / negatives.editors): `.venv/bin/python benchmarks/negatives.py image [--scenes N]`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyarrow as pa  # noqa: E402
 
-from flows.reporting.negatives_report import SUGARCREPE, coco_captions, demo_captions, load_sugarcrepe  # noqa: E402
+from reporting.negatives_report import SUGARCREPE, coco_captions, demo_captions, load_sugarcrepe  # noqa: E402
 from stages.negatives_text import NegativesTextParams  # noqa: E402
 from stages.negatives_text import KINDS, NegativesTextStage, negatives_for, parse  # noqa: E402
 
@@ -56,15 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- image part (stages.imaging.negatives)
+# --------------------------------------------------------------------------- image part (negatives.images)
 
 def image_main(argv: list[str] | None = None) -> int:
     """Counterfactual images on freshly drawn demo scenes (128 px, JPEG q95), one thread:
     negatives per second per editor and kind (generation only, candidates that got an image), the scorer's
     validation time as a fraction of generation time, and the preference rate before / after validation."""
-    from flows.demo.scenes import scene_batch
+    from demo.scenes import scene_batch
     from stages.models import load_clip
-    from stages.imaging.negatives import NegativesImageSpec, make_negatives, summarize
+    from negatives.images import NegativesImageSpec, make_negatives, summarize
 
     ap = argparse.ArgumentParser(description=image_main.__doc__.split("\n")[0])
     ap.add_argument("--scenes", type=int, default=200)

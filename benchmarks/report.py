@@ -9,7 +9,7 @@ tests.test_report.derive_build, with synthetic align / safety / text stats for t
 loopback server, about a minute).
 
 Measured:
-- generation: flows.reporting.report.write_report (reads metadata columns and the sampled rows' images only), wall and CPU
+- generation: reporting.report.write_report (reads metadata columns and the sampled rows' images only), wall and CPU
   seconds; the dataset card too.
 - size of report.html (goal < 10 MB).
 - render: headless Chromium loading file://report.html and writing a 1280x4000 screenshot, the whole process
@@ -47,7 +47,7 @@ def newest_demo_build() -> Path | None:
 
 def make_demo_build(root: Path) -> Path:
     from flows.build import build_flow
-    from flows.demo.server import DemoServer
+    from demo.server import DemoServer
     from tests.builds import make_demo
 
     d = make_demo(root, 400)
@@ -64,7 +64,7 @@ def main() -> int:
     ap.add_argument("--keep", type=Path, help="write the derived build here and keep it")
     args = ap.parse_args()
 
-    from flows.reporting.report import write_dataset_card, write_report
+    from reporting.report import write_dataset_card, write_report
     from tests.test_report import chromium_binary, console_lines, derive_build, run_chromium
 
     tmp = Path(tempfile.mkdtemp(prefix="pairforge-report-bench-"))

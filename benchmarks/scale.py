@@ -16,11 +16,11 @@ Per size, each in a fresh process:
   (the driver process tree, Ray's processes and Prefect's server included, summed every 0.5 s: RSS, which counts
   shared object-store pages in every process that maps them, and PSS, which shares them out); the driver's RSS peak
   after each phase, to show which phase grows it.
-- baseline: a plain Ray Data job with the same Ray settings (flows.pipeline.runner.ray_session): read_parquet ->
+- baseline: a plain Ray Data job with the same Ray settings (flows.engine.runner.ray_session): read_parquet ->
   map_batches of the same stage objects (JunkStage, one decode, BasicStage, DedupStage, with the spec's batch sizes
   and CPUs) -> write_parquet. No uids, decisions, global dedup, accounting, shards, report or catalog.
-Then, once: flows.pipeline.decide.decide_rowwise over 1M rows of the stages' stat columns (CPU seconds of this
-process: rows/s per core), and the distributed near-dup search (flows.pipeline.global_dedup.dedup_decisions, near
+Then, once: flows.engine.decide.decide_rowwise over 1M rows of the stages' stat columns (CPU seconds of this
+process: rows/s per core), and the distributed near-dup search (flows.engine.global_dedup.dedup_decisions, near
 step only, over 1M synthetic hashes with planted near copies: rows / (wall seconds x Ray CPUs)) when that module
 exists; when it does not, the output says so and gives no figure.
 
@@ -353,7 +353,7 @@ def child_baseline(spec_path: str, out: str, result: str) -> None:
     import pyarrow.parquet as pq
     import ray
 
-    from flows.pipeline.runner import image_span, quiet_ray_data, ray_session
+    from flows.engine.runner import image_span, quiet_ray_data, ray_session
     from schemas.spec import load_spec
     from stages import stage_class
     from stages.imaging.decode import add_pixels
@@ -456,7 +456,7 @@ def stat_table(n: int, seed: int = 0):
 
 def measure_decisions(spec, rows: int, batch_rows: list[int]) -> list[dict]:
     """decide_rowwise over `rows` rows as one table and in batches: rows per CPU second of this process."""
-    from flows.pipeline.decide import decide_rowwise
+    from flows.engine.decide import decide_rowwise
 
     table = stat_table(rows)
     out = []
@@ -513,14 +513,14 @@ def _flips(rng, count: int, bits: int) -> np.ndarray:
 
 
 def child_neardup(spec_path: str, rows: int, result: str) -> None:
-    """The distributed near step (flows.pipeline.global_dedup) over `rows` synthetic rows on the build's Ray."""
+    """The distributed near step (flows.engine.global_dedup) over `rows` synthetic rows on the build's Ray."""
     import flows.env  # noqa: F401
 
     import pyarrow.compute as pc
     import ray
 
-    from flows.pipeline.global_dedup import dedup_decisions
-    from flows.pipeline.runner import quiet_ray_data, ray_session
+    from flows.engine.global_dedup import dedup_decisions
+    from flows.engine.runner import quiet_ray_data, ray_session
     from schemas.spec import load_spec
     from stages import stage_class
 
@@ -628,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     near = None
     have_global_dedup = (ROOT / "flows" / "pipeline" / "global_dedup.py").exists()
     if have_global_dedup:
-        print(f"\ndistributed near-dup: flows.pipeline.global_dedup.dedup_decisions, near step with crops, "
+        print(f"\ndistributed near-dup: flows.engine.global_dedup.dedup_decisions, near step with crops, "
               f"{a.near_rows:,} rows ...", flush=True)
         near = run_monitored(["--child", "neardup", "--spec", str(spec_path), "--rows", str(a.near_rows)],
                              work / "neardup.json", work / "neardup.log", a.timeout_min * 60)
@@ -636,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
               f"duplicates, {near['planted']:,} planted; driver peak {_mb(near['driver_peak_mb'])} MB",
               flush=True)
     else:
-        print("\ndistributed near-dup: not measured: flows/pipeline/global_dedup.py does not exist yet, so the "
+        print("\ndistributed near-dup: not measured: flows/engine/global_dedup.py does not exist yet, so the "
               "builds above decided dedup in the driver (see the 'dedup (global)' phase)")
 
     # ------------------------------------------------------------------ summary
@@ -685,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
         goals.append(("distributed near-dup rows/s per core", f"{nr:,.0f}", f">= {GOAL_ROWS_PER_CORE:,}",
                       nr >= GOAL_ROWS_PER_CORE))
     else:
-        goals.append(("distributed near-dup rows/s per core", "- (flows/pipeline/global_dedup.py absent)",
+        goals.append(("distributed near-dup rows/s per core", "- (flows/engine/global_dedup.py absent)",
                       f">= {GOAL_ROWS_PER_CORE:,}", None))
     print("\ngoals")
     for name, value, goal, ok in goals:

@@ -1,6 +1,6 @@
 """The build flow: spec -> input shards -> ingest (Ray tasks) -> stages (Ray Data) -> decide -> write -> catalog.
 
-Each phase is a plain function in flows/pipeline/ over the build's folder (stages.io.build_folder), which leaves
+Each phase is a plain function in flows/engine/ over the build's folder (dataio.build_folder), which leaves
 completion markers, so a killed build re-run with the same spec resumes: finished download shards are not fetched
 again, and later phases redo only what has no marker. This module holds the Prefect tasks and flow around them.
 """
@@ -14,16 +14,16 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import env  # noqa: F401  (offline, quiet defaults before Prefect and Ray load)
-from flows.pipeline.context import BuildContext, BuildError, code_version, dataset_lock, earlier_builds, open_build
-from flows.pipeline.global_decisions import run_global_stages
-from flows.pipeline.ingest import ingest_all
-from flows.pipeline.inputs import prepare_inputs, prior_pairs
-from flows.pipeline.outputs import check_accounting, collect_stats, manifest, seen_scanners, write_outputs
-from flows.pipeline.runner import process_stages, ray_session
+from flows.engine.context import BuildContext, BuildError, code_version, dataset_lock, earlier_builds, open_build
+from flows.engine.global_decisions import run_global_stages
+from flows.engine.ingest import ingest_all
+from flows.engine.inputs import prepare_inputs, prior_pairs
+from flows.engine.outputs import check_accounting, collect_stats, manifest, seen_scanners, write_outputs
+from flows.engine.runner import process_stages, ray_session
 from schemas.spec import BuildSpec, load_spec
 from stages import stage_class
-from stages.io.build_folder import atomic_write_text
-from stages.io.storage import Location
+from dataio.build_folder import atomic_write_text
+from dataio.storage import Location
 
 __all__ = ["BuildContext", "BuildError", "build_flow", "preflight", "run_build"]
 
@@ -73,7 +73,7 @@ def write_task(ctx: BuildContext, prepared: dict, ingest: dict, processed: dict)
 def write_build_docs(build_dir: Location) -> None:
     """report.html and the dataset card (README.md). They read only the build's files; a failure is logged,
     never allowed to lose a finished build (`pairforge report BUILD` regenerates them)."""
-    from flows.reporting.report import write_dataset_card, write_report
+    from reporting.report import write_dataset_card, write_report
 
     for fn in (write_report, write_dataset_card):
         try:

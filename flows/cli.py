@@ -114,7 +114,7 @@ def cmd_build(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from flows.demo.build import demo_flow
+    from flows.demo import demo_flow
 
     result = _run(demo_flow, args, out=str(args.out), size=args.size, seed=args.seed, port=args.port, new=args.new)
     _print_summary(result, args.json)
@@ -156,7 +156,7 @@ def cmd_catalog(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from flows.training.train import TrainError, train_flow
+    from training.train import TrainError, train_flow
     from schemas.train_spec import load_train_spec
 
     load_train_spec(args.spec)  # a bad spec fails here, before Prefect starts
@@ -196,7 +196,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from flows.reporting.report import ReportError, write_dataset_card, write_report
+    from reporting.report import ReportError, write_dataset_card, write_report
 
     try:
         t0 = time.perf_counter()
@@ -216,8 +216,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from flows.reporting.report import ReportError
-    from flows.reporting.show import format_record, show_record
+    from reporting.report import ReportError
+    from reporting.show import format_record, show_record
 
     try:
         rec = show_record(args.build, args.uid)
@@ -250,7 +250,7 @@ def cmd_negatives(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from flows.outputs.export import ExportError, export
+    from loaders.export import ExportError, export
 
     try:
         out = export(args.build, args.format, args.out, samples_per_tar=args.samples_per_tar)
@@ -263,7 +263,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from flows.training.eval import N_BUILD, N_EVAL, eval_flow
+    from training.eval import N_BUILD, N_EVAL, eval_flow
 
     res = eval_flow(out=str(args.out), seeds=args.seed, n_build=args.n_build or N_BUILD,
                     n_eval=args.n_eval or N_EVAL, steps=args.steps,
@@ -402,7 +402,7 @@ def parser() -> argparse.ArgumentParser:
     ng = sub.add_parser("negatives", help="counterfactual hard-negative images of a finished build (validated by "
                                           "the scorer) -> BUILD/negatives")
     ng.add_argument("build", type=Path, help="the finished build's folder")
-    ng.add_argument("--spec", type=Path, help="YAML of stages.imaging.negatives.NegativesImageSpec fields")
+    ng.add_argument("--spec", type=Path, help="YAML of negatives.images.NegativesImageSpec fields")
     ng.add_argument("--editors", help="comma-separated: flip,recolor,render,diffusion")
     ng.add_argument("--max-rows", dest="max_rows", type=int)
     ng.add_argument("--scorer")
@@ -426,9 +426,9 @@ def parser() -> argparse.ArgumentParser:
                                      "accuracy")
     ev.add_argument("--out", type=Path, default=Path("demo-out/eval"))
     ev.add_argument("--seed", type=int, action="append", help="training seed (repeatable; default 0)")
-    ev.add_argument("--n-build", type=int, help="demo scenes per build (default: flows.training.eval.N_BUILD)")
-    ev.add_argument("--n-eval", type=int, help="evaluation scenes (default: flows.training.eval.N_EVAL)")
-    ev.add_argument("--steps", type=int, help="training steps per run (default: flows.training.eval.PROXY_OPTIM)")
+    ev.add_argument("--n-build", type=int, help="demo scenes per build (default: training.eval.N_BUILD)")
+    ev.add_argument("--n-eval", type=int, help="evaluation scenes (default: training.eval.N_EVAL)")
+    ev.add_argument("--steps", type=int, help="training steps per run (default: training.eval.PROXY_OPTIM)")
     ev.add_argument("--batch-size", type=int)
     ev.add_argument("--threads", type=int, default=1, help="torch threads per training run")
     ev.add_argument("--workers", type=int, default=1, help="training runs at a time (spawned processes); the "
@@ -448,7 +448,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     with quiet_logs(args.quiet or args.json):
         from schemas.spec import SpecError
-        from stages.io.ingest import IngestError
+        from dataio.reasons import IngestError
         from flows.build import BuildError
         from stages.base import StageConfigError
 

@@ -4,7 +4,7 @@
 
 Reads the build's kept shards (uid, text, image, and neg_captions when the build ran negatives_text; otherwise
 negative captions are made on the fly with stages.negatives_text), makes counterfactual images with the editors
-(stages.imaging.editors), validates them with the scorer (stages.imaging.negatives: the scorer must prefer the negative caption
+(negatives.editors), validates them with the scorer (negatives.images: the scorer must prefer the negative caption
 for the counterfactual, and its similarity to the original must lie in [min_image_sim, max_image_sim]) and writes
 
     <build>/negatives/part-NNNNN.parquet          kept candidates, NEGATIVES_IMAGE_SCHEMA, sorted by (uid, editor,
@@ -37,12 +37,12 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import yaml
 
-from flows import demo as _demo  # noqa: F401  (registers the demo's render editor)
+import demo as _demo  # noqa: F401  (registers the demo's render editor)
 from flows import env  # noqa: F401
 from schemas.columns import NEGATIVES_IMAGE_SCHEMA
-from stages.imaging.negatives import NegativesImageSpec, build_editors, make_negatives, summarize
-from stages.io.build_folder import atomic_write_text
-from stages.io.shards import file_sha256
+from negatives.images import NegativesImageSpec, build_editors, make_negatives, summarize
+from dataio.build_folder import atomic_write_text
+from dataio.shards import file_sha256
 
 CHUNK_ROWS = 256  # positives per generate/score round (bounds memory: decoded images live for one chunk)
 
@@ -166,7 +166,7 @@ def _record(info, spec, negatives_id, build_dir, files, rejects, stats) -> None:
     import hashlib
 
     from catalogs import Catalog
-    from flows.pipeline.context import code_version
+    from flows.engine.context import code_version
 
     cat = Catalog(spec.catalog or info["catalog"])
     spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

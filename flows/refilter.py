@@ -16,13 +16,13 @@ from prefect import flow, get_run_logger
 
 from flows import env  # noqa: F401
 from flows.build import record_in_catalog, write_task
-from flows.pipeline.context import BuildContext, dataset_lock, open_build
-from flows.pipeline.runner import process_stages, ray_session
+from flows.engine.context import BuildContext, dataset_lock, open_build
+from flows.engine.runner import process_stages, ray_session
 from schemas.columns import INPUT_SCHEMA, REJECT_SCHEMA
 from schemas.spec import BuildSpec, SpecError, _format_errors
 from stages import stage_class
-from stages.io.build_folder import BuildFolder, atomic_write_table, atomic_write_text
-from stages.io.storage import Location, location
+from dataio.build_folder import BuildFolder, atomic_write_table, atomic_write_text
+from dataio.storage import Location, location
 
 EARLY = ("input", "ingest")
 

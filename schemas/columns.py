@@ -25,6 +25,7 @@ INGEST_FIELDS = [
     pa.field("sha256", pa.string()),  # of the downloaded bytes, before any resize (DataComp)
 ]
 
+DOWNLOADED_SCHEMA = pa.schema(INPUT_FIELDS + INGEST_FIELDS)  # an ingest shard's pairs
 PAIR_FIELDS = INPUT_FIELDS + INGEST_FIELDS + [pa.field("build_id", pa.string())]
 PAIR_SCHEMA = pa.schema(PAIR_FIELDS)
 
@@ -73,7 +74,7 @@ def rejects_schema(stages: list[str]) -> pa.Schema:
 # Column groups that are heavy and never needed by metadata passes.
 HEAVY_COLUMNS = {"image"}
 
-# The hard-negative image set (flows.negatives, stages.imaging.negatives): one row per (positive, negative), rows sorted
+# The hard-negative image set (flows.negatives, negatives.images): one row per (positive, negative), rows sorted
 # by uid so a positive and all its negatives sit together (a shard never splits a uid). Same schema in
 # negatives/ (kept) and negatives/rejects/ (dropped, with `reason`; `image` null there, neg_image null when the
 # editor made none).

@@ -30,7 +30,7 @@ from schemas.spec import SpecError, _format_errors, read_yaml
 
 TRAIN_SPEC_VERSION = 1
 
-# Contrastive losses a spec may name; flows.training.train registers an implementation for each (LOSSES).
+# Contrastive losses a spec may name; training.train registers an implementation for each (LOSSES).
 # negclip / tripletclip read hard negatives (the neg_captions column; tripletclip also data.hard_negatives images).
 KNOWN_LOSSES = ("clip", "negclip", "tripletclip")
 
@@ -40,7 +40,7 @@ class _Strict(BaseModel):
 
 
 class SyntheticData(_Strict):
-    """Demo scenes (flows.demo.train_data.write_scene_shards) written before training when `out` has none."""
+    """Demo scenes (demo.train_data.write_scene_shards) written before training when `out` has none."""
 
     out: Path | None = Field(None, description="folder for the shards; default: the first entry of data.shards")
     n: int = Field(gt=0, description="pairs to write")
@@ -139,7 +139,7 @@ class TrainSpec(_Strict):
     log_every: int = Field(10, gt=0, description="steps between metrics lines (metrics.jsonl and the log)")
     out: Path = Path("train-out")
     export: Path | None = Field(None, description="also write the final model folder here")
-    evals: list[str] = Field(default_factory=list, description="evaluators run on the final model (flows.training.train"
+    evals: list[str] = Field(default_factory=list, description="evaluators run on the final model (training.train"
                                                                ".EVALUATORS), e.g. demo_scenes")
 
     @field_validator("loss")

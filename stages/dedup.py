@@ -49,7 +49,7 @@ with a popcount. Subsets of about log2(n) + 1 bits keep chance candidates near n
 about one sort of n uint64 per subset: 62 subsets for k = 6 at n = 1M. Identical hashes are collapsed first.
 Connected components (union-find) come from scipy.sparse.csgraph.
 
-flows/pipeline/global_dedup.py makes the same decisions as a distributed operation over Ray Data, from the pieces
+flows/engine/global_dedup.py makes the same decisions as a distributed operation over Ray Data, from the pieces
 here: the design's blocks (_design_blocks), the search restricted to some masks (distinct_pairs(masks=...)), the
 edges from a pool of hash entries (evidence_edges), the survivor rule (resolve_groups) and SemDeDup's k-means,
 normalisation and per-cluster pairs.

@@ -58,7 +58,7 @@ from stages.base import (
     fixed,
 )
 from stages.imaging.decode import decode_image, images
-from stages.io.shards import file_sha256
+from dataio.shards import file_sha256
 
 
 class SafetyParams(StageParams):

@@ -71,7 +71,7 @@ from stages.base import (
     fixed,
 )
 from stages.imaging.decode import images
-from stages.io.shards import file_sha256
+from dataio.shards import file_sha256
 
 
 class TextParams(StageParams):

@@ -11,8 +11,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import yaml
 
-from flows.demo.corpus import generate_corpus
-from flows.demo.build import DEMO_SPEC
+from demo.corpus import generate_corpus
+from flows.demo import DEMO_SPEC
 
 
 N = 400  # rows of the shared demo build in tests

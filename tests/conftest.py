@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 def demo(tmp_path_factory):
     """One real demo build (Prefect flow, local Ray, loopback server), shared by the tests that read a build."""
     from flows.build import build_flow
-    from flows.demo.server import DemoServer
+    from demo.server import DemoServer
     from tests.builds import N, free_port, make_demo
 
     root = tmp_path_factory.mktemp("demo")

@@ -127,7 +127,7 @@ def _jpeg(im: Image.Image, fmt: str = "JPEG") -> bytes:
 
 
 def scene_pairs(n: int, seed: int = 0, size: int = 64) -> tuple[list[bytes], list[str]]:
-    from flows.demo.scenes import caption, render_scene, sample_scene
+    from demo.scenes import caption, render_scene, sample_scene
 
     rng = random.Random(seed)
     images, texts = [], []
@@ -450,11 +450,11 @@ def test_spec_accepts_align():
 
 @pytest.mark.slow
 def test_ray_actor_pool_matches_direct_call(tiny_clip):
-    """The build's own prepare task (flows.pipeline.runner.run_prepare_task: decode + resize in a CPU task) ahead
+    """The build's own prepare task (flows.engine.runner.run_prepare_task: decode + resize in a CPU task) ahead
     of its actor wrapper (StageActor) in an actor pool gives the direct call's scores; nothing private comes out."""
     import ray
 
-    from flows.pipeline.runner import PREPARE_CPUS, StageActor, StageTimer, quiet_ray_data, run_prepare_task
+    from flows.engine.runner import PREPARE_CPUS, StageActor, StageTimer, quiet_ray_data, run_prepare_task
 
     images, texts = scene_pairs(24, seed=11)
     images[5] = b"broken"
@@ -494,21 +494,21 @@ def test_ray_actor_pool_matches_direct_call(tiny_clip):
 
 def needs_demo_clip(fn):
     skip = pytest.mark.skipif(not (DEMO_CLIP / "config.json").is_file(),
-                              reason="stages/models/shipped/demo-clip is not trained yet (flows/training/train.py)")
+                              reason="stages/models/shipped/demo-clip is not trained yet (training/train.py)")
     return pytest.mark.slow(skip(fn))
 
 
 def demo_threshold() -> float:
-    """The threshold the demo build uses: flows/demo/demo.yaml's align entry, else the model's recommended_threshold
-    (training.json, written by flows/training/train.py)."""
+    """The threshold the demo build uses: demo/demo.yaml's align entry, else the model's recommended_threshold
+    (training.json, written by training/train.py)."""
     from stages.models import training_card
 
-    spec = yaml.safe_load((ROOT / "flows" / "demo" / "demo.yaml").read_text())
+    spec = yaml.safe_load((ROOT / "demo" / "demo.yaml").read_text())
     for entry in spec.get("stages") or []:
         if isinstance(entry, dict) and "align" in entry and (entry["align"] or {}).get("threshold") is not None:
             return float(entry["align"]["threshold"])
     t = training_card(str(DEMO_CLIP)).get("recommended_threshold")
-    assert t is not None, "no default threshold: flows/demo/demo.yaml sets none and demo-clip/training.json has none"
+    assert t is not None, "no default threshold: demo/demo.yaml sets none and demo-clip/training.json has none"
     return float(t)
 
 
@@ -522,7 +522,7 @@ def demo_stage():
 
 @needs_demo_clip
 def test_demo_clip_true_caption_beats_wrong_and_retrieval(demo_stage):
-    from flows.demo.scenes import caption, render_scene, sample_scene
+    from demo.scenes import caption, render_scene, sample_scene
 
     rng = random.Random(2024_07)  # held out: the trainer draws its scenes from its own stream
     n = 1000
@@ -549,7 +549,7 @@ def test_demo_clip_true_caption_beats_wrong_and_retrieval(demo_stage):
 
 @needs_demo_clip
 def test_demo_clip_threshold_on_demo_corpus(demo_stage, tmp_path):
-    from flows.demo.corpus import generate_corpus
+    from demo.corpus import generate_corpus
 
     corpus = tmp_path / "corpus"
     generate_corpus(corpus, n=2000, seed=5)

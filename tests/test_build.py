@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from flows.demo.server import DemoServer
+from demo.server import DemoServer
 from tests.builds import N, image_digests, make_demo, manifest, read_parts
 
 pytestmark = pytest.mark.slow

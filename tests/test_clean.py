@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from flows.demo.build import DEMO_SPEC
+from flows.demo import DEMO_SPEC
 from schemas.records import make_uid
 from schemas.spec import parse_spec
 from stages import stage_class

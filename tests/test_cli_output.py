@@ -84,9 +84,9 @@ def test_show_and_catalog_accept_the_flags_and_fail_cleanly(tmp_path, flag):
 def test_ingest_reasons_are_explained_in_show_and_the_report(tmp_path):
     """too_many_redirects, tls_error, connection_refused, timeout...: `show` and the report say what each means and,
     where a spec value decided it, which one."""
-    from flows.reporting.report import load_build, render_report
-    from flows.reporting.show import format_record, show_record
-    from stages.io.ingest import REASONS
+    from reporting.report import load_build, render_report
+    from reporting.show import format_record, show_record
+    from dataio.reasons import REASONS
     from tests.test_fuzz import Elements, make_hostile_build
 
     build = make_hostile_build(tmp_path, [f"a red box {i}" for i in range(21)])

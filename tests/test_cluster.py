@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flows.demo.server import DemoServer
+from demo.server import DemoServer
 from tests.builds import free_port, make_demo, read_parts
 
 pytestmark = pytest.mark.slow

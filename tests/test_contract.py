@@ -102,7 +102,7 @@ def test_add_columns_types_and_refuses_undeclared():
 
 
 def test_report_knows_every_threshold():
-    from flows.reporting.report import deciding_param, thresholds_map
+    from reporting.report import deciding_param, thresholds_map
 
     tm = thresholds_map()
     for name, cls in registry().items():

@@ -197,7 +197,7 @@ def test_shuffled_input_gives_the_same_survivors(photo_copies):
 
 @pytest.fixture(scope="module")
 def demo_rows(tmp_path_factory):
-    corpus = pytest.importorskip("flows.demo.corpus")
+    corpus = pytest.importorskip("demo.corpus")
     root = tmp_path_factory.mktemp("dedup_demo")
     corpus.generate_corpus(root, n=600, seed=7)
     labels = pq.read_table(root / "labels.parquet").to_pylist()

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from flows.demo.corpus import FAULTS, FRACTIONS, JUNK_KINDS, NEAR_DUP_MAX_HAMMING, generate_corpus
-from flows.demo.scenes import (
+from demo.corpus import FAULTS, FRACTIONS, JUNK_KINDS, NEAR_DUP_MAX_HAMMING, generate_corpus
+from demo.scenes import (
     COLORS,
     NUMBER_WORDS,
     Group,
@@ -29,7 +29,7 @@ from flows.demo.scenes import (
     render_scene,
     sample_scene,
 )
-from flows.demo.server import DemoServer
+from demo.server import DemoServer
 from schemas.records import make_uid
 
 N = 600

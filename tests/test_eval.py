@@ -1,4 +1,4 @@
-"""flows.training.eval (DataComp in miniature) and the hard-negative losses of flows.training.train.
+"""training.eval (DataComp in miniature) and the hard-negative losses of training.train.
 
 The acceptance test trains the tiny proxy CLIP three times (raw/clip, curated/clip, curated/negclip) at equal
 compute on demo builds for each of seeds 0, 1, 2 and checks: curated beats raw on retrieval R@1, and negclip beats
@@ -11,9 +11,9 @@ import random
 import pytest
 import torch
 
-from flows.demo.scenes import sample_scene
-from flows.training.eval import COMP_KINDS, demo_eval, eval_scenes, make_demo_builds, scene_edits
-from flows.training.train import LOSSES, make_model, char_tokenizer
+from demo.scenes import sample_scene
+from training.eval import COMP_KINDS, demo_eval, eval_scenes, make_demo_builds, scene_edits
+from training.train import LOSSES, make_model, char_tokenizer
 from schemas.train_spec import ModelSpec
 
 SMALL = ModelSpec(image_size=16, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
@@ -117,7 +117,7 @@ def test_curation_and_hard_negatives_help(tmp_path):
     assert counts[res["builds"]["curated"]["build_id"]] == 2 * counts[res["builds"]["raw"]["build_id"]] >= 3 * 12
 
 
-# Measured with this protocol (flows.training.eval defaults: 20,000 scenes a build, 800 steps x 32, word tokenizer, 1,000 eval
+# Measured with this protocol (training.eval defaults: 20,000 scenes a build, 800 steps x 32, word tokenizer, 1,000 eval
 # scenes), seeds 0 / 1 / 2: R@1 (mean of i2t, t2i) curated/clip 0.139 / 0.111 / 0.104 vs raw/clip 0.005 / 0.012 /
 # 0.009; comp_mean curated/clip
 # 0.725 / 0.714 / 0.713, tripletclip 0.749 / 0.752 / 0.760 (gains +0.024 / +0.038 / +0.047), negclip 0.733 / 0.736 /

@@ -16,8 +16,10 @@ import pytest
 from PIL import Image
 
 from schemas.spec import IngestSpec
-from stages.io.build_folder import BuildFolder
-from stages.io.ingest import AddressGuard, FetchError, Fetcher, assign_uids, ingest_shard, tls_context
+from dataio.build_folder import BuildFolder
+from dataio.download import ingest_shard
+from dataio.fetch import AddressGuard, FetchError, Fetcher, tls_context
+from dataio.uids import assign_uids
 from tests.fault_server import FAULTS, FaultServer
 
 DEADLINE = 3.0

@@ -29,7 +29,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from schemas.spec import BuildSpec, IngestSpec, SourceSpec, SpecError, load_spec, stage_params_models
-from stages.io.ingest import IngestError, assign_uids, corpus_pairs, iter_corpus, iter_url_list, read_url_list
+from dataio.reasons import IngestError
+from dataio.sources import iter_corpus, iter_url_list, read_url_list
+from dataio.uids import assign_uids, corpus_pairs
 
 EXAMPLES = int(os.environ.get("PAIRFORGE_FUZZ_EXAMPLES", "40"))  # more for a deeper run on demand
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True,
@@ -404,7 +406,7 @@ def check_html(html: str, allowed_tags: set[str], what: str) -> None:
 
 @pytest.fixture(scope="module")
 def card_and_report():
-    from flows.reporting.report import load_build, render_dataset_card, render_report
+    from reporting.report import load_build, render_dataset_card, render_report
 
     def render(root: Path, strings: list[str]) -> tuple[str, str]:
         b = make_hostile_build(root, strings)

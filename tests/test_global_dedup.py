@@ -1,11 +1,11 @@
-"""Distributed global dedup (flows.pipeline.global_dedup): the same decisions as DedupStage.decide, row for row."""
+"""Distributed global dedup (flows.engine.global_dedup): the same decisions as DedupStage.decide, row for row."""
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from flows.pipeline.global_dedup import NearPlan, _near_entries, _near_partition_edges, dedup_decisions
+from flows.engine.global_dedup import NearPlan, _near_entries, _near_partition_edges, dedup_decisions
 from stages.base import DecideContext
 from stages.dedup import DedupParams, DedupStage, brute_pairs
 

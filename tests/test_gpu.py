@@ -82,7 +82,7 @@ def test_fractional_gpus_put_several_actors_on_one_gpu(tiny_clip, tmp_path):  # 
     scores a batch like the CPU does."""
     import ray
 
-    import flows.pipeline.runner as fb
+    import flows.engine.runner as fb
 
     (tmp_path / "u.csv").write_text("url,caption\nhttp://example.com/a.jpg,a red circle\n")
     spec = parse_spec({"dataset": "t", "source": {"urls": "u.csv"},

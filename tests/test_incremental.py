@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.demo.server import DemoServer
+from demo.server import DemoServer
 from tests.builds import make_demo, read_parts
 
 pytestmark = pytest.mark.slow

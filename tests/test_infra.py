@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.layout import project_packages
+
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
 
@@ -123,7 +125,7 @@ def test_dockerfile_installs_the_repo_requirement_files_in_makefile_order(name):
     assert requirement_pin("torch") == "torch==2.13.0" and "torch==2.13.0" in torch
     nodeps = runs[install_order(runs).index("nodeps")]
     assert "requirements-nodeps.txt" in nodeps
-    for pkg in ("flows", "stages", "schemas", "catalogs"):
+    for pkg in project_packages():
         assert pkg in copied or f"{pkg}/" in " ".join(copied), f"{name}: the {pkg} package is not copied"
     # flows/env.py's defaults are baked into the image's environment (PREFECT_HOME: a path inside the image)
     env_text = " ".join(args for instr, args in steps if instr == "ENV")

@@ -9,11 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from flows.demo.server import DemoServer
+from demo.server import DemoServer
 from schemas.records import make_uid
 from schemas.spec import IngestSpec
-from stages.io.build_folder import BuildFolder
-from stages.io.ingest import AddressGuard, assign_uids, classify_error, ingest_shard, precheck_image
+from dataio.build_folder import BuildFolder
+from dataio.download import ingest_shard, precheck_image
+from dataio.fetch import AddressGuard
+from dataio.reasons import classify_error
+from dataio.uids import assign_uids
 
 
 def jpeg(w=300, h=200, color="red"):

@@ -15,7 +15,8 @@ from PIL import Image
 
 from schemas.records import make_uid
 from schemas.spec import SourceSpec, parse_spec
-from stages.io.ingest import assign_uids, corpus_pairs, iter_corpus, iter_url_list, read_url_list
+from dataio.sources import iter_corpus, iter_url_list, read_url_list
+from dataio.uids import assign_uids, corpus_pairs
 
 ROWS = [  # (url, caption): repeats far apart (across batches and buckets), refused URLs, blanks
     (f"http://img{i % 23}.example/{i % 17}.jpg", f"caption {i % 5}") for i in range(120)
@@ -45,7 +46,7 @@ def write_csv(path, rows, extra_lines=()):
 
 
 def build_ctx(root, name, urls=None, pairs=None, shard_rows=10, **extra):
-    from flows.pipeline.context import open_build
+    from flows.engine.context import open_build
 
     source = {"urls": str(urls)} if urls else {"pairs": str(pairs)}
     spec = parse_spec({"dataset": name, "source": source, "out": "builds", "stages": [],
@@ -54,7 +55,7 @@ def build_ctx(root, name, urls=None, pairs=None, shard_rows=10, **extra):
 
 
 def prepared(ctx, **kw) -> tuple[list[pa.Table], pa.Table, dict]:
-    from flows.pipeline.inputs import prepare_inputs
+    from flows.engine.inputs import prepare_inputs
 
     summary = prepare_inputs(ctx, **kw)
     shards = [pq.read_table(ctx.folder.input_shard(i)) for i in range(summary["shards"])]
@@ -171,9 +172,9 @@ def test_corpus_repeats_across_batches_keep_the_first(tmp_path, ray_local):
 
 
 def test_jsonl_blocks_of_different_value_types_read_as_one_list(tmp_path, monkeypatch):
-    import stages.io.ingest as ingest
+    import dataio.sources as sources
 
-    monkeypatch.setattr(ingest, "JSONL_BLOCK_BYTES", 40)  # a block or two of lines each
+    monkeypatch.setattr(sources, "JSONL_BLOCK_BYTES", 40)  # a block or two of lines each
     p = tmp_path / "l.jsonl"
     lines = [{"url": None, "caption": None}, {"url": "http://a.example/1.jpg", "caption": 7},
              {"url": "http://a.example/2.jpg", "caption": {"k": [1]}}, "not json", {"url": "http://b.example/x"}]

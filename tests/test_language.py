@@ -233,9 +233,9 @@ def test_short_captions_are_not_rejected_on_a_guess(stage):
 
 def test_demo_corpus_foreign_captions(stage, tmp_path):
     try:
-        from flows.demo.corpus import generate_corpus
+        from demo.corpus import generate_corpus
     except ImportError as e:  # only while the demo corpus module is being written
-        pytest.skip(f"flows.demo.corpus cannot be imported yet: {e}")
+        pytest.skip(f"demo.corpus cannot be imported yet: {e}")
     generate_corpus(tmp_path / "corpus", n=600, seed=0, base_url="http://127.0.0.1:8619")
     labels = pq.read_table(tmp_path / "corpus" / "labels.parquet").to_pylist()
     _, d = run(stage, [r["caption"] for r in labels])

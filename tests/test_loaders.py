@@ -1,4 +1,4 @@
-"""flows.outputs.loaders: sharding across workers and ranks, resume, hard negatives, HF datasets; flows.outputs.export."""
+"""loaders.pairs: sharding across workers and ranks, resume, hard negatives, HF datasets; loaders.export."""
 from __future__ import annotations
 
 import io
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from flows.outputs.loaders import HardNegativeCollate, ShardPairs, resolve_shards
+from loaders.pairs import HardNegativeCollate, ShardPairs, resolve_shards
 from schemas.columns import PAIR_SCHEMA, stage_fields
 from schemas.records import make_uid
 
@@ -131,7 +131,7 @@ def test_images_pil_or_tensor(shards):
 
 
 def test_hard_negative_batches(shards, tmp_path):
-    from flows.training.train import char_tokenizer
+    from training.train import char_tokenizer
 
     files = resolve_shards([shards])
     # a hard-negative image set: one negative image (with its caption) for a few uids
@@ -166,7 +166,7 @@ def test_hf_datasets_reads_the_same_rows(shards):
 def test_export_webdataset_reads_back(shards, tmp_path):
     import webdataset as wds
 
-    from flows.outputs.export import export_webdataset
+    from loaders.export import export_webdataset
 
     s = export_webdataset(shards, tmp_path / "wds", samples_per_tar=50)
     assert s["samples"] == N and s["tars"][0] == "00000.tar" and len(s["tars"]) == 5
@@ -186,7 +186,7 @@ def test_export_webdataset_reads_back(shards, tmp_path):
 
 
 def test_export_uids_npy(shards, tmp_path):
-    from flows.outputs.export import UID_DTYPE, export_uids, uids_from_array
+    from loaders.export import UID_DTYPE, export_uids, uids_from_array
 
     s = export_uids(shards, tmp_path / "subset")
     arr = np.load(s["out"])

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from flows.demo.scenes import scene_batch
-from flows.demo.render_editor import RenderEditor, parse_demo_caption
-from stages.imaging.editors import FlipEditor, RecolorEditor, colour_mapping, has_left_right, swap_left_right
-from stages.imaging.negatives import REASONS, NegativesImageSpec, decide, make_negatives, summarize, to_table
+from demo.scenes import scene_batch
+from demo.render_editor import RenderEditor, parse_demo_caption
+from negatives.editors import FlipEditor, RecolorEditor, colour_mapping, has_left_right, swap_left_right
+from negatives.images import REASONS, NegativesImageSpec, decide, make_negatives, summarize, to_table
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_flip_only_for_left_right_captions():
 
 
 def test_recolor_and_render_on_a_demo_scene():
-    from flows.demo.scenes import Group, Scene, render_scene
+    from demo.scenes import Group, Scene, render_scene
 
     scene = Scene((Group("circle", "red", "large"), Group("square", "blue")), "left of")
     cap = "a large red circle to the left of a blue square"
@@ -102,7 +102,7 @@ def test_tiny_diffusion_pipeline_through_the_editor(tmp_path, pipeline):
     """Random tiny weights: the output is noise; this checks the plumbing (save, reload by folder, run, size)."""
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInstructPix2PixPipeline
 
-    from stages.imaging.editors import make_editor
+    from negatives.editors import make_editor
 
     cls = StableDiffusionInstructPix2PixPipeline if pipeline == "instruct_pix2pix" else StableDiffusionImg2ImgPipeline
     parts = _tiny_sd_parts(tmp_path, 8 if pipeline == "instruct_pix2pix" else 4)

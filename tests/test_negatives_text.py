@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from flows.reporting.negatives_report import coco_captions, demo_captions, load_sugarcrepe, report
+from reporting.negatives_report import coco_captions, demo_captions, load_sugarcrepe, report
 from schemas.columns import stage_fields
 from schemas.spec import parse_spec
 from stages import stage_class
@@ -411,7 +411,7 @@ def smollm2():
 def test_with_smollm2(smollm2, coco):
     """plausibility "lm": SmolLM2 selects and checks (its own figures land inside the bound); method "lm": its
     completions are kept only when they are edits of the kind."""
-    from flows.reporting.negatives_report import split
+    from reporting.negatives_report import split
     from stages.negatives_text import LmScorer
 
     _, test = split(coco)
@@ -449,7 +449,7 @@ def test_stage_runs_inside_a_real_build(tmp_path):
     the list<struct> column crosses Ray Data into the shards, every kept pair has its negatives, each checked by
     rule, and no pair is lost (kept + rejected == listed)."""
     from flows.build import build_flow
-    from flows.demo.server import DemoServer
+    from demo.server import DemoServer
     from tests.builds import make_demo, read_parts
 
     d = make_demo(tmp_path, 160, seed=4, stages=[

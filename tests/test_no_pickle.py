@@ -4,8 +4,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from tests.layout import project_packages
+
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [p for d in ("stages", "flows", "schemas", "catalogs", "benchmarks") for p in (ROOT / d).rglob("*.py")]
+SOURCES = [p for d in project_packages() + ["benchmarks"] for p in (ROOT / d).rglob("*.py")]
 FORBIDDEN = {
     r"\bimport (c?pickle|dill|joblib|cloudpickle)\b": "a pickle module",
     r"\bpickle\.loads?\(": "unpickling",

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from flows.demo.server import DemoServer
+from demo.server import DemoServer
 from tests.builds import make_demo
 from tests.object_storage import object_keys
 
@@ -28,7 +28,7 @@ def outcome(table) -> dict:
 
 
 def read_build(build_dir: str, sub: str, columns: list[str]):
-    from stages.io.storage import location, parquet_dataset
+    from dataio.storage import location, parquet_dataset
 
     return parquet_dataset((location(build_dir) / sub).glob("part-*.parquet")).to_table(columns=columns)
 
@@ -64,7 +64,7 @@ def s3_build(s3_bucket, tmp_path_factory):
 @pytest.mark.slow
 def test_build_writes_its_outputs_to_object_storage(s3_build):
     from catalogs import Catalog
-    from stages.io.storage import location
+    from dataio.storage import location
 
     bucket, build_dir = s3_build["bucket"], s3_build["build_dir"]
     build_id = s3_build["result"]["build_id"]
@@ -122,10 +122,10 @@ def test_refilter_in_object_storage_equals_a_fresh_local_build(s3_build, tmp_pat
 
 @pytest.mark.slow
 def test_export_loader_and_show_read_shards_from_object_storage(s3_build, tmp_path):
-    from flows.outputs.export import export_uids, export_webdataset, uids_from_array
-    from flows.outputs.loaders import ShardPairs, resolve_shards
-    from flows.reporting.show import show_record
-    from stages.io.storage import location
+    from loaders.export import export_uids, export_webdataset, uids_from_array
+    from loaders.pairs import ShardPairs, resolve_shards
+    from reporting.show import show_record
+    from dataio.storage import location
 
     build_dir = s3_build["build_dir"]
     kept = set(read_build(build_dir, "shards", ["uid"])["uid"].to_pylist())
@@ -208,7 +208,7 @@ def test_locations_write_whole_list_and_pickle_the_same_locally_and_in_s3(s3_buc
 
     import pyarrow as pa
 
-    from stages.io.storage import StorageError, location, write_table_whole
+    from dataio.storage import StorageError, location, write_table_whole
 
     for root in (location(tmp_path / "store"), location(f"s3://{s3_bucket}/store")):
         table = pa.table({"uid": ["a", "b", "c"]})

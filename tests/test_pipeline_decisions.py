@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from flows.pipeline.decide import decide_rowwise, global_positions
+from flows.engine.decide import decide_rowwise, global_positions
 from schemas.spec import parse_spec
 from stages.align import AlignParams, AlignStage
 
@@ -51,7 +51,7 @@ def ray_local():
 def test_distributed_top_fraction_equals_aligns_decide(ray_local, fraction):
     import ray
 
-    from flows.pipeline.global_decisions import top_fraction_cutoff
+    from flows.engine.global_decisions import top_fraction_cutoff
 
     rng = np.random.default_rng(7)
     n = 5000

@@ -255,7 +255,7 @@ def _laion_english(n: int) -> list[str]:
 
 
 # Measured with benchmarks/recaption.py --report (defaults: sampling T=0.8, seed 0, max_new_tokens 32, this gate,
-# demo-clip scoring the demo captions) on the same 200 demo pairs (flows.demo.scenes.sample_pairs(200)): kept
+# demo-clip scoring the demo captions) on the same 200 demo pairs (demo.scenes.sample_pairs(200)): kept
 # 28/200 = 14% (rejects: echo 52, added_object 28, score_drop 27, repetition 20, changed_number 16,
 # changed_relation 12 ...), mean image-text score change of the kept rewrites -0.015 (the bag-of-words demo scorer
 # likes its own caption template best, so a faithful paraphrase loses a little); 17/50 = 34% of English LAION alt
@@ -280,7 +280,7 @@ def _check_kept(stage, kept, name):
 
 def test_demo_captions_kept_share_and_score_change(stage):
     """Issue 5's figure: the embedded SmolLM2 rewriting 200 demo captions, scored by the shipped demo scorer."""
-    from flows.demo.scenes import sample_pairs
+    from demo.scenes import sample_pairs
 
     assert stage.scorer is not None and stage.score_model == "demo-clip"
     images, texts = sample_pairs(200)
@@ -361,7 +361,7 @@ def _jpeg(im) -> bytes:
 
 
 def test_process_batch_with_images_and_a_scorer(lm_cache, tmp_path):
-    from flows.demo.scenes import caption, render_scene, sample_scene
+    from demo.scenes import caption, render_scene, sample_scene
     from tests.test_align import build_tiny_clip
 
     clip = build_tiny_clip(tmp_path / "clip")
@@ -461,7 +461,7 @@ def test_stage_runs_inside_a_real_build(lm_cache, tmp_path):
     first 16 rows of a 200-row demo corpus (about 90 s here). Ray workers inherit PAIRFORGE_CACHE, so the actor
     loads the module's converted model."""
     from flows.build import build_flow
-    from flows.demo.server import DemoServer
+    from demo.server import DemoServer
     from tests.builds import make_demo, read_parts
 
     d = make_demo(tmp_path, 200, stages=[

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from flows.demo.server import DemoServer
+from demo.server import DemoServer
 from tests.builds import read_parts
 
 pytestmark = pytest.mark.slow

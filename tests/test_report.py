@@ -103,7 +103,7 @@ def derive_build(src: Path, dst: Path, rows: int | None = None, seed: int = 0, e
     from stages.align import AlignParams
     from stages.safety import SafetyParams
     from stages.text import TextParams
-    from stages.io.shards import ShardWriter, atomic_write_text, write_manifest
+    from dataio.shards import ShardWriter, atomic_write_text, write_manifest
 
     src, dst = Path(src), Path(dst)
     if dst.exists():
@@ -324,7 +324,7 @@ def rendered(report, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def derived(demo, tmp_path_factory):
-    from flows.reporting.report import write_report
+    from reporting.report import write_report
 
     dst = derive_build(demo["build_dir"], tmp_path_factory.mktemp("derived") / "derived-build")
     path = write_report(dst)
@@ -389,7 +389,7 @@ def test_funnel_and_reasons_equal_stats(report):
 
 
 def test_each_reject_reason_has_a_sample_grid(report, demo):
-    from flows.reporting.report import N_PER_REASON
+    from reporting.report import N_PER_REASON
 
     dom, stats = report["dom"], report["stats"]
     rej = read_parts(demo["build_dir"], "rejects", ["uid", "stage", "reason", "detail"])
@@ -423,7 +423,7 @@ def test_each_reject_reason_has_a_sample_grid(report, demo):
 
 
 def test_distributions_draw_the_spec_thresholds(report, demo):
-    from flows.reporting.report import stage_params
+    from reporting.report import stage_params
 
     dom = report["dom"]
     figs = {e["attrs"]["data-column"]: json.loads(e["attrs"].get("data-thresholds", "[]"))
@@ -452,7 +452,7 @@ def test_empty_states_for_missing_sections(report):
 
 
 def test_sampling_is_seeded_and_order_free(demo):
-    from flows.reporting.report import seeded_sample
+    from reporting.report import seeded_sample
 
     t = read_parts(demo["build_dir"], "rejects", ["uid"])
     shuffled = t.take(pa.array(np.random.default_rng(3).permutation(t.num_rows)))
@@ -463,7 +463,7 @@ def test_sampling_is_seeded_and_order_free(demo):
 
 
 def test_rewrites_negatives_and_model_stats_sections(derived):
-    from flows.reporting.report import N_NEG_PER_KIND, N_REWRITES, stage_params
+    from reporting.report import N_NEG_PER_KIND, N_REWRITES, stage_params
 
     dom, stats = derived["dom"], derived["stats"]
     rw = dom.find("div", **{"class": "rw"})
@@ -505,7 +505,7 @@ def test_rewrites_negatives_and_model_stats_sections(derived):
 
 
 def test_negatives_from_a_negatives_set(demo, tmp_path):
-    from flows.reporting.report import N_NEG_PER_KIND, _negatives, load_build
+    from reporting.report import N_NEG_PER_KIND, _negatives, load_build
 
     dst = derive_build(demo["build_dir"], tmp_path / "with-folder", negatives="folder")
     dom = Dom(_negatives(load_build(dst), seed=0))
@@ -560,7 +560,7 @@ def test_show_names_the_stage_reason_and_stat(demo, capsys):
 
 
 def test_show_summarises_embeddings(derived):
-    from flows.reporting.show import format_record, show_record
+    from reporting.show import format_record, show_record
 
     rej = read_parts(derived["dir"], "rejects", ["uid", "reason", "clip_score"])
     row = next(r for r in rej.to_pylist() if r["reason"] == "low_alignment")
@@ -581,7 +581,7 @@ def test_dataset_card_parses_and_matches_the_shards(demo, tmp_path):
     from datasets import Features
     from huggingface_hub import DatasetCard
 
-    from flows.reporting.report import _md_escape, size_category, write_dataset_card
+    from reporting.report import _md_escape, size_category, write_dataset_card
 
     path = write_dataset_card(demo["build_dir"], out=tmp_path / "README.md")
     text = path.read_text()
@@ -614,7 +614,7 @@ def test_dataset_card_parses_and_matches_the_shards(demo, tmp_path):
 def test_dataset_card_loads_the_folder_with_datasets(demo, tmp_path):
     import datasets
 
-    from flows.reporting.report import write_dataset_card
+    from reporting.report import write_dataset_card
 
     folder = tmp_path / "hub"
     folder.mkdir()
@@ -630,7 +630,7 @@ def test_dataset_card_loads_the_folder_with_datasets(demo, tmp_path):
 def test_large_builds_report_over_a_uid_sample(demo):
     """Past max_rows, the report reads a uid-hash sample (the same rows every time), one file at a time; its rows
     still point at their files, and the counts come from stats.json."""
-    from flows.reporting.report import load_build, render_report
+    from reporting.report import load_build, render_report
 
     whole = load_build(demo["build_dir"])
     assert not whole.sampled and whole.meta.num_rows == whole.total_rows == demo["result"]["stats"]["rows_listed"]

@@ -113,7 +113,7 @@ def test_benign_photos_score_below_threshold(stage):
 
 
 def test_demo_images_score_below_threshold(stage, tmp_path):
-    from flows.demo.corpus import generate_corpus
+    from demo.corpus import generate_corpus
 
     generate_corpus(tmp_path, n=200, seed=3, base_url="http://127.0.0.1:9")
     labels = pq.read_table(tmp_path / "labels.parquet").to_pylist()

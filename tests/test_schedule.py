@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from flows.demo.server import DemoServer
+from demo.server import DemoServer
 from tests.builds import free_port, make_demo, manifest, read_parts
 
 pytestmark = pytest.mark.slow
@@ -236,7 +236,7 @@ def test_two_builds_of_one_dataset_at_once(tmp_path):
     assert state["a"]["status"] == state["c"]["status"] == "complete"
     assert _ts(state["c"]["started"]) >= _ts(state["a"]["finished"]), "C started its build before A finished"
     # A's output is whole: every file in its manifest has its recorded rows and sha256; accounting is exact
-    from stages.io.shards import file_sha256
+    from dataio.shards import file_sha256
 
     for r in (ra, rc):
         m = manifest(r["build_dir"])

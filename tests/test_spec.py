@@ -68,8 +68,8 @@ def test_cli_fails_before_any_work(tmp_path):
 
 
 def test_actor_pools_that_would_stall_ray_data_are_refused(tmp_path):
-    from flows.pipeline.context import BuildError
-    from flows.pipeline.runner import check_pool_budget
+    from flows.engine.context import BuildError
+    from flows.engine.runner import check_pool_budget
     from schemas.spec import load_spec
 
     p = write(tmp_path, GOOD | {"stages": [{"basic": {}}, {"safety": {"cpus": 0.5}}, {"text": {"cpus": 0.5}},
@@ -83,8 +83,8 @@ def test_actor_pools_that_would_stall_ray_data_are_refused(tmp_path):
 def test_gpu_stages_fill_their_share_of_the_gpus(tmp_path):
     """A GPU stage without pool_size gets as many actors as its gpus fit in its share of the GPUs (several per GPU
     when gpus is fractional), bounded by the CPUs; pools that want more GPUs than the cluster has are refused."""
-    from flows.pipeline.context import BuildError
-    from flows.pipeline.runner import check_pool_budget, pool_sizes
+    from flows.engine.context import BuildError
+    from flows.engine.runner import check_pool_budget, pool_sizes
 
     def spec(*stages):
         return load_spec(write(tmp_path, GOOD | {"stages": [{"basic": {}}, *stages]}))

@@ -120,7 +120,7 @@ def test_demo_corpus_precision_recall(stage, tmp_path):
     """text_heavy against every other decodable image of a demo corpus the thresholds were not tuned on (seed 2).
 
     Tuned on seed 0 and checked on seed 1 (n=600 each): precision 1.00, recall 0.97 (text.png the only miss)."""
-    from flows.demo.corpus import generate_corpus
+    from demo.corpus import generate_corpus
 
     generate_corpus(tmp_path, n=300, seed=2, base_url="http://127.0.0.1:9")
     labels = pq.read_table(tmp_path / "labels.parquet").to_pylist()

@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from flows.demo.train_data import write_scene_shards
-from flows.outputs.loaders import ShardPairs, resolve_shards
-from flows.training.train import TrainError, file_sha256, train
+from demo.train_data import write_scene_shards
+from loaders.pairs import ShardPairs, resolve_shards
+from training.train import TrainError, file_sha256, train
 from schemas.spec import SpecError
 from schemas.train_spec import load_train_spec, parse_train_spec
 from stages.models import MODELS_DIR
@@ -194,16 +194,16 @@ def test_a_pickled_checkpoint_is_never_loaded(shards, tmp_path):
 def test_cli_has_train():
     from flows.cli import cmd_train, parser
 
-    args = parser().parse_args(["train", "flows/demo/train_demo.yaml", "--fresh"])
+    args = parser().parse_args(["train", "demo/train_demo.yaml", "--fresh"])
     assert args.fn is cmd_train and args.fresh
-    spec = load_train_spec(ROOT / "flows" / "demo" / "train_demo.yaml")
+    spec = load_train_spec(ROOT / "demo" / "train_demo.yaml")
     assert spec.export == DEMO_CLIP and spec.loss == "clip"
 
 
 # --------------------------------------------------------------------------- the shipped demo scorer
 
 def test_shipped_demo_clip_reloads_and_scores_fresh_scenes():
-    from flows.demo.scorer_eval import evaluate_scorer
+    from demo.scorer_eval import evaluate_scorer
 
     info = json.loads((DEMO_CLIP / "training.json").read_text())
     assert file_sha256(DEMO_CLIP / "model.safetensors") == info["model_sha256"]
@@ -221,7 +221,7 @@ def test_word_tokenizer_is_fitted_deterministic_and_reloads(shards, tmp_path):
     the caption's end."""
     from transformers import AutoModel, AutoProcessor
 
-    from flows.training.train import word_tokenizer
+    from training.train import word_tokenizer
 
     texts = ["a large red circle to the left of two small blue squares", "A red star.", "two red stars"]
     tok = word_tokenizer(texts, max_length=8)

@@ -1,1 +1,1 @@
-"""Image helpers: decoding, editors that make counterfactual images, and their validation (no stages here)."""
+"""Image helpers stages use: decoding once per batch, at the size a stage needs (no stages here)."""

@@ -291,7 +291,7 @@ def weights_sha256(folder: str | Path) -> str | None:
 
 
 def training_card(location: str) -> dict:
-    """training.json of a local model folder written by flows/training/train.py ({} when absent or unreadable)."""
+    """training.json of a local model folder written by training/train.py ({} when absent or unreadable)."""
     path = Path(location) / "training.json"
     if not (is_local(location) and path.is_file()):
         return {}

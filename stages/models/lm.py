@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.base import StageConfigError
-from stages.io.shards import file_sha256
+from dataio.shards import file_sha256
 from stages.models import (
     _HUB_ID,
     _hub_cached,

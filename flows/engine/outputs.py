@@ -1,0 +1,257 @@
+"""Outputs, written by workers: one Ray task per input shard joins its downloaded image bytes with its processed
+rows, applies the decisions (row-wise from the pipeline, global from _work/global) and writes its kept rows to
+shards/part-SSSSS-NNN.parquet and every other row (ingest rejects included) to rejects/part-SSSSS-NNN.parquet.
+Names are deterministic, each file is written atomically, and a task that finished leaves _work/written/SSSSS.json,
+so a resumed build rewrites nothing. The driver only assembles the per-shard results (files, counts): the
+manifest, stats.json, and an exact accounting check run as distributed operations over the uids.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from flows.engine.context import BuildContext, BuildError, code_version
+from flows.engine.decide import DECISION_COLUMNS
+from flows.engine.global_decisions import SRC, shard_decisions
+from flows.progress import phase
+from schemas.columns import build_schema, rejects_schema
+from schemas.spec import BuildSpec
+from dataio.build_folder import BuildFolder, atomic_write_table, atomic_write_text
+from dataio.shards import conform, write_manifest
+from dataio.storage import Location, parquet_dataset
+
+
+def with_build_id(t: pa.Table, build_id: str) -> pa.Table:
+    if "build_id" in t.column_names:
+        t = t.drop_columns(["build_id"])
+    return t.append_column("build_id", pa.array(np.full(t.num_rows, build_id, dtype=object), pa.string()))
+
+
+def processed_rows(folder: BuildFolder, src: int) -> pa.Table | None:
+    files = (folder.processed_dir / f"{SRC}={src}").glob("*.parquet")
+    if not files:
+        return None
+    return parquet_dataset(files).to_table()
+
+
+def final_decisions(rows: pa.Table, globals_: list[tuple[int, pa.Table]], names: list[str]) -> pa.Table:
+    """Set (stage, reason, detail) on each row: a global rejection (it saw only rows alive before it), else the
+    row-wise one from the pipeline."""
+    stage, reason, detail = (rows.column(c) for c in ("reject_stage", "reject_reason", "reject_detail"))
+    uid = rows.column("uid")
+    for k, dec in globals_:
+        if not dec.num_rows:
+            continue
+        at = pc.index_in(uid, value_set=dec.column("uid"))
+        hit = pc.is_valid(at)
+        stage = pc.if_else(hit, names[k], stage)
+        reason = pc.if_else(hit, pc.take(dec.column("reason"), at), reason)
+        detail = pc.if_else(hit, pc.take(dec.column("detail"), at), detail)
+    rows = rows.drop_columns([c for c in DECISION_COLUMNS if c in rows.column_names])
+    return rows.append_column("stage", stage).append_column("reason", reason).append_column("detail", detail)
+
+
+def _write_parts(table: pa.Table, folder: Location, src: int, rows_per_shard: int, compression: str) -> list[dict]:
+    files = []
+    starts = range(0, table.num_rows, rows_per_shard) if table.num_rows else []
+    for j, start in enumerate(starts):
+        part = table.slice(start, rows_per_shard)
+        files.append(atomic_write_table(part, folder / f"part-{src:05d}-{j:03d}.parquet", compression,
+                                        checksum=True, row_group_size=max(1, min(part.num_rows, 1024))))
+    return files
+
+
+def write_shard(folder: BuildFolder, src: int, spec: BuildSpec, build_id: str) -> dict:
+    """Kept and rejected rows of input shard `src`, written by a worker. Idempotent."""
+    marker = folder.work / "written" / f"{src:05d}.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    names = spec.stage_names()
+    rows = processed_rows(folder, src)
+    parts = []
+    if rows is not None and rows.num_rows:
+        images = folder.ingest_shard(src).pairs.read_table(columns=["uid", "image"])
+        at = pc.index_in(rows.column("uid"), value_set=images.column("uid"))  # each row's place in its shard
+        if at.null_count:
+            raise BuildError(f"input shard {src}: {at.null_count} processed rows are not among its downloads")
+        order = pc.sort_indices(at)  # rows in download order: the same files on every run
+        rows = rows.take(order).append_column("image", images.column("image").take(at.take(order)))
+        parts.append(final_decisions(rows, shard_decisions(folder.work, spec, src), names))
+    ingest_rej = folder.ingest_shard(src).rejects
+    if ingest_rej.exists():
+        parts.append(ingest_rej.read_table())
+    rej_schema = rejects_schema(names)
+    table = pa.concat_tables([conform(with_build_id(p, build_id), rej_schema) for p in parts]) if parts \
+        else rej_schema.empty_table()
+    check_shard(folder, src, table)
+    is_rej = pc.is_valid(table.column("stage"))
+    kept = conform(table.filter(pc.invert(is_rej)), build_schema(names))
+    rejected = table.filter(is_rej)
+    counts = pc.value_counts(pc.binary_join_element_wise(rejected.column("stage"), rejected.column("reason"), "\t"))
+    result = {
+        "src": src, "node": _node_id(),
+        "shards": _write_parts(kept, folder.shards, src, spec.write.rows_per_shard, spec.write.compression),
+        "rejects": _write_parts(rejected, folder.rejects, src, spec.write.rows_per_shard, spec.write.compression),
+        "kept": kept.num_rows, "rejected": rejected.num_rows,
+        "counts": {c["values"]: c["counts"] for c in counts.to_pylist()},
+    }
+    atomic_write_text(marker, json.dumps(result))
+    return result
+
+
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def write_input_rejects(folder: BuildFolder, build_id: str, names: list[str], compression: str,
+                        rows_per_shard: int) -> dict:
+    marker = folder.work / "written" / "input.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    files, n, by = [], 0, {}
+    pf = folder.input_rejects.parquet_file()
+    schema = rejects_schema(names)
+    for j, rb in enumerate(pf.iter_batches(batch_size=rows_per_shard)):
+        t = conform(with_build_id(pa.Table.from_batches([rb]), build_id), schema)
+        files.append(atomic_write_table(t, folder.rejects / f"part-input-{j:05d}.parquet", compression,
+                                        checksum=True))
+        n += t.num_rows
+        for c in pc.value_counts(t.column("reason")).to_pylist():
+            by[f"input\t{c['values']}"] = by.get(f"input\t{c['values']}", 0) + c["counts"]
+    result = {"src": "input", "shards": [], "rejects": files, "kept": 0, "rejected": n, "counts": by}
+    atomic_write_text(marker, json.dumps(result))
+    return result
+
+
+def write_outputs(ctx: BuildContext, shards: int) -> list[dict]:
+    """One writer task per input shard (and one for the input rejects); returns their results."""
+    import ray
+
+    folder, spec = ctx.folder, ctx.spec
+    for sub in (folder.shards, folder.rejects):
+        sub.mkdir()
+    task = ray.remote(write_shard).options(num_cpus=0.5, max_retries=2, retry_exceptions=True, name="write_shard",
+                                           scheduling_strategy="SPREAD")  # every node writes its share
+    results = [write_input_rejects(folder, ctx.build_id, spec.stage_names(), spec.write.compression,
+                                   spec.write.rows_per_shard)]
+    with phase("write", total=shards, unit="shards") as adv:
+        pending = [task.remote(folder, s, spec, ctx.build_id) for s in range(shards)]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            results.append(ray.get(ready[0]))
+            adv(1)
+    # readers find a schema even where no row went: one empty part with it
+    for key, sub, schema in (("shards", folder.shards, build_schema(spec.stage_names())),
+                             ("rejects", folder.rejects, rejects_schema(spec.stage_names()))):
+        if not any(r[key] for r in results):
+            written = atomic_write_table(schema.empty_table(), sub / "part-00000-000.parquet", spec.write.compression,
+                                         checksum=True)
+            results.append({"src": "empty", "shards": [], "rejects": [], "kept": 0, "rejected": 0, "counts": {}}
+                           | {key: [written]})
+    return results
+
+
+# --------------------------------------------------------------------------- accounting, stats, manifest
+
+def check_shard(folder: BuildFolder, src: int, written: pa.Table) -> None:
+    """The uids a writer wrote are exactly its input shard's: each once, none missing, none from elsewhere."""
+    listed = folder.input_shard(src).read_table(columns=["uid"]).column("uid")
+    out = written.column("uid")
+    problems = []
+    if len(pc.unique(out)) != len(out):
+        problems.append(f"{len(out) - len(pc.unique(out))} uids written twice")
+    missing = pc.sum(pc.invert(pc.is_in(listed, value_set=out))).as_py() or 0
+    strangers = pc.sum(pc.invert(pc.is_in(out, value_set=listed))).as_py() or 0
+    if missing:
+        problems.append(f"{missing} listed uids neither kept nor rejected")
+    if strangers:
+        problems.append(f"{strangers} uids written that the shard does not list")
+    if problems:
+        raise BuildError(f"accounting check failed for input shard {src}: " + "; ".join(problems))
+
+
+def check_accounting(ctx: BuildContext, results: list[dict]) -> dict:
+    """kept + rejected == listed, with no uid twice. Each writer checked its own input shard's uids (exactly
+    once each, nothing else); uids are unique across shards by construction (flows.engine.inputs), so the
+    driver only adds up counts."""
+    folder = ctx.folder
+    input_files = folder.input_dir.glob("[0-9]*.parquet") + [folder.input_rejects]
+    listed = sum(f.read_metadata().num_rows for f in input_files)
+    kept = sum(r["kept"] for r in results)
+    rejected = sum(r["rejected"] for r in results)
+    if kept + rejected != listed:
+        raise BuildError(f"accounting check failed for build {ctx.build_id}: {listed} listed but {kept} kept + "
+                         f"{rejected} rejected")
+    return {"listed": listed, "kept": kept, "rejected": rejected}
+
+
+def collect_stats(ctx: BuildContext, prepared: dict, ingest: dict, processed: dict, global_: dict,
+                  results: list[dict], write_seconds: float, counts: dict) -> dict:
+    by: dict[str, dict[str, int]] = {}
+    for r in results:
+        for key, c in r["counts"].items():
+            stage, reason = key.split("\t", 1)
+            by.setdefault(stage, {})
+            by[stage][reason] = by[stage].get(reason, 0) + c
+    fetched = prepared["rows"] - sum(by.get("ingest", {}).values())
+    rows = [
+        {"stage": "input", "rows_in": prepared["rows_listed"], "rows_out": prepared["rows"],
+         "rejected": by.get("input", {}), "seconds": round(prepared["seconds"], 3)},
+        {"stage": "ingest", "rows_in": prepared["rows"], "rows_out": fetched, "rejected": by.get("ingest", {}),
+         "seconds": round(ingest["seconds"], 3)},
+    ]
+    alive = fetched
+    seconds, spans = processed.get("stage_seconds", {}), processed.get("stage_spans", {})
+    for name in ctx.spec.stage_names():
+        rej = by.get(name, {})
+        n = sum(rej.values())
+        sec = seconds.get(name, 0.0) + global_.get(name, {}).get("seconds", 0.0)
+        row = {"stage": name, "rows_in": alive, "rows_out": alive - n, "rejected": rej, "seconds": round(sec, 3)}
+        if name in spans:  # first batch in to last batch out, wall clock: rows_in / this is the stage's rate
+            span = spans[name]
+            row.update(span_seconds=round(span["last"] - span["first"], 3), span_start=round(span["first"], 3),
+                       cpu_seconds=round(span["cpu_seconds"], 3))
+            prep = spans.get(f"{name}.prepare")
+            if prep:  # its prepare tasks (decode, resize), wherever Ray ran them: time inside them
+                row.update(prepare_seconds=round(seconds.get(f"{name}.prepare", 0.0), 3),
+                           prepare_cpu_seconds=round(prep["cpu_seconds"], 3))
+        rows.append(row)
+        alive -= n
+    rows.append({"stage": "write", "rows_in": counts["kept"], "rows_out": counts["kept"], "rejected": {},
+                 "seconds": round(write_seconds, 3)})
+    return {"build_id": ctx.build_id, "dataset": ctx.spec.dataset, "rows_listed": counts["listed"],
+            "rows_kept": counts["kept"], "rows_rejected": counts["rejected"],
+            "decodes_per_row": processed.get("decodes_per_row"), "stages": rows}
+
+
+def manifest(ctx: BuildContext, results: list[dict]) -> dict:
+    shards = sorted((f for r in results for f in r["shards"]), key=lambda f: f["path"])
+    rejects = sorted((f for r in results for f in r["rejects"]), key=lambda f: f["path"])
+    return write_manifest(
+        ctx.build_dir, build_id=ctx.build_id, dataset=ctx.spec.dataset, spec_hash=ctx.spec.spec_hash(),
+        code_version=code_version(), shards=shards, rejects=rejects,
+        extra={"source": ctx.source_name, "source_fingerprint": ctx.fingerprint,
+               "stages": ctx.spec.stage_names(), "stage_metadata": ctx.stage_meta,
+               "columns": build_schema(ctx.spec.stage_names()).names})
+
+
+def seen_scanners(ctx: BuildContext) -> list[pads.Scanner]:
+    """(uid, sha256, build_id) of the rows this build fetched and decided, as scanners the catalog streams: kept
+    rows and stage rejects. Rows that failed to download are not marked seen, so a later build tries them again."""
+    out = []
+    for sub in ("shards", "rejects"):
+        files = ctx.folder.parts(sub)
+        if not files:
+            continue
+        ds = parquet_dataset(files)
+        where = None if sub == "shards" else ~pads.field("stage").isin(["input", "ingest"])
+        out.append(ds.scanner(columns={"uid": pads.field("uid"), "sha256": pads.field("sha256"),
+                                       "build_id": pads.scalar(ctx.build_id)}, filter=where))
+    return out
+

@@ -1,0 +1,329 @@
+"""The stages as one Ray Data pipeline: CPU stages as tasks, model stages as actor pools, resources from the spec.
+
+Images are decoded once per batch: a decode step (CPU tasks) runs before the first stage that declares
+`needs_image`, and the private pixel columns are dropped after the last one. A named timer actor sums each step's
+rows, seconds and image decodes, which feed the live progress and the build's stats.
+"""
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import threading
+import time
+from contextlib import ExitStack, contextmanager
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from flows.engine.context import BuildContext, BuildError
+from flows.engine.decide import decide_rowwise
+from flows.engine.global_decisions import SRC
+from flows.progress import phase
+from schemas.spec import BuildSpec
+from stages import stage_class
+from stages.base import drop_private
+from stages.imaging.decode import add_pixels, decodes, drop_pixels
+
+DECODE = "decode"
+
+
+class StageTimer:
+    """A Ray actor summing, per pipeline step over all batches: rows, seconds, image decodes, CPU seconds of the
+    worker process, and when the first batch started and the last ended (wall clock):
+    [rows, seconds, decodes, cpu_seconds, first, last]. Prepare steps report as "<stage>.prepare"."""
+
+    def __init__(self):
+        self.totals: dict[str, list[float]] = {}
+
+    def add(self, step: str, rows: int, seconds: float, decoded: int = 0, cpu_seconds: float = 0.0) -> None:
+        now = time.time()
+        t = self.totals.setdefault(step, [0, 0.0, 0, 0.0, now - seconds, now])
+        t[0] += rows
+        t[1] += seconds
+        t[2] += decoded
+        t[3] += cpu_seconds
+        t[4] = min(t[4], now - seconds)
+        t[5] = max(t[5], now)
+
+    def get(self) -> dict:
+        return self.totals
+
+
+def _timed(step: str, fn, batch: pa.Table, timer: str, drop_after: bool) -> pa.Table:
+    """Run one step on a batch; tell the named timer actor its rows, seconds, decodes and CPU seconds."""
+    import ray
+
+    t0, c0, d0 = time.perf_counter(), time.process_time(), decodes()
+    out = fn(batch)
+    if out.num_rows != batch.num_rows:
+        raise RuntimeError(f"{step} changed the row count {batch.num_rows} -> {out.num_rows}")
+    if drop_after:
+        out = drop_pixels(out)
+    ray.get_actor(timer).add.remote(step, batch.num_rows, time.perf_counter() - t0, decodes() - d0,
+                                    time.process_time() - c0)
+    return out
+
+
+def decode_step(batch: pa.Table, timer: str) -> pa.Table:
+    return _timed(DECODE, add_pixels, batch, timer, False)
+
+
+_STAGES: dict = {}  # stages set up in this worker process (task mode), torn down when it exits
+
+
+def _make_stage(name: str, params_json: str):
+    cls = stage_class(name)
+    stage = cls(cls.Params.model_validate_json(params_json))
+    stage.setup()
+    return stage
+
+
+@atexit.register
+def _teardown_task_stages() -> None:
+    for stage in _STAGES.values():
+        stage.teardown()
+    _STAGES.clear()
+
+
+_PREPARERS: dict = {}  # model stages without setup(): their prepare_batch runs in CPU tasks, no model loaded
+
+
+def run_prepare_task(batch: pa.Table, name: str, params_json: str, timer: str) -> pa.Table:
+    """A model stage's prepare_batch (decode, resize into model-ready pixels) in a CPU task ahead of its actors."""
+    key = (name, params_json)
+    if key not in _PREPARERS:
+        cls = stage_class(name)
+        _PREPARERS[key] = cls(cls.Params.model_validate_json(params_json))
+    return _timed(f"{name}.prepare", _PREPARERS[key].prepare_batch, batch, timer, False)
+
+
+def run_stage_task(batch: pa.Table, name: str, params_json: str, timer: str, drop_after: bool = False) -> pa.Table:
+    key = (name, params_json)
+    if key not in _STAGES:
+        _STAGES[key] = _make_stage(name, params_json)
+    return _timed(name, _STAGES[key], batch, timer, drop_after)
+
+
+class StageActor:
+    """A model stage in an actor pool: set up once per actor, torn down when Ray Data retires the actor."""
+
+    def __init__(self, name: str, params_json: str, timer: str, drop_after: bool = False):
+        self.stage = _make_stage(name, params_json)
+        self.timer = timer
+        self.drop_after = drop_after
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return _timed(self.stage.name, self.stage, batch, self.timer, self.drop_after)
+
+    def __del__(self):
+        stage = getattr(self, "stage", None)
+        if stage is not None:
+            stage.teardown()
+
+
+def image_span(spec: BuildSpec) -> tuple[int, int] | None:
+    """(first, last) positions of the stages that read decoded pixels, or None."""
+    pos = [i for i, e in enumerate(spec.stages) if stage_class(e.name).needs_image]
+    return (pos[0], pos[-1]) if pos else None
+
+
+def step_names(spec: BuildSpec) -> list[str]:
+    names = spec.stage_names()
+    span = image_span(spec)
+    return names if span is None else names[:span[0]] + [DECODE] + names[span[0]:]
+
+
+def stage_pipeline(ds, spec: BuildSpec, timer: str, pools: dict[int, int]):
+    """The spec's stages over a Ray Dataset of pairs, each batch decoded once for the image stages; a model stage
+    that prepares its batches gets CPU tasks streaming ahead of its actor pool (`pools`: actors per stage)."""
+    import ray
+
+    span = image_span(spec)
+    for i, entry in enumerate(spec.stages):
+        cls = stage_class(entry.name)
+        res = cls.default_resources.override(entry.params)
+        if span is not None and i == span[0]:
+            ds = ds.map_batches(decode_step, fn_args=(timer,), batch_format="pyarrow", batch_size=res.batch_size,
+                                num_cpus=min(1.0, res.cpus))
+        drop_after = span is not None and i == span[1]
+        params_json = entry.params.model_dump_json()
+        common = dict(batch_format="pyarrow", batch_size=res.batch_size, num_cpus=res.cpus, num_gpus=res.gpus or None)
+        if cls.runs_as_actor(entry.params):
+            if cls.prepares_batches():
+                ds = ds.map_batches(run_prepare_task, fn_args=(entry.name, params_json, timer), batch_format="pyarrow",
+                                    batch_size=res.batch_size, num_cpus=PREPARE_CPUS)
+            ds = ds.map_batches(StageActor, fn_constructor_args=(entry.name, params_json, timer, drop_after),
+                                compute=ray.data.ActorPoolStrategy(size=pools[i]), **common)
+        else:
+            ds = ds.map_batches(run_stage_task, fn_args=(entry.name, params_json, timer, drop_after), **common)
+    return ds
+
+
+def tag_source(batch: pa.Table) -> pa.Table:
+    """`path` (Ray Data's include_paths) -> `input_shard`, the input shard the row came from (its file NNNNN.parquet)."""
+    stem = pc.struct_field(pc.extract_regex(batch.column("path"), r"(?P<n>[0-9]+)\.parquet$"), "n")
+    return batch.drop_columns(["path"]).append_column(SRC, pc.cast(stem, pa.int64()))
+
+
+def finish_batch(batch: pa.Table, spec: BuildSpec) -> pa.Table:
+    """The row-wise decisions, then the batch as _work/processed keeps it: no image bytes, no private columns."""
+    batch = decide_rowwise(drop_private(batch), spec)
+    return batch.drop_columns([c for c in ("image",) if c in batch.column_names])
+
+
+def process_stages(ctx: BuildContext, compute: bool = True) -> dict:
+    """Run the spec's stages over the downloaded pairs (compute=False: only their row-wise decisions, over stats
+    the rows already hold, as refilter does), into _work/processed/input_shard=N/: stats and decisions, no image bytes."""
+    import ray
+
+    folder = ctx.folder
+    done = folder.done("processed")
+    if done is not None:
+        return done
+    sizes = {f: f.read_metadata().num_rows for f in folder.ingest_pair_files()}
+    pair_files = [f for f, n in sizes.items() if n]
+    rows = sum(sizes.values())
+    out = folder.fresh_dir(folder.processed_dir)  # its _DONE.json marker, written last, says it is whole
+    t0 = time.perf_counter()
+    steps: dict = {}
+    if rows:
+        dctx = ray.data.DataContext.get_current()
+        dctx.enable_progress_bars = False  # our reporter shows progress; Ray Data's would log lines off a TTY
+        quiet_ray_data()
+        cluster = ray.cluster_resources()
+        pools = check_pool_budget(ctx.spec, cluster.get("CPU", 0.0), cluster.get("GPU", 0.0))
+        timer = f"pairforge-timer-{ctx.build_id}"
+        timer_actor = ray.remote(num_cpus=0)(StageTimer).options(name=timer).remote()
+        ds = ray.data.read_parquet([f.path for f in pair_files], filesystem=out.fs, include_paths=True)
+        ds = ds.map_batches(tag_source, batch_format="pyarrow")
+        if compute:
+            ds = stage_pipeline(ds, ctx.spec, timer, pools)
+        ds = ds.map_batches(finish_batch, fn_args=(ctx.spec,), batch_format="pyarrow")
+        names = step_names(ctx.spec) if compute else []
+        steps = _run_with_progress(lambda: ds.write_parquet(out.path, filesystem=out.fs, partition_cols=[SRC]),
+                                   timer_actor, names, rows)
+        ray.kill(timer_actor)
+    decoded = sum(v[2] for v in steps.values())
+    summary = {"rows": rows, "seconds": time.perf_counter() - t0,
+               "stage_seconds": {k: v[1] for k, v in steps.items()},
+               "stage_spans": {k: {"rows": int(v[0]), "cpu_seconds": v[3], "first": v[4], "last": v[5]}
+                               for k, v in steps.items()},
+               "decodes_per_row": round(decoded / rows, 3) if rows else 0.0}
+    folder.mark_done("processed", summary)
+    return summary
+
+
+PREPARE_CPUS = 1.0  # one prepare task (PIL decode and resize: one thread)
+
+
+def pool_sizes(spec: BuildSpec, cluster_cpus: float, cluster_gpus: float = 0.0) -> dict[int, int]:
+    """Actors per model stage (by position in the spec). `pool_size` when the spec sets it; a GPU stage without
+    one gets as many actors as its share of the GPUs holds: the GPUs left by stages with a pool_size, split evenly
+    among the GPU stages without one, divided by its `gpus` (gpus: 0.25 on one GPU -> 4 actors), at least 1, and
+    no more than the CPUs left after the other pools and one prepare task allow. Others: the stage's default."""
+    actors: dict[int, tuple] = {}
+    for i, entry in enumerate(spec.stages):
+        cls = stage_class(entry.name)
+        if cls.runs_as_actor(entry.params):
+            actors[i] = (cls.default_resources.override(entry.params), entry.params.pool_size is not None)
+    sizes = {i: res.pool_size for i, (res, fixed) in actors.items() if fixed or not res.gpus}
+    auto = [i for i in actors if i not in sizes]
+    if auto:
+        free_gpus = cluster_gpus - sum(actors[i][0].gpus * n for i, n in sizes.items())
+        free_cpus = cluster_cpus - sum(actors[i][0].cpus * n for i, n in sizes.items()) - PREPARE_CPUS
+        share_gpus, share_cpus = free_gpus / len(auto), free_cpus / len(auto)
+        for i in auto:
+            res = actors[i][0]
+            by_gpu = math.floor(share_gpus / res.gpus + 1e-9)
+            by_cpu = math.floor(share_cpus / res.cpus + 1e-9) if res.cpus else by_gpu
+            sizes[i] = max(1, min(by_gpu, by_cpu))
+    return sizes
+
+
+def check_pool_budget(spec: BuildSpec, cluster_cpus: float, cluster_gpus: float = 0.0) -> dict[int, int]:
+    """Actor pools hold their CPUs (and GPUs) for the whole pipeline; if what is left can't run one read or task,
+    or the pools want more GPUs than the cluster has, Ray Data waits forever. Refuse such a spec up front, naming
+    the numbers. Returns the pool sizes (pool_sizes)."""
+    sizes = pool_sizes(spec, cluster_cpus, cluster_gpus)
+    pools, gpus, tasks = 0.0, 0.0, [1.0]  # a read task takes one CPU
+    for i, entry in enumerate(spec.stages):
+        cls = stage_class(entry.name)
+        res = cls.default_resources.override(entry.params)
+        if cls.runs_as_actor(entry.params):
+            pools += res.cpus * sizes[i]
+            gpus += res.gpus * sizes[i]
+            if cls.prepares_batches():
+                tasks.append(PREPARE_CPUS)
+        else:
+            tasks.append(res.cpus)
+    if cluster_cpus - pools < max(tasks):
+        raise BuildError(
+            f"the model stages' actor pools hold {pools:g} of the cluster's {cluster_cpus:g} CPUs, leaving less than "
+            f"the {max(tasks):g} a read or CPU stage needs: the pipeline would stall. Lower those stages' `cpus` or "
+            f"`pool_size`, or add CPUs")
+    if gpus > cluster_gpus + 1e-9:
+        raise BuildError(
+            f"the model stages' actor pools want {gpus:g} GPUs (gpus x pool_size) but the cluster has "
+            f"{cluster_gpus:g}: the pipeline would wait for them forever. Lower `gpus` or `pool_size`, or add GPUs")
+    return sizes
+
+
+def _run_with_progress(run, timer, names: list[str], rows: int) -> dict:
+    """Run the pipeline in a thread; report each step's rows from the timer actor. Returns the timer's totals."""
+    import ray
+
+    errors: list[BaseException] = []
+
+    def target():
+        try:
+            run()
+        except BaseException as e:  # re-raised in the caller's thread
+            errors.append(e)
+
+    th = threading.Thread(target=target, name="ray-data-pipeline", daemon=True)
+    with ExitStack() as stack:
+        advance = {n: stack.enter_context(phase(f"{n}", total=rows)) for n in names}
+        seen = dict.fromkeys(names, 0)
+        th.start()
+        while True:
+            th.join(0.5)
+            totals = ray.get(timer.get.remote())
+            for n in names:
+                done_rows = int(totals.get(n, [0])[0])
+                advance[n](done_rows - seen[n])
+                seen[n] = done_rows
+            if not th.is_alive():
+                break
+    if errors:
+        raise errors[0]
+    return ray.get(timer.get.remote())
+
+
+def quiet_ray_data() -> None:
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # after import: Ray Data configures its loggers then
+
+
+@contextmanager
+def ray_session(spec: BuildSpec):
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    env_vars = {k: os.environ[k] for k in ("NO_ALBUMENTATIONS_UPDATE", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
+                                           "PAIRFORGE_CACHE", "HF_HOME",
+                                           "TOKENIZERS_PARALLELISM", "WANDB_MODE") if k in os.environ}
+    env_vars |= {k: v for k, v in os.environ.items() if k.startswith("AWS_")}  # object storage: endpoint, keys
+    kw = dict(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env_vars},
+              configure_logging=True, logging_level="WARNING")
+    if spec.ray.address:
+        ray.init(address=spec.ray.address, **kw)
+    else:
+        ray.init(num_cpus=spec.ray.num_cpus, object_store_memory=int(spec.ray.object_store_gb * 2**30), **kw)
+    try:
+        yield
+    finally:
+        ray.shutdown()

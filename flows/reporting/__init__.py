@@ -1,1 +1,0 @@
-"""The build report, the dataset card and `pairforge show`."""

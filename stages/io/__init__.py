@@ -1,1 +1,0 @@
-"""Reading and writing pairs: URL lists, downloads, corpora, shards."""
