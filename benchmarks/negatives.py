@@ -1,4 +1,4 @@
-"""Benchmark of hard-negative generation (text part: stages.negatives_text). Run on demand, not a test:
+"""Benchmark of hard-negative generation (text part: negatives.text, the negatives_text stage). Run on demand, not a test:
 
     .venv/bin/python benchmarks/negatives.py [--captions N] [--repeat R]
 
@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow as pa  # noqa: E402
 
 from reporting.negatives_report import SUGARCREPE, coco_captions, demo_captions, load_sugarcrepe  # noqa: E402
-from stages.negatives_text import NegativesTextParams  # noqa: E402
-from stages.negatives_text import KINDS, NegativesTextStage, negatives_for, parse  # noqa: E402
+from negatives.text import KINDS, negatives_for, parse  # noqa: E402
+from stages.negatives_text import NegativesTextParams, NegativesTextStage  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

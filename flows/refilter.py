@@ -19,7 +19,7 @@ from flows.build import record_in_catalog, write_task
 from flows.engine.context import BuildContext, dataset_lock, open_build
 from flows.engine.runner import process_stages, ray_session
 from schemas.columns import INPUT_SCHEMA, REJECT_SCHEMA
-from schemas.spec import BuildSpec, SpecError, _format_errors
+from schemas.spec import BuildSpec, SpecError, format_errors
 from stages import stage_class
 from dataio.build_folder import BuildFolder, atomic_write_table, atomic_write_text
 from dataio.storage import Location, location
@@ -49,7 +49,7 @@ def child_spec(parent_dir: Location, overrides: list[str] = (), spec_path: Path 
     try:
         spec = BuildSpec.model_validate(data)
     except Exception as e:  # pydantic ValidationError
-        msg = _format_errors(e) if hasattr(e, "errors") else str(e)
+        msg = format_errors(e) if hasattr(e, "errors") else str(e)
         raise SpecError(f"{spec_path or parent_dir / 'spec.yaml'}: {msg}") from None
     parent_stages = [next(iter(s)) for s in parent["stages"]]
     if spec.stage_names() != parent_stages:

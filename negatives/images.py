@@ -1,8 +1,8 @@
 """Counterfactual (hard-negative) images: editors make them, a CLIP-like scorer validates them.
 
 For each positive pair (uid, image, caption) the candidates are
-- every negative caption of the row's `neg_captions` (stages.negatives_text; made on the fly from the caption when
-  the table has no such column) times every caption-taking editor (recolor, render, diffusion), and
+- every negative caption of the row's `neg_captions` (the negatives_text stage's; made on the fly from the caption
+  by negatives.text when the table has no such column) times every caption-taking editor (recolor, render, diffusion), and
 - every negative caption an own-caption editor proposes (flip: the left/right swap, only for captions with
   left/right content).
 Each candidate becomes one row of NEGATIVES_IMAGE_SCHEMA, whether or not an image was made: an editor that cannot
@@ -33,15 +33,15 @@ import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 from schemas.columns import NEGATIVES_IMAGE_SCHEMA
-from schemas.spec import _Strict
+from schemas.spec import StrictModel
 from negatives.editors import EDITORS, Editor, make_editor
 from stages.models import decode_rgb
-from stages.negatives_text import NEGATIVE_KINDS, NegativesTextParams
+from negatives.text import NEGATIVE_KINDS, NegativeTextOptions, batch_negatives
 
 REASONS = ("not_preferred", "too_similar", "too_different", "no_region", "not_applicable")
 
 
-class DiffusionEditorSpec(_Strict):
+class DiffusionEditorSpec(StrictModel):
     model: str = Field(min_length=1, description="diffusers pipeline folder or hub id in the local cache")
     pipeline: Literal["instruct_pix2pix", "img2img", "inpaint"] = "instruct_pix2pix"
     steps: int = Field(20, ge=1)
@@ -55,7 +55,7 @@ class DiffusionEditorSpec(_Strict):
     gpus: float = Field(0, ge=0)
 
 
-class NegativesImageSpec(_Strict):
+class NegativesImageSpec(StrictModel):
     """What `pairforge negatives BUILD` does (flows/negatives.py)."""
 
     editors: list[str] = Field(default_factory=lambda: ["flip", "recolor", "render"])
@@ -70,8 +70,8 @@ class NegativesImageSpec(_Strict):
     min_image_sim: float = Field(0.0, ge=-1.0, le=1.0, description="below: too_different (not the same scene)")
     max_image_sim: float = Field(0.998, ge=-1.0, le=1.0, description="above: too_similar (nothing changed)")
     max_rows: int | None = Field(None, gt=0, description="positives to use (the first by uid); None: all")
-    negatives_text: NegativesTextParams = Field(
-        default_factory=lambda: NegativesTextParams(select_plausible=False, max_blind_bias=None),
+    negatives_text: NegativeTextOptions = Field(
+        default_factory=lambda: NegativeTextOptions(select_plausible=False, max_blind_bias=None),
         description="how negative captions are made when the build has no neg_captions column")
     scenes: Path | None = Field(None, description="parquet with uid, scene (JSON), render_seed for the render "
                                                   "editor; default: labels.parquet beside the build's source")
@@ -129,12 +129,17 @@ def negative_captions(table: pa.Table, spec: NegativesImageSpec) -> list[list[di
     if "neg_captions" in table.column_names:
         negs = table.column("neg_captions").to_pylist()
     else:
-        from stages.negatives_text import NegativesTextStage
-
-        stage = NegativesTextStage(spec.negatives_text)
-        negs = stage(pa.table({"text": table.column("text")})).column("neg_captions").to_pylist()
+        made = batch_negatives(table.column("text").to_pylist(), spec.negatives_text, load_lm=_load_lm)
+        negs = [[n.as_dict() for n in ns] for ns in made]
     kinds = set(spec.kinds) if spec.kinds is not None else None
     return [[n for n in (row or []) if kinds is None or n["kind"] in kinds] for row in negs]
+
+
+def _load_lm(name: str):
+    """The causal LM of method or plausibility "lm" (one CPU thread, no GPU, as the stage with default resources)."""
+    from stages.models.lm import shared_lm
+
+    return shared_lm(name, "auto", threads=1, gpus=0.0, stage="negatives")
 
 
 def generate(table: pa.Table, editors: list[Editor], spec: NegativesImageSpec,

@@ -1,4 +1,4 @@
-"""Blind-bias report of the hard negatives (stages.negatives_text), next to SugarCrepe's reference negatives.
+"""Blind-bias report of the hard negative captions (negatives.text), next to SugarCrepe's reference negatives.
 
     .venv/bin/python -m reporting.negatives_report [--lm smollm2-135m|none] [--lm-pairs 150] [--lm-stage 200]
                                                [--demo 2000] [--sugarcrepe DIR] [--json FILE]
@@ -12,7 +12,7 @@ score favours the longer, predictable negative by construction, and length gives
 Scorers:
 - LM (the primary one when stages.models.lm can load it; --lm none skips it): mean token log-probability under a causal LM
   (SmolLM2-135M), on up to --lm-pairs random test pairs per kind. Nothing is fitted, so nothing leaks.
-- n-gram: stages.negatives_text.NgramLM (interpolated bigram/unigram, add-k), fitted on the *train* half of the
+- n-gram: negatives.text.NgramLM (interpolated bigram/unigram, add-k), fitted on the *train* half of the
   domain's captions (split by a hash of the caption text; COCO: the real SugarCrepe captions, demo: demo captions)
   and applied to pairs made from the *test* half.
 
@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from stages.negatives_text import KINDS, NgramLM, blind_accuracy, negatives_for, split_of  # noqa: E402
+from negatives.text import (KINDS, BatchNegatives, LmScorer, NegativeTextOptions, NgramLM,  # noqa: E402
+                            blind_accuracy, negatives_for, split_of)
 
 SUGARCREPE = ROOT / "tests" / "data" / "sugarcrepe"
 DEFAULT_LM = "smollm2-135m"
@@ -138,26 +139,22 @@ def lm_figures(scorer, pairs: Pairs, max_pairs: int, seed: int = 0) -> dict[str,
 
 
 def stage_pairs(captions: list[str], batch_size: int = 1024, **params) -> tuple[Pairs, dict]:
-    """Run the negatives_text stage over `captions` in batches, as a build would.
+    """Make negatives of `captions` in batches, as the negatives_text stage does in a build.
 
     -> (kind -> pairs, {"dropped": negatives the blind check dropped per kind, "rows": rows with the kind})."""
-    import pyarrow as pa
+    from stages.models.lm import shared_lm
 
-    from stages.negatives_text import NegativesTextParams
-    from stages.negatives_text import NegativesTextStage
-
-    stage = NegativesTextStage(NegativesTextParams(**params))
+    make = BatchNegatives(NegativeTextOptions(**params), load_lm=lambda name: shared_lm(name, threads=1))
     out: Pairs = {k: [] for k in KINDS}
     rows = {k: 0 for k in KINDS}
     for s in range(0, len(captions), batch_size):
         chunk = captions[s:s + batch_size]
-        res = stage(pa.table({"text": chunk}))
-        for cap, negs in zip(chunk, res.column("neg_captions").to_pylist()):
+        for cap, negs in zip(chunk, make(chunk)):
             for n in negs:
-                out[n["kind"]].append((cap, n["text"]))
-            for k in {n["kind"] for n in negs}:
+                out[n.kind].append((cap, n.text))
+            for k in {n.kind for n in negs}:
                 rows[k] += 1
-    dropped = {k: v for k, v in stage.dropped_by_blind_check.items() if v}
+    dropped = {k: v for k, v in make.dropped_by_blind_check.items() if v}
     return out, {"dropped": dropped, "rows": rows}
 
 
@@ -182,9 +179,9 @@ def report(sugarcrepe: Path = SUGARCREPE, demo_n: int = 2000, seed: int = 0, lm:
     data = {"coco": coco_captions(ref), "demo": demo_captions(demo_n, seed)}
     scorer = None
     if lm:
-        from stages.negatives_text import LmScorer
+        from stages.models.lm import shared_lm
 
-        scorer = CachedScorer(LmScorer(lm))
+        scorer = CachedScorer(LmScorer(shared_lm(lm)))
     res: dict = {"lm": lm}
     for dom, caps in data.items():
         train, test = split(caps)

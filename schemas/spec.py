@@ -31,11 +31,13 @@ def _remote_exists(uri: str, want_file: bool) -> bool:
     return kind == pafs.FileType.File if want_file else kind != pafs.FileType.NotFound
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A spec section: unknown keys are errors."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class SourceSpec(_Strict):
+class SourceSpec(StrictModel):
     """Either `urls` (a URL list to download) or `pairs` (an existing corpus with image bytes: curate, no download)."""
 
     urls: str | None = Field(None, description="URL list: parquet, csv, tsv or jsonl; a local path or a URI "
@@ -64,7 +66,7 @@ class SourceSpec(_Strict):
         return self.urls if self.urls is not None else self.pairs
 
 
-class IngestSpec(_Strict):
+class IngestSpec(StrictModel):
     image_size: int = Field(256, gt=0)
     resize_mode: Literal["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"] = "keep_ratio"
     resize_only_if_bigger: bool = True
@@ -94,7 +96,7 @@ def known_kinds(v: list[str], known, what: str) -> list[str]:
     return v
 
 
-class StageParams(_Strict):
+class StageParams(StrictModel):
     """Resources every stage accepts; None keeps the stage's own default."""
 
     cpus: float | None = Field(None, gt=0)
@@ -110,30 +112,30 @@ def stage_params_models() -> dict[str, type[StageParams]]:
     return {name: cls.Params for name, cls in registry().items()}
 
 
-class StageEntry(_Strict):
+class StageEntry(StrictModel):
     name: str
     params: StageParams
 
 
-class WriteSpec(_Strict):
+class WriteSpec(StrictModel):
     rows_per_shard: int = Field(10_000, gt=0)
     compression: Literal["zstd", "snappy", "none"] = "zstd"
 
 
-class DecideSpec(_Strict):
+class DecideSpec(StrictModel):
     driver_max_rows: int = Field(
         100_000, ge=0, description="global decisions (dedup, top fractions) of builds with at most this many rows run "
                                    "in the driver (faster for small builds, memory bounded by this number); larger "
                                    "builds run them as distributed Ray Data operations. 0: always distributed")
 
 
-class RaySpec(_Strict):
+class RaySpec(StrictModel):
     address: str | None = None  # None: start a local Ray; "auto" or host:port joins a cluster
     num_cpus: int | None = Field(None, gt=0)
     object_store_gb: float = Field(1.0, gt=0)
 
 
-class BuildSpec(_Strict):
+class BuildSpec(StrictModel):
     version: Literal[1] = 1
     dataset: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     source: SourceSpec
@@ -185,7 +187,7 @@ class BuildSpec(_Strict):
             try:
                 entries.append(StageEntry(name=name, params=models[name].model_validate(params or {})))
             except ValidationError as e:
-                raise ValueError(f"stages[{i}].{name}: {_format_errors(e)}") from None
+                raise ValueError(f"stages[{i}].{name}: {format_errors(e)}") from None
         return entries
 
     @model_validator(mode="after")
@@ -226,7 +228,8 @@ class BuildSpec(_Strict):
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
-def _format_errors(e: ValidationError) -> str:
+def format_errors(e: ValidationError) -> str:
+    """pydantic errors as "field.path: message; ..." (one line)."""
     parts = []
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
@@ -242,7 +245,7 @@ def parse_spec(data: dict, base_dir: Path | None = None, origin: str = "<spec>")
     try:
         spec = BuildSpec.model_validate(data)
     except ValidationError as e:
-        raise SpecError(f"{origin}: {_format_errors(e)}") from None
+        raise SpecError(f"{origin}: {format_errors(e)}") from None
     base = base_dir or Path.cwd()
     field_name = "urls" if spec.source.urls is not None else "pairs"
     for name, value in ((f"source.{field_name}", spec.source.path), ("out", spec.out), ("catalog", spec.catalog)):

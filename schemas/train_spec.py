@@ -26,7 +26,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from schemas.spec import SpecError, _format_errors, read_yaml
+from schemas.spec import SpecError, format_errors, read_yaml
 
 TRAIN_SPEC_VERSION = 1
 
@@ -35,11 +35,11 @@ TRAIN_SPEC_VERSION = 1
 KNOWN_LOSSES = ("clip", "negclip", "tripletclip")
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SyntheticData(_Strict):
+class SyntheticData(StrictModel):
     """Demo scenes (demo.train_data.write_scene_shards) written before training when `out` has none."""
 
     out: Path | None = Field(None, description="folder for the shards; default: the first entry of data.shards")
@@ -57,7 +57,7 @@ class SyntheticData(_Strict):
         return v
 
 
-class DataSpec(_Strict):
+class DataSpec(StrictModel):
     shards: list[str] = Field(min_length=1, description="folders of Parquet shards or glob patterns")
     eval_fraction: float = Field(0.02, ge=0.0, lt=1.0, description="fraction of pairs held out (by uid hash)")
     eval_max_pairs: int = Field(1000, gt=0, description="held-out pairs used by the final evaluation at most")
@@ -71,7 +71,7 @@ class DataSpec(_Strict):
                                                                "(uid, neg_image, neg_text)")
 
 
-class ModelSpec(_Strict):
+class ModelSpec(StrictModel):
     image_size: int = Field(64, ge=16)
     patch_size: int = Field(8, gt=0)
     vision_width: int = Field(128, gt=0)
@@ -98,7 +98,7 @@ class ModelSpec(_Strict):
         return self
 
 
-class OptimSpec(_Strict):
+class OptimSpec(StrictModel):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.98)
@@ -116,7 +116,7 @@ class OptimSpec(_Strict):
         return self
 
 
-class AugmentSpec(_Strict):
+class AugmentSpec(StrictModel):
     """Label-preserving augmentations only: no flips (left/right is in the captions) and no colour changes."""
 
     crop_min_area: float = Field(1.0, gt=0.0, le=1.0,
@@ -124,7 +124,7 @@ class AugmentSpec(_Strict):
     crop_prob: float = Field(0.5, ge=0.0, le=1.0)
 
 
-class TrainSpec(_Strict):
+class TrainSpec(StrictModel):
     version: Literal[1] = 1
     name: str = Field("clip", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     data: DataSpec
@@ -178,7 +178,7 @@ def parse_train_spec(data: dict, base_dir: Path | None = None, origin: str = "<t
     try:
         spec = TrainSpec.model_validate(data)
     except ValidationError as e:
-        raise SpecError(f"{origin}: {_format_errors(e)}") from None
+        raise SpecError(f"{origin}: {format_errors(e)}") from None
     base = base_dir or Path.cwd()
 
     def resolve(p: Path) -> Path:

@@ -63,7 +63,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator, model_validator
 
-from schemas.spec import StageParams, _Strict
+from schemas.spec import StageParams, StrictModel
 from stages.base import Column, DecideContext, Decision, Reason, Resources, Stage, StageConfigError, concat
 from stages.imaging.decode import images as decoded_images
 from stages.imaging.decode import pil
@@ -71,7 +71,7 @@ from stages.language import clean_caption
 from stages.nlp.faithfulness import GateConfig, judge, normalise, reason_code
 
 
-class RecaptionExample(_Strict):
+class RecaptionExample(StrictModel):
     original: str = Field(min_length=1)
     rewrite: str = Field(min_length=1)
     concepts: str | None = Field(None, description="fuse mode: the visual concepts shown with the original")

@@ -15,12 +15,10 @@ from reporting.negatives_report import coco_captions, demo_captions, load_sugarc
 from schemas.columns import stage_fields
 from schemas.spec import parse_spec
 from stages import stage_class
-from stages.negatives_text import (
+from negatives.text import (
     KINDS,
     NEGATIVE_KINDS,
     LmNegatives,
-    NegativesTextParams,
-    NegativesTextStage,
     NgramLM,
     lm_negative,
     lm_prompt,
@@ -30,8 +28,9 @@ from stages.negatives_text import (
     validate_negative,
     words,
 )
-from stages.nlp import grammar as G
-from stages.nlp import lexicon as L
+from negatives.text import grammar as G
+from negatives.text import lexicon as L
+from stages.negatives_text import NegativesTextParams, NegativesTextStage
 from tests.realdata import SUGARCREPE
 
 needs_sugarcrepe = pytest.mark.skipif(not SUGARCREPE.is_dir(), reason="SugarCrepe files not present")
@@ -373,10 +372,11 @@ def test_lm_prompt_and_output_checks():
 def test_lm_method_with_a_given_generator():
     answers = {"replace_obj": "A cat on a couch.", "add_obj": "A dog and a cat on a couch."}
 
-    def generate(prompts, keys):
+    def generate(prompts, keys, sample):
+        assert not sample  # one negative per kind: greedy
         return [answers.get(k.split("\x00")[1], "nonsense") for k in keys]
 
-    lmn = LmNegatives("unused", generate=generate)
+    lmn = LmNegatives(generate)
     got = lmn.negatives(["A dog on a couch.", ""], ["replace_obj", "add_obj", "swap_att"], 1)
     assert [n.kind for n in got[0]] == ["replace_obj", "add_obj"] and got[1] == []
     assert all(n.method == "lm" for n in got[0])
@@ -411,8 +411,9 @@ def smollm2():
 def test_with_smollm2(smollm2, coco):
     """plausibility "lm": SmolLM2 selects and checks (its own figures land inside the bound); method "lm": its
     completions are kept only when they are edits of the kind."""
+    from negatives.text import LmScorer, lm_generator
     from reporting.negatives_report import split
-    from stages.negatives_text import LmScorer
+    from stages.models.lm import shared_lm
 
     _, test = split(coco)
     caps = test[:40]
@@ -420,7 +421,7 @@ def test_with_smollm2(smollm2, coco):
     stage = NegativesTextStage(NegativesTextParams(kinds=kinds, plausibility="lm", pool=3, blind_min_pairs=12))
     stage.preflight()
     out = stage(pa.table({"text": caps})).column("neg_captions").to_pylist()
-    scorer = LmScorer(smollm2)
+    scorer = LmScorer(shared_lm(smollm2))
     for kind in kinds:
         pairs = [(c, n["text"]) for c, ns in zip(caps, out) for n in ns if n["kind"] == kind]
         for c, n in zip(caps, out):
@@ -432,7 +433,7 @@ def test_with_smollm2(smollm2, coco):
         score = dict(zip(texts, scorer.scores(texts)))
         acc = sum(score[a] > score[b] for a, b in pairs) / len(pairs)
         assert acc <= MAX_BLIND_BIAS and (kind.startswith("add_") or acc >= 1 - MAX_BLIND_BIAS), (kind, acc)
-    gen = LmNegatives(smollm2)
+    gen = LmNegatives(lm_generator(shared_lm(smollm2)))
     got = gen.negatives(["Two men riding horses on a beach."], ["replace_obj", "add_obj"], 1)[0]
     for n in got:
         assert n.method == "lm" and validate_negative("Two men riding horses on a beach.", n.text, n.kind) is None

@@ -471,3 +471,15 @@ def load_lm(name: str, device: str = "auto", dtype: str = "auto", *, threads: in
     model.to(dev)
     return CausalLM(name=name, location=location, model=model, tokenizer=tokenizer, device=dev, dtype=dt,
                     threads=n_threads, load_seconds=time.perf_counter() - t0, load_info=info)
+
+
+_SHARED: dict[tuple, CausalLM] = {}
+
+
+def shared_lm(name: str, device: str = "auto", *, threads: int | None = None, gpus: float = 0,
+              stage: str = "negatives_text") -> CausalLM:
+    """load_lm once per process for (name, device, threads, gpus): a stage's scorer and generator share the model."""
+    key = (name, device, threads, gpus)
+    if key not in _SHARED:
+        _SHARED[key] = load_lm(name, device, "auto", threads=threads, gpus=gpus, stage=stage)
+    return _SHARED[key]

@@ -1,1 +1,1 @@
-"""Caption text helpers: grammar, lexicon and the faithfulness gate (no stages here)."""
+"""Caption text helpers of the stages: word frequency lists and the faithfulness gate (no stages here)."""

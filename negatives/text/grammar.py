@@ -1,6 +1,6 @@
 """Small English grammar for caption edits: articles, plurals, number and verb agreement, case.
 
-Only what rule-based caption edits need (stages.negatives_text): no tagger, no parser. Every function is pure.
+Only what rule-based caption edits need (negatives.text): no tagger, no parser. Every function is pure.
 """
 from __future__ import annotations
 

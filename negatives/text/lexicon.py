@@ -1,4 +1,4 @@
-"""Lexicons for rule-based caption edits (stages.negatives_text): objects, attributes, relations, numbers.
+"""Lexicons for rule-based caption edits (negatives.text): objects, attributes, relations, numbers.
 
 Objects are COCO/LVIS-style nouns in fine categories (a replacement stays in its category, so a negative stays
 plausible to a text-only reader: "a cat on a couch" -> "a dog on a couch", never "a pizza on a couch").
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from stages.nlp.grammar import INVARIANT_PLURALS, NUMBER_WORDS, PLURAL_ONLY, pluralize
+from negatives.text.grammar import INVARIANT_PLURALS, NUMBER_WORDS, PLURAL_ONLY, pluralize
 
 # ================================================================================================ objects
 # category -> entries. "man|men": explicit plural; "rice*": mass noun (no plural, no a/an); "glasses+": plural only.
@@ -412,7 +412,7 @@ AGE_CATEGORY_FOR = {"person": "age_person", "pet": "age_person", "farm_animal": 
                     "wild_animal": "age_person", "bird": "age_person", "role": "age_person"}
 
 # ================================================================================================ counts
-COUNT_WORDS = dict(NUMBER_WORDS)  # "two" -> 2 (stages.nlp.grammar.NUMBER_WORDS)
+COUNT_WORDS = dict(NUMBER_WORDS)  # "two" -> 2 (negatives.text.grammar.NUMBER_WORDS)
 MAX_COUNT_EDIT = 6  # counts a replacement may produce
 
 # ================================================================================================ relations
