@@ -1,4 +1,4 @@
-"""Benchmark of hard-negative generation (text part: negatives.text, the negatives_text stage). Run on demand, not a test:
+"""Benchmark of hard-negative generation (text part: negatives.text and the negatives_text stage). On demand:
 
     .venv/bin/python benchmarks/negatives.py [--captions N] [--repeat R]
 

@@ -1,4 +1,5 @@
-"""DuckDB catalog of sources, builds, shards, stage stats, lineage, seen uids and evals.
+"""DuckDB catalog of sources, builds, shards, stage stats, lineage (parent builds, stage versions), seen uids
+and evals.
 
 One file, one writer at a time. Every operation opens its own short-lived connection
 (``with duckdb.connect(path) as con``) and closes it at once, so a long-running build never
@@ -41,6 +42,9 @@ _DDL = [
         seconds DOUBLE)""",
     """CREATE TABLE IF NOT EXISTS lineage (
         child_build_id VARCHAR, parent_build_id VARCHAR, relation VARCHAR)""",
+    # which version of each stage made a build's stats (stages.base.Stage.version), in spec order
+    """CREATE TABLE IF NOT EXISTS build_stages (
+        build_id VARCHAR, position INTEGER, stage VARCHAR, version INTEGER)""",
     "CREATE TABLE IF NOT EXISTS seen (source VARCHAR, uid VARCHAR, sha256 VARCHAR, build_id VARCHAR)",
     """CREATE TABLE IF NOT EXISTS evals (
         build_id VARCHAR, metric VARCHAR, value DOUBLE, detail VARCHAR, recorded TIMESTAMP)""",
@@ -243,7 +247,7 @@ class Catalog:
         return got[0] if got else None
 
     def get_build(self, build_id: str) -> dict:
-        """The builds row plus 'shards', 'stage_stats', 'lineage' (both directions) and 'evals'."""
+        """The builds row plus 'shards', 'stage_stats', 'lineage' (both directions), 'stage_versions' and 'evals'."""
         with self._connect(write=False) as con:
             got = _rows(con.execute("SELECT * FROM builds WHERE build_id = ?", [build_id]))
             if not got:
@@ -262,6 +266,8 @@ class Catalog:
                 "SELECT child_build_id, parent_build_id, relation FROM lineage "
                 "WHERE child_build_id = ? OR parent_build_id = ? ORDER BY rowid",
                 [build_id, build_id]))
+            d["stage_versions"] = _rows(con.execute(
+                "SELECT stage, version FROM build_stages WHERE build_id = ? ORDER BY position", [build_id]))
             evals = _rows(con.execute(
                 "SELECT metric, value, detail, recorded FROM evals WHERE build_id = ? "
                 "ORDER BY recorded, rowid", [build_id]))
@@ -295,6 +301,14 @@ class Catalog:
             for v in values:
                 con.execute("DELETE FROM stage_stats WHERE build_id = ? AND stage = ?", v[:2])
             con.executemany("INSERT INTO stage_stats VALUES (?, ?, ?, ?, ?, ?)", values)
+
+    def record_stage_versions(self, build_id: str, versions: dict[str, int]) -> None:
+        """Replace the build's stage versions ({stage: version}, in spec order)."""
+        with self._txn() as con:
+            con.execute("DELETE FROM build_stages WHERE build_id = ?", [build_id])
+            if versions:
+                con.executemany("INSERT INTO build_stages VALUES (?, ?, ?, ?)",
+                                [[build_id, i, stage, int(v)] for i, (stage, v) in enumerate(versions.items())])
 
     def add_lineage(self, child: str, parent: str, relation: str) -> None:
         with self._txn() as con:
@@ -437,7 +451,8 @@ def _human_bytes(n: int | None) -> str:
 
 
 def format_build(d: dict) -> str:
-    """Text view of get_build(): fields, shards (summary per kind + list), stage stats, lineage, evals."""
+    """Text view of get_build(): fields, shards (summary per kind + list), stage stats, stage versions, lineage,
+    evals."""
     parts: list[Any] = []
     fields = [c for c in _BUILD_COLS if c != "spec_yaml"]
     parts.append(_table(f"build {d.get('build_id')}", ["field", "value"],
@@ -467,6 +482,9 @@ def format_build(d: dict) -> str:
                               rej(s.get("rejected") or {}),
                               None if s.get("seconds") is None else round(float(s["seconds"]), 2)]
                              for s in stats]))
+    versions = d.get("stage_versions") or []
+    if versions:
+        parts.append(_table("stage versions", ["stage", "version"], [[v["stage"], v["version"]] for v in versions]))
     lineage = d.get("lineage") or []
     if lineage:
         parts.append(_table("lineage", ["child", "relation", "parent"],

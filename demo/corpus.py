@@ -142,7 +142,7 @@ def _package_dir(which: str) -> Path:
     return base / "data" if which == "skimage" else base / "datasets" / "images"
 
 
-def _load_real(which: str, name: str, short_side: int = 256) -> Image.Image:
+def load_real_photo(which: str, name: str, short_side: int = 256) -> Image.Image:
     im = Image.open(_package_dir(which) / name)
     im.load()
     if im.mode in ("RGBA", "LA", "P"):
@@ -452,7 +452,7 @@ def generate_corpus(out_dir: Path, n: int = 3000, seed: int = 0, base_url: str =
     # Real photos and text images from the packaged data folders.
     for fault, items in (("real_photo", REAL_PHOTOS), ("text_image", TEXT_IMAGES)):
         for which, name, text in items:
-            data = _encode(_load_real(which, name), "jpg")
+            data = _encode(load_real_photo(which, name), "jpg")
             index.add(_phash_int(Image.open(io.BytesIO(data))))
             path, rel = w.image_route(data, "jpg")
             w.add(path, text, fault, group=w.next_group(), is_original=True, scene=None, render_seed=None, file=rel)

@@ -237,12 +237,12 @@ def evaluate_scorer(model_dir: str | Path, n: int = 1000, seed: int = EVAL_SEED,
     res["recommended_threshold"] = th["threshold"]
 
     if real_photos:
-        from demo.corpus import REAL_PHOTOS, _load_real
+        from demo.corpus import REAL_PHOTOS, load_real_photo
 
         ims, caps = [], []
         for which, name, text in REAL_PHOTOS:
             try:
-                ims.append(_decode(encode_jpeg(_load_real(which, name), JPEG_QUALITY)))
+                ims.append(_decode(encode_jpeg(load_real_photo(which, name), JPEG_QUALITY)))
                 caps.append(text)
             except (RuntimeError, OSError):
                 continue

@@ -91,6 +91,7 @@ def record_in_catalog(ctx: BuildContext, status: str, result: dict | None = None
         cat.record_source(ctx.source_name, str(ctx.spec.source.path), ctx.fingerprint, None)
         cat.start_build(ctx.build_id, ctx.spec.dataset, ctx.source_name, ctx.spec.spec_hash(), code_version(),
                         ctx.spec.to_yaml(), str(ctx.build_dir))
+        cat.record_stage_versions(ctx.build_id, ctx.spec.stage_versions())
         return
     if status == "complete":
         stats, files = result["stats"], result["files"]

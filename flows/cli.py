@@ -81,7 +81,7 @@ def plain_summary(result: dict) -> str:
 
 def make_reporter(args):
     """No progress with --quiet or --json; bars on a terminal; plain lines anywhere else (cron, CI, nohup)."""
-    from flows.progress import PlainReporter
+    from flows.engine.progress import PlainReporter
 
     if args.quiet or args.json:
         return None
@@ -89,7 +89,7 @@ def make_reporter(args):
 
 
 def _run(fn, args, **kw):
-    from flows.progress import set_reporter
+    from flows.engine.progress import set_reporter
 
     reporter = make_reporter(args)
     set_reporter(reporter)

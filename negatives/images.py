@@ -2,7 +2,8 @@
 
 For each positive pair (uid, image, caption) the candidates are
 - every negative caption of the row's `neg_captions` (the negatives_text stage's; made on the fly from the caption
-  by negatives.text when the table has no such column) times every caption-taking editor (recolor, render, diffusion), and
+  by negatives.text when the table has no such column) times every caption-taking editor (recolor, render,
+  diffusion), and
 - every negative caption an own-caption editor proposes (flip: the left/right swap, only for captions with
   left/right content).
 Each candidate becomes one row of NEGATIVES_IMAGE_SCHEMA, whether or not an image was made: an editor that cannot

@@ -74,7 +74,7 @@ class ReportError(RuntimeError):
 
 # --------------------------------------------------------------------------- reading a build
 
-def _part_files(build_dir: Location, sub: str) -> list[Location]:
+def part_files(build_dir: Location, sub: str) -> list[Location]:
     return (build_dir / sub).glob("part-*.parquet")
 
 
@@ -200,7 +200,7 @@ def load_build(build_dir: str | Path | Location, rows: bool = True, max_rows: in
         return json.loads(p.read_text()) if p.exists() else {}
 
     spec = yaml.safe_load((build_dir / "spec.yaml").read_text()) if (build_dir / "spec.yaml").exists() else {}
-    shards, rejects = _part_files(build_dir, "shards"), _part_files(build_dir, "rejects")
+    shards, rejects = part_files(build_dir, "shards"), part_files(build_dir, "rejects")
     total = sum(f.read_metadata().num_rows for f in shards + rejects) if rows else 0
     fraction = min(1.0, max_rows / total) if total else 1.0
     tables = (_read_meta(shards, 0, True, fraction) + _read_meta(rejects, len(shards), False, fraction)) if rows else []
@@ -904,7 +904,7 @@ def _collect_negatives(build: Build) -> tuple[list[_Neg], str, str | None]:
                              edit=edit))
         if negs:
             return negs, f"the <code>{esc(c)}</code> column of the kept rows", None
-    files = _part_files(build.dir, "negatives") or sorted((build.dir / "negatives").glob("*.parquet"))
+    files = part_files(build.dir, "negatives") or sorted((build.dir / "negatives").glob("*.parquet"))
     if files:
         uid_index = {u: i for i, u in enumerate(meta["uid"].to_pylist())}
         schema = files[0].read_schema()
@@ -974,7 +974,7 @@ def _negatives(build: Build, seed: int) -> str:
     images = build.take({r for n in chosen for r in (n.row, n.image_row) if r is not None})
     neg_images: dict[Any, Any] = {}
     if image_col:
-        files = _part_files(build.dir, "negatives") or sorted((build.dir / "negatives").glob("*.parquet"))
+        files = part_files(build.dir, "negatives") or sorted((build.dir / "negatives").glob("*.parquet"))
         holder = Build(build.dir, {}, {}, {}, files, pa.table({}), None)
         neg_images = take_column(holder, [(n.image_at[0], n.image_at[1], n.image_at) for n in chosen
                                           if n.image_at], image_col)
@@ -1086,7 +1086,7 @@ def features_yaml(schema: pa.Schema) -> list[dict]:
 def card_header(build: Build) -> dict:
     mf, st = build.manifest, build.stats
     dataset = st.get("dataset") or mf.get("dataset") or build.spec.get("dataset") or build.dir.name
-    shards = _part_files(build.dir, "shards")
+    shards = part_files(build.dir, "shards")
     metas = [f.read_metadata() for f in shards]
     n = sum(md.num_rows for md in metas)
     download = sum(f.size() for f in shards)

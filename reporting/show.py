@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from reporting.report import (ReportError, _part_files, deciding_param, deciding_stats, fmt_bytes,
+from reporting.report import (ReportError, part_files, deciding_param, deciding_stats, fmt_bytes,
                                     reason_meaning, stage_params)
 from dataio.storage import Location, location
 
@@ -28,7 +28,7 @@ def find_row(build_dir: Location, uid: str) -> tuple[str, Location, dict]:
         raise ReportError("empty uid")
     hits: list[tuple[str, Location, int, str]] = []
     for sub in ("shards", "rejects"):
-        for f in _part_files(build_dir, sub):
+        for f in part_files(build_dir, sub):
             col = f.read_table(columns=["uid"]).column("uid")
             exact = pc.equal(col, uid)
             mask = exact if pc.any(exact).as_py() else pc.starts_with(col, uid)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from schemas.registry import stage_class
+
 SCHEMA_VERSION = 1
 
 # The input side: one row per URL in the source list, after uid assignment.
@@ -50,9 +52,7 @@ DECISION_FIELDS = [
 
 
 def stage_fields(stage: str) -> list[pa.Field]:
-    """The columns a stage adds, as it declares them in its own file (stages/<name>.py)."""
-    from stages import stage_class  # stages import this module; the registry is read only when a schema is built
-
+    """The columns a stage adds, as it declares them in its own file (stages/<name>.py, or a plugin's)."""
     return stage_class(stage).output_fields()
 
 

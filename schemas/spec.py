@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+
+from schemas.registry import StageModuleError, load_stages
 
 SPEC_VERSION = 1
 
@@ -105,11 +108,10 @@ class StageParams(StrictModel):
     pool_size: int | None = Field(None, gt=0)
 
 
-def stage_params_models() -> dict[str, type[StageParams]]:
-    """Each registered stage's params model, by stage name (declared in the stage's own file)."""
-    from stages import registry  # stages import this module; the registry is read only when a spec is parsed
-
-    return {name: cls.Params for name, cls in registry().items()}
+def stage_params_models(modules: list[str] | tuple[str, ...] = ()) -> dict[str, type[StageParams]]:
+    """Each stage's params model, by stage name (declared in the stage's own file): the stages of the
+    `pairforge.stages` entry points and of `modules` (schemas.registry)."""
+    return {name: cls.Params for name, cls in load_stages(modules).items()}
 
 
 class StageEntry(StrictModel):
@@ -140,6 +142,10 @@ class BuildSpec(StrictModel):
     dataset: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     source: SourceSpec
     ingest: IngestSpec = Field(default_factory=IngestSpec)
+    stage_modules: list[str] = Field(
+        default_factory=list, description="modules (or packages) of stages from outside pairforge, importable where "
+                                          "the build runs (my_pkg.my_stage); installed packages can instead declare "
+                                          "a `pairforge.stages` entry point")
     stages: list[StageEntry] = Field(default_factory=list)
     write: WriteSpec = Field(default_factory=WriteSpec)
     decide: DecideSpec = Field(default_factory=DecideSpec)
@@ -164,9 +170,21 @@ class BuildSpec(StrictModel):
             raise ValueError(f"must be a local DuckDB file, not {v}")
         return v
 
+    @field_validator("stage_modules")
+    @classmethod
+    def _importable(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not all(part.isidentifier() for part in name.split(".")):
+                raise ValueError(f"not a module path: {name!r}")
+            try:
+                load_stages([name])
+            except StageModuleError as e:
+                raise ValueError(f"cannot import {name!r}: {e.__cause__ or e}") from None
+        return v
+
     @field_validator("stages", mode="before")
     @classmethod
-    def _parse_stages(cls, raw: Any) -> list[StageEntry]:
+    def _parse_stages(cls, raw: Any, info: ValidationInfo) -> list[StageEntry]:
         if raw is None:
             return []
         if not isinstance(raw, list):
@@ -181,7 +199,7 @@ class BuildSpec(StrictModel):
             if not isinstance(item, dict) or len(item) != 1:
                 raise ValueError(f"stages[{i}]: expected `- name: {{params}}`, got {item!r}")
             (name, params), = item.items()
-            models = stage_params_models()
+            models = stage_params_models(info.data.get("stage_modules") or ())
             if name not in models:
                 raise ValueError(f"stages[{i}]: unknown stage {name!r}; known: {sorted(models)}")
             try:
@@ -209,6 +227,11 @@ class BuildSpec(StrictModel):
     def stage_names(self) -> list[str]:
         return [s.name for s in self.stages]
 
+    def stage_versions(self) -> dict[str, int]:
+        """Each stage's `version`, in spec order: part of a build's resume key and of its catalog record."""
+        stages = load_stages(self.stage_modules)
+        return {s.name: int(stages[s.name].version) for s in self.stages}
+
     def stage_params(self, name: str) -> StageParams:
         for s in self.stages:
             if s.name == name:
@@ -216,8 +239,9 @@ class BuildSpec(StrictModel):
         raise KeyError(name)
 
     def to_dict(self) -> dict:
-        """The resolved spec, every default filled in, in the YAML layout."""
-        d = self.model_dump(mode="json", exclude={"stages"})
+        """The resolved spec, every default filled in, in the YAML layout (stage_modules only when given, so a spec
+        without it keeps its hash)."""
+        d = self.model_dump(mode="json", exclude={"stages"} | (set() if self.stage_modules else {"stage_modules"}))
         d["stages"] = [{s.name: s.params.model_dump(mode="json")} for s in self.stages]
         return d
 

@@ -26,7 +26,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from schemas.spec import SpecError, format_errors, read_yaml
+from schemas.spec import SpecError, format_errors, is_uri, read_yaml
 
 TRAIN_SPEC_VERSION = 1
 
@@ -184,9 +184,12 @@ def parse_train_spec(data: dict, base_dir: Path | None = None, origin: str = "<t
     def resolve(p: Path) -> Path:
         return p if p.is_absolute() else (base / p).resolve()
 
-    spec.data.shards = [s if Path(s).is_absolute() else str(base / s) for s in spec.data.shards]
+    def resolve_data(s: str) -> str:  # shards may be in object storage (s3://bucket/prefix), as a build's are
+        return s if is_uri(s) or Path(s).is_absolute() else str(base / s)
+
+    spec.data.shards = [resolve_data(s) for s in spec.data.shards]
     if spec.data.hard_negatives:
-        spec.data.hard_negatives = [s if Path(s).is_absolute() else str(base / s) for s in spec.data.hard_negatives]
+        spec.data.hard_negatives = [resolve_data(s) for s in spec.data.hard_negatives]
     spec.out = resolve(spec.out)
     if spec.export is not None:
         spec.export = resolve(spec.export)

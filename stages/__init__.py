@@ -1,32 +1,16 @@
-"""One file a stage. Every module directly in this folder (except base) is a stage module: importing it registers
-its stages (stages.base.Stage.__init_subclass__). Helpers live in subfolders named for their role."""
+"""One file a stage. Every module directly in this folder is a stage module (base holds the contract): the package is
+pairforge's own entry point of the `pairforge.stages` group, so importing it through the registry registers its
+stages (stages.base.Stage.__init_subclass__). Helpers live in subfolders named for their role."""
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from schemas.registry import load_stages, stage_class
 from stages.base import Stage
 
-_loaded = False
 
-
-def registry() -> dict[str, type[Stage]]:
-    """Every stage, by spec name (imports the stage modules once; heavy libraries load in setup(), not here)."""
-    global _loaded
-    if not _loaded:
-        for info in pkgutil.iter_modules(__path__):
-            if not info.ispkg and info.name != "base":
-                importlib.import_module(f"{__name__}.{info.name}")
-        _loaded = True
-    return Stage.registry
-
-
-def stage_class(name: str) -> type[Stage]:
-    stages = registry()
-    try:
-        return stages[name]
-    except KeyError:
-        raise KeyError(f"unknown stage {name!r}; known: {sorted(stages)}") from None
+def registry(modules=()) -> dict[str, type[Stage]]:
+    """Every stage, by spec name: pairforge's own, those of the `pairforge.stages` entry points, and `modules`
+    (heavy libraries load in setup(), not at import)."""
+    return load_stages(modules)
 
 
 def stage_table() -> str:
@@ -37,3 +21,6 @@ def stage_table() -> str:
         reasons = ", ".join(r.name for r in cls.reasons) or "(keeps every pair)"
         rows.append(f"| `{name}` | {cls.summary} | {stats} | {reasons} |")
     return "\n".join(rows)
+
+
+__all__ = ["registry", "stage_class", "stage_table"]

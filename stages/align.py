@@ -34,7 +34,6 @@ applies is always the spec's (decide stays pure over the columns, so `refilter` 
 from __future__ import annotations
 
 import math
-import time
 from typing import Literal
 
 import numpy as np
@@ -44,12 +43,11 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from schemas.spec import StageParams
-from stages.base import (Column, DecideContext, Decision, Reason, Resources, Stage, StageConfigError, Threshold,
-                         concat, fixed)
+from stages.base import Column, DecideContext, Decision, Reason, Resources, StageConfigError, Threshold, concat, fixed
 from stages.imaging.decode import images, pil
 from stages.models import (check_loadable, config_summary, is_local, load_clip, load_pixel_prep, locate_model,
-                           pixel_column, pixel_rows, resolve_device, resolve_dtype, resolve_threads, training_card,
-                           weights_sha256)
+                           pixel_column, pixel_rows, resolve_device, resolve_dtype, training_card, weights_sha256)
+from stages.models.stage import ModelStage, Requirement, model_alias
 
 class AlignParams(StageParams):
     model: str = Field("openai/clip-vit-base-patch32", min_length=1,
@@ -89,13 +87,13 @@ def _emb_column(emb: np.ndarray | None, rows: np.ndarray, n: int) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), values, mask=pa.array(~valid))
 
 
-class AlignStage(Stage):
+class AlignStage(ModelStage):
     name = "align"
     version = 1
     summary = "image-caption alignment by a transformers CLIP or SigLIP (hub id or folder)"
     Params = AlignParams
-    uses_model = True
     needs_image = True
+    requires = (Requirement("transformers"), Requirement("torch"))
     columns = (
         Column("clip_score", pa.float32(), "cosine of the L2-normalised projected embeddings; null if undecodable"),
         Column("image_emb", pa.list_(pa.float16()), "L2-normalised image embedding (null: undecodable / not stored)",
@@ -114,38 +112,19 @@ class AlignStage(Stage):
 
     def __init__(self, params: AlignParams | None = None):
         super().__init__(params)
-        self.clip = None
-        self.load_seconds: float | None = None
         self._prep = None  # PixelPrep without the model, for prepare_batch in CPU workers
 
+    clip = model_alias("The loaded CLIP-like model (stages.models.ClipModel), None before setup().")
+
     # lifecycle -----------------------------------------------------------
-    def preflight(self) -> None:
+    def check_model(self) -> None:
         """The model can be found and parsed, and the device exists; no weights are loaded."""
         check_loadable(self.params.model, stage=self.name)
-        device = resolve_device(self.params.device, self.resources.gpus, stage=self.name)
-        if self.resources.gpus and device.type != "cuda" and self.params.device == "auto":
-            raise StageConfigError(f"{self.name}: gpus={self.resources.gpus:g} asked for, but torch sees no CUDA "
-                                   "device here; set gpus: 0 (or run where there is a GPU)")
+        self.check_device(self.params.device)
 
-    def setup(self) -> None:
-        if self.clip is None:
-            t0 = time.perf_counter()
-            self.clip = load_clip(self.params.model, self.params.device, self.params.dtype,
-                                  threads=self.threads, gpus=self.resources.gpus, stage=self.name)
-            self.load_seconds = time.perf_counter() - t0
-
-    def teardown(self) -> None:
-        if self.clip is not None:
-            cuda = self.clip.device.type == "cuda"
-            self.clip = None
-            if cuda:
-                import torch
-
-                torch.cuda.empty_cache()
-
-    @property
-    def threads(self) -> int:
-        return resolve_threads(self.params.threads, self.resources.cpus)
+    def load_model(self):
+        return load_clip(self.params.model, self.params.device, self.params.dtype, threads=self.threads,
+                         gpus=self.resources.gpus, stage=self.name)
 
     @classmethod
     def decides_globally(cls, params: AlignParams) -> bool:
@@ -269,11 +248,11 @@ class AlignStage(Stage):
         return d
 
     # metadata --------------------------------------------------------------
-    def metadata(self) -> dict:
+    def model_metadata(self) -> dict:
         """Model name, where it was found, weights digest (local folders) or hub revision, device, dtype, dim."""
         p = self.params
         location = self.clip.location if self.clip else locate_model(p.model)
-        meta = {"version": self.version, "model": p.model, "location": location, "local": is_local(location)}
+        meta = {"model": p.model, "location": location, "local": is_local(location)}
         meta.update(config_summary(location))
         if is_local(location):
             meta["weights_sha256"] = weights_sha256(location)

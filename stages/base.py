@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from schemas import registry as stage_registry
 from schemas.spec import StageParams
 
 
@@ -232,17 +233,17 @@ class Stage:
     # Input columns this stage may change (rewrite_column); every other column it is given must come back as is.
     rewrites: ClassVar[tuple[str, ...]] = ()
 
-    registry: ClassVar[dict[str, type["Stage"]]] = {}
+    registry: ClassVar[dict[str, type["Stage"]]] = stage_registry.STAGES  # filled as stage modules are imported
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
         if "name" not in cls.__dict__:
             return
         _check_declarations(cls)
-        other = Stage.registry.get(cls.name)
-        if other is not None and other.__qualname__ != cls.__qualname__:
-            raise StageDeclarationError(f"two stages are named {cls.name!r}: {other.__module__} and {cls.__module__}")
-        Stage.registry[cls.name] = cls
+        try:
+            stage_registry.register(cls)
+        except ValueError as e:
+            raise StageDeclarationError(str(e)) from None
 
     def __init__(self, params: StageParams | None = None):
         self.params = params if params is not None else self.Params()

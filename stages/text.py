@@ -46,8 +46,6 @@ Cost: about 30-60 ms an image on one core, most of it the detector; see benchmar
 """
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import re
 from pathlib import Path
 
@@ -63,7 +61,6 @@ from stages.base import (
     Decision,
     Reason,
     Resources,
-    Stage,
     StageConfigError,
     Threshold,
     as_text,
@@ -71,7 +68,7 @@ from stages.base import (
     fixed,
 )
 from stages.imaging.decode import images
-from dataio.shards import file_sha256
+from stages.models.stage import ModelStage, Requirement
 
 
 class TextParams(StageParams):
@@ -112,15 +109,11 @@ def caption_overlap(ocr_text: str | None, caption: str | None) -> float | None:
     return hit / len(words)
 
 
-def package_dir() -> Path:
-    spec = importlib.util.find_spec("rapidocr_onnxruntime")
-    if spec is None or not spec.submodule_search_locations:
-        raise StageConfigError("text: rapidocr-onnxruntime is not installed (pip install rapidocr-onnxruntime)")
-    return Path(list(spec.submodule_search_locations)[0])
+RAPIDOCR = Requirement("rapidocr_onnxruntime", "rapidocr-onnxruntime")
 
 
 def model_paths() -> dict[str, Path]:
-    base = package_dir() / "models"
+    base = RAPIDOCR.folder("text") / "models"
     paths = {k: base / f for k, f in MODEL_FILES.items()}
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
@@ -226,13 +219,14 @@ def _detail_text(ocr) -> pa.Array:
     return pc.if_else(pc.greater(pc.utf8_length(t), DETAIL_OCR_CHARS), cut, t)
 
 
-class TextStage(Stage):
+class TextStage(ModelStage):
     name = "text"
     version = 1
     summary = "text in images: RapidOCR's bundled PP-OCRv4 detector and recogniser"
     Params = TextParams
-    uses_model = True
     needs_image = True
+    requires = (RAPIDOCR, Requirement("onnxruntime"))
+    model_description = "PP-OCRv4 det + rec (rapidocr-onnxruntime, bundled ONNX)"
     columns = (
         Column("text_frac", pa.float32(), "image area under the union of read text boxes, 0..1; null: undecodable"),
         Column("ocr_text", pa.string(), "recognised text of those boxes joined by spaces, at most 500 chars", "detail"),
@@ -251,34 +245,20 @@ class TextStage(Stage):
 
     params: TextParams
 
-    def __init__(self, params: TextParams | None = None):
-        super().__init__(params)
-        self._engine: OcrEngine | None = None
-
-    def preflight(self) -> None:
+    def check_model(self) -> None:
         model_paths()
-        if importlib.util.find_spec("onnxruntime") is None:
-            raise StageConfigError("text: onnxruntime is not installed")
 
-    def setup(self) -> None:
-        if self._engine is None:
-            p = self.params
-            self._engine = OcrEngine(threads=p.threads, min_box_score=p.min_box_score, max_side=p.max_side)
+    def load_model(self) -> OcrEngine:
+        p = self.params
+        return OcrEngine(threads=self.threads, min_box_score=p.min_box_score, max_side=p.max_side)
 
-    def teardown(self) -> None:
-        self._engine = None
+    def model_files(self) -> dict[str, Path]:
+        return model_paths()
 
-    def metadata(self) -> dict:
-        try:
-            pkg = importlib.metadata.version("rapidocr-onnxruntime")
-        except importlib.metadata.PackageNotFoundError:
-            pkg = None
-        return {"version": self.version, "model": "PP-OCRv4 det + rec (rapidocr-onnxruntime, bundled ONNX)",
-                "package_version": pkg,
-                "model_files": {k: {"file": p.name, "sha256": file_sha256(p)} for k, p in model_paths().items()},
-                "min_long_side": MIN_LONG_SIDE, "max_side": self.params.max_side,
+    def model_metadata(self) -> dict:
+        return {"min_long_side": MIN_LONG_SIDE, "max_side": self.params.max_side,
                 "min_box_score": self.params.min_box_score, "rec_min_score": REC_MIN_SCORE,
-                "min_box_alnum": MIN_BOX_ALNUM, "threads": self.params.threads}
+                "min_box_alnum": MIN_BOX_ALNUM, "threads": self.threads}
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         self.setup()
@@ -288,7 +268,7 @@ class TextStage(Stage):
                 for k in cols:
                     cols[k].append(None)
                 continue
-            frac, read = self._engine.read(rgb)
+            frac, read = self.model.read(rgb)
             ocr = " ".join(t for t, _, _ in read)[:MAX_OCR_CHARS]
             cols["text_frac"].append(frac)
             cols["ocr_text"].append(ocr)

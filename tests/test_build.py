@@ -89,10 +89,15 @@ def test_catalog_records_the_build(demo):
     assert b["status"] == "complete" and b["rows_kept"] == demo["result"]["stats"]["rows_kept"]
     assert {s["stage"] for s in b["stage_stats"]} >= {"input", "ingest", "basic", "write"}
     assert sum(s["rows"] for s in b["shards"] if s["kind"] == "shard") == b["rows_kept"]
+    from schemas.spec import load_spec
+
+    versions = load_spec(demo["spec"]).stage_versions()
+    assert len(versions) >= 5 and b["stage_versions"] == [{"stage": k, "version": v} for k, v in versions.items()]
     r = subprocess.run([sys.executable, "-m", "flows.cli", "catalog", "--catalog",
                         str(demo["build_dir"].parents[1] / "catalog.duckdb"), demo["result"]["build_id"]],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and demo["result"]["build_id"] in r.stdout and "complete" in r.stdout
+    assert "stage versions" in r.stdout
 
 
 def test_shards_load_with_common_readers(demo):

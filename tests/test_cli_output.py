@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.cli import parser
-from flows.progress import PlainReporter
+from flows.engine.progress import PlainReporter
 
 # the positional arguments each command needs to parse
 COMMANDS = {

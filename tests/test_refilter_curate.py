@@ -52,8 +52,10 @@ def test_refilter_equals_fresh_build(demo, tmp_path):
     assert a == b
     assert sum(v == ("basic", "too_small") for v in a.values()) > sum(
         v == ("basic", "too_small") for v in outcome(demo["build_dir"]).values())  # the new threshold bit
-    lineage = Catalog(Path(demo["build_dir"]).parents[1] / "catalog.duckdb").get_build(child["build_id"])["lineage"]
+    record = Catalog(Path(demo["build_dir"]).parents[1] / "catalog.duckdb").get_build(child["build_id"])
+    lineage = record["lineage"]
     assert any(l["parent_build_id"] == demo["result"]["build_id"] and l["relation"] == "refilter_of" for l in lineage)
+    assert [v["stage"] for v in record["stage_versions"]] == [next(iter(s)) for s in spec["stages"]]
 
 
 def test_refilter_rejects_unknown_params(demo):

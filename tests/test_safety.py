@@ -3,6 +3,8 @@ stats. No NSFW images ship with the project, so these tests cannot measure recal
 one nudenet ships and gives nudenet's own detections, that benign images stay under the threshold, and the logic."""
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import io
 import socket
 from pathlib import Path
@@ -14,6 +16,8 @@ import pytest
 from PIL import Image
 
 from stages import stage_class
+from stages.base import StageConfigError
+from stages.models.stage import Requirement
 from stages.safety import (
     LABEL_FLOOR,
     NSFW_CLASSES,
@@ -63,9 +67,33 @@ def test_registered_and_model_is_bundled():
     s = SafetyStage(SafetyParams())
     s.preflight()
     meta = s.metadata()
-    assert meta["model_file"] == "320n.onnx" and len(meta["model_sha256"]) == 64
+    detector = meta["model_files"]["detector"]
+    assert detector["file"] == "320n.onnx"
+    assert detector["sha256"] == hashlib.sha256(model_path().read_bytes()).hexdigest()
+    assert meta["packages"]["nudenet"] == importlib.metadata.version("nudenet") and meta["packages"]["onnxruntime"]
     assert meta["nsfw_classes"] == list(NSFW_CLASSES)
     assert [f.name for f in SafetyStage.output_fields()] == ["nsfw_score", "nsfw_labels"]
+
+
+def test_model_stage_lifecycle():
+    """stages.models.stage.ModelStage: the model loads in setup, once, and teardown releases it; a missing optional
+    dependency fails preflight naming the command that installs it."""
+    s = SafetyStage(SafetyParams())
+    assert s.model is None
+    s.setup()
+    model = s.model
+    assert isinstance(model, NsfwDetector) and s.load_seconds is not None
+    s.setup()
+    assert s.model is model  # loaded once
+    s.teardown()
+    assert s.model is None
+
+    class Unavailable(SafetyStage):  # not registered: no `name` of its own
+        requires = SafetyStage.requires + (Requirement("pairforge_no_such_module", "pairforge-no-such-package"),)
+
+    with pytest.raises(StageConfigError, match=r"safety: needs pairforge-no-such-package, not installed here "
+                                               r"\(pip install pairforge-no-such-package\)"):
+        Unavailable(SafetyParams()).preflight()
 
 
 def test_loads_and_runs_without_network(monkeypatch):

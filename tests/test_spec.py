@@ -40,6 +40,9 @@ def test_good_spec_resolves_defaults_and_paths(tmp_path):
         ({"source": {"urls": "u.csv", "pairs": "u.csv"}}, "source", "exactly one of source.urls"),
         ({"dataset": "bad name!"}, "dataset", "pattern"),
         ({"stages": [{"basic": {}}, {"basic": {}}]}, "stages", "once"),
+        ({"stage_modules": ["pairforge_no_such_stage_module"]}, "stage_modules",
+         "cannot import 'pairforge_no_such_stage_module': No module named 'pairforge_no_such_stage_module'"),
+        ({"stage_modules": ["my stages"]}, "stage_modules", "not a module path: 'my stages'"),
     ],
 )
 def test_bad_spec_names_file_and_field(tmp_path, patch, field, expected):
@@ -48,6 +51,15 @@ def test_bad_spec_names_file_and_field(tmp_path, patch, field, expected):
         load_spec(p)
     msg = str(e.value)
     assert str(p) in msg and field in msg and expected in msg, msg
+
+
+def test_stage_modules_round_trip_and_stay_out_of_the_hash_when_absent(tmp_path):
+    spec = load_spec(write(tmp_path, GOOD))
+    assert "stage_modules" not in spec.to_dict()  # specs written before the field keep their hash
+    given = load_spec(write(tmp_path, GOOD | {"stage_modules": ["string"]}, "with.yaml"))  # imports, holds no stage
+    assert given.to_dict()["stage_modules"] == ["string"] and given.spec_hash() != spec.spec_hash()
+    again = load_spec(write(tmp_path, yaml.safe_load(given.to_yaml()), "again.yaml"))
+    assert again.stage_modules == ["string"] and again.spec_hash() == given.spec_hash()
 
 
 def test_not_yaml_and_missing_file(tmp_path):

@@ -98,6 +98,16 @@ def test_spec_errors_name_the_field(tmp_path, shards):
         assert "t.yaml" in str(e.value) and field in str(e.value), str(e.value)
 
 
+def test_shards_in_object_storage_stay_uris(tmp_path):
+    """A relative shard folder resolves against the spec's folder; an s3:// one (schemas.spec.is_uri) is kept."""
+    spec = tiny_spec(Path("scenes"), tmp_path / "o")
+    spec["data"] = spec["data"] | {"shards": ["scenes", "s3://bucket/builds/ds/b1/shards"],
+                                   "hard_negatives": ["s3://bucket/builds/ds/b1/negatives"]}
+    got = parse_train_spec(spec, base_dir=tmp_path)
+    assert got.data.shards == [str(tmp_path / "scenes"), "s3://bucket/builds/ds/b1/shards"]
+    assert got.data.hard_negatives == ["s3://bucket/builds/ds/b1/negatives"]
+
+
 def test_loader_is_seeded_splits_by_uid_and_skips(shards):
     files = resolve_shards([shards])
     assert len(files) == 3

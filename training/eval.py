@@ -47,7 +47,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows import env  # noqa: F401
 from demo.scenes import COLORS, INVERSE_RELATION, RELATIONS, SHAPES, Group, Scene, caption, encode_jpeg, \
     render_scene, sample_scene
 from schemas.columns import PAIR_SCHEMA, stage_fields

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-from flows import env  # noqa: F401
 from loaders.pairs import HardNegativeCollate, ShardPairs, random_crop, resolve_shards
 from schemas.train_spec import ModelSpec, TrainSpec, load_train_spec
 

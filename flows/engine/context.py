@@ -1,5 +1,5 @@
-"""A build's identity and folder: open (resume the unfinished build of the same spec and input, or start one),
-the per-dataset lock, and the code version recorded with it."""
+"""A build's identity and folder: open (resume the unfinished build of the same spec, input and stage versions,
+or start one), the per-dataset lock, and the code version recorded with it."""
 from __future__ import annotations
 
 import fcntl
@@ -79,15 +79,18 @@ def source_fingerprint(path: str | Path | Location) -> str:
 
 
 def open_build(spec: BuildSpec, new: bool = False) -> BuildContext:
-    """Resume the newest unfinished build of this spec and input, or start a new one."""
+    """Resume the newest unfinished build of this spec, input and stage versions, or start a new one (stats made by
+    another version of a stage are never reused)."""
     fingerprint = source_fingerprint(spec.source.path)
     spec_hash = spec.spec_hash()
+    versions = spec.stage_versions()
     root = location(spec.out) / spec.dataset
     root.mkdir()
     if not new:
         for cand in reversed(root.subdirs()):
             st = BuildFolder(cand).state()
-            if st.get("spec_hash") == spec_hash and st.get("fingerprint") == fingerprint and st.get("status") != "complete":
+            if st.get("spec_hash") == spec_hash and st.get("fingerprint") == fingerprint \
+                    and st.get("stage_versions") == versions and st.get("status") != "complete":
                 return BuildContext(spec, BuildFolder(cand), fingerprint, resumed=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     build_id = f"{stamp}-{spec_hash[:8]}"
@@ -99,8 +102,8 @@ def open_build(spec: BuildSpec, new: bool = False) -> BuildContext:
     folder.work.mkdir()
     ctx = BuildContext(spec, folder, fingerprint)
     atomic_write_text(folder.spec_file, spec.to_yaml())
-    ctx.set_state(spec_hash=spec_hash, fingerprint=fingerprint, status="running", build_id=build_id,
-                  started=datetime.now(timezone.utc).isoformat())
+    ctx.set_state(spec_hash=spec_hash, fingerprint=fingerprint, stage_versions=versions, status="running",
+                  build_id=build_id, started=datetime.now(timezone.utc).isoformat())
     return ctx
 
 

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from flows.engine.context import BuildContext
 from flows.engine.decide import global_positions
-from flows.progress import phase
+from flows.engine.progress import phase
 from schemas.spec import BuildSpec
 from stages import stage_class
 from stages.base import DecideContext, concat, fixed

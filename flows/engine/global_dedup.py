@@ -38,16 +38,16 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from stages.dedup import block_masks as _block_masks
+from stages.dedup import column_or_nulls as _col
+from stages.dedup import covering_blocks as _design_blocks
+from stages.dedup import covering_design as _design
+from stages.dedup import dictionary_codes as _codes
+from stages.dedup import int_array as _int_np
+from stages.dedup import plan_bits as _plan_bits
 from stages.dedup import (
     CROP_BOXES,
     DedupParams,
-    _block_masks,
-    _codes,
-    _col,
-    _design,
-    _design_blocks,
-    _int_np,
-    _plan_bits,
     cluster_pairs,
     components,
     distinct_pairs,

@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from flows.engine.context import BuildContext
-from flows.progress import phase
+from flows.engine.progress import phase
 from dataio.download import ingest_shard
 
 

@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from flows.engine.context import BuildContext, earlier_builds
-from flows.progress import phase
+from flows.engine.progress import phase
 from schemas.columns import REJECT_SCHEMA
 from dataio.build_folder import atomic_write_table
 from dataio.sources import URL_BATCH_ROWS, corpus_kind, corpus_pieces, iter_corpus, iter_url_list

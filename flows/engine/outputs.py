@@ -17,7 +17,7 @@ import pyarrow.dataset as pads
 from flows.engine.context import BuildContext, BuildError, code_version
 from flows.engine.decide import DECISION_COLUMNS
 from flows.engine.global_decisions import SRC, shard_decisions
-from flows.progress import phase
+from flows.engine.progress import phase
 from schemas.columns import build_schema, rejects_schema
 from schemas.spec import BuildSpec
 from dataio.build_folder import BuildFolder, atomic_write_table, atomic_write_text

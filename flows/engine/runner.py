@@ -19,8 +19,9 @@ import pyarrow.compute as pc
 from flows.engine.context import BuildContext, BuildError
 from flows.engine.decide import decide_rowwise
 from flows.engine.global_decisions import SRC
-from flows.progress import phase
+from flows.engine.progress import phase
 from schemas.spec import BuildSpec
+from schemas.registry import MODULES_ENV
 from stages import stage_class
 from stages.base import drop_private
 from stages.imaging.decode import add_pixels, decodes, drop_pixels
@@ -317,6 +318,8 @@ def ray_session(spec: BuildSpec):
                                            "PAIRFORGE_CACHE", "HF_HOME",
                                            "TOKENIZERS_PARALLELISM", "WANDB_MODE") if k in os.environ}
     env_vars |= {k: v for k, v in os.environ.items() if k.startswith("AWS_")}  # object storage: endpoint, keys
+    if spec.stage_modules:  # the workers import them as the driver did (schemas.registry)
+        env_vars[MODULES_ENV] = ",".join(spec.stage_modules)
     kw = dict(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env_vars},
               configure_logging=True, logging_level="WARNING")
     if spec.ray.address:

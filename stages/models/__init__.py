@@ -57,7 +57,7 @@ MODELS_DIR = Path(__file__).resolve().parent / "shipped"  # model folders that s
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -162,7 +162,7 @@ def is_local(location: str) -> bool:
     return Path(location).is_absolute() and Path(location).is_dir()
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -190,7 +190,7 @@ def _check_folder(folder: Path) -> str | None:
     return None
 
 
-def _hub_cached(repo: str, filename: str) -> str | None:
+def hub_cached(repo: str, filename: str) -> str | None:
     from huggingface_hub import try_to_load_from_cache
 
     got = try_to_load_from_cache(repo, filename)
@@ -232,13 +232,13 @@ def check_loadable(name: str, *, stage: str = "align", timeout_s: float = 8.0) -
             raise _fail(stage, name, missing)
     else:
         p = Path(name).expanduser()
-        if p.is_absolute() or name.startswith((".", "~")) or not _HUB_ID.match(name):
+        if p.is_absolute() or name.startswith((".", "~")) or not HUB_ID.match(name):
             raise _fail(stage, name, f"no such folder (looked in {_looked_in(name)})")
-        cached = _hub_cached(name, "config.json")
-        if cached is None and _offline():
+        cached = hub_cached(name, "config.json")
+        if cached is None and hub_offline():
             raise _fail(stage, name, f"no folder of that name (looked in {_looked_in(name)}) and not in the local "
                                      "Hugging Face cache (HF_HUB_OFFLINE=1, so nothing is downloaded)")
-        if _offline() and not any(_hub_cached(name, f) for f in WEIGHT_FILES):
+        if hub_offline() and not any(hub_cached(name, f) for f in WEIGHT_FILES):
             raise _fail(stage, name, "its config is in the local Hugging Face cache but its weights are not "
                                      "(HF_HUB_OFFLINE=1, so nothing is downloaded)")
 
@@ -306,7 +306,7 @@ def config_summary(location: str) -> dict:
     if is_local(location):
         path = Path(location) / "config.json"
     else:
-        cached = _hub_cached(location, "config.json")
+        cached = hub_cached(location, "config.json")
         path = Path(cached) if cached else None
     if path is None or not path.is_file():
         return {}
@@ -561,7 +561,7 @@ def load_pixel_prep(name: str, *, stage: str = "align") -> PixelPrep:
     from transformers import AutoProcessor
 
     location = locate_model(name)
-    _quiet_transformers()
+    quiet_transformers()
     try:
         processor = AutoProcessor.from_pretrained(location)
     except Exception as e:
@@ -572,7 +572,7 @@ def load_pixel_prep(name: str, *, stage: str = "align") -> PixelPrep:
     return PixelPrep(processor.image_processor)
 
 
-def _quiet_transformers():
+def quiet_transformers():
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # e.g. "requires torchvision ... falling back to the PIL backend"
@@ -590,7 +590,7 @@ def load_clip(name: str, device: str = "auto", dtype: str = "auto", *, threads: 
     n_threads = resolve_threads(threads, 1)
     set_threads(n_threads)
     location = locate_model(name)
-    _quiet_transformers()
+    quiet_transformers()
     try:
         model = AutoModel.from_pretrained(location, dtype=dt)
         processor = AutoProcessor.from_pretrained(location)

