@@ -37,7 +37,7 @@ def apply_overrides(spec_dict: dict, overrides: list[str]) -> dict:
             raise SpecError(f"--set {item!r}: expected stage.param=value")
         if stage not in stages:
             raise SpecError(f"--set {item!r}: the build has no stage {stage!r}; it has {sorted(stages)}")
-        if param not in stage_class(stage).Params.model_fields:
+        if param not in stage_class(stage, spec_dict.get("stage_modules") or ()).Params.model_fields:
             raise SpecError(f"--set {item!r}: stage {stage!r} has no parameter {param!r}")
         stages[stage][param] = yaml.safe_load(raw)
     return spec_dict

@@ -200,6 +200,7 @@ def load_build(build_dir: str | Path | Location, rows: bool = True, max_rows: in
         return json.loads(p.read_text()) if p.exists() else {}
 
     spec = yaml.safe_load((build_dir / "spec.yaml").read_text()) if (build_dir / "spec.yaml").exists() else {}
+    register_build_stages(spec or {})
     shards, rejects = part_files(build_dir, "shards"), part_files(build_dir, "rejects")
     total = sum(f.read_metadata().num_rows for f in shards + rejects) if rows else 0
     fraction = min(1.0, max_rows / total) if total else 1.0
@@ -279,6 +280,19 @@ def _stages() -> dict:
     from stages import registry
 
     return registry()
+
+
+def register_build_stages(spec: dict) -> None:
+    """A build's stages from outside pairforge (its spec's stage_modules) join the registry where this process can
+    import them; where it cannot, their columns are shown without their declarations."""
+    from schemas.registry import StageModuleError, load_stages
+
+    try:
+        load_stages(spec.get("stage_modules") or ())
+    except StageModuleError as e:
+        import logging
+
+        logging.getLogger("pairforge.report").warning("%s", e)
 
 
 def column_owner() -> dict[str, str]:

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from reporting.report import (ReportError, part_files, deciding_param, deciding_stats, fmt_bytes,
-                                    reason_meaning, stage_params)
+from reporting.report import (ReportError, deciding_param, deciding_stats, fmt_bytes, part_files, reason_meaning,
+                              register_build_stages, stage_params)
 from dataio.storage import Location, location
 
 
@@ -95,6 +95,7 @@ def show_record(build_dir: str | Path | Location, uid: str) -> dict:
     sub, f, row = find_row(build_dir, uid)
     spec_file = build_dir / "spec.yaml"
     spec = yaml.safe_load(spec_file.read_text()) if spec_file.exists() else {}
+    register_build_stages(spec or {})
     params = stage_params(spec or {})
     schema = f.read_schema()
     columns, summaries = {}, {}

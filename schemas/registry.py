@@ -56,8 +56,8 @@ def import_stage_module(name: str, origin: str) -> None:
             for info in pkgutil.iter_modules(module.__path__):
                 if not info.ispkg:
                     importlib.import_module(f"{name}.{info.name}")
-    except ImportError as e:
-        raise StageModuleError(f"{origin}: cannot import stage module {name!r}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - a plugin's missing dependency, syntax or declaration error: say where
+        raise StageModuleError(f"{origin}: cannot import stage module {name!r}: {type(e).__name__}: {e}") from e
     _imported.add(name)
 
 

@@ -179,7 +179,8 @@ class BuildSpec(StrictModel):
             try:
                 load_stages([name])
             except StageModuleError as e:
-                raise ValueError(f"cannot import {name!r}: {e.__cause__ or e}") from None
+                cause = e.__cause__ or e
+                raise ValueError(f"cannot import {name!r}: {type(cause).__name__}: {cause}") from None
         return v
 
     @field_validator("stages", mode="before")

@@ -41,7 +41,8 @@ def test_good_spec_resolves_defaults_and_paths(tmp_path):
         ({"dataset": "bad name!"}, "dataset", "pattern"),
         ({"stages": [{"basic": {}}, {"basic": {}}]}, "stages", "once"),
         ({"stage_modules": ["pairforge_no_such_stage_module"]}, "stage_modules",
-         "cannot import 'pairforge_no_such_stage_module': No module named 'pairforge_no_such_stage_module'"),
+         "cannot import 'pairforge_no_such_stage_module': ModuleNotFoundError: No module named "
+         "'pairforge_no_such_stage_module'"),
         ({"stage_modules": ["my stages"]}, "stage_modules", "not a module path: 'my stages'"),
     ],
 )
@@ -60,6 +61,18 @@ def test_stage_modules_round_trip_and_stay_out_of_the_hash_when_absent(tmp_path)
     assert given.to_dict()["stage_modules"] == ["string"] and given.spec_hash() != spec.spec_hash()
     again = load_spec(write(tmp_path, yaml.safe_load(given.to_yaml()), "again.yaml"))
     assert again.stage_modules == ["string"] and again.spec_hash() == given.spec_hash()
+
+
+def test_a_stage_module_with_a_broken_stage_is_named(tmp_path, monkeypatch):
+    (tmp_path / "pf_broken_stage.py").write_text(
+        "from stages.base import Reason, Stage, Threshold\n\n"
+        "class Broken(Stage):\n"
+        "    name = 'pf_broken'\n"
+        "    reasons = (Reason('r', 'doc', ('x',), (Threshold('x', 'nope', 'min'),)),)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SpecError, match=r"stage_modules: cannot import 'pf_broken_stage': StageDeclarationError: "
+                                        r"stage 'pf_broken' .*parameter 'nope'"):
+        load_spec(write(tmp_path, GOOD | {"stage_modules": ["pf_broken_stage"]}))
 
 
 def test_not_yaml_and_missing_file(tmp_path):
