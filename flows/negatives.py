@@ -3,7 +3,7 @@
     negatives_flow(build_dir, spec)  spec: a NegativesImageSpec, a dict of its fields, a YAML path, or None
 
 Reads the build's kept shards (uid, text, image, and neg_captions when the build ran negatives_text; otherwise
-negative captions are made on the fly with stages.negatives_text), makes counterfactual images with the editors
+negative captions are made on the fly with negatives.text), makes counterfactual images with the editors
 (negatives.editors), validates them with the scorer (negatives.images: the scorer must prefer the negative caption
 for the counterfactual, and its similarity to the original must lie in [min_image_sim, max_image_sim]) and writes
 
