@@ -17,7 +17,7 @@ from flows import env  # noqa: F401  (offline, quiet defaults before Prefect and
 from flows.engine.context import BuildContext, BuildError, code_version, dataset_lock, earlier_builds, open_build
 from flows.engine.global_decisions import run_global_stages
 from flows.engine.ingest import ingest_all
-from flows.engine.inputs import prepare_inputs, prior_pairs
+from flows.engine.inputs import prepare_inputs, prior_files
 from flows.engine.outputs import check_accounting, collect_stats, manifest, seen_scanners, write_outputs
 from flows.engine.runner import process_stages, ray_session
 from schemas.spec import BuildSpec, load_spec
@@ -59,7 +59,7 @@ def stages_task(ctx: BuildContext) -> dict:
 def write_task(ctx: BuildContext, prepared: dict, ingest: dict, processed: dict) -> dict:
     """Global decisions (distributed), then workers write the shards; the driver checks and records."""
     t0 = time.perf_counter()
-    global_ = run_global_stages(ctx, processed["rows"], prior=prior_pairs(ctx))
+    global_ = run_global_stages(ctx, processed["rows"], prior_files(ctx))
     results = write_outputs(ctx, prepared["shards"])
     counts = check_accounting(ctx, results)
     stats = collect_stats(ctx, prepared, ingest, processed, global_, results, time.perf_counter() - t0, counts)

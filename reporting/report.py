@@ -338,14 +338,12 @@ def thresholds_for(build: Build, column: str) -> list[tuple[str, float]]:
 
 
 def _top_fraction_cutoff(build: Build) -> float | None:
-    if "detail" not in build.meta.column_names:
-        return None
-    m = pc.equal(build.meta["reason"], "below_top_fraction")
-    details = build.meta["detail"].filter(pc.fill_null(m, False))
-    if len(details) == 0:
-        return None
-    hit = re.search(r"cutoff (-?[0-9.]+)", details[0].as_py() or "")
-    return float(hit.group(1)) if hit else None
+    """The cutoff score the build's top fraction found (stats.json: the step's summary)."""
+    for row in build.stats.get("stages", []):
+        if row.get("stage") == "align":
+            cut = row.get("global_steps", {}).get("top_fraction", {}).get("cutoff")
+            return float(cut) if cut is not None else None
+    return None
 
 
 def deciding_stats(row: dict, reason: str | None, stage: str | None) -> list[tuple[str, Any]]:

@@ -12,6 +12,7 @@ Defining the class registers it (Stage.__init_subclass__): the spec's stage para
 distributions and threshold lines, `pairforge show`, refilter's `--set` and the README stage table all derive from
 these declarations. Lifecycle: preflight() (before any data), setup() once per worker, process_batch() per batch,
 teardown() when the worker ends. decide(table, params, ctx) is pure over columns, so builds and refilter share it.
+A decision over the whole build is declared as steps (`global_steps`, stages.steps) that the engine runs.
 
 A model stage may also define `prepare_batch(batch)`: its CPU work (decode, resize, normalise into model-ready
 arrays), written to private columns (names start with "_"). The build runs it as Ray Data CPU tasks directly before
@@ -255,9 +256,15 @@ class Stage:
         return cls.uses_model
 
     @classmethod
+    def global_steps(cls, params: StageParams) -> tuple:
+        """The steps of a decision over the whole build (dedup, a top fraction, concept balancing), which the engine
+        runs after every row-wise decision of the stages before this one (stages.steps); () for a stage whose
+        decide() needs one batch only. A stage may have both: decide() row by row, then its steps."""
+        return ()
+
+    @classmethod
     def decides_globally(cls, params: StageParams) -> bool:
-        """Whether decide() needs the whole build's rows at once (dedup, a top fraction) rather than one batch."""
-        return False
+        return bool(cls.global_steps(params))
 
     # lifecycle -----------------------------------------------------------
     def preflight(self) -> None:
