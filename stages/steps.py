@@ -24,8 +24,9 @@ The steps:
                  whole build; reject the rest.
     Fit          a model fitted once on a deterministic sample of the rows (by uid hash), handed to later steps of the
                  stage in `state[name]` (e.g. SemDeDup's k-means centroids).
-    Counts       keys(rows) -> (row, key) pairs; the engine counts rows per key over the whole build, then
-                 decide(rows, counts) -> decisions, row-wise with the global counts (e.g. concept balancing).
+    Counts       keys(rows) -> (row, key) pairs; the engine counts rows per key over the whole build (and the rows,
+                 the pool), then decide(rows, counts) -> decisions, row-wise with the global counts (e.g. concept
+                 balancing); summarize(counts) -> what the build records about them.
 
 Decisions are tables with DECISION_SCHEMA: (row, reason, detail), one row per rejected row, reasons the stage's own.
 Functions get (table, params, state); they must be module-level functions (the engine ships them to workers).
@@ -76,6 +77,9 @@ class Shuffle:
 
 @dataclass(frozen=True)
 class TopFraction:
+    """Keep round(fraction * n) of the n rows with a score (the highest; ties: the smaller uid first); the build
+    records the cutoff score."""
+
     name: str
     reads: tuple[str, ...]
     score: Callable[[pa.Table, Any], pa.Array]  # float64 per row; null: not ranked
@@ -95,10 +99,16 @@ class Fit:
 
 @dataclass(frozen=True)
 class Counts:
+    """keys(rows) -> (row, key uint64), any number of keys per row; decide(rows, counts, params, state) with counts
+    (key, count) over the whole build and state["pool"] the number of rows the step saw. summarize(counts, params)
+    (optional) -> a small dict the build records with the step (stats.json), e.g. the head of the distribution."""
+
     name: str
     reads: tuple[str, ...]
-    keys: StepFn  # -> (row, key uint64), any number of keys per row
-    decide: Callable[[pa.Table, pa.Table, Any, dict], pa.Table]  # (rows, counts (key, count), params, state)
+    keys: StepFn
+    decide: Callable[[pa.Table, pa.Table, Any, dict], pa.Table]
+    summarize: Callable[[pa.Table, Any], dict] | None = None
+    needs: tuple[str, ...] = ()
 
 
 Step = Union[Shuffle, TopFraction, Fit, Counts]

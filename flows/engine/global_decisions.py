@@ -280,16 +280,23 @@ def decide_below(job: Job, source: Source, cutoff, part: int) -> dict:
                                                 pa.array(detail, pa.string())], schema=DECISION_SCHEMA))
 
 
+POOL = np.uint64(np.iinfo(np.uint64).max)  # the key under which a Counts map task counts its rows (the pool)
+
+
 def key_counts(job: Job, source: Source, parts: int) -> list[pa.Table]:
-    """Counts, map side: rows per key among the source's rows, in `parts` partitions."""
+    """Counts, map side: rows per key among the source's rows, in `parts` partitions (the source's row count goes
+    with partition 0 under the key POOL)."""
     ctx = job.context()
     rows = read_rows(job, source)
     keys = job.step.keys(rows, ctx.params, ctx.state) if rows.num_rows else None
+    pool = pa.table({KEY: pa.array([POOL], pa.uint64()), "count": pa.array([rows.num_rows], pa.int64())})
     if keys is None or not keys.num_rows:
-        return [None] * parts
+        return [pool] + [None] * (parts - 1)
     vc = pc.value_counts(keys.column(KEY))
     t = pa.table({KEY: vc.field("values").cast(pa.uint64()), "count": vc.field("counts").cast(pa.int64())})
-    return split(t, partition_of(t.column(KEY), parts), parts)
+    out = split(t, partition_of(t.column(KEY), parts), parts)
+    out[0] = pa.concat_tables([out[0], pool])
+    return out
 
 
 def sum_counts(*tables: pa.Table | None) -> pa.Table:
@@ -299,12 +306,27 @@ def sum_counts(*tables: pa.Table | None) -> pa.Table:
     return pa.concat_tables(tables).group_by(KEY).aggregate([("count", "sum")]).rename_columns([KEY, "count"])
 
 
+def pool_and_counts(counts: pa.Table) -> tuple[int, pa.Table]:
+    is_pool = pc.equal(counts.column(KEY), pa.scalar(POOL, pa.uint64()))
+    pool = int(pc.sum(counts.column("count").filter(is_pool)).as_py() or 0)
+    return pool, counts.filter(pc.invert(is_pool))
+
+
 def decide_counted(job: Job, source: Source, counts: pa.Table, part: int) -> dict:
     """Counts, deciding side: the step's decide() over the source's rows with the global counts."""
+    pool, counts = pool_and_counts(counts)
     ctx = job.context()
+    ctx.state["pool"] = pool
     rows = read_rows(job, source)
     out = job.step.decide(rows, counts, ctx.params, ctx.state) if rows.num_rows else None
     return write_decisions(job, part, out)
+
+
+def summarize_counts(job: Job, counts: pa.Table) -> dict:
+    """What a Counts step records about its counts (its summarize(), bounded by the stage), and the pool."""
+    pool, counts = pool_and_counts(counts)
+    summary = job.step.summarize(counts, job.params) if job.step.summarize is not None else {}
+    return {"pool": pool, "summary": summary}
 
 
 def sample_rows(job: Job, source: Source, fraction: float) -> pa.Table:
@@ -352,7 +374,8 @@ class InProcess:
 
     def counts(self, job: Job) -> dict:
         counts = sum_counts(*[key_counts(job, s, 1)[0] for s in self.sources])
-        return merge_counts([decide_counted(job, s, counts, i) for i, s in enumerate(self.sources)])
+        return merge_counts([decide_counted(job, s, counts, i) for i, s in enumerate(self.sources)]) | \
+            summarize_counts(job, counts)
 
     def fit(self, job: Job, fraction: float):
         return fit_state(job, *[sample_rows(job, s, fraction) for s in self.sources])
@@ -430,7 +453,9 @@ class OnRay:
         summed = [self._task(sum_counts, num_cpus=1).remote(*[refs[i] for refs in keyed]) for i in range(p)]
         counts = self._task(sum_counts, num_cpus=1).remote(*summed)  # one table, bounded by the keys
         decider = self._task(decide_counted, num_cpus=1)
-        return merge_counts(ray.get([decider.remote(job, s, counts, i) for i, s in enumerate(self.sources)]))
+        summary = self._task(summarize_counts, num_cpus=1).remote(job, counts)
+        return merge_counts(ray.get([decider.remote(job, s, counts, i) for i, s in enumerate(self.sources)])) | \
+            ray.get(summary)
 
     def fit(self, job: Job, fraction: float):
         samples = [self._task(sample_rows, num_cpus=1).remote(job, s, fraction) for s in self.sources]
@@ -556,8 +581,8 @@ def _finish_steps(job: Job, runner, rows: int, columns: set[str]) -> dict:
             d.rmtree()
             t0 = time.perf_counter()
             out = {TopFraction: runner.top_fraction, Counts: runner.counts, Shuffle: runner.shuffle}[type(step)](j)
-            done[step.name] = {"rejected": out["counts"], "seconds": round(time.perf_counter() - t0, 3)} | (
-                {"cutoff": out["cutoff"]} if "cutoff" in out else {})
+            done[step.name] = {"rejected": out["counts"], "seconds": round(time.perf_counter() - t0, 3)} | {
+                k: out[k] for k in ("cutoff", "pool", "summary") if k in out}
             atomic_write_text(marker, json.dumps(done[step.name]))
         earlier += [str(f) for f in d.glob("part-*.parquet")]
     return done
@@ -598,10 +623,11 @@ def run_global_stages(ctx: BuildContext, rows: int, prior_files: list[Location] 
 # ------------------------------------------------------------------------------------------------ in memory
 
 def decide_table(stage: str, params, table: pa.Table, prior: pa.Table | None = None, *, parts: int = 1,
-                 ray_tasks: bool = False) -> pa.Table:
+                 ray_tasks: bool = False, summaries: dict | None = None) -> pa.Table:
     """A stage's global steps over an in-memory table (tests, benchmarks): (uid, reason, detail) of the rejected
     rows, in the table's order. `prior`: rows earlier builds kept. ray_tasks: run the steps as Ray tasks with
-    `parts` partitions (the distributed way), else in this process."""
+    `parts` partitions (the distributed way), else in this process. `summaries` (a dict) receives what each step
+    records (a cutoff, a Counts step's pool and summary), by step name."""
     n = table.num_rows
     t = table.append_column(ROW, pa.array(np.arange(n, dtype=np.int64))).append_column(
         PRIOR, pa.array(np.zeros(n, bool)))
@@ -625,6 +651,8 @@ def decide_table(stage: str, params, table: pa.Table, prior: pa.Table | None = N
             state[step.name] = runner.fit(j, min(1.0, step.sample_rows / max(job.rows_hint, 1)))
             continue
         res = {TopFraction: runner.top_fraction, Counts: runner.counts, Shuffle: runner.shuffle}[type(step)](j)
+        if summaries is not None:
+            summaries[step.name] = {k: v for k, v in res.items() if k != "table"}
         got = res.get("table", EMPTY_DECISIONS)
         decided.append(got)
         # later steps see the rows alive after this one
