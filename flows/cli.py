@@ -34,10 +34,14 @@ class RichReporter:
         done = self.progress.tasks[tid].completed
         self.progress.update(tid, rate=f"{done / max(time.perf_counter() - t0, 1e-6):,.0f}/s")
 
-    def finish(self, phase, summary=""):
+    def finish(self, phase, summary="", seconds=None):
         tid, _ = self.tasks[phase]
         t = self.progress.tasks[tid]
-        self.progress.update(tid, total=t.completed if t.total is None else t.total, summary=summary)
+        fields = {"summary": summary}
+        if seconds is not None:  # a fused pipeline step: its own working time and rate, not the pipeline's
+            fields = {"rate": f"{t.completed / max(seconds, 1e-6):,.0f}/s",
+                      "summary": f"{seconds:.1f}s of work" + (f"; {summary}" if summary else "")}
+        self.progress.update(tid, total=t.completed if t.total is None else t.total, **fields)
 
     def close(self):
         self.progress.stop()
