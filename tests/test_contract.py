@@ -142,7 +142,8 @@ def test_add_columns_types_and_refuses_undeclared_and_lossy():
     negs = stage_class("negatives_text")
     ok = negs.add_columns(batch, {"neg_captions": [[{"text": "a", "kind": "swap_obj", "span_start": 2}], []],
                                   "negatives_count": [1, 0]})
-    assert ok["neg_captions"].to_pylist()[0][0]["span_start"] == 2 and ok["neg_captions"].to_pylist()[0][0]["method"] is None
+    first = ok["neg_captions"].to_pylist()[0][0]
+    assert first["span_start"] == 2 and first["method"] is None
     with pytest.raises(StageDeclarationError, match="'neg_captions'"):
         negs.add_columns(batch, {"neg_captions": [[{"text": "a", "span_start": 2.5}], []], "negatives_count": [1, 0]})
 
@@ -320,8 +321,11 @@ def threshold_values(cls: type[Stage], t: Threshold, out: pa.Table, params: Stag
             seen += [v for v in pc.unique(col.drop_null()).to_pylist() if math.isfinite(v)]
     raw = set()
     for v in seen:
-        raw |= {math.floor(v), math.floor(v) + 1, math.floor(v) - 1} if _is_int(cls, t.param) else \
-            {v, np.nextafter(np.float32(v), np.float32(-np.inf)).item(), np.nextafter(np.float32(v), np.float32(np.inf)).item()}
+        if _is_int(cls, t.param):
+            raw |= {math.floor(v), math.floor(v) + 1, math.floor(v) - 1}
+        else:  # float32 stats: the neighbours of a value as float32 holds it
+            f = np.float32(v)
+            raw |= {v, np.nextafter(f, np.float32(-np.inf)).item(), np.nextafter(f, np.float32(np.inf)).item()}
     values = []
     for v in sorted(raw, reverse=(t.bound == "min")):
         try:

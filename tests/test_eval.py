@@ -222,9 +222,9 @@ def test_eval_of_two_builds_on_an_evaluation_set_of_their_own(tmp_path, capsys):
     a = _photo_build(tmp_path / "true-captions", "build-a", shuffle=False, negatives=True)
     b = _photo_build(tmp_path / "shuffled", "build-b", shuffle=True, negatives=False)
     names = list(PHOTO_CAPTIONS)
-    items = [{"text": PHOTO_CAPTIONS[n], "image": data,
-              "negatives": [("replace_obj", PHOTO_CAPTIONS[names[i - 1]]), ("add_obj", f"{PHOTO_CAPTIONS[n]} and a dog")]}
-             for i, (n, data) in enumerate(_photo_jpegs(0.85).items())]
+    items = [{"text": PHOTO_CAPTIONS[n], "image": data, "negatives": [
+        ("replace_obj", PHOTO_CAPTIONS[names[i - 1]]), ("add_obj", f"{PHOTO_CAPTIONS[n]} and a dog")]}
+        for i, (n, data) in enumerate(_photo_jpegs(0.85).items())]
     eval_set = write_eval_set(items, tmp_path / "photo-eval" / "set.parquet")
     read = load_eval_set(eval_set)
     assert [it["negatives"] for it in read] == [it["negatives"] for it in items] and read[0]["image"].size == (64, 64)

@@ -219,7 +219,8 @@ def demo_eval(out: str | Path, seeds=(0,), n_build: int = N_BUILD, n_eval: int =
     if "negatives" in comparisons:
         runs += [{"name": f"curated/{loss}", **cur, "loss": loss} for loss in negative_losses]
     results = compare(runs, scenes, out / "runs", seeds=seeds, steps=steps, batch_size=batch_size, catalog=catalog,
-                      threads=threads, workers=workers, eval_detail={"eval_scenes": len(scenes), "eval_seed": EVAL_SEED})
+                      threads=threads, workers=workers,
+                      eval_detail={"eval_scenes": len(scenes), "eval_seed": EVAL_SEED})
     table = format_table(results)
     echo(f"builds: raw {builds['raw']['rows']} rows, curated {builds['curated']['rows']} rows; "
          f"eval: {len(scenes)} fresh scenes (seed {EVAL_SEED})\n{table}")

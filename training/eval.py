@@ -50,7 +50,7 @@ PROXY_MODEL = dict(image_size=IMAGE_SIZE, patch_size=8, vision_width=64, vision_
                    tokenizer="word")
 PROXY_OPTIM = dict(lr=2e-3, weight_decay=0.1, warmup_steps=15, steps=800, batch_size=32)
 PROXY_MAX_NEGATIVES = 4  # negative captions per pair in a negclip batch
-# Table order of the compositional kinds (the demo's, SugarCrepe's but add_att, plus replace_cnt); others follow, sorted.
+# Table order of the compositional kinds (SugarCrepe's but add_att, and the demo's replace_cnt); others follow sorted.
 COMP_KINDS = ("replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj", "add_obj", "replace_cnt")
 LOSSES = ("clip", "negclip", "tripletclip")
 NEG_IMAGES = "hard-negatives"  # a build's counterfactual images for tripletclip (loaders.pairs hard_negatives layout)

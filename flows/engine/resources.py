@@ -60,8 +60,8 @@ def fit_resources(spec: BuildSpec, cluster_cpus: float, cluster_gpus: float = 0.
     gpus = sum(out[i].gpus * out[i].pool_size for i in actors)
     if gpus > cluster_gpus + 1e-9:
         raise BuildError(
-            f"the model stages' actor pools want {gpus:g} GPUs ({_list(spec, actors, out, 'gpus')}) but the cluster has "
-            f"{cluster_gpus:g}: the pipeline would wait for them forever. Lower `gpus` or `pool_size`, or add GPUs")
+            f"the model stages' actor pools want {gpus:g} GPUs ({_list(spec, actors, out, 'gpus')}) but the cluster "
+            f"has {cluster_gpus:g}: the pipeline would wait for them forever. Lower `gpus` or `pool_size`, or add GPUs")
 
     # CPUs: explicit pools first, the others share what is left after the tasks' reserve
     explicit = [i for i in actors if spec.stages[i].params.cpus is not None]

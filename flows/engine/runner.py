@@ -16,7 +16,7 @@ from contextlib import ExitStack, contextmanager
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flows.engine.context import BuildContext, BuildError
+from flows.engine.context import BuildContext
 from flows.engine.decide import decide_rowwise
 from flows.engine.global_decisions import SRC
 from flows.engine.resources import PREPARE_CPUS, fit_resources
