@@ -6,7 +6,8 @@ A stage declares, in its own file:
 - `columns`: every column it adds, with its Arrow type, a one-line meaning and its role in reports;
 - `reasons`: every reject reason its decide() may emit, with the stat columns that decide it and the spec
   parameters it compares them with;
-- `default_resources`, and whether it loads a model (`uses_model`) or reads decoded pixels (`needs_image`).
+- `default_resources`, and whether it loads a model (`uses_model`) or reads decoded pixels (`needs_image`; a stage
+  that decodes without declaring it fails in Stage.__call__).
 
 Defining the class registers it (Stage.__init_subclass__): the spec's stage params, the build schema, the report's
 distributions and threshold lines, `pairforge show`, refilter's `--set` and the README stage table all derive from
@@ -370,8 +371,8 @@ class Stage:
 
 
 def as_declared(values, fld: pa.Field, stage: str) -> pa.Array | pa.ChunkedArray:
-    """values as the declared column type by a safe cast: a lossy one (1.5 into an int32 column, 3e9 into int32,
-    0.5 into a bool) raises StageDeclarationError naming the stage and the column. Python lists are read with
+    """values as the declared column type by a safe cast: a lossy one (1.5 or 3e9 into an int32 column, a struct
+    member likewise) raises StageDeclarationError naming the stage and the column. Python lists are read with
     their own types first, because pyarrow truncates floats read straight into an integer type."""
     try:
         if isinstance(values, (pa.Array, pa.ChunkedArray, np.ndarray)):
