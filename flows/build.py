@@ -19,6 +19,7 @@ from flows.engine.global_decisions import run_global_stages
 from flows.engine.ingest import ingest_all
 from flows.engine.inputs import prepare_inputs, prior_files
 from flows.engine.outputs import check_accounting, collect_stats, manifest, seen_scanners, write_outputs
+from flows.engine.resources import check_fit
 from flows.engine.runner import process_stages, ray_session
 from schemas.spec import BuildSpec, load_spec
 from stages import stage_class
@@ -117,13 +118,23 @@ def build_flow(spec_path: str, new: bool = False, quiet: bool = False, wait_lock
 
 
 def preflight(spec: BuildSpec) -> dict:
-    """Instantiate every stage and run its preflight: a model that can't be found fails before any data is read."""
+    """Instantiate every stage and run its preflight: a model that can't be found fails before any data is read;
+    so do resources that cannot fit the local cluster (check_fit; a remote one is checked once joined)."""
+    check_fit(spec)
     meta = {}
     for entry in spec.stages:
         stage = stage_class(entry.name)(entry.params)
         stage.preflight()
         meta[entry.name] = stage.metadata()
     return meta
+
+
+def check_fit_in_session(spec: BuildSpec) -> None:
+    """check_fit against the cluster Ray is connected to (a remote one is known only now), before any download."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    check_fit(spec, (cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)))
 
 
 def run_build(spec: BuildSpec, *, new: bool = False, quiet: bool = False, wait_lock: bool = False) -> dict:
@@ -136,6 +147,7 @@ def run_build(spec: BuildSpec, *, new: bool = False, quiet: bool = False, wait_l
         record_in_catalog(ctx, "running")
         try:
             with ray_session(spec):
+                check_fit_in_session(spec)
                 prepared = prepare_task(ctx)
                 ingest = ingest_task(ctx, prepared)
                 processed = stages_task(ctx)

@@ -376,11 +376,15 @@ def deciding_param(spec_params: dict, reason: str | None, stage: str | None = No
     return f"{stage}.{name}", spec_params[stage][name]
 
 
-def reason_meaning(reason: str | None) -> str | None:
-    """What an input or ingest reason means (dataio.reasons.REASONS; http_NNN by its status)."""
+def reason_meaning(reason: str | None, stage: str | None = None) -> str | None:
+    """What a reject reason means: a stage's declared doc (stages.base.Reason), or for input and ingest reasons
+    dataio.reasons.REASONS (http_NNN by its status)."""
     from dataio.reasons import reason_text
 
-    return reason_text(reason)
+    if stage in ("input", "ingest"):
+        return reason_text(reason)
+    found = reason_declaration(reason, stage)
+    return found[1].doc if found is not None else None
 
 
 # --------------------------------------------------------------------------- plots
@@ -620,7 +624,7 @@ def _rejects(build: Build, rows: list[tuple[str, str, int]]) -> str:
     out.append('<table><tr><th class="l">stage</th><th class="l">reason</th><th>rows</th><th>% of listed</th>'
                '<th class="l">meaning</th></tr>')
     for stage, reason, c in rows:
-        meaning = reason_meaning(reason) if stage in ("input", "ingest") else None
+        meaning = reason_meaning(reason, stage)
         out.append(f'<tr data-stage="{esc(stage)}" data-reason="{esc(reason)}" data-count="{c}">'
                    f'<td class="l">{esc(stage)}</td><td class="l"><a href="#rej-{slug(stage)}-{slug(reason)}">'
                    f'{esc(reason)}</a></td><td>{c:,}</td><td>{c / listed:.2%}</td>'

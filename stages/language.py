@@ -250,7 +250,8 @@ class LanguageStage(Stage):
     reasons = (
         Reason("language_not_kept", "a language the spec does not keep, detected with confidence",
                ("lang", "lang_score", "lang_words"),
-               (Threshold("lang_score", "not_kept_min_score", "min"), Threshold("lang_words", "min_words", "min"))),
+               # a foreign caption is rejected when its score and words reach these: raising them rejects fewer
+               (Threshold("lang_score", "not_kept_min_score", "max"), Threshold("lang_words", "min_words", "max"))),
         Reason("language_low_confidence", "a language not kept, or none, scoring below min_score",
                ("lang", "lang_score"), (Threshold("lang_score", "min_score", "min"),)),
     )
