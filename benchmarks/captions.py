@@ -36,7 +36,7 @@ GOALS = {"english_rejected": 0.005, "foreign_caught": 0.85, "usable_rejected": 0
 TUNING_FLOOR = {"english_rejected": 3 / 935, "foreign_caught": 28 / 31, "usable_rejected": 0.0, "junk_caught": 5 / 6}
 # The validation set's figures measured when issue 23's filters were finished (benchmarks/captions.py), as counts:
 # a floor against regressions while the goals above are not met there.
-VALIDATION_FLOOR = {"english_rejected": 12 / 1863, "foreign_caught": 40 / 63, "usable_rejected": 9 / 1989,
+VALIDATION_FLOOR = {"english_rejected": 11 / 1862, "foreign_caught": 40 / 63, "usable_rejected": 9 / 1989,
                     "junk_caught": 5 / 11}
 SETS = {"tuning": (LAION, LAION_LABELS), "validation": (LAION_VALIDATION, LAION_VALIDATION_LABELS)}
 

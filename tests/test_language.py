@@ -185,6 +185,17 @@ def test_decide_rules():
     assert d.detail[4] == "lang=it score=0.95 letters=5"
 
 
+def test_a_runner_up_not_kept_either_adds_its_probability():
+    """Spanish 0.6 and Portuguese 0.3 are surely not English; Spanish 0.6 and English 0.3 are not sure."""
+    t = pa.table({"lang": ["es", "es", "pt"], "lang_score": pa.array([0.6, 0.6, 0.6], pa.float32()),
+                  "lang_second": ["pt", "en", "es"], "lang_second_score": pa.array([0.3, 0.3, 0.3], pa.float32()),
+                  "lang_letters": pa.array([20, 20, 20], pa.int32())})
+    assert LanguageStage.decide(t, LanguageParams()).reason == ["language_not_kept", None, "language_not_kept"]
+    assert LanguageStage.decide(t, LanguageParams()).detail[0] == "lang=es score=0.90 letters=20"
+    # a spec that keeps Spanish does not lose a Portuguese-looking row to the Spanish mass
+    assert LanguageStage.decide(t, LanguageParams(keep=["en", "es"])).reason == [None, None, None]
+
+
 def test_threshold_params_move_the_way_they_are_declared():
     """Raising a "max" parameter never rejects more rows, raising a "min" one never fewer (per reason)."""
     import itertools
@@ -207,7 +218,8 @@ def test_threshold_params_move_the_way_they_are_declared():
 def test_params_registered_and_spec_parses(tmp_path):
     assert stage_class("language").Params is LanguageParams
     assert stage_class("language") is LanguageStage
-    assert [f.name for f in LanguageStage.output_fields()] == ["lang", "lang_score", "lang_words", "lang_letters"]
+    assert [f.name for f in LanguageStage.output_fields()] == ["lang", "lang_score", "lang_second", "lang_second_score",
+                                                             "lang_words", "lang_letters"]
     urls = tmp_path / "u.csv"
     urls.write_text("url,caption\nhttp://x/a.jpg,a cat\n")
     spec = parse_spec({"dataset": "d", "source": {"urls": str(urls)}, "stages": [{"language": {"keep": ["en"]}}]})
@@ -319,7 +331,7 @@ def test_short_foreign_product_titles_and_slugs_are_caught(stage):
 
 def test_codes_digits_and_acronyms_carry_no_letters():
     det = LanguageDetector()
-    assert det.analyse(["MR9Q2KS SNKL89K1 G35CZ 12345", "A4B7 K9Z2 - X"]) == [(UND, 0.0, 0, 0)] * 2
+    assert det.analyse(["MR9Q2KS SNKL89K1 G35CZ 12345", "A4B7 K9Z2 - X"]) == [(UND, 0.0, 0, 0, UND, 0.0)] * 2
     # acronyms beside lower case carry nothing: the same letters as without them
     assert det.analyse(["a MR9Q2KS with LED and BMW"])[0][3] == det.analyse(["a MR9Q2KS with and"])[0][3]
     # a word glued to a number still counts
