@@ -176,7 +176,7 @@ def main() -> None:
             print(f"errors on {name}:")
             for kind, rows_ in errors.items():
                 for i in rows_:
-                    lang, score, jk, cleaned = figs["details"][i]
+                    lang, score, jk, _ = figs["details"][i]
                     print(f"  {kind:17s} row {i:4d} lang={lang} {score:.2f} junk={jk}: {texts[i][:90]!r}")
     all_texts = data["tuning"][0] + data["validation"][0]
     timed = (all_texts * (args.rows // len(all_texts) + 1))[:args.rows]

