@@ -7,7 +7,8 @@ A stage declares, in its own file:
 - `reasons`: every reject reason its decide() may emit, with the stat columns that decide it and the spec
   parameters it compares them with;
 - `default_resources`, and whether it loads a model (`uses_model`) or reads decoded pixels (`needs_image`; a stage
-  that decodes without declaring it fails in Stage.__call__).
+  that decodes without declaring it fails in Stage.__call__);
+- `reads`: the columns of its batch it reads (the core record's, and other stages' when they are there).
 
 Defining the class registers it (Stage.__init_subclass__): the spec's stage params, the build schema, the report's
 distributions and threshold lines, `pairforge show`, refilter's `--set` and the README stage table all derive from
@@ -234,6 +235,9 @@ class Stage:
     summary: ClassVar[str] = ""  # one line for the README stage table
     # Input columns this stage may change (rewrite_column); every other column it is given must come back as is.
     rewrites: ClassVar[tuple[str, ...]] = ()
+    # Columns of its batch the stage reads: the core record's and other stages' (those an earlier stage may not have
+    # written, such as clean's text_raw, are read when present). Declared for the contract test and for readers.
+    reads: ClassVar[tuple[str, ...]] = ()
 
     registry: ClassVar[dict[str, type["Stage"]]] = {}
 
