@@ -34,10 +34,14 @@ class RichReporter:
         done = self.progress.tasks[tid].completed
         self.progress.update(tid, rate=f"{done / max(time.perf_counter() - t0, 1e-6):,.0f}/s")
 
-    def finish(self, phase, summary=""):
+    def finish(self, phase, summary="", seconds=None):
         tid, _ = self.tasks[phase]
         t = self.progress.tasks[tid]
-        self.progress.update(tid, total=t.completed if t.total is None else t.total, summary=summary)
+        fields = {"summary": summary}
+        if seconds is not None:  # a fused pipeline step: its own working time and rate, not the pipeline's
+            fields = {"rate": f"{t.completed / max(seconds, 1e-6):,.0f}/s",
+                      "summary": f"{seconds:.1f}s of work" + (f"; {summary}" if summary else "")}
+        self.progress.update(tid, total=t.completed if t.total is None else t.total, **fields)
 
     def close(self):
         self.progress.stop()
@@ -263,12 +267,17 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from training.eval import N_BUILD, N_EVAL, eval_flow
+    from flows.eval import eval_flow
+    from training.eval import EvalError
 
-    res = eval_flow(out=str(args.out), seeds=args.seed, n_build=args.n_build or N_BUILD,
-                    n_eval=args.n_eval or N_EVAL, steps=args.steps,
-                    batch_size=args.batch_size, catalog_path=args.catalog, threads=args.threads,
-                    workers=args.workers)
+    try:
+        res = eval_flow(out=str(args.out), builds=[str(b) for b in args.builds] or None,
+                        eval_set=str(args.eval_set) if args.eval_set else None, losses=args.loss, seeds=args.seed,
+                        n_build=args.n_build, n_eval=args.n_eval, steps=args.steps, batch_size=args.batch_size,
+                        catalog_path=args.catalog, threads=args.threads, workers=args.workers)
+    except EvalError as e:
+        print(f"pairforge: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(res["results"], indent=2, default=str) if args.json else res["table"])
     return 0
 
@@ -421,13 +430,19 @@ def parser() -> argparse.ArgumentParser:
     common(ex)
     ex.set_defaults(fn=cmd_export)
 
-    ev = sub.add_parser("eval", help="demo comparisons at equal compute (raw vs curated build; clip vs negclip and "
-                                     "tripletclip) on fresh scenes: retrieval and SugarCrepe-style compositional "
-                                     "accuracy")
+    ev = sub.add_parser("eval", help="proxy training at equal compute on builds (two to compare), evaluated on an "
+                                     "evaluation set: retrieval and SugarCrepe-style compositional accuracy; with no "
+                                     "builds, the demo comparisons (raw vs curated; clip vs negclip and tripletclip)")
+    ev.add_argument("builds", nargs="*", type=Path, help="build folders (or folders of shards) to train on")
+    ev.add_argument("--eval-set", type=Path, help="Parquet (file, folder or build) with image, text and optional "
+                                                  "neg_captions (default: fresh demo scenes)")
+    ev.add_argument("--loss", action="append", choices=("clip", "negclip", "tripletclip"),
+                    help="train each build with this loss (repeatable; default clip)")
     ev.add_argument("--out", type=Path, default=Path("demo-out/eval"))
     ev.add_argument("--seed", type=int, action="append", help="training seed (repeatable; default 0)")
-    ev.add_argument("--n-build", type=int, help="demo scenes per build (default: training.eval.N_BUILD)")
-    ev.add_argument("--n-eval", type=int, help="evaluation scenes (default: training.eval.N_EVAL)")
+    ev.add_argument("--n-build", type=int, help="demo default: scenes per build (training.demo_eval.N_BUILD)")
+    ev.add_argument("--n-eval", type=int, help="evaluation pairs: the first N of the set, or N fresh demo scenes "
+                                               "(training.demo_eval.N_EVAL)")
     ev.add_argument("--steps", type=int, help="training steps per run (default: training.eval.PROXY_OPTIM)")
     ev.add_argument("--batch-size", type=int)
     ev.add_argument("--threads", type=int, default=1, help="torch threads per training run")
