@@ -7,7 +7,7 @@ import dataclasses
 import hashlib
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -307,10 +307,17 @@ def _pieces_json(pieces: list[CorpusPiece]) -> bytes:
     return json.dumps([dataclasses.astuple(p) for p in pieces]).encode()
 
 
-def shard_pieces(schema: pa.Schema) -> list[CorpusPiece] | None:
-    """The corpus pieces a keyed or pair file's rows come from (None: the file holds its own image bytes)."""
-    raw = (schema.metadata or {}).get(PIECES_KEY)
+def shard_pieces(metadata: dict | None) -> list[CorpusPiece] | None:
+    """The corpus pieces a keyed or pair file's rows come from, from its schema or file metadata (None: the file
+    holds its own image bytes)."""
+    raw = (metadata or {}).get(PIECES_KEY)
     return None if raw is None else [CorpusPiece(*p) for p in json.loads(raw)]
+
+
+def pair_units(meta: pq.FileMetaData) -> int:
+    """How many units an ingest shard's pairs are read in (shard_pairs): its corpus pieces, else its row groups."""
+    pieces = shard_pieces(meta.metadata)
+    return meta.num_row_groups if pieces is None else len(pieces)
 
 
 def first_row(shard: int) -> int:
@@ -333,7 +340,7 @@ def settle_corpus_shard(folder: BuildFolder, work: Location, shard: int, source:
     settled/NNNNNN.rejects.parquet."""
     work = location(work)
     keyed = (work / "keyed" / f"{shard:06d}.parquet").read_table()
-    pieces = shard_pieces(keyed.schema)
+    pieces = shard_pieces(keyed.schema.metadata)
     row = keyed.column("row").combine_chunks()
     occurrence = occurrences(row, batch_repeats(work, first_row(shard), 1 << 32))
     keyed = keyed.append_column("image", pa.nulls(keyed.num_rows, pa.binary()))
@@ -350,25 +357,28 @@ def settle_corpus_shard(folder: BuildFolder, work: Location, shard: int, source:
     return {"rows": keyed.num_rows, "kept": inputs.num_rows, "rejected": rejects.num_rows}
 
 
-def shard_pairs(src: SourceSpec, pairs: Location, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    """An ingest shard's pairs with their image bytes, a row group or a corpus piece at a time: the file holds the
-    bytes (downloads, refilter), or (curate) names the corpus pieces that do, and each pair's row among them."""
+def shard_pairs(src: SourceSpec, pairs: Location, columns: list[str] | None = None,
+                units: Iterable[int] | None = None) -> Iterator[pa.Table]:
+    """An ingest shard's pairs with their image bytes, a unit at a time (`units`: which, default all; pair_units
+    counts them): the file holds the bytes (downloads, refilter; a unit is a row group), or (curate) names the corpus
+    pieces that do (a unit is a piece) and each pair's row among them."""
     pf = location(pairs).parquet_file()
-    pieces = shard_pieces(pf.schema_arrow)
+    pieces = shard_pieces(pf.metadata.metadata)
+    units = range(pair_units(pf.metadata)) if units is None else units
     if pieces is None:
-        for g in range(pf.num_row_groups):
+        for g in units:
             yield pf.read_row_group(g, columns=columns)
         return
     refs = pf.read(columns=None if columns is None else [c for c in columns if c != "image"] + [PIECE_ROW])
     at = refs.column(PIECE_ROW).combine_chunks()
     refs = refs.drop_columns([PIECE_ROW]).replace_schema_metadata(None)
-    offset = 0
-    for piece in pieces:
-        image = read_corpus_piece(src, piece, images_only=True).column("image").combine_chunks()
+    starts = np.cumsum([0] + [max(p.num_rows, 0) for p in pieces])  # a tar (rows unknown) is its shard's one piece
+    for u in units:
+        offset = int(starts[u])
+        image = read_corpus_piece(src, pieces[u], images_only=True).column("image").combine_chunks()
         mine = pc.and_(pc.greater_equal(at, offset), pc.less(at, offset + len(image)))
         part = refs.filter(mine)
         if part.num_rows:
             local = pc.subtract(at.filter(mine), pa.scalar(offset, pa.int64()))
             part = part.append_column("image", image.take(local))
             yield part if columns is None else part.select(columns)
-        offset += len(image)

@@ -26,7 +26,7 @@ from stages import stage_class
 from stages.base import Resources, drop_private
 from stages.imaging.decode import add_pixels, decodes, drop_pixels
 from dataio.build_folder import BuildFolder
-from dataio.uids import shard_pairs
+from dataio.uids import pair_units, shard_pairs
 
 DECODE = "decode"
 
@@ -174,12 +174,29 @@ def stage_pipeline(ds, spec: BuildSpec, timer: str, fitted: dict[int, Resources]
     return ds
 
 
-def read_shard_pairs(batch: pa.Table, folder: BuildFolder, source: SourceSpec) -> Iterator[pa.Table]:
-    """The pairs of the ingest shards a batch names, with their image bytes (from the shard's file, or the corpus
-    pieces it names), a row group or piece at a time, each row tagged with its input shard."""
-    for s in batch.column(SRC).to_pylist():
-        for t in shard_pairs(source, folder.ingest_shard(s).pairs):
-            yield t.append_column(SRC, pa.repeat(pa.scalar(s, pa.int64()), t.num_rows))
+def read_shard_unit(folder: BuildFolder, source: SourceSpec, shard: int, unit: int) -> Iterator[pa.Table]:
+    """One unit of an ingest shard's pairs (a row group of its download, or a corpus piece), with their image bytes,
+    each row tagged with its input shard."""
+    for t in shard_pairs(source, folder.ingest_shard(shard).pairs, units=[unit]):
+        yield t.append_column(SRC, pa.repeat(pa.scalar(shard, pa.int64()), t.num_rows))
+
+
+def pairs_datasource(folder: BuildFolder, source: SourceSpec, units: list[tuple[int, int]]):
+    """The ingest shards' pairs as a Ray Data source with one read task per (shard, unit): the stages run fused
+    into each (as over read_parquet's files), a few thousand rows a task."""
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class ShardUnits(Datasource):
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            return [ReadTask(lambda s=s, u=u: read_shard_unit(folder, source, s, u),
+                             BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None))
+                    for s, u in units]
+
+    return ShardUnits()
 
 
 def finish_batch(batch: pa.Table, spec: BuildSpec) -> pa.Table:
@@ -197,9 +214,9 @@ def process_stages(ctx: BuildContext, compute: bool = True) -> dict:
     done = folder.done("processed")
     if done is not None:
         return done
-    sizes = {int(f.stem): f.read_metadata().num_rows for f in folder.ingest_pair_files()}
-    shards = [s for s, n in sizes.items() if n]
-    rows = sum(sizes.values())
+    metas = {int(f.stem): f.read_metadata() for f in folder.ingest_pair_files()}
+    rows = sum(m.num_rows for m in metas.values())
+    units = [(s, u) for s, m in sorted(metas.items()) if m.num_rows for u in range(pair_units(m))]
     out = folder.fresh_dir(folder.processed_dir)  # its _DONE.json marker, written last, says it is whole
     t0 = time.perf_counter()
     steps: dict = {}
@@ -211,8 +228,8 @@ def process_stages(ctx: BuildContext, compute: bool = True) -> dict:
         fitted = fit_resources(ctx.spec, cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)) if compute else {}
         timer = f"pairforge-timer-{ctx.build_id}"
         timer_actor = ray.remote(num_cpus=0)(StageTimer).options(name=timer).remote()
-        ds = ray.data.from_items([{SRC: s} for s in shards], override_num_blocks=len(shards))
-        ds = ds.map_batches(read_shard_pairs, fn_args=(folder, ctx.spec.source), batch_size=1, batch_format="pyarrow")
+        ds = ray.data.read_datasource(pairs_datasource(folder, ctx.spec.source, units),
+                                      override_num_blocks=len(units))
         if compute:
             ds = stage_pipeline(ds, ctx.spec, timer, fitted)
         ds = ds.map_batches(finish_batch, fn_args=(ctx.spec,), batch_format="pyarrow")
