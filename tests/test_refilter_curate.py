@@ -129,7 +129,7 @@ def test_curate_parquet_and_webdataset(demo, tmp_path):
     assert proc.poll() is None, "the curate finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    build_dir = next((tmp_path / "killed").glob("curated-pq/*"))
+    build_dir = next(p for p in (tmp_path / "killed" / "curated-pq").iterdir() if p.is_dir())
     summary = json.loads((build_dir / "_work" / "input" / "_DONE.json").read_text())
     assert summary["shards"] == 3 and not (build_dir / "manifest.json").exists()  # row groups 25+25 | 20+25 | 25+3
     pairs = sorted((build_dir / "_work" / "ingest").glob("[0-9]*[0-9].parquet"))
