@@ -14,8 +14,9 @@ Per size, each in a fresh process:
 - pairforge: `flows.curate.curate_flow` over the corpus (a new build). Wall seconds of the whole call (Prefect and
   Ray start-up included), rows/s = listed rows / wall; the driver's peak RSS (its own VmHWM) and the whole job's peak
   (the driver process tree, Ray's processes and Prefect's server included, summed every 0.5 s: RSS, which counts
-  shared object-store pages in every process that maps them, and PSS, which shares them out); the driver's RSS peak
-  after each phase, to show which phase grows it.
+  shared object-store pages in every process that maps them, and PSS, which shares them out); per phase (input,
+  the stage steps, each global decision, write, report, catalog) the driver's own peak RSS within it (its VmHWM is
+  reset as each phase starts, /proc/self/clear_refs) and the peak so far, to show which phase grows it.
 - baseline: a plain Ray Data job with the same Ray settings (flows.engine.runner.ray_session): read_parquet ->
   map_batches of the same stage objects (JunkStage, one decode, BasicStage, DedupStage, with the spec's batch sizes
   and CPUs) -> write_parquet. No uids, decisions, global dedup, accounting, shards, report or catalog.
@@ -295,17 +296,39 @@ def _vm_kb(field: str) -> int:
     return 0
 
 
+def _reset_peak() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0), so a phase's own peak can be read; False where
+    that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class _PhaseMemory(logging.Handler):
-    """Records, as each pairforge phase ends ("<phase>: done in <s>s"), its seconds and the driver's RSS peak then."""
+    """Records, as each pairforge phase ends ("<phase>: done in <s>s"), its seconds, the driver's RSS then, its peak
+    RSS during the phase (the high-water mark is reset as each phase starts) and the peak so far."""
 
     def __init__(self):
         super().__init__(logging.INFO)
         self.phases: list[dict] = []
+        self.peak = 0.0  # the driver's peak RSS before the last reset, MB
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.msg == "%s: done in %.1fs %s" and record.args:
+        if record.msg == "%s: started%s" and record.args:
+            self.peak = max(self.peak, _vm_kb("VmHWM") / 1024)
+            _reset_peak()
+        elif record.msg == "%s: done in %.1fs %s" and record.args:
+            own = _vm_kb("VmHWM") / 1024
+            self.peak = max(self.peak, own)
             self.phases.append({"phase": record.args[0], "seconds": float(record.args[1]), "summary": record.args[2],
-                                "driver_peak_mb": _vm_kb("VmHWM") / 1024, "driver_rss_mb": _vm_kb("VmRSS") / 1024})
+                                "driver_phase_peak_mb": own, "driver_peak_mb": self.peak,
+                                "driver_rss_mb": _vm_kb("VmRSS") / 1024})
+
+    def overall_peak_mb(self) -> float:
+        return max(self.peak, _vm_kb("VmHWM") / 1024)
 
 
 def child_build(spec_path: str, result: str) -> None:
@@ -324,7 +347,7 @@ def child_build(spec_path: str, result: str) -> None:
     wall = time.perf_counter() - t0
     Path(result).write_text(json.dumps({
         "wall_s": wall, "rows": r["stats"]["rows_listed"], "stats": r["stats"], "build_dir": r["build_dir"],
-        "driver_peak_mb": _vm_kb("VmHWM") / 1024, "driver_rss_start_mb": rss0, "driver_rss_imported_mb": rss_imported,
+        "driver_peak_mb": handler.overall_peak_mb(), "driver_rss_start_mb": rss0, "driver_rss_imported_mb": rss_imported,
         "phases": handler.phases}))
 
 
@@ -590,8 +613,8 @@ def main(argv: list[str] | None = None) -> int:
     cpus = a.cpus or os.cpu_count()
     print(f"pairforge scale benchmark: N={a.n:,}, sizes {sizes} x N, {cpus} Ray CPUs on a {os.cpu_count()}-CPU "
           f"machine (load average {os.getloadavg()[0]:.1f}), object store {a.object_store_gb:g} GB, "
-          f"ingest.shard_rows {a.shard_rows:,} (curate cuts input shards at the corpus's row groups too: "
-          f"{CORPUS_ROW_GROUP:,} rows); work folder {work}", flush=True)
+          f"ingest.shard_rows {a.shard_rows:,} (curate coalesces the corpus's row groups of {CORPUS_ROW_GROUP:,} "
+          f"rows into shards of up to that); work folder {work}", flush=True)
     runs = []
     for mult in sizes:
         rows = a.n * mult
@@ -699,14 +722,16 @@ def _print_build(b: dict, planted: dict[str, int]) -> None:
           f"{_mb(b['tree_peak_pss_mb'])} MB over {b['tree_peak_processes']} processes", flush=True)
     phases: list[list] = []  # the pipeline's steps are phases that end together: one line for them
     for p in b["phases"]:
-        if phases and round(phases[-1][1]["seconds"], 1) == round(p["seconds"], 1) and p["phase"] not in ("input", "ingest"):
+        if phases and round(phases[-1][1]["seconds"], 1) == round(p["seconds"], 1) and p["phase"] not in (
+                "input", "ingest", "write", "report", "catalog"):
             phases[-1][0].append(p["phase"])
         else:
             phases.append([[p["phase"]], p])
     for names, p in phases:
         name = names[0] if len(names) == 1 else "stages (" + ", ".join(reversed(names)) + ")"
         note = f" ({p['summary']})" if name == "input" else ""
-        print(f"    phase {name}: {p['seconds']:.1f} s; driver RSS at its end {_mb(p['driver_rss_mb'])} MB, "
+        own = f"peak in the phase {_mb(p['driver_phase_peak_mb'])} MB, " if "driver_phase_peak_mb" in p else ""
+        print(f"    phase {name}: {p['seconds']:.1f} s; driver RSS at its end {_mb(p['driver_rss_mb'])} MB, {own}"
               f"peak so far {_mb(p['driver_peak_mb'])} MB{note}")
     by = {s["stage"]: s["rejected"] for s in st["stages"]}
     got = {r: c for rej in by.values() for r, c in rej.items()}

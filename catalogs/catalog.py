@@ -2,8 +2,8 @@
 and evals.
 
 One file, one writer at a time. Every operation opens its own short-lived connection
-(``with duckdb.connect(path) as con``) and closes it at once, so a long-running build never
-holds the file lock; if another process holds the lock the connect is retried with a short,
+(``with duckdb.connect(path) as con``, memory and threads bounded by DUCKDB_CONFIG) and closes it at once, so a
+long-running build never holds the file lock; if another process holds the lock the connect is retried with a short,
 growing sleep until ``lock_timeout`` seconds have passed.
 
 duckdb 2.0: results go through ``con.sql(...).to_arrow_table()`` / ``.fetchall()`` (``.arrow()`` returns a
@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import duckdb
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
+# Every connection: a bounded share of the driver's memory and CPUs (DuckDB spills past the limit; by default it
+# would take 80% of RAM and every core). PAIRFORGE_CATALOG_MEMORY overrides the limit.
+DUCKDB_CONFIG = {"memory_limit": os.environ.get("PAIRFORGE_CATALOG_MEMORY", "512MB"), "threads": 2}
 BUILD_STATUSES = ("running", "complete", "failed")
 
 _DDL = [
@@ -102,7 +106,7 @@ class Catalog:
         delay = 0.02
         while True:
             try:
-                con = duckdb.connect(str(self.path), read_only=self.read_only)
+                con = duckdb.connect(str(self.path), read_only=self.read_only, config=dict(DUCKDB_CONFIG))
                 break
             except duckdb.IOException as exc:
                 if not _is_lock_error(exc) or time.monotonic() >= deadline:
@@ -364,13 +368,33 @@ class Catalog:
                 con.unregister("_incoming")
         return int(added[0]) if added else 0
 
+    def record_seen(self, source: str, build_id: str, readers: Iterable) -> int:
+        """Record the rows a finished build processed: ``readers`` stream its output rows (Arrow
+        RecordBatchReaders, Datasets or Tables with uid and, optionally, sha256), which DuckDB appends as they come.
+        A build's uids are unique by construction (its input preparation), so nothing is grouped and nothing per
+        row is held; recording a build again replaces its rows. A uid that several builds of the source processed
+        (a full rebuild) has a row per build. Returns the rows recorded."""
+        added = 0
+        with self._txn() as con:
+            con.execute("DELETE FROM seen WHERE source = ? AND build_id = ?", [source, build_id])
+            for reader in readers:
+                sha = "CAST(sha256 AS VARCHAR)" if "sha256" in reader.schema.names else "CAST(NULL AS VARCHAR)"
+                con.register("_incoming", reader)
+                try:
+                    got = con.execute(f"""INSERT INTO seen SELECT ?, CAST(uid AS VARCHAR), {sha}, ?
+                                          FROM _incoming WHERE uid IS NOT NULL""", [source, build_id]).fetchone()
+                    added += int(got[0]) if got else 0
+                finally:
+                    con.unregister("_incoming")
+        return added
+
     def seen_among(self, source: str, uids: pa.Array) -> pa.Array:
         """The uids of ``uids`` that earlier builds of ``source`` processed (a join in DuckDB: a batch at a time,
         never the whole seen set in Python)."""
         with self._connect(write=False) as con:
             con.register("_batch", pa.table({"uid": uids.cast(pa.string())}))
             try:
-                t = con.sql("SELECT b.uid FROM _batch b JOIN seen s ON s.uid = b.uid AND s.source = ?",
+                t = con.sql("SELECT DISTINCT b.uid FROM _batch b JOIN seen s ON s.uid = b.uid AND s.source = ?",
                             params=[source]).to_arrow_table()
             finally:
                 con.unregister("_batch")
@@ -384,8 +408,9 @@ class Catalog:
     def seen_hashes(self, source: str) -> pa.Table:
         """pyarrow Table(uid, sha256) of the source's seen rows that have a sha256."""
         with self._connect(write=False) as con:
-            return con.sql(
-                "SELECT uid, sha256 FROM seen WHERE source = ? AND sha256 IS NOT NULL", params=[source]
+            return con.sql(  # a uid several builds recorded: one row
+                "SELECT uid, any_value(sha256) AS sha256 FROM seen WHERE source = ? AND sha256 IS NOT NULL "
+                "GROUP BY uid", params=[source]
             ).to_arrow_table()
 
 

@@ -135,7 +135,8 @@ class _MalformedRows:
         import pyarrow.dataset as pads
 
         order = "number NULLS LAST, text, seq" if self.by_text else "seq"
-        con = duckdb.connect(config={"memory_limit": "256MB", "temp_directory": str(self.dir / "sort")})
+        con = duckdb.connect(config={"memory_limit": "256MB", "threads": 1,
+                                     "temp_directory": str(self.dir / "sort")})
         try:  # DuckDB sorts within its memory limit, spilling to disk past it
             con.register("malformed_rows", pads.dataset(self.dir / "rows.parquet", format="parquet"))
             for rb in con.sql(f"SELECT text, malformed FROM malformed_rows ORDER BY {order}").to_arrow_reader(
@@ -330,7 +331,8 @@ def corpus_kind(src: SourceSpec) -> str:
 def iter_corpus(src: SourceSpec, batch_rows: int = 1000):
     """Yield tables (url, text, image) from a Parquet corpus or a WebDataset folder, in a stable order."""
     if corpus_kind(src) == "webdataset":
-        yield from _iter_webdataset(location(src.pairs), batch_rows)
+        for tar in location(src.pairs).glob("*.tar"):
+            yield from _iter_tar(tar, batch_rows)
         return
     for piece in corpus_pieces(src, batch_rows):
         yield read_corpus_piece(src, piece)
@@ -338,12 +340,17 @@ def iter_corpus(src: SourceSpec, batch_rows: int = 1000):
 
 @dataclass(frozen=True)
 class CorpusPiece:
-    """Rows start .. start + num_rows - 1 of one row group of one Parquet file of a corpus: what a worker reads."""
+    """What a worker reads of a corpus: rows start .. start + num_rows - 1 of row group `row_group` of a Parquet
+    file, or (row_group -1) a whole WebDataset tar, whose rows are counted only when it is read (num_rows -1)."""
 
     path: str
     row_group: int
     start: int
     num_rows: int
+
+    @property
+    def is_tar(self) -> bool:
+        return self.row_group < 0
 
 
 def _corpus_columns(src: SourceSpec, schema: pa.Schema) -> list[str]:
@@ -366,8 +373,12 @@ def _corpus_columns(src: SourceSpec, schema: pa.Schema) -> list[str]:
 
 
 def corpus_pieces(src: SourceSpec, batch_rows: int) -> Iterator[CorpusPiece]:
-    """A Parquet corpus cut into pieces of at most batch_rows rows, never across a row group, in corpus order; only
-    the files' footers are read (the columns are checked here, once)."""
+    """A corpus cut into pieces in corpus order: Parquet into pieces of at most batch_rows rows, never across a row
+    group (only the files' footers are read; the columns are checked here, once); WebDataset into its tars."""
+    if corpus_kind(src) == "webdataset":
+        for tar in location(src.pairs).glob("*.tar"):
+            yield CorpusPiece(tar.path, -1, 0, -1)
+        return
     try:
         ds = parquet_dataset(location(src.pairs))
         _corpus_columns(src, ds.schema)
@@ -381,24 +392,49 @@ def corpus_pieces(src: SourceSpec, batch_rows: int) -> Iterator[CorpusPiece]:
         raise IngestError(f"{src.pairs}: cannot read as parquet: {e}") from None
 
 
-def read_corpus_piece(src: SourceSpec, piece: CorpusPiece) -> pa.Table:
-    """One piece of a Parquet corpus as (url, text, image)."""
+def corpus_shards(src: SourceSpec, shard_rows: int) -> Iterator[list[CorpusPiece]]:
+    """The corpus's pieces, in order, coalesced into shards of at most shard_rows rows (a tar, whose rows are not
+    known before it is read, is a shard of its own)."""
+    held: list[CorpusPiece] = []
+    rows = 0
+    for piece in corpus_pieces(src, shard_rows):
+        if held and (piece.is_tar or held[0].is_tar or rows + piece.num_rows > shard_rows):
+            yield held
+            held, rows = [], 0
+        held.append(piece)
+        rows += piece.num_rows
+    if held:
+        yield held
+
+
+def read_corpus_piece(src: SourceSpec, piece: CorpusPiece, images_only: bool = False) -> pa.Table:
+    """One piece of a corpus as (url, text, image), or with images_only just (image): a Parquet piece reads only
+    those columns."""
     loc = location(src.pairs)
+    if piece.is_tar:
+        whole = pa.concat_tables(list(_iter_tar(Location(loc.fs, piece.path, loc.scheme), 1 << 30)) or
+                                 [CORPUS_SCHEMA.empty_table()])
+        return whole.select(["image"]) if images_only else whole
     try:
         pf = pq.ParquetFile(piece.path, filesystem=loc.fs)
         cols = _corpus_columns(src, pf.schema_arrow)
-        rb = pf.read_row_group(piece.row_group, columns=cols).slice(piece.start, piece.num_rows)
+        rb = pf.read_row_group(piece.row_group, columns=[src.image_col] if images_only else cols).slice(
+            piece.start, piece.num_rows)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
         raise IngestError(f"{src.pairs}: cannot read as parquet: {e}") from None
     image = rb.column(src.image_col).combine_chunks()
     if pa.types.is_struct(image.type):
         image = image.field("bytes")
+    image = image.cast(pa.binary())
+    if images_only:
+        return pa.table({"image": image})
     url = _as_text(rb.column(src.url_col)) if src.url_col in rb.column_names else pa.nulls(rb.num_rows, pa.string())
-    return pa.table({"url": url, "text": _as_text(rb.column(src.caption_col)), "image": image.cast(pa.binary())},
+    return pa.table({"url": url, "text": _as_text(rb.column(src.caption_col)), "image": image},
                     schema=CORPUS_SCHEMA)
 
 
-def _iter_webdataset(folder: Location, batch_rows: int):
+def _iter_tar(tar_path: Location, batch_rows: int):
+    """The samples of one WebDataset tar as tables of at most batch_rows rows; a tar cut short is an IngestError."""
     import tarfile
 
     rows: dict[str, list] = {"url": [], "text": [], "image": []}
@@ -421,30 +457,29 @@ def _iter_webdataset(folder: Location, batch_rows: int):
         rows["text"].append(text if text is None or isinstance(text, str) else json.dumps(text))
         rows["image"].append(img)
 
-    for tar_path in folder.glob("*.tar"):
-        key, parts, member = None, {}, None
-        try:
-            with tar_path.open_input() as raw, tarfile.open(fileobj=raw) as tf:
-                for member in tf:
-                    if not member.isfile():
-                        continue
-                    base = member.name.rsplit("/", 1)[-1]
-                    k, _, ext = base.partition(".")
-                    if k != key:
-                        flush_sample(parts)
-                        key, parts = k, {}
-                        if len(rows["url"]) >= batch_rows:
-                            yield pa.table(rows, schema=CORPUS_SCHEMA)
-                            rows = {"url": [], "text": [], "image": []}
-                    parts[ext.lower()] = tf.extractfile(member).read()
-                end = tf.offset
-            with tar_path.open_input() as f:  # a tar cut at a member boundary reads as a shorter, complete one
-                f.seek(end)
-                if f.read(1024) != bytes(1024):
-                    raise tarfile.ReadError("no end-of-archive marker after the last member read: cut short")
-        except (tarfile.TarError, EOFError, OSError) as e:
-            at = f" at member {member.name!r}" if member is not None else ""
-            raise IngestError(f"{tar_path}: truncated or not a tar{at}: {type(e).__name__}: {e}") from None
-        flush_sample(parts)
+    key, parts, member = None, {}, None
+    try:
+        with tar_path.open_input() as raw, tarfile.open(fileobj=raw) as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                k, _, ext = base.partition(".")
+                if k != key:
+                    flush_sample(parts)
+                    key, parts = k, {}
+                    if len(rows["url"]) >= batch_rows:
+                        yield pa.table(rows, schema=CORPUS_SCHEMA)
+                        rows = {"url": [], "text": [], "image": []}
+                parts[ext.lower()] = tf.extractfile(member).read()
+            end = tf.offset
+        with tar_path.open_input() as f:  # a tar cut at a member boundary reads as a shorter, complete one
+            f.seek(end)
+            if f.read(1024) != bytes(1024):
+                raise tarfile.ReadError("no end-of-archive marker after the last member read: cut short")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        at = f" at member {member.name!r}" if member is not None else ""
+        raise IngestError(f"{tar_path}: truncated or not a tar{at}: {type(e).__name__}: {e}") from None
+    flush_sample(parts)
     if rows["url"]:
         yield pa.table(rows, schema=CORPUS_SCHEMA)

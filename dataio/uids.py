@@ -3,9 +3,11 @@ per hash bucket of keys, for URL lists and for corpora, plus in-memory versions 
 corpus_pairs)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
+from collections.abc import Iterable, Iterator
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -260,8 +262,10 @@ def key_corpus_rows(batch: pa.Table, first_row: int) -> pa.Table:
                     schema=_CORPUS_KEYED_SCHEMA)
 
 
-def settle_corpus_rows(keyed: pa.Table, occurrence: pa.Array, source: str) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """Keyed corpus rows and their occurrence numbers -> (inputs, pairs, rejects), in corpus order."""
+def settle_corpus_rows(keyed: pa.Table, occurrence: pa.Array, source: str,
+                       carry: tuple[str, ...] = ()) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """Keyed corpus rows and their occurrence numbers -> (inputs, pairs, rejects), in corpus order; the pairs carry
+    the keyed columns named in `carry` too."""
     name, text, url = (keyed.column(c).combine_chunks() for c in ("name", "text", "url"))
     repeat, uid = repeat_uids(keyed.column("key").combine_chunks(), occurrence, name, text)
     nothing = pa.nulls(keyed.num_rows, pa.string())
@@ -275,6 +279,8 @@ def settle_corpus_rows(keyed: pa.Table, occurrence: pa.Array, source: str) -> tu
                       "source": pa.repeat(pa.scalar(source, pa.string()), kept.num_rows),
                       "image": kept.column("image"), "width": w, "height": h, "original_width": w,
                       "original_height": h, "sha256": kept.column("sha256")}).cast(DOWNLOADED_SCHEMA)
+    for c in carry:
+        pairs = pairs.append_column(c, kept.column(c))
     rejected = pc.invert(keep)
     rejects = pa.table({"uid": uid, "url": url, "text": text, "stage": pc.if_else(rejected, "input", nothing),
                         "reason": reason, "detail": nothing, "build_id": nothing}).filter(rejected)
@@ -289,49 +295,90 @@ def corpus_pairs(batch: pa.Table, source: str) -> tuple[pa.Table, pa.Table, pa.T
                                                  find_repeats(keyed.select(["key", "row"]))), source)
 
 
-def key_corpus_batch(folder: BuildFolder, source: str, work: Location, batch_no: int, batch: pa.Table, first_row: int,
+# A corpus shard (curate) is a list of corpus pieces, read by the workers: step 1 reads them whole (sha256, size and
+# key of each row), the stage pipeline and the writer read their image bytes again (shard_pairs), so no copy of
+# the bytes is written before the output shards. Its rows are numbered (shard << 32) + position: corpus order,
+# whatever the rows per shard (a tar's are known only once it is read).
+PIECES_KEY = b"pairforge.corpus_pieces"  # schema metadata of the keyed and pair files: the shard's pieces (JSON)
+PIECE_ROW = "piece_row"  # a pair's row among its shard's pieces
+
+
+def _pieces_json(pieces: list[CorpusPiece]) -> bytes:
+    return json.dumps([dataclasses.astuple(p) for p in pieces]).encode()
+
+
+def shard_pieces(metadata: dict | None) -> list[CorpusPiece] | None:
+    """The corpus pieces a keyed or pair file's rows come from, from its schema or file metadata (None: the file
+    holds its own image bytes)."""
+    raw = (metadata or {}).get(PIECES_KEY)
+    return None if raw is None else [CorpusPiece(*p) for p in json.loads(raw)]
+
+
+def pair_units(meta: pq.FileMetaData) -> int:
+    """How many units an ingest shard's pairs are read in (shard_pairs): its corpus pieces, else its row groups."""
+    pieces = shard_pieces(meta.metadata)
+    return meta.num_row_groups if pieces is None else len(pieces)
+
+
+def first_row(shard: int) -> int:
+    return shard << 32
+
+
+def key_corpus_shard(source: str, src: SourceSpec, work: Location, shard: int, pieces: list[CorpusPiece],
                      buckets: int) -> int:
-    """Step 1 of a corpus batch: the keyed rows to files, without their image bytes, which go straight to the
-    batch's ingest shard (as if no row repeated an earlier one; step 3 rewrites it only in a batch with repeats):
-    the bytes are written once before the output shards."""
-    keyed = key_corpus_rows(batch, first_row)
-    n = keyed.num_rows
-    _, pairs, _ = settle_corpus_rows(keyed, pa.nulls(n, pa.int64()), source)
-    atomic_write_table(pairs, folder.ingest_shard(batch_no).pairs)
-    return write_keyed_batch(work, batch_no, keyed.set_column(keyed.schema.get_field_index("image"), "image",
-                                                                 pa.nulls(n, pa.binary())), buckets)
+    """Step 1 of a corpus shard, in a worker: its pieces read, each row keyed; the keyed rows (no image bytes; the
+    pieces in the file's metadata) and keys to files. Returns the shard's rows."""
+    batch = pa.concat_tables([read_corpus_piece(src, p) for p in pieces])
+    keyed = key_corpus_rows(batch, first_row(shard)).drop_columns(["image"])
+    keyed = keyed.replace_schema_metadata({PIECES_KEY: _pieces_json(pieces)})
+    return write_keyed_batch(work, shard, keyed, buckets)
 
 
-def key_corpus_piece(folder: BuildFolder, source: str, src: SourceSpec, work: Location, batch_no: int,
-                     piece: CorpusPiece, first_row: int, buckets: int) -> int:
-    """Step 1 of a Parquet corpus piece, read here in the worker (the driver reads only footers)."""
-    return key_corpus_batch(folder, source, work, batch_no, read_corpus_piece(src, piece), first_row, buckets)
-
-
-def settle_corpus_batch(folder: BuildFolder, work: Location, batch_no: int, source: str) -> dict:
-    """Step 3 of a corpus batch: input shard `batch_no`, its ingest shard without the repeats, marked done; its
-    rejects go to settled/NNNNNN.rejects.parquet."""
+def settle_corpus_shard(folder: BuildFolder, work: Location, shard: int, source: str) -> dict:
+    """Step 3 of a corpus shard: input shard `shard` and its pairs (their metadata, each pair's row among the pieces,
+    which the pair file names; no image bytes), marked done as an ingest shard; its rejects go to
+    settled/NNNNNN.rejects.parquet."""
     work = location(work)
-    keyed = (work / "keyed" / f"{batch_no:06d}.parquet").read_table()
+    keyed = (work / "keyed" / f"{shard:06d}.parquet").read_table()
+    pieces = shard_pieces(keyed.schema.metadata)
     row = keyed.column("row").combine_chunks()
-    first = row[0].as_py() if len(row) else 0
-    occurrence = occurrences(row, batch_repeats(work, first, len(row)))
-    inputs, _, rejects = settle_corpus_rows(keyed, occurrence, source)
-    paths = folder.ingest_shard(batch_no)
-    # step 1's pairs: a row for each keyed row without a reason; read whole (image bytes) only to drop repeats
-    if paths.pairs.read_metadata().num_rows != inputs.num_rows:
-        first_listing = pc.invert(pc.fill_null(pc.greater(occurrence, 0), False))
-        pairs = paths.pairs.read_table()
-        pairs = pairs.filter(first_listing.filter(pc.is_null(keyed.column("reason")).combine_chunks()))
-        atomic_write_table(pairs, paths.pairs)
-        uids = pairs.column("uid")
-    else:
-        uids = paths.pairs.read_table(columns=["uid"]).column("uid")
-    if not uids.equals(inputs.column("uid")):
-        raise RuntimeError(f"corpus batch {batch_no}: step 1's pairs and step 3's inputs differ")
-    atomic_write_table(inputs, folder.input_shard(batch_no))
+    occurrence = occurrences(row, batch_repeats(work, first_row(shard), 1 << 32))
+    keyed = keyed.append_column("image", pa.nulls(keyed.num_rows, pa.binary()))
+    inputs, pairs, rejects = settle_corpus_rows(keyed, occurrence, source, carry=("row",))
+    position = pc.subtract(pairs.column("row"), pa.scalar(first_row(shard), pa.int64()))
+    pairs = pairs.drop_columns(["image", "row"]).append_column(PIECE_ROW, position)
+    paths = folder.ingest_shard(shard)
+    atomic_write_table(inputs, folder.input_shard(shard))
+    atomic_write_table(pairs.replace_schema_metadata({PIECES_KEY: _pieces_json(pieces)}), paths.pairs)
     atomic_write_table(REJECT_SCHEMA.empty_table(), paths.rejects)
-    atomic_write_text(paths.done, json.dumps({"shard": batch_no, "rows_in": inputs.num_rows,
+    atomic_write_text(paths.done, json.dumps({"shard": shard, "rows_in": inputs.num_rows,
                                               "pairs": inputs.num_rows, "rejects": 0}))
-    atomic_write_table(rejects, work / "settled" / f"{batch_no:06d}.rejects.parquet")
+    atomic_write_table(rejects, work / "settled" / f"{shard:06d}.rejects.parquet")
     return {"rows": keyed.num_rows, "kept": inputs.num_rows, "rejected": rejects.num_rows}
+
+
+def shard_pairs(src: SourceSpec, pairs: Location, columns: list[str] | None = None,
+                units: Iterable[int] | None = None) -> Iterator[pa.Table]:
+    """An ingest shard's pairs with their image bytes, a unit at a time (`units`: which, default all; pair_units
+    counts them): the file holds the bytes (downloads, refilter; a unit is a row group), or (curate) names the corpus
+    pieces that do (a unit is a piece) and each pair's row among them."""
+    pf = location(pairs).parquet_file()
+    pieces = shard_pieces(pf.metadata.metadata)
+    units = range(pair_units(pf.metadata)) if units is None else units
+    if pieces is None:
+        for g in units:
+            yield pf.read_row_group(g, columns=columns)
+        return
+    refs = pf.read(columns=None if columns is None else [c for c in columns if c != "image"] + [PIECE_ROW])
+    at = refs.column(PIECE_ROW).combine_chunks()
+    refs = refs.drop_columns([PIECE_ROW]).replace_schema_metadata(None)
+    starts = np.cumsum([0] + [max(p.num_rows, 0) for p in pieces])  # a tar (rows unknown) is its shard's one piece
+    for u in units:
+        offset = int(starts[u])
+        image = read_corpus_piece(src, pieces[u], images_only=True).column("image").combine_chunks()
+        mine = pc.and_(pc.greater_equal(at, offset), pc.less(at, offset + len(image)))
+        part = refs.filter(mine)
+        if part.num_rows:
+            local = pc.subtract(at.filter(mine), pa.scalar(offset, pa.int64()))
+            part = part.append_column("image", image.take(local))
+            yield part if columns is None else part.select(columns)

@@ -18,9 +18,10 @@ from flows.engine.context import BuildContext, BuildError, code_version, dataset
 from flows.engine.global_decisions import run_global_stages
 from flows.engine.ingest import ingest_all
 from flows.engine.inputs import prepare_inputs, prior_files
-from flows.engine.outputs import check_accounting, collect_stats, manifest, seen_scanners, write_outputs
+from flows.engine.outputs import check_accounting, collect_stats, manifest, seen_readers, write_outputs
 from flows.engine.resources import check_fit
 from flows.engine.runner import process_stages, ray_session
+from flows.engine.progress import phase
 from schemas.spec import BuildSpec, load_spec
 from stages import stage_class
 from dataio.build_folder import atomic_write_text
@@ -61,14 +62,14 @@ def write_task(ctx: BuildContext, prepared: dict, ingest: dict, processed: dict)
     """Global decisions (distributed), then workers write the shards; the driver checks and records."""
     t0 = time.perf_counter()
     global_ = run_global_stages(ctx, processed["rows"], prior_files(ctx))
-    results = write_outputs(ctx, prepared["shards"])
-    counts = check_accounting(ctx, results)
-    stats = collect_stats(ctx, prepared, ingest, processed, global_, results, time.perf_counter() - t0, counts)
+    written = write_outputs(ctx, prepared["shards"])
+    counts = check_accounting(ctx, written)
+    stats = collect_stats(ctx, prepared, ingest, processed, global_, written, time.perf_counter() - t0, counts)
     atomic_write_text(ctx.folder.stats, json.dumps(stats, indent=2))
-    man = manifest(ctx, results)
-    write_build_docs(ctx.build_dir)
-    files = {k: sorted((f for r in results for f in r[k]), key=lambda f: f["path"]) for k in ("shards", "rejects")}
-    return {"stats": stats, "manifest": man, "files": files}
+    man = manifest(ctx, written)
+    with phase("report"):
+        write_build_docs(ctx.build_dir)
+    return {"stats": stats, "manifest": man, "files": {k: written.sorted_files(k) for k in ("shards", "rejects")}}
 
 
 def write_build_docs(build_dir: Location) -> None:
@@ -100,8 +101,8 @@ def record_in_catalog(ctx: BuildContext, status: str, result: dict | None = None
         cat.record_shards(ctx.build_id, "shard", files["shards"])
         cat.record_shards(ctx.build_id, "rejects", files["rejects"])
         cat.record_stage_stats(ctx.build_id, stats["stages"])
-        for scanner in seen_scanners(ctx):
-            cat.add_seen(ctx.source_name, scanner.to_reader())
+        with phase("catalog"):  # the seen uids: the output files streamed into the catalog, nothing per row held
+            cat.record_seen(ctx.source_name, ctx.build_id, seen_readers(ctx))
         if ctx.spec.incremental:
             earlier = earlier_builds(ctx)
             if earlier:

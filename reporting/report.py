@@ -5,8 +5,11 @@
     write_dataset_card(build_dir)  -> <build>/README.md: a Hugging Face dataset card (YAML header + body)
 
 The report reads stats.json, manifest.json, spec.yaml, the metadata columns of shards/ and rejects/ (every column
-but image bytes, embeddings and other numeric lists), and the image bytes of the sampled rows only (one Parquet
-row group per sampled row), so its size and its cost do not grow with the build.
+but image bytes, embeddings and other numeric lists) a file and a batch at a time, and the image bytes of the
+sampled rows only (one Parquet row group per sampled row). What it keeps of the rows is bounded whatever the build's
+size (Aggregates): counts, a histogram per stat column over fixed bins (from the footers' min/max, or a first pass
+where they have none), counts per category value, and seeded samples: per grid, the rows of smallest hash of the
+uid, merged file by file. So its size and its memory do not grow with the build; its time grows with the rows read.
 
 Sections (each one a <section id=...>):
     summary        counts, shards, spec hash, code version, stage metadata (models)
@@ -65,7 +68,6 @@ CORE_STATS = ["width", "height", "original_width", "original_height"]
 INGEST_PARAMS = {"timeout": "timeout_s", "too_large": "max_bytes", "decompression_bomb": "max_pixels",
                  "too_many_redirects": "max_redirects"}
 DECISION = ["stage", "reason", "detail"]
-REPORT_MAX_ROWS = 200_000  # larger builds: distributions and samples over a uid-hash sample of about this many rows
 
 
 class ReportError(RuntimeError):
@@ -107,15 +109,12 @@ class Build:
     stats: dict
     manifest: dict
     spec: dict
-    files: list[Location]  # shards then rejects; meta's _file indexes this list
-    meta: pa.Table  # every row, light columns, plus stage/reason/detail (null for kept), _kept, _file, _row
+    files: list[Location]  # shards then rejects: a sampled row's _file indexes this list
     schema: pa.Schema | None  # the kept shards' schema
-    total_rows: int = 0  # rows in the build's files; more than meta's when meta is a sample
+    total_rows: int = 0  # rows in the build's files (from their footers)
+    kept_files: int = 0  # files[:kept_files] are the shards
     _pf: dict = field(default_factory=dict)
-
-    @property
-    def sampled(self) -> bool:
-        return self.meta.num_rows < self.total_rows
+    _aggregates: dict = field(default_factory=dict)  # seed -> Aggregates
 
     @property
     def params(self) -> dict[str, dict]:
@@ -129,10 +128,15 @@ class Build:
             self._pf[i] = self.files[i].parquet_file()
         return self._pf[i]
 
-    def take(self, rows: Iterable[int], column: str = "image") -> dict[int, Any]:
-        """Values of `column` for meta rows, reading only the row groups that hold them."""
-        return take_column(self, [(int(self.meta["_file"][r].as_py()), int(self.meta["_row"][r].as_py()), r)
-                                  for r in rows], column)
+    def aggregates(self, seed: int = 0) -> "Aggregates":
+        """The report's view of every row (counts, histograms, seeded samples), computed once per seed."""
+        if seed not in self._aggregates:
+            self._aggregates[seed] = aggregate(self, seed)
+        return self._aggregates[seed]
+
+    def computed(self) -> "Aggregates | None":
+        """Aggregates computed already (any seed), else None: what the dataset card may use without a pass."""
+        return next(iter(self._aggregates.values()), None)
 
 
 def take_column(build: Build, where: list[tuple[int, int, Any]], column: str) -> dict[Any, Any]:
@@ -157,40 +161,16 @@ def take_column(build: Build, where: list[tuple[int, int, Any]], column: str) ->
     return out
 
 
-def _read_meta(files: list[Location], first_index: int, kept: bool, fraction: float = 1.0) -> list[pa.Table]:
-    """Light columns of every row, or of a uid-hash sample of about `fraction` of them (one file at a time)."""
-    tables = []
-    for i, f in enumerate(files):
-        schema = f.read_schema()
-        cols = [fl.name for fl in schema if not is_heavy(fl)]
-        t = f.read_table(columns=cols)
-        n = t.num_rows
-        t = t.append_column("_row", pa.array(np.arange(n, dtype=np.int64)))
-        if fraction < 1.0:
-            t = t.filter(pa.array(in_sample(t.column("uid"), fraction)))
-            n = t.num_rows
-        for c in DECISION:
-            if c not in t.column_names:
-                t = t.append_column(c, pa.nulls(n, pa.string()))
-        t = t.append_column("_kept", pa.array(np.full(n, kept), pa.bool_()))
-        t = t.append_column("_file", pa.array(np.full(n, first_index + i, np.int32)))
-        # nullability differs between shards and rejects; drop it so tables concatenate
-        t = t.cast(pa.schema([fl.with_nullable(True) for fl in t.schema]))
-        tables.append(t)
-    return tables
+def images_of(build: Build, rows: Iterable[dict | None]) -> dict[tuple[int, int], Any]:
+    """Image bytes of sampled rows ({_file, _row}), keyed by (file, row)."""
+    where = {(r["_file"], r["_row"]) for r in rows if r is not None}
+    return take_column(build, [(f, r, (f, r)) for f, r in sorted(where)], "image")
 
 
-def in_sample(uid: pa.ChunkedArray | pa.Array, fraction: float) -> np.ndarray:
-    """True for about `fraction` of uids, the same uids in every run (a hash of the uid, not of its position)."""
-    import polars as pl
-
-    h = pl.Series(uid.combine_chunks() if isinstance(uid, pa.ChunkedArray) else uid).hash(seed=7).to_numpy()
-    return (h >> np.uint64(11)) < np.uint64(int(fraction * 2**53))
-
-
-def load_build(build_dir: str | Path | Location, rows: bool = True, max_rows: int = REPORT_MAX_ROWS) -> Build:
-    """The build's json/yaml files and, with rows, the metadata of its kept and rejected rows: every row, or a
-    uid-hash sample of about max_rows of them when the build is larger (counts then come from stats.json)."""
+def load_build(build_dir: str | Path | Location, rows: bool = True) -> Build:
+    """The build's json/yaml files and its part files; with rows, their row count (from the footers). What the
+    report shows of the rows is computed from them on demand (Build.aggregates): a few passes a file at a time,
+    holding counts, fixed-bin histograms and seeded samples, never a table of the build's rows."""
     build_dir = location(build_dir)
     if not (build_dir / "shards").is_dir() and not (build_dir / "rejects").is_dir():
         raise ReportError(f"{build_dir}: not a build folder (no shards/ or rejects/)")
@@ -203,14 +183,330 @@ def load_build(build_dir: str | Path | Location, rows: bool = True, max_rows: in
     register_build_stages(spec or {})
     shards, rejects = part_files(build_dir, "shards"), part_files(build_dir, "rejects")
     total = sum(f.read_metadata().num_rows for f in shards + rejects) if rows else 0
-    fraction = min(1.0, max_rows / total) if total else 1.0
-    tables = (_read_meta(shards, 0, True, fraction) + _read_meta(rejects, len(shards), False, fraction)) if rows else []
-    meta = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table(
-        {"uid": pa.array([], pa.string()), **{c: pa.array([], pa.string()) for c in DECISION},
-         "_kept": pa.array([], pa.bool_()), "_file": pa.array([], pa.int32()), "_row": pa.array([], pa.int64())})
-    meta = meta.combine_chunks()
-    return Build(build_dir, read_json("stats.json"), read_json("manifest.json"), spec or {}, shards + rejects, meta,
-                 shards[0].read_schema() if shards else None, total_rows=total)
+    return Build(build_dir, read_json("stats.json"), read_json("manifest.json"), spec or {}, shards + rejects,
+                 shards[0].read_schema() if shards else None, total_rows=total, kept_files=len(shards))
+
+
+# --------------------------------------------------------------------------- the aggregates (bounded)
+
+BATCH_ROWS = 65_536  # rows of a file read at a time by the report's passes
+
+
+def uid_hash(keys: pa.Array | pa.ChunkedArray, key: str) -> np.ndarray:
+    """A 64-bit hash of each string seeded by `key`: the same for the same string and key in every run."""
+    import polars as pl
+
+    arr = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+    return pl.Series(arr).cast(pl.String).hash(seed=zlib.crc32(key.encode())).to_numpy()
+
+
+class Sample:
+    """The k items of smallest hash(key, item name) among all offered: a seeded sample that is the same whatever
+    order the items come in (a file at a time), holding k items."""
+
+    def __init__(self, key: str, k: int):
+        self.key, self.k = key, k
+        self.items: list[tuple[int, str, Any]] = []  # (hash, name, payload), smallest first
+
+    def offer(self, names: pa.Array, payload) -> None:
+        """names: the candidates' names; payload(positions) -> one object per chosen position."""
+        if not len(names):
+            return
+        h = uid_hash(names, self.key)
+        cand = np.flatnonzero(h <= self.items[-1][0]) if len(self.items) >= self.k else np.arange(len(h))
+        if cand.size > self.k:
+            cand = cand[np.argpartition(h[cand], self.k - 1)[:self.k]]
+        if not cand.size:
+            return
+        chosen = zip(h[cand].tolist(), names.take(pa.array(cand)).to_pylist(), payload(cand))
+        self.items = sorted([*self.items, *chosen], key=lambda x: x[:2])[:self.k]
+
+    def picked(self) -> list:
+        """The payloads, in name order."""
+        return [p for _, _, p in sorted(self.items, key=lambda x: x[1])]
+
+
+@dataclass
+class Histogram:
+    column: str
+    derived: bool  # computed from `text` (no stage wrote the column)
+    owner: str | None
+    lo: float  # the data's range
+    hi: float
+    edges: np.ndarray
+    counts: np.ndarray  # (3, bins): kept, rejected by owner, rejected by another stage
+
+    @property
+    def title(self) -> str:
+        return self.column + (" (from text)" if self.derived else "")
+
+
+@dataclass
+class Aggregates:
+    """What the report shows of a build's rows, each part bounded: counts, a histogram per plotted column over fixed
+    bins, counts per category, seeded samples (row dicts with their _file and _row)."""
+
+    seed: int
+    rows: int = 0
+    kept: int = 0
+    reasons: dict = field(default_factory=dict)  # (stage, reason) -> rows
+    hists: list = field(default_factory=list)  # Histogram, in plot order
+    categories: dict = field(default_factory=dict)  # column -> {value: [kept, by its stage, by another]}
+    samples: dict = field(default_factory=dict)  # "kept" | (stage, reason) | "rewrites" -> row dicts
+    survivors: dict = field(default_factory=dict)  # uid of a sampled duplicate -> {_file, _row} it duplicates
+    rewrites: int = 0  # rows with a recaptions value
+    rewrite_scores: list = field(default_factory=list)
+    negatives: "NegativeSet | None" = None
+
+
+def _union_schema(build: Build) -> pa.Schema:
+    """Light fields of the shards' schema, then the rejects' fields the shards lack."""
+    fields: dict[str, pa.Field] = {}
+    for f in ([build.files[0]] if build.kept_files else []) + build.files[build.kept_files:][:1]:
+        for fl in f.read_schema():
+            if not is_heavy(fl):
+                fields.setdefault(fl.name, fl)
+    return pa.schema(list(fields.values()))
+
+
+def _batches(f: Location, columns: list[str] | None = None):
+    """(first row, batch) of a Parquet file, BATCH_ROWS rows at a time."""
+    pf = f.parquet_file()
+    names = pf.schema_arrow.names
+    cols = [c for c in columns if c in names] if columns is not None else \
+        [fl.name for fl in pf.schema_arrow if not is_heavy(fl)]
+    start = 0
+    for rb in pf.iter_batches(batch_size=BATCH_ROWS, columns=cols):
+        yield start, pa.Table.from_batches([rb])
+        start += rb.num_rows
+
+
+DERIVED = ("caption_chars", "caption_words")  # from `text` when no stage wrote them
+
+
+def _values(batch: pa.Table, column: str, derived: bool) -> np.ndarray:
+    """A numeric column (or one derived from text) as float64, NaN where null."""
+    if derived:
+        text = pc.fill_null(batch["text"], "")
+        arr = pc.utf8_length(text) if column == "caption_chars" else \
+            pc.list_value_length(pc.utf8_split_whitespace(pc.utf8_trim_whitespace(text)))
+    elif column in batch.column_names:
+        arr = batch[column]
+    else:
+        return np.full(batch.num_rows, np.nan)
+    values = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+    return np.where(np.asarray(pc.is_valid(arr).to_numpy(zero_copy_only=False), bool), values, np.nan)
+
+
+def _footer_range(files: list[Location], column: str) -> tuple[float, float] | None | bool:
+    """(lo, hi) of a column from the files' Parquet statistics; None when it holds no value; False when some row
+    group has values but no usable (finite) statistics."""
+    lo, hi = math.inf, -math.inf
+    for f in files:
+        md = f.read_metadata()
+        if column not in md.schema.to_arrow_schema().names:
+            continue
+        j = next(i for i in range(md.num_columns) if md.schema.column(i).path == column)
+        for g in range(md.num_row_groups):
+            cm = md.row_group(g).column(j)
+            st = cm.statistics
+            if st is not None and st.has_null_count and st.null_count == cm.num_values:
+                continue  # every value null
+            if st is None or not st.has_min_max:
+                return False
+            a, b = float(st.min), float(st.max)
+            if not (math.isfinite(a) and math.isfinite(b)):
+                return False
+            lo, hi = min(lo, a), max(hi, b)
+    return (lo, hi) if lo <= hi else None
+
+
+def _axis(lo: float, hi: float, lines: list[tuple[str, float]]) -> tuple[float, float, list]:
+    """The plotted range: the data's, widened to the threshold lines near it; lines far outside are named, not
+    drawn (x None)."""
+    span = (hi - lo) or 1.0
+    shown = []
+    for label, x in lines:  # a threshold far outside the data would squash it: name it instead of drawing it
+        if lo - 0.5 * span <= x <= hi + 0.5 * span:
+            lo, hi = min(lo, x), max(hi, x)
+            shown.append((label, x))
+        else:
+            shown.append((label + (" (off the axis, right)" if x > hi else " (off the axis, left)"), None))
+    return lo, hi, shown
+
+
+def histogram_bins(lo: float, hi: float, integer: bool, lines: list[tuple[str, float]]) -> np.ndarray:
+    """Fixed bin edges for a column whose values span lo..hi: one bin per integer when integral over at most 60
+    values, else 40 over the range (widened to the thresholds near it)."""
+    lo, hi, _ = _axis(lo, hi, lines)
+    if integer and hi - lo <= 60:
+        return np.arange(math.floor(lo), math.floor(hi) + 2) - 0.5
+    pad = (hi - lo) * 0.02 or 0.5
+    return np.linspace(lo - pad, hi + pad, 41)
+
+
+def _plan_histograms(build: Build, schema: pa.Schema) -> list[tuple[str, bool]]:
+    """(column, derived from text) of every numeric column to plot, in plot order."""
+    names = schema.names
+    numeric = [n for n in names if not n.startswith("_") and column_role(n) in (None, "stat") and n not in DECISION
+               and (pa.types.is_integer(schema.field(n).type) or pa.types.is_floating(schema.field(n).type))]
+    order = _stat_order(build)
+    cols = [c for c in order if c in numeric] + [c for c in numeric if c not in order]
+    derived = [c for c in DERIVED if c not in cols] if "text" in names else []
+    return [(c, c in derived) for c in dict.fromkeys([k for k in order if k in derived] + cols)]
+
+
+def _histograms(build: Build, schema: pa.Schema) -> list[Histogram]:
+    """Empty histograms with their bins fixed: ranges from the footers' statistics, or a pass over the columns
+    that have none (and those derived from text)."""
+    owners = column_owner()
+    plan = _plan_histograms(build, schema)
+    ranges: dict[str, tuple[float, float] | None] = {}
+    integral: dict[str, bool] = {}
+    scan: list[tuple[str, bool]] = []
+    for c, derived in plan:
+        got = False if derived else _footer_range(build.files, c)
+        if got is False:
+            scan.append((c, derived))
+            integral[c] = True
+        else:
+            ranges[c] = got
+            integral[c] = pa.types.is_integer(schema.field(c).type)
+    if scan:  # the first pass: min and max (and whether every value is whole) of those columns
+        lo, hi = {c: math.inf for c, _ in scan}, {c: -math.inf for c, _ in scan}
+        cols = list({"text" if d else c for c, d in scan})
+        for f in build.files:
+            for _, batch in _batches(f, cols):
+                for c, derived in scan:
+                    v = _values(batch, c, derived)
+                    v = v[np.isfinite(v)]
+                    if v.size:
+                        lo[c], hi[c] = min(lo[c], float(v.min())), max(hi[c], float(v.max()))
+                        integral[c] = integral[c] and bool(np.all(np.mod(v, 1) == 0))
+        ranges |= {c: (lo[c], hi[c]) if lo[c] <= hi[c] else None for c, _ in scan}
+    out = []
+    for c, derived in plan:
+        if ranges[c] is None:
+            continue
+        edges = histogram_bins(*ranges[c], integral[c], thresholds_for(build, c))
+        out.append(Histogram(c, derived, owners.get(c), *ranges[c], edges, np.zeros((3, len(edges) - 1), np.int64)))
+    return out
+
+
+def _groups(kept: bool, stage: pa.ChunkedArray | None, owner: str | None, n: int) -> np.ndarray:
+    """0 kept, 1 rejected by owner, 2 rejected by another stage."""
+    if kept:
+        return np.zeros(n, np.int8)
+    g = np.full(n, 2, np.int8)
+    if owner:
+        g[np.asarray(pc.fill_null(pc.equal(stage, owner), False).to_numpy(zero_copy_only=False), bool)] = 1
+    return g
+
+
+def _payload(batch: pa.Table, start: int, file: int, kept: bool):
+    """Row dicts of chosen positions of a batch, with _file, _row, _kept and the decision columns."""
+    def rows(positions: np.ndarray) -> list[dict]:
+        out = batch.take(pa.array(positions)).to_pylist()
+        for r, p in zip(out, positions.tolist()):
+            r.update(_file=file, _row=start + p, _kept=kept)
+            for c in DECISION:
+                r.setdefault(c, None)
+        return out
+    return rows
+
+
+def aggregate(build: Build, seed: int = 0) -> Aggregates:
+    """One pass over the build's files, a batch at a time: counts, histograms, category counts and seeded samples;
+    then, where they are shown, the rows that sampled duplicates name and the hard negatives."""
+    agg = Aggregates(seed)
+    if not build.files:
+        return agg
+    schema = _union_schema(build)
+    agg.hists = _histograms(build, schema)
+    stages = _stages()
+    owners = column_owner()
+    categorical = [c.name for s in build.params if s in stages for c in stages[s].columns
+                   if c.role == "category" and c.name in schema.names]
+    cats: dict[str, dict[str, list[int]]] = {c: {} for c in categorical}
+    samples: dict[Any, Sample] = {"kept": Sample(f"{seed}/kept", N_KEPT)}
+    has_rewrites = "recaptions" in schema.names
+    rewrites = {k: Sample(f"{seed}/rewrites", N_REWRITES) for k in ("kept", "any")}
+    agg.rewrite_scores = [c for c in schema.names if c.startswith("recaption") and c != "recaptions"
+                          and (pa.types.is_floating(schema.field(c).type) or pa.types.is_integer(schema.field(c).type))]
+    negs = NegativeScan(build, schema, seed)
+    for i, f in enumerate(build.files):
+        kept = i < build.kept_files
+        for start, batch in _batches(f):
+            n = batch.num_rows
+            agg.rows += n
+            uid = batch["uid"]
+            rows = _payload(batch, start, i, kept)
+            stage = batch["stage"] if "stage" in batch.column_names else None
+            if kept:
+                agg.kept += n
+                samples["kept"].offer(uid, rows)
+            else:
+                for c in pc.value_counts(pc.binary_join_element_wise(stage, batch["reason"], "\t")).to_pylist():
+                    if c["values"] is None:
+                        continue
+                    key = tuple(c["values"].split("\t", 1))
+                    agg.reasons[key] = agg.reasons.get(key, 0) + c["counts"]
+                    mask = pc.and_(pc.equal(stage, key[0]), pc.equal(batch["reason"], key[1]))
+                    at = np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False), bool))
+                    sample = samples.setdefault(key, Sample(f"{seed}/{key[0]}/{key[1]}", N_PER_REASON))
+                    sample.offer(uid.take(pa.array(at)), lambda p, at=at: rows(at[p]))
+            groups = {}
+            for h in agg.hists:
+                g = groups.setdefault(h.owner, _groups(kept, stage, h.owner, n))
+                v = _values(batch, h.column, h.derived)
+                ok = np.isfinite(v)
+                for k in range(3):
+                    h.counts[k] += np.histogram(v[ok & (g == k)], bins=h.edges)[0]
+            for c in categorical:
+                g = groups.setdefault(owners.get(c), _groups(kept, stage, owners.get(c), n))
+                for k in range(3):
+                    for vc in pc.value_counts(batch[c].filter(pa.array(g == k))).to_pylist():
+                        name = "null" if vc["values"] is None else str(vc["values"])
+                        cats[c].setdefault(name, [0, 0, 0])[k] += vc["counts"]
+            if has_rewrites and "recaptions" in batch.column_names:
+                has = np.asarray(pc.is_valid(batch["recaptions"]).to_numpy(zero_copy_only=False), bool)
+                at = np.flatnonzero(has)
+                agg.rewrites += int(at.size)
+                for k in (("kept", "any") if kept else ("any",)):
+                    rewrites[k].offer(uid.take(pa.array(at)), lambda p, at=at: rows(at[p]))
+            if kept:
+                negs.scan_kept(batch, rows)
+    agg.categories = {c: v for c, v in cats.items() if any(k != "null" for k in v)}
+    agg.samples = {k: s.picked() for k, s in samples.items()}
+    if has_rewrites:
+        agg.samples["rewrites"] = rewrites["kept"].picked() or rewrites["any"].picked()
+    duplicates = {}
+    for key, picked in agg.samples.items():
+        if isinstance(key, tuple) and key[1].startswith("duplicate"):
+            for r in picked:
+                hit = re.match(r"dup of ([0-9a-f]+)", str(r.get("detail") or ""))
+                if hit:
+                    duplicates[r["uid"]] = hit.group(1)
+    agg.negatives = negs.finish()
+    found = locate(build, set(duplicates.values()) | agg.negatives.wanted())
+    agg.survivors = {u: found[s] for u, s in duplicates.items() if s in found}
+    agg.negatives.resolve(build, found)
+    return agg
+
+
+def locate(build: Build, uids: set[str]) -> dict[str, dict]:
+    """{uid: {_file, _row}} of the given uids in the build's files: a pass over the uid column only."""
+    if not uids:
+        return {}
+    wanted = pa.array(sorted(uids), pa.string())
+    out = {}
+    for i, f in enumerate(build.files):
+        for start, batch in _batches(f, ["uid"]):
+            at = np.flatnonzero(np.asarray(pc.is_in(batch["uid"], value_set=wanted).to_numpy(zero_copy_only=False),
+                                           bool))
+            for p, u in zip(at.tolist(), batch["uid"].take(pa.array(at)).to_pylist()):
+                out.setdefault(u, {"_file": i, "_row": start + p})
+    return out
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -245,17 +541,12 @@ def fmt_bytes(n: int | float) -> str:
 
 
 def seeded_sample(meta: pa.Table, mask: np.ndarray, n: int, key: str) -> list[int]:
-    """Up to n row indices where mask is true, the same for the same rows whatever their file order."""
+    """Up to n row indices where mask is true: those of smallest hash(key, uid), in uid order; the same for the same
+    rows whatever their order (what the report's per-file samples pick)."""
     idx = np.flatnonzero(mask)
-    if idx.size == 0:
-        return []
-    uids = np.asarray(meta["uid"].take(pa.array(idx)).to_pylist(), dtype=object)
-    order = np.argsort(uids.astype(str), kind="stable")
-    idx = idx[order]
-    if idx.size > n:
-        rng = np.random.default_rng(zlib.crc32(key.encode()))
-        idx = idx[np.sort(rng.choice(idx.size, n, replace=False))]
-    return idx.tolist()
+    sample = Sample(key, n)
+    sample.offer(meta["uid"].combine_chunks().take(pa.array(idx)), lambda p: idx[p].tolist())
+    return sample.picked()
 
 
 def thumbnail_uri(data: bytes | None, px: int = THUMB_PX) -> str | None:
@@ -426,35 +717,19 @@ def _png(fig, tight: bool = False) -> str:
 COLORS = {"kept": "#2b7bba", "here": "#d6452f", "other": "#b8b8b8"}
 
 
-def histogram_png(column: str, values: np.ndarray, groups: np.ndarray, owner: str | None,
-                  lines: list[tuple[str, float]]) -> str:
-    """Stacked histogram of values by group (0 kept, 1 rejected by owner, 2 rejected elsewhere), threshold lines."""
+def histogram_png(h: "Histogram", lines: list[tuple[str, float]]) -> str:
+    """Stacked histogram of a column's counts by group (kept, rejected by its owner, rejected elsewhere) over its
+    fixed bins, with the threshold lines."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.4, 2.4))
-    finite = np.isfinite(values)
-    v, g = values[finite], groups[finite]
-    lo, hi = float(v.min()), float(v.max())
-    span = (hi - lo) or 1.0
-    shown = []
-    for label, x in lines:  # a threshold far outside the data would squash it: name it instead of drawing it
-        if lo - 0.5 * span <= x <= hi + 0.5 * span:
-            lo, hi = min(lo, x), max(hi, x)
-            shown.append((label, x))
-        else:
-            shown.append((label + (" (off the axis, right)" if x > hi else " (off the axis, left)"), None))
-    integer = np.all(np.mod(v, 1) == 0) and hi - lo <= 60
-    if integer:
-        bins = np.arange(math.floor(lo), math.floor(hi) + 2) - 0.5
-    else:
-        pad = (hi - lo) * 0.02 or 0.5
-        bins = np.linspace(lo - pad, hi + pad, 41)
-    labels = ["kept", f"rejected by {owner}" if owner else "rejected", "rejected by another stage"]
+    _, _, shown = _axis(h.lo, h.hi, lines)
+    bins = h.edges
+    labels = ["kept", f"rejected by {h.owner}" if h.owner else "rejected", "rejected by another stage"]
     base = np.zeros(len(bins) - 1)
     for k in range(3):  # stacked, one filled step polygon per group (cheap to draw, unlike a bar per bin)
-        sel = v[g == k]
-        if not sel.size:
+        counts = h.counts[k]
+        if not counts.any():
             continue
-        counts, _ = np.histogram(sel, bins=bins)
         ax.stairs(base + counts, bins, baseline=base.copy(), fill=True, color=COLORS[("kept", "here", "other")[k]],
                   label=labels[k])
         base = base + counts
@@ -464,19 +739,16 @@ def histogram_png(column: str, values: np.ndarray, groups: np.ndarray, owner: st
             ax.plot([], [], " ", label=label)
         else:
             ax.axvline(x, color="black", linestyle=("--", ":", "-.")[i % 3], linewidth=1.1, label=label)
-    ax.set_title(column)
+    ax.set_title(h.title)
     ax.set_ylabel("rows")
     ax.legend(loc="best", frameon=False)
     fig.subplots_adjust(left=0.13, right=0.98, bottom=0.11, top=0.9)
     return _png(fig)
 
 
-def category_png(column: str, values: list, groups: np.ndarray, top: int = 12) -> str:
+def category_png(column: str, counts: dict[str, list[int]], top: int = 12) -> str:
+    """Horizontal stacked bars of a category column: {value: [kept, rejected by its stage, by another]}."""
     plt = _plt()
-    counts: dict[str, list[int]] = {}
-    for v, g in zip(values, groups.tolist()):
-        k = "null" if v is None else str(v)
-        counts.setdefault(k, [0, 0, 0])[g] += 1
     items = sorted(counts.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
     if len(items) > top:
         rest = [sum(c[i] for _, c in items[top - 1:]) for i in range(3)]
@@ -554,9 +826,10 @@ def _img_tag(uri: str | None, alt: str, missing: str = "no image") -> str:
 
 def _summary(build: Build) -> str:
     st, mf = build.stats, build.manifest
-    listed = st.get("rows_listed", build.meta.num_rows)
-    kept = st.get("rows_kept", int(pc.sum(build.meta["_kept"]).as_py() or 0))
-    rejected = st.get("rows_rejected", build.meta.num_rows - kept)
+    agg = build.computed()
+    listed = st.get("rows_listed", agg.rows if agg else build.total_rows)
+    kept = st.get("rows_kept", agg.kept if agg else 0)
+    rejected = st.get("rows_rejected", listed - kept)
     rows = [
         ("dataset", st.get("dataset") or mf.get("dataset") or build.spec.get("dataset")),
         ("build", st.get("build_id") or mf.get("build_id") or build.dir.name),
@@ -620,12 +893,9 @@ def _reason_rows(build: Build) -> list[tuple[str, str, int]]:
         for r, c in sorted(s.get("rejected", {}).items(), key=lambda kv: (-kv[1], kv[0])):
             if c:
                 rows.append((s["stage"], r, c))
-    if not rows and build.meta.num_rows:  # no stats.json: count the rejects themselves
-        rej = build.meta.filter(pc.invert(build.meta["_kept"]))
-        if rej.num_rows:
-            g = rej.group_by(["stage", "reason"]).aggregate([("uid", "count")])
-            rows = sorted(((a, b, c) for a, b, c in zip(g["stage"].to_pylist(), g["reason"].to_pylist(),
-                                                          g["uid_count"].to_pylist())), key=lambda x: -x[2])
+    agg = build.computed()
+    if not rows and agg is not None:  # no stats.json: the rejects' own counts
+        rows = sorted(((s, r, c) for (s, r), c in agg.reasons.items()), key=lambda x: -x[2])
     return rows
 
 
@@ -634,7 +904,7 @@ def _rejects(build: Build, rows: list[tuple[str, str, int]]) -> str:
     if not rows:
         out.append('<p class="empty">No row was rejected.</p></section>')
         return "".join(out)
-    listed = build.stats.get("rows_listed") or build.meta.num_rows or 1
+    listed = build.stats.get("rows_listed") or build.total_rows or 1
     out.append('<table><tr><th class="l">stage</th><th class="l">reason</th><th>rows</th><th>% of listed</th>'
                '<th class="l">meaning</th></tr>')
     for stage, reason, c in rows:
@@ -648,16 +918,6 @@ def _rejects(build: Build, rows: list[tuple[str, str, int]]) -> str:
     return "".join(out)
 
 
-def _groups(build: Build, owner: str | None) -> np.ndarray:
-    """0 kept, 1 rejected by owner, 2 rejected by another stage."""
-    kept = build.meta["_kept"].to_numpy(zero_copy_only=False)
-    stage = np.asarray(build.meta["stage"].to_pylist(), dtype=object)
-    g = np.where(kept, 0, 2)
-    if owner:
-        g[(~kept) & (stage == owner)] = 1
-    return g
-
-
 def _stat_order(build: Build) -> list[str]:
     """Stage stats in the build's stage order, then the core ones."""
     stages = _stages()
@@ -665,56 +925,23 @@ def _stat_order(build: Build) -> list[str]:
     return cols + CORE_STATS
 
 
-def _numeric_columns(build: Build) -> list[str]:
-    meta = build.meta
-    names = [n for n in meta.column_names
-             if not n.startswith("_") and column_role(n) in (None, "stat") and n not in DECISION]
-    numeric = [n for n in names if pa.types.is_integer(meta.schema.field(n).type)
-               or pa.types.is_floating(meta.schema.field(n).type)]
-    order = _stat_order(build)
-    return [c for c in order if c in numeric] + [c for c in numeric if c not in order]
-
-
-def _distributions(build: Build) -> str:
-    meta = build.meta
+def _distributions(build: Build, seed: int = 0) -> str:
+    agg = build.aggregates(seed)
     out = ['<section id="distributions" data-section="distributions"><h2>Distributions</h2>'
            '<p>Every row with the stat (kept and rejected), stacked: kept, rejected by the stage that computes the '
-           'stat, rejected by another stage. Dashed lines: the spec\'s thresholds.'
-           + (f' Over a sample of {meta.num_rows:,} of the build\'s {build.total_rows:,} rows (a hash of the uid '
-              'picks them).' if build.sampled else '') + '</p><div class="plots">']
-    owners = column_owner()
-    cols = _numeric_columns(build)
-    order = _stat_order(build)
-    derived = {}
-    if meta.num_rows and "text" in meta.column_names:
-        text = pc.fill_null(meta["text"], "")
-        if "caption_chars" not in cols:
-            derived["caption_chars"] = pc.utf8_length(text)
-        if "caption_words" not in cols:
-            derived["caption_words"] = pc.list_value_length(pc.utf8_split_whitespace(pc.utf8_trim_whitespace(text)))
+           'stat, rejected by another stage. Dashed lines: the spec\'s thresholds.</p><div class="plots">']
     plotted = 0
-    for c in list(dict.fromkeys([k for k in order if k in derived] + cols)):
-        arr = derived.get(c, meta[c] if c in meta.column_names else None)
-        if arr is None:
-            continue
-        values = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
-        values = np.where(np.asarray(pc.is_valid(arr).to_numpy(zero_copy_only=False), bool), values, np.nan)
-        if not np.isfinite(values).any():
-            continue
-        owner = owners.get(c)
-        title = c + (" (from text)" if c in derived else "")
-        lines = thresholds_for(build, c)
-        uri = histogram_png(title, values, _groups(build, owner), owner, lines)
-        out.append(f'<figure data-column="{esc(c)}" data-thresholds="{esc(json.dumps([x for _, x in lines]))}">'
-                   f'<img alt="{esc(title)}" src="{uri}"></figure>')
+    for h in agg.hists:
+        lines = thresholds_for(build, h.column)
+        uri = histogram_png(h, lines)
+        out.append(f'<figure data-column="{esc(h.column)}" data-thresholds="{esc(json.dumps([x for _, x in lines]))}"'
+                   f' data-rows="{int(h.counts.sum())}"><img alt="{esc(h.title)}" src="{uri}"></figure>')
         plotted += 1
-    stages = _stages()
-    categorical = [c.name for s in build.params if s in stages for c in stages[s].columns if c.role == "category"]
-    for c in categorical:
-        if c in meta.column_names and meta[c].null_count < meta.num_rows:
-            uri = category_png(c, meta[c].to_pylist(), _groups(build, owners.get(c)))
-            out.append(f'<figure data-column="{esc(c)}"><img alt="{esc(c)}" src="{uri}"></figure>')
-            plotted += 1
+    for c, counts in agg.categories.items():
+        uri = category_png(c, counts)
+        out.append(f'<figure data-column="{esc(c)}" data-rows="{sum(map(sum, counts.values()))}">'
+                   f'<img alt="{esc(c)}" src="{uri}"></figure>')
+        plotted += 1
     if not plotted:
         out.append('<p class="empty">No stat columns with values in this build.</p>')
     out.append("</div></section>")
@@ -747,42 +974,23 @@ def _card(build: Build, r: int, thumb: str | None, row: dict, extra: str = "") -
             f'<div class="uid">{esc((row.get("uid") or "")[:12])}</div></figure>')
 
 
-def _rows(build: Build, idx: list[int]) -> list[dict]:
-    if not idx:
-        return []
-    return build.meta.take(pa.array(idx)).to_pylist()
-
-
 def _samples(build: Build, reasons: list[tuple[str, str, int]], seed: int) -> str:
-    meta = build.meta
-    kept = meta["_kept"].to_numpy(zero_copy_only=False)
-    picks = {"kept": seeded_sample(meta, kept, N_KEPT, f"{seed}/kept")}
-    stage_arr = np.asarray(meta["stage"].to_pylist(), dtype=object)
-    reason_arr = np.asarray(meta["reason"].to_pylist(), dtype=object)
-    for stage, reason, _ in reasons:
-        picks[(stage, reason)] = seeded_sample(meta, (stage_arr == stage) & (reason_arr == reason), N_PER_REASON,
-                                               f"{seed}/{stage}/{reason}")
+    agg = build.aggregates(seed)
+    kept_rows = agg.samples.get("kept", [])
+    picks = {(stage, reason): agg.samples.get((stage, reason), []) for stage, reason, _ in reasons}
     # duplicates: also show the row each one duplicates, when it is in this build
-    uid_index = None
-    survivors: dict[int, int] = {}
-    for key, idx in picks.items():
-        if key != "kept" and key[1].startswith("duplicate"):
-            if uid_index is None:
-                uid_index = {u: i for i, u in enumerate(meta["uid"].to_pylist())}
-            for i in idx:
-                hit = re.match(r"dup of ([0-9a-f]+)", str(meta["detail"][i].as_py() or ""))
-                if hit and hit.group(1) in uid_index:
-                    survivors[i] = uid_index[hit.group(1)]
-    wanted = sorted({i for idx in picks.values() for i in idx} | set(survivors.values()))
-    images = build.take(wanted)
-    thumbs = {i: thumbnail_uri(images.get(i)) for i in wanted}
+    survivors = {r["uid"]: agg.survivors[r["uid"]] for rows in picks.values() for r in rows
+                 if r["uid"] in agg.survivors}
+    images = images_of(build, [*kept_rows, *(r for rows in picks.values() for r in rows), *survivors.values()])
+
+    def thumb(row: dict) -> str | None:
+        return thumbnail_uri(images.get((row["_file"], row["_row"])))
 
     out = ['<section id="kept" data-section="kept"><h2>Kept pairs</h2>']
-    rows = _rows(build, picks["kept"])
-    if rows:
-        out.append(f'<p>{len(rows)} of {int(kept.sum()):,} kept rows, sampled with seed {seed}.</p><div class="grid" '
+    if kept_rows:
+        out.append(f'<p>{len(kept_rows)} of {agg.kept:,} kept rows, sampled with seed {seed}.</p><div class="grid" '
                    'id="kept-grid">')
-        out += [_card(build, i, thumbs.get(i), row) for i, row in zip(picks["kept"], rows)]
+        out += [_card(build, i, thumb(row), row) for i, row in enumerate(kept_rows)]
         out.append("</div>")
     else:
         out.append('<p class="empty">No row was kept.</p>')
@@ -790,19 +998,19 @@ def _samples(build: Build, reasons: list[tuple[str, str, int]], seed: int) -> st
     if not reasons:
         out.append('<p class="empty">No row was rejected.</p>')
     for stage, reason, count in reasons:
-        idx = picks[(stage, reason)]
+        rows = picks[(stage, reason)]
         out.append(f'<h3 id="rej-{slug(stage)}-{slug(reason)}">{esc(stage)} / {esc(reason)} '
-                   f'<small>({len(idx)} of {count:,})</small></h3>')
-        if not idx:
+                   f'<small>({len(rows)} of {count:,})</small></h3>')
+        if not rows:
             out.append(f'<p class="empty" data-reason="{esc(reason)}">The rejects hold no row with this reason.</p>')
             continue
         out.append(f'<div class="grid" data-stage="{esc(stage)}" data-reason="{esc(reason)}">')
-        for i, row in zip(idx, _rows(build, idx)):
+        for i, row in enumerate(rows):
             extra = ""
-            if i in survivors:
+            if row["uid"] in survivors:
                 extra = (f'<div class="pair" data-role="survivor">duplicate of:'
-                         f'{_img_tag(thumbs.get(survivors[i]), "survivor")}</div>')
-            out.append(_card(build, i, thumbs.get(i), row, extra))
+                         f'{_img_tag(thumb(survivors[row["uid"]]), "survivor")}</div>')
+            out.append(_card(build, i, thumb(row), row, extra))
         out.append("</div>")
     out.append("</section>")
     return "".join(out)
@@ -829,28 +1037,22 @@ def _rewrite_items(value: Any) -> list[tuple[str, dict]]:
 
 
 def _rewrites(build: Build, seed: int) -> str:
-    meta = build.meta
+    agg = build.aggregates(seed)
     out = ['<section id="rewrites" data-section="rewrites"><h2>Rewrites</h2>']
-    if "recaptions" not in meta.column_names or meta["recaptions"].null_count == meta.num_rows:
+    if not agg.rewrites:
         out.append('<p class="empty">No rewrites in this build: its rows have no <code>recaptions</code> column '
                    '(the spec has no recaption stage, or it wrote nothing).</p></section>')
         return "".join(out)
-    score_cols = [c for c in meta.column_names if c.startswith("recaption") and c != "recaptions"
-                  and (pa.types.is_floating(meta.schema.field(c).type)
-                       or pa.types.is_integer(meta.schema.field(c).type))]
-    has = np.asarray(pc.is_valid(meta["recaptions"]).to_numpy(zero_copy_only=False), bool)
-    kept = meta["_kept"].to_numpy(zero_copy_only=False)
-    idx = seeded_sample(meta, has & kept, N_REWRITES, f"{seed}/rewrites") or \
-        seeded_sample(meta, has, N_REWRITES, f"{seed}/rewrites")
-    images = build.take(idx)
-    out.append(f'<p>{len(idx)} of {int(has.sum()):,} rows with rewrites.</p>')
-    for i, row in zip(idx, _rows(build, idx)):
+    rows = agg.samples.get("rewrites", [])
+    images = images_of(build, rows)
+    out.append(f'<p>{len(rows)} of {agg.rewrites:,} rows with rewrites.</p>')
+    for row in rows:
         items = _rewrite_items(row["recaptions"])
         lis = "".join(f'<li data-role="rewrite">{esc(t)} <span class="stat">'
                       f'{esc(_kv({k: fmt_value(v) for k, v in s.items()}))}</span></li>' for t, s in items)
-        extra = _kv({c: fmt_value(row.get(c)) for c in score_cols})
+        extra = _kv({c: fmt_value(row.get(c)) for c in agg.rewrite_scores})
         out.append(f'<div class="rw" data-uid="{esc(row["uid"])}">'
-                   f'{_img_tag(thumbnail_uri(images.get(i)), row.get("text") or "")}<div>'
+                   f'{_img_tag(thumbnail_uri(images.get((row["_file"], row["_row"]))), row.get("text") or "")}<div>'
                    f'<div data-role="original"><b>original:</b> {esc(row.get("text"))}</div>'
                    f'<ul>{lis}</ul>{f"<div class=stat>{esc(extra)}</div>" if extra else ""}'
                    f'<div class="uid">{esc(row["uid"][:12])} {"kept" if row["_kept"] else esc(row.get("reason"))}'
@@ -874,10 +1076,10 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _neg_list_columns(meta: pa.Table) -> list[str]:
+def _neg_list_columns(schema: pa.Schema) -> list[str]:
     """Columns holding a list of negatives per row: list<struct> with a `text` field, named neg*/negative*."""
     out = []
-    for f in meta.schema:
+    for f in schema:
         t = f.type
         if f.name.startswith(("neg", "hard_neg")) and (pa.types.is_list(t) or pa.types.is_large_list(t)) \
                 and pa.types.is_struct(t.value_type) and t.value_type.get_field_index("text") >= 0:
@@ -885,75 +1087,168 @@ def _neg_list_columns(meta: pa.Table) -> list[str]:
     return out
 
 
+def _score_columns(schema: pa.Schema, skip: set, booleans: bool = True) -> list[str]:
+    return [f.name for f in schema if f.name not in skip and (
+        pa.types.is_floating(f.type) or pa.types.is_integer(f.type) or (booleans and pa.types.is_boolean(f.type)))]
+
+
 @dataclass
 class _Neg:
-    row: int | None  # the positive pair's row in build.meta
+    pos: dict | None  # the positive pair's row (uid, text, _file, _row); None while (or when) not found in the build
     kind: str
     text: str | None
     caption: str | None = None
     scores: dict = field(default_factory=dict)
     edit: tuple[str, str] | None = None  # (before, after)
     image_at: tuple[int, int] | None = None  # (negatives file, row) of a negative image
-    image_row: int | None = None  # a build row whose image is the negative image
+    image_ref: dict | None = None  # a build row (_file, _row) whose image is the negative image
+    pos_uid: str | None = None  # a negatives set's uid of the positive, and of a negative image's row
+    neg_uid: str | None = None
 
 
-def _collect_negatives(build: Build) -> tuple[list[_Neg], str, str | None]:
-    """Every negative of the build, from whichever layout it has; (negatives, where from, negative image column)."""
-    meta = build.meta
-    negs: list[_Neg] = []
-    kept = meta["_kept"].to_numpy(zero_copy_only=False)
-    for c in _neg_list_columns(meta):  # e.g. negatives_text's neg_captions, on kept rows
-        col = meta[c].filter(pa.array(kept)) if meta.num_rows else meta[c]
-        rows = np.flatnonzero(kept)
-        if len(col) == 0 or col.null_count == len(col):
-            continue
-        flat = pc.list_flatten(col).to_pylist()
-        parent = pc.list_parent_indices(col).to_numpy(zero_copy_only=False)
-        for item, p in zip(flat, parent.tolist()):
-            if not item:
+@dataclass
+class NegativeSet:
+    """The build's hard negatives as the report shows them: how many of each kind, a seeded sample of each."""
+
+    counts: dict = field(default_factory=dict)  # kind -> negatives
+    picked: dict = field(default_factory=dict)  # kind -> [_Neg]
+    origin: str = ""
+    image_col: str | None = None  # a negatives set's image column
+    files: list = field(default_factory=list)  # the negatives set's files
+
+    def wanted(self) -> set[str]:
+        """The build uids the picked negatives name (a negatives set's positives and negative images)."""
+        return {u for ns in self.picked.values() for n in ns for u in (n.pos_uid, n.neg_uid) if u}
+
+    def resolve(self, build: Build, found: dict[str, dict]) -> None:
+        """Point the picked negatives of a negatives set at the build rows their uids name."""
+        for n in (n for ns in self.picked.values() for n in ns):
+            if n.pos_uid in found:
+                n.pos = {"uid": n.pos_uid, **found[n.pos_uid]}
+            if n.neg_uid in found:
+                n.image_ref = found[n.neg_uid]
+        rows = [n.pos for ns in self.picked.values() for n in ns if n.pos is not None and "text" not in n.pos]
+        texts = take_column(build, [(r["_file"], r["_row"], i) for i, r in enumerate(rows)], "text")
+        for i, r in enumerate(rows):
+            r["text"] = texts.get(i)
+
+
+class NegativeScan:
+    """Counts and seeded samples of the negatives, by kind, from the kept rows as the report's pass streams them
+    (a list-of-negatives column such as neg_captions, or one flat neg_* column), else from a negatives/ set."""
+
+    def __init__(self, build: Build, schema: pa.Schema, seed: int):
+        self.build, self.seed = build, seed
+        self.lists = {c: ({}, {}) for c in _neg_list_columns(schema)}  # column -> (counts, samples) by kind
+        self.text_col = _first(schema.names, NEG_TEXT)
+        self.kind_col = _first(schema.names, NEG_KIND[1:])
+        self.flat = ({}, {})
+        self.flat_scores = [c for c in _score_columns(schema, {self.text_col}, booleans=False)
+                            if c.startswith(("neg", "negative"))]
+
+    def _offer(self, counts: dict, samples: dict, kinds: pa.Array, names: pa.Array, payload) -> None:
+        for c in pc.value_counts(kinds).to_pylist():
+            kind = c["values"]
+            counts[kind] = counts.get(kind, 0) + c["counts"]
+            at = np.flatnonzero(np.asarray(pc.equal(kinds, kind).to_numpy(zero_copy_only=False), bool))
+            sample = samples.setdefault(kind, Sample(f"{self.seed}/neg/{kind}", N_NEG_PER_KIND))
+            sample.offer(names.take(pa.array(at)), lambda p, at=at: payload(at[p]))
+
+    @staticmethod
+    def _kinds(values: pa.Array | None, n: int) -> pa.Array:
+        if values is None:
+            return pa.array(["(none)"] * n, pa.string())
+        k = pc.cast(values, pa.string())
+        return pc.if_else(pc.fill_null(pc.equal(k, ""), True), "(none)", k)
+
+    def scan_kept(self, batch: pa.Table, rows) -> None:
+        uid = batch["uid"].combine_chunks()
+        for c, (counts, samples) in self.lists.items():
+            if c not in batch.column_names:
                 continue
-            scores = {k: v for k, v in item.items() if _is_number(v) and k not in ("span_start", "span_end")}
-            if isinstance(item.get("method"), str):
-                scores["method"] = item["method"]
-            edit = (item.get("edit_before"), item.get("edit_after")) if "edit_after" in item else None
-            negs.append(_Neg(int(rows[p]), str(item.get("kind") or "(none)"), item.get("text"), scores=scores,
-                             edit=edit))
-        if negs:
-            return negs, f"the <code>{esc(c)}</code> column of the kept rows", None
-    files = part_files(build.dir, "negatives") or sorted((build.dir / "negatives").glob("*.parquet"))
-    if files:
-        uid_index = {u: i for i, u in enumerate(meta["uid"].to_pylist())}
-        schema = files[0].read_schema()
-        image_col = _first(schema.names, NEG_IMAGE)
+            col = batch[c].combine_chunks()
+            flat = pc.list_flatten(col)
+            parent = pc.list_parent_indices(col).to_numpy(zero_copy_only=False)
+            keep = np.asarray(pc.is_valid(flat).to_numpy(zero_copy_only=False), bool)
+            if not keep.any():
+                continue
+            at = np.flatnonzero(keep)
+            item = np.arange(len(parent)) - np.searchsorted(parent, parent)  # its place in its row's list
+            flat_t = flat.take(pa.array(at))
+            names = pc.binary_join_element_wise(uid.take(pa.array(parent[at])), pa.array(item[at].astype(str)), "/")
+            kinds = self._kinds(pc.struct_field(flat_t, "kind") if flat.type.get_field_index("kind") >= 0 else None,
+                                len(at))
+
+            def payload(p, flat_t=flat_t, parent_of=parent[at]):
+                positives = rows(parent_of[p])
+                return [self._from_item(item, pos) for item, pos in zip(flat_t.take(pa.array(p)).to_pylist(),
+                                                                         positives)]
+            self._offer(counts, samples, kinds, names, payload)
+        if self.text_col and self.text_col in batch.column_names:
+            at = np.flatnonzero(np.asarray(pc.is_valid(batch[self.text_col]).to_numpy(zero_copy_only=False), bool))
+            if at.size:
+                kinds = self._kinds(batch[self.kind_col].combine_chunks().take(pa.array(at))
+                                    if self.kind_col else None, len(at))
+
+                def payload(p, at=at):
+                    return [_Neg({k: r[k] for k in ("uid", "text", "_file", "_row") if k in r},
+                                 str(r.get(self.kind_col) or "(none)") if self.kind_col else "(none)",
+                                 r[self.text_col], scores={c: r.get(c) for c in self.flat_scores})
+                            for r in rows(at[p])]
+                self._offer(*self.flat, kinds, pc.binary_join_element_wise(uid.take(pa.array(at)), "0", "/"), payload)
+
+    @staticmethod
+    def _from_item(item: dict, pos: dict) -> _Neg:
+        scores = {k: v for k, v in item.items() if _is_number(v) and k not in ("span_start", "span_end")}
+        if isinstance(item.get("method"), str):
+            scores["method"] = item["method"]
+        edit = (item.get("edit_before"), item.get("edit_after")) if "edit_after" in item else None
+        return _Neg({k: pos.get(k) for k in ("uid", "text", "_file", "_row")}, str(item.get("kind") or "(none)"),
+                    item.get("text"), scores=scores, edit=edit)
+
+    def finish(self) -> NegativeSet:
+        """The layout the build has: a list column with negatives, else a negatives/ set, else a flat column."""
+        for c, (counts, samples) in self.lists.items():  # e.g. negatives_text's neg_captions, on kept rows
+            if counts:
+                return NegativeSet(counts, {k: s.picked() for k, s in samples.items()},
+                                   f"the <code>{esc(c)}</code> column of the kept rows")
+        d = self.build.dir
+        files = part_files(d, "negatives") or sorted((d / "negatives").glob("*.parquet"))
+        if files:
+            return self._negatives_set(files)
+        counts, samples = self.flat
+        return NegativeSet(counts, {k: s.picked() for k, s in samples.items()},
+                           f"the <code>{esc(self.text_col)}</code> column" if counts else "")
+
+    def _negatives_set(self, files: list[Location]) -> NegativeSet:
+        counts: dict[str, int] = {}
+        samples: dict[str, Sample] = {}
+        image_col = _first(files[0].read_schema().names, NEG_IMAGE)
         for k, f in enumerate(files):
-            t = f.read_table(columns=[fl.name for fl in f.read_schema() if not is_heavy(fl)])
-            names = t.column_names
-            text_col, kind_col = _first(names, NEG_TEXT), _first(names, NEG_KIND)
-            uid_col, nuid_col = _first(names, ("uid", "pos_uid", "source_uid")), _first(names, NEG_UID)
-            cap_col = _first(names, ("text", "caption", "pos_text"))
-            skip = {text_col, kind_col, uid_col, nuid_col, cap_col}
-            score_cols = [c for c in names if c not in skip and (pa.types.is_floating(t.schema.field(c).type) or
-                          pa.types.is_integer(t.schema.field(c).type) or pa.types.is_boolean(t.schema.field(c).type))]
-            for r, row in enumerate(t.to_pylist()):
-                negs.append(_Neg(uid_index.get(row.get(uid_col)) if uid_col else None,
-                                 str(row.get(kind_col) or "(none)") if kind_col else "(none)",
-                                 row.get(text_col) if text_col else None,
-                                 caption=row.get(cap_col) if cap_col else None,
-                                 scores={c: row[c] for c in score_cols},
-                                 image_at=(k, r) if image_col else None,
-                                 image_row=uid_index.get(row.get(nuid_col)) if nuid_col else None))
-        return negs, "the <code>negatives/</code> set", image_col
-    text_col = _first(meta.column_names, NEG_TEXT)  # flat neg_* columns, one negative per row
-    if text_col:
-        kind_col = _first(meta.column_names, NEG_KIND[1:])
-        score_cols = [c for c in _numeric_columns(meta) if c.startswith(("neg", "negative"))]
-        valid = np.asarray(pc.is_valid(meta[text_col]).to_numpy(zero_copy_only=False), bool) & kept
-        for r in np.flatnonzero(valid).tolist():
-            row = {c: meta[c][r].as_py() for c in [text_col, kind_col, *score_cols] if c}
-            negs.append(_Neg(r, str(row.get(kind_col) or "(none)"), row[text_col],
-                             scores={c: row[c] for c in score_cols}))
-        return negs, f"the <code>{esc(text_col)}</code> column", None
-    return [], "", None
+            for start, t in _batches(f):
+                names = t.column_names
+                text_col, kind_col = _first(names, NEG_TEXT), _first(names, NEG_KIND)
+                uid_col, nuid_col = _first(names, ("uid", "pos_uid", "source_uid")), _first(names, NEG_UID)
+                cap_col = _first(names, ("text", "caption", "pos_text"))
+                score_cols = _score_columns(t.schema, {text_col, kind_col, uid_col, nuid_col, cap_col})
+                kinds = self._kinds(t[kind_col].combine_chunks() if kind_col else None, t.num_rows)
+                where = pc.binary_join_element_wise(pa.scalar(f"/{k}/"),
+                                                    pa.array(np.arange(start, start + t.num_rows).astype(str)), "")
+                key = pc.binary_join_element_wise(pc.fill_null(t[uid_col].combine_chunks(), ""), where, "") \
+                    if uid_col else where
+
+                def payload(p, t=t, k=k, start=start, cols=(text_col, kind_col, uid_col, nuid_col, cap_col, score_cols),
+                            image=bool(image_col)):
+                    text_c, kind_c, uid_c, nuid_c, cap_c, scores_c = cols
+                    return [_Neg(None, str(row.get(kind_c) or "(none)") if kind_c else "(none)",
+                                 row.get(text_c) if text_c else None, caption=row.get(cap_c) if cap_c else None,
+                                 scores={c: row[c] for c in scores_c},
+                                 image_at=(k, start + r) if image else None,
+                                 pos_uid=row.get(uid_c) if uid_c else None, neg_uid=row.get(nuid_c) if nuid_c else None)
+                            for r, row in zip(p.tolist(), t.take(pa.array(p)).to_pylist())]
+                self._offer(counts, samples, kinds, key, payload)
+        return NegativeSet(counts, {k: s.picked() for k, s in samples.items()}, "the <code>negatives/</code> set",
+                           image_col, files)
 
 
 def _highlight(text: str | None, edit: tuple[str, str] | None) -> str:
@@ -968,46 +1263,42 @@ def _highlight(text: str | None, edit: tuple[str, str] | None) -> str:
 
 def _negatives(build: Build, seed: int) -> str:
     out = ['<section id="negatives" data-section="negatives"><h2>Hard negatives</h2>']
-    negs, origin, image_col = _collect_negatives(build)
-    if not negs:
+    negs = build.aggregates(seed).negatives
+    if negs is None or not negs.counts:
         out.append('<p class="empty">No hard negatives in this build: no negative-caption column '
                    '(<code>neg_captions</code>) and no <code>negatives/</code> set (the spec has no negatives stage, '
                    'or it wrote nothing).</p></section>')
         return "".join(out)
-    uids = build.meta["uid"].to_pylist()
-    kinds = sorted({n.kind for n in negs})
-    out.append(f'<p>{len(negs):,} negatives of {len(kinds)} kinds from {origin}; up to {N_NEG_PER_KIND} per kind, '
-               f'seeded.</p><table><tr><th class="l">kind</th><th>negatives</th></tr>')
+    kinds = sorted(negs.counts)
+    out.append(f'<p>{sum(negs.counts.values()):,} negatives of {len(kinds)} kinds from {negs.origin}; up to '
+               f'{N_NEG_PER_KIND} per kind, seeded.</p><table><tr><th class="l">kind</th><th>negatives</th></tr>')
     for k in kinds:
-        c = sum(n.kind == k for n in negs)
+        c = negs.counts[k]
         out.append(f'<tr data-neg-kind="{esc(k)}" data-count="{c}"><td class="l">{esc(k)}</td><td>{c:,}</td></tr>')
     out.append("</table>")
-    # a table of (uid, position) so seeded_sample orders each kind's negatives the same whatever the file order
-    keys = pa.table({"uid": [f"{uids[n.row] if n.row is not None else ''}/{j}" for j, n in enumerate(negs)]})
-    kind_arr = np.asarray([n.kind for n in negs], dtype=object)
-    picks = {k: seeded_sample(keys, kind_arr == k, N_NEG_PER_KIND, f"{seed}/neg/{k}") for k in kinds}
-    chosen = [negs[j] for idx in picks.values() for j in idx]
-    images = build.take({r for n in chosen for r in (n.row, n.image_row) if r is not None})
+    chosen = [n for k in kinds for n in negs.picked.get(k, [])]
+    images = images_of(build, [r for n in chosen for r in (n.pos, n.image_ref)])
     neg_images: dict[Any, Any] = {}
-    if image_col:
-        files = part_files(build.dir, "negatives") or sorted((build.dir / "negatives").glob("*.parquet"))
-        holder = Build(build.dir, {}, {}, {}, files, pa.table({}), None)
+    if negs.image_col:
+        holder = Build(build.dir, {}, {}, {}, negs.files, None)
         neg_images = take_column(holder, [(n.image_at[0], n.image_at[1], n.image_at) for n in chosen
-                                          if n.image_at], image_col)
-    with_neg_image = bool(image_col) or any(n.image_row is not None for n in negs)
+                                          if n.image_at], negs.image_col)
+    with_neg_image = bool(negs.image_col) or any(n.image_ref is not None for n in chosen)
+
+    def image(ref: dict | None):
+        return images.get((ref["_file"], ref["_row"])) if ref is not None else None
+
     for k in kinds:
         out.append(f'<h3>kind: {esc(k)}</h3><div class="grid" data-kind="{esc(k)}">')
-        for j in picks[k]:
-            n = negs[j]
-            cap = n.caption if n.caption is not None else (
-                build.meta["text"][n.row].as_py() if n.row is not None and "text" in build.meta.column_names else "")
-            pair = _img_tag(thumbnail_uri(images.get(n.row)) if n.row is not None else None, "image",
+        for n in negs.picked.get(k, []):
+            cap = n.caption if n.caption is not None else ((n.pos or {}).get("text") or "")
+            pair = _img_tag(thumbnail_uri(image(n.pos)) if n.pos is not None else None, "image",
                             "image not in build")
             if with_neg_image:
-                data = neg_images.get(n.image_at) if n.image_at else images.get(n.image_row)
+                data = neg_images.get(n.image_at) if n.image_at else image(n.image_ref)
                 pair += _img_tag(thumbnail_uri(data), "negative image", "no negative image")
             scores = _kv({c: fmt_value(v) for c, v in n.scores.items()})
-            uid = uids[n.row] if n.row is not None else ""
+            uid = (n.pos or {}).get("uid") or ""
             out.append(f'<figure class="card" data-uid="{esc(uid)}"><div class="pair">{pair}</div>'
                        f'<div class="cap pos" data-role="caption">+ {esc(cap)}</div>'
                        f'<div class="cap neg" data-role="negative">− {_highlight(n.text, n.edit)}</div>'
@@ -1030,6 +1321,7 @@ NAV = [("summary", "Summary"), ("funnel", "Funnel"), ("rejects", "Rejects"), ("d
 
 
 def render_report(build: Build, seed: int = 0) -> str:
+    build.aggregates(seed)  # the passes over the rows: every section below reads what they hold
     reasons = _reason_rows(build)
     title = f"{build.stats.get('dataset') or build.manifest.get('dataset') or ''} / " \
             f"{build.stats.get('build_id') or build.dir.name}"
@@ -1043,7 +1335,7 @@ def render_report(build: Build, seed: int = 0) -> str:
         f"<title>pairforge report: {esc(title)}</title><style>{CSS}</style></head><body>",
         f'<header><h1>pairforge build report</h1><div class="sub">{esc(title)}</div></header>',
         "<nav>" + "".join(f'<a href="#{a}">{esc(b)}</a>' for a, b in NAV) + "</nav><main>",
-        _summary(build), _funnel(build), _rejects(build, reasons), _distributions(build),
+        _summary(build), _funnel(build), _rejects(build, reasons), _distributions(build, seed),
         _samples(build, reasons, seed), _rewrites(build, seed), _negatives(build, seed), _spec(build),
         "</main></body></html>\n",
     ]
@@ -1159,7 +1451,6 @@ def _md_fence(text: str, info: str = "") -> list[str]:
 def card_body(build: Build, header: dict) -> str:
     mf, st, spec = build.manifest, build.stats, build.spec
     src = spec.get("source") or {}
-    params = build.params
     n = header["dataset_info"]["splits"][0]["num_examples"]
     lines = [f"# {_md_escape(header['pretty_name'])}", "",
              f"{n:,} image-text pairs built by pairforge from the source "

@@ -166,6 +166,42 @@ def test_add_seen_idempotent_and_fast(cat):
     assert cat.add_seen("other", pa.table({"uid": pa.array([], pa.string())})) == 0
 
 
+def test_record_seen_streams_a_builds_files_and_replaces_on_rerecord(cat, tmp_path):
+    """A finished build's seen rows are appended as its files stream by (no grouping: uids are unique within a
+    build); recording the build again (a resumed build) replaces its rows; a rebuild's uids count once in lookups."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    n = 50_000
+    for part in range(2):
+        uids = [f"uid-{i:08d}" for i in range(part * n, (part + 1) * n)]
+        pq.write_table(pa.table({"uid": uids, "sha256": [f"{i:064x}" for i in range(n)], "other": list(range(n))}),
+                       tmp_path / f"part-{part}.parquet", row_group_size=4096)
+    files = sorted(str(p) for p in tmp_path.glob("part-*.parquet"))
+
+    def readers():
+        return [pads.dataset(f).scanner(columns=["uid", "sha256"]).to_reader() for f in files]
+
+    assert cat.record_seen("src", "b1", readers()) == 2 * n
+    assert cat.record_seen("src", "b1", readers()) == 2 * n  # replaced, not added twice
+    assert len(cat.seen_uids("src")) == 2 * n and cat.seen_hashes("src").num_rows == 2 * n
+    assert cat.record_seen("src", "b2", [pa.table({"uid": ["uid-00000001", "new"]})]) == 2  # no sha256 column
+    probe = pa.array(["uid-00000001", "uid-00000002", "new", "never"])
+    assert sorted(cat.seen_among("src", probe).to_pylist()) == ["new", "uid-00000001", "uid-00000002"]
+    assert cat.seen_among("other", probe).to_pylist() == []
+    with duckdb.connect(str(cat.path), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM seen WHERE build_id = 'b1'").fetchone()[0] == 2 * n
+
+
+def test_connections_bound_duckdbs_memory_and_threads(cat):
+    from catalogs.catalog import DUCKDB_CONFIG
+
+    with cat._connect(write=False) as con:
+        limit, threads = con.execute("SELECT current_setting('memory_limit'), current_setting('threads')").fetchone()
+    assert int(threads) == DUCKDB_CONFIG["threads"]
+    assert limit.replace(" ", "").upper().startswith(("488.2MIB", "512.0MB", "512MB", "488MIB")), limit
+
+
 def test_find_resumable(cat):
     assert cat.find_resumable("ds", "h1") is None
     _start(cat, "done", spec_hash="h1")

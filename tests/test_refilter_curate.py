@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,7 +17,7 @@ import pytest
 import yaml
 
 from demo.server import DemoServer
-from tests.builds import read_parts
+from tests.builds import image_digests, read_parts
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +74,9 @@ def test_refilter_rejects_unknown_params(demo):
 
 
 def test_curate_parquet_and_webdataset(demo, tmp_path):
+    """A Parquet corpus (two files of 25-row row groups, coalesced into shards of up to 60 rows; a row repeated in
+    another file) and a WebDataset: every row kept or rejected once, the bytes as they were. A curate killed after
+    input preparation (its shards name the corpus pieces) resumes to the same output."""
     from flows.curate import curate_flow
 
     kept = read_parts(demo["build_dir"], "shards", ["url", "text", "image"]).slice(0, 120)
@@ -76,7 +84,9 @@ def test_curate_parquet_and_webdataset(demo, tmp_path):
     corpus.mkdir()
     bad = pa.table({"url": [None, "http://x.test/a.jpg"], "text": ["a red circle on grass", "a blue star"],
                     "image": [b"not an image at all", None]})
-    pq.write_table(pa.concat_tables([kept, bad.cast(kept.schema)]), corpus / "part-0.parquet")
+    pq.write_table(kept.slice(0, 70), corpus / "part-0.parquet", row_group_size=25)
+    pq.write_table(pa.concat_tables([kept.slice(70), bad.cast(kept.schema), kept.slice(3, 1)]),
+                   corpus / "part-1.parquet", row_group_size=25)
     wds = tmp_path / "wds"
     wds.mkdir()
     with tarfile.open(wds / "00000.tar", "w") as tf:
@@ -87,22 +97,47 @@ def test_curate_parquet_and_webdataset(demo, tmp_path):
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
     base = {"dataset": "curated", "stages": [{"junk": {}}, {"basic": {"min_side": 48}}], "out": str(tmp_path / "b"),
-            "ray": {"num_cpus": 2, "object_store_gb": 0.5}}
-    for name, source, listed in (("pq", {"pairs": str(corpus), "caption_col": "text"}, 122),
+            "ray": {"num_cpus": 2, "object_store_gb": 0.5}, "ingest": {"shard_rows": 60}}
+    results = {}
+    for name, source, listed in (("pq", {"pairs": str(corpus), "caption_col": "text"}, 123),
                                  ("wds", {"pairs": str(wds)}, 30)):
         spec = tmp_path / f"{name}.yaml"
         spec.write_text(yaml.safe_dump(base | {"dataset": f"curated-{name}", "source": source}))
-        r = curate_flow(str(spec), quiet=True)
+        r = results[name] = curate_flow(str(spec), quiet=True)
         st = r["stats"]
         assert st["rows_listed"] == listed == st["rows_kept"] + st["rows_rejected"]
         out = outcome(r["build_dir"])
         assert len(out) == listed
         if name == "pq":
             assert st["rows_kept"] == 120  # these rows were kept by the build they came from
-            assert sorted(v for v in out.values() if v) == [("basic", "undecodable"), ("input", "missing_image")]
+            assert sorted(v for v in out.values() if v) == [("basic", "undecodable"), ("input", "duplicate_input_row"),
+                                                             ("input", "missing_image")]
             img = read_parts(r["build_dir"], "shards", ["image"])["image"].to_pylist()
             assert set(img) <= set(kept["image"].to_pylist())  # bytes kept as they were, not re-encoded
         else:
             assert st["rows_kept"] == 30
             urls = set(read_parts(r["build_dir"], "shards", ["url"])["url"].to_pylist())
             assert urls == set(kept.slice(0, 30)["url"].to_pylist())
+
+    spec = tmp_path / "killed.yaml"
+    spec.write_text(yaml.safe_dump(base | {"dataset": "curated-pq", "out": str(tmp_path / "killed"),
+                                           "source": {"pairs": str(corpus), "caption_col": "text"}}))
+    cmd = [sys.executable, "-m", "flows.cli", "curate", str(spec), "--quiet"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not list(
+            (tmp_path / "killed").glob("curated-pq/*/_work/input/_DONE.json")):
+        time.sleep(0.1)
+    assert proc.poll() is None, "the curate finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    build_dir = next(p for p in (tmp_path / "killed" / "curated-pq").iterdir() if p.is_dir())
+    summary = json.loads((build_dir / "_work" / "input" / "_DONE.json").read_text())
+    assert summary["shards"] == 3 and not (build_dir / "manifest.json").exists()  # row groups 25+25 | 20+25 | 25+3
+    pairs = sorted((build_dir / "_work" / "ingest").glob("[0-9]*[0-9].parquet"))
+    assert len(pairs) == 3 and not any("image" in pq.read_schema(f).names for f in pairs)  # no copy of the bytes
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (build_dir / "manifest.json").exists()  # the same build, resumed
+    assert outcome(build_dir) == outcome(results["pq"]["build_dir"])
+    assert image_digests(build_dir) == image_digests(results["pq"]["build_dir"])

@@ -629,21 +629,41 @@ def test_dataset_card_loads_the_folder_with_datasets(demo, tmp_path):
         pq.read_schema(sorted((demo["build_dir"] / "shards").glob("part-*.parquet"))[0]))
 
 
-def test_large_builds_report_over_a_uid_sample(demo):
-    """Past max_rows, the report reads a uid-hash sample (the same rows every time), one file at a time; its rows
-    still point at their files, and the counts come from stats.json."""
-    from reporting.report import load_build, render_report
+def test_report_is_computed_from_bounded_aggregates(demo, tmp_path, monkeypatch):
+    """The report holds counts, fixed-bin histograms and seeded samples, never the build's rows: the histograms
+    count every row with the stat, the samples stay at their size, and nothing depends on how the files are batched
+    (the samples are the rows of smallest uid hash, merged batch by batch)."""
+    import reporting.report as report
+    from reporting.report import N_KEPT, N_PER_REASON, load_build, render_report
 
-    whole = load_build(demo["build_dir"])
-    assert not whole.sampled and whole.meta.num_rows == whole.total_rows == demo["result"]["stats"]["rows_listed"]
-    part = load_build(demo["build_dir"], max_rows=100)
-    assert part.sampled and part.total_rows == whole.total_rows
-    assert 50 <= part.meta.num_rows <= 150
-    assert load_build(demo["build_dir"], max_rows=100).meta["uid"].equals(part.meta["uid"])
-    assert set(part.meta["uid"].to_pylist()) <= set(whole.meta["uid"].to_pylist())
-    rows = list(range(0, part.meta.num_rows, 7))
-    assert part.take(rows, "uid") == {r: part.meta["uid"][r].as_py() for r in rows}
-    html = render_report(part)
-    assert f"Over a sample of {part.meta.num_rows:,} of the build's {part.total_rows:,} rows" in html
-    stats = demo["result"]["stats"]
-    assert f"{stats['rows_kept']:,}" in html or str(stats["rows_kept"]) in html
+    n = demo["result"]["stats"]["rows_listed"]
+    big = derive_build(demo["build_dir"], tmp_path / "big", rows=3 * n, extras=False)
+    build = load_build(big)
+    agg = build.aggregates(0)
+    rows = pa.concat_tables([read_parts(big, "shards", ["uid", "min_side", "width"]),
+                             read_parts(big, "rejects", ["uid", "min_side", "width"])])
+    assert agg.rows == build.total_rows == rows.num_rows == 3 * n
+    hists = {h.column: h for h in agg.hists}
+    for c in ("min_side", "width"):
+        assert int(hists[c].counts.sum()) == rows.num_rows - rows[c].null_count, c
+        assert hists[c].edges[0] <= pc.min(rows[c]).as_py() and pc.max(rows[c]).as_py() <= hists[c].edges[-1]
+    stats = json.loads((big / "stats.json").read_text())
+    assert agg.kept == stats["rows_kept"]
+    assert agg.reasons == {(s["stage"], r): c for s in stats["stages"] for r, c in s["rejected"].items() if c}
+    assert len(agg.samples["kept"]) == N_KEPT
+    assert all(len(agg.samples.get(k, [])) <= N_PER_REASON for k in agg.reasons)
+    assert not any(isinstance(v, pa.Table) for v in vars(agg).values())
+
+    monkeypatch.setattr(report, "BATCH_ROWS", 97)  # many small batches: the same aggregates
+    again = load_build(big).aggregates(0)
+    assert again.rows == agg.rows and again.reasons == agg.reasons
+    assert all(np.array_equal(a.counts, b.counts) for a, b in zip(again.hists, agg.hists))
+    assert {k: [r["uid"] for r in v] for k, v in again.samples.items()} == \
+        {k: [r["uid"] for r in v] for k, v in agg.samples.items()}
+    monkeypatch.undo()
+
+    html = render_report(build)
+    assert "Over a sample" not in html
+    figs = {e["attrs"]["data-column"]: e["attrs"] for e in Dom(html).find("figure") if "data-column" in e["attrs"]}
+    assert int(figs["min_side"]["data-rows"]) == rows.num_rows - rows["min_side"].null_count
+    assert f"{stats['rows_kept']:,}" in html

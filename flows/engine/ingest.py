@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from flows.engine.context import BuildContext
+from flows.engine.inputs import run_tasks
 from flows.engine.progress import phase
 from dataio.download import ingest_shard
 
@@ -15,28 +16,20 @@ MS_BINS = np.unique(np.geomspace(1, 3_600_000, 200).astype(np.int64))  # upper e
 
 
 def ingest_all(ctx: BuildContext, prepared: dict) -> dict:
-    import ray
-
     folder, params = ctx.folder, ctx.spec.ingest
     finished = set(folder.ingest_dir.glob("*.done.json"))  # one listing, not a request per shard
     todo = [i for i in range(prepared["shards"]) if folder.ingest_shard(i).done not in finished]
     done_rows = prepared["rows"] - sum(folder.input_shard(i).read_metadata().num_rows for i in todo)
     t0 = time.perf_counter()
-    remote = ray.remote(ingest_shard).options(
-        num_cpus=params.cpus, max_retries=params.max_task_retries, retry_exceptions=True, name="ingest_shard")
     with phase("ingest", total=prepared["rows"]) as adv:
         adv(done_rows)
-        pending = {remote.remote(folder, i, params): i for i in todo}
         hist, longest = np.zeros(len(MS_BINS) + 1, np.int64), 0  # per-URL times, O(1) in the build's size
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                pending.pop(ref)
-                s = ray.get(ref)
-                ms = np.asarray(s.get("fetch_ms", []), np.int64)
-                hist += np.bincount(np.searchsorted(MS_BINS, ms), minlength=len(hist))
-                longest = max(longest, int(ms.max(initial=0)))
-                adv(s["rows_in"])
+        for s in run_tasks(ingest_shard, ((folder, i, params) for i in todo), num_cpus=params.cpus,
+                           max_retries=params.max_task_retries):  # a window of tasks in flight, not one ref per shard
+            ms = np.asarray(s.get("fetch_ms", []), np.int64)
+            hist += np.bincount(np.searchsorted(MS_BINS, ms), minlength=len(hist))
+            longest = max(longest, int(ms.max(initial=0)))
+            adv(s["rows_in"])
         times = ""
         if hist.sum():
             p50, p99 = (MS_BINS[min(np.searchsorted(np.cumsum(hist), q * hist.sum()), len(MS_BINS) - 1)] / 1000

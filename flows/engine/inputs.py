@@ -1,11 +1,14 @@
 """Input preparation: a URL list becomes uids and input shards (one per download task), malformed and repeated
-rows go to the input rejects; an existing corpus (curate) becomes finished ingest shards directly.
+rows go to the input rejects; an existing corpus (curate) becomes finished ingest shards directly, which name the
+corpus pieces holding their image bytes.
 
-Both stream: the driver reads the source a batch at a time and holds a few batches and one shard at most. uids
-and repeated rows are worked out by Ray tasks over scratch files in _work/input_prep (dataio.uids):
-  1. per batch: keys (a row's first-listing uid) and never-fetch reasons; keys hash-partitioned into buckets;
+Both stream: the driver reads a URL list a batch at a time and holds a few batches and one shard at most; a
+corpus's pieces are read by the workers (the driver reads footers and lists). uids and repeated rows are worked out
+by Ray tasks over scratch files in _work/input_prep (dataio.uids):
+  1. per batch (a corpus: per shard of pieces): keys (a row's first-listing uid) and never-fetch reasons; keys
+     hash-partitioned into buckets;
   2. per bucket: the rows whose key a row earlier in the list has (repeats: rejected, the first listing kept);
-  3. per batch: final uids, inputs and rejects.
+  3. per batch (shard): final uids, inputs and rejects.
 The driver then cuts the inputs, in list order, into shards of ingest.shard_rows (an incremental build first drops,
 a batch at a time, uids the catalog has seen). A prepare killed before its marker starts again from scratch and
 makes the same shards: nothing in them depends on batch sizes or task timing."""
@@ -25,8 +28,8 @@ from flows.engine.context import BuildContext, earlier_builds
 from flows.engine.progress import phase
 from schemas.columns import REJECT_SCHEMA
 from dataio.build_folder import atomic_write_table
-from dataio.sources import URL_BATCH_ROWS, corpus_kind, corpus_pieces, iter_corpus, iter_url_list
-from dataio.uids import bucket_repeats, key_corpus_batch, key_corpus_piece, key_url_batch, settle_corpus_batch, settle_url_batch
+from dataio.sources import URL_BATCH_ROWS, corpus_shards, iter_url_list
+from dataio.uids import bucket_repeats, key_corpus_shard, key_url_batch, settle_corpus_shard, settle_url_batch
 from dataio.storage import Location, location
 
 BUCKET_ROWS = 4_000_000  # keys per repeat-detection bucket, about (what one step-2 task sorts)
@@ -60,8 +63,10 @@ def prepare_inputs(ctx: BuildContext, batch_rows: int = URL_BATCH_ROWS, buckets:
 
 
 def prepare_corpus(ctx: BuildContext, buckets: int | None = None) -> dict:
-    """An existing corpus (curate): its pairs become finished ingest shards directly (one per batch of
-    ingest.shard_rows corpus rows), nothing is downloaded."""
+    """An existing corpus (curate): its pieces (Parquet row-group slices, WebDataset tars) coalesced into shards of
+    up to ingest.shard_rows rows, each a finished ingest shard whose pairs name the pieces their image bytes are in
+    (the stage pipeline and the writers read them there: no copy of the bytes is written). Nothing is downloaded;
+    the driver reads only footers and lists."""
     folder = ctx.folder
     t0 = time.perf_counter()
     with phase("input") as adv:
@@ -69,25 +74,27 @@ def prepare_corpus(ctx: BuildContext, buckets: int | None = None) -> dict:
         folder.fresh_dir(folder.input_dir)
         folder.fresh_dir(folder.ingest_dir)
         buckets = buckets or repeat_buckets(_estimated_rows(location(ctx.spec.source.pairs), bytes_per_row=2000))
-        src, rows = ctx.spec.source, ctx.spec.ingest.shard_rows
-        if corpus_kind(src) == "parquet":  # the workers read the pieces; the driver reads footers
-            batches = run_batches(key_corpus_piece, work, corpus_pieces(src, rows), buckets, adv,
-                                  lead=(folder, ctx.source_name, src))
-        else:  # WebDataset tars stream through the driver
-            batches = run_batches(key_corpus_batch, work, iter_corpus(src, rows), buckets, adv,
-                                  lead=(folder, ctx.source_name))
+        src, shards = ctx.spec.source, 0
+
+        def keyed_shards():
+            nonlocal shards
+            for shards, pieces in enumerate(corpus_shards(src, ctx.spec.ingest.shard_rows), start=1):
+                yield ctx.source_name, src, work, shards - 1, pieces, buckets
+
+        for rows in run_tasks(key_corpus_shard, keyed_shards()):
+            adv(rows)
         find_all_repeats(work, buckets)
         listed = kept = 0
-        for settled in run_tasks(settle_corpus_batch, ((folder, work, i, ctx.source_name) for i in range(batches))):
+        for settled in run_tasks(settle_corpus_shard, ((folder, work, i, ctx.source_name) for i in range(shards))):
             listed, kept = listed + settled["rows"], kept + settled["kept"]
         with RejectsWriter(folder.input_rejects) as rejects:
-            for i in range(batches):
+            for i in range(shards):
                 rejects.write((work / "settled" / f"{i:06d}.rejects.parquet").read_table())
         work.rmtree()
-        summary = {"rows_listed": listed, "rows": kept, "rejected": listed - kept, "shards": batches,
+        summary = {"rows_listed": listed, "rows": kept, "rejected": listed - kept, "shards": shards,
                    "seconds": time.perf_counter() - t0}
         folder.mark_done("input", summary)
-        adv(0, f"{kept} pairs from the corpus, {listed - kept} rejected, {batches} shards")
+        adv(0, f"{kept} pairs from the corpus, {listed - kept} rejected, {shards} shards")
     return summary
 
 
@@ -106,29 +113,30 @@ def _estimated_rows(source: Location, bytes_per_row: int) -> int:
     return sum(f.size() for f in files) // bytes_per_row
 
 
-def _task(fn):
+def _task(fn, **options):
     import ray
 
-    return ray.remote(fn).options(num_cpus=1, max_retries=2, retry_exceptions=True, name=fn.__name__)
+    return ray.remote(fn).options(**({"num_cpus": 1, "max_retries": 2, "retry_exceptions": True,
+                                      "name": fn.__name__} | options))
 
 
-def _window() -> int:
-    """Tasks in flight at once: one per CPU of the cluster, and one queued."""
+def _window(cpus_per_task: float = 1.0) -> int:
+    """Tasks in flight at once: as many as the cluster's CPUs run together, and one queued."""
     import ray
 
-    return int(ray.cluster_resources().get("CPU", 1)) + 1
+    return int(ray.cluster_resources().get("CPU", 1) / max(cpus_per_task, 1e-3)) + 1
 
 
-def run_batches(fn, work: Location, batches, buckets: int, adv, lead: tuple = ()) -> int:
-    """Step 1: fn(*lead, work, batch_no, batch, first_row, buckets) as a Ray task per batch (a table, or a piece of
-    the source the task reads itself), a few in flight (the driver holds no more); returns how many there were."""
+def run_batches(fn, work: Location, batches, buckets: int, adv) -> int:
+    """Step 1: fn(work, batch_no, batch, first_row, buckets) as a Ray task per batch of the list, a few in flight
+    (the driver holds no more); returns how many there were."""
     count = 0
 
     def args():
         nonlocal count
         first_row = 0
         for count, batch in enumerate(batches, start=1):
-            yield (*lead, work, count - 1, batch, first_row, buckets)
+            yield work, count - 1, batch, first_row, buckets
             first_row += batch.num_rows
 
     for rows in run_tasks(fn, args()):
@@ -141,17 +149,23 @@ def find_all_repeats(work: Location, buckets: int) -> int:
     return sum(run_tasks(bucket_repeats, ((work, b) for b in range(buckets))))
 
 
-def run_tasks(fn, args: Iterable[tuple]) -> Iterator:
-    """fn(*a) as a Ray task for each a, a few in flight; yields the results as they come."""
+def run_tasks(fn, args: Iterable[tuple], **options) -> Iterator:
+    """fn(*a) as a Ray task for each a (`options`: Ray's task options over the defaults), a window of them in
+    flight: the driver holds that many refs, never one per task; yields the results as they come."""
     import ray
 
-    task, pending, window = _task(fn), [], _window()
-    for a in args:
-        pending.append(task.remote(*a))
-        while len(pending) >= window:
-            ready, pending = ray.wait(pending, num_returns=1)
-            yield ray.get(ready[0])
-    yield from ray.get(pending)
+    task = _task(fn, **options)
+    pending, window = [], _window(options.get("num_cpus", 1.0))
+    args = iter(args)
+    while True:
+        for a in args:
+            pending.append(task.remote(*a))
+            if len(pending) >= window:
+                break
+        if not pending:
+            return
+        ready, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(ready[0])
 
 
 # --------------------------------------------------------------------------- shards and rejects (driver, streaming)

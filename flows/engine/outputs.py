@@ -1,9 +1,10 @@
-"""Outputs, written by workers: one Ray task per input shard joins its downloaded image bytes with its processed
-rows, applies the decisions (row-wise from the pipeline, global from _work/global) and writes its kept rows to
-shards/part-SSSSS-NNN.parquet and every other row (ingest rejects included) to rejects/part-SSSSS-NNN.parquet.
-Names are deterministic, each file is written atomically, and a task that finished leaves _work/written/SSSSS.json,
-so a resumed build rewrites nothing. The driver only assembles the per-shard results (files, counts): the
-manifest, stats.json, and an exact accounting check run as distributed operations over the uids.
+"""Outputs, written by workers: one Ray task per input shard joins its image bytes (downloaded, or read from the
+corpus pieces a curate shard names) with its processed rows, applies the decisions (row-wise from the pipeline,
+global from _work/global) and writes its kept rows to shards/part-SSSSS-NNN.parquet and every other row (ingest
+rejects included) to rejects/part-SSSSS-NNN.parquet. Names are deterministic, each file is written atomically, and
+a task that finished leaves _work/written/SSSSS.json, so a resumed build rewrites nothing. The driver submits the
+writers in a window and folds their results (files, counts) as they come: the manifest, stats.json, and an exact
+accounting check.
 """
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ import pyarrow.dataset as pads
 from flows.engine.context import BuildContext, BuildError, code_version
 from flows.engine.decide import DECISION_COLUMNS
 from flows.engine.global_decisions import SHIFT, read_shard, shard_decisions
+from flows.engine.inputs import run_tasks
 from flows.engine.progress import phase
 from schemas.columns import build_schema, rejects_schema
 from schemas.spec import BuildSpec
 from stages.steps import ROW
 from dataio.build_folder import BuildFolder, atomic_write_table, atomic_write_text
 from dataio.shards import conform, write_manifest
+from dataio.uids import shard_pairs
 from dataio.storage import Location, parquet_dataset
 
 
@@ -71,7 +74,7 @@ def write_shard(folder: BuildFolder, src: int, spec: BuildSpec, build_id: str) -
     parts = []
     if rows is not None and rows.num_rows:
         rows = final_decisions(rows, shard_decisions(folder.work, spec, src), names)  # by row id: row-id order
-        images = folder.ingest_shard(src).pairs.read_table(columns=["uid", "image"])
+        images = pa.concat_tables(list(shard_pairs(spec.source, folder.ingest_shard(src).pairs, ["uid", "image"])))
         at = pc.index_in(rows.column("uid"), value_set=images.column("uid"))  # each row's place in its shard
         if at.null_count:
             raise BuildError(f"input shard {src}: {at.null_count} processed rows are not among its downloads")
@@ -125,32 +128,48 @@ def write_input_rejects(folder: BuildFolder, build_id: str, names: list[str], co
     return result
 
 
-def write_outputs(ctx: BuildContext, shards: int) -> list[dict]:
-    """One writer task per input shard (and one for the input rejects); returns their results."""
-    import ray
+class Written:
+    """What the writers wrote, folded in as each result arrives: the files (manifest entries), kept and rejected
+    rows, and rejected rows by stage and reason. O(files) and O(reasons), nothing per row or per task."""
 
+    def __init__(self):
+        self.files: dict[str, list[dict]] = {"shards": [], "rejects": []}
+        self.kept = self.rejected = 0
+        self.counts: dict[str, int] = {}  # "stage\treason" -> rows
+
+    def add(self, result: dict) -> None:
+        for key in self.files:
+            self.files[key] += result[key]
+        self.kept += result["kept"]
+        self.rejected += result["rejected"]
+        for key, c in result["counts"].items():
+            self.counts[key] = self.counts.get(key, 0) + c
+
+    def sorted_files(self, key: str) -> list[dict]:
+        return sorted(self.files[key], key=lambda f: f["path"])
+
+
+def write_outputs(ctx: BuildContext, shards: int) -> Written:
+    """One writer task per input shard (and one for the input rejects), a window of them in flight; their results
+    folded as they come."""
     folder, spec = ctx.folder, ctx.spec
     for sub in (folder.shards, folder.rejects):
         sub.mkdir()
-    task = ray.remote(write_shard).options(num_cpus=0.5, max_retries=2, retry_exceptions=True, name="write_shard",
-                                           scheduling_strategy="SPREAD")  # every node writes its share
-    results = [write_input_rejects(folder, ctx.build_id, spec.stage_names(), spec.write.compression,
-                                   spec.write.rows_per_shard)]
+    written = Written()
+    written.add(write_input_rejects(folder, ctx.build_id, spec.stage_names(), spec.write.compression,
+                                    spec.write.rows_per_shard))
     with phase("write", total=shards, unit="shards") as adv:
-        pending = [task.remote(folder, s, spec, ctx.build_id) for s in range(shards)]
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            results.append(ray.get(ready[0]))
+        for result in run_tasks(write_shard, ((folder, s, spec, ctx.build_id) for s in range(shards)),
+                                num_cpus=0.5, scheduling_strategy="SPREAD"):  # every node writes its share
+            written.add(result)
             adv(1)
     # readers find a schema even where no row went: one empty part with it
     for key, sub, schema in (("shards", folder.shards, build_schema(spec.stage_names())),
                              ("rejects", folder.rejects, rejects_schema(spec.stage_names()))):
-        if not any(r[key] for r in results):
-            written = atomic_write_table(schema.empty_table(), sub / "part-00000-000.parquet", spec.write.compression,
-                                         checksum=True)
-            results.append({"src": "empty", "shards": [], "rejects": [], "kept": 0, "rejected": 0, "counts": {}}
-                           | {key: [written]})
-    return results
+        if not written.files[key]:
+            written.files[key].append(atomic_write_table(schema.empty_table(), sub / "part-00000-000.parquet",
+                                                         spec.write.compression, checksum=True))
+    return written
 
 
 # --------------------------------------------------------------------------- accounting, stats, manifest
@@ -172,29 +191,26 @@ def check_shard(folder: BuildFolder, src: int, written: pa.Table) -> None:
         raise BuildError(f"accounting check failed for input shard {src}: " + "; ".join(problems))
 
 
-def check_accounting(ctx: BuildContext, results: list[dict]) -> dict:
+def check_accounting(ctx: BuildContext, written: Written) -> dict:
     """kept + rejected == listed, with no uid twice. Each writer checked its own input shard's uids (exactly
     once each, nothing else); uids are unique across shards by construction (flows.engine.inputs), so the
     driver only adds up counts."""
     folder = ctx.folder
     input_files = folder.input_dir.glob("[0-9]*.parquet") + [folder.input_rejects]
     listed = sum(f.read_metadata().num_rows for f in input_files)
-    kept = sum(r["kept"] for r in results)
-    rejected = sum(r["rejected"] for r in results)
-    if kept + rejected != listed:
-        raise BuildError(f"accounting check failed for build {ctx.build_id}: {listed} listed but {kept} kept + "
-                         f"{rejected} rejected")
-    return {"listed": listed, "kept": kept, "rejected": rejected}
+    if written.kept + written.rejected != listed:
+        raise BuildError(f"accounting check failed for build {ctx.build_id}: {listed} listed but {written.kept} "
+                         f"kept + {written.rejected} rejected")
+    return {"listed": listed, "kept": written.kept, "rejected": written.rejected}
 
 
 def collect_stats(ctx: BuildContext, prepared: dict, ingest: dict, processed: dict, global_: dict,
-                  results: list[dict], write_seconds: float, counts: dict) -> dict:
+                  written: Written, write_seconds: float, counts: dict) -> dict:
     by: dict[str, dict[str, int]] = {}
-    for r in results:
-        for key, c in r["counts"].items():
-            stage, reason = key.split("\t", 1)
-            by.setdefault(stage, {})
-            by[stage][reason] = by[stage].get(reason, 0) + c
+    for key, c in written.counts.items():
+        stage, reason = key.split("\t", 1)
+        by.setdefault(stage, {})
+        by[stage][reason] = by[stage].get(reason, 0) + c
     fetched = prepared["rows"] - sum(by.get("ingest", {}).values())
     rows = [
         {"stage": "input", "rows_in": prepared["rows_listed"], "rows_out": prepared["rows"],
@@ -229,28 +245,24 @@ def collect_stats(ctx: BuildContext, prepared: dict, ingest: dict, processed: di
             "decodes_per_row": processed.get("decodes_per_row"), "stages": rows}
 
 
-def manifest(ctx: BuildContext, results: list[dict]) -> dict:
-    shards = sorted((f for r in results for f in r["shards"]), key=lambda f: f["path"])
-    rejects = sorted((f for r in results for f in r["rejects"]), key=lambda f: f["path"])
+def manifest(ctx: BuildContext, written: Written) -> dict:
     return write_manifest(
         ctx.build_dir, build_id=ctx.build_id, dataset=ctx.spec.dataset, spec_hash=ctx.spec.spec_hash(),
-        code_version=code_version(), shards=shards, rejects=rejects,
+        code_version=code_version(), shards=written.sorted_files("shards"), rejects=written.sorted_files("rejects"),
         extra={"source": ctx.source_name, "source_fingerprint": ctx.fingerprint,
                "stages": ctx.spec.stage_names(), "stage_metadata": ctx.stage_meta,
                "columns": build_schema(ctx.spec.stage_names()).names})
 
 
-def seen_scanners(ctx: BuildContext) -> list[pads.Scanner]:
-    """(uid, sha256, build_id) of the rows this build fetched and decided, as scanners the catalog streams: kept
-    rows and stage rejects. Rows that failed to download are not marked seen, so a later build tries them again."""
+def seen_readers(ctx: BuildContext) -> list:
+    """(uid, sha256) of the rows this build fetched and decided, as readers the catalog streams (a file at a time):
+    kept rows and stage rejects. Rows that failed to download are not marked seen, so a later build tries them
+    again."""
     out = []
     for sub in ("shards", "rejects"):
         files = ctx.folder.parts(sub)
         if not files:
             continue
-        ds = parquet_dataset(files)
         where = None if sub == "shards" else ~pads.field("stage").isin(["input", "ingest"])
-        out.append(ds.scanner(columns={"uid": pads.field("uid"), "sha256": pads.field("sha256"),
-                                       "build_id": pads.scalar(ctx.build_id)}, filter=where))
+        out.append(parquet_dataset(files).scanner(columns=["uid", "sha256"], filter=where).to_reader())
     return out
-

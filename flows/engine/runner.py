@@ -11,10 +11,10 @@ import atexit
 import os
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from flows.engine.context import BuildContext
 from flows.engine.decide import decide_rowwise
@@ -22,10 +22,12 @@ from flows.engine.global_decisions import SRC
 from flows.engine.progress import phase
 from flows.engine.resources import PREPARE_CPUS, fit_resources
 from schemas.registry import MODULES_ENV
-from schemas.spec import BuildSpec
+from schemas.spec import BuildSpec, SourceSpec
 from stages import stage_class
 from stages.base import Resources, drop_private
 from stages.imaging.decode import add_pixels, decodes, drop_pixels
+from dataio.build_folder import BuildFolder
+from dataio.uids import pair_units, shard_pairs
 
 DECODE = "decode"
 
@@ -52,18 +54,28 @@ class StageTimer:
         return self.totals
 
 
+_TIMER: list = [None, None]  # (name, handle) of the timer actor this worker process reports to
+
+
+def timer_handle(name: str):
+    """The named timer actor's handle, looked up once per worker process (not per batch)."""
+    if _TIMER[0] != name:
+        import ray
+
+        _TIMER[:] = [name, ray.get_actor(name)]
+    return _TIMER[1]
+
+
 def _timed(step: str, fn, batch: pa.Table, timer: str, drop_after: bool) -> pa.Table:
     """Run one step on a batch; tell the named timer actor its rows, seconds, decodes and CPU seconds."""
-    import ray
-
     t0, c0, d0 = time.perf_counter(), time.process_time(), decodes()
     out = fn(batch)
     if out.num_rows != batch.num_rows:
         raise RuntimeError(f"{step} changed the row count {batch.num_rows} -> {out.num_rows}")
     if drop_after:
         out = drop_pixels(out)
-    ray.get_actor(timer).add.remote(step, batch.num_rows, time.perf_counter() - t0, decodes() - d0,
-                                    time.process_time() - c0)
+    timer_handle(timer).add.remote(step, batch.num_rows, time.perf_counter() - t0, decodes() - d0,
+                                   time.process_time() - c0)
     return out
 
 
@@ -163,10 +175,29 @@ def stage_pipeline(ds, spec: BuildSpec, timer: str, fitted: dict[int, Resources]
     return ds
 
 
-def tag_source(batch: pa.Table) -> pa.Table:
-    """`path` (Ray Data's include_paths) -> `input_shard`, the input shard the row came from (its file NNNNN.parquet)."""
-    stem = pc.struct_field(pc.extract_regex(batch.column("path"), r"(?P<n>[0-9]+)\.parquet$"), "n")
-    return batch.drop_columns(["path"]).append_column(SRC, pc.cast(stem, pa.int64()))
+def read_shard_unit(folder: BuildFolder, source: SourceSpec, shard: int, unit: int) -> Iterator[pa.Table]:
+    """One unit of an ingest shard's pairs (a row group of its download, or a corpus piece), with their image bytes,
+    each row tagged with its input shard."""
+    for t in shard_pairs(source, folder.ingest_shard(shard).pairs, units=[unit]):
+        yield t.append_column(SRC, pa.repeat(pa.scalar(shard, pa.int64()), t.num_rows))
+
+
+def pairs_datasource(folder: BuildFolder, source: SourceSpec, units: list[tuple[int, int]]):
+    """The ingest shards' pairs as a Ray Data source with one read task per (shard, unit): the stages run fused
+    into each (as over read_parquet's files), a few thousand rows a task."""
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class ShardUnits(Datasource):
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            return [ReadTask(lambda s=s, u=u: read_shard_unit(folder, source, s, u),
+                             BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None))
+                    for s, u in units]
+
+    return ShardUnits()
 
 
 def finish_batch(batch: pa.Table, spec: BuildSpec) -> pa.Table:
@@ -184,9 +215,9 @@ def process_stages(ctx: BuildContext, compute: bool = True) -> dict:
     done = folder.done("processed")
     if done is not None:
         return done
-    sizes = {f: f.read_metadata().num_rows for f in folder.ingest_pair_files()}
-    pair_files = [f for f, n in sizes.items() if n]
-    rows = sum(sizes.values())
+    metas = {int(f.stem): f.read_metadata() for f in folder.ingest_pair_files()}
+    rows = sum(m.num_rows for m in metas.values())
+    units = [(s, u) for s, m in sorted(metas.items()) if m.num_rows for u in range(pair_units(m))]
     out = folder.fresh_dir(folder.processed_dir)  # its _DONE.json marker, written last, says it is whole
     t0 = time.perf_counter()
     steps: dict = {}
@@ -198,8 +229,8 @@ def process_stages(ctx: BuildContext, compute: bool = True) -> dict:
         fitted = fit_resources(ctx.spec, cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)) if compute else {}
         timer = f"pairforge-timer-{ctx.build_id}"
         timer_actor = ray.remote(num_cpus=0)(StageTimer).options(name=timer).remote()
-        ds = ray.data.read_parquet([f.path for f in pair_files], filesystem=out.fs, include_paths=True)
-        ds = ds.map_batches(tag_source, batch_format="pyarrow")
+        ds = ray.data.read_datasource(pairs_datasource(folder, ctx.spec.source, units),
+                                      override_num_blocks=len(units))
         if compute:
             ds = stage_pipeline(ds, ctx.spec, timer, fitted)
         ds = ds.map_batches(finish_batch, fn_args=(ctx.spec,), batch_format="pyarrow")
