@@ -1,6 +1,6 @@
-"""One file a stage. Every module directly in this folder is a stage module (base holds the contract): the package is
-pairforge's own entry point of the `pairforge.stages` group, so importing it through the registry registers its
-stages (stages.base.Stage.__init_subclass__). Helpers live in subfolders named for their role."""
+"""One file a stage. Every module directly in this folder is a stage module, except the contract (base, steps): the
+package is pairforge's own entry point of the `pairforge.stages` group, so importing it through the registry
+registers its stages (stages.base.Stage.__init_subclass__). Helpers live in subfolders named for their role."""
 from __future__ import annotations
 
 from schemas.registry import load_stages, stage_class

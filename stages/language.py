@@ -8,7 +8,7 @@ without spaces. Names weigh little: capitalised words inside a sentence-like cap
 ("Bosque del Apache"), a name in another script in brackets ("Hotel Nikko (ホテル日航)") or a short run of
 another script beside an English sentence. Slugs are split into words first ("minion-decoracion2" -> "minion
 decoracion"). The confidence shrinks with the letters that carried the decision, and a caption with too few of them
-(`min_letters`) is `language_uncertain` rather than rejected as not kept.
+(under `min_letters`) is not rejected as not kept; under `uncertain_letters` it is `language_uncertain`.
 
 Measured on hand-labelled LAION alt texts (tests/data/laion-alt-text, rules in LABELS.md): the 1,000 captions it was
 tuned on and 2,000 others never tuned on; benchmarks/captions.py prints both, README has the figures.
@@ -23,7 +23,7 @@ Rule (decide, vectorised):
 - top language not in `keep`, its score (plus the runner-up's when that is not kept either: "es" 0.6 and "pt" 0.3
   are surely not English) >= `not_kept_min_score` and lang_letters >= `min_letters`
                                                             -> language_not_kept ("lang=de score=0.97 letters=24")
-- else fewer than `min_letters` letters carried it and `uncertain` is "reject"      -> language_uncertain
+- else fewer than `uncertain_letters` letters carried it and `uncertain` is "reject" -> language_uncertain
 - else top language not in `keep` (or "und") and score < `min_score` (0: off)      -> language_low_confidence
 - else keep. A row whose top language is kept is kept; "und" rows (emoji, numbers) are the junk stage's.
 Language codes: wordfreq's Serbo-Croatian list is "sh" (hr, sr, bs in `keep` mean it too), Norwegian "no" (nb),
@@ -55,10 +55,13 @@ class LanguageParams(StageParams):
     not_kept_min_score: float = Field(
         0.7, ge=0.0, le=1.0, description="reject a language not kept only when the detector is at least this sure")
     min_letters: int = Field(
-        8, ge=0, description="letters of language-carrying words a caption needs before it is rejected as not kept; "
-                              "captions with fewer are language_uncertain")
+        8, ge=0, description="letters of language-carrying words a caption needs before it is rejected as not kept")
     uncertain: Literal["keep", "reject"] = Field(
-        "keep", description="what to do with captions whose language has too little evidence (under min_letters)")
+        "keep", description="what to do with captions whose language has too little evidence (under "
+                            "uncertain_letters): keep them, or reject them as language_uncertain")
+    uncertain_letters: int = Field(
+        8, ge=0, description="with uncertain: reject, captions whose language rests on fewer letters than this are "
+                             "language_uncertain")
 
     @field_validator("keep")
     @classmethod
@@ -473,7 +476,7 @@ class LanguageStage(Stage):
                "when that is not kept either)", ("lang", "lang_score", "lang_second", "lang_letters"),
                (Threshold("lang_score", "not_kept_min_score", "max"), Threshold("lang_letters", "min_letters", "max"))),
         Reason("language_uncertain", "too few letters carry a language to tell which (uncertain: reject)",
-               ("lang", "lang_letters"), (Threshold("lang_letters", "min_letters", "min"),), param="uncertain"),
+               ("lang", "lang_letters"), (Threshold("lang_letters", "uncertain_letters", "min"),), param="uncertain"),
         Reason("language_low_confidence", "a language not kept, or none, scoring below min_score",
                ("lang", "lang_score"), (Threshold("lang_score", "min_score", "min"),)),
     )
@@ -517,7 +520,8 @@ class LanguageStage(Stage):
         d.reject(pc.and_(foreign, pc.and_(pc.greater_equal(not_kept, params.not_kept_min_score), enough)),
                  "language_not_kept", detail)
         if params.uncertain == "reject":
-            d.reject(pc.and_(pc.invert(unknown), pc.invert(enough)), "language_uncertain", detail)
+            d.reject(pc.and_(pc.invert(unknown), pc.less(letters, params.uncertain_letters)), "language_uncertain",
+                     detail)
         d.reject(pc.and_(pc.or_(foreign, unknown), pc.less(scores, params.min_score)), "language_low_confidence",
                  detail)
         return d

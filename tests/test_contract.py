@@ -51,7 +51,7 @@ STAGES = sorted(registry())
 # --------------------------------------------------------------------------- declarations
 
 def test_every_module_in_stages_is_a_stage_and_registered():
-    modules = sorted(p.stem for p in (ROOT / "stages").glob("*.py") if p.stem not in ("__init__", "base"))
+    modules = sorted(p.stem for p in (ROOT / "stages").glob("*.py") if p.stem not in ("__init__", "base", "steps"))
     owners = sorted({cls.__module__.rsplit(".", 1)[-1] for cls in registry().values()})
     assert modules == owners, "every file directly in stages/ holds a stage (helpers go in subfolders)"
     assert stage_params_models() == {n: c.Params for n, c in registry().items()}
@@ -295,13 +295,22 @@ def stages_cache():
 # --------------------------------------------------------------------------- the contract check
 
 def rejected(cls: type[Stage], table: pa.Table, params: StageParams) -> np.ndarray:
-    """Row mask of the rows decide() rejects, after checking it emits only declared reasons."""
+    """Row mask of the rows the stage rejects, row by row (decide) and over the whole table (its global steps, run
+    in one process as a small build runs them), after checking it emits only declared reasons."""
+    from flows.engine.global_decisions import decide_table
+
     d = cls.decide(table, params)
     reasons, _ = d.arrays()
+    mask = reasons.is_valid().to_numpy(zero_copy_only=False)
     emitted = set(pc.unique(reasons.drop_null()).to_pylist())
+    if cls.global_steps(params):
+        own = pa.array(np.where(mask, 0, -1), pa.int32(), mask=~mask)  # its row-wise rejections stand
+        g = decide_table(cls.name, params, table.append_column("reject_pos", own))
+        emitted |= set(g.column("reason").to_pylist())
+        mask = mask | pc.is_in(table.column("uid"), value_set=g.column("uid")).to_numpy(zero_copy_only=False)
     undeclared = emitted - {r.name for r in cls.reasons}
     assert not undeclared, f"stage {cls.name} emits reasons it does not declare: {sorted(undeclared)}"
-    return reasons.is_valid().to_numpy(zero_copy_only=False)
+    return mask
 
 
 def _is_int(cls: type[Stage], param: str) -> bool:

@@ -345,7 +345,7 @@ def test_too_little_evidence_is_language_uncertain_when_asked(stage):
     strict = _verdicts(stage, texts, LanguageParams(uncertain="reject"))
     assert [r for *_, r in strict][:4] == ["language_uncertain"] * 4, strict
     assert strict[-1][3] is None, strict
-    assert all(letters < LanguageParams().min_letters for _, _, letters, _ in strict[:4]), strict
+    assert all(letters < LanguageParams().uncertain_letters for _, _, letters, _ in strict[:4]), strict
 
 
 # ------------------------------------------------------------------------------------------------ demo corpus
