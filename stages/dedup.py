@@ -40,22 +40,13 @@ Incremental builds: the rows earlier builds of the source kept join steps 1-3 as
 row of this build that duplicates one is rejected with the same reason and "dup of <uid> in an earlier build".
 Prior rows take no part in the semantic step.
 
-Near-duplicate search (near_pairs, distinct_pairs) is exact: it returns every pair within the radius, the same as
-brute force. Multi-index hashing with a covering design (the pigeonhole principle generalised): the 64 bits are cut
-into B contiguous blocks; a pair within distance k differs in at most k blocks, so for a family of block subsets
-that misses every set of k blocks (built greedily and complete by construction, see _greedy_cover) each close pair
-agrees exactly on all blocks of at least one subset. Per subset, the masked hashes are multiplicatively hashed,
-packed with a window of the hash's own bits and the row index into one uint64 and sorted; rows in equal-key runs
-are candidates, dropped on the window bits when those alone differ in more than k places, and the rest verified
-with a popcount. Subsets of about log2(n) + 1 bits keep chance candidates near n/8 per subset, so the cost is
-about one sort of n uint64 per subset: 62 subsets for k = 6 at n = 1M. Identical hashes are collapsed first.
+The near-duplicate search (stages.hashing.near: the plan NearPlan and its kernels) is exact: every pair of a full
+hash and another pool hash (full or crop) within the radius, the same as brute force, over each partition's
+distinct values; crop-crop pairs, never evidence, are never searched.
 """
 from __future__ import annotations
 
-import functools
-import itertools
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
@@ -67,6 +58,7 @@ from pydantic import Field
 from schemas.records import normalize_url
 from schemas.spec import StageParams
 from stages.base import Column, Reason, Resources, Stage, as_text, concat, fixed
+from stages.hashing.near import NearPlan, distinct_values, to_unsigned
 from stages.imaging.decode import decode_image, images
 from stages.steps import (DECISION_SCHEMA, EDGE_FIELDS, KEY, PRIOR, ROW, Fit, Shuffle, Survivors, decisions, greedy_keep,
                           rank_order, uid_bytes, uid_text, uid_words)
@@ -95,11 +87,6 @@ _SIGN = 1 << 63
 def to_signed(v: int) -> int:
     """An unsigned 64-bit value as the int64 with the same bits."""
     return v - (1 << 64) if v >= _SIGN else v
-
-
-def to_unsigned(a) -> np.ndarray:
-    """int64 (or uint64) hashes -> uint64 with the same bits."""
-    return np.ascontiguousarray(np.asarray(a).astype(np.int64, copy=False).view(np.uint64))
 
 
 def _hash_pixels(stack: np.ndarray) -> list[int]:
@@ -151,305 +138,6 @@ def safe_normalize_url(url: str | None) -> str | None:
         return normalize_url(url)
     except ValueError:  # e.g. a port out of range: keep the URL as written
         return url.strip()
-
-
-# ------------------------------------------------------------------------------------- near-duplicate search
-
-_MULT = np.uint64(0x9E3779B97F4A7C15)  # odd: x -> x * _MULT is a bijection, its high bits a good bucket hash
-_MAX_DESIGN_WORK = 40_000_000  # C(B, s) * C(B, k) cells in the greedy's coverage matrix
-
-
-def _subsets(b: int, r: int) -> np.ndarray:
-    return np.array([sum(1 << i for i in c) for c in itertools.combinations(range(b), r)], dtype=np.int64)
-
-
-@functools.lru_cache(maxsize=None)
-def _greedy_cover(b: int, s: int, k: int) -> tuple[int, ...]:
-    """Subsets of s of b blocks such that every set of k blocks misses one of them entirely (greedy set cover).
-
-    Returned as bitmasks over blocks. Complete by construction: the loop ends only when every k-set is covered,
-    and a set of fewer than k blocks is covered with any k-superset.
-    """
-    cand = _subsets(b, s)
-    dirty = _subsets(b, k)
-    hits = (cand[:, None] & dirty[None, :]) == 0  # hits[c, d]: subset c avoids the dirty blocks d
-    packed = np.packbits(hits, axis=1)
-    pad = (-packed.shape[1]) % 8
-    packed = np.pad(packed, ((0, 0), (0, pad))).view(np.uint64)
-    todo = np.pad(np.packbits(np.ones(dirty.size, bool)), (0, pad)).view(np.uint64)
-    chosen: list[int] = []
-    while todo.any():
-        gain = np.bitwise_count(packed & todo).sum(axis=1, dtype=np.int64)
-        j = int(np.argmax(gain))
-        chosen.append(int(cand[j]))
-        todo &= ~packed[j]
-    return tuple(chosen)
-
-
-@functools.lru_cache(maxsize=None)
-def _design_blocks(k: int, key_bits: int) -> tuple[int, tuple[int, ...]]:
-    """(B, subsets): B contiguous blocks of the 64 bits and subsets of them (bitmasks over blocks) such that any set
-    of k blocks misses one subset entirely.
-
-    Among block counts B (k < B <= 16) it takes the subsets of about key_bits bits and keeps the smallest family;
-    plain pigeonhole (k + 1 bands, one must match) when no B fits.
-    """
-    best: tuple[int, tuple[int, ...]] | None = None
-    for b in range(k + 1, 17):
-        s = max(1, math.ceil(key_bits * b / 64))
-        if s > b - k or math.comb(b, s) * math.comb(b, k) > _MAX_DESIGN_WORK:
-            continue
-        fam = _greedy_cover(b, s, k)
-        if best is None or len(fam) < len(best[1]):
-            best = (b, fam)
-    if best is None:
-        best = (k + 1, tuple(1 << i for i in range(k + 1)))
-    return best
-
-
-@functools.lru_cache(maxsize=None)
-def _design(k: int, key_bits: int) -> tuple[int, ...]:
-    """64-bit masks such that any two hashes within Hamming distance k agree on all bits of at least one mask:
-    the subsets of _design_blocks(k, key_bits), in its order, as bit masks."""
-    b, fam = _design_blocks(k, key_bits)
-    blocks = _block_masks(b)
-    return tuple(sum(bm for i, bm in enumerate(blocks) if sub >> i & 1) for sub in fam)
-
-
-def _block_masks(b: int) -> list[int]:
-    edges = [round(i * 64 / b) for i in range(b + 1)]
-    return [((1 << (edges[i + 1] - edges[i])) - 1) << edges[i] for i in range(b)]
-
-
-def _search_cost(masks, m: int) -> float:
-    """Estimated seconds of the masked search over m distinct hashes: per mask one sort (about 8 ns a row) plus the
-    candidates that share a bucket by chance (about m^2 / 2^(bits + 1), some 15 ns each)."""
-    bits = sum(bin(x).count("1") for x in masks) / len(masks)
-    return len(masks) * (m * 8e-9 + m * m / 2 ** (bits + 1) * 15e-9)
-
-
-def _plan_bits(k: int, m: int) -> int:
-    """The key size of the cheapest design for m distinct hashes (see _search_cost)."""
-    ib = max(1, (m - 1).bit_length())
-    return min(range(max(8, ib - 4), min(40, ib + 5)), key=lambda kb: _search_cost(_design(k, kb), m))
-
-
-def _plan(k: int, m: int) -> tuple[tuple[int, ...], float]:
-    """The design for m distinct hashes and its estimated seconds."""
-    masks = _design(k, _plan_bits(k, m))
-    return masks, _search_cost(masks, m)
-
-
-def brute_pairs(h, k: int, chunk: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every pair i < j with popcount(h[i] ^ h[j]) <= k, by comparing all pairs (a reference for tests)."""
-    h = to_unsigned(h)
-    out_i, out_j, out_d = [], [], []
-    for a in range(0, h.size, chunk):
-        d = np.bitwise_count(h[a:a + chunk, None] ^ h[None, :])
-        i, j = np.nonzero(d <= k)
-        i = i + a
-        keep = j > i
-        out_i.append(i[keep])
-        out_j.append(j[keep])
-        out_d.append(d[i[keep] - a, j[keep]])
-    return _cat(out_i, np.int64), _cat(out_j, np.int64), _cat(out_d, np.uint8)
-
-
-def _cat(parts, dtype) -> np.ndarray:
-    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.empty(0, dtype)
-
-
-def distinct_pairs(u: np.ndarray, k: int, masks: tuple[int, ...] | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs i < j of distinct uint64 hashes `u` with 0 < popcount(u[i] ^ u[j]) <= k (u need not be sorted).
-
-    Per mask of the covering design one sort of n packed words [hash of the masked bits | X | row], where X is a
-    window of the hash's own bits: rows whose masked bits agree end up adjacent, and since two hashes within k
-    differ in at most k bits of X too, most candidates are dropped on X without reading their hashes.
-    With `masks` given (not a full design), the pairs within k that agree on all bits of one of them, and possibly
-    other pairs within k (all of them when comparing all pairs is cheaper).
-    """
-    u = to_unsigned(u)
-    m = u.size
-    empty = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.uint8))
-    if m < 2 or k <= 0:
-        return empty
-    ib = max(1, (m - 1).bit_length())  # row index bits
-    if masks is not None:
-        sort_cost = _search_cost(masks, m) if m > 4096 else 0.0
-    else:
-        masks, sort_cost = _plan(k, m) if m > 4096 else ((), 0.0)
-    if m <= 4096 or sort_cost > m * m / 2 * 2e-9:  # all pairs is cheaper
-        i, j, d = brute_pairs(u, k)
-        keep = d > 0
-        return i[keep], j[keep], d[keep]
-    mean_bits = sum(bin(x).count("1") for x in masks) / len(masks)
-    hb = min(64 - ib - 8, max(24, int(mean_bits) + 4))  # bits of the bucket hash
-    xb = 64 - ib - hb  # bits of X
-    eq_below = np.uint64(1 << (xb + ib))  # adjacent words with a xor below this share the bucket
-    hi = np.uint64(((1 << 64) - 1) ^ (int(eq_below) - 1))
-    lo = np.uint64((1 << ib) - 1)
-    xmask = np.uint64((1 << xb) - 1)
-    ids = np.arange(m, dtype=np.uint64)
-    bases: dict[int, np.ndarray] = {}
-    out_i, out_j, out_d = [], [], []
-    buf = np.empty(m, np.uint64)
-    x = np.empty(m - 1, np.uint64)  # xor of sorted neighbours
-    same = np.empty(m - 1, bool)
-    design = np.array(masks, np.uint64)
-    for pass_no, mask in enumerate(masks):
-        # X: the window of xb bits overlapping the masked bits least (those agree within a bucket anyway)
-        sh = min(range(0, 64 - xb + 1, 4), key=lambda t: (bin(mask & (((1 << xb) - 1) << t)).count("1"), t))
-        if sh not in bases:
-            bases[sh] = ((u >> np.uint64(sh)) & xmask) << np.uint64(ib) | ids
-        np.bitwise_and(u, np.uint64(mask), out=buf)
-        np.multiply(buf, _MULT, out=buf)
-        np.bitwise_and(buf, hi, out=buf)
-        np.bitwise_or(buf, bases[sh], out=buf)
-        buf.sort()
-        np.bitwise_xor(buf[1:], buf[:-1], out=x)
-        np.less(x, eq_below, out=same)
-        pos = np.flatnonzero(same)
-        off = 1
-        while pos.size:
-            xo = x[pos] if off == 1 else buf[pos] ^ buf[pos + off]
-            near = np.bitwise_count((xo >> np.uint64(ib)) & xmask) <= k
-            if near.any():
-                c = pos[near]
-                a = (buf[c] & lo).astype(np.intp)
-                b = (buf[c + off] & lo).astype(np.intp)
-                xu = u[a] ^ u[b]
-                d = np.bitwise_count(xu)
-                # each pair once: in the pass of the first mask it agrees on (a pair sharing a bucket by a
-                # collision of the bucket hash, without agreeing on this mask, is found in its own mask's pass)
-                ok = (d <= k) & ((xu & design[pass_no]) == 0)
-                for earlier in np.array_split(design[:pass_no], max(1, pass_no // 16)) if pass_no else ():
-                    if ok.any():
-                        ok &= ((xu[:, None] & earlier[None, :]) != 0).all(axis=1)
-                if ok.any():
-                    a, b = a[ok], b[ok]
-                    out_i.append(np.minimum(a, b))
-                    out_j.append(np.maximum(a, b))
-                    out_d.append(d[ok])
-            # the bucket goes on past pos + off when the next adjacent pair shares it too
-            pos = pos[pos + off < x.size]
-            pos = pos[same[pos + off]]
-            off += 1
-    if not out_i:
-        return empty
-    i, j, d = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_d)
-    order = np.lexsort((j, i))
-    return i[order].astype(np.int64), j[order].astype(np.int64), d[order]
-
-
-def near_pairs(h, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every pair i < j of hashes (uint64 or int64 bit patterns) within Hamming distance k, with the distance.
-
-    Equal to brute_pairs, order aside (sorted by i, then j).
-    """
-    h = to_unsigned(h)
-    empty = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.uint8))
-    if h.size < 2 or k < 0:
-        return empty
-    order = np.argsort(h, kind="stable")
-    hs = h[order]
-    starts = np.flatnonzero(np.r_[True, hs[1:] != hs[:-1]])
-    counts = np.diff(np.r_[starts, h.size])
-    ui, uj, ud = distinct_pairs(hs[starts], k)
-    out_i, out_j, out_d = [], [], []
-    # values held by one row each (nearly all): one pair per value pair
-    single = (counts[ui] == 1) & (counts[uj] == 1)
-    out_i.append(order[starts[ui[single]]])
-    out_j.append(order[starts[uj[single]]])
-    out_d.append(ud[single])
-    # repeated values: every row of one value with every row of the other, and the rows of a value among themselves
-    members = lambda v: order[starts[v]:starts[v] + counts[v]]  # noqa: E731
-    for x, y, d in zip(ui[~single].tolist(), uj[~single].tolist(), ud[~single].tolist()):
-        mx, my = members(x), members(y)
-        out_i.append(np.repeat(mx, my.size))
-        out_j.append(np.tile(my, mx.size))
-        out_d.append(np.full(mx.size * my.size, d, np.uint8))
-    for v in np.flatnonzero(counts > 1).tolist():
-        mv = members(v)
-        a, b = np.triu_indices(mv.size, 1)
-        out_i.append(mv[a])
-        out_j.append(mv[b])
-        out_d.append(np.zeros(a.size, np.uint8))
-    i, j, d = _cat(out_i, np.int64), _cat(out_j, np.int64), _cat(out_d, np.uint8)
-    i, j = np.minimum(i, j), np.maximum(i, j)
-    o = np.lexsort((j, i))
-    return i[o], j[o], d[o]
-
-
-@dataclass(frozen=True)
-class NearPlan:
-    """The covering design split into groups of masks that share a block, and the partitions of each group.
-
-    Every hash (full or crop) goes once to each group, to the partition named by (group, some bits of the group's
-    shared block): a pair within k agrees on all bits of some mask, so it meets in that mask's group's partition, and
-    is kept there only when that mask is the first (in design order) it agrees on: each pair is found once. The plan
-    depends only on (k, the number of hashes), so every worker makes the same one."""
-
-    k: int
-    masks: np.ndarray  # uint64, the whole design
-    mask_group: np.ndarray  # group of each mask
-    shifts: tuple[int, ...]  # per group: the lowest bit of its shared block
-    subparts: tuple[int, ...]  # per group: partitions (a power of two within the block's values)
-    offsets: tuple[int, ...]  # per group: its first partition id
-
-    @classmethod
-    @functools.lru_cache(maxsize=64)
-    def make(cls, k: int, entries: int, per_partition: int = 2_000_000) -> "NearPlan":
-        key_bits = _plan_bits(k, max(entries, 2))
-        b, fam = _design_blocks(k, key_bits)
-        masks = np.array(_design(k, key_bits), np.uint64)
-        blocks = _block_masks(b)
-        # a small hitting set of blocks (greedy; k + 1 blocks for these designs, the least possible): every mask
-        # holds one of them, and its group is the first such block
-        group = np.full(len(fam), -1, np.int64)
-        shared: list[int] = []
-        while (group < 0).any():
-            todo = np.flatnonzero(group < 0)
-            best = max(range(b), key=lambda i: (sum(fam[t] >> i & 1 for t in todo), -i))
-            group[[t for t in todo if fam[t] >> best & 1]] = len(shared)
-            shared.append(best)
-        shifts, subparts, offsets = [], [], []
-        for g, blk in enumerate(shared):
-            # a partition's work is about its entries times its group's masks: split the busier groups finer
-            want = entries / per_partition * (group == g).sum() * len(shared) / len(fam)
-            width = bin(blocks[blk]).count("1")
-            shifts.append((blocks[blk] & -blocks[blk]).bit_length() - 1)
-            offsets.append(sum(subparts))
-            subparts.append(min(1 << max(0, math.ceil(math.log2(max(1.0, want)))), 1 << width))
-        return cls(k, masks, group, tuple(shifts), tuple(subparts), tuple(offsets))
-
-    @property
-    def groups(self) -> int:
-        return len(self.shifts)
-
-    @property
-    def partitions(self) -> int:
-        return sum(self.subparts)
-
-    def partition(self, values: np.ndarray, g: int) -> np.ndarray:
-        """Partition of each hash in group g: the low bits of the group's shared block."""
-        sub = (values >> np.uint64(self.shifts[g])) & np.uint64(self.subparts[g] - 1)
-        return sub.astype(np.int64) + self.offsets[g]
-
-    def group_of(self, part: np.ndarray) -> np.ndarray:
-        return np.searchsorted(np.array(self.offsets), part, side="right") - 1
-
-    def pairs(self, uniq: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Pairs (i < j) of distinct sorted hashes within k whose first agreeing mask is in group g, with distances."""
-        ui, uj, ud = distinct_pairs(uniq, self.k, masks=tuple(int(m) for m in self.masks[self.mask_group == g]))
-        if not ui.size:
-            return ui, uj, ud
-        keep = np.empty(ui.size, bool)
-        for a in range(0, ui.size, 1 << 16):
-            x = uniq[ui[a:a + (1 << 16)]] ^ uniq[uj[a:a + (1 << 16)]]
-            first = ((x[:, None] & self.masks[None, :]) == 0).argmax(axis=1)
-            keep[a:a + x.size] = self.mask_group[first] == g
-        return ui[keep], uj[keep], ud[keep]
 
 
 # ------------------------------------------------------------------------------------------------ survivors
@@ -568,7 +256,8 @@ _INT_MAX = np.iinfo(np.int64).max
 
 
 def _near_plan(params: DedupParams, state: dict) -> NearPlan:
-    return NearPlan.make(params.near_hamming, max(2, state.get("rows", 2)) * (1 + _CROPS * params.near_crops))
+    rows = max(2, state.get("rows", 2))
+    return NearPlan.make(params.near_hamming, rows * (1 + _CROPS * params.near_crops), rows)
 
 
 def _near_keys(rows: pa.Table, params: DedupParams, state) -> pa.Table:
@@ -620,7 +309,7 @@ def _near_edges(t: pa.Table, plan: NearPlan, g: int, first_group: bool) -> pa.Ta
     large = np.where(area > 0, area, _INT_MAX)  # Y's size (unknown: largest)
     # the representative of each value among its full entries: the best row (rank, then uid); the other full rows
     # of that value are its aliases (hamming 0), found in the first group only
-    uniq, inv = np.unique(value, return_inverse=True)
+    uniq, has_full, inv = distinct_values(value, full)
     fe = np.flatnonzero(full)
     fe = fe[np.lexsort((lo[fe], hi[fe], ~rank[fe], inv[fe]))]
     head = np.r_[True, inv[fe][1:] != inv[fe][:-1]] if fe.size else np.empty(0, bool)
@@ -632,10 +321,7 @@ def _near_edges(t: pa.Table, plan: NearPlan, g: int, first_group: bool) -> pa.Ta
         ea.append(alias)
         eb.append(rep[inv[alias]])
         via.append(np.full(alias.size, 2, np.int8))  # 2: alias
-    has_full = rep >= 0
-    ui, uj, _ = plan.pairs(uniq, g)
-    sel = has_full[ui] | has_full[uj]
-    ui, uj = ui[sel], uj[sel]
+    ui, uj, _ = plan.pairs(uniq, has_full, g)  # the pairs with a full side
     # full-full: representative to representative
     ff = has_full[ui] & has_full[uj]
     ea.append(rep[ui[ff]])

@@ -17,7 +17,8 @@ from PIL import Image
 
 from flows.engine.global_decisions import decide_table
 from stages import stage_class
-from stages.dedup import DedupParams, DedupStage, brute_pairs, distinct_pairs, image_hashes, near_pairs, to_signed
+from stages.dedup import DedupParams, DedupStage, image_hashes, to_signed
+from stages.hashing.near import brute_pairs, distinct_pairs, near_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 SITE = next((ROOT / ".venv" / "lib").glob("python3*/site-packages"))

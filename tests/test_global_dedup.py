@@ -6,7 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from stages.dedup import DedupParams, NearPlan, _near_group, _near_keys, brute_pairs, to_unsigned
+from stages.dedup import DedupParams, _near_group, _near_keys
+from stages.hashing.near import NearPlan, brute_pairs, to_unsigned
 from stages.steps import KEY, PRIOR, ROW
 from tests.test_dedup import run_dedup
 
