@@ -8,6 +8,7 @@ rows, seconds and image decodes, which feed the live progress and the build's st
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import threading
 import time
@@ -25,6 +26,8 @@ from schemas.spec import BuildSpec
 from stages import stage_class
 from stages.base import Resources, drop_private
 from stages.imaging.decode import add_pixels, decodes, drop_pixels
+from dataio.build_folder import BuildFolder, atomic_write_table, atomic_write_text
+from dataio.storage import location
 
 DECODE = "decode"
 
@@ -174,19 +177,48 @@ def finish_batch(batch: pa.Table, spec: BuildSpec) -> pa.Table:
     return batch.drop_columns([c for c in ("image",) if c in batch.column_names])
 
 
+def write_processed(batch: pa.Table, out: str) -> pa.Table:
+    """Write a finished batch into processed/input_shard=N/, one file per input shard it holds, named by the
+    group's first uid, so a retried task writes the same names again. Returns (input_shard, rows) per file."""
+    out_dir = location(out)
+    src = batch.column(SRC)
+    shards, rows = [], []
+    for s in pc.unique(src).to_pylist():
+        part = batch.filter(pc.equal(src, s)).drop_columns([SRC])
+        atomic_write_table(part, out_dir / f"{SRC}={s}" / f"part-{part.column('uid')[0].as_py()}.parquet")
+        shards.append(s)
+        rows.append(part.num_rows)
+    return pa.table({SRC: pa.array(shards, pa.int64()), "rows": pa.array(rows, pa.int64())})
+
+
+def _mark_finished_shards(ds, folder: BuildFolder, sizes: dict[int, int]) -> None:
+    """Consume the pipeline's (input_shard, rows) results; once every row of a shard is written, write its stats
+    marker. The driver holds one count per shard."""
+    written = dict.fromkeys(sizes, 0)
+    for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for s, n in zip(b.column(SRC).to_pylist(), b.column("rows").to_pylist()):
+            written[s] += n
+            if written[s] == sizes[s]:
+                atomic_write_text(folder.stats_marker(s), json.dumps({"rows": sizes[s]}))
+
+
 def process_stages(ctx: BuildContext, compute: bool = True) -> dict:
     """Run the spec's stages over the downloaded pairs (compute=False: only their row-wise decisions, over stats
-    the rows already hold, as refilter does), into _work/processed/input_shard=N/: stats and decisions, no image bytes."""
+    the rows already hold, as refilter does), into _work/processed/input_shard=N/: stats and decisions, no image
+    bytes. Each input shard's stats leave their own marker; a resumed pass redoes only the shards without one."""
     import ray
 
     folder = ctx.folder
     done = folder.done("processed")
     if done is not None:
         return done
-    sizes = {f: f.read_metadata().num_rows for f in folder.ingest_pair_files()}
-    pair_files = [f for f, n in sizes.items() if n]
-    rows = sum(sizes.values())
-    out = folder.fresh_dir(folder.processed_dir)  # its _DONE.json marker, written last, says it is whole
+    sizes = {int(f.stem): f.read_metadata().num_rows for f in folder.ingest_pair_files()}
+    finished = folder.stats_done()
+    todo = {s: n for s, n in sizes.items() if n and s not in finished}
+    folder.processed_dir.mkdir()
+    for s in todo:  # what a killed pass left of an unfinished shard
+        (folder.processed_dir / f"{SRC}={s}").rmtree()
+    rows = sum(todo.values())
     t0 = time.perf_counter()
     steps: dict = {}
     if rows:
@@ -196,18 +228,26 @@ def process_stages(ctx: BuildContext, compute: bool = True) -> dict:
         cluster = ray.cluster_resources()
         fitted = fit_resources(ctx.spec, cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)) if compute else {}
         timer = f"pairforge-timer-{ctx.build_id}"
-        timer_actor = ray.remote(num_cpus=0)(StageTimer).options(name=timer).remote()
-        ds = ray.data.read_parquet([f.path for f in pair_files], filesystem=out.fs, include_paths=True)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # on the driver's node: a lost worker node must not take the timer (and the pass) with it
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        timer_actor = ray.remote(num_cpus=0)(StageTimer).options(name=timer, scheduling_strategy=here).remote()
+        pair_files = [folder.ingest_shard(s).pairs for s in sorted(todo)]
+        ds = ray.data.read_parquet([f.path for f in pair_files], filesystem=folder.root.fs, include_paths=True,
+                                   override_num_blocks=len(pair_files))  # a block per shard: shards finish in turn
         ds = ds.map_batches(tag_source, batch_format="pyarrow")
         if compute:
             ds = stage_pipeline(ds, ctx.spec, timer, fitted)
         ds = ds.map_batches(finish_batch, fn_args=(ctx.spec,), batch_format="pyarrow")
+        ds = ds.map_batches(write_processed, fn_args=(str(folder.processed_dir),), batch_format="pyarrow",
+                            batch_size=None)  # one file per block and input shard
         names = step_names(ctx.spec) if compute else []
-        steps = _run_with_progress(lambda: ds.write_parquet(out.path, filesystem=out.fs, partition_cols=[SRC]),
-                                   timer_actor, names, rows)
+        steps = _run_with_progress(lambda: _mark_finished_shards(ds, folder, todo), timer_actor, names, rows)
         ray.kill(timer_actor)
     decoded = sum(v[2] for v in steps.values())
-    summary = {"rows": rows, "seconds": time.perf_counter() - t0,
+    summary = {"rows": sum(sizes.values()), "rows_resumed": sum(sizes.values()) - rows,
+               "seconds": time.perf_counter() - t0,
                "stage_seconds": {k: v[1] for k, v in steps.items()},
                "stage_spans": {k: {"rows": int(v[0]), "cpu_seconds": v[3], "first": v[4], "last": v[5]}
                                for k, v in steps.items()},
@@ -265,7 +305,8 @@ def ray_session(spec: BuildSpec):
     env_vars = {k: os.environ[k] for k in ("NO_ALBUMENTATIONS_UPDATE", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
                                            "PAIRFORGE_CACHE", "HF_HOME",
                                            "TOKENIZERS_PARALLELISM", "WANDB_MODE") if k in os.environ}
-    env_vars |= {k: v for k, v in os.environ.items() if k.startswith("AWS_")}  # object storage: endpoint, keys
+    # object storage: endpoint, keys (AWS_*), pairforge's retries (PAIRFORGE_S3_*)
+    env_vars |= {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "PAIRFORGE_S3_"))}
     kw = dict(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env_vars},
               configure_logging=True, logging_level="WARNING")
     if spec.ray.address:
