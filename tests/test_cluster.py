@@ -34,6 +34,7 @@ CAPTION_STAGES = [{"junk": {}}, {"language": {"keep": ["en"]}},
 # and a global stage, decided as distributed Ray Data operations (driver_max_rows 0), as at scale
 CLUSTER_STAGES = CAPTION_STAGES + [{"dedup": {"near_hamming": 6, "semantic": False}}]
 RAY = str(Path(sys.executable).with_name("ray"))
+NOT_WORK = ("ray::IDLE", "ray::Dashboard", "ray::RuntimeEnv")  # an idle worker, a node's agents
 
 
 class LocalCluster:
@@ -95,7 +96,8 @@ class LocalCluster:
         proc.wait(timeout=30)
 
     def busy_workers(self) -> dict[str, list[str]]:
-        """Titles (`ray::<task or actor>`) of the worker processes at work, idle ones left out, per node."""
+        """Titles (`ray::<task or actor>`) of the worker processes at work (idle workers and the node's agents left
+        out), per node."""
         found: dict[str, list[str]] = {}
         for name, pids in self.task_workers("").items():
             for pid in pids:
@@ -103,7 +105,7 @@ class LocalCluster:
                     title = psutil.Process(pid).cmdline()[0]
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, IndexError):
                     continue
-                if title != "ray::IDLE":
+                if not title.startswith(NOT_WORK):
                     found.setdefault(name, []).append(title)
         return found
 
@@ -328,6 +330,7 @@ def test_a_lost_worker_node_in_the_stages_and_in_the_global_decisions(cluster_bu
             killer.stop_event.set()
             killer.join(30)
     assert [k[0] for k in killer.killed] == list(NodeKiller.PHASES), killer.killed
+    assert all(k[2] for k in killer.killed), killer.killed  # the node was at work when it died
     assert not failures or result["resumed"], failures
     st = result["stats"]
     assert st["rows_listed"] == st["rows_kept"] + st["rows_rejected"] == cluster_build["result"]["stats"]["rows_listed"]

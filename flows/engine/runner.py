@@ -228,6 +228,10 @@ def process_stages(ctx: BuildContext, compute: bool = True) -> dict:
         cluster = ray.cluster_resources()
         fitted = fit_resources(ctx.spec, cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)) if compute else {}
         timer = f"pairforge-timer-{ctx.build_id}"
+        try:  # a failed attempt's (the stages task is retried)
+            ray.kill(ray.get_actor(timer))
+        except ValueError:
+            pass
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         # on the driver's node: a lost worker node must not take the timer (and the pass) with it
@@ -243,8 +247,10 @@ def process_stages(ctx: BuildContext, compute: bool = True) -> dict:
         ds = ds.map_batches(write_processed, fn_args=(str(folder.processed_dir),), batch_format="pyarrow",
                             batch_size=None)  # one file per block and input shard
         names = step_names(ctx.spec) if compute else []
-        steps = _run_with_progress(lambda: _mark_finished_shards(ds, folder, todo), timer_actor, names, rows)
-        ray.kill(timer_actor)
+        try:
+            steps = _run_with_progress(lambda: _mark_finished_shards(ds, folder, todo), timer_actor, names, rows)
+        finally:
+            ray.kill(timer_actor)
     decoded = sum(v[2] for v in steps.values())
     summary = {"rows": sum(sizes.values()), "rows_resumed": sum(sizes.values()) - rows,
                "seconds": time.perf_counter() - t0,
