@@ -11,7 +11,8 @@
         input_rejects.parquet       rows rejected before any fetch
         ingest/NNNNN.parquet        downloaded pairs of input shard NNNNN
         ingest/NNNNN.rejects.parquet, ingest/NNNNN.done.json
-        processed/                  rows with every stage's stats; processed/_DONE.json
+        processed/input_shard=N/    rows of input shard N with every stage's stats (no image bytes)
+        processed/_done/NNNNN.json  input shard NNNNN's stats are whole; processed/_DONE.json: all of them
 
 The folder may be local or in object storage (dataio.storage): every path it hands out is a Location. Every file
 is written whole or absent, and a phase is done exactly when its marker exists.
@@ -115,8 +116,13 @@ class BuildFolder:
     def processed_dir(self) -> Location:
         return self.work / "processed"
 
-    def processed_files(self) -> list[Location]:
-        return self.processed_dir.glob("*.parquet")
+    def stats_marker(self, src: int) -> Location:
+        """Written once every row of input shard `src` has its stats in processed/."""
+        return self.processed_dir / "_done" / f"{src:05d}.json"
+
+    def stats_done(self) -> set[int]:
+        """Input shards whose stats finished (one listing, no marker read)."""
+        return {int(m.stem) for m in (self.processed_dir / "_done").glob("[0-9]*.json")}
 
     def parts(self, sub: str) -> list[Location]:
         """The part files of shards/ or rejects/."""

@@ -11,6 +11,12 @@ and every worker would have to carry them.
 Writes are whole or absent: locally a temporary file renamed into place; in object storage one upload of bytes
 already serialized in memory, which the store publishes only when the upload completes (a PUT, or the final step of a
 multipart upload), so a reader never sees half an object.
+
+Requests to S3 are retried by pairforge's settings, not the SDK's defaults (3 attempts): every request (a read, a
+listing, an upload part) gets up to S3_MAX_ATTEMPTS attempts with exponential backoff (50 ms, doubling: about 25 s of
+waiting in all at 10 attempts), on 5xx answers (503 SlowDown included), throttling and network errors (resets,
+cut bodies); connect timeout S3_CONNECT_TIMEOUT_S. `PAIRFORGE_S3_MAX_ATTEMPTS` changes the attempts; a build
+forwards it to its Ray workers. A request that fails every attempt raises OSError naming the key and the error.
 """
 from __future__ import annotations
 
@@ -191,6 +197,53 @@ class Location:
         self.write_bytes(text.encode("utf-8"))
 
 
+S3_MAX_ATTEMPTS = 10
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_REQUEST_TIMEOUT_S = 30.0  # pyarrow applies it on Windows and macOS only
+
+
+def s3_max_attempts() -> int:
+    raw = os.environ.get("PAIRFORGE_S3_MAX_ATTEMPTS", "")
+    try:
+        return max(1, int(raw)) if raw else S3_MAX_ATTEMPTS
+    except ValueError:
+        raise StorageError(f"PAIRFORGE_S3_MAX_ATTEMPTS={raw!r}: expected a whole number of attempts") from None
+
+
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3FileSystem with pairforge's retries and timeouts. It pickles with them (pyarrow's own pickling
+    drops the retry strategy), so Ray workers that receive it, as Ray Data's filesystem=, retry the same way."""
+
+    def __init__(self, **options):
+        self.options = options
+        options = {"allow_delayed_open": True} | options  # an object under the part size: one PUT, not three
+        self.options = options
+        super().__init__(retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=s3_max_attempts()),
+                         connect_timeout=S3_CONNECT_TIMEOUT_S, request_timeout=S3_REQUEST_TIMEOUT_S, **options)
+
+    def __reduce__(self):
+        return (_retrying_s3, (self.options,))
+
+
+def _retrying_s3(options: dict) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(**options)
+
+
+def with_retries(fs: pafs.FileSystem) -> pafs.FileSystem:
+    """An S3 filesystem (as FileSystem.from_uri made it, endpoint and region from the environment) with pairforge's
+    retries and timeouts; any other filesystem as it is."""
+    if not isinstance(fs, pafs.S3FileSystem) or isinstance(fs, RetryingS3FileSystem):
+        return fs
+    made = fs.__reduce__()[1][0]
+    keep = ("access_key", "secret_key", "session_token", "anonymous", "scheme", "endpoint_override", "role_arn",
+            "session_name", "external_id", "load_frequency", "background_writes", "default_metadata",
+            "proxy_options", "force_virtual_addressing", "tls_ca_file_path")
+    options = {k: made[k] for k in keep if made.get(k) not in (None, "", -1, -1.0)}
+    if not (options.get("proxy_options") or {}).get("host"):
+        options.pop("proxy_options", None)
+    return RetryingS3FileSystem(region=fs.region, **options)
+
+
 def location(value: str | os.PathLike | Location) -> Location:
     """A local path (made absolute) or a URI such as s3://bucket/prefix as a Location."""
     if isinstance(value, Location):
@@ -207,7 +260,7 @@ def location(value: str | os.PathLike | Location) -> Location:
         fs, path = pafs.FileSystem.from_uri(s)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
         raise StorageError(f"{s}: cannot open this storage location: {e}") from None
-    return Location(fs, path, s.split("://", 1)[0])
+    return Location(with_retries(fs), path, s.split("://", 1)[0])
 
 
 def write_table_whole(table: pa.Table, where: str | os.PathLike | Location, compression: str | None = "zstd",
@@ -241,4 +294,5 @@ def parquet_dataset(files: list[Location] | Location, **kw):
     return pads.dataset([f.path for f in files], filesystem=files[0].fs, format="parquet", **kw)
 
 
-__all__ = ["Location", "StorageError", "is_uri", "location", "parquet_dataset", "write_table_whole"]
+__all__ = ["Location", "RetryingS3FileSystem", "StorageError", "is_uri", "location", "parquet_dataset",
+           "with_retries", "write_table_whole"]

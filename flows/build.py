@@ -52,12 +52,14 @@ def ingest_task(ctx: BuildContext, prepared: dict) -> dict:
     return ingest_all(ctx, prepared)
 
 
-@task(name="stages", cache_policy=NO_CACHE)
+@task(name="stages", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10,  # redoes only unfinished shards
+      retry_condition_fn=_transient)
 def stages_task(ctx: BuildContext) -> dict:
     return process_stages(ctx)
 
 
-@task(name="decide-and-write", cache_policy=NO_CACHE)
+@task(name="decide-and-write", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10,  # finished global
+      retry_condition_fn=_transient)  # decisions and written shards are skipped: a lost node costs one retry
 def write_task(ctx: BuildContext, prepared: dict, ingest: dict, processed: dict) -> dict:
     """Global decisions (distributed), then workers write the shards; the driver checks and records."""
     t0 = time.perf_counter()
@@ -155,7 +157,10 @@ def run_build(spec: BuildSpec, *, new: bool = False, quiet: bool = False, wait_l
                 processed = stages_task(ctx)
                 result = write_task(ctx, prepared, ingest, processed)
         except BaseException:
-            ctx.set_state(status="failed")
+            try:
+                ctx.set_state(status="failed")
+            except OSError as e:  # the store that failed the build may refuse this too: keep the first error
+                logger.warning("could not mark build %s failed (%s); a rerun resumes it all the same", ctx.build_id, e)
             record_in_catalog(ctx, "failed", {})
             raise
         ctx.set_state(status="complete", finished=datetime.now(timezone.utc).isoformat())

@@ -137,7 +137,7 @@ def cmd_refilter(args) -> int:
 def cmd_curate(args) -> int:
     from flows.curate import curate_flow
 
-    result = _run(curate_flow, args, spec_path=str(args.spec), new=args.new)
+    result = _run(curate_flow, args, spec_path=str(args.spec), new=args.new, wait_lock=args.wait)
     _print_summary(result, args.json)
     return 0
 
@@ -266,6 +266,22 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    """Orchestrates nothing: no Prefect, no Ray (dataio.verify reads the files directly)."""
+    from dataio.verify import VerifyError, format_result, verify_build
+
+    try:
+        result = verify_build(args.build, threads=args.threads)
+    except VerifyError as e:
+        print(f"pairforge: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif not (args.quiet and result["ok"]):
+        print(format_result(result))
+    return 0 if result["ok"] else 1
+
+
 def cmd_eval(args) -> int:
     from flows.eval import eval_flow
     from training.eval import EvalError
@@ -368,6 +384,7 @@ def parser() -> argparse.ArgumentParser:
     cu = sub.add_parser("curate", help="filter an existing corpus (source.pairs: Parquet with images or WebDataset)")
     cu.add_argument("spec", type=Path)
     cu.add_argument("--new", action="store_true")
+    cu.add_argument("--wait", action="store_true", help="wait for another build of the dataset to finish")
     common(cu)
     cu.set_defaults(fn=cmd_curate)
 
@@ -430,6 +447,14 @@ def parser() -> argparse.ArgumentParser:
     common(ex)
     ex.set_defaults(fn=cmd_export)
 
+    vf = sub.add_parser("verify", help="check a finished build against its manifest: every file's size and sha256, "
+                                       "row counts, schemas, kept + rejected == listed, no uid twice; exits 1 naming "
+                                       "each bad file")
+    vf.add_argument("build", type=str, help="the build's folder (a path or s3://...)")
+    vf.add_argument("--threads", type=int, default=8, help="files checked at a time")
+    common(vf)
+    vf.set_defaults(fn=cmd_verify)
+
     ev = sub.add_parser("eval", help="proxy training at equal compute on builds (two to compare), evaluated on an "
                                      "evaluation set: retrieval and SugarCrepe-style compositional accuracy; with no "
                                      "builds, the demo comparisons (raw vs curated; clip vs negclip and tripletclip)")
@@ -464,7 +489,7 @@ def main(argv=None) -> int:
     with quiet_logs(args.quiet or args.json):
         from schemas.spec import SpecError
         from dataio.reasons import IngestError
-        from flows.build import BuildError
+        from flows.engine.context import BuildError  # not flows.build: commands that orchestrate import Prefect
         from stages.base import StageConfigError
 
         try:
@@ -472,6 +497,17 @@ def main(argv=None) -> int:
         except (SpecError, IngestError, BuildError, StageConfigError) as e:
             print(f"pairforge: {e}", file=sys.stderr)
             return 2
+        except OSError as e:  # storage that failed every retry (in the driver or, wrapped by Ray, in a worker)
+            print(f"pairforge: {io_error_line(e)}; run the same command again to resume", file=sys.stderr)
+            return 3
+
+
+def io_error_line(e: BaseException) -> str:
+    """The error at the root of a Ray task's failure, on one line: `OSError: When reading ... AWS Error ...`."""
+    while getattr(e, "cause", None) not in (None, e):  # ray.exceptions.RayTaskError(OSError) carries the original
+        e = e.cause
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ from schemas.spec import SpecError, load_spec
 
 
 @flow(name="pairforge-curate", validate_parameters=False, log_prints=True)
-def curate_flow(spec_path: str, new: bool = False, quiet: bool = False) -> dict:
+def curate_flow(spec_path: str, new: bool = False, quiet: bool = False, wait_lock: bool = False) -> dict:
     spec = load_spec(spec_path)
     if spec.source.pairs is None:
         raise SpecError(f"{spec_path}: curate reads source.pairs (a corpus with images), not a URL list: "
                         "use `pairforge build` for URLs")
-    return run_build(spec, new=new, quiet=quiet)
+    return run_build(spec, new=new, quiet=quiet, wait_lock=wait_lock)

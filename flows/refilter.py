@@ -118,6 +118,7 @@ def refilter_flow(build_dir: str, overrides: list[str] | None = None, spec_path:
             result = write_task(ctx, prepared, ingest, processed)
         ctx.set_state(status="complete")
         record_in_catalog(ctx, "complete", result)
+        ctx.folder.drop_work_copies()  # as a build does: the shards hold every row now
         from catalogs import Catalog
 
         Catalog(spec.catalog_path).add_lineage(ctx.build_id, parent_dir.name, "refilter_of")

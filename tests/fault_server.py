@@ -7,6 +7,9 @@
 The first path segment names the behaviour (FAULTS); the rest only makes URLs distinct. Handlers that wait
 (slow, stall, trickle) watch their socket and return as soon as the client hangs up, so `open_connections`
 counts what the client still holds, not what the server is still sleeping on.
+
+`LoopbackServer` (the thread, the port, open connections) and `CountingHandler` (quiet, counted, able to reset
+a connection) are what other loopback servers in the tests build on (tests/object_storage.py's S3 fault proxy).
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ class _Server(ThreadingHTTPServer):
     block_on_close = False
     allow_reuse_address = True
     request_queue_size = 1024
-    owner: "FaultServer"
+    owner: "LoopbackServer"
 
     def get_request(self):
         sock, addr = super().get_request()
@@ -57,7 +60,9 @@ class _Server(ThreadingHTTPServer):
         pass
 
 
-class _Handler(BaseHTTPRequestHandler):
+class CountingHandler(BaseHTTPRequestHandler):
+    """Quiet, one request per connection, counted in the owner's open connections while it lasts."""
+
     server: _Server
     protocol_version = "HTTP/1.0"
     server_version = "pairforge-faults/1"
@@ -75,6 +80,14 @@ class _Handler(BaseHTTPRequestHandler):
             pass
         finally:
             owner._closed()
+
+    def reset(self) -> None:
+        """Close the connection with a TCP RST and no answer."""
+        self.close_connection = True
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+class _Handler(CountingHandler):
 
     def _client_gone(self, seconds: float) -> bool:
         """Wait up to `seconds`; True as soon as the client closes its end (or the server stops)."""
@@ -141,8 +154,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif fault == "missing":
             self._answer(404, b"no", length=2)
         elif fault == "reset":
-            self.close_connection = True
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+            self.reset()
         elif fault == "short":
             self._answer(200, img[: len(img) // 2], length=len(img))
         elif fault == "big":
@@ -171,34 +183,30 @@ class _Handler(BaseHTTPRequestHandler):
                 return
 
 
-class FaultServer:
-    """Serves FAULTS on 127.0.0.1 (port 0: a free port) in a daemon thread."""
+class LoopbackServer:
+    """An HTTP server on 127.0.0.1 (port 0: a free port) in a daemon thread; `handler` answers, with the server's
+    `owner` set to this object. Counts the connections the client has not closed yet."""
 
-    def __init__(self, image: bytes, *, slow_s: float = 0.3, stall_s: float = 30.0, trickle_s: float = 2.0,
-                 trickle_bytes: int | None = None, max_bytes: int = 200_000, port: int = 0,
-                 tls: "ssl.SSLContext | None" = None):
+    handler: type[CountingHandler] = CountingHandler
+
+    def __init__(self, port: int = 0, tls: "ssl.SSLContext | None" = None):
         import time
 
         self.clock = time.monotonic
-        self.image, self.slow_s, self.stall_s, self.trickle_s = image, slow_s, stall_s, trickle_s
-        self.trickle_bytes = trickle_bytes or max_bytes // 2  # announced: under the cap, so only time stops it
-        self.max_bytes, self._port = max_bytes, port
+        self._port, self.tls = port, tls
         self._lock = threading.Lock()
         self._open = 0
-        self.hits: dict[str, int] = {}
-        self.host_headers: set[str | None] = set()
-        self.tls = tls
         self._stop = threading.Event()
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "FaultServer":
+    def start(self):
         self._stop.clear()
-        httpd = _Server(("127.0.0.1", self._port), _Handler)
+        httpd = _Server(("127.0.0.1", self._port), self.handler)
         httpd.owner = self
         self._httpd, self._port = httpd, httpd.server_address[1]
         self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="fault-http", daemon=True)
+                                        name=type(self).__name__, daemon=True)
         self._thread.start()
         return self
 
@@ -212,7 +220,7 @@ class FaultServer:
         if self._thread is not None:
             self._thread.join(timeout=2)
 
-    def __enter__(self) -> "FaultServer":
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -238,6 +246,22 @@ class FaultServer:
     def _closed(self) -> None:
         with self._lock:
             self._open -= 1
+
+
+class FaultServer(LoopbackServer):
+    """Serves FAULTS on 127.0.0.1 (port 0: a free port) in a daemon thread."""
+
+    handler = _Handler
+
+    def __init__(self, image: bytes, *, slow_s: float = 0.3, stall_s: float = 30.0, trickle_s: float = 2.0,
+                 trickle_bytes: int | None = None, max_bytes: int = 200_000, port: int = 0,
+                 tls: "ssl.SSLContext | None" = None):
+        super().__init__(port, tls)
+        self.image, self.slow_s, self.stall_s, self.trickle_s = image, slow_s, stall_s, trickle_s
+        self.trickle_bytes = trickle_bytes or max_bytes // 2  # announced: under the cap, so only time stops it
+        self.max_bytes = max_bytes
+        self.hits: dict[str, int] = {}
+        self.host_headers: set[str | None] = set()
 
     def _record(self, fault: str, host: str | None) -> None:
         with self._lock:

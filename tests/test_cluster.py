@@ -31,7 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # actor pools would also hold CPUs a 2 x 1-CPU cluster needs for Ray Data's read tasks
 CAPTION_STAGES = [{"junk": {}}, {"language": {"keep": ["en"]}},
                   {"basic": {"min_side": 48, "max_aspect": 3.0, "min_words": 3, "min_chars": 6}}]
+# and a global stage, decided as distributed Ray Data operations (driver_max_rows 0), as at scale
+CLUSTER_STAGES = CAPTION_STAGES + [{"dedup": {"near_hamming": 6, "semantic": False}}]
 RAY = str(Path(sys.executable).with_name("ray"))
+NOT_WORK = ("ray::IDLE", "ray::Dashboard", "ray::RuntimeEnv")  # an idle worker, a node's agents
 
 
 class LocalCluster:
@@ -76,6 +79,36 @@ class LocalCluster:
             raise
         return self
 
+    def add_worker(self, name: str) -> None:
+        """One more worker node (a replacement for a lost one, as an autoscaler would start)."""
+        self._start_node(name, ["--address", self.address])
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL every process of node `name` at once (its raylet, object store and workers): the node is lost."""
+        pids = self.node_pids()[name]
+        proc = next(p for n, p, _ in self.nodes if n == name)
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: `ray start` and what it started
+        for pid in pids:
+            try:
+                psutil.Process(pid).kill()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        proc.wait(timeout=30)
+
+    def busy_workers(self) -> dict[str, list[str]]:
+        """Titles (`ray::<task or actor>`) of the worker processes at work (idle workers and the node's agents left
+        out), per node."""
+        found: dict[str, list[str]] = {}
+        for name, pids in self.task_workers("").items():
+            for pid in pids:
+                try:
+                    title = psutil.Process(pid).cmdline()[0]
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, IndexError):
+                    continue
+                if not title.startswith(NOT_WORK):
+                    found.setdefault(name, []).append(title)
+        return found
+
     def node_pids(self) -> dict[str, set[int]]:
         """Every live process of each node (the `ray start` process and all its descendants)."""
         out = {}
@@ -87,8 +120,9 @@ class LocalCluster:
                 out[name] = set()
         return out
 
-    def task_workers(self, task_name: str) -> dict[str, set[int]]:
-        """pids of the worker processes now running task_name (Ray titles them `ray::<name>`), per node."""
+    def task_workers(self, *task_names: str) -> dict[str, set[int]]:
+        """pids of the worker processes now running a task whose name starts with one of task_names (Ray titles
+        them `ray::<name>`), per node."""
         found: dict[str, set[int]] = {}
         for name, pids in self.node_pids().items():
             for pid in pids:
@@ -96,7 +130,7 @@ class LocalCluster:
                     cmd = psutil.Process(pid).cmdline()
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     continue
-                if cmd and cmd[0].startswith(f"ray::{task_name}"):
+                if cmd and cmd[0].startswith(tuple(f"ray::{t}" for t in task_names)):
                     found.setdefault(name, set()).add(pid)
         return found
 
@@ -158,7 +192,7 @@ def cluster_build(tmp_path_factory):
     gate = threading.Event()
     with LocalCluster(workers=1, num_cpus=1) as cluster:
         d = make_demo(root, 250, seed=11, ingest={"shard_rows": 50, "cpus": 1, "timeout_s": 20, "retries": 0},
-                      ray={"address": cluster.address}, stages=CAPTION_STAGES)
+                      ray={"address": cluster.address}, stages=CLUSTER_STAGES, decide={"driver_max_rows": 0})
         server = DemoServer(d["corpus"], port=d["port"])
         read = server.read
 
@@ -217,3 +251,93 @@ def test_killed_ingest_worker_is_retried_and_accounting_is_exact(cluster_build):
     assert set(uids) == listed
     assert st["rows_listed"] == st["rows_kept"] + st["rows_rejected"] == len(listed)
     assert st["rows_kept"] == len(kept) > 0
+
+
+class NodeKiller(threading.Thread):
+    """Kills the cluster's worker node once it works in a phase, then starts a replacement node: first in the stats
+    pass (ingest done, no _work/processed/_DONE.json), then in the global decisions (processed/_DONE.json, no
+    shard written yet, the worker running a task that is not a shard writer). Assumes those phase names
+    (flows/engine/runner.py, flows/engine/global_decisions.py, flows/engine/outputs.py)."""
+
+    PHASES = ("stages", "global decisions")
+
+    def __init__(self, cluster: LocalCluster, out: Path):
+        super().__init__(daemon=True, name="node-killer")
+        self.cluster, self.out = cluster, out
+        self.worker = "node1"
+        self.killed: list[tuple[str, str, list[str]]] = []  # (phase, node, what its workers ran)
+        self.stop_event = threading.Event()
+
+    def phase(self, titles: list[str]) -> str | None:
+        work = next(iter(self.out.glob("*/*/_work")), None)
+        if work is None:
+            return None
+        if not (work / "processed" / "_DONE.json").exists():
+            inputs = len(list((work / "input").glob("[0-9]*.parquet")))
+            done = len(list((work / "ingest").glob("*.done.json")))
+            return "stages" if inputs and done == inputs else None
+        writing = list((work / "written").glob("*.json")) or any(t.startswith("ray::write_shard") for t in titles)
+        return "global decisions" if (work / "global").exists() and not writing else None
+
+    def run(self) -> None:
+        for target in self.PHASES:
+            while not self.stop_event.is_set():
+                titles = self.cluster.busy_workers().get(self.worker, [])
+                if titles and self.phase(titles) == target:
+                    self.cluster.kill_node(self.worker)
+                    self.killed.append((target, self.worker, sorted(t[5:40] for t in titles)))
+                    self.worker = f"node{len(self.killed) + 1}"
+                    self.cluster.add_worker(self.worker)
+                    break
+                self.stop_event.wait(0.05)
+
+
+def test_a_lost_worker_node_in_the_stages_and_in_the_global_decisions(cluster_build, tmp_path):
+    """The worker node is SIGKILLed while it runs the stats pass, a replacement joins, and that one is killed while
+    it runs the global decisions. The build finishes through Ray's retries, or fails with Ray's error and resumes
+    when run again; its output (uids kept and rejected with their reasons, image bytes) is the same corpus's build
+    in the fixture, whose stages and global decisions ran undisturbed."""
+    import yaml
+
+    from flows.build import build_flow
+    from tests.builds import image_digests
+
+    spec = yaml.safe_load(cluster_build["spec"].read_text())
+    spec |= {"out": str(tmp_path / "builds"), "catalog": str(tmp_path / "catalog.duckdb")}
+    spec["source"]["urls"] = str(cluster_build["corpus"] / "urls.parquet")
+    spec_path = tmp_path / "spec.yaml"
+    failures: list[str] = []
+    with LocalCluster(workers=1, num_cpus=1) as cluster:
+        spec["ray"]["address"] = cluster.address
+        spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        server = DemoServer(cluster_build["corpus"], port=cluster_build["port"])
+        for route in server.routes.values():  # as in the fixture's build
+            route["delay_s"] = 0.0
+        killer = NodeKiller(cluster, tmp_path / "builds")
+        killer.start()
+        try:
+            with server:
+                for _ in range(3):  # the build, then as many resumes as it takes
+                    try:
+                        result = build_flow(str(spec_path), quiet=True)
+                        break
+                    except Exception as e:  # a lost node Ray could not retry past: clear, and resumable
+                        failures.append(f"{type(e).__name__}: {str(e).splitlines()[0]}")
+                        killer.join(0 if len(killer.killed) < 2 else 300)
+                else:
+                    pytest.fail(f"the build did not finish after resumes: {failures}")
+        finally:
+            killer.stop_event.set()
+            killer.join(30)
+    assert [k[0] for k in killer.killed] == list(NodeKiller.PHASES), killer.killed
+    assert all(k[2] for k in killer.killed), killer.killed  # the node was at work when it died
+    assert not failures or result["resumed"], failures
+    st = result["stats"]
+    assert st["rows_listed"] == st["rows_kept"] + st["rows_rejected"] == cluster_build["result"]["stats"]["rows_listed"]
+    build_dir = Path(result["build_dir"])
+    for sub, cols in (("shards", ["uid"]), ("rejects", ["uid", "stage", "reason"])):
+        got = sorted(tuple(r.values()) for r in read_parts(build_dir, sub, cols).to_pylist())
+        want = sorted(tuple(r.values()) for r in read_parts(cluster_build["build_dir"], sub, cols).to_pylist())
+        assert got == want, f"{sub} differ"
+    assert image_digests(build_dir) == image_digests(cluster_build["build_dir"])
+    print(f"node kills: {killer.killed}; failures then resumed: {failures}")

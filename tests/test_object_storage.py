@@ -14,7 +14,7 @@ import yaml
 
 from demo.server import DemoServer
 from tests.builds import make_demo
-from tests.object_storage import object_keys
+from tests.object_storage import object_keys, s3_fault_proxy
 
 N = 40
 STAGES = [{"clean": {}}, {"junk": {}}, {"basic": {"min_side": 48, "max_aspect": 3.0, "min_words": 3,
@@ -227,3 +227,150 @@ def test_locations_write_whole_list_and_pickle_the_same_locally_and_in_s3(s3_buc
     assert str(location(f"s3://{s3_bucket}/store/x")) == f"s3://{s3_bucket}/store/x"
     with pytest.raises(StorageError, match="AWS_"):
         location(f"s3://{s3_bucket}/x?endpoint_override=127.0.0.1:1")
+
+
+# ----------------------------------------------------------------------------- a flaky object store (issue 25)
+
+def test_retries_are_pairforges_and_travel_with_the_filesystem(s3_bucket, monkeypatch):
+    import pickle
+
+    import pyarrow.fs as pafs
+
+    from dataio.storage import S3_MAX_ATTEMPTS, RetryingS3FileSystem, StorageError, location
+
+    fs = location(f"s3://{s3_bucket}/x").fs
+    assert isinstance(fs, RetryingS3FileSystem) and S3_MAX_ATTEMPTS >= 5
+    again = pickle.loads(pickle.dumps(fs))  # as Ray Data ships filesystem= to its workers
+    assert isinstance(again, RetryingS3FileSystem) and again.options == fs.options
+    assert isinstance(location("/tmp").fs, pafs.LocalFileSystem)
+    monkeypatch.setenv("PAIRFORGE_S3_MAX_ATTEMPTS", "many")
+    with pytest.raises(StorageError, match="PAIRFORGE_S3_MAX_ATTEMPTS='many'"):
+        location(f"s3://{s3_bucket}/x")
+
+
+def test_a_flaky_store_is_retried_and_an_upload_cut_off_leaves_no_object(s3_bucket, monkeypatch):
+    """Reads, listings and uploads finish through 503 SlowDown, resets, cut bodies and delays; an upload whose part
+    keeps failing raises and publishes nothing, small (one PUT) or large (multipart)."""
+    import os
+
+    import boto3
+    import pyarrow as pa
+
+    from dataio.storage import location, write_table_whole
+    from tests.object_storage import s3_fault_proxy
+
+    direct = boto3.client("s3")  # to moto, past the proxy
+    rates = {"slowdown": 0.1, "reset": 0.1, "cut": 0.1, "delay": 0.05}
+    with s3_fault_proxy(rates, delay_s=0.2, seed=3) as proxy:
+        root = location(f"s3://{s3_bucket}/flaky")
+        blobs = {f"b{i}": os.urandom(2000 + i) for i in range(20)}
+        for name, data in blobs.items():
+            (root / name).write_bytes(data)
+        assert {f.name for f in root.glob("b*")} == set(blobs)
+        assert all((root / name).read_bytes() == data for name, data in blobs.items())
+        t = pa.table({"uid": [f"{i:032x}" for i in range(5000)]})
+        info = write_table_whole(t, root / "t.parquet", checksum=True)
+        assert (root / "t.parquet").read_table().equals(t) and (root / "t.parquet").sha256() == info["sha256"]
+        assert all(proxy.faults[k] for k in proxy.KINDS), proxy.faults
+
+        monkeypatch.setenv("PAIRFORGE_S3_MAX_ATTEMPTS", "3")
+        proxy.rates = {}
+        big = os.urandom(12 << 20)  # past pyarrow's multipart part size
+        proxy.fail_when = lambda method, path: method == "PUT" and "partNumber=2" in path
+        with pytest.raises(OSError, match="big.bin"):
+            location(f"s3://{s3_bucket}/flaky/big.bin").write_bytes(big)
+        proxy.fail_when = lambda method, path: method == "PUT"
+        with pytest.raises(OSError, match="small.bin"):
+            location(f"s3://{s3_bucket}/flaky/small.bin").write_bytes(b"x" * 1000)
+    keys = set(object_keys(s3_bucket, "flaky/"))
+    assert "flaky/big.bin" not in keys and "flaky/small.bin" not in keys, keys
+    # a small object is one PUT: nothing is left; a multipart upload that failed stays open (never an object: a
+    # bucket lifecycle rule aborts it; pyarrow offers no abort)
+    open_uploads = {u["Key"] for u in direct.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])}
+    assert open_uploads <= {"flaky/big.bin"}, open_uploads
+
+
+FLAKY = {"slowdown": 0.03, "reset": 0.02, "cut": 0.02, "delay": 0.02}  # of every request to the store
+
+
+@pytest.mark.slow
+def test_build_refilter_export_and_verify_through_a_flaky_store(s3_build):
+    """Through 503 SlowDown, resets, cut bodies and delays on a fraction of all requests (the driver's and the Ray
+    workers'), a build, a refilter, an export and verify finish; the build's outcome is the fault-free build's."""
+    from dataio.verify import verify_build
+    from flows.build import build_flow
+    from flows.refilter import refilter_flow
+    from loaders.export import export_webdataset
+
+    bucket = s3_build["bucket"]
+    with s3_fault_proxy(FLAKY, delay_s=0.3, seed=7) as proxy:
+        with DemoServer(s3_build["corpus"], port=s3_build["port"]):
+            built = build_flow(str(s3_build["spec"]), new=True, quiet=True)
+        child = refilter_flow(built["build_dir"], overrides=["basic.min_side=100"], quiet=True)
+        exported = export_webdataset(built["build_dir"], f"s3://{bucket}/exports/flaky", samples_per_tar=16)
+        checks = [verify_build(b) for b in (built["build_dir"], child["build_dir"])]
+        faults = dict(proxy.faults)
+    assert all(faults.values()), f"every kind of fault was injected: {faults}"
+    assert all(c["ok"] for c in checks), [c["problems"] for c in checks]
+    assert built["build_dir"] != s3_build["build_dir"]
+    parent = build_outcome(built["build_dir"])
+    assert parent == build_outcome(s3_build["build_dir"]) and len(parent) == N
+    kept = {u for u, v in parent.items() if v is None}
+    assert exported["samples"] == len(kept) > 0
+    refiltered = build_outcome(child["build_dir"])
+    assert refiltered.keys() == parent.keys()
+    changed = [u for u in parent if refiltered[u] != parent[u]]  # newly too small, or another copy survives dedup
+    assert changed and all(refiltered[u] == ("basic", "too_small") or (parent[u] or ("",))[0] == "dedup"
+                           for u in changed), [(parent[u], refiltered[u]) for u in changed]
+
+
+@pytest.mark.slow
+def test_an_outage_fails_the_build_clearly_and_it_resumes(s3_build, monkeypatch):
+    """The store answers only 503 SlowDown from the moment the stats pass is done: the build fails once its
+    retries are spent, naming the object storage error; run again after the outage, it resumes past the finished
+    phases and ends with the fault-free outcome."""
+    import threading
+
+    import boto3
+
+    from dataio.verify import verify_build
+    from flows.build import build_flow
+
+    monkeypatch.setenv("PAIRFORGE_S3_MAX_ATTEMPTS", "3")  # fail fast once the outage starts (forwarded to workers)
+    direct = boto3.client("s3")  # to the store, past the proxy: what the watcher sees
+    bucket = s3_build["bucket"]
+    def builds() -> dict[str, list[str]]:
+        keys = [o["Key"] for page in direct.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix="builds/demo-scenes/") for o in page.get("Contents", [])]
+        out: dict[str, list[str]] = {}
+        for k in keys:
+            out.setdefault("/".join(k.split("/")[:3]), []).append(k)
+        return out
+
+    known = set(builds())  # earlier tests' builds (a refilter child keeps its _work)
+    with s3_fault_proxy({}) as proxy, DemoServer(s3_build["corpus"], port=s3_build["port"]):
+        stop = threading.Event()
+
+        def outage_after_stats():
+            while not stop.wait(0.2):
+                if any(k.endswith("_work/processed/_DONE.json") for b, ks in builds().items() if b not in known
+                       for k in ks):
+                    proxy.fail_all = True
+                    return
+
+        watcher = threading.Thread(target=outage_after_stats, daemon=True)
+        watcher.start()
+        try:
+            with pytest.raises(Exception) as failed:
+                build_flow(str(s3_build["spec"]), new=True, quiet=True)
+        finally:
+            stop.set()
+            watcher.join(5)
+        assert proxy.fail_all, "the outage never started"
+        message = str(failed.value)  # the store's answer (a HEAD's 503 has no body to name SlowDown)
+        assert any(m in message for m in ("SlowDown", "SLOW_DOWN", "HTTP status 503")), message[-2000:]
+        proxy.fail_all = False
+        resumed = build_flow(str(s3_build["spec"]), quiet=True)
+    assert resumed["resumed"]
+    assert build_outcome(resumed["build_dir"]) == build_outcome(s3_build["build_dir"])
+    assert verify_build(resumed["build_dir"])["ok"]

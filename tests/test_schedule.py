@@ -166,14 +166,21 @@ def test_serve_uses_the_server_prefect_api_url_names(tmp_path):
 
 
 def test_two_builds_of_one_dataset_at_once(tmp_path):
-    """While build A holds the dataset lock, B (no --wait) fails naming the dataset, C (--wait) waits for A."""
+    """While build A holds the dataset lock, B (same `out`, no --wait) fails naming the dataset, C (another `out`
+    sharing A's catalog, as from another machine, --wait) waits for A; the catalog records both, whole."""
     import psutil
+    import yaml
 
+    from catalogs import Catalog
     from flows.serve import LocalPrefectServer
 
     d = make_demo(tmp_path, 120, seed=3, incremental=True, ingest={"shard_rows": 60, "timeout_s": 120, "retries": 0},
                   stages=CAPTION_STAGES)
     lock = tmp_path / "builds" / "demo-scenes" / ".lock"
+    catalog = tmp_path / "builds" / "catalog.duckdb"  # A's, by default
+    catalog_lock = tmp_path / "builds" / "catalog.duckdb.demo-scenes.lock"
+    other_out = yaml.safe_load(d["spec"].read_text()) | {"out": "builds-c", "catalog": str(catalog)}
+    (tmp_path / "spec-c.yaml").write_text(yaml.safe_dump(other_out, sort_keys=False))
     gate = threading.Event()
     server = DemoServer(d["corpus"], port=d["port"])
     read = server.read
@@ -192,9 +199,9 @@ def test_two_builds_of_one_dataset_at_once(tmp_path):
     cmd = [sys.executable, "-m", "flows.cli", "build", str(d["spec"]), "--quiet", "--json"]
     procs: list[subprocess.Popen] = []
 
-    def start(*extra):
-        p = subprocess.Popen(cmd + list(extra), env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True)
+    def start(*extra, spec=d["spec"]):
+        p = subprocess.Popen(cmd[:4] + [str(spec)] + cmd[5:] + list(extra), env=env, cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         procs.append(p)
         return p
 
@@ -206,18 +213,18 @@ def test_two_builds_of_one_dataset_at_once(tmp_path):
                 assert a.poll() is None, a.communicate()[1][-3000:]
                 assert time.time() < deadline, "build A never started downloading"
                 time.sleep(0.2)
-            assert lock.read_text().strip() == f"pid {a.pid}"
-            b, c = start(), start("--wait")
+            assert lock.read_text().strip() == catalog_lock.read_text().strip() == f"pid {a.pid}"
+            b, c = start(), start("--wait", spec=tmp_path / "spec-c.yaml")
             _, b_err = b.communicate(timeout=180)
             assert b.returncode == 2, b_err[-3000:]
             assert "another build of dataset 'demo-scenes' is running" in b_err and f"pid {a.pid}" in b_err
             deadline = time.time() + 180
-            while str(lock) not in {f.path for f in psutil.Process(c.pid).open_files()}:  # C is blocked on the lock
+            while str(catalog_lock) not in {f.path for f in psutil.Process(c.pid).open_files()}:  # C waits on it
                 assert c.poll() is None, c.communicate()[1][-3000:]
                 assert time.time() < deadline, "build C never reached the dataset lock"
                 time.sleep(0.2)
             time.sleep(1)
-            assert c.poll() is None and lock.read_text().strip() == f"pid {a.pid}"
+            assert c.poll() is None and catalog_lock.read_text().strip() == f"pid {a.pid}"
             gate.set()
             a_out, a_err = a.communicate(timeout=300)
             assert a.returncode == 0, a_err[-3000:]
@@ -248,6 +255,16 @@ def test_two_builds_of_one_dataset_at_once(tmp_path):
         kept = read_parts(r["build_dir"], "shards", ["uid"])["uid"].to_pylist()
         assert len(kept) == st["rows_kept"] == m["rows"]
     assert ra["stats"]["rows_kept"] > 0
+    assert Path(rc["build_dir"]).parent.parent == tmp_path / "builds-c"
+    # the shared catalog holds both builds, whole: C, incremental, saw every uid A decided as seen
+    cat = Catalog(catalog, read_only=True)
+    builds = {b["build_id"]: b for b in cat.list_builds("demo-scenes")}
+    assert set(builds) == {ra["build_id"], rc["build_id"]}
+    for r in (ra, rc):
+        row = cat.get_build(r["build_id"])
+        assert row["status"] == "complete" and row["rows_kept"] == r["stats"]["rows_kept"]
+        assert sum(s["rows"] for s in row["shards"] if s["kind"] == "shard") == r["stats"]["rows_kept"]
+    assert rc["stats"]["rows_kept"] == 0, "C rebuilt what A had already built"
 
 
 def test_ingest_task_is_retried_after_a_transient_failure(monkeypatch):

@@ -7,7 +7,7 @@ import hashlib
 import os
 import posixpath
 import subprocess
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -107,15 +107,17 @@ def open_build(spec: BuildSpec, new: bool = False) -> BuildContext:
     return ctx
 
 
+def lock_files(spec: BuildSpec) -> list[Path]:
+    """The dataset's lock files, in the order they are taken: <out>/<dataset>/.lock for a local `out` (one build in
+    that folder at a time), then <catalog>.<dataset>.lock beside the catalog (one build of the dataset per catalog,
+    so builds that share a catalog but not an `out` also take turns; object storage has no locks, so a remote
+    `out` has only this one)."""
+    catalog = spec.catalog_path.with_name(f"{spec.catalog_path.name}.{spec.dataset}.lock")
+    return ([] if is_uri(spec.out) else [Path(spec.out) / spec.dataset / ".lock"]) + [catalog]
+
+
 @contextmanager
-def dataset_lock(spec: BuildSpec, wait: bool = False):
-    """One build of a dataset at a time: a second run waits (wait=True) or fails naming the holder. The lock is a
-    local file: <out>/<dataset>/.lock, or, when `out` is in object storage (which has no locks), beside the catalog:
-    <catalog>.<dataset>.lock. Builds of one remote `out` must then share that catalog's machine."""
-    if is_uri(spec.out):
-        lock = spec.catalog_path.with_name(f"{spec.catalog_path.name}.{spec.dataset}.lock")
-    else:
-        lock = Path(spec.out) / spec.dataset / ".lock"
+def _flock(lock: Path, dataset: str, wait: bool):
     lock.parent.mkdir(parents=True, exist_ok=True)
     fh = open(lock, "a+")
     try:
@@ -123,8 +125,8 @@ def dataset_lock(spec: BuildSpec, wait: bool = False):
             fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             fh.seek(0)
-            raise BuildError(f"another build of dataset {spec.dataset!r} is running ({fh.read().strip() or 'pid ?'}); "
-                             "wait for it or pass --wait") from None
+            raise BuildError(f"another build of dataset {dataset!r} is running ({fh.read().strip() or 'pid ?'}, "
+                             f"holding {lock}); wait for it or pass --wait") from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()}")
@@ -133,6 +135,17 @@ def dataset_lock(spec: BuildSpec, wait: bool = False):
     finally:
         fcntl.flock(fh, fcntl.LOCK_UN)
         fh.close()
+
+
+@contextmanager
+def dataset_lock(spec: BuildSpec, wait: bool = False):
+    """One build of a dataset at a time: a second run waits (wait=True) or fails naming the holder and its lock
+    file (lock_files). The locks are local files: builds of one remote `out` must share the catalog's machine
+    (or a shared disk with working flock)."""
+    with ExitStack() as stack:
+        for lock in dict.fromkeys(lock_files(spec)):
+            stack.enter_context(_flock(lock, spec.dataset, wait))
+        yield
 
 
 def earlier_builds(ctx: BuildContext) -> list[dict]:
@@ -151,5 +164,5 @@ def earlier_builds(ctx: BuildContext) -> list[dict]:
             and b["finished"] <= cutoff]
 
 
-__all__ = ["BuildContext", "BuildError", "code_version", "dataset_lock", "earlier_builds", "open_build",
-           "source_fingerprint"]
+__all__ = ["BuildContext", "BuildError", "code_version", "dataset_lock", "earlier_builds", "lock_files",
+           "open_build", "source_fingerprint"]

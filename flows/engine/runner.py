@@ -8,6 +8,7 @@ rows, seconds and image decodes, which feed the live progress and the build's st
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import threading
 import time
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from flows.engine.context import BuildContext
 from flows.engine.decide import decide_rowwise
@@ -26,7 +28,8 @@ from schemas.spec import BuildSpec, SourceSpec
 from stages import stage_class
 from stages.base import Resources, drop_private
 from stages.imaging.decode import add_pixels, decodes, drop_pixels
-from dataio.build_folder import BuildFolder
+from dataio.build_folder import BuildFolder, atomic_write_table, atomic_write_text
+from dataio.storage import location
 from dataio.uids import pair_units, shard_pairs
 
 DECODE = "decode"
@@ -206,9 +209,35 @@ def finish_batch(batch: pa.Table, spec: BuildSpec) -> pa.Table:
     return batch.drop_columns([c for c in ("image",) if c in batch.column_names])
 
 
+def write_processed(batch: pa.Table, out: str) -> pa.Table:
+    """Write a finished batch into processed/input_shard=N/, one file per input shard it holds, named by the
+    group's first uid, so a retried task writes the same names again. Returns (input_shard, rows) per file."""
+    out_dir = location(out)
+    src = batch.column(SRC)
+    shards, rows = [], []
+    for s in pc.unique(src).to_pylist():
+        part = batch.filter(pc.equal(src, s)).drop_columns([SRC])
+        atomic_write_table(part, out_dir / f"{SRC}={s}" / f"part-{part.column('uid')[0].as_py()}.parquet")
+        shards.append(s)
+        rows.append(part.num_rows)
+    return pa.table({SRC: pa.array(shards, pa.int64()), "rows": pa.array(rows, pa.int64())})
+
+
+def _mark_finished_shards(ds, folder: BuildFolder, sizes: dict[int, int]) -> None:
+    """Consume the pipeline's (input_shard, rows) results; once every row of a shard is written, write its stats
+    marker. The driver holds one count per shard."""
+    written = dict.fromkeys(sizes, 0)
+    for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for s, n in zip(b.column(SRC).to_pylist(), b.column("rows").to_pylist()):
+            written[s] += n
+            if written[s] == sizes[s]:
+                atomic_write_text(folder.stats_marker(s), json.dumps({"rows": sizes[s]}))
+
+
 def process_stages(ctx: BuildContext, compute: bool = True) -> dict:
     """Run the spec's stages over the downloaded pairs (compute=False: only their row-wise decisions, over stats
-    the rows already hold, as refilter does), into _work/processed/input_shard=N/: stats and decisions, no image bytes."""
+    the rows already hold, as refilter does), into _work/processed/input_shard=N/: stats and decisions, no image
+    bytes. Each input shard's stats leave their own marker; a resumed pass redoes only the shards without one."""
     import ray
 
     folder = ctx.folder
@@ -216,9 +245,14 @@ def process_stages(ctx: BuildContext, compute: bool = True) -> dict:
     if done is not None:
         return done
     metas = {int(f.stem): f.read_metadata() for f in folder.ingest_pair_files()}
-    rows = sum(m.num_rows for m in metas.values())
-    units = [(s, u) for s, m in sorted(metas.items()) if m.num_rows for u in range(pair_units(m))]
-    out = folder.fresh_dir(folder.processed_dir)  # its _DONE.json marker, written last, says it is whole
+    sizes = {s: m.num_rows for s, m in metas.items()}
+    finished = folder.stats_done()
+    todo = {s: n for s, n in sizes.items() if n and s not in finished}
+    units = [(s, u) for s in sorted(todo) for u in range(pair_units(metas[s]))]
+    folder.processed_dir.mkdir()
+    for s in todo:  # what a killed pass left of an unfinished shard
+        (folder.processed_dir / f"{SRC}={s}").rmtree()
+    rows = sum(todo.values())
     t0 = time.perf_counter()
     steps: dict = {}
     if rows:
@@ -228,18 +262,30 @@ def process_stages(ctx: BuildContext, compute: bool = True) -> dict:
         cluster = ray.cluster_resources()
         fitted = fit_resources(ctx.spec, cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)) if compute else {}
         timer = f"pairforge-timer-{ctx.build_id}"
-        timer_actor = ray.remote(num_cpus=0)(StageTimer).options(name=timer).remote()
+        try:  # a failed attempt's (the stages task is retried)
+            ray.kill(ray.get_actor(timer))
+        except ValueError:
+            pass
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # on the driver's node: a lost worker node must not take the timer (and the pass) with it
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        timer_actor = ray.remote(num_cpus=0)(StageTimer).options(name=timer, scheduling_strategy=here).remote()
         ds = ray.data.read_datasource(pairs_datasource(folder, ctx.spec.source, units),
                                       override_num_blocks=len(units))
         if compute:
             ds = stage_pipeline(ds, ctx.spec, timer, fitted)
         ds = ds.map_batches(finish_batch, fn_args=(ctx.spec,), batch_format="pyarrow")
+        ds = ds.map_batches(write_processed, fn_args=(str(folder.processed_dir),), batch_format="pyarrow",
+                            batch_size=None)  # one file per block and input shard
         names = step_names(ctx.spec) if compute else []
-        steps = _run_with_progress(lambda: ds.write_parquet(out.path, filesystem=out.fs, partition_cols=[SRC]),
-                                   timer_actor, names, rows)
-        ray.kill(timer_actor)
+        try:
+            steps = _run_with_progress(lambda: _mark_finished_shards(ds, folder, todo), timer_actor, names, rows)
+        finally:
+            ray.kill(timer_actor)
     decoded = sum(v[2] for v in steps.values())
-    summary = {"rows": rows, "seconds": time.perf_counter() - t0,
+    summary = {"rows": sum(sizes.values()), "rows_resumed": sum(sizes.values()) - rows,
+               "seconds": time.perf_counter() - t0,
                "stage_seconds": {k: v[1] for k, v in steps.items()},
                "stage_spans": {k: {"rows": int(v[0]), "cpu_seconds": v[3], "first": v[4], "last": v[5]}
                                for k, v in steps.items()},
@@ -297,7 +343,7 @@ def ray_session(spec: BuildSpec):
     env_vars = {k: os.environ[k] for k in ("NO_ALBUMENTATIONS_UPDATE", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
                                            "PAIRFORGE_CACHE", "HF_HOME",
                                            "TOKENIZERS_PARALLELISM", "WANDB_MODE") if k in os.environ}
-    env_vars |= {k: v for k, v in os.environ.items() if k.startswith("AWS_")}  # object storage: endpoint, keys
+    env_vars |= {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "PAIRFORGE_S3_"))}  # object storage
     if spec.stage_modules:  # the workers import them as the driver did (schemas.registry)
         env_vars[MODULES_ENV] = ",".join(spec.stage_modules)
     kw = dict(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env_vars},
