@@ -27,10 +27,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from schemas.errors import UserError
 from schemas.spec import StageParams
 
 
-class StageConfigError(ValueError):
+class StageConfigError(UserError):
     """A stage that cannot run with its spec (a model that cannot be loaded, say): raised before any work."""
 
 

@@ -104,15 +104,19 @@ def open_build(spec: BuildSpec, new: bool = False) -> BuildContext:
     return ctx
 
 
+def lock_path(spec: BuildSpec) -> Path:
+    """The dataset's lock file (see dataset_lock)."""
+    if is_uri(spec.out):
+        return spec.catalog_path.with_name(f"{spec.catalog_path.name}.{spec.dataset}.lock")
+    return Path(spec.out) / spec.dataset / ".lock"
+
+
 @contextmanager
 def dataset_lock(spec: BuildSpec, wait: bool = False):
     """One build of a dataset at a time: a second run waits (wait=True) or fails naming the holder. The lock is a
     local file: <out>/<dataset>/.lock, or, when `out` is in object storage (which has no locks), beside the catalog:
     <catalog>.<dataset>.lock. Builds of one remote `out` must then share that catalog's machine."""
-    if is_uri(spec.out):
-        lock = spec.catalog_path.with_name(f"{spec.catalog_path.name}.{spec.dataset}.lock")
-    else:
-        lock = Path(spec.out) / spec.dataset / ".lock"
+    lock = lock_path(spec)
     lock.parent.mkdir(parents=True, exist_ok=True)
     fh = open(lock, "a+")
     try:
@@ -148,5 +152,5 @@ def earlier_builds(ctx: BuildContext) -> list[dict]:
             and b["finished"] <= cutoff]
 
 
-__all__ = ["BuildContext", "BuildError", "code_version", "dataset_lock", "earlier_builds", "open_build",
+__all__ = ["BuildContext", "BuildError", "code_version", "dataset_lock", "earlier_builds", "lock_path", "open_build",
            "source_fingerprint"]

@@ -21,7 +21,7 @@ from flows.progress import phase
 from schemas.columns import build_schema, rejects_schema
 from schemas.spec import BuildSpec
 from dataio.build_folder import BuildFolder, atomic_write_table, atomic_write_text
-from dataio.shards import conform, write_manifest
+from dataio.shards import conform, image_formats, write_manifest
 from dataio.storage import Location, parquet_dataset
 
 
@@ -98,6 +98,7 @@ def write_shard(folder: BuildFolder, src: int, spec: BuildSpec, build_id: str) -
         "rejects": _write_parts(rejected, folder.rejects, src, spec.write.rows_per_shard, spec.write.compression),
         "kept": kept.num_rows, "rejected": rejected.num_rows,
         "counts": {c["values"]: c["counts"] for c in counts.to_pylist()},
+        "image_formats": image_formats(kept.column("image")),
     }
     atomic_write_text(marker, json.dumps(result))
     return result
@@ -233,12 +234,16 @@ def collect_stats(ctx: BuildContext, prepared: dict, ingest: dict, processed: di
 def manifest(ctx: BuildContext, results: list[dict]) -> dict:
     shards = sorted((f for r in results for f in r["shards"]), key=lambda f: f["path"])
     rejects = sorted((f for r in results for f in r["rejects"]), key=lambda f: f["path"])
+    formats: dict[str, int] = {}  # of the kept images (a writer's marker from before this count has none)
+    for r in results:
+        for kind, n in r.get("image_formats", {}).items():
+            formats[kind] = formats.get(kind, 0) + n
     return write_manifest(
         ctx.build_dir, build_id=ctx.build_id, dataset=ctx.spec.dataset, spec_hash=ctx.spec.spec_hash(),
         code_version=code_version(), shards=shards, rejects=rejects,
         extra={"source": ctx.source_name, "source_fingerprint": ctx.fingerprint,
                "stages": ctx.spec.stage_names(), "stage_metadata": ctx.stage_meta,
-               "columns": build_schema(ctx.spec.stage_names()).names})
+               "columns": build_schema(ctx.spec.stage_names()).names, "image_formats": formats})
 
 
 def seen_scanners(ctx: BuildContext) -> list[pads.Scanner]:
