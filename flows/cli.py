@@ -91,6 +91,13 @@ def make_reporter(args):
     return RichReporter() if sys.stdout.isatty() else PlainReporter(sys.stdout)
 
 
+def prefect_imported(args) -> None:
+    """Prefect is imported (and its logging set up) by now: its ERROR log of a failed flow stays one line, the
+    command's own error line says the rest (--debug keeps the tracebacks)."""
+    if not args.debug:
+        hide_log_tracebacks()
+
+
 def _run(fn, args, spec=None, **kw):
     """Run a flow with the progress reporter the output wants. With `spec`, Prefect's temporary server and Ray
     start side by side first (flows.launch), after every check has passed."""
@@ -98,8 +105,7 @@ def _run(fn, args, spec=None, **kw):
 
     reporter = make_reporter(args)
     set_reporter(reporter)
-    if not args.debug:
-        hide_log_tracebacks()  # Prefect is imported (and its logging set up) by now: its ERROR log stays one line
+    prefect_imported(args)
     try:
         if spec is None:
             return fn(**kw, quiet=args.quiet or args.json)
@@ -184,6 +190,7 @@ def cmd_train(args) -> int:
     load_train_spec(args.spec)  # a bad spec fails here, before Prefect starts
     from training.train import train_flow
 
+    prefect_imported(args)
     result = train_flow(spec_path=str(args.spec), fresh=args.fresh)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
@@ -199,6 +206,7 @@ def cmd_train(args) -> int:
 def cmd_serve(args) -> int:
     from flows.serve import serve_build
 
+    prefect_imported(args)
     say = None
     if args.json:
         def say(message, **fields):
@@ -237,6 +245,7 @@ def cmd_show(args) -> int:
 def cmd_negatives(args) -> int:
     from flows.negatives import load_negatives_spec, negatives_flow
 
+    prefect_imported(args)
     spec = load_negatives_spec(args.spec).model_dump()
     if args.editors:
         spec["editors"] = [e.strip() for e in args.editors.split(",") if e.strip()]
@@ -267,6 +276,7 @@ def cmd_export(args) -> int:
 def cmd_eval(args) -> int:
     from training.eval import N_BUILD, N_EVAL, eval_flow
 
+    prefect_imported(args)
     res = eval_flow(out=str(args.out), seeds=args.seed, n_build=args.n_build or N_BUILD,
                     n_eval=args.n_eval or N_EVAL, steps=args.steps,
                     batch_size=args.batch_size, catalog_path=args.catalog, threads=args.threads,

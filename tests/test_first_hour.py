@@ -336,18 +336,20 @@ from flows.cli import library_output
 quiet = sys.argv[1] == "quiet"
 with library_output(quiet, False):
     from transformers import CLIPModel
-    CLIPModel.from_pretrained("stages/models/shipped/demo-clip")
+    model = CLIPModel.from_pretrained("stages/models/shipped/demo-clip")
+    model.save_pretrained(sys.argv[2])
 """
 
 
-def test_quiet_silences_the_model_librarys_progress_bars():
-    """--quiet / --json: transformers' "Loading weights" bar (and any tqdm bar) stays off."""
-    loud = subprocess.run([sys.executable, "-c", QUIET_LOAD, "loud"], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
-    quiet = subprocess.run([sys.executable, "-c", QUIET_LOAD, "quiet"], capture_output=True, text=True, cwd=ROOT,
-                           timeout=300)
+def test_quiet_silences_the_model_librarys_progress_bars(tmp_path):
+    """--quiet / --json: transformers' "Loading weights" and "Writing model shards" bars (what `eval --json`
+    printed), and any tqdm bar, stay off."""
+    loud = subprocess.run([sys.executable, "-c", QUIET_LOAD, "loud", str(tmp_path / "a")], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+    quiet = subprocess.run([sys.executable, "-c", QUIET_LOAD, "quiet", str(tmp_path / "b")], capture_output=True,
+                           text=True, cwd=ROOT, timeout=300)
     assert loud.returncode == 0 and quiet.returncode == 0, quiet.stderr
-    assert "Loading weights" in loud.stderr  # the bar the check is about exists
+    assert "Loading weights" in loud.stderr and "Writing model shards" in loud.stderr  # the bars exist
     assert quiet.stderr == "" and quiet.stdout == ""
 
 
