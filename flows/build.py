@@ -17,8 +17,9 @@ from flows import env  # noqa: F401  (offline, quiet defaults before Prefect and
 from flows.engine.context import BuildContext, BuildError, code_version, dataset_lock, earlier_builds, open_build
 from flows.engine.global_decisions import run_global_stages
 from flows.engine.ingest import ingest_all
-from flows.engine.inputs import prepare_inputs, prior_pairs
+from flows.engine.inputs import prepare_inputs, prior_files
 from flows.engine.outputs import check_accounting, collect_stats, manifest, seen_scanners, write_outputs
+from flows.engine.resources import check_fit
 from flows.engine.runner import process_stages, ray_session
 from flows.preflight import preflight
 from schemas.spec import BuildSpec, load_spec
@@ -59,7 +60,7 @@ def stages_task(ctx: BuildContext) -> dict:
 def write_task(ctx: BuildContext, prepared: dict, ingest: dict, processed: dict) -> dict:
     """Global decisions (distributed), then workers write the shards; the driver checks and records."""
     t0 = time.perf_counter()
-    global_ = run_global_stages(ctx, processed["rows"], prior=prior_pairs(ctx))
+    global_ = run_global_stages(ctx, processed["rows"], prior_files(ctx))
     results = write_outputs(ctx, prepared["shards"])
     counts = check_accounting(ctx, results)
     stats = collect_stats(ctx, prepared, ingest, processed, global_, results, time.perf_counter() - t0, counts)
@@ -117,6 +118,14 @@ def build_flow(spec_path: str, new: bool = False, quiet: bool = False, wait_lock
     return run_build(spec, new=new, quiet=quiet, wait_lock=wait_lock, fail_if_empty=fail_if_empty)
 
 
+def check_fit_in_session(spec: BuildSpec) -> None:
+    """check_fit against the cluster Ray is connected to (a remote one is known only now), before any download."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    check_fit(spec, (cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)))
+
+
 def run_build(spec: BuildSpec, *, new: bool = False, quiet: bool = False, wait_lock: bool = False,
               fail_if_empty: bool = False) -> dict:
     logger = get_run_logger()
@@ -128,6 +137,7 @@ def run_build(spec: BuildSpec, *, new: bool = False, quiet: bool = False, wait_l
         record_in_catalog(ctx, "running")
         try:
             with ray_session(spec):
+                check_fit_in_session(spec)
                 prepared = prepare_task(ctx)
                 ingest = ingest_task(ctx, prepared)
                 processed = stages_task(ctx)

@@ -35,10 +35,14 @@ class RichReporter:
         done = self.progress.tasks[tid].completed
         self.progress.update(tid, rate=f"{done / max(time.perf_counter() - t0, 1e-6):,.0f}/s")
 
-    def finish(self, phase, summary=""):
+    def finish(self, phase, summary="", seconds=None):
         tid, _ = self.tasks[phase]
         t = self.progress.tasks[tid]
-        self.progress.update(tid, total=t.completed if t.total is None else t.total, summary=summary)
+        fields = {"summary": summary}
+        if seconds is not None:  # a fused pipeline step: its own working time and rate, not the pipeline's
+            fields = {"rate": f"{t.completed / max(seconds, 1e-6):,.0f}/s",
+                      "summary": f"{seconds:.1f}s of work" + (f"; {summary}" if summary else "")}
+        self.progress.update(tid, total=t.completed if t.total is None else t.total, **fields)
 
     def close(self):
         self.progress.stop()
@@ -274,13 +278,13 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from training.eval import N_BUILD, N_EVAL, eval_flow
+    from flows.eval import eval_flow
 
     prefect_imported(args)
-    res = eval_flow(out=str(args.out), seeds=args.seed, n_build=args.n_build or N_BUILD,
-                    n_eval=args.n_eval or N_EVAL, steps=args.steps,
-                    batch_size=args.batch_size, catalog_path=args.catalog, threads=args.threads,
-                    workers=args.workers)
+    res = eval_flow(out=str(args.out), builds=[str(b) for b in args.builds] or None,
+                    eval_set=str(args.eval_set) if args.eval_set else None, losses=args.loss, seeds=args.seed,
+                    n_build=args.n_build, n_eval=args.n_eval, steps=args.steps, batch_size=args.batch_size,
+                    catalog_path=args.catalog, threads=args.threads, workers=args.workers)
     print(json.dumps(res["results"], indent=2, default=str) if args.json else res["table"])
     return 0
 
@@ -430,7 +434,8 @@ def error_of(e: BaseException) -> tuple[dict, int]:
     if isinstance(e, UserError):
         return e.as_json(), e.exit_code
     expected = tuple(getattr(sys.modules.get(m), n) for m, n in (
-        ("flows.engine.context", "BuildError"), ("training.train", "TrainError"), ("flows.serve", "ServeError"))
+        ("flows.engine.context", "BuildError"), ("training.train", "TrainError"), ("flows.serve", "ServeError"),
+        ("training.eval", "EvalError"))
         if hasattr(sys.modules.get(m), n))
     text = " ".join(str(e).split())
     if expected and isinstance(e, expected):
@@ -450,15 +455,16 @@ def report_error(e: BaseException, as_json: bool) -> int:
 
 
 class _LazyDefaults(argparse.HelpFormatter):
-    """Help strings with {placeholders} filled from training.eval only when help is printed: importing it costs
-    seconds, which no other use of the parser should pay."""
+    """Help strings with {placeholders} filled from training.eval and training.demo_eval only when help is printed:
+    importing them costs seconds, which no other use of the parser should pay."""
 
     def _get_help_string(self, action):
         text = action.help or ""
         if "{" in text:
-            from training import eval as ev
+            from training.demo_eval import N_BUILD, N_EVAL
+            from training.eval import PROXY_OPTIM
 
-            for key, value in {"N_BUILD": ev.N_BUILD, "N_EVAL": ev.N_EVAL, **ev.PROXY_OPTIM}.items():
+            for key, value in {"N_BUILD": N_BUILD, "N_EVAL": N_EVAL, **PROXY_OPTIM}.items():
                 text = text.replace("{" + key + "}", str(value))
         return text
 
@@ -581,12 +587,19 @@ def parser() -> argparse.ArgumentParser:
     ex.set_defaults(fn=cmd_export)
 
     ev = sub.add_parser("eval", formatter_class=_LazyDefaults,
-                        help="demo comparisons at equal compute (raw vs curated build; clip vs negclip and "
-                             "tripletclip) on fresh scenes: retrieval and SugarCrepe-style compositional accuracy")
+                        help="proxy training at equal compute on builds (two to compare), evaluated on an "
+                             "evaluation set: retrieval and SugarCrepe-style compositional accuracy; with no "
+                             "builds, the demo comparisons (raw vs curated; clip vs negclip and tripletclip)")
+    ev.add_argument("builds", nargs="*", type=Path, help="build folders (or folders of shards) to train on")
+    ev.add_argument("--eval-set", type=Path, help="Parquet (file, folder or build) with image, text and optional "
+                                                  "neg_captions (default: fresh demo scenes)")
+    ev.add_argument("--loss", action="append", choices=("clip", "negclip", "tripletclip"),
+                    help="train each build with this loss (repeatable; default: clip)")
     ev.add_argument("--out", type=Path, default=Path("demo-out/eval"), help="working folder (default: demo-out/eval)")
     ev.add_argument("--seed", type=int, action="append", help="training seed (repeatable; default: 0)")
-    ev.add_argument("--n-build", type=int, help="demo scenes per build (default: {N_BUILD})")
-    ev.add_argument("--n-eval", type=int, help="evaluation scenes (default: {N_EVAL})")
+    ev.add_argument("--n-build", type=int, help="with no builds: demo scenes per build (default: {N_BUILD})")
+    ev.add_argument("--n-eval", type=int, help="evaluation pairs: the first N of the set, or N fresh demo scenes "
+                                               "(default: {N_EVAL} scenes)")
     ev.add_argument("--steps", type=int, help="training steps per run (default: {steps})")
     ev.add_argument("--batch-size", type=int, help="training batch size (default: {batch_size})")
     ev.add_argument("--threads", type=int, default=1, help="torch threads per training run (default: 1)")

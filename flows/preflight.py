@@ -142,30 +142,16 @@ def check_stages(spec: BuildSpec) -> dict:
 
 
 def check_resources_fit(spec: BuildSpec) -> None:
-    """Resources fit: the model stages' actor pools leave room for reads and CPU tasks on the machine a local build
-    runs on (a cluster's size is known only once joined: the engine checks it there, before the pipeline starts).
-
-    Issue #21 gives stages default resources that fit the cluster, and its own check goes here; until then this
-    is the engine's pool budget (flows.engine.runner.check_pool_budget) over this machine's CPUs and GPUs."""
-    if spec.ray.address:
-        return
-    if not any(stage_class(e.name).runs_as_actor(e.params) for e in spec.stages):
-        return  # no actor pool holds CPUs: any machine that runs a task fits
+    """Resources fit: the stages' tasks and actor pools fit the local cluster this spec starts
+    (flows.engine.resources.check_fit, issue 21); a cluster it joins (`ray.address`) is known only once joined, and
+    the build checks it then, before any download."""
     from flows.engine.context import BuildError
-    from flows.engine.runner import check_pool_budget
+    from flows.engine.resources import check_fit
 
-    cpus, gpus = spec.ray.num_cpus or len(os.sched_getaffinity(0)), _local_gpus(spec)
     try:
-        check_pool_budget(spec, float(cpus), float(gpus))
-    except BuildError as e:
-        raise SpecError(f"the stages' actor pools do not fit this machine ({cpus} CPUs, {gpus} GPUs)",
-                        _at(spec, "stages"), str(e), "stages") from None
+        check_fit(spec)
+    except BuildError as e:  # "<what is wrong>. <how to fix it>"
+        what, _, fix = str(e).rpartition(". ")
+        raise SpecError(what or fix, _at(spec, "stages"), fix if what else None, "stages") from None
 
 
-def _local_gpus(spec: BuildSpec) -> int:
-    """GPUs torch sees here, asked only when a stage wants one (importing torch costs seconds)."""
-    if not any((e.params.gpus or stage_class(e.name).default_resources.gpus) for e in spec.stages):
-        return 0
-    import torch
-
-    return torch.cuda.device_count()

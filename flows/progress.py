@@ -9,9 +9,12 @@ log = logging.getLogger("pairforge")
 
 
 class Reporter:
+    """finish(seconds=...): the phase's own working time, when it ran fused with others (a pipeline step's summed
+    batch seconds); the reporter then states that time and its rate, not the wall time since the phase started."""
+
     def start(self, phase: str, total: int | None, unit: str = "rows") -> None: ...
     def advance(self, phase: str, n: int) -> None: ...
-    def finish(self, phase: str, summary: str = "") -> None: ...
+    def finish(self, phase: str, summary: str = "", seconds: float | None = None) -> None: ...
 
 
 _reporter: Reporter = Reporter()
@@ -28,25 +31,30 @@ def get_reporter() -> Reporter:
 
 @contextmanager
 def phase(name: str, total: int | None = None, unit: str = "rows", logger=None):
-    """Time a phase, tell the reporter and the log; yields a function to advance it."""
+    """Time a phase, tell the reporter and the log; yields a function to advance it (and, for a phase fused with
+    others, to set its own working seconds, which its last line reports instead of the wall time)."""
     t0 = time.perf_counter()
     _reporter.start(name, total, unit)
     (logger or log).info("%s: started%s", name, f" ({total} {unit})" if total is not None else "")
-    box = {"summary": ""}
+    box: dict = {"summary": "", "seconds": None}
 
-    def advance(n: int = 1, summary: str | None = None):
+    def advance(n: int = 1, summary: str | None = None, seconds: float | None = None):
         if n:
             _reporter.advance(name, n)
         if summary is not None:
             box["summary"] = summary
+        if seconds is not None:
+            box["seconds"] = seconds
 
     yield advance
-    dt = time.perf_counter() - t0
-    _reporter.finish(name, box["summary"])
+    dt = time.perf_counter() - t0 if box["seconds"] is None else box["seconds"]
+    _reporter.finish(name, box["summary"], box["seconds"])
     (logger or log).info("%s: done in %.1fs %s", name, dt, box["summary"])
 
 
-def _duration(seconds: float) -> str:
+def _duration(seconds: float, tenths: bool = False) -> str:
+    if tenths and seconds < 9.95:
+        return f"{seconds:.1f}s"
     s = int(round(seconds))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
@@ -90,10 +98,11 @@ class PlainReporter(Reporter):
             p["last"] = now
             self._line(self.status(phase))
 
-    def finish(self, phase: str, summary: str = "") -> None:
+    def finish(self, phase: str, summary: str = "", seconds: float | None = None) -> None:
         p = self.phases[phase]
-        elapsed = max(self.clock() - p["t0"], 1e-9)
-        self._line(f"{phase}: done, {p['done']:,} {p['unit']} in {_duration(elapsed)} "
+        own = seconds is not None
+        elapsed = max(seconds if own else self.clock() - p["t0"], 1e-9)
+        self._line(f"{phase}: done, {p['done']:,} {p['unit']} in {_duration(elapsed, tenths=own)} "
                    f"({p['done'] / elapsed:,.0f} {p['unit']}/s)" + (f"; {summary}" if summary else ""))
 
     def close(self) -> None:

@@ -350,14 +350,12 @@ def thresholds_for(build: Build, column: str) -> list[tuple[str, float]]:
 
 
 def _top_fraction_cutoff(build: Build) -> float | None:
-    if "detail" not in build.meta.column_names:
-        return None
-    m = pc.equal(build.meta["reason"], "below_top_fraction")
-    details = build.meta["detail"].filter(pc.fill_null(m, False))
-    if len(details) == 0:
-        return None
-    hit = re.search(r"cutoff (-?[0-9.]+)", details[0].as_py() or "")
-    return float(hit.group(1)) if hit else None
+    """The cutoff score the build's top fraction found (stats.json: the step's summary)."""
+    for row in build.stats.get("stages", []):
+        if row.get("stage") == "align":
+            cut = row.get("global_steps", {}).get("top_fraction", {}).get("cutoff")
+            return float(cut) if cut is not None else None
+    return None
 
 
 def deciding_stats(row: dict, reason: str | None, stage: str | None) -> list[tuple[str, Any]]:
@@ -390,11 +388,15 @@ def deciding_param(spec_params: dict, reason: str | None, stage: str | None = No
     return f"{stage}.{name}", spec_params[stage][name]
 
 
-def reason_meaning(reason: str | None) -> str | None:
-    """What an input or ingest reason means (dataio.reasons.REASONS; http_NNN by its status)."""
+def reason_meaning(reason: str | None, stage: str | None = None) -> str | None:
+    """What a reject reason means: a stage's declared doc (stages.base.Reason), or for input and ingest reasons
+    dataio.reasons.REASONS (http_NNN by its status)."""
     from dataio.reasons import reason_text
 
-    return reason_text(reason)
+    if stage in ("input", "ingest"):
+        return reason_text(reason)
+    found = reason_declaration(reason, stage)
+    return found[1].doc if found is not None else None
 
 
 # --------------------------------------------------------------------------- plots
@@ -634,7 +636,7 @@ def _rejects(build: Build, rows: list[tuple[str, str, int]]) -> str:
     out.append('<table><tr><th class="l">stage</th><th class="l">reason</th><th>rows</th><th>% of listed</th>'
                '<th class="l">meaning</th></tr>')
     for stage, reason, c in rows:
-        meaning = reason_meaning(reason) if stage in ("input", "ingest") else None
+        meaning = reason_meaning(reason, stage)
         out.append(f'<tr data-stage="{esc(stage)}" data-reason="{esc(reason)}" data-count="{c}">'
                    f'<td class="l">{esc(stage)}</td><td class="l"><a href="#rej-{slug(stage)}-{slug(reason)}">'
                    f'{esc(reason)}</a></td><td>{c:,}</td><td>{c / listed:.2%}</td>'

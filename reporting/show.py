@@ -116,11 +116,11 @@ def show_record(build_dir: str | Path | Location, uid: str) -> dict:
         reason, stage = row.get("reason"), row.get("stage")
         stats = deciding_stats(row, reason, stage)
         par = deciding_param(params, reason, stage, (spec or {}).get("ingest"))
-        meaning = reason_meaning(reason) if stage in ("input", "ingest") else None
+        meaning = reason_meaning(reason, stage)
         rec["rejection"] = {"stage": stage, "reason": reason, "detail": row.get("detail"),
                             "stats": {k: v for k, v in stats},
                             "param": {"name": par[0], "value": par[1]} if par else None}
-        if meaning:  # input and ingest reasons: what they mean (dataio.reasons.REASONS)
+        if meaning:  # what the reason means: the stage's declaration, or dataio.reasons.REASONS
             rec["rejection"]["meaning"] = meaning
     return _jsonable(rec)
 

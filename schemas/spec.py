@@ -127,8 +127,9 @@ class WriteSpec(_Strict):
 class DecideSpec(_Strict):
     driver_max_rows: int = Field(
         100_000, ge=0, description="global decisions (dedup, top fractions) of builds with at most this many rows run "
-                                   "in the driver (faster for small builds, memory bounded by this number); larger "
-                                   "builds run them as distributed Ray Data operations. 0: always distributed")
+                                   "in one process, one Ray task (no shuffles: faster for small builds; its memory is "
+                                   "bounded by this number); larger builds run them as Ray tasks with hash "
+                                   "partitions. 0: always partitioned")
 
 
 class RaySpec(_Strict):

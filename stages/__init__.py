@@ -1,4 +1,4 @@
-"""One file a stage. Every module directly in this folder (except base) is a stage module: importing it registers
+"""One file a stage. Every module directly in this folder (except the contract: base, steps) is a stage module: importing it registers
 its stages (stages.base.Stage.__init_subclass__). Helpers live in subfolders named for their role."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def registry() -> dict[str, type[Stage]]:
     global _loaded
     if not _loaded:
         for info in pkgutil.iter_modules(__path__):
-            if not info.ispkg and info.name != "base":
+            if not info.ispkg and info.name not in ("base", "steps"):
                 importlib.import_module(f"{__name__}.{info.name}")
         _loaded = True
     return Stage.registry

@@ -16,11 +16,11 @@ captions, rescales and normalises the pixels where the model is (pinned memory a
 runs the forwards in chunks of batch_size, and drops the private column. Called on a plain table it prepares
 the batch itself first: the same pixels, the same scores.
 
-Rules (decide, pure over the columns; both may be set, the threshold is applied first):
+Rules (both may be set; the threshold is decided row by row, then the top fraction over the whole build):
 - threshold t:      clip_score < t                                 -> low_alignment ("clip_score=0.121 < 0.28")
 - top_fraction f:   keep the k = floor(f * n + 1/2) highest scores among the n rows with a score, over the whole
-                    table (the build), not per batch; rank by (score desc, uid asc), so ties are cut
-                    deterministically and exactly k rows survive this rule
+                    build, not per batch (a TopFraction step, stages.steps); rank by (score desc, uid asc), so ties
+                    are cut deterministically and exactly k rows survive this rule
                                                                    -> below_top_fraction
                     ("clip_score=0.201 below the top 0.3 cutoff 0.243")
   n counts the scored rows alive before this stage (the build decides global stages over those rows only); rows
@@ -33,7 +33,6 @@ applies is always the spec's (decide stays pure over the columns, so `refilter` 
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Literal
 
@@ -47,9 +46,19 @@ from schemas.spec import StageParams
 from stages.base import (Column, DecideContext, Decision, Reason, Resources, Stage, StageConfigError, Threshold,
                          concat, fixed)
 from stages.imaging.decode import images, pil
+from stages.steps import TopFraction
 from stages.models import (check_loadable, config_summary, is_local, load_clip, load_pixel_prep, locate_model,
                            pixel_column, pixel_rows, resolve_device, resolve_dtype, resolve_threads, training_card,
                            weights_sha256)
+
+def _score(rows: pa.Table, params) -> pa.Array:
+    return rows.column("clip_score").combine_chunks().cast(pa.float64())
+
+
+def _below_detail(rows: pa.Table, params, cutoff: float) -> pa.Array:
+    return concat("clip_score=", fixed(rows.column("clip_score"), 3),
+                  f" below the top {params.top_fraction:g} cutoff {cutoff:.3f}")
+
 
 class AlignParams(StageParams):
     model: str = Field("openai/clip-vit-base-patch32", min_length=1,
@@ -148,8 +157,11 @@ class AlignStage(Stage):
         return resolve_threads(self.params.threads, self.resources.cpus)
 
     @classmethod
-    def decides_globally(cls, params: AlignParams) -> bool:
-        return params.top_fraction is not None  # ranks the whole build
+    def global_steps(cls, params: AlignParams) -> tuple:
+        if params.top_fraction is None:
+            return ()
+        return (TopFraction("top_fraction", ("clip_score",), _score, params.top_fraction, "below_top_fraction",
+                            _below_detail),)
 
     # per batch -------------------------------------------------------------
     def pixel_prep(self):
@@ -247,25 +259,6 @@ class AlignStage(Stage):
         if params.threshold is not None:
             d.reject(pc.less(col, params.threshold), "low_alignment",
                      concat("clip_score=", fixed(col, 3), f" < {params.threshold:g}"))
-        if params.top_fraction is not None:
-            valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), bool)
-            score = np.asarray(col.fill_null(0.0).to_numpy(zero_copy_only=False), np.float64)
-            scored = np.flatnonzero(valid)
-            k = math.floor(params.top_fraction * scored.size + 0.5)
-            keys = {"score": pa.array(score[scored]), "row": pa.array(scored)}
-            sort = [("score", "descending")]
-            if "uid" in table.column_names:
-                keys["uid"] = table.column("uid").take(pa.array(scored))
-                sort.append(("uid", "ascending"))
-            sort.append(("row", "ascending"))
-            order = pc.sort_indices(pa.table(keys), sort_keys=sort).to_numpy()  # score desc, then uid asc
-            below = scored[order[k:]]
-            if below.size:
-                cutoff = score[scored[order[k - 1]]] if k > 0 else float("nan")
-                mask = np.zeros(n, bool)
-                mask[below] = True
-                d.reject(mask, "below_top_fraction", concat(
-                    "clip_score=", fixed(pa.array(score), 3), f" below the top {params.top_fraction:g} cutoff {cutoff:.3f}"))
         return d
 
     # metadata --------------------------------------------------------------

@@ -6,12 +6,15 @@ A stage declares, in its own file:
 - `columns`: every column it adds, with its Arrow type, a one-line meaning and its role in reports;
 - `reasons`: every reject reason its decide() may emit, with the stat columns that decide it and the spec
   parameters it compares them with;
-- `default_resources`, and whether it loads a model (`uses_model`) or reads decoded pixels (`needs_image`).
+- `default_resources`, and whether it loads a model (`uses_model`) or reads decoded pixels (`needs_image`; a stage
+  that decodes without declaring it fails in Stage.__call__);
+- `reads`: the columns of its batch it reads (the core record's, and other stages' when they are there).
 
 Defining the class registers it (Stage.__init_subclass__): the spec's stage params, the build schema, the report's
 distributions and threshold lines, `pairforge show`, refilter's `--set` and the README stage table all derive from
 these declarations. Lifecycle: preflight() (before any data), setup() once per worker, process_batch() per batch,
 teardown() when the worker ends. decide(table, params, ctx) is pure over columns, so builds and refilter share it.
+A decision over the whole build is declared as steps (`global_steps`, stages.steps) that the engine runs.
 
 A model stage may also define `prepare_batch(batch)`: its CPU work (decode, resize, normalise into model-ready
 arrays), written to private columns (names start with "_"). The build runs it as Ray Data CPU tasks directly before
@@ -29,6 +32,7 @@ import pyarrow.compute as pc
 
 from schemas.errors import UserError
 from schemas.spec import StageParams
+from stages.imaging.decode import decodes
 
 
 class StageConfigError(UserError):
@@ -232,6 +236,9 @@ class Stage:
     summary: ClassVar[str] = ""  # one line for the README stage table
     # Input columns this stage may change (rewrite_column); every other column it is given must come back as is.
     rewrites: ClassVar[tuple[str, ...]] = ()
+    # Columns of its batch the stage reads: the core record's and other stages' (those an earlier stage may not have
+    # written, such as clean's text_raw, are read when present). Declared for the contract test and for readers.
+    reads: ClassVar[tuple[str, ...]] = ()
 
     registry: ClassVar[dict[str, type["Stage"]]] = {}
 
@@ -256,9 +263,15 @@ class Stage:
         return cls.uses_model
 
     @classmethod
+    def global_steps(cls, params: StageParams) -> tuple:
+        """The steps of a decision over the whole build (dedup, a top fraction, concept balancing), which the engine
+        runs after every row-wise decision of the stages before this one (stages.steps); () for a stage whose
+        decide() needs one batch only. A stage may have both: decide() row by row, then its steps."""
+        return ()
+
+    @classmethod
     def decides_globally(cls, params: StageParams) -> bool:
-        """Whether decide() needs the whole build's rows at once (dedup, a top fraction) rather than one batch."""
-        return False
+        return bool(cls.global_steps(params))
 
     # lifecycle -----------------------------------------------------------
     def preflight(self) -> None:
@@ -284,7 +297,11 @@ class Stage:
         return cls.prepare_batch is not Stage.prepare_batch
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        before = decodes()
         out = self.process_batch(batch)
+        if not self.needs_image and decodes() != before:  # the build decodes only for stages that declare it
+            raise StageDeclarationError(f"stage {self.name} decoded images but does not declare `needs_image`; the "
+                                        f"build decodes each batch once, for the stages that do")
         if out.num_rows != batch.num_rows:
             raise RuntimeError(f"stage {self.name} changed the row count {batch.num_rows} -> {out.num_rows}")
         for name in batch.column_names:
@@ -357,13 +374,30 @@ class Stage:
         for name, fld in declared.items():
             if name not in values:
                 raise StageDeclarationError(f"stage {cls.name} did not write its column {name}")
-            v = values[name]
-            arr = v.cast(fld.type) if isinstance(v, (pa.Array, pa.ChunkedArray)) else pa.array(v, type=fld.type)
+            arr = as_declared(values[name], fld, cls.name)
             if name in batch.column_names:
                 batch = batch.set_column(batch.column_names.index(name), fld, arr)
             else:
                 batch = batch.append_column(fld, arr)
         return batch
+
+
+def as_declared(values, fld: pa.Field, stage: str) -> pa.Array | pa.ChunkedArray:
+    """values as the declared column type by a safe cast: a lossy one (1.5 or 3e9 into an int32 column, a struct
+    member likewise) raises StageDeclarationError naming the stage and the column. Python lists are read with
+    their own types first, because pyarrow truncates floats read straight into an integer type."""
+    try:
+        if isinstance(values, (pa.Array, pa.ChunkedArray, np.ndarray)):
+            arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values)
+        else:
+            try:
+                arr = pa.array(values)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed Python types: read as the declared type
+                return pa.array(values, type=fld.type)
+        return arr if arr.type == fld.type else arr.cast(fld.type, safe=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError) as e:
+        raise StageDeclarationError(f"stage {stage} writes column {fld.name!r} declared {fld.type}, and its values "
+                                    f"do not fit that type without loss: {e}") from None
 
 
 def _same_column(a: pa.ChunkedArray, b: pa.ChunkedArray) -> bool:

@@ -15,7 +15,8 @@ its name to `clean_edits` (comma-separated, null when the caption came out uncha
                 "Click to enlarge ..."); alone it stays, for the junk stage.
 - slug          underscores become spaces; a caption written as one slug ("inside-blue-mosque-istanbul-turkey",
                 "CuteSpiderman") or holding a long slug token of 4+ parts is split into words; trailing ids of
-                such captions (long numbers, hashes: "..._1372086846", "8de65cd444aa4") are dropped.
+                such captions (long numbers, hashes: "..._1372086846", "8de65cd444aa4") are dropped. URLs and
+                domains stay whole (stages.nlp.urls), for junk and language to recognise.
 - whitespace    runs of any Unicode space (no-break spaces included) collapse to one; ends are stripped.
 
 `normalize_caption` is idempotent (a cleaned caption comes back unchanged) and takes a fast path for plain
@@ -31,6 +32,7 @@ import pyarrow as pa
 
 from schemas.spec import StageParams
 from stages.base import Column, DecideContext, Decision, Resources, Stage
+from stages.nlp.urls import is_url_token
 
 
 class CleanParams(StageParams):
@@ -93,12 +95,20 @@ def _is_long_slug(token: str) -> bool:
 def _split_long_slugs(t: str) -> str:
     if t.count("-") < 4:
         return t
-    return " ".join(_split_slug(w) if _is_long_slug(w) else w for w in t.split(" "))
+    return " ".join(_split_slug(w) if _is_long_slug(w) and not is_url_token(w) else w for w in t.split(" "))
 
 
 def _split_slug(token: str) -> str:
     words = _SLUG_SEP.sub(" ", token).split()
     return " ".join(_CAMEL.sub(" ", w) for w in words)
+
+
+def _underscores_to_spaces(t: str) -> str:
+    if "_" not in t:
+        return t
+    if "/" not in t and "." not in t:
+        return t.replace("_", " ")
+    return " ".join(w if is_url_token(w) else w.replace("_", " ") for w in t.split(" "))
 
 
 def _drop_trailing_ids(t: str) -> str:
@@ -149,7 +159,7 @@ def normalize_caption(text: str | None) -> tuple[str | None, tuple[str, ...]]:
     if m and len(t[m.end():].split()) >= 2:
         edits.append("ui_prefix")
         t = t[m.end():]
-    u = t.replace("_", " ")
+    u = _underscores_to_spaces(t)
     if " " not in t and not _NOT_SLUG.search(t) and (_SLUG_SEP.search(u) or _CAMEL.search(u) or u != t):
         u = _split_slug(u)
     else:
@@ -162,7 +172,7 @@ def normalize_caption(text: str | None) -> tuple[str | None, tuple[str, ...]]:
 
 class CleanStage(Stage):
     name = "clean"
-    version = 1
+    version = 2
     summary = "caption normaliser: HTML, mojibake, control characters, slugs and file names; rewrites `text`"
     Params = CleanParams
     default_resources = Resources(cpus=1.0, batch_size=1024)
@@ -173,6 +183,7 @@ class CleanStage(Stage):
     )
     # The one stage allowed to change an input column (checked in Stage.__call__).
     rewrites: ClassVar[tuple[str, ...]] = ("text",)
+    reads = ("text",)
 
     params: CleanParams
 

@@ -10,33 +10,35 @@ process_batch (per row, CPU) writes
     image_bytes  size of the stored image bytes (a survivor tie-break, see below).
 and reads the `sha256` that ingest wrote (of the downloaded bytes).
 
-decide(table, params, prior=None) runs over every row of the build, in this order, each step over the rows the
-earlier steps kept (a rejected row's detail names the row it duplicates, which an earlier step kept):
+The decision is global: DedupStage.global_steps declares it as steps (stages.steps) that the engine runs over
+every row alive before the stage, in one process or distributed, in this order, each over the rows the earlier
+steps kept:
 
-1. exact      same sha256                                            -> duplicate_exact     "dup of <uid>"
-2. url        same normalised URL (and a different image)            -> duplicate_url       "dup of <uid>"
-3. near       pHash Hamming distance <= near_hamming between the two images' pHashes, or (near_crops) between
-              the pHash of X and a crop pHash of Y where X is the smaller image (a crop has fewer pixels than what
-              it was cut from; unknown sizes pass)                  -> duplicate_near
-              "dup of <uid> (hamming=H)" or "dup of <uid> (hamming=H, crop hamming=C)" when only a crop matched.
-              A crop copy that was scaled up past its original is not matched through the crops.
-              Rows are grouped transitively (connected components), so in a chain a-b-c the survivor may be
-              further than near_hamming from some members; H is the distance to the survivor.
-4. semantic   (only when the table has an `image_emb` column, L2-normalised image embeddings, and params.semantic)
-              SemDeDup: k-means over the embeddings (semantic_clusters, 0 = about sqrt(rows)), then within each
-              cluster pairs with cosine > 1 - semantic_eps, grouped transitively -> duplicate_semantic
-              "dup of <uid> (cosine=0.987)". Pairs split across two k-means clusters are not found (that is
-              SemDeDup's approximation). Without the column the step is skipped silently.
+1. exact      Shuffle by sha256: in each group of equal bytes the best row is kept -> duplicate_exact "dup of <uid>"
+2. url        Shuffle by normalised URL (a different image)                          -> duplicate_url   "dup of <uid>"
+3. near       Shuffle of hash entries by the partitions of the near plan (NearPlan, below): every pair with a
+              full-image side within near_hamming bits is found once; evidence is the two images' pHashes within
+              near_hamming, or (near_crops) the pHash of X and a crop pHash of Y where X is the smaller image (a crop
+              has fewer pixels than what it was cut from; unknown sizes pass; crop-crop pairs are never evidence).
+              Survivors: rows are taken best first, and a row is rejected only when it is within near_hamming of a
+              row that is kept (never through a chain of rows it may not resemble)         -> duplicate_near
+              "dup of <uid> (hamming=H)", or "dup of <uid> (hamming=H, crop hamming=C)" when only a crop matched;
+              <uid> is that kept row and H, C the distances to it.
+4. semantic   (rows with an `image_emb`, L2-normalised image embeddings, and params.semantic) SemDeDup: k-means
+              fitted on a uid-hash sample of SEMANTIC_SAMPLE rows (every row of smaller builds; semantic_clusters,
+              0 = about sqrt(rows)), each row assigned its cluster; in each cluster rows are taken best first and a
+              row is rejected when its cosine to a kept row exceeds 1 - semantic_eps      -> duplicate_semantic
+              "dup of <uid> (cosine=0.987)". Pairs split across two clusters are not found (SemDeDup's
+              approximation). Rows without an embedding take no part.
 
-Which copy survives, in every step: within a group of duplicates the row with the largest original image
-(original_width * original_height) survives; ties go to the larger stored image (image_bytes: at equal size the
-less compressed copy), then to the smallest uid. The rule reads only row contents, never row order, so a shuffled
-table gives the same survivors (k-means also runs over rows sorted by uid).
+Which copy survives, in every step: the row of an earlier build, then the largest original image
+(original_width * original_height), then the larger stored image (image_bytes: at equal size the less compressed
+copy), then the smallest uid. The rule reads only row contents, never row order or partitioning, so every run and
+every cluster size gives the same survivors.
 
-Incremental builds: `prior` (columns uid, sha256, phash, url_norm and optionally phash_crops) holds the rows kept
-by earlier builds of the source. Prior rows join steps 1-3 and always survive their group; a row of this build
-that duplicates one is rejected with the same reason and "dup of <uid> in an earlier build". Prior rows are not
-part of this build, so they never appear in the Decision. Prior rows take no part in the semantic step.
+Incremental builds: the rows earlier builds of the source kept join steps 1-3 as `prior` rows and always survive; a
+row of this build that duplicates one is rejected with the same reason and "dup of <uid> in an earlier build".
+Prior rows take no part in the semantic step.
 
 Near-duplicate search (near_pairs, distinct_pairs) is exact: it returns every pair within the radius, the same as
 brute force. Multi-index hashing with a covering design (the pigeonhole principle generalised): the 64 bits are cut
@@ -47,20 +49,16 @@ packed with a window of the hash's own bits and the row index into one uint64 an
 are candidates, dropped on the window bits when those alone differ in more than k places, and the rest verified
 with a popcount. Subsets of about log2(n) + 1 bits keep chance candidates near n/8 per subset, so the cost is
 about one sort of n uint64 per subset: 62 subsets for k = 6 at n = 1M. Identical hashes are collapsed first.
-Connected components (union-find) come from scipy.sparse.csgraph.
-
-flows/engine/global_dedup.py makes the same decisions as a distributed operation over Ray Data, from the pieces
-here: the design's blocks (_design_blocks), the search restricted to some masks (distinct_pairs(masks=...)), the
-edges from a pool of hash entries (evidence_edges), the survivor rule (resolve_groups) and SemDeDup's k-means,
-normalisation and per-cluster pairs.
 """
 from __future__ import annotations
 
 import functools
 import itertools
 import math
+from dataclasses import dataclass
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
@@ -68,8 +66,10 @@ from pydantic import Field
 
 from schemas.records import normalize_url
 from schemas.spec import StageParams
-from stages.base import Column, DecideContext, Decision, Reason, Resources, Stage, as_text, concat, fixed
+from stages.base import Column, Reason, Resources, Stage, as_text, concat, fixed
 from stages.imaging.decode import decode_image, images
+from stages.steps import (DECISION_SCHEMA, EDGE_FIELDS, KEY, PRIOR, ROW, Fit, Shuffle, Survivors, decisions, greedy_keep,
+                          rank_order, uid_bytes, uid_text, uid_words)
 
 
 class DedupParams(StageParams):
@@ -381,18 +381,85 @@ def near_pairs(h, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return i[o], j[o], d[o]
 
 
-def components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Connected-component label of each of n nodes given undirected edges (i, j) (union-find)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+@dataclass(frozen=True)
+class NearPlan:
+    """The covering design split into groups of masks that share a block, and the partitions of each group.
 
-    if n == 0:
-        return np.empty(0, np.int64)
-    g = coo_matrix((np.ones(len(i), np.int8), (np.asarray(i, np.int64), np.asarray(j, np.int64))), shape=(n, n))
-    return connected_components(g.tocsr(), directed=False)[1].astype(np.int64)
+    Every hash (full or crop) goes once to each group, to the partition named by (group, some bits of the group's
+    shared block): a pair within k agrees on all bits of some mask, so it meets in that mask's group's partition, and
+    is kept there only when that mask is the first (in design order) it agrees on: each pair is found once. The plan
+    depends only on (k, the number of hashes), so every worker makes the same one."""
+
+    k: int
+    masks: np.ndarray  # uint64, the whole design
+    mask_group: np.ndarray  # group of each mask
+    shifts: tuple[int, ...]  # per group: the lowest bit of its shared block
+    subparts: tuple[int, ...]  # per group: partitions (a power of two within the block's values)
+    offsets: tuple[int, ...]  # per group: its first partition id
+
+    @classmethod
+    @functools.lru_cache(maxsize=64)
+    def make(cls, k: int, entries: int, per_partition: int = 2_000_000) -> "NearPlan":
+        key_bits = _plan_bits(k, max(entries, 2))
+        b, fam = _design_blocks(k, key_bits)
+        masks = np.array(_design(k, key_bits), np.uint64)
+        blocks = _block_masks(b)
+        # a small hitting set of blocks (greedy; k + 1 blocks for these designs, the least possible): every mask
+        # holds one of them, and its group is the first such block
+        group = np.full(len(fam), -1, np.int64)
+        shared: list[int] = []
+        while (group < 0).any():
+            todo = np.flatnonzero(group < 0)
+            best = max(range(b), key=lambda i: (sum(fam[t] >> i & 1 for t in todo), -i))
+            group[[t for t in todo if fam[t] >> best & 1]] = len(shared)
+            shared.append(best)
+        shifts, subparts, offsets = [], [], []
+        for g, blk in enumerate(shared):
+            # a partition's work is about its entries times its group's masks: split the busier groups finer
+            want = entries / per_partition * (group == g).sum() * len(shared) / len(fam)
+            width = bin(blocks[blk]).count("1")
+            shifts.append((blocks[blk] & -blocks[blk]).bit_length() - 1)
+            offsets.append(sum(subparts))
+            subparts.append(min(1 << max(0, math.ceil(math.log2(max(1.0, want)))), 1 << width))
+        return cls(k, masks, group, tuple(shifts), tuple(subparts), tuple(offsets))
+
+    @property
+    def groups(self) -> int:
+        return len(self.shifts)
+
+    @property
+    def partitions(self) -> int:
+        return sum(self.subparts)
+
+    def partition(self, values: np.ndarray, g: int) -> np.ndarray:
+        """Partition of each hash in group g: the low bits of the group's shared block."""
+        sub = (values >> np.uint64(self.shifts[g])) & np.uint64(self.subparts[g] - 1)
+        return sub.astype(np.int64) + self.offsets[g]
+
+    def group_of(self, part: np.ndarray) -> np.ndarray:
+        return np.searchsorted(np.array(self.offsets), part, side="right") - 1
+
+    def pairs(self, uniq: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pairs (i < j) of distinct sorted hashes within k whose first agreeing mask is in group g, with distances."""
+        ui, uj, ud = distinct_pairs(uniq, self.k, masks=tuple(int(m) for m in self.masks[self.mask_group == g]))
+        if not ui.size:
+            return ui, uj, ud
+        keep = np.empty(ui.size, bool)
+        for a in range(0, ui.size, 1 << 16):
+            x = uniq[ui[a:a + (1 << 16)]] ^ uniq[uj[a:a + (1 << 16)]]
+            first = ((x[:, None] & self.masks[None, :]) == 0).argmax(axis=1)
+            keep[a:a + x.size] = self.mask_group[first] == g
+        return ui[keep], uj[keep], ud[keep]
 
 
-# ------------------------------------------------------------------------------------------------ the stage
+# ------------------------------------------------------------------------------------------------ survivors
+#
+# Which copy survives, in every step: the row of an earlier build (incremental builds), then the largest original
+# image, then the larger stored file, then the smallest uid. `size_rank` packs the sizes into one uint64 (larger is
+# better); the steps' primitives break its ties by uid.
+
+_SIZE_READS = ("uid", "original_width", "original_height", "width", "height", "image_bytes")
+
 
 def _col(table: pa.Table | None, name: str, n: int, typ: pa.DataType) -> pa.Array:
     if table is None or name not in table.column_names:
@@ -404,17 +471,9 @@ def _int_np(arr: pa.Array, fill: int = 0) -> np.ndarray:
     return np.asarray(pc.fill_null(arr, fill).to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
-def _codes(values: pa.Array, take: np.ndarray) -> np.ndarray:
-    """Dictionary code of each value; -1 for nulls and for nodes where take is false."""
-    codes = pc.dictionary_encode(values).indices
-    out = _int_np(codes, -1)
-    out[~take] = -1
-    return out
-
-
 def row_sizes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """(area, image_bytes) of each row, the survivor rule's sizes: the original image's pixels (the stored image's
-    when the original size is unknown, 0 when both are) and the stored file's bytes (0 when unknown)."""
+    """(area, image_bytes) of each row: the original image's pixels (the stored image's when the original size is
+    unknown, 0 when both are) and the stored file's bytes (0 when unknown)."""
     n = table.num_rows
     w = _int_np(_col(table, "original_width", n, pa.int64()), -1)
     h = _int_np(_col(table, "original_height", n, pa.int64()), -1)
@@ -424,111 +483,216 @@ def row_sizes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return area, _int_np(_col(table, "image_bytes", n, pa.int64()), 0)
 
 
-def uid_ranks(uid: pa.Array) -> np.ndarray:
-    """Rank of each uid in sorted order (the last tie-break of the survivor rule)."""
-    ranks = np.empty(len(uid), np.int64)
-    ranks[np.asarray(pc.sort_indices(uid))] = np.arange(len(uid))
-    return ranks
+def size_rank(table: pa.Table) -> np.ndarray:
+    """area (31 bits) above image_bytes (32 bits) as one uint64: larger is better. Prior rows (earlier builds) rank
+    above every row of this build (the engine puts them first)."""
+    area, nbytes = row_sizes(table)
+    return (np.minimum(area, (1 << 31) - 1).astype(np.uint64) << np.uint64(32)) | \
+        np.minimum(nbytes, (1 << 32) - 1).astype(np.uint64)
 
 
-def resolve_groups(labels: np.ndarray, uid_rank: np.ndarray, is_prior: np.ndarray, area: np.ndarray,
-                   nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(losers, their survivors) for groups given by labels (-1: not grouped). In each group the survivor is a prior
-    row if there is one, then the largest area, the larger file, the smallest uid; prior rows never lose."""
-    idx = np.flatnonzero(labels >= 0)
-    if not idx.size:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    o = np.lexsort((uid_rank[idx], -nbytes[idx], -area[idx], ~is_prior[idx], labels[idx]))
-    s = idx[o]
-    lab = labels[s]
-    first = np.r_[True, lab[1:] != lab[:-1]]
-    surv = s[first][np.cumsum(first) - 1]
-    lose = ~first & ~is_prior[s]
-    return s[lose], surv[lose]
+def rank_area(rank: np.ndarray) -> np.ndarray:
+    return (rank >> np.uint64(32)).astype(np.int64)
 
 
-class _Nodes:
-    """The rows of this build (0..n-1) followed by the prior rows (n..n+m-1), with the survivor ranking."""
-
-    def __init__(self, table: pa.Table, prior: pa.Table | None):
-        self.n = n = table.num_rows
-        self.m = m = prior.num_rows if prior is not None else 0
-        uid = pa.concat_arrays([_col(table, "uid", n, pa.string()), _col(prior, "uid", m, pa.string())])
-        self.uid = uid
-        self.uid_rank = uid_ranks(uid)
-        self.is_prior = np.r_[np.zeros(n, bool), np.ones(m, bool)]
-        area, nbytes = row_sizes(table)
-        self.area = np.r_[area, np.zeros(m, np.int64)]
-        self.nbytes = np.r_[nbytes, np.zeros(m, np.int64)]
-        self.alive = np.r_[np.ones(n, bool), np.ones(m, bool)]  # prior rows stay alive
-
-    def both(self, table: pa.Table, prior: pa.Table | None, name: str, typ: pa.DataType) -> pa.Array:
-        return pa.concat_arrays([_col(table, name, self.n, typ), _col(prior, name, self.m, typ)])
-
-    def resolve(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(losers, their survivors) for groups given by labels (-1: not grouped); losers are rows of this build."""
-        return resolve_groups(labels, self.uid_rank, self.is_prior, self.area, self.nbytes)
+def _survivor_columns(rows: pa.Table) -> dict:
+    """The columns every keyed table carries: row, prior, rank, uid (16 bytes)."""
+    return {ROW: rows.column(ROW), PRIOR: rows.column(PRIOR), "rank": pa.array(size_rank(rows)),
+            "uid": uid_bytes(_col(rows, "uid", rows.num_rows, pa.string()))}
 
 
-def evidence_edges(values: np.ndarray, owner: np.ndarray, is_full: np.ndarray, small: np.ndarray,
-                   large: np.ndarray, value_pairs, same_value: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Near-duplicate edges (owner pairs, self-loops dropped) from a pool of hash entries.
+def _dup_detail(keeper_uid: pa.Array, keeper_prior, extra: pa.Array | None = None) -> pa.Array:
+    """"dup of <uid>" [+ " in an earlier build"] [+ " (<extra>)"]."""
+    where = pc.if_else(pa.array(np.asarray(keeper_prior, bool)), " in an earlier build", "")
+    text = concat("dup of ", keeper_uid, where)
+    return concat(text, " (", extra, ")") if extra is not None else text
 
-    Entry e is a full pHash (is_full) or a crop pHash of row owner[e]; small[e] / large[e] are its row's size as
-    the smaller / larger image of a pair (unknown: 0 / the largest int). Two entries within k are evidence when
-    both are full hashes, or when one is the full hash of X, the other a crop hash of Y, and X is the smaller
-    image. value_pairs(uniq) gives the pairs (i, j) of distinct sorted values within k that this pool decides;
-    same_value adds the edges between entries of equal values. Per value, the edges go through one full entry (its
-    representative: the smallest image), which gives the same connected components as every pair of entries.
-    """
-    uniq, inv = np.unique(values, return_inverse=True)
-    ui, uj = value_pairs(uniq)
-    # only entries of values in a pair, or (same_value) of values held by several entries, can make an edge
-    relevant = np.zeros(uniq.size, bool)
-    relevant[ui] = True
-    relevant[uj] = True
-    if same_value:
-        relevant |= np.bincount(inv, minlength=uniq.size) > 1
-    sel = np.flatnonzero(relevant[inv])
-    inv, owner, is_full, small, large = inv[sel], owner[sel], is_full[sel], small[sel], large[sel]
-    # rep[u]: the owner of the full entry of value u with the smallest image, -1 when u has no full entry
+
+# ------------------------------------------------------------------------------------------------ exact, url
+
+def _hash64(values: pa.Array) -> np.ndarray:
+    return pl.Series(values).hash(seed=0).to_numpy()
+
+
+def _keyed_copies(rows: pa.Table, values: pa.Array) -> pa.Table:
+    has = np.asarray(values.is_valid())
+    cols = _survivor_columns(rows) | {"value": values}
+    t = pa.table(cols).filter(pa.array(has))
+    return t.append_column(KEY, pa.array(_hash64(t.column("value").combine_chunks())))
+
+
+def _exact_keys(rows: pa.Table, params, state) -> pa.Table:
+    return _keyed_copies(rows, _col(rows, "sha256", rows.num_rows, pa.string()))
+
+
+def _url_keys(rows: pa.Table, params, state) -> pa.Table:
+    n = rows.num_rows
+    url = _col(rows, "url_norm", n, pa.string())
+    missing = np.flatnonzero(~np.asarray(url.is_valid()))  # rows hashed without url_norm (prior rows of old builds)
+    if missing.size:
+        raw = _col(rows, "url", n, pa.string()).take(pa.array(missing)).to_pylist()
+        url = pc.replace_with_mask(url, pa.array(~np.asarray(url.is_valid())),
+                                   pa.array([safe_normalize_url(u) for u in raw], pa.string()))
+    return _keyed_copies(rows, url)
+
+
+def _copies(part: pa.Table, reason: str) -> pa.Table:
+    """In each group of equal values the best row survives; the others are rejected as its copies."""
+    if not part.num_rows:
+        return DECISION_SCHEMA.empty_table()
+    value = pc.dictionary_encode(part.column("value").combine_chunks()).indices.to_numpy()
+    prior = np.asarray(part.column(PRIOR).to_numpy(zero_copy_only=False), bool)
+    rank = np.where(prior, np.uint64(np.iinfo(np.uint64).max), part.column("rank").to_numpy())
+    hi, lo = uid_words(part.column("uid"))
+    o = np.lexsort((lo, hi, ~rank, value))
+    first = np.r_[True, value[o][1:] != value[o][:-1]]
+    keeper = o[first][np.cumsum(first) - 1]
+    lose = ~first & ~prior[o]
+    losers, keepers = o[lose], keeper[lose]
+    detail = _dup_detail(uid_text(part.column("uid").take(pa.array(keepers))), prior[keepers])
+    return decisions(part.column(ROW).take(pa.array(losers)), reason, detail)
+
+
+def _exact_group(part: pa.Table, params, state) -> pa.Table:
+    return _copies(part, "duplicate_exact")
+
+
+def _url_group(part: pa.Table, params, state) -> pa.Table:
+    return _copies(part, "duplicate_url")
+
+
+# ------------------------------------------------------------------------------------------------ near
+
+_CROPS = len(CROP_BOXES)
+_INT_MAX = np.iinfo(np.int64).max
+
+
+def _near_plan(params: DedupParams, state: dict) -> NearPlan:
+    return NearPlan.make(params.near_hamming, max(2, state.get("rows", 2)) * (1 + _CROPS * params.near_crops))
+
+
+def _near_keys(rows: pa.Table, params: DedupParams, state) -> pa.Table:
+    """Every pHash (and crop pHash) of the rows, once per mask group of the plan, keyed by its partition."""
+    plan = _near_plan(params, state)
+    ph = _col(rows, "phash", rows.num_rows, pa.int64())
+    has = np.flatnonzero(np.asarray(ph.is_valid()))
+    base = pa.table(_survivor_columns(rows)).take(pa.array(has))
+    full = to_unsigned(_int_np(ph.take(pa.array(has)), 0))
+    owner = np.arange(has.size)
+    values, is_full = [full], [np.ones(has.size, bool)]
+    if params.near_crops:
+        ca = _col(rows, "phash_crops", rows.num_rows, pa.list_(pa.int64())).take(pa.array(has))
+        cr = np.flatnonzero(_int_np(pc.list_value_length(ca), 0) == _CROPS)
+        values.append(to_unsigned(_int_np(ca.take(pa.array(cr)).flatten(), 0)))
+        owner = np.r_[owner, np.repeat(cr, _CROPS)]
+        is_full.append(np.zeros(cr.size * _CROPS, bool))
+    values, is_full = np.concatenate(values), np.concatenate(is_full)
+    entries = base.take(pa.array(owner)).append_column("value", pa.array(values.view(np.int64))).append_column(
+        "full", pa.array(is_full)).append_column("own", pa.array(full[owner].view(np.int64)))
+    parts = [entries.append_column(KEY, pa.array(plan.partition(values, g).astype(np.uint64)))
+             for g in range(plan.groups)]
+    return pa.concat_tables(parts)
+
+
+def _near_group(part: pa.Table, params: DedupParams, state) -> pa.Table:
+    """Duplicate edges among the entries of one partition (any number of the plan's partitions): pairs with a
+    full-image side within k, in the group of their first agreeing mask. Evidence: both full hashes, or the full
+    hash of X and a crop hash of Y where X is the smaller image (a crop has fewer pixels than what it was cut from;
+    unknown sizes pass). Rows sharing their full hash are copies of the best of them (alias edges)."""
+    plan = _near_plan(params, state)
+    out = []
+    keys = part.column(KEY).to_numpy()
+    for key in np.unique(keys):
+        g = int(plan.group_of(np.array([key], np.int64))[0])
+        out.append(_near_edges(part.filter(pa.array(keys == key)), plan, g, first_group=g == 0))
+    return pa.concat_tables(out) if out else _edge_table({})
+
+
+def _near_edges(t: pa.Table, plan: NearPlan, g: int, first_group: bool) -> pa.Table:
+    value = to_unsigned(t.column("value").to_numpy())
+    full = t.column("full").to_numpy(zero_copy_only=False).astype(bool)
+    row = t.column(ROW).to_numpy()
+    prior = t.column(PRIOR).to_numpy(zero_copy_only=False).astype(bool)
+    rank = np.where(prior, np.uint64(np.iinfo(np.uint64).max), t.column("rank").to_numpy())
+    hi, lo = uid_words(t.column("uid"))
+    area = rank_area(t.column("rank").to_numpy())
+    small = np.where(area > 0, area, 0)  # X's size (unknown: smallest)
+    large = np.where(area > 0, area, _INT_MAX)  # Y's size (unknown: largest)
+    # the representative of each value among its full entries: the best row (rank, then uid); the other full rows
+    # of that value are its aliases (hamming 0), found in the first group only
+    uniq, inv = np.unique(value, return_inverse=True)
+    fe = np.flatnonzero(full)
+    fe = fe[np.lexsort((lo[fe], hi[fe], ~rank[fe], inv[fe]))]
+    head = np.r_[True, inv[fe][1:] != inv[fe][:-1]] if fe.size else np.empty(0, bool)
     rep = np.full(uniq.size, -1, np.int64)
-    rep_small = np.zeros(uniq.size, np.int64)
-    fe = np.flatnonzero(is_full)
-    fe = fe[np.lexsort((owner[fe], -small[fe], inv[fe]))]  # per value, the smallest image last
-    rep[inv[fe]] = owner[fe]  # the last write per value wins
-    rep_small[inv[fe]] = small[fe]
-    ce = np.flatnonzero(~is_full)
-    edges_i, edges_j, valid = [rep[ui]], [rep[uj]], [(rep[ui] >= 0) & (rep[uj] >= 0)]
-    if same_value:
-        edges_i += [owner[fe], rep[inv[ce]]]
-        edges_j += [rep[inv[fe]], owner[ce]]
-        valid += [np.ones(fe.size, bool), (rep[inv[ce]] >= 0) & (rep_small[inv[ce]] < large[ce])]
-    # every crop entry of one value against the smallest full image of a value within k
-    cu = inv[ce]
-    c_order = np.argsort(cu, kind="stable")
-    c_start = np.searchsorted(cu[c_order], np.arange(uniq.size + 1))
-    for x, y in ((ui, uj), (uj, ui)):
-        sel = rep[x] >= 0
-        x, y = x[sel], y[sel]
+    rep[inv[fe[head]]] = fe[head]
+    ea, eb, via = [], [], []  # entry pairs and whether the evidence is a crop
+    if first_group and fe.size:
+        alias = fe[~head]
+        ea.append(alias)
+        eb.append(rep[inv[alias]])
+        via.append(np.full(alias.size, 2, np.int8))  # 2: alias
+    has_full = rep >= 0
+    ui, uj, _ = plan.pairs(uniq, g)
+    sel = has_full[ui] | has_full[uj]
+    ui, uj = ui[sel], uj[sel]
+    # full-full: representative to representative
+    ff = has_full[ui] & has_full[uj]
+    ea.append(rep[ui[ff]])
+    eb.append(rep[uj[ff]])
+    via.append(np.zeros(int(ff.sum()), np.int8))
+    # full-crop: the representative of one value to every crop entry of the other (and of its own value, once)
+    ce = np.flatnonzero(~full)
+    c_order = ce[np.argsort(inv[ce], kind="stable")]
+    c_start = np.searchsorted(inv[c_order], np.arange(uniq.size + 1))
+    pairs_x = [(ui, uj), (uj, ui)] + ([(np.flatnonzero(has_full), np.flatnonzero(has_full))] if first_group else [])
+    for x, y in pairs_x:
+        s = has_full[x]
+        x, y = x[s], y[s]
         cnt = c_start[y + 1] - c_start[y]
-        members = ce[c_order[_ranges(c_start[y], cnt)]]
-        edges_i.append(np.repeat(rep[x], cnt))
-        edges_j.append(owner[members])
-        valid.append(np.repeat(rep_small[x], cnt) < large[members])
-    ok = np.concatenate(valid)
-    ei, ej = np.concatenate(edges_i)[ok], np.concatenate(edges_j)[ok]
-    keep = ei != ej
-    return ei[keep], ej[keep]
+        members = c_order[_ranges(c_start[y], cnt)]
+        ea.append(np.repeat(rep[x], cnt))
+        eb.append(members)
+        via.append(np.ones(members.size, np.int8))
+    ea, eb, via = np.concatenate(ea), np.concatenate(eb), np.concatenate(via)
+    ok = row[ea] != row[eb]
+    crop = via == 1
+    ok[crop] &= small[ea[crop]] < large[eb[crop]]  # X (the full side) is the smaller image
+    ea, eb, via = ea[ok], eb[ok], via[ok]
+    own = to_unsigned(t.column("own").to_numpy())
+    dist = np.bitwise_count(own[ea] ^ own[eb]).astype(np.int64)
+    crop_dist = np.where(via == 1, np.bitwise_count(value[ea] ^ value[eb]), 64).astype(np.int64)
+    weight = np.where(via == 1, 100 + crop_dist, dist)
+    return _edge_table({"a": row[ea], "b": row[eb], "a_rank": t.column("rank").to_numpy()[ea],
+                        "b_rank": t.column("rank").to_numpy()[eb], "a_uid": t.column("uid").take(pa.array(ea)),
+                        "b_uid": t.column("uid").take(pa.array(eb)), "weight": weight, "alias": via == 2,
+                        "hamming": dist, "crop_hamming": crop_dist})
 
 
-def near_distances(full: np.ndarray, crops: np.ndarray, crop_ok: np.ndarray, losers: np.ndarray,
-                   survivors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(pHash distance, closest crop distance in either direction; 64 when no crops) of each loser to its survivor."""
-    dist = np.bitwise_count(full[losers] ^ full[survivors]).astype(np.int64)
-    xa = np.where(crop_ok[survivors], np.bitwise_count(crops[survivors] ^ full[losers][:, None]), 64).min(1, initial=64)
-    xb = np.where(crop_ok[losers], np.bitwise_count(crops[losers] ^ full[survivors][:, None]), 64).min(1, initial=64)
-    return dist, np.minimum(xa, xb).astype(np.int64)
+_NEAR_EDGE_SCHEMA = pa.schema(EDGE_FIELDS + [pa.field("weight", pa.int64()), pa.field("alias", pa.bool_()),
+                                             pa.field("hamming", pa.int64()), pa.field("crop_hamming", pa.int64())])
+
+
+def _edge_table(cols: dict) -> pa.Table:
+    if not cols:
+        return _NEAR_EDGE_SCHEMA.empty_table()
+    return pa.table({f.name: pa.array(cols[f.name], f.type) if not isinstance(cols[f.name], (pa.Array, pa.ChunkedArray))
+                     else cols[f.name] for f in _NEAR_EDGE_SCHEMA}, schema=_NEAR_EDGE_SCHEMA)
+
+
+def _near_detail(chosen: pa.Table, params: DedupParams, state) -> pa.Array:
+    """"dup of <uid> (hamming=H)", or "(hamming=H, crop hamming=C)" when only a crop matched."""
+    h = as_text(chosen.column("hamming"))
+    via_crop = pc.greater(chosen.column("hamming"), params.near_hamming)
+    extra = pc.if_else(via_crop, concat("hamming=", h, ", crop hamming=", as_text(chosen.column("crop_hamming"))),
+                       concat("hamming=", h))
+    return _dup_detail(chosen.column("keeper_uid"), chosen.column("keeper_prior").to_numpy(zero_copy_only=False),
+                       extra)
+
+
+# ------------------------------------------------------------------------------------------------ semantic
+
+SEMANTIC_SAMPLE = 100_000  # k-means is fitted on a uid-hash sample of about this many rows (every row below it)
 
 
 def semantic_kmeans(clusters: int):
@@ -538,10 +702,6 @@ def semantic_kmeans(clusters: int):
     return MiniBatchKMeans(n_clusters=clusters, random_state=0, n_init=3, batch_size=max(1024, 4 * clusters))
 
 
-def semantic_cluster_count(params: DedupParams, rows: int) -> int:
-    return min(params.semantic_clusters or max(1, round(math.sqrt(rows))), rows)
-
-
 def normalized_embeddings(emb: pa.Array, dim: int) -> np.ndarray:
     """(rows, dim) float32 L2-normalised, from a list array whose entries all have dim values."""
     x = np.array(emb.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(len(emb), dim)
@@ -549,22 +709,79 @@ def normalized_embeddings(emb: pa.Array, dim: int) -> np.ndarray:
     return x
 
 
-def cluster_pairs(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs i < j of the rows of one cluster (canonical order) with cosine above threshold."""
-    out_i, out_j = [], []
-    for a in range(0, len(x), 2048):
-        sim = x[a:a + 2048] @ x.T
-        i, j = np.nonzero(sim > threshold)
-        i = i + a
-        keep = j > i
-        out_i.append(i[keep])
-        out_j.append(j[keep])
-    return _cat(out_i, np.int64), _cat(out_j, np.int64)
+def _embeddings(rows: pa.Table, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(positions of the rows with an embedding of length dim (default: the most common), their embeddings)."""
+    emb = _col(rows, "image_emb", rows.num_rows, pa.list_(pa.float32()))
+    lens = _int_np(pc.list_value_length(emb), 0)
+    ok = np.asarray(emb.is_valid()) & (lens > 0)
+    if dim is None:
+        dim = int(np.bincount(lens[ok]).argmax()) if ok.any() else 0
+    pos = np.flatnonzero(ok & (lens == dim))
+    return pos, normalized_embeddings(emb.take(pa.array(pos)), dim) if pos.size else np.empty((0, dim), np.float32)
 
+
+def _fit_clusters(sample: pa.Table, params: DedupParams):
+    """k-means over the sample's embeddings in uid order (semantic_clusters, 0: about sqrt(rows)); None: one cluster."""
+    sample = sample.filter(pc.invert(sample.column(PRIOR)))
+    sample = sample.take(pc.sort_indices(sample.column("uid")))
+    pos, x = _embeddings(sample)
+    clusters = min(params.semantic_clusters or max(1, round(math.sqrt(sample.num_rows))), pos.size)
+    if clusters <= 1:
+        return {"dim": x.shape[1], "kmeans": None}
+    km = semantic_kmeans(clusters).fit(x)
+    del km.labels_  # one per sample row: not needed to predict
+    return {"dim": x.shape[1], "kmeans": km}
+
+
+def _cluster_keys(rows: pa.Table, params: DedupParams, state) -> pa.Table:
+    fit = state["semantic_clusters"]
+    rows = rows.filter(pc.invert(rows.column(PRIOR)))  # prior rows take no part in the semantic step
+    pos, x = _embeddings(rows, fit["dim"])
+    cluster = fit["kmeans"].predict(x).astype(np.uint64) if fit["kmeans"] is not None and pos.size \
+        else np.zeros(pos.size, np.uint64)
+    t = pa.table(_survivor_columns(rows)).take(pa.array(pos))
+    return t.append_column("emb", pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+                           if pos.size else pa.array([], pa.list_(pa.float32(), max(1, x.shape[1])))).append_column(
+        KEY, pa.array(cluster))
+
+
+def _cluster_group(part: pa.Table, params: DedupParams, state) -> pa.Table:
+    """SemDeDup in each cluster: rows taken best first, a row kept unless within semantic_eps of a kept row."""
+    if not part.num_rows:
+        return DECISION_SCHEMA.empty_table()
+    dim = state["semantic_clusters"]["dim"]
+    x = part.column("emb").combine_chunks().flatten().to_numpy().reshape(-1, dim)
+    cluster = part.column(KEY).to_numpy()
+    order = rank_order(part.column("rank").to_numpy(), part.column("uid"))
+    o = np.lexsort((order, cluster))
+    bounds = np.flatnonzero(np.r_[True, cluster[o][1:] != cluster[o][:-1], True])
+    thr = 1.0 - params.semantic_eps
+    ei, ej = [], []
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        mem = o[a:b]
+        for s in range(0, mem.size, 2048):
+            sim = x[mem[s:s + 2048]] @ x[mem].T
+            i, j = np.nonzero(sim > thr)
+            i = i + s
+            keep = j > i
+            ei.append(mem[i[keep]])
+            ej.append(mem[j[keep]])
+    ei = np.concatenate(ei) if ei else np.empty(0, np.int64)
+    ej = np.concatenate(ej) if ej else np.empty(0, np.int64)
+    kept, by = greedy_keep(order, ei, ej)
+    losers = np.flatnonzero(~kept)
+    keepers = by[losers]
+    cos = np.einsum("ij,ij->i", x[losers], x[keepers]) if losers.size else np.empty(0, np.float32)
+    detail = _dup_detail(uid_text(part.column("uid").take(pa.array(keepers))), np.zeros(losers.size, bool),
+                         concat("cosine=", fixed(pa.array(cos.astype(np.float64)), 3)))
+    return decisions(part.column(ROW).take(pa.array(losers)), "duplicate_semantic", detail)
+
+
+# ------------------------------------------------------------------------------------------------ the stage
 
 class DedupStage(Stage):
     name = "dedup"
-    version = 1
+    version = 2  # greedy survivors: a duplicate is rejected only as a copy of a kept row
     summary = "exact, URL, near (pHash with crops) and semantic (SemDeDup) duplicates over the whole build"
     Params = DedupParams
     needs_image = True
@@ -581,12 +798,26 @@ class DedupStage(Stage):
         Reason("duplicate_url", "the same normalised URL as a kept row", ("url_norm",)),
         Reason("duplicate_near", "a pHash (or a crop's) within near_hamming bits of a kept row's", ("phash",),
                param="near_hamming"),
-        Reason("duplicate_semantic", "image embeddings closer than semantic_eps (SemDeDup)", (), param="semantic_eps"),
+        Reason("duplicate_semantic", "image embeddings closer than semantic_eps to a kept row's (SemDeDup)", (),
+               param="semantic_eps"),
     )
 
     @classmethod
-    def decides_globally(cls, params: DedupParams) -> bool:
-        return True
+    def global_steps(cls, params: DedupParams) -> tuple:
+        steps = []
+        if params.exact:
+            steps.append(Shuffle("exact", ("sha256",) + _SIZE_READS, _exact_keys, _exact_group))
+        if params.url:
+            steps.append(Shuffle("url", ("url_norm", "url") + _SIZE_READS, _url_keys, _url_group))
+        if params.near_hamming > 0:
+            steps.append(Shuffle("near", ("phash", "phash_crops") + _SIZE_READS, _near_keys, _near_group,
+                                 Survivors("duplicate_near", _near_detail)))
+        if params.semantic:
+            steps.append(Fit("semantic_clusters", ("uid", "image_emb"), SEMANTIC_SAMPLE, _fit_clusters,
+                             needs=("image_emb",)))
+            steps.append(Shuffle("semantic", ("image_emb",) + _SIZE_READS, _cluster_keys, _cluster_group,
+                                 needs=("image_emb",)))
+        return tuple(steps)
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         hashes = [pixel_hashes(rgb) for rgb in images(batch)]
@@ -597,125 +828,6 @@ class DedupStage(Stage):
             "url_norm": [safe_normalize_url(u) for u in urls],
             "image_bytes": _nonzero_length(batch.column("image")),
         })
-
-    @classmethod
-    def decide(cls, table: pa.Table, params: DedupParams, ctx: DecideContext | None = None) -> Decision:
-        n = table.num_rows
-        d = cls.decision(n)
-        if n == 0:
-            return d
-        prior = ctx.prior if ctx is not None else None
-        if prior is not None and prior.num_rows == 0:
-            prior = None
-        nodes = _Nodes(table, prior)
-
-        def reject(losers: np.ndarray, survivors: np.ndarray, reason: str, extra=None) -> None:
-            earlier = pa.array(np.where(survivors >= n, " in an earlier build", ""), pa.string())
-            parts = ["dup of ", nodes.uid.take(pa.array(survivors, pa.int64())), earlier]
-            if extra is not None:
-                parts += [" (", extra, ")"]
-            d.reject_rows(losers, reason, concat(*parts))
-            nodes.alive[losers] = False
-
-        if params.exact:
-            sha = nodes.both(table, prior, "sha256", pa.string())
-            reject(*nodes.resolve(_codes(sha, nodes.alive.copy())), "duplicate_exact")
-        if params.url:
-            if "url_norm" in table.column_names:
-                url = _col(table, "url_norm", n, pa.string())
-            else:
-                url = pa.array([safe_normalize_url(u) for u in _col(table, "url", n, pa.string()).to_pylist()],
-                               pa.string())
-            url = pa.concat_arrays([url, _col(prior, "url_norm", nodes.m, pa.string())])
-            reject(*nodes.resolve(_codes(url, nodes.alive.copy())), "duplicate_url")
-        if params.near_hamming > 0 and "phash" in table.column_names:
-            cls._near(table, prior, params, nodes, reject)
-        if params.semantic and "image_emb" in table.column_names:
-            cls._semantic(table, params, nodes, reject)
-        return d
-
-    # ------------------------------------------------------------------------------------------------ near
-    @staticmethod
-    def _near(table, prior, params: DedupParams, nodes: _Nodes, reject) -> None:
-        k = params.near_hamming
-        full_a = nodes.both(table, prior, "phash", pa.int64())
-        has = np.asarray(full_a.is_valid()) & nodes.alive
-        full = to_unsigned(_int_np(full_a, 0))
-        nv = len(CROP_BOXES)
-        crops = np.zeros((nodes.n + nodes.m, nv), np.uint64)
-        crop_ok = np.zeros((nodes.n + nodes.m, nv), bool)
-        if params.near_crops:
-            ca = nodes.both(table, prior, "phash_crops", pa.list_(pa.int64()))
-            lens = _int_np(pc.list_value_length(ca), 0)
-            rows = np.flatnonzero((lens == nv) & has)
-            if rows.size:
-                vals = ca.take(pa.array(rows)).flatten()
-                crops[rows] = to_unsigned(_int_np(vals, 0)).reshape(rows.size, nv)
-                crop_ok[rows] = True
-        # The pool: every full hash, then every crop hash, each with its owner row. A pair of pool hashes within
-        # k is evidence when both are full hashes, or when one is a full hash of X, the other a crop hash of Y
-        # and X is the smaller image (a crop is smaller than what it was cut from; unknown sizes pass).
-        fr = np.flatnonzero(has)
-        if fr.size < 2:
-            return
-        cr, cv = np.nonzero(crop_ok)
-        owner = np.r_[fr, cr]
-        small = np.where(nodes.area > 0, nodes.area, 0)  # X's size (unknown: smallest)
-        large = np.where(nodes.area > 0, nodes.area, np.iinfo(np.int64).max)  # Y's size (unknown: largest)
-        ei, ej = evidence_edges(np.r_[full[fr], crops[cr, cv]], owner,
-                                np.r_[np.ones(fr.size, bool), np.zeros(cr.size, bool)], small[owner], large[owner],
-                                lambda uniq: distinct_pairs(uniq, k)[:2])
-        labels = components(nodes.n + nodes.m, ei, ej)
-        grouped = np.zeros(nodes.n + nodes.m, bool)
-        grouped[ei] = True
-        grouped[ej] = True
-        labels[~grouped] = -1
-        losers, survivors = nodes.resolve(labels)
-        dist, crop = near_distances(full, crops, crop_ok, losers, survivors)
-        hamming = concat("hamming=", as_text(pa.array(dist)))
-        via_crop = (dist > k) & (crop <= dist)
-        extra = pc.if_else(pa.array(via_crop), concat(hamming, ", crop hamming=", as_text(pa.array(crop))), hamming)
-        reject(losers, survivors, "duplicate_near", extra)
-
-    # -------------------------------------------------------------------------------------------- semantic
-    @staticmethod
-    def _semantic(table, params: DedupParams, nodes: _Nodes, reject) -> None:
-        n = nodes.n
-        emb = table.column("image_emb").combine_chunks()
-        valid = np.asarray(emb.is_valid()) & nodes.alive[:n]
-        lens = _int_np(pc.list_value_length(emb), 0)
-        rows = np.flatnonzero(valid & (lens > 0))
-        if rows.size < 2:
-            return
-        dim = int(np.bincount(lens[rows]).argmax())
-        rows = rows[lens[rows] == dim]
-        rows = rows[np.argsort(nodes.uid_rank[rows])]  # canonical order: k-means does not see row order
-        x = normalized_embeddings(emb.take(pa.array(rows)), dim)
-        c = semantic_cluster_count(params, rows.size)
-        lab = semantic_kmeans(c).fit_predict(x) if c > 1 else np.zeros(rows.size, np.int64)
-        thr = 1.0 - params.semantic_eps
-        ei, ej = [], []
-        order = np.argsort(lab, kind="stable")
-        bounds = np.searchsorted(lab[order], np.arange(c + 1))
-        for g in range(c):
-            mem = order[bounds[g]:bounds[g + 1]]
-            i, j = cluster_pairs(x[mem], thr)
-            ei.append(mem[i])
-            ej.append(mem[j])
-        ei, ej = np.concatenate(ei), np.concatenate(ej)
-        if not ei.size:
-            return
-        lab_local = components(rows.size, ei, ej)
-        grouped = np.zeros(rows.size, bool)
-        grouped[ei] = True
-        grouped[ej] = True
-        labels = np.full(nodes.n + nodes.m, -1, np.int64)
-        labels[rows[grouped]] = lab_local[grouped]
-        losers, survivors = nodes.resolve(labels)
-        pos = np.empty(n, np.int64)
-        pos[rows] = np.arange(rows.size)
-        cos = np.einsum("ij,ij->i", x[pos[losers]], x[pos[survivors]])
-        reject(losers, survivors, "duplicate_semantic", concat("cosine=", fixed(pa.array(cos), 3)))
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:

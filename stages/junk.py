@@ -1,17 +1,20 @@
 """junk: alt text with nothing usable left once normalised, one reason per kind.
 
 The stage reads the normalised caption: `text` as the clean stage left it (with its `clean_edits`), or, in a spec
-without a clean stage, `text` normalised here by the same function (stages.clean.normalize_caption). Markup,
-mojibake, slugs and file extensions are cleaned, not rejected: "Gotrek &amp; Felix", "<strong>Comet</strong>
-Paper Shredder", "Scorching June 14 for Alabama.jpg" are usable captions.
+without a clean stage, `text` normalised here by the same function (stages.clean.normalize_caption). It also reads
+what cleaning removed: the alt text as listed (clean's `text_raw`), so a caption that was only URLs, or a file
+name under a label ("Name: DSC_0294.jpg"), is junk whatever clean made of it. Markup, mojibake, slugs and file
+extensions are cleaned, not rejected: "Gotrek &amp; Felix", "<strong>Comet</strong> Paper Shredder", "Scorching
+June 14 for Alabama.jpg" are usable captions.
 
 Kinds, checked in this order; a row's `junk_kind` is the first that matches (its reason when the kind is enabled):
 
 - junk_html        markup only: the caption had HTML and no letter is left once it is stripped ("&nbsp;&amp;",
                    "&lt;img src=&quot;pic.jpg&quot;&gt;").
 - junk_emoji       no letter in any script: only emoji, symbols, punctuation or digits.
-- junk_url         the caption is only URLs or bare domains ("https://...", "www.x.org/u/1", "hitachi-solutions.jp"),
-                   or spells a domain out to dodge filters ("... www period tubetob period net": spam).
+- junk_url         the caption (or the alt text before cleaning) is only URLs or bare domains ("https://...",
+                   "www.x.org/u/1", "hitachi-solutions.jp"), or spells a domain out to dodge filters ("... www
+                   period tubetob period net": spam).
                    A URL inside a sentence ("Buy ... Online at johnlewis.com") is not junk.
 - junk_filename    a file name with no description in it: a camera name or a hash ("DSC00042", "IMG_20190305_123456",
                    "9f86d081884c7d65", a UUID), with or without its extension ("IMG_2231.JPG", "photo (3).jpeg",
@@ -19,7 +22,9 @@ Kinds, checked in this order; a row's `junk_kind` is the first that matches (its
                    word (has_description: a word of some language's list that is not a file or page word and not a
                    name, i.e. not about equally frequent in every language): "stackable-1",
                    "JeffHerrington_MBMiami-cover-500". File names and slugs that describe ("Scorching June 14 for
-                   Alabama.jpg", "kennedy_nixon_debate_first_chicago_1960") are cleaned into words and kept.
+                   Alabama.jpg", "kennedy_nixon_debate_first_chicago_1960") are cleaned into words and kept. Words
+                   phones, apps and stock sites put before a number count as file words ("received_1234567890.jpeg",
+                   "depositphotos_12345678-stock-photo.jpg"); a file name under a label is judged alone.
                    "Crocosmia in Pot PNG & PSD Images" and "Photo 15: DOWNTOWN Condo ..." are not file names.
 - junk_boilerplate the whole caption is a known empty phrase (BOILERPLATE, compared without case, digits or
                    punctuation: "click here", "Image 1 of 5", "Stock Photo", "untitled-3", "loading...") or starts
@@ -51,7 +56,8 @@ from pydantic import Field, field_validator
 
 from schemas.spec import StageParams, known_kinds
 from stages.base import Column, DecideContext, Decision, Reason, Resources, Stage, Threshold
-from stages.clean import normalize_caption
+from stages.clean import IMAGE_EXTENSIONS, normalize_caption
+from stages.nlp.urls import TLDS, only_urls
 
 JUNK_KINDS = ["junk_html", "junk_emoji", "junk_url", "junk_filename", "junk_boilerplate", "junk_repeated",
               "junk_too_long"]
@@ -79,26 +85,16 @@ KIND_DOCS = {
 }
 
 # ------------------------------------------------------------------------------------------------ url
-_TLDS = (
-    "com net org info biz edu gov mil int io co me tv us uk de fr jp ru cn it es nl au ca br in eu pl ch se no dk fi "
-    "at be cz gr hu pt ro tr ua kr tw hk sg nz za mx ar cl vn id my ph th ir il ie sk si hr rs bg lt lv ee is lu "
-    "xyz online shop store site club app dev blog news top live art online cc ly fm gl to ws"
-).split()
-_URL_TOKEN = re.compile(
-    r"^(?:(?:https?|ftp)://\S+|www\.\S+|[\w-]+(?:\.[\w-]+)*\.(?:" + "|".join(_TLDS) + r")(?::\d+)?(?:[/?#]\S*)?)$",
-    re.IGNORECASE,
-)
 
 
 # "www period example period net", "example dot com": a domain spelled out to get past filters (spam).
 _SPELLED_DOMAIN = re.compile(
-    r"\b(?:www\s+(?:dot|period)\s+\w+|\w+)\s+(?:dot|period)\s+(?:" + "|".join(_TLDS[:12]) + r")\b", re.IGNORECASE)
+    r"\b(?:www\s+(?:dot|period)\s+\w+|\w+)\s+(?:dot|period)\s+(?:" + "|".join(TLDS[:12]) + r")\b", re.IGNORECASE)
 
 
 def find_url(text: str) -> str | None:
-    tokens = text.split()
-    if tokens and all(_URL_TOKEN.match(t.strip("<>()[]\"'.,;")) for t in tokens):
-        return f"url {tokens[0][:60]}"
+    if only_urls(text):
+        return f"url {text.split()[0][:60]}"
     low = text.lower()
     m = _SPELLED_DOMAIN.search(text) if (" dot " in low or " period " in low) else None
     if m:
@@ -152,6 +148,11 @@ FILE_WORDS = frozenset((
     "background", "logo", "icon", "hero", "banner", "slider", "min", "img", "pic", "jpg", "jpeg", "png", "new", "old",
     "version", "ver", "rev", "draft", "sample", "test", "temp", "tmp", "export", "original", "orig", "hires", "lores",
     "mp", "mov", "avi", "raw", "scaled", "feature", "featured", "post", "blog", "site", "wp", "content", "uploads",
+    # what phones, apps and stock sites put before a number ("received_1234567890.jpeg", "media-1584739201.png",
+    # "depositphotos_12345678-stock-photo.jpg")
+    "received", "media", "mmexport", "snapchat", "picsart", "inshot", "retouch", "facetune", "vsco", "fb", "wa",
+    "stock", "shutterstock", "istock", "istockphoto", "depositphotos", "dreamstime", "alamy", "gettyimages",
+    "adobestock", "fotolia", "bigstock", "canstock", "freepik", "pexels", "pixabay", "unsplash",
     # camera and phone name prefixes (see _CAMERA)
     "dsc", "dscn", "dscf", "gopr", "dji", "pxl", "mvimg", "vid", "pano", "sam", "dcim", "cimg", "imag", "hpim",
     "sdc", "pict", "mvc"}
@@ -177,6 +178,22 @@ def find_filename(text: str, edits: tuple[str, ...] = ()) -> str | None:
     if "extension" in edits and not has_description(t):
         return f"filename without description {t[:60]}"
     return None
+
+
+# A file name under a label ("Name: DSC_0294.jpg", "File: scan0001.tif"): the label describes nothing either.
+_LABELLED_FILE = re.compile(
+    r"^\s*(?:file\s*name|file|name|image|img|photo|picture|pic|foto|attachment)\s*[:=]\s*(\S+\.(?:"
+    + "|".join(IMAGE_EXTENSIONS) + r"))\s*$", re.IGNORECASE)
+
+
+def find_raw_filename(raw: str) -> str | None:
+    """The alt text as listed (text_raw) was a file name under a label: judged as the file name alone."""
+    m = _LABELLED_FILE.match(raw)
+    if not m:
+        return None
+    stem, edits = normalize_caption(m.group(1))
+    d = find_filename(stem or "", edits)
+    return f"{d} (under a label)" if d else None
 
 
 def find_nondescript_slug(text: str, edits: tuple[str, ...] = ()) -> str | None:
@@ -305,25 +322,28 @@ def find_repeated(text: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ all kinds
-def junk_kind(text: str | None, max_chars: int = 1000, edits: tuple[str, ...] | None = None
-              ) -> tuple[str | None, str | None]:
+def junk_kind(text: str | None, max_chars: int = 1000, edits: tuple[str, ...] | None = None,
+              raw: str | None = None) -> tuple[str | None, str | None]:
     """(kind, detail) of the first junk kind the caption shows, (None, None) for a usable caption.
 
-    `edits` None: `text` is raw alt text, normalised here first. Otherwise `text` is already normalised and
-    `edits` are the clean stage's steps for it."""
+    `edits` None: `text` is raw alt text, normalised here first. Otherwise `text` is already normalised, `edits`
+    are the clean stage's steps for it and `raw` the alt text as listed (text_raw), read as evidence of what
+    cleaning removed: URLs only, or a file name under a label."""
     if text is None:
         return None, None
     if edits is None:
+        raw = text
         text, edits = normalize_caption(text)
+    raw = raw if raw is not None and raw != text else None
     t = text.strip()
     if not any(ch.isalpha() for ch in t):
         if "html" in edits:
             return "junk_html", "markup only"
         return ("junk_emoji", "no letters") if t else (None, None)
-    d = find_url(t)
+    d = find_url(t) or (raw and only_urls(raw) and f"url before cleaning {raw.split()[0][:60]}")
     if d:
         return "junk_url", d
-    d = find_filename(t, edits)
+    d = find_filename(t, edits) or (raw and find_raw_filename(raw))
     if d:
         return "junk_filename", d
     d = find_boilerplate(t)
@@ -342,8 +362,8 @@ def junk_kind(text: str | None, max_chars: int = 1000, edits: tuple[str, ...] | 
 
 class JunkStage(Stage):
     name = "junk"
-    version = 1
-    summary = "alt text that says nothing about the picture (judged after cleaning), one reason per kind"
+    version = 2
+    summary = "alt text that says nothing about the picture (judged after cleaning, and on the alt text as listed)"
     Params = JunkParams
     default_resources = Resources(cpus=1.0, batch_size=1024)
     columns = (
@@ -355,17 +375,22 @@ class JunkStage(Stage):
         if k == "junk_too_long" else Reason(k, KIND_DOCS[k], ("junk_kind", "junk_detail"))
         for k in KINDS)
 
+    # `text`; with a clean stage before it, also its `clean_edits` and the alt text as listed, `text_raw`
+    reads = ("text", "text_raw", "clean_edits")
+
     params: JunkParams
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         texts = batch.column("text").to_pylist()
         if "clean_edits" in batch.column_names:  # the clean stage ran: text is normalised, its edits recorded
             edits = [tuple(e.split(",")) if e else () for e in batch.column("clean_edits").to_pylist()]
+            raws = batch.column("text_raw").to_pylist() if "text_raw" in batch.column_names else [None] * len(texts)
         else:
             edits = [None] * len(texts)
+            raws = [None] * len(texts)
         kinds, details = [], []
-        for text, e in zip(texts, edits):
-            k, d = junk_kind(text, self.params.max_chars, e)
+        for text, e, raw in zip(texts, edits, raws):
+            k, d = junk_kind(text, self.params.max_chars, e, raw)
             kinds.append(k)
             details.append(d)
         return self.add_columns(batch, {"junk_kind": kinds, "junk_detail": details})

@@ -389,6 +389,25 @@ def score_table(scores: list, uids: list[str] | None = None) -> pa.Table:
     return pa.table({"uid": pa.array(uids, pa.string()), "clip_score": pa.array(scores, pa.float32())})
 
 
+class Decided:
+    def __init__(self, reason: list, detail: list):
+        self.reason, self.detail = reason, detail
+
+
+def decide_align(t: pa.Table, params: AlignParams, **kw) -> Decided:
+    """align as a build decides it: the threshold row by row, then the top fraction over the whole table (its
+    global step, flows.engine.global_decisions.decide_table; kw: ray_tasks, parts)."""
+    from flows.engine.global_decisions import decide_table
+
+    d = AlignStage.decide(t, params)
+    own = pa.array([0 if r else None for r in d.reason], pa.int32())  # rows the stage rejected row by row
+    g = decide_table("align", params, t.append_column("reject_pos", own), **kw).to_pylist()
+    by = {r["uid"]: (r["reason"], r["detail"]) for r in g}
+    uids = t.column("uid").to_pylist()
+    return Decided([by.get(u, (r, None))[0] for u, r in zip(uids, d.reason)],
+                   [by.get(u, (None, x))[1] for u, x in zip(uids, d.detail)])
+
+
 def test_decide_threshold():
     t = score_table([0.12, 0.28, 0.3, None, -0.5])
     d = AlignStage.decide(t, AlignParams(threshold=0.28))
@@ -403,7 +422,7 @@ def test_decide_top_fraction_exact_count(fraction):
     n = 1000
     scores = rng.normal(0.25, 0.05, n).astype(np.float32)
     t = score_table(scores.tolist() + [None] * 7)  # rows without a score are kept and do not count
-    d = AlignStage.decide(t, AlignParams(top_fraction=fraction))
+    d = decide_align(t, AlignParams(top_fraction=fraction))
     kept = [i for i in range(n) if d.reason[i] is None]
     assert len(kept) == math.floor(fraction * n + 0.5)
     assert all(r is None for r in d.reason[n:])
@@ -417,19 +436,19 @@ def test_decide_top_fraction_ties_and_row_order():
     # 10 rows, 6 share the score at the cut: top 0.3 keeps 3 -> the 0.9 and the two smallest uids of the 0.5s
     uids = ["k", "c", "x", "a", "m", "b", "z", "q", "d", "e"]
     scores = [0.5, 0.5, 0.1, 0.5, 0.9, 0.5, 0.5, 0.2, 0.5, 0.3]
-    d = AlignStage.decide(score_table(scores, uids), AlignParams(top_fraction=0.3))
+    d = decide_align(score_table(scores, uids), AlignParams(top_fraction=0.3))
     assert sorted(u for u, r in zip(uids, d.reason) if r is None) == ["a", "b", "m"]
     # global: the same rows in another order, or the table in chunks, give the same survivors
     perm = np.random.default_rng(1).permutation(10)
     t2 = score_table([scores[i] for i in perm], [uids[i] for i in perm])
     t2 = pa.concat_tables([t2.slice(0, 4), t2.slice(4)])
-    d2 = AlignStage.decide(t2, AlignParams(top_fraction=0.3))
+    d2 = decide_align(t2, AlignParams(top_fraction=0.3))
     assert sorted(u for u, r in zip(t2["uid"].to_pylist(), d2.reason) if r is None) == ["a", "b", "m"]
 
 
 def test_decide_threshold_and_top_fraction():
     scores = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-    d = AlignStage.decide(score_table(scores), AlignParams(threshold=0.15, top_fraction=0.5))
+    d = decide_align(score_table(scores), AlignParams(threshold=0.15, top_fraction=0.5))
     assert d.reason[:2] == ["low_alignment"] * 2
     assert d.reason[2:5] == ["below_top_fraction"] * 3 and d.reason[5:] == [None] * 5
 

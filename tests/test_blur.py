@@ -1,5 +1,5 @@
 """The blur stage: real photos against blurred copies, and its declarations reaching the spec, the report, `show`,
-refilter and the README table without any other file naming it."""
+and refilter without any other file naming it (the README table: tests/test_contract.py)."""
 from __future__ import annotations
 
 import io
@@ -98,10 +98,3 @@ def test_blur_in_a_real_build_report_show_and_refilter(tmp_path, capsys):
     child = refilter_flow(str(build), overrides=["blur.min_variance=0"], quiet=True)
     assert child["stats"]["rows_kept"] == 2 * n
 
-
-def test_declarations_reach_the_readme_table():
-    from stages import stage_table
-
-    assert "| `blur` |" in stage_table()
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert stage_table() in readme, "README's stage table is stale: `pairforge stages --markdown`"

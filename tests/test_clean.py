@@ -28,6 +28,14 @@ CASES = {  # raw alt text -> (normalised, edits)
     "Scorching June 14 for Alabama.jpg": ("Scorching June 14 for Alabama", ("extension",)),
     "https://example.com/a.jpg": ("https://example.com/a.jpg", ()),  # a URL stays whole, for junk
     "hitachi-solutions.jp": ("hitachi-solutions.jp", ()),
+    # URLs of many hyphens or underscores stay whole too, alone or inside a caption (issue 23)
+    "http://www.blog-example.fr/breves/le-community-manager-doit-il-travailler/":
+        ("http://www.blog-example.fr/breves/le-community-manager-doit-il-travailler/", ()),
+    "Photo by Ann - www.photos-de-voyage.fr/galerie/la-plage-de-nice":
+        ("Photo by Ann - www.photos-de-voyage.fr/galerie/la-plage-de-nice", ()),
+    "https://upload.example.org/thumb/The_Crew_of_KL_867.jpeg/520px-thumb.jpeg":
+        ("https://upload.example.org/thumb/The_Crew_of_KL_867.jpeg/520px-thumb.jpeg", ()),
+    "red_sofa see www.x.com/sofa_red": ("red sofa see www.x.com/sofa_red", ("slug",)),
     "inside-blue-mosque-istanbul-turkey": ("inside blue mosque istanbul turkey", ("slug",)),
     "MV046-CuteSpiderman-BW-Shirt.jpg": ("MV046 Cute Spiderman BW Shirt", ("extension", "slug")),
     "mount-everest-89590_1280": ("mount everest 89590 1280", ("slug",)),

@@ -59,6 +59,25 @@ def test_plain_reporter_writes_whole_lines_at_a_modest_rate():
     assert not any(c in out.getvalue() for c in ("\x1b", "\r", "…"))
 
 
+def test_fused_steps_end_with_their_own_time_and_rate():
+    """Stages fused in one pipeline start and end together; each one's last line states its own working seconds
+    (the StageTimer's sum, as the closing table does), not the pipeline's 3m23s."""
+    from flows.progress import phase, set_reporter
+
+    out, clock = io.StringIO(), Clock()
+    set_reporter(PlainReporter(out, interval_s=10, clock=clock))
+    try:
+        with phase("junk", total=2841) as junk, phase("safety", total=2841) as safety:
+            clock.t += 203
+            junk(2841, seconds=0.1)
+            safety(2841, seconds=190.0)
+    finally:
+        set_reporter(None)
+    lines = out.getvalue().splitlines()
+    assert "junk: done, 2,841 rows in 0.1s (28,410 rows/s)" in lines
+    assert "safety: done, 2,841 rows in 3m10s (15 rows/s)" in lines
+
+
 def test_export_quiet_and_json_off_a_terminal(tmp_path):
     shards = tmp_path / "b" / "shards"
     shards.mkdir(parents=True)
@@ -81,9 +100,9 @@ def test_show_and_catalog_accept_the_flags_and_fail_cleanly(tmp_path, flag):
     assert main(["show", str(tmp_path), "abc", flag]) == 2
 
 
-def test_ingest_reasons_are_explained_in_show_and_the_report(tmp_path):
+def test_reasons_are_explained_in_show_and_the_report(tmp_path):
     """too_many_redirects, tls_error, connection_refused, timeout...: `show` and the report say what each means and,
-    where a spec value decided it, which one."""
+    where a spec value decided it, which one; a stage's reason means what its stage declares."""
     from reporting.report import load_build, render_report
     from reporting.show import format_record, show_record
     from dataio.reasons import REASONS
@@ -110,3 +129,13 @@ def test_ingest_reasons_are_explained_in_show_and_the_report(tmp_path):
     cells = dict(rows)
     assert parsed.elements and cells["tls_error"] == REASONS["tls_error"]
     assert cells["too_many_redirects"] == REASONS["too_many_redirects"]
+    # a stage's reason: the meaning its stage declares (stages/junk.py), in the report and in `show`
+    from html import unescape
+
+    from stages import stage_class
+
+    doc = stage_class("junk").reason("junk_html").doc
+    junk = re.search(r'<tr data-stage="junk" data-reason="junk_html"[^>]*>.*?data-role="meaning">([^<]*)</td>', html)
+    assert doc and unescape(junk.group(1)) == doc
+    uid = next(u for u, s in zip(rejects["uid"].to_pylist(), rejects["stage"].to_pylist()) if s == "junk")
+    assert show_record(build, uid)["rejection"]["meaning"] == doc

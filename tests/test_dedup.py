@@ -5,6 +5,7 @@ import collections
 import hashlib
 import io
 import random
+import re
 from pathlib import Path
 
 import imagehash
@@ -14,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from flows.engine.global_decisions import decide_table
 from stages import stage_class
-from stages.base import DecideContext
 from stages.dedup import DedupParams, DedupStage, brute_pairs, distinct_pairs, image_hashes, near_pairs, to_signed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,10 +65,42 @@ def _processed(rows: list[dict]) -> pa.Table:
     return out.drop_columns(["image"])
 
 
-def _outcome(table: pa.Table, params: DedupParams | None = None, prior: pa.Table | None = None
+HEX_UID = re.compile(r"[0-9a-f]{32}")
+
+
+class Outcome:
+    """dedup's decisions over a table, in its row order: reason and detail per row (None: kept)."""
+
+    def __init__(self, reason: list, detail: list):
+        self.reason, self.detail = reason, detail
+
+
+def run_dedup(table: pa.Table, params: DedupParams | None = None, prior: pa.Table | None = None, **kw) -> Outcome:
+    """dedup's global steps (flows.engine.global_decisions.decide_table; kw: ray_tasks, parts) over a table whose
+    uids are names for the test: uids are 128-bit hex in builds, so names are hex-encoded (order kept) and mapped
+    back in the output and its details."""
+    names: dict[str, str] = {}
+
+    def hexed(t: pa.Table | None) -> pa.Table | None:
+        if t is None:
+            return None
+        uids = []
+        for u in t.column("uid").to_pylist():
+            h = u if HEX_UID.fullmatch(u) else u.encode().ljust(16, b"\0").hex()
+            names[h] = u
+            uids.append(h)
+        return t.set_column(t.column_names.index("uid"), "uid", pa.array(uids, pa.string()))
+
+    out = decide_table("dedup", params or DedupParams(), hexed(table), hexed(prior), **kw)
+    back = lambda text: HEX_UID.sub(lambda m: names.get(m.group(), m.group()), text)  # noqa: E731
+    got = {names[u]: (r, back(d)) for u, r, d in zip(*(out.column(c).to_pylist() for c in ("uid", "reason", "detail")))}
+    uids = table.column("uid").to_pylist()
+    return Outcome([got.get(u, (None, None))[0] for u in uids], [got.get(u, (None, None))[1] for u in uids])
+
+
+def _outcome(table: pa.Table, params: DedupParams | None = None, prior: pa.Table | None = None, **kw
              ) -> dict[str, tuple[str | None, str | None]]:
-    d = DedupStage.decide(table, params or DedupParams(), DecideContext(prior=prior))
-    assert len(d.reason) == len(d.detail) == table.num_rows
+    d = run_dedup(table, params, prior, **kw)
     return dict(zip(table.column("uid").to_pylist(), zip(d.reason, d.detail)))
 
 
@@ -78,6 +111,8 @@ def test_registered_and_declared():
     assert stage_class("dedup") is DedupStage
     assert stage_class("dedup").Params is DedupParams
     assert DedupStage.decides_globally(DedupParams())
+    assert [s.name for s in DedupStage.global_steps(DedupParams())] == ["exact", "url", "near", "semantic_clusters",
+                                                                        "semantic"]
     assert DedupStage.stats_columns() == ["phash", "phash_crops", "url_norm", "image_bytes"]
     p = DedupParams()
     assert (p.exact, p.url, p.near_hamming, p.semantic, p.semantic_eps, p.semantic_clusters) == (
@@ -215,7 +250,7 @@ def demo_rows(tmp_path_factory):
 
 def test_demo_corpus_duplicates(demo_rows):
     table, meta = demo_rows
-    d = DedupStage.decide(table, DedupParams())
+    d = run_dedup(table, DedupParams())
     groups = collections.defaultdict(list)
     for i, r in enumerate(meta):
         groups[r["group"]].append(i)
@@ -353,7 +388,7 @@ def test_semantic_duplicates():
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     uids = [f"{i:05d}" for i in range(n)]
     t = _emb_table(x, uids)
-    d = DedupStage.decide(t, DedupParams())
+    d = run_dedup(t, DedupParams())
     rejected = {i for i, r in enumerate(d.reason) if r is not None}
     assert all(d.reason[i] == "duplicate_semantic" for i in rejected)
     planted = {frozenset((int(a), int(b))) for a, b in zip(src, dst)}
@@ -363,11 +398,11 @@ def test_semantic_duplicates():
     assert d.detail[i].startswith("dup of ") and "cosine=" in d.detail[i]
     # deterministic under shuffling
     perm = rng.permutation(n)
-    d2 = DedupStage.decide(t.take(perm), DedupParams())
+    d2 = run_dedup(t.take(perm), DedupParams())
     assert {uids[perm[j]] for j, r in enumerate(d2.reason) if r} == {uids[j] for j in rejected}
     # semantic off, or no embeddings: no semantic rejects and no error
-    assert all(r is None for r in DedupStage.decide(t, DedupParams(semantic=False)).reason)
-    assert all(r is None for r in DedupStage.decide(t.drop_columns(["image_emb"]), DedupParams()).reason)
+    assert all(r is None for r in run_dedup(t, DedupParams(semantic=False)).reason)
+    assert all(r is None for r in run_dedup(t.drop_columns(["image_emb"]), DedupParams()).reason)
 
 
 def test_decide_on_a_table_without_stage_columns():
@@ -375,4 +410,4 @@ def test_decide_on_a_table_without_stage_columns():
                   "sha256": ["s1", "s2", "s1"]})
     out = _outcome(t)
     assert out == {"a": (None, None), "c": ("duplicate_exact", "dup of a"), "b": ("duplicate_url", "dup of a")}
-    assert DedupStage.decide(t.slice(0, 0), DedupParams()).reason == []
+    assert run_dedup(t.slice(0, 0), DedupParams()).reason == []

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from demo.scenes import sample_scene
-from training.eval import COMP_KINDS, demo_eval, eval_scenes, make_demo_builds, scene_edits
+from training.demo_eval import demo_eval, eval_scenes, make_demo_builds, scene_edits
+from training.eval import COMP_KINDS
 from training.train import LOSSES, make_model, char_tokenizer
 from schemas.train_spec import ModelSpec
 
@@ -89,7 +90,7 @@ def test_builds_and_eval_set_apart(tmp_path):
     kept = {r["uid"] for r in cur}
     assert kept < {r["uid"] for r in raw}  # curated = the true pairs of the raw build
     ev = eval_scenes(20)
-    assert all(e["negatives"] and e["text"] not in e["negatives"].values() for e in ev)
+    assert all(e["negatives"] and e["text"] not in [t for _, t in e["negatives"]] for e in ev)
     assert ev[0]["image"].size == (48, 48)
 
 
@@ -148,3 +149,105 @@ def test_eval_command_runs_the_flow(tmp_path, capsys):
     with Catalog(cat_path, read_only=True)._connect(write=False) as con:
         metrics = {row[0] for row in con.execute("SELECT metric FROM evals").fetchall()}
     assert {"proxy-clip/i2t_r1", "proxy-negclip/comp_mean", "proxy-tripletclip/comp_swap_att"} <= metrics
+
+
+# --------------------------------------------------------------------------- any builds, any evaluation set
+
+PHOTO_CAPTIONS = {"astronaut.png": "an astronaut", "chelsea.png": "a cat", "coffee.png": "a cup of coffee",
+                  "rocket.jpg": "a rocket", "motorcycle_left.png": "a motorcycle", "horse.png": "a horse",
+                  "camera.png": "a man with a camera", "china.jpg": "a temple", "flower.jpg": "a flower"}
+
+
+def _photo_jpegs(box: float) -> dict[str, bytes]:
+    """Each photo cropped to the central `box` of its sides, 64 px, as JPEG."""
+    import io
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    site = Path(np.__file__).resolve().parents[1]
+    out = {}
+    for name in PHOTO_CAPTIONS:
+        path = site / ("sklearn/datasets/images" if name in ("china.jpg", "flower.jpg") else "skimage/data") / name
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            dw, dh = int(w * (1 - box) / 2), int(h * (1 - box) / 2)
+            im = im.crop((dw, dh, w - dw, h - dh)).resize((64, 64))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=90)
+            out[name] = buf.getvalue()
+    return out
+
+
+def _photo_build(folder, build_id: str, shuffle: bool, negatives: bool):
+    """A small build of real photos (4 crops each) with their captions, or with the captions shuffled."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from schemas.columns import PAIR_SCHEMA, stage_fields
+    from schemas.records import make_uid
+
+    names = list(PHOTO_CAPTIONS)
+    captions = [PHOTO_CAPTIONS[n] for n in (names[3:] + names[:3] if shuffle else names)]
+    rows = []
+    for box in (1.0, 0.9, 0.8, 0.7):
+        for (name, data), text in zip(_photo_jpegs(box).items(), captions):
+            url = f"http://photos.test/{name}?crop={box}"
+            row = {"uid": make_uid(url, text), "url": url, "text": text, "source": "photos", "image": data,
+                   "width": 64, "height": 64, "build_id": build_id}
+            if negatives:
+                other = PHOTO_CAPTIONS[names[(names.index(name) + 1) % len(names)]]
+                row |= {"neg_captions": [{"kind": "replace_obj", "text": other}], "negatives_count": 1}
+            rows.append(row)
+    schema = pa.schema(list(PAIR_SCHEMA) + (stage_fields("negatives_text") if negatives else []))
+    (folder / "shards").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / "shards" / "part-00000-000.parquet")
+    (folder / "manifest.json").write_text(json.dumps({"build_id": build_id}))
+    return folder
+
+
+def test_eval_of_two_builds_on_an_evaluation_set_of_their_own(tmp_path, capsys):
+    """`pairforge eval A B --eval-set SET`: two builds of real photos (true captions vs shuffled ones) and an
+    evaluation set of other crops of them with negative captions of two kinds; no demo scene involved."""
+    import json
+
+    from catalogs import Catalog
+    from flows.cli import main
+    from training.eval import load_eval_set, write_eval_set
+
+    a = _photo_build(tmp_path / "true-captions", "build-a", shuffle=False, negatives=True)
+    b = _photo_build(tmp_path / "shuffled", "build-b", shuffle=True, negatives=False)
+    names = list(PHOTO_CAPTIONS)
+    items = [{"text": PHOTO_CAPTIONS[n], "image": data, "negatives": [
+        ("replace_obj", PHOTO_CAPTIONS[names[i - 1]]), ("add_obj", f"{PHOTO_CAPTIONS[n]} and a dog")]}
+        for i, (n, data) in enumerate(_photo_jpegs(0.85).items())]
+    eval_set = write_eval_set(items, tmp_path / "photo-eval" / "set.parquet")
+    read = load_eval_set(eval_set)
+    assert [it["negatives"] for it in read] == [it["negatives"] for it in items] and read[0]["image"].size == (64, 64)
+    assert load_eval_set(a, limit=5)[0]["negatives"] == [("replace_obj", "a cat")]  # a build is a set too
+
+    cat_path = tmp_path / "catalog.duckdb"
+    common = ["--eval-set", str(eval_set), "--steps", "8", "--batch-size", "8", "--catalog", str(cat_path),
+              "--out", str(tmp_path / "eval"), "--json"]
+    assert main(["eval", str(a), str(b), *common]) == 0
+    out = capsys.readouterr().out
+    results = json.loads(out[out.index("["):])
+    assert [(r["name"], r["build_id"], r["loss"]) for r in results] == [
+        ("true-captions/clip", "build-a", "clip"), ("shuffled/clip", "build-b", "clip")]
+    for r in results:
+        m = r["metrics"]
+        assert {k for k in m if k.startswith("comp_")} == {"comp_replace_obj", "comp_add_obj", "comp_mean"}
+        assert m["comp_mean"] == (m["comp_replace_obj"] + m["comp_add_obj"]) / 2
+        assert 0.0 <= m["i2t_r1"] <= m["i2t_r5"] <= 1.0 and 0.0 <= m["t2i_r1"] <= m["t2i_r5"] <= 1.0
+    with Catalog(cat_path, read_only=True)._connect(write=False) as con:
+        rows = con.execute("SELECT build_id, metric, detail FROM evals").fetchall()
+    assert {r[0] for r in rows} == {"build-a", "build-b"}
+    assert all(json.loads(r[2])["eval_set"] == str(eval_set) and json.loads(r[2])["eval_pairs"] == 9 for r in rows)
+
+    # a loss the build cannot train with: one clear line, before any training
+    assert main(["eval", str(a), str(b), "--loss", "negclip", *common]) == 2
+    assert "shuffled/shards: loss negclip needs the neg_captions column" in capsys.readouterr().err

@@ -226,8 +226,9 @@ def test_stages_that_do_not_fit_the_machine(tmp_path, capsys):
     rc, out, err = run(["curate", str(p), "--json"], capsys)
     assert rc == 2, err
     obj = json.loads(out)
-    assert obj["error"] == "the stages' actor pools do not fit this machine (2 CPUs, 0 GPUs)"
-    assert obj["where"] == f"{p}, stages" and "hold 2 of the cluster's 2 CPUs" in obj["hint"]
+    assert obj["error"].startswith("the model stages' actor pools hold 2 of the cluster's 2 CPUs (safety: 1 x 1, "
+                                   "text: 1 x 1)") and obj["error"].endswith("the pipeline would stall")
+    assert obj["where"] == f"{p}, stages" and obj["hint"].startswith("Lower those stages' `cpus` or `pool_size`")
     assert not (tmp_path / "builds").exists()
 
 

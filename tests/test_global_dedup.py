@@ -1,13 +1,14 @@
-"""Distributed global dedup (flows.engine.global_dedup): the same decisions as DedupStage.decide, row for row."""
+"""dedup's global steps: in one process and as Ray tasks, the same decisions; near duplicates only as copies of kept
+rows (no chains); the partitioned near search finds every pair once."""
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from flows.engine.global_dedup import NearPlan, _near_entries, _near_partition_edges, dedup_decisions
-from stages.base import DecideContext
-from stages.dedup import DedupParams, DedupStage, brute_pairs
+from stages.dedup import DedupParams, NearPlan, _near_group, _near_keys, brute_pairs, to_unsigned
+from stages.steps import KEY, PRIOR, ROW
+from tests.test_dedup import run_dedup
 
 K = 6
 
@@ -26,7 +27,7 @@ def metadata(n: int, seed: int, dim: int = 16) -> pa.Table:
     equal files (uid decides), and near-identical image embeddings.
     """
     rng = np.random.default_rng(seed)
-    uid = [f"{rng.integers(0, 2**62):016x}{i:08x}" for i in range(n)]
+    uid = [f"{rng.integers(0, 2**62):016x}{i:016x}" for i in range(n)]
     sha = [f"{v:064x}" for v in rng.integers(0, 2**62, size=n)]
     url = [f"http://site{i % 97}.example.com/img/{i}.jpg" for i in range(n)]
     phash = [int(v) for v in rng.integers(-2**63, 2**63 - 1, size=n, dtype=np.int64)]
@@ -117,90 +118,90 @@ def prior_rows(table: pa.Table, seed: int) -> pa.Table:
                      "phash": pa.array(ph, pa.int64()), "phash_crops": t.column("phash_crops")})
 
 
-def _reference(table: pa.Table, params: DedupParams, prior: pa.Table | None) -> dict:
-    d = DedupStage.decide(table, params, DecideContext(prior=prior))
+def _decided(d, table: pa.Table) -> dict:
     return {u: (r, t) for u, r, t in zip(table.column("uid").to_pylist(), d.reason, d.detail) if r is not None}
-
-
-def _distributed(table: pa.Table, params: DedupParams, prior: pa.Table | None, **kw) -> dict:
-    import ray
-
-    out = dedup_decisions(ray.data.from_arrow(table), params,
-                          ray.data.from_arrow(prior) if prior is not None else None, **kw)
-    got = pa.concat_tables(list(out.iter_batches(batch_format="pyarrow", batch_size=None)) or
-                           [pa.table({"uid": [], "reason": [], "detail": []})]).to_pylist()
-    result = {r["uid"]: (r["reason"], r["detail"]) for r in got}
-    assert len(result) == len(got), "a uid was rejected twice"
-    return result
 
 
 @pytest.fixture(scope="module")
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=2**30, include_dashboard=False, log_to_driver=False,
-             logging_level="WARNING", configure_logging=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=400 * 2**20)
     yield
     ray.shutdown()
 
 
-def _check(table: pa.Table, params: DedupParams, prior: pa.Table | None, **kw) -> dict:
-    ref = _reference(table, params, prior)
-    got = _distributed(table, params, prior, **kw)
+def test_in_process_and_as_ray_tasks_the_same_decisions(local_ray):
+    table = metadata(3000, seed=3)
+    prior = prior_rows(table, seed=4)
+    ref = _decided(run_dedup(table, DedupParams(), prior), table)
+    got = _decided(run_dedup(table, DedupParams(), prior, ray_tasks=True, parts=5), table)
     assert got == ref
-    return ref
-
-
-def test_same_decisions_as_decide(local_ray):
-    table = metadata(900, seed=1)
-    ref = _check(table, DedupParams(), None, partitions=5)
     reasons = {r for r, _ in ref.values()}
     assert reasons == {"duplicate_exact", "duplicate_url", "duplicate_near", "duplicate_semantic"}
-    assert any("crop hamming=" in d for _, d in ref.values())  # a crop copy decided through its crop hashes
+    assert any("in an earlier build" in t for _, t in ref.values())
 
 
-def test_same_decisions_with_prior_rows_and_files(local_ray, tmp_path):
-    table = metadata(700, seed=2)
-    prior = prior_rows(table, seed=3)
-    ref = _check(table, DedupParams(semantic_clusters=3), prior, partitions=3)
-    earlier = [r for r, d in ref.values() if "in an earlier build" in d]
-    assert {"duplicate_exact", "duplicate_url", "duplicate_near"} <= set(earlier)
-    # near alone (the rows are numbered by a pass of their own), without crop hashes, through Parquet files
-    _check(table, DedupParams(exact=False, url=False, near_crops=False, semantic=False), prior,
-           tmp_dir=str(tmp_path / "work"))
-    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())  # cleaned up
-    _check(table.slice(0, 0), DedupParams(), None)
+def _chains(n: int, k: int, seed: int) -> np.ndarray:
+    """Random hashes where most rows sit in long chains, each link 1..k bits from the previous one."""
+    rng = np.random.default_rng(seed)
+    h = rng.integers(0, 2**64, size=n, dtype=np.uint64)
+    i = 0
+    while i < n - 1:
+        length = int(rng.integers(2, 60))
+        for j in range(i + 1, min(n, i + length)):
+            bits = rng.choice(64, int(rng.integers(1, k + 1)), replace=False)
+            h[j] = h[j - 1] ^ np.uint64(sum(1 << int(b) for b in bits))
+        i += length
+    return h
 
 
-def test_semantic_clusters_from_a_sample(local_ray):
-    """Above semantic_sample rows k-means is fitted on a sample (NeMo Curator's way): near-identical embeddings
-    still fall in one cluster, so the planted copies are found as decide finds them."""
-    table = metadata(900, seed=4)
-    params = DedupParams(exact=False, url=False, near_hamming=0)
-    ref = _reference(table, params, None)
-    got = _distributed(table, params, None, semantic_sample=200)
-    assert len(ref) >= 30 and {r for r, _ in got.values()} == {"duplicate_semantic"}
-    same = sum(got.get(u) == v for u, v in ref.items())
-    assert same >= 0.9 * max(len(ref), len(got)), (same, len(ref), len(got))
+@pytest.mark.parametrize("n", [500, 5000])
+def test_near_duplicates_are_copies_of_kept_rows(n):
+    """On long chains: every rejected row is within k of the kept row its detail names, no two kept rows are within k
+    of each other, and a row is kept only if no better row within k is kept (the greedy rule)."""
+    k = 6
+    h = _chains(n, k, seed=n)
+    uid = [f"{i:032x}" for i in range(n)]
+    area = np.random.default_rng(1).integers(1, 1000, size=n)
+    t = pa.table({"uid": uid, "phash": pa.array(h.view(np.int64)), "original_width": pa.array(area, pa.int32()),
+                  "original_height": pa.array(np.ones(n), pa.int32())})
+    d = run_dedup(t, DedupParams(exact=False, url=False, near_crops=False, semantic=False))
+    at = {u: i for i, u in enumerate(uid)}
+    kept = np.array([r is None for r in d.reason])
+    assert (~kept).sum() > n // 4  # the chains give the rule work to do
+    for i in np.flatnonzero(~kept):
+        keeper = at[d.detail[i].split()[2]]
+        dist = int(np.bitwise_count(h[i] ^ h[keeper]))
+        assert kept[keeper] and dist <= k and f"hamming={dist})" in d.detail[i]
+    ri, rj, _ = brute_pairs(h, k)
+    assert not (kept[ri] & kept[rj]).any()  # the kept rows are independent
+    # the greedy rule: best first (larger area, then smaller uid); a row is rejected iff a better kept row is within k
+    better = lambda a, b: (area[a], -a) > (area[b], -b)  # noqa: E731
+    for a, b in zip(ri.tolist(), rj.tolist()):
+        win, lose = (a, b) if better(a, b) else (b, a)
+        if kept[win]:
+            assert not kept[lose]
 
 
 @pytest.mark.parametrize("k", [1, 3, 6, 9])
-def test_partitioned_near_search_equals_brute_force(k):
-    """Every pair within k found exactly once across the partitions, on distinct hashes with planted pairs."""
+def test_partitioned_near_search_finds_every_pair_once(k):
+    """Every pair within k found in exactly one partition, on distinct hashes with planted pairs."""
     rng = np.random.default_rng(k)
     h = rng.integers(0, 2**64, size=6000, dtype=np.uint64)
     slots = rng.permutation(h.size)
     for t in range(0, 2 * 30 * (k + 2), 2):
         h[slots[t + 1]] = h[slots[t]] ^ np.uint64(sum(1 << int(b) for b in rng.choice(64, t // 60, replace=False)))
     h = np.unique(h)
-    plan = NearPlan.make(k, h.size, per_partition=500)
-    assert plan.groups == k + 1 and plan.partitions > plan.groups
-    batch = pa.table({"phash": pa.array(h.view(np.int64)), "node": pa.array(np.arange(h.size)),
-                      "area": pa.array(np.ones(h.size, np.int64)),
-                      "phash_crops": pa.nulls(h.size, pa.list_(pa.int64()))})
-    entries = _near_entries(batch, plan, crops=False)
-    edges = [_near_partition_edges(entries.slice(i, 1), plan) for i in range(entries.num_rows)]
+    n = h.size
+    assert NearPlan.make(k, n).groups == k + 1  # the keys: a partition of each mask group
+    rows = pa.table({ROW: pa.array(np.arange(n, dtype=np.int64)), PRIOR: pa.array(np.zeros(n, bool)),
+                     "uid": [f"{i:032x}" for i in range(n)], "phash": pa.array(h.view(np.int64))})
+    params = DedupParams(near_hamming=k, near_crops=False)
+    state = {"rows": n}
+    entries = _near_keys(rows, params, state)
+    keys = entries.column(KEY).to_numpy()
+    edges = [_near_group(entries.filter(pa.array(keys == key)), params, state) for key in np.unique(keys)]
     a = np.concatenate([e.column("a").to_numpy() for e in edges])
     b = np.concatenate([e.column("b").to_numpy() for e in edges])
     got = list(zip(np.minimum(a, b).tolist(), np.maximum(a, b).tolist()))
@@ -208,3 +209,4 @@ def test_partitioned_near_search_equals_brute_force(k):
     assert len(got) == len(set(got))  # each pair in one partition only
     assert set(got) == set(zip(ri.tolist(), rj.tolist()))
     assert len(got) >= 30 * k
+    assert (np.bitwise_count(to_unsigned(h)[a] ^ to_unsigned(h)[b]) <= k).all()

@@ -83,12 +83,13 @@ def test_fractional_gpus_put_several_actors_on_one_gpu(tiny_clip, tmp_path):  # 
     import ray
 
     import flows.engine.runner as fb
+    from flows.engine.resources import fit_resources
 
     (tmp_path / "u.csv").write_text("url,caption\nhttp://example.com/a.jpg,a red circle\n")
     spec = parse_spec({"dataset": "t", "source": {"urls": "u.csv"},
                        "stages": [{"align": {"model": str(tiny_clip), "gpus": 0.5, "cpus": 0.5, "batch_size": 8}}]},
                       tmp_path)
-    assert fb.check_pool_budget(spec, 4, 1) == {0: 2}
+    assert fit_resources(spec, 4, 1)[0].pool_size == 2
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=4, num_gpus=1, object_store_memory=512 * 2**20, include_dashboard=False,

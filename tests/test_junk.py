@@ -27,6 +27,11 @@ POSITIVES: dict[str, list[str]] = {
         "123e4567-e89b-12d3-a456-426614174000", "untitled-1.png", "GOPR0123.MP4.jpg",
         # file-name stems and slugs with no description word (issue 15)
         "stackable-1", "JeffHerrington_MBMiami-cover-500", "final_banner_v2", "DSC_0042-edit",
+        # file names phones, apps and stock sites make around a long number (issue 23)
+        "received_1234567890123456.jpeg", "media-1584739201-0001.png", "depositphotos_12345678-stock-photo.jpg",
+        "mmexport1584739201234.jpg", "fb_img_1583838383838.jpg", "wp-1584739201.jpg",
+        # a file name under a label (issue 23)
+        "Name: DSC_0294.jpg", "File: scan0001.tif", "Image: 5d2f8a1b9c3e4f77.png",
     ],
     "junk_url": [
         "https://www.example.com/images/123.jpg", "http://cdn.shop-site.net/gallery?id=12&size=large",
@@ -67,6 +72,9 @@ CLEANED = {
         "Comet America Paper Shredder 12 Sheet Cross-cut in Black",
     "CafÃ© de Flore, Paris": "Café de Flore, Paris",
     "shaker-heritage-barn-wedding-day007.jpg": "shaker heritage barn wedding day007",
+    "sunset-beach-maldives-1584739201.jpg": "sunset beach maldives",
+    "chocolate_chip_cookies_recipe_1584739201.jpg": "chocolate chip cookies recipe",
+    "Name: Red leather sofa.jpg": "Name: Red leather sofa",
     "Scorching June 14 for Alabama.jpg": "Scorching June 14 for Alabama",
     "Image is loading NWT-Polo-Sport-Ralph-Lauren-Drawstring-Bag-Backpack- 8de65cd444aa4":
         "NWT Polo Sport Ralph Lauren Drawstring Bag Backpack",
@@ -173,6 +181,25 @@ def test_markup_mojibake_and_slugs_are_cleaned_not_rejected():
     out = JunkStage(JunkParams())(cleaned)
     assert out.column("junk_kind").to_pylist() == [None] * len(CLEANED) + ["junk_filename", "junk_html"]
     assert out.column("text").to_pylist()[:len(CLEANED)] == list(CLEANED.values())
+
+
+def test_junk_reads_what_clean_removed():
+    """Issue 23: the alt text as listed (clean's text_raw) is evidence too, whatever clean made of it."""
+    # a URL a normaliser split into words is still a URL
+    assert junk_kind("blog example fr breves le community manager", 1000, ("slug",),
+                     "http://www.blog-example.fr/breves/le-community-manager")[0] == "junk_url"
+    # a file name under a label is judged as the file name alone
+    assert junk_kind("Name: DSC 0294", 1000, ("extension", "slug"), "Name: DSC_0294.jpg")[0] == "junk_filename"
+    assert junk_kind("Name: Red leather sofa", 1000, ("extension",), "Name: Red leather sofa.jpg") == (None, None)
+    # through the stages: junk declares and reads text_raw
+    assert set(JunkStage.reads) == {"text", "text_raw", "clean_edits"}
+    raw = ["Name: DSC_0294.jpg", "http://www.blog-example.fr/breves/le-community-manager-doit-il-travailler/",
+           "Photo by Ann - www.photos-de-voyage.fr/galerie/la-plage-de-nice"]
+    out = JunkStage(JunkParams())(CleanStage(CleanParams())(pa.table({"text": pa.array(raw, pa.string())})))
+    assert out.column("junk_kind").to_pylist() == ["junk_filename", "junk_url", None]
+    # without text_raw (a table from before it existed) the stage still runs on text and clean_edits
+    no_raw = pa.table({"text": ["Name: DSC 0294"], "clean_edits": ["extension,slug"]})
+    assert JunkStage(JunkParams())(no_raw).column("junk_kind").to_pylist() == [None]
 
 
 def test_empty_caption_is_not_junk():

@@ -48,7 +48,7 @@ def s3_build(s3_bucket, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("s3build")
     d = make_demo(root, 200, ingest={"shard_rows": 10}, stages=STAGES, out=f"s3://{s3_bucket}/builds",
-                  decide={"driver_max_rows": 0})  # global decisions as distributed Ray Data operations, as at scale
+                  decide={"driver_max_rows": 0})  # global decisions as Ray tasks with shuffles, as at scale
     urls = pq.read_table(d["corpus"] / "urls.parquet")
     pq.write_table(urls.take(list(range(0, urls.num_rows, urls.num_rows // N))[:N]), root / "urls.parquet")
     urls_key = "sources/urls.parquet"  # every 5th row of the demo list (the smallest demo corpus is 200 rows)

@@ -1,6 +1,8 @@
-"""Decisions in the pipeline: row-wise stages batch by batch in spec order, global stages skipped there; the
-distributed top-fraction cutoff equals align's own decide() over the same rows, ties included."""
+"""Decisions in the pipeline: every stage's row-wise decide() batch by batch in spec order (global steps come
+after the pipeline); the top fraction run as Ray tasks keeps exactly the rows it keeps in one process."""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -8,7 +10,7 @@ import pytest
 
 from flows.engine.decide import decide_rowwise, global_positions
 from schemas.spec import parse_spec
-from stages.align import AlignParams, AlignStage
+from stages.align import AlignParams
 
 
 def spec(tmp_path, stages):
@@ -48,10 +50,10 @@ def ray_local():
 
 
 @pytest.mark.parametrize("fraction", [0.3, 0.5, 0.97, 0.001])
-def test_distributed_top_fraction_equals_aligns_decide(ray_local, fraction):
-    import ray
-
-    from flows.engine.global_decisions import top_fraction_cutoff
+def test_top_fraction_as_ray_tasks_equals_in_process(ray_local, fraction):
+    """The distributed cutoff (a sample brackets it, only the bracket travels) keeps exactly the rows the
+    in-process step keeps, ties included, and those are the top rows by (score desc, uid asc)."""
+    from tests.test_align import decide_align
 
     rng = np.random.default_rng(7)
     n = 5000
@@ -59,13 +61,9 @@ def test_distributed_top_fraction_equals_aligns_decide(ray_local, fraction):
     scores[rng.random(n) < 0.05] = np.nan
     uids = [f"{i:032x}" for i in rng.permutation(n)]
     table = pa.table({"uid": uids, "clip_score": pa.array(scores, pa.float32(), mask=np.isnan(scores))})
-    want = AlignStage.decide(table, AlignParams(top_fraction=fraction)).reason
-    cut = top_fraction_cutoff(ray.data.from_arrow(table).repartition(7), "clip_score", fraction, sample=500)
-    s = table.column("clip_score").to_numpy(zero_copy_only=False)
-    if cut is None:
-        got = [None] * n
-    else:
-        cs, cu = cut
-        got = ["below_top_fraction" if not np.isnan(v) and (v < cs or (v == cs and u > cu)) else None
-               for v, u in zip(s, uids)]
+    want = decide_align(table, AlignParams(top_fraction=fraction)).reason
+    got = decide_align(table, AlignParams(top_fraction=fraction), ray_tasks=True, parts=4).reason
     assert got == want
+    ranked = sorted((-float(s), u) for s, u in zip(scores, uids) if not np.isnan(s))
+    keep = {u for _, u in ranked[:math.floor(fraction * len(ranked) + 0.5)]}
+    assert {u for u, r, s in zip(uids, want, scores) if r is None and not np.isnan(s)} == keep

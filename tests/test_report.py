@@ -542,7 +542,9 @@ def test_show_names_the_stage_reason_and_stat(demo, capsys):
     assert rec["uid"] == row["uid"] and rec["status"] == "rejected"
     assert rec["rejection"] == {"stage": "basic", "reason": "caption_too_few_words", "detail": row["detail"],
                                 "stats": {"caption_words": row["caption_words"]},
-                                "param": {"name": "basic.min_words", "value": 3}}
+                                "param": {"name": "basic.min_words", "value": 3},
+                                "meaning": "the caption has fewer than min_words words"}  # basic's declaration
+    assert "meaning: the caption has fewer than min_words words" in out
     assert "image" not in rec["columns"] and rec["summaries"]["image"]["format"] == "JPEG"
 
     ingest = next(r for r in rej.to_pylist() if r["stage"] == "ingest")

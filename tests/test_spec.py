@@ -69,22 +69,22 @@ def test_cli_fails_before_any_work(tmp_path):
 
 def test_actor_pools_that_would_stall_ray_data_are_refused(tmp_path):
     from flows.engine.context import BuildError
-    from flows.engine.runner import check_pool_budget
+    from flows.engine.resources import fit_resources
     from schemas.spec import load_spec
 
     p = write(tmp_path, GOOD | {"stages": [{"basic": {}}, {"safety": {"cpus": 0.5}}, {"text": {"cpus": 0.5}},
                                           {"align": {"cpus": 0.5}}]})
     spec = load_spec(p)
     with pytest.raises(BuildError, match="hold 1.5 of the cluster's 2 CPUs"):
-        check_pool_budget(spec, 2.0)
-    check_pool_budget(spec, 4.0)  # enough room: no error
+        fit_resources(spec, 2.0)
+    fit_resources(spec, 4.0)  # enough room: no error
 
 
 def test_gpu_stages_fill_their_share_of_the_gpus(tmp_path):
     """A GPU stage without pool_size gets as many actors as its gpus fit in its share of the GPUs (several per GPU
-    when gpus is fractional), bounded by the CPUs; pools that want more GPUs than the cluster has are refused."""
+    when gpus is fractional), their CPUs shared out; pools that want more GPUs than the cluster has are refused."""
     from flows.engine.context import BuildError
-    from flows.engine.runner import check_pool_budget, pool_sizes
+    from flows.engine.resources import fit_resources, pool_sizes
 
     def spec(*stages):
         return load_spec(write(tmp_path, GOOD | {"stages": [{"basic": {}}, *stages]}))
@@ -92,12 +92,12 @@ def test_gpu_stages_fill_their_share_of_the_gpus(tmp_path):
     quarter = spec({"align": {"gpus": 0.25}})
     assert pool_sizes(quarter, 16, 1) == {1: 4}
     assert pool_sizes(quarter, 16, 2) == {1: 8}
-    assert pool_sizes(quarter, 4, 1) == {1: 3}  # 4 CPUs less one for a prepare task, 1 CPU per actor
-    assert check_pool_budget(quarter, 16, 1) == {1: 4}
+    assert pool_sizes(quarter, 4, 1) == {1: 4}  # four actors on 3 CPUs (4 less one for the reads): 0.75 each
+    assert fit_resources(quarter, 4, 1)[1].cpus == 0.75
     assert pool_sizes(spec({"align": {}}), 16, 1) == {1: 1}  # a CPU stage keeps its default pool
     shared = spec({"align": {"gpus": 0.5}}, {"recaption": {"gpus": 0.25, "cpus": 0.5}})
     assert pool_sizes(shared, 16, 1) == {1: 1, 2: 2}  # half a GPU each
     fixed = spec({"align": {"gpus": 0.5, "pool_size": 1}}, {"recaption": {"gpus": 0.25, "cpus": 0.5}})
     assert pool_sizes(fixed, 16, 1) == {1: 1, 2: 2}
     with pytest.raises(BuildError, match="want 2 GPUs .* the cluster has 1"):
-        check_pool_budget(spec({"align": {"gpus": 1, "pool_size": 2}}), 16, 1)
+        fit_resources(spec({"align": {"gpus": 1, "pool_size": 2}}), 16, 1)

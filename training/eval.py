@@ -1,5 +1,20 @@
 """`pairforge eval`: DataComp in miniature. Train the same small proxy CLIP with the same compute on each build,
-evaluate on a set drawn apart from every build, print a table, record every metric in the catalog.
+evaluate every model on one evaluation set, print a table, record every metric in the catalog.
+
+    pairforge eval BUILD_A BUILD_B --eval-set SET [--loss clip --loss negclip]   two builds of your own
+    pairforge eval                                                               the demo default
+
+Builds: finished build folders (their `shards/`; the build id from manifest.json, or build.json), or any folder of
+pairforge shards (columns uid, text, image). negclip needs the `neg_captions` column (the negatives_text stage);
+tripletclip also a `hard-negatives/` folder of negative images (loaders.pairs: uid, neg_image, neg_text).
+
+Evaluation set: pairs with captions and, for compositional accuracy, hard negative captions. A Parquet file, a
+folder of them, or a build folder (its shards), with columns
+    image          the encoded image (bytes)
+    text           its true caption
+    neg_captions   optional: list<struct<kind, text, ...>>, captions false of the image (the negatives_text stage's
+                   column, so a build with that stage is an evaluation set; SugarCrepe's kinds, or any)
+Nothing of an evaluation set may be in a build (the protocol cannot check that: keep them apart).
 
 Protocol (`compare`):
 - proxy model: a tiny transformers CLIPModel (PROXY_MODEL: 48 px, patch 8, 2+2 layers of width 64, a word tokenizer
@@ -8,224 +23,122 @@ Protocol (`compare`):
   Equal compute means equal optimiser steps over equal batches of pairs: negclip also encodes the pairs' negative
   captions (PROXY_MAX_NEGATIVES each) and tripletclip also a counterfactual image a pair, as those papers do, so
   their steps cost more time (tripletclip about 2.5x clip's here).
-- evaluation set: `eval_scenes(n, seed=EVAL_SEED)`, fresh demo scenes (demo.scenes) from a seed stream no
-  build uses ("pairforge-eval/{seed}/{i}"), rendered at the training size and JPEG-encoded like the builds.
-- metrics: image->text and text->image R@1 / R@5 among the eval scenes (training.train.retrieval_metrics), and
-  SugarCrepe-style compositional accuracy per kind: the image's true caption scores above a hard negative made by
-  editing the Scene (so the negative is false of the picture by construction) and captioning it with the same
-  caption variant:
-      replace_att   one group's colour -> another colour          replace_obj  one group's shape -> another shape
-      replace_rel   the relation reversed (left of <-> right of, above <-> below)
-      swap_att      the colours of two groups exchanged           swap_obj     the shapes of two groups exchanged
-      add_obj       a second group added next to a lone group     replace_cnt  a group's count changed (SugarCrepe
-                                                                               files counts under replace_att)
-  `comp_mean` is the mean over kinds.
+- metrics: image->text and text->image R@1 / R@5 among the set's pairs (training.train.retrieval_metrics), and
+  SugarCrepe-style compositional accuracy per kind: the share of (image, negative) where the image's true caption
+  scores above the negative. `comp_mean` is the mean over the kinds present.
+Each build id gets metrics "proxy-<loss>/<metric>" (with the seed and the evaluation set in the detail) via
+Catalog.record_eval.
 
-Demo comparisons (`demo_eval`, what `pairforge eval --demo` and tests/test_eval.py run):
-1. raw vs curated: two builds of the same demo scenes (`make_demo_builds`). raw = every pair as a crawl delivers
-   it: `wrong_frac` of the captions belong to another scene (the demo corpus's wrong_caption kind) and `dup_frac`
-   extra exact duplicates; curated = what the demo filters keep: the true pairs, duplicates removed, with the
-   negatives_text column (neg_captions) added. Both train with loss clip.
-2. without vs with hard negatives: clip vs negclip (negative captions) and tripletclip (negative captions plus one
-   counterfactual image a pair with its caption, in the curated build's `hard-negatives/` folder) on the curated
-   build. The negatives are Scene edits of the kinds above, the images the edited scene redrawn with the same
-   layout seed (the demo's render editor); for the demo domain they are true negatives by construction; for real
-   builds stages/negatives_text.py and flows/negatives.py write the same columns.
-   Measured (tests/test_eval.py, seeds 0-2): tripletclip raises comp_mean by +0.024 to +0.047, negclip by +0.008 to
-   +0.022 (negative captions alone teach the image encoder little at this compute).
-Each build id gets metrics "proxy-<loss>/<metric>" (with the seed in the detail) via Catalog.record_eval.
+The demo default (training/demo_eval.py, the only use of the demo domain in training/): two builds of synthetic
+scenes (raw: wrong captions and duplicates; curated: the true pairs with negative captions and images), compared
+with clip, negclip and tripletclip on fresh scenes; those scenes are also the evaluation set when builds are given
+without one. The Prefect flow that picks between them is flows/eval.py.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import random
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows import env  # noqa: F401
-from demo.scenes import COLORS, INVERSE_RELATION, RELATIONS, SHAPES, Group, Scene, caption, encode_jpeg, \
-    render_scene, sample_scene
-from schemas.columns import PAIR_SCHEMA, stage_fields
-from schemas.records import make_uid
 
-EVAL_SEED = 9_100_003  # the evaluation scenes' stream; builds here use "pairforge-eval-build/{seed}/{i}"
 IMAGE_SIZE = 48
 PROXY_MODEL = dict(image_size=IMAGE_SIZE, patch_size=8, vision_width=64, vision_layers=2, vision_heads=4,
                    text_width=64, text_layers=2, text_heads=4, mlp_ratio=2, projection_dim=64, max_text_length=32,
                    tokenizer="word")
 PROXY_OPTIM = dict(lr=2e-3, weight_decay=0.1, warmup_steps=15, steps=800, batch_size=32)
 PROXY_MAX_NEGATIVES = 4  # negative captions per pair in a negclip batch
-N_EVAL = 1000  # fresh evaluation scenes (embedding only: cheap; fewer make comp_mean noisy)
-N_BUILD = 20000  # demo scenes per eval build: ~11k curated pairs, so 800 steps x 32 is ~2.3 epochs (2,000 overfit)
+# Table order of the compositional kinds (SugarCrepe's but add_att, and the demo's replace_cnt); others follow sorted.
 COMP_KINDS = ("replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj", "add_obj", "replace_cnt")
-NEG_SCHEMA = pa.schema(list(PAIR_SCHEMA) + stage_fields("negatives_text"))
-NEG_IMAGES = "hard-negatives"  # a curated eval build's counterfactual images (loaders.pairs hard_negatives layout)
+LOSSES = ("clip", "negclip", "tripletclip")
+NEG_IMAGES = "hard-negatives"  # a build's counterfactual images for tripletclip (loaders.pairs hard_negatives layout)
 NEG_IMAGE_SCHEMA = pa.schema([("uid", pa.string()), ("kind", pa.string()), ("neg_text", pa.string()),
                               ("neg_image", pa.binary())])
 
 
-# --------------------------------------------------------------------------- scene edits (hard negatives)
-
-def scene_edits(scene: Scene, rng: random.Random) -> dict[str, Scene]:
-    """kind -> an edited scene that is false of `scene`'s picture (kinds that do not apply are absent)."""
-    g = list(scene.groups)
-    out: dict[str, Scene] = {}
-    used = {(x.shape, x.color) for x in g}
-    i = rng.randrange(len(g))
-    colors = [c for c in COLORS if c != g[i].color and (g[i].shape, c) not in used]
-    if colors:
-        out["replace_att"] = scene.with_groups(*(replace(x, color=rng.choice(colors)) if k == i else x
-                                                 for k, x in enumerate(g)))
-    shapes = [s for s in SHAPES if s != g[i].shape and (s, g[i].color) not in used]
-    if shapes:
-        out["replace_obj"] = scene.with_groups(*(replace(x, shape=rng.choice(shapes)) if k == i else x
-                                                 for k, x in enumerate(g)))
-    counts = [c for c in (1, 2, 3) if c != g[i].count and not (c == 3 and len(g) == 3)]
-    out["replace_cnt"] = scene.with_groups(*(replace(x, count=rng.choice(counts)) if k == i else x
-                                             for k, x in enumerate(g)))
-    if len(g) >= 2:
-        a, b = rng.sample(range(len(g)), 2)
-        if g[a].color != g[b].color:
-            sw = list(g)
-            sw[a], sw[b] = replace(g[a], color=g[b].color), replace(g[b], color=g[a].color)
-            if len({(x.shape, x.color) for x in sw}) == len(sw):
-                out["swap_att"] = scene.with_groups(*sw)
-        if g[a].shape != g[b].shape:
-            sw = list(g)
-            sw[a], sw[b] = replace(g[a], shape=g[b].shape), replace(g[b], shape=g[a].shape)
-            if len({(x.shape, x.color) for x in sw}) == len(sw):
-                out["swap_obj"] = scene.with_groups(*sw)
-    if scene.relation is not None:
-        out["replace_rel"] = replace(scene, relation=INVERSE_RELATION[scene.relation])
-    if len(g) == 1:
-        while True:
-            new = Group(rng.choice(SHAPES), rng.choice(tuple(COLORS)), "medium", 1)
-            if (new.shape, new.color) not in used:
-                break
-        out["add_obj"] = Scene((g[0], new), rng.choice(RELATIONS))
-    return out
+class EvalError(ValueError):
+    """Builds or an evaluation set the proxy evaluation cannot use (missing columns, no negatives for the loss)."""
 
 
-def negative_captions(scene: Scene, caption_seed: str, rng: random.Random) -> list[dict]:
-    """neg_captions records (schemas.columns, negatives_text) for the caption `caption(scene, Random(seed))`."""
-    pos = caption(scene, random.Random(caption_seed))
-    out = []
-    for kind, edited in scene_edits(scene, rng).items():
-        text = caption(edited, random.Random(caption_seed))  # the same variant (order, prefix) as the positive
-        if text == pos:
-            continue
-        out.append({"kind": kind, "text": text, "edit_before": None, "edit_after": None, "span_start": None,
-                    "span_end": None, "method": "scene"})
-    return out
+# --------------------------------------------------------------------------- builds and evaluation sets
+
+def _parquet_files(path: Path) -> list[Path]:
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    folder = path / "shards" if (path / "shards").is_dir() else path
+    files = sorted(f for f in folder.rglob("*.parquet") if not f.name.startswith(("_", ".")))
+    if not files:
+        raise EvalError(f"{path}: no Parquet files (a build folder, a folder of shards or a .parquet file)")
+    return files
 
 
-# --------------------------------------------------------------------------- builds and the evaluation set
-
-def _write_build(folder: Path, rows: list[dict], schema: pa.Schema, build_id: str, rows_per_group: int = 128) -> Path:
-    shards = folder / "shards"
-    shards.mkdir(parents=True, exist_ok=True)
-    for r in rows:
-        r["build_id"] = build_id
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), shards / "part-00000.parquet",
-                   row_group_size=rows_per_group)
-    (folder / "build.json").write_text(json.dumps({"build_id": build_id, "rows": len(rows)}, indent=2))
-    return folder
-
-
-def make_demo_builds(root: str | Path, n: int = N_BUILD, seed: int = 0, wrong_frac: float = 0.45,
-                     dup_frac: float = 0.1, image_size: int = IMAGE_SIZE) -> dict:
-    """Two builds of the same demo scenes: raw (wrong captions, duplicates) and curated (true pairs, deduplicated,
-    with neg_captions). Returns {"raw": {"dir", "build_id", "rows"}, "curated": {...}}; reuses finished ones."""
-    root = Path(root)
-    params = {"n": n, "seed": seed, "wrong_frac": wrong_frac, "dup_frac": dup_frac, "image_size": image_size,
-              "negative_images": 1}
-    tag = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
-    out = {}
-    for name in ("raw", "curated"):
-        folder = root / f"{name}-{tag}"
-        out[name] = {"dir": folder, "build_id": f"demo-eval-{name}-{tag}"}
-    if all((v["dir"] / "build.json").exists() for v in out.values()):
-        for v in out.values():
-            v["rows"] = json.loads((v["dir"] / "build.json").read_text())["rows"]
-        return out
-    scenes, clean, raw = [], [], []
-    for i in range(n):
-        rng = random.Random(f"pairforge-eval-build/{seed}/{i}")
-        scene = sample_scene(rng)
-        layout_seed = rng.getrandbits(63)
-        quality = rng.randint(75, 95)
-        data = encode_jpeg(render_scene(scene, image_size, layout_seed), quality)
-        cseed = f"caption/{seed}/{i}"
-        text = caption(scene, random.Random(cseed))
-        url = f"synthetic://pairforge-eval/{seed}/{i}.jpg"
-        row = {"url": url, "source": "demo-eval", "image": data, "width": image_size, "height": image_size,
-               "original_width": image_size, "original_height": image_size,
-               "sha256": hashlib.sha256(data).hexdigest()}
-        scenes.append((scene, cseed, rng, layout_seed, quality))
-        clean.append(dict(row, text=text, uid=make_uid(url, text)))
-    drng = random.Random(f"noise/{seed}")
-    for i, r in enumerate(clean):
-        r = dict(r)
-        if drng.random() < wrong_frac:  # a caption of another scene (the demo corpus's wrong_caption)
-            j = drng.randrange(n - 1)
-            j += j >= i
-            r["text"] = clean[j]["text"]
-            r["uid"] = make_uid(r["url"], r["text"])
-            raw.append(r)
-            continue
-        raw.append(r)
-        if drng.random() < dup_frac:
-            raw.append(dict(r, uid=make_uid(r["url"], r["text"], occurrence=1)))
-    drng.shuffle(raw)
-    raw_ids = {r["uid"] for r in raw}
-    curated, neg_images = [], []
-    for i, (r, (scene, cseed, rng, layout_seed, quality)) in enumerate(zip(clean, scenes)):
-        if r["uid"] in raw_ids:  # the true pairs the raw build holds (the filters drop the wrong ones)
-            negs = negative_captions(scene, cseed, rng)
-            curated.append(dict(r, neg_captions=negs, negatives_count=len(negs)))
-            # one counterfactual image a pair (the demo's render editor: the edited scene redrawn with the same
-            # layout seed), captioned like the positive: TripletCLIP's negative image with its own caption
-            irng = random.Random(f"neg-image/{seed}/{i}")
-            edits = scene_edits(scene, irng)
-            kind = irng.choice(sorted(edits))
-            text = caption(edits[kind], random.Random(cseed))
-            if text != r["text"]:
-                neg_image = encode_jpeg(render_scene(edits[kind], image_size, layout_seed), quality)
-                neg_images.append({"uid": r["uid"], "kind": kind, "neg_text": text, "neg_image": neg_image})
-    (out["curated"]["dir"] / NEG_IMAGES).mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(neg_images, schema=NEG_IMAGE_SCHEMA),
-                   out["curated"]["dir"] / NEG_IMAGES / "part-00000.parquet")
-    _write_build(out["raw"]["dir"], raw, PAIR_SCHEMA, out["raw"]["build_id"])
-    _write_build(out["curated"]["dir"], curated, NEG_SCHEMA, out["curated"]["build_id"])  # build.json: done
-    out["raw"]["rows"], out["curated"]["rows"] = len(raw), len(curated)
-    return out
+def read_build(path: str | Path, name: str | None = None) -> dict:
+    """A build to train on: {"name", "build_id", "shards", "hard_negatives", "has_negatives", "rows"}."""
+    path = Path(path)
+    files = _parquet_files(path)
+    build_id = None
+    for meta in ("manifest.json", "build.json"):
+        if (path / meta).is_file():
+            build_id = json.loads((path / meta).read_text()).get("build_id")
+            break
+    schema = pq.read_schema(files[0])
+    missing = [c for c in ("uid", "text", "image") if c not in schema.names]
+    if missing:
+        raise EvalError(f"{path}: its shards lack the columns {missing}")
+    hard = path / NEG_IMAGES
+    return {"name": name or path.name, "build_id": build_id or path.name,
+            "shards": path / "shards" if (path / "shards").is_dir() else path,
+            "hard_negatives": [hard] if hard.is_dir() else None, "has_negatives": "neg_captions" in schema.names,
+            "rows": sum(pq.read_metadata(f).num_rows for f in files)}
 
 
-def eval_scenes(n: int = 300, seed: int = EVAL_SEED, image_size: int = IMAGE_SIZE) -> list[dict]:
-    """Fresh scenes no build contains: {scene, text, image (PIL, decoded from JPEG), negatives: {kind: text}}."""
+def load_eval_set(path: str | Path, limit: int | None = None) -> list[dict]:
+    """An evaluation set (module docstring) as [{"text", "image" (PIL RGB), "negatives": [(kind, text)]}], in file
+    order, the first `limit` pairs when given."""
     from loaders.pairs import decode_image
 
-    out = []
-    for i in range(n):
-        rng = random.Random(f"pairforge-eval/{seed}/{i}")
-        scene = sample_scene(rng)
-        im = decode_image(encode_jpeg(render_scene(scene, image_size, rng.getrandbits(63))))
-        cseed = f"pairforge-eval-caption/{seed}/{i}"
-        negs = {n_["kind"]: n_["text"] for n_ in negative_captions(scene, cseed, rng)}
-        out.append({"scene": scene, "text": caption(scene, random.Random(cseed)), "image": im, "negatives": negs})
-    return out
+    items: list[dict] = []
+    for f in _parquet_files(Path(path)):
+        names = pq.read_schema(f).names
+        if "image" not in names or "text" not in names:
+            raise EvalError(f"{f}: an evaluation set needs the columns image and text (has {names})")
+        cols = ["image", "text"] + (["neg_captions"] if "neg_captions" in names else [])
+        t = pq.read_table(f, columns=cols)
+        if limit is not None:
+            t = t.slice(0, limit - len(items))
+        negs = t.column("neg_captions").to_pylist() if "neg_captions" in cols else [None] * t.num_rows
+        for data, text, ns in zip(t.column("image").to_pylist(), t.column("text").to_pylist(), negs):
+            if not data or not text:
+                raise EvalError(f"{f}: every pair of an evaluation set needs an image and a caption")
+            items.append({"text": text, "image": decode_image(data),
+                          "negatives": [(n.get("kind") or "other", n["text"]) for n in ns or [] if n.get("text")]})
+        if limit is not None and len(items) >= limit:
+            break
+    if not items:
+        raise EvalError(f"{path}: the evaluation set is empty")
+    return items
+
+
+def write_eval_set(items: list[dict], path: str | Path) -> Path:
+    """Write an evaluation set ({"text", "image": bytes, "negatives": [(kind, text)]}) as one Parquet file."""
+    rows = [{"text": it["text"], "image": it["image"],
+             "neg_captions": [{"kind": k, "text": t} for k, t in it.get("negatives", [])]} for it in items]
+    schema = pa.schema([("text", pa.string()), ("image", pa.binary()),
+                        ("neg_captions", pa.list_(pa.struct([("kind", pa.string()), ("text", pa.string())])))])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path
 
 
 # --------------------------------------------------------------------------- train and evaluate
 
 def proxy_spec(shards: Path, out: Path, loss: str = "clip", seed: int = 0, steps: int | None = None,
                batch_size: int | None = None, threads: int | None = 1,
-               max_negatives: int | None = PROXY_MAX_NEGATIVES):
+               max_negatives: int | None = PROXY_MAX_NEGATIVES, hard_negatives: list | None = None):
     from schemas.train_spec import TrainSpec
 
     optim = dict(PROXY_OPTIM)
@@ -234,18 +147,20 @@ def proxy_spec(shards: Path, out: Path, loss: str = "clip", seed: int = 0, steps
         optim["warmup_steps"] = min(optim["warmup_steps"], steps)
     if batch_size:
         optim["batch_size"] = batch_size
+    if hard_negatives is None:
+        hard_negatives = [Path(shards).parent / NEG_IMAGES]
     return TrainSpec.model_validate({
         "name": f"proxy-{loss}", "data": {"shards": [str(shards)], "eval_fraction": 0.0, "shuffle_buffer": 512,
                                           "max_negatives": max_negatives if loss != "clip" else None,
-                                          "hard_negatives": ([str(Path(shards).parent / NEG_IMAGES)]
+                                          "hard_negatives": ([str(p) for p in hard_negatives]
                                                              if loss == "tripletclip" else None)},
         "model": PROXY_MODEL, "optim": optim, "augment": {"crop_min_area": 1.0}, "loss": loss, "seed": seed,
         "threads": threads, "checkpoint_every": optim["steps"], "keep_checkpoints": 1, "log_every": 50,
         "out": str(out)})
 
 
-def evaluate_model(model_dir: Path, scenes: list[dict]) -> dict:
-    """Retrieval R@1/R@5 both ways and compositional accuracy per kind on the eval scenes."""
+def evaluate_model(model_dir: Path, items: list[dict]) -> dict:
+    """Retrieval R@1/R@5 both ways and compositional accuracy per kind on an evaluation set (load_eval_set)."""
     import torch
     from transformers import AutoModel
 
@@ -253,28 +168,35 @@ def evaluate_model(model_dir: Path, scenes: list[dict]) -> dict:
 
     model = AutoModel.from_pretrained(model_dir)
     processor = _load_processor(model_dir)
-    texts = [s["text"] for s in scenes]
-    img, txt = embed(model, processor, [s["image"] for s in scenes], texts)
+    texts = [s["text"] for s in items]
+    img, txt = embed(model, processor, [s["image"] for s in items], texts)
     m = retrieval_metrics(img, txt, texts)
     res = {k: m[k] for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")}
     neg_texts, owners, kinds = [], [], []
-    for i, s in enumerate(scenes):
-        for kind, t in s["negatives"].items():
+    for i, s in enumerate(items):
+        for kind, t in s["negatives"]:
             neg_texts.append(t)
             owners.append(i)
             kinds.append(kind)
+    if not neg_texts:  # no negatives in the set: retrieval only
+        return res
     _, neg = embed(model, processor, [], neg_texts)
     owners_t = torch.tensor(owners)
     pos_score = (img * txt).sum(-1)[owners_t]
     neg_score = (img[owners_t] * neg).sum(-1)
     wins = (pos_score > neg_score).tolist()
-    for kind in COMP_KINDS:
+    for kind in comp_kinds(kinds):
         w = [x for x, k in zip(wins, kinds) if k == kind]
-        if w:
-            res[f"comp_{kind}"] = sum(w) / len(w)
-    comp = [res[f"comp_{k}"] for k in COMP_KINDS if f"comp_{k}" in res]
+        res[f"comp_{kind}"] = sum(w) / len(w)
+    comp = [res[f"comp_{k}"] for k in comp_kinds(kinds)]
     res["comp_mean"] = sum(comp) / len(comp)
     return res
+
+
+def comp_kinds(kinds) -> list[str]:
+    """The kinds present, in table order (COMP_KINDS first)."""
+    present = set(kinds)
+    return [k for k in COMP_KINDS if k in present] + sorted(present - set(COMP_KINDS))
 
 
 def _load_processor(model_dir: Path):
@@ -289,30 +211,35 @@ def _load_processor(model_dir: Path):
     return make_processor(m, tok)
 
 
-def train_and_eval(shards: Path, out: Path, scenes: list[dict], loss: str = "clip", seed: int = 0,
-                   steps: int | None = None, batch_size: int | None = None, threads: int | None = 1) -> dict:
+def train_and_eval(shards: Path, out: Path, items: list[dict], loss: str = "clip", seed: int = 0,
+                   steps: int | None = None, batch_size: int | None = None, threads: int | None = 1,
+                   hard_negatives: list | None = None) -> dict:
     from training.train import train
 
-    spec = proxy_spec(shards, out, loss=loss, seed=seed, steps=steps, batch_size=batch_size, threads=threads)
+    spec = proxy_spec(shards, out, loss=loss, seed=seed, steps=steps, batch_size=batch_size, threads=threads,
+                      hard_negatives=hard_negatives)
     t0 = time.perf_counter()
     r = train(spec, fresh=True)
     train_s = time.perf_counter() - t0
-    res = evaluate_model(Path(r["model_dir"]), scenes)
+    res = evaluate_model(Path(r["model_dir"]), items)
     res["train_seconds"] = round(train_s, 1)
     return res
 
 
 def _eval_job(job: dict) -> dict:
     """One (run, seed) of `compare`, in this process or a worker's."""
-    return train_and_eval(Path(job["shards"]), Path(job["run_dir"]), job["scenes"], loss=job["loss"],
-                          seed=job["seed"], steps=job["steps"], batch_size=job["batch_size"], threads=job["threads"])
+    return train_and_eval(Path(job["shards"]), Path(job["run_dir"]), job["items"], loss=job["loss"],
+                          seed=job["seed"], steps=job["steps"], batch_size=job["batch_size"], threads=job["threads"],
+                          hard_negatives=job.get("hard_negatives"))
 
 
-def compare(runs: list[dict], scenes: list[dict], out: Path, seeds=(0,), steps: int | None = None,
-            batch_size: int | None = None, catalog=None, threads: int | None = 1, workers: int = 1) -> list[dict]:
-    """runs: [{"name", "build_id", "shards", "loss"}]; trains and evaluates each for every seed at equal compute,
-    `workers` runs at a time in spawned processes (each run is seeded on its own, so the numbers do not depend on
-    `workers`). Results in (seed, run) order; the catalog is written from this process."""
+def compare(runs: list[dict], items: list[dict], out: Path, seeds=(0,), steps: int | None = None,
+            batch_size: int | None = None, catalog=None, threads: int | None = 1, workers: int = 1,
+            eval_detail: dict | None = None) -> list[dict]:
+    """runs: [{"name", "build_id", "shards", "loss"[, "hard_negatives"]}]; trains each for every seed at equal
+    compute and evaluates it on `items` (an evaluation set), `workers` runs at a time in spawned processes (each run
+    is seeded on its own, so the numbers do not depend on `workers`). Results in (seed, run) order; the catalog is
+    written from this process, with `eval_detail` (what the evaluation set was) in each metric's detail."""
     jobs = [{**run, "seed": seed, "run_dir": str(out / f"{run['name'].replace('/', '-')}-s{seed}"), "steps": steps,
              "batch_size": batch_size, "threads": threads} for seed in seeds for run in runs]
     if workers > 1 and len(jobs) > 1:
@@ -320,24 +247,26 @@ def compare(runs: list[dict], scenes: list[dict], out: Path, seeds=(0,), steps: 
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
-            metrics = list(pool.map(_eval_job, [{**j, "scenes": scenes} for j in jobs]))
+            metrics = list(pool.map(_eval_job, [{**j, "items": items} for j in jobs]))
     else:
-        metrics = [_eval_job({**j, "scenes": scenes}) for j in jobs]
+        metrics = [_eval_job({**j, "items": items}) for j in jobs]
     results = []
     for job, res in zip(jobs, metrics):
         run = {k: job[k] for k in ("name", "build_id", "shards", "loss")}
         results.append({**run, "seed": job["seed"], "metrics": res})
         if catalog is not None:
             detail = {"seed": job["seed"], "steps": steps or PROXY_OPTIM["steps"],
-                      "batch_size": batch_size or PROXY_OPTIM["batch_size"], "eval_scenes": len(scenes),
-                      "eval_seed": EVAL_SEED, "model": PROXY_MODEL}
+                      "batch_size": batch_size or PROXY_OPTIM["batch_size"], **(eval_detail or {}),
+                      "model": PROXY_MODEL}
             for k, v in res.items():
                 catalog.record_eval(run["build_id"], f"proxy-{run['loss']}/{k}", v, detail)
     return results
 
 
 def format_table(results: list[dict]) -> str:
-    cols = ["i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"] + [f"comp_{k}" for k in COMP_KINDS] + ["comp_mean"]
+    kinds = comp_kinds(k[len("comp_"):] for r in results for k in r["metrics"]
+                       if k.startswith("comp_") and k != "comp_mean")
+    cols = ["i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"] + [f"comp_{k}" for k in kinds] + ["comp_mean"]
     short = {c: c.replace("comp_", "").replace("replace_", "r_").replace("swap_", "s_") for c in cols}
     head = f"{'run':<22}{'seed':>5} " + " ".join(f"{short[c]:>8}" for c in cols)
     lines = [head, "-" * len(head)]
@@ -348,51 +277,47 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def demo_eval(out: str | Path, seeds=(0,), n_build: int = N_BUILD, n_eval: int = N_EVAL, steps: int | None = None,
-              batch_size: int | None = None, catalog_path: str | Path | None = None, threads: int | None = 1,
-              comparisons=("curation", "negatives"), negative_losses=("negclip", "tripletclip"),
-              workers: int = 1, echo=print) -> dict:
-    """Both demo comparisons for each seed (the hard-negative one with each loss of `negative_losses`);
-    returns {"results": [...], "table": str, "builds": {...}}."""
-    out = Path(out)
-    builds = make_demo_builds(out / "builds", n=n_build)
-    scenes = eval_scenes(n_eval)
-    catalog = None
-    if catalog_path is not None:
-        from catalogs import Catalog
+def open_catalog(catalog_path: str | Path | None):
+    if catalog_path is None:
+        return None
+    from catalogs import Catalog
 
-        catalog = Catalog(catalog_path)
+    return Catalog(catalog_path)
+
+
+def build_runs(builds: list[dict], losses=("clip",)) -> list[dict]:
+    """Each build trained with each loss; a loss whose negatives a build lacks is refused up front."""
     runs = []
-    cur = {"build_id": builds["curated"]["build_id"], "shards": builds["curated"]["dir"] / "shards"}
-    if "curation" in comparisons:
-        runs.append({"name": "raw/clip", "build_id": builds["raw"]["build_id"],
-                     "shards": builds["raw"]["dir"] / "shards", "loss": "clip"})
-    runs.append({"name": "curated/clip", **cur, "loss": "clip"})
-    if "negatives" in comparisons:
-        runs += [{"name": f"curated/{loss}", **cur, "loss": loss} for loss in negative_losses]
-    results = compare(runs, scenes, out / "runs", seeds=seeds, steps=steps, batch_size=batch_size, catalog=catalog,
-                      threads=threads, workers=workers)
+    for b in builds:
+        for loss in losses:
+            if loss not in LOSSES:
+                raise EvalError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
+            if loss != "clip" and not b["has_negatives"]:
+                raise EvalError(f"{b['shards']}: loss {loss} needs the neg_captions column (the negatives_text stage)")
+            if loss == "tripletclip" and not b["hard_negatives"]:
+                raise EvalError(f"{b['shards']}: loss tripletclip needs negative images in {NEG_IMAGES}/ beside the "
+                                f"shards (columns uid, neg_image, neg_text)")
+            runs.append({"name": f"{b['name']}/{loss}", "build_id": b["build_id"], "shards": b["shards"],
+                         "loss": loss, "hard_negatives": b["hard_negatives"]})
+    return runs
+
+
+def proxy_eval(builds: list[str | Path], items: list[dict], out: str | Path, seeds=(0,), losses=("clip",),
+               steps: int | None = None, batch_size: int | None = None, catalog_path: str | Path | None = None,
+               threads: int | None = 1, workers: int = 1, eval_detail: dict | None = None, echo=print) -> dict:
+    """The proxy evaluation of any builds (two to compare) on an evaluation set (`items`: load_eval_set, or the
+    demo's scenes); returns {"results", "table", "builds"}. Builds of the same folder name get their position."""
+    read = [read_build(b) for b in builds]
+    names = [b["name"] for b in read]
+    for i, b in enumerate(read):
+        if names.count(b["name"]) > 1:
+            b["name"] = f"{i}-{b['name']}"
+    runs = build_runs(read, losses)
+    results = compare(runs, items, Path(out) / "runs", seeds=seeds, steps=steps, batch_size=batch_size,
+                      catalog=open_catalog(catalog_path), threads=threads, workers=workers, eval_detail=eval_detail)
     table = format_table(results)
-    echo(f"builds: raw {builds['raw']['rows']} rows, curated {builds['curated']['rows']} rows; "
-         f"eval: {len(scenes)} fresh scenes (seed {EVAL_SEED})\n{table}")
+    echo("builds: " + ", ".join(f"{b['name']} {b['rows']} rows" for b in read) + f"; eval: {len(items)} pairs\n"
+         + table)
     return {"results": results, "table": table,
-            "builds": {k: {"build_id": v["build_id"], "rows": v["rows"], "dir": str(v["dir"])}
-                       for k, v in builds.items()}}
-
-
-from prefect import flow, get_run_logger  # noqa: E402
-
-
-@flow(name="pairforge-eval", validate_parameters=False, log_prints=True)
-def eval_flow(out: str, seeds: list[int] | None = None, n_build: int = N_BUILD, n_eval: int = N_EVAL,
-              steps: int | None = None, batch_size: int | None = None, catalog_path: str | None = None,
-              threads: int | None = 1, workers: int = 1) -> dict:
-    """The demo comparisons (raw vs curated; clip vs negclip and tripletclip) at equal compute; metrics go to the
-    catalog."""
-    logger = get_run_logger()
-    res = demo_eval(out, seeds=tuple(seeds or (0,)), n_build=n_build, n_eval=n_eval, steps=steps,
-                    batch_size=batch_size, catalog_path=catalog_path, threads=threads, workers=workers,
-                    echo=lambda s: logger.info("%s", s))
-    for r in res["results"]:
-        r["shards"] = str(r["shards"])
-    return res
+            "builds": {b["name"]: {"build_id": b["build_id"], "rows": b["rows"], "dir": str(b["shards"])}
+                       for b in read}}

@@ -2,11 +2,11 @@
 
 Stages decide in spec order; the first that rejects a row owns it, and a stage only ever sees the rows still alive
 after the stages before it:
-- row-wise stages decide inside the Ray Data pipeline, batch by batch (`decide_rowwise`, vectorised). A row keeps
-  the first row-wise rejection in spec order: its position (`reject_pos`), stage, reason and detail.
-- global stages (dedup; align with a top fraction) decide afterwards, in spec order, over the rows alive before
-  them (row-wise rejections at earlier positions and earlier global rejections excluded), as distributed Ray Data
-  operations (flows.engine.global_decisions). Their decisions are written per input shard under _work/global/.
+- every stage's decide() runs inside the Ray Data pipeline, batch by batch (`decide_rowwise`, vectorised). A row
+  keeps the first row-wise rejection in spec order: its position (`reject_pos`), stage, reason and detail.
+- stages with global steps (dedup; align with a top fraction; see stages.steps) decide afterwards, in spec order,
+  over the rows alive before them (row-wise rejections at earlier positions and earlier global rejections
+  excluded; flows.engine.global_decisions). Their decisions are written under _work/global/, by row id.
 The write pass (flows.engine.outputs) combines both per shard: a global rejection owns a row, since it only saw
 rows no earlier stage had rejected; otherwise the row-wise rejection, if any.
 
@@ -28,7 +28,7 @@ DECISION_FIELDS = [pa.field("reject_pos", pa.int32()), pa.field("reject_stage", 
 
 
 def global_positions(spec: BuildSpec) -> list[int]:
-    """Spec positions of the stages whose decision needs the whole build (read from their declarations)."""
+    """Spec positions of the stages with global steps (read from their declarations)."""
     return [k for k, e in enumerate(spec.stages) if stage_class(e.name).decides_globally(e.params)]
 
 
@@ -37,10 +37,7 @@ def decide_rowwise(batch: pa.Table, spec: BuildSpec) -> pa.Table:
     n = batch.num_rows
     pos = np.full(n, -1, np.int32)
     reason, detail = pa.nulls(n, pa.string()), pa.nulls(n, pa.string())
-    glob = set(global_positions(spec))
     for k, entry in enumerate(spec.stages):
-        if k in glob:
-            continue
         d = stage_class(entry.name).decide(batch, entry.params)
         new = d.rejected & (pos < 0)
         if not new.any():

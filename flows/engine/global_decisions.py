@@ -1,13 +1,26 @@
-"""Global decisions over the whole build, in spec order, each over the rows alive before its stage, distributed.
+"""Global decisions: the steps global stages declare (stages.steps), run over the whole build.
 
-Rows are read from _work/processed (metadata and stats, no image bytes), hive-partitioned by `input_shard`, the input
-shard a row came from. A global stage's rejections go to _work/global/<pos>-<stage>/input_shard=N/ (uid, reason, detail),
-so the write task of shard N reads only its own. Implementations:
-- dedup: flows.engine.global_dedup (hash partitioning, multi-index near-dup partitions, SemDeDup per cluster);
-- align with a top fraction: its threshold batch by batch, and an exact distributed cutoff of the top fraction
-  (a sample brackets the cutoff; only the rows in that bracket reach the driver).
-A global stage without a distributed implementation is decided in the driver over the alive rows' metadata (it
-says so in the log): correct, but its memory grows with the rows.
+After the stats pass, every stage with steps is decided in spec order, and its steps in their order, each over the
+rows alive after every decision before it (row-wise rejections at earlier positions, the earlier global steps).
+Rows come from _work/processed/input_shard=N/ (stats and decisions, no image bytes). A row's id is
+N << 32 | its position among shard N's processed rows, read in file order: the writer of shard N reads the same files
+in the same order, so it applies a decision by position, with no join and no uid strings.
+
+One implementation, two ways to run it:
+- in one process: builds of at most decide.driver_max_rows rows (prior rows included) run every step in ONE Ray task
+  with one partition (no shuffle start-up; the driver holds nothing);
+- distributed: per step, map tasks (one per run of input shards of about ROWS_PER_TASK rows, and per run of prior
+  files) read their rows and run the step's map function; a Shuffle's keys are split into P hash partitions in the
+  map task and each of P reduce tasks receives its partition from every map task (plain Ray tasks with P returns:
+  one all-to-all exchange per Shuffle, nothing through the driver). Survivors run in one task over the edges.
+  TopFraction finds its exact cutoff from a sample that brackets it (only the rows inside the bracket travel), then
+  map tasks decide; Counts sum per key in the reduce tasks and hand the counts (bounded by the keys, not the rows)
+  to map tasks that decide; Fit gathers a uid-hash sample in one task.
+
+Each task that decides writes its decisions itself: _work/global/<kk>-<stage>/<ss>-<step>/part-NNNNN.parquet,
+(row, reason, detail) sorted by row in row groups, so a shard's writer reads only the row groups of its range.
+A step that finished leaves _DONE.json (its counts and seconds): a resumed build skips it; a step killed midway is
+run again (it writes the same files).
 """
 from __future__ import annotations
 
@@ -15,221 +28,638 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dataio.build_folder import BuildFolder, atomic_write_table, atomic_write_text
+from dataio.storage import Location, location, parquet_dataset
 from flows.engine.context import BuildContext
 from flows.engine.decide import global_positions
 from flows.progress import phase
 from schemas.spec import BuildSpec
 from stages import stage_class
-from stages.base import DecideContext, concat, fixed
-from dataio.build_folder import atomic_write_table, atomic_write_text
-from dataio.storage import Location, location, parquet_dataset
+from stages.steps import (DECISION_SCHEMA, KEY, PRIOR, ROW, Counts, Fit, Shuffle, StepContext, TopFraction,
+                          below_cutoff, survivor_decisions, top_fraction_keep)
 
 log = logging.getLogger("pairforge")
-SRC = "input_shard"  # the input shard a row came from (processed rows are hive-partitioned by it)
-DECISION_SCHEMA = pa.schema([("uid", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
-                             (SRC, pa.int64())])
+SRC = "input_shard"  # the input shard a processed row came from (processed rows are hive-partitioned by it)
+ROWS_PER_TASK = 250_000  # rows a map task reads
+ROW_GROUP = 65_536  # rows per row group of a decision file
+SHIFT = 32  # row id = input shard << SHIFT | position
+EMPTY_DECISIONS = DECISION_SCHEMA.empty_table()
 
 
-def global_dir(work: Location, k: int, name: str) -> Location:
-    return work / "global" / f"{k:02d}-{name}"
+# ------------------------------------------------------------------------------------------------ where rows live
+
+def shard_files(folder: BuildFolder, src: int) -> list[Location]:
+    """Processed files of input shard `src`, in the order that numbers its rows."""
+    return (folder.processed_dir / f"{SRC}={src}").glob("*.parquet")
 
 
-def shard_decisions(work: Location, spec: BuildSpec, src: int, upto: int | None = None) -> list[tuple[int, pa.Table]]:
-    """(position, decisions) of the global stages before position `upto` (all if None) for input shard `src`."""
+def read_shard(folder: BuildFolder, src: int, columns: list[str] | None = None) -> pa.Table | None:
+    """Shard `src`'s processed rows in row-id order (the writer and the global steps read them the same way)."""
+    files = shard_files(folder, src)
+    if not files:
+        return None
+    ds = parquet_dataset(files)
+    if columns is not None:
+        columns = [c for c in columns if c in ds.schema.names]
+    return ds.to_table(columns=columns)
+
+
+def step_dirs(work: Location, spec: BuildSpec) -> list[tuple[int, str, Location]]:
+    """(stage position, stage name, folder) of every global step of the spec, in decision order."""
     out = []
     for k in global_positions(spec):
-        if upto is not None and k >= upto:
-            break
-        d = global_dir(work, k, spec.stages[k].name) / f"{SRC}={src}"
-        files = d.glob("*.parquet")  # an absent folder lists nothing
-        t = parquet_dataset(files).to_table(columns=["uid", "reason", "detail"]) \
-            if files else DECISION_SCHEMA.empty_table().drop_columns([SRC])
-        out.append((k, t))
+        entry = spec.stages[k]
+        for i, step in enumerate(stage_class(entry.name).global_steps(entry.params)):
+            out.append((k, entry.name, work / "global" / f"{k:02d}-{entry.name}" / f"{i:02d}-{step.name}"))
     return out
 
 
-def _alive_rows(batch: pa.Table, k: int, work: str, spec: BuildSpec) -> pa.Table:
-    """The rows of a batch alive before position k: no row-wise rejection earlier, no earlier global one."""
-    src = pc.cast(batch.column(SRC), pa.int64())
-    batch = batch.set_column(batch.column_names.index(SRC), SRC, src)
-    keep = pc.fill_null(pc.greater_equal(batch.column("reject_pos"), k), True)
-    for s in pc.unique(src).to_pylist():
-        for _, dec in shard_decisions(location(work), spec, s, upto=k):
-            if dec.num_rows:
-                hit = pc.and_(pc.equal(src, s), pc.is_in(batch.column("uid"), value_set=dec.column("uid")))
-                keep = pc.and_(keep, pc.invert(hit))
-    return batch.filter(keep)
+def read_decisions(files: list[Location], lo: int, hi: int) -> pa.Table:
+    """Decisions of rows lo <= row < hi from decision files (row groups outside the range are skipped)."""
+    if not files:
+        return EMPTY_DECISIONS
+    return parquet_dataset(files, schema=DECISION_SCHEMA).to_table(
+        filter=(pc.field(ROW) >= lo) & (pc.field(ROW) < hi))
 
 
-def read_alive(ctx: BuildContext, k: int, columns: list[str] | None = None):
-    """A Ray Dataset of the processed rows alive before spec position k."""
-    import ray
-
-    processed = ctx.folder.processed_dir
-    ds = ray.data.read_parquet(processed.path, filesystem=processed.fs, columns=columns)
-    return ds.map_batches(_alive_rows, fn_args=(k, str(ctx.folder.work), ctx.spec),
-                          batch_format="pyarrow", batch_size=4096)
+def shard_decisions(work: Location, spec: BuildSpec, src: int) -> list[tuple[int, pa.Table]]:
+    """(stage position, decisions) of every global step for input shard `src` (what its writer applies)."""
+    lo, hi = src << SHIFT, (src + 1) << SHIFT
+    return [(k, read_decisions(d.glob("part-*.parquet"), lo, hi)) for k, _, d in step_dirs(work, spec)]
 
 
-def run_global_stages(ctx: BuildContext, rows: int, prior=None) -> dict:
-    """Decide every global stage in spec order; resumes past stages that finished. Builds of at most
-    decide.driver_max_rows rows decide in the driver (the same decide(), bounded memory, no shuffle start-up)."""
-    done: dict = {}
-    small = rows + (prior.count() if prior is not None else 0) <= ctx.spec.decide.driver_max_rows
-    for k in global_positions(ctx.spec):
-        entry = ctx.spec.stages[k]
-        out = global_dir(ctx.folder.work, k, entry.name)
-        marker = out / "_DONE.json"
-        if marker.exists():
-            done[entry.name] = json.loads(marker.read_text())
-            continue
-        out.rmtree()
-        t0 = time.perf_counter()
-        with phase(f"{entry.name} (global)") as adv:
-            impl = decide_in_driver if small else IMPLEMENTATIONS.get(entry.name, decide_in_driver)
-            decisions = impl(ctx, k, entry.params, prior)
-            counts = write_decisions(decisions, out)
-            adv(sum(counts.values()), f"{sum(counts.values())} rejected")
-        summary = {"rejected": counts, "seconds": time.perf_counter() - t0}
-        atomic_write_text(marker, json.dumps(summary))
-        done[entry.name] = summary
-    return done
+# ------------------------------------------------------------------------------------------------ a step's job
+
+@dataclass(frozen=True)
+class Source:
+    """Rows a map task reads: a run of input shards, a run of prior files (rows of earlier builds), or a table."""
+
+    shards: tuple[int, ...] = ()
+    prior_files: tuple[str, ...] = ()
+    prior_first: int = 0  # index of the first prior file (prior row ids: -1 - (file index << SHIFT | position))
+    table: pa.Table | None = None  # in-memory rows (tests, refilter of tables): `row` and `prior` set
 
 
-def write_decisions(decisions, out: Location) -> dict[str, int]:
-    """Write (uid, reason, detail, input_shard) partitioned by input_shard: an Arrow table (decided in the driver)
-    or a Ray Dataset (distributed, written by the workers). Returns counts by reason."""
-    out.mkdir()
-    if isinstance(decisions, pa.Table):
-        src = decisions.column(SRC)
-        for s in pc.unique(src).to_pylist():
-            part = decisions.filter(pc.equal(src, s)).drop_columns([SRC])
-            atomic_write_table(part, out / f"{SRC}={s}" / "part-0.parquet")
-        return {c["values"]: c["counts"] for c in pc.value_counts(decisions.column("reason")).to_pylist()}
-    decisions = decisions.materialize()
-    if not decisions.count():
-        return {}
-    decisions.write_parquet(out.path, filesystem=out.fs, partition_cols=[SRC])
-    return {r["reason"]: int(r["count()"]) for r in decisions.groupby("reason").count().take_all()}
+@dataclass(frozen=True)
+class Job:
+    """One step of one stage, as the tasks see it (sent by value; the stage's functions are looked up by name)."""
+
+    folder: str | None  # the build folder; None when the rows are in-memory tables
+    stage: str
+    position: int
+    params_json: str
+    index: int  # the step's index among the stage's steps
+    earlier: tuple[str, ...] = ()  # decision files of every earlier step (earlier stages and this one)
+    rows_hint: int = 0  # rows the stage sees, at most (steps size their plans with it)
+    state: dict = field(default_factory=dict)  # Fit results of the stage's earlier steps
+
+    @property
+    def params(self):
+        cls = stage_class(self.stage)
+        return cls.Params.model_validate_json(self.params_json)
+
+    @property
+    def step(self):
+        return stage_class(self.stage).global_steps(self.params)[self.index]
+
+    def context(self) -> StepContext:
+        return StepContext(self.params, dict(self.state) | {"rows": self.rows_hint})
 
 
-def to_table(ds) -> pa.Table:
-    """A (small) Ray Dataset as one Arrow table in the driver."""
-    import ray
-
-    refs = ds.to_arrow_refs()
-    tables = [t for t in ray.get(refs) if t.num_rows] if refs else []
-    return pa.concat_tables(tables) if tables else ds.schema().base_schema.empty_table()
-
-
-# --------------------------------------------------------------------------- implementations
-
-def decide_in_driver(ctx: BuildContext, k: int, params, prior) -> pa.Table:
-    """A global stage's own decide() over the alive rows, in the driver: small builds, and stages with no
-    distributed implementation."""
-    name = ctx.spec.stages[k].name
-    if name in IMPLEMENTATIONS and ctx.spec.decide.driver_max_rows:
-        log.info("%s: a small build, deciding in the driver", name)
-    else:
-        log.warning("%s: no distributed decision; deciding in the driver over the alive rows", name)
-    parts = parquet_dataset(ctx.folder.processed_dir, partitioning="hive")
-    table = _alive_rows(parts.to_table(), k, str(ctx.folder.work), ctx.spec)
-    prior_t = to_table(prior) if prior is not None else None
-    d = stage_class(name).decide(table, params, DecideContext(prior=prior_t))
-    r, dt = d.arrays()
-    mask = pa.array(d.rejected)
-    return pa.table({"uid": table.column("uid"), "reason": r, "detail": dt, SRC: table.column(SRC)}).filter(
-        mask).cast(DECISION_SCHEMA)
-
-
-def dedup_global(ctx: BuildContext, k: int, params, prior):
-    try:
-        from flows.engine.global_dedup import dedup_decisions
-    except ImportError:
-        return decide_in_driver(ctx, k, params, prior)
-
-    cols = ["uid", "url", "sha256", "url_norm", "phash", "phash_crops", "image_bytes", "original_width",
-            "original_height", "width", "height", "reject_pos", SRC]
-    names = set(parquet_dataset(ctx.folder.processed_dir, partitioning="hive").schema.names)
-    if params.semantic and "image_emb" in names:
-        cols.append("image_emb")
-    alive = read_alive(ctx, k, [c for c in cols if c in names]).materialize()
-    decisions = dedup_decisions(alive.drop_columns(["reject_pos"]), params, prior,
-                                tmp_dir=str(ctx.folder.work / "global" / "tmp"))
-    where = alive.select_columns(["uid", SRC])
-    return decisions.join(where, join_type="inner", num_partitions=max(1, min(64, alive.num_blocks())),
-                          on=("uid",)).select_columns(["uid", "reason", "detail", SRC])
+def read_rows(job: Job, source: Source, *, rowwise: bool = False) -> pa.Table:
+    """The rows of `source` a step sees: its declared columns plus `row` and `prior`, alive before the step.
+    rowwise: also the rows the stage itself rejected row by row (TopFraction ranks them), flagged `_own`."""
+    step = job.step
+    reads = list(dict.fromkeys(("uid",) + tuple(step.reads)))
+    if source.table is not None:
+        t = source.table
+        t = t.select([c for c in t.column_names if c in reads or c in (ROW, PRIOR, "reject_pos")])
+        return _conform(_alive(job, t, rowwise), reads)
+    parts = []
+    if source.shards:
+        folder = BuildFolder(job.folder)
+        for s in source.shards:
+            t = read_shard(folder, s, reads + ["reject_pos"])
+            if t is None or not t.num_rows:
+                continue
+            ids = (np.int64(s) << SHIFT) + np.arange(t.num_rows, dtype=np.int64)
+            t = t.append_column(ROW, pa.array(ids)).append_column(PRIOR, pa.array(np.zeros(t.num_rows, bool)))
+            parts.append(_alive(job, t, rowwise))
+    for i, f in enumerate(source.prior_files):
+        loc = location(f)
+        names = loc.read_schema().names
+        t = loc.read_table(columns=[c for c in reads if c in names])
+        ids = -1 - ((np.int64(source.prior_first + i) << SHIFT) + np.arange(t.num_rows, dtype=np.int64))
+        parts.append(t.append_column(ROW, pa.array(ids)).append_column(PRIOR, pa.array(np.ones(t.num_rows, bool))))
+    parts = [_conform(p, reads) for p in parts]
+    return pa.concat_tables(parts, promote_options="default") if parts else _conform(pa.table({
+        ROW: pa.array([], pa.int64()), PRIOR: pa.array([], pa.bool_())}), reads)
 
 
-def _align_batch(batch: pa.Table, params_json: str, cutoff: tuple[float, str] | None, fraction: float) -> pa.Table:
-    """align's threshold, then the top-fraction cutoff (score desc, uid asc) on one batch of alive rows."""
-    cls = stage_class("align")
-    params = cls.Params.model_validate_json(params_json)
-    d = cls.decide(batch, params.model_copy(update={"top_fraction": None}))
-    if cutoff is not None:
-        cs, cu = cutoff
-        score, uid = batch.column("clip_score"), batch.column("uid")
-        below = pc.or_(pc.less(score, cs), pc.and_(pc.equal(score, cs), pc.greater(uid, cu))) \
-            if not math.isnan(cs) else pc.is_valid(score)
-        d.reject(below, "below_top_fraction",
-                 concat("clip_score=", fixed(score, 3), f" below the top {fraction:g} cutoff {cs:.3f}"))
-    r, dt = d.arrays()
-    return pa.table({"uid": batch.column("uid"), "reason": r, "detail": dt, SRC: batch.column(SRC)}).filter(
-        pa.array(d.rejected)).cast(DECISION_SCHEMA)
+def _conform(t: pa.Table, reads: list[str]) -> pa.Table:
+    """Absent declared columns as nulls (the stage's step reads them as missing values)."""
+    for c in reads:
+        if c not in t.column_names:
+            t = t.append_column(c, pa.nulls(t.num_rows))
+    return t
 
 
-def align_global(ctx: BuildContext, k: int, params, prior):
-    alive = read_alive(ctx, k, ["uid", "clip_score", "reject_pos", SRC]).materialize()
-    cutoff = None
-    if params.top_fraction is not None:
-        cutoff = top_fraction_cutoff(alive, "clip_score", params.top_fraction)
-    return alive.map_batches(_align_batch, fn_args=(params.model_dump_json(), cutoff, params.top_fraction or 0.0),
-                             batch_format="pyarrow", batch_size=4096)
+def _alive(job: Job, t: pa.Table, rowwise: bool) -> pa.Table:
+    """Drop rows rejected before the step: row-wise at an earlier position (or at this one, unless `rowwise`:
+    then flagged `_own`), or by an earlier global step."""
+    if "reject_pos" in t.column_names:
+        pos = t.column("reject_pos")
+        keep = pc.fill_null(pc.greater_equal(pos, job.position), True)
+        own = pc.fill_null(pc.equal(pos, job.position), False)
+        t = t.filter(keep if rowwise else pc.and_(keep, pc.invert(own))).drop_columns(["reject_pos"])
+        if rowwise:
+            t = t.append_column("_own", pc.fill_null(pc.equal(pos.filter(keep), job.position), False))
+    elif rowwise:
+        t = t.append_column("_own", pa.array(np.zeros(t.num_rows, bool)))
+    if job.earlier and t.num_rows and pc.max(t.column(ROW)).as_py() >= 0:  # prior rows (< 0) are never decided
+        rows = t.column(ROW)
+        gone = read_decisions([location(f) for f in job.earlier], pc.min(rows).as_py(), pc.max(rows).as_py() + 1)
+        if gone.num_rows:
+            t = t.filter(pc.invert(pc.is_in(rows, value_set=gone.column(ROW))))
+    return t
 
 
-def _scored(batch: pa.Table, column: str) -> pa.Table:
-    return batch.select(["uid", column]).filter(pc.is_valid(batch.column(column)))
+# ------------------------------------------------------------------------------------------------ task bodies
+
+def partition_of(key: pa.ChunkedArray, parts: int) -> np.ndarray:
+    """The reduce partition of each key (the keys are uint64 hashes or ids)."""
+    return (pc.cast(key, pa.uint64()).combine_chunks().to_numpy() % np.uint64(parts)).astype(np.int64)
 
 
-def _between(batch: pa.Table, column: str, lo: float, hi: float) -> pa.Table:
-    v = batch.column(column)
-    return batch.filter(pc.and_(pc.greater_equal(v, lo), pc.less_equal(v, hi)))
+def split(t: pa.Table, part: np.ndarray, parts: int) -> list[pa.Table]:
+    """t cut into `parts` tables by `part` (one sort, then slices)."""
+    if parts == 1:
+        return [t]
+    o = np.argsort(part, kind="stable")
+    t = t.take(pa.array(o))
+    bounds = np.searchsorted(part[o], np.arange(parts + 1))
+    return [t.slice(int(bounds[p]), int(bounds[p + 1] - bounds[p])) for p in range(parts)]
 
 
-def _count_above(batch: pa.Table, column: str, hi: float) -> pa.Table:
-    return pa.table({"n": [pc.sum(pc.greater(batch.column(column), hi)).as_py() or 0]})
+def map_keys(job: Job, source: Source, parts: int) -> list[pa.Table]:
+    """Shuffle, map side: the keys of the source's rows, in `parts` partitions."""
+    step = job.step
+    ctx = job.context()
+    rows = read_rows(job, source)
+    keys = step.keys(rows, ctx.params, ctx.state) if rows.num_rows else None
+    if keys is None or not keys.num_rows:
+        return [None] * parts
+    return split(keys, partition_of(keys.column(KEY), parts), parts) if parts > 1 else [keys]
 
 
-def top_fraction_cutoff(ds, column: str, fraction: float, sample: int = 100_000) -> tuple[float, str] | None:
-    """The (score, uid) of the last row kept when keeping round(fraction * scored rows) rows ranked by score
-    descending, uid ascending; None keeps every scored row; (nan, "") keeps none. Exact: a sample brackets the
-    cutoff; the workers count the rows above the bracket and only the rows inside it reach the driver."""
-    scored = ds.map_batches(_scored, fn_args=(column,), batch_format="pyarrow").materialize()
-    n = scored.count()
-    k = math.floor(fraction * n + 0.5)
+def reduce_group(job: Job, part: int, *tables: pa.Table | None) -> pa.Table | dict:
+    """Shuffle, reduce side: the step's group() over one partition. Decisions are written here (returns counts);
+    edges (a step with survivors) are returned for the survivors task."""
+    step = job.step
+    ctx = job.context()
+    tables = [t for t in tables if t is not None and t.num_rows]
+    out = step.group(pa.concat_tables(tables), ctx.params, ctx.state) if tables else None
+    if step.survivors is not None:
+        return out
+    return write_decisions(job, part, out)
+
+
+def resolve_survivors(job: Job, *edges: pa.Table | None) -> dict:
+    """Survivors over every partition's edges (one task: the edges touch duplicated rows only)."""
+    step = job.step
+    edges = [e for e in edges if e is not None and e.num_rows]
+    out = survivor_decisions(pa.concat_tables(edges), step.survivors, job.context()) if edges else None
+    return write_decisions(job, 0, out)
+
+
+def write_decisions(job: Job, part: int, decided: pa.Table | None) -> dict:
+    """Decisions of one task, sorted by row, to the step's folder (or returned, for in-memory runs).
+    Returns counts by reason (and, in memory, the table)."""
+    decided = decided.cast(DECISION_SCHEMA) if decided is not None else EMPTY_DECISIONS
+    decided = decided.sort_by(ROW)
+    counts = {c["values"]: c["counts"] for c in pc.value_counts(decided.column("reason")).to_pylist()}
+    if job.folder is None:
+        return {"counts": counts, "table": decided}
+    if decided.num_rows:
+        atomic_write_table(decided, step_dir(job) / f"part-{part:05d}.parquet", row_group_size=ROW_GROUP)
+    return {"counts": counts}
+
+
+def step_dir(job: Job) -> Location:
+    step = job.step
+    return BuildFolder(job.folder).work / "global" / f"{job.position:02d}-{job.stage}" / f"{job.index:02d}-{step.name}"
+
+
+def scored(job: Job, source: Source) -> pa.Table:
+    """TopFraction, map side: (score, uid) of the scored rows alive before the stage."""
+    rows = read_rows(job, source, rowwise=True)
+    score = job.step.score(rows, job.params) if rows.num_rows else pa.array([], pa.float64())
+    t = pa.table({"score": pa.array(score, pa.float64()), "uid": rows.column("uid").cast(pa.string())})
+    return t.filter(pc.is_valid(t.column("score")))
+
+
+def decide_below(job: Job, source: Source, cutoff, part: int) -> dict:
+    """TopFraction, deciding side: the rows ranked below the cutoff (not those the stage rejected row by row)."""
+    step = job.step
+    rows = read_rows(job, source, rowwise=True)
+    if not rows.num_rows:
+        return write_decisions(job, part, None)
+    score = pa.array(step.score(rows, job.params), pa.float64())
+    below = pc.and_(below_cutoff(score, rows.column("uid").cast(pa.string()), cutoff), pc.invert(rows.column("_own")))
+    rows = rows.filter(below)
+    cut = cutoff[0] if cutoff is not None else float("nan")
+    detail = step.detail(rows, job.params, cut)
+    return write_decisions(job, part, pa.table([rows.column(ROW), pa.array([step.reason] * rows.num_rows, pa.string()),
+                                                pa.array(detail, pa.string())], schema=DECISION_SCHEMA))
+
+
+POOL = np.uint64(np.iinfo(np.uint64).max)  # the key under which a Counts map task counts its rows (the pool)
+
+
+def key_counts(job: Job, source: Source, parts: int) -> list[pa.Table]:
+    """Counts, map side: rows per key among the source's rows, in `parts` partitions (the source's row count goes
+    with partition 0 under the key POOL)."""
+    ctx = job.context()
+    rows = read_rows(job, source)
+    keys = job.step.keys(rows, ctx.params, ctx.state) if rows.num_rows else None
+    pool = pa.table({KEY: pa.array([POOL], pa.uint64()), "count": pa.array([rows.num_rows], pa.int64())})
+    if keys is None or not keys.num_rows:
+        return [pool] + [None] * (parts - 1)
+    vc = pc.value_counts(keys.column(KEY))
+    t = pa.table({KEY: vc.field("values").cast(pa.uint64()), "count": vc.field("counts").cast(pa.int64())})
+    out = split(t, partition_of(t.column(KEY), parts), parts)
+    out[0] = pa.concat_tables([out[0], pool])
+    return out
+
+
+def sum_counts(*tables: pa.Table | None) -> pa.Table:
+    tables = [t for t in tables if t is not None and t.num_rows]
+    if not tables:
+        return pa.table({KEY: pa.array([], pa.uint64()), "count": pa.array([], pa.int64())})
+    return pa.concat_tables(tables).group_by(KEY).aggregate([("count", "sum")]).rename_columns([KEY, "count"])
+
+
+def pool_and_counts(counts: pa.Table) -> tuple[int, pa.Table]:
+    is_pool = pc.equal(counts.column(KEY), pa.scalar(POOL, pa.uint64()))
+    pool = int(pc.sum(counts.column("count").filter(is_pool)).as_py() or 0)
+    return pool, counts.filter(pc.invert(is_pool))
+
+
+def decide_counted(job: Job, source: Source, counts: pa.Table, part: int) -> dict:
+    """Counts, deciding side: the step's decide() over the source's rows with the global counts."""
+    pool, counts = pool_and_counts(counts)
+    ctx = job.context()
+    ctx.state["pool"] = pool
+    rows = read_rows(job, source)
+    out = job.step.decide(rows, counts, ctx.params, ctx.state) if rows.num_rows else None
+    return write_decisions(job, part, out)
+
+
+def summarize_counts(job: Job, counts: pa.Table) -> dict:
+    """What a Counts step records about its counts (its summarize(), bounded by the stage), and the pool."""
+    pool, counts = pool_and_counts(counts)
+    summary = job.step.summarize(counts, job.params) if job.step.summarize is not None else {}
+    return {"pool": pool, "summary": summary}
+
+
+def sample_rows(job: Job, source: Source, fraction: float) -> pa.Table:
+    """Fit, map side: the rows whose uid hash falls in the sample (deterministic)."""
+    rows = read_rows(job, source)
+    if fraction >= 1.0 or not rows.num_rows:
+        return rows
+    h = pl.Series(rows.column("uid").combine_chunks().cast(pa.string())).hash(seed=1).to_numpy() >> np.uint64(11)
+    return rows.filter(pa.array(h < np.uint64(int(fraction * 2**53))))
+
+
+def fit_state(job: Job, *samples: pa.Table) -> object:
+    samples = [s for s in samples if s is not None and s.num_rows]
+    sample = pa.concat_tables(samples, promote_options="default") if samples else read_rows(job, Source(table=pa.table(
+        {ROW: pa.array([], pa.int64()), PRIOR: pa.array([], pa.bool_())})))
+    return job.step.fit(sample, job.params)
+
+
+def exact_cutoff(values: pa.Table, k: int) -> tuple[float, str]:
+    """(score, uid) of the k-th row ranked by score desc, uid asc, among `values` (all rows ranked from k on)."""
+    order = pc.sort_indices(values, sort_keys=[("score", "descending"), ("uid", "ascending")])
+    row = values.take(order).slice(k - 1, 1).to_pylist()[0]
+    return float(row["score"]), row["uid"]
+
+
+# ------------------------------------------------------------------------------------------------ runners
+
+class InProcess:
+    """Every task body called here, one partition: the in-process way, in one Ray task or in tests."""
+
+    parts = 1
+
+    def __init__(self, sources: list[Source]):
+        self.sources = sources
+
+    def shuffle(self, job: Job) -> dict:
+        keyed = [map_keys(job, s, 1)[0] for s in self.sources]
+        out = reduce_group(job, 0, *keyed)
+        return resolve_survivors(job, out) if job.step.survivors is not None else out
+
+    def top_fraction(self, job: Job) -> dict:
+        values = pa.concat_tables([scored(job, s) for s in self.sources])
+        cutoff = cutoff_of(values, job.step.fraction)
+        return merge_counts([decide_below(job, s, cutoff, i) for i, s in enumerate(self.sources)]) | cutoff_summary(cutoff)
+
+    def counts(self, job: Job) -> dict:
+        counts = sum_counts(*[key_counts(job, s, 1)[0] for s in self.sources])
+        return merge_counts([decide_counted(job, s, counts, i) for i, s in enumerate(self.sources)]) | \
+            summarize_counts(job, counts)
+
+    def fit(self, job: Job, fraction: float):
+        return fit_state(job, *[sample_rows(job, s, fraction) for s in self.sources])
+
+
+def cutoff_of(values: pa.Table, fraction: float):
+    n = values.num_rows
+    k = top_fraction_keep(n, fraction)
     if k >= n:
         return None
     if k == 0:
         return float("nan"), ""
-    values = np.sort(to_table(scored.random_sample(min(1.0, sample / n), seed=0)).column(column).to_numpy())
+    return exact_cutoff(values, k)
+
+
+def cutoff_summary(cutoff) -> dict:
+    """What a top fraction records: the score of the last row it kept (None: it kept every scored row)."""
+    if cutoff is None or math.isnan(cutoff[0]):
+        return {"cutoff": None}
+    return {"cutoff": cutoff[0]}
+
+
+def merge_counts(results: list[dict]) -> dict:
+    counts: dict[str, int] = {}
+    tables = []
+    for r in results:
+        for reason, c in r["counts"].items():
+            counts[reason] = counts.get(reason, 0) + c
+        if "table" in r:
+            tables.append(r["table"])
+    out = {"counts": counts}
+    if tables:
+        out["table"] = pa.concat_tables(tables).sort_by(ROW)
+    return out
+
+
+class OnRay:
+    """The same task bodies as Ray tasks: map tasks with P returns, P reduce tasks, nothing through the driver."""
+
+    def __init__(self, sources: list[Source], parts: int):
+        import ray
+
+        self.ray = ray
+        self.sources = sources
+        self.parts = max(2, parts)  # a task with one return hands back its list whole
+
+    def _task(self, fn, **options):
+        return self.ray.remote(fn).options(max_retries=3, retry_exceptions=True, **options)
+
+    def shuffle(self, job: Job) -> dict:
+        ray, p = self.ray, self.parts
+        mapper = self._task(map_keys, num_returns=p, num_cpus=1)
+        keyed = [mapper.remote(job, s, p) for s in self.sources]
+        keyed = [refs if p > 1 else [refs] for refs in keyed]
+        reducer = self._task(reduce_group, num_cpus=1)
+        outs = [reducer.remote(job, i, *[refs[i] for refs in keyed]) for i in range(p)]
+        del keyed
+        if job.step.survivors is not None:
+            return ray.get(self._task(resolve_survivors, num_cpus=1).remote(job, *outs))
+        return merge_counts(ray.get(outs))
+
+    def top_fraction(self, job: Job) -> dict:
+        ray = self.ray
+        values = [self._task(scored, num_cpus=1).remote(job, s) for s in self.sources]
+        cutoff = distributed_cutoff(ray, values, job.step.fraction)
+        decider = self._task(decide_below, num_cpus=1)
+        return merge_counts(ray.get([decider.remote(job, s, cutoff, i) for i, s in enumerate(self.sources)])) | \
+            cutoff_summary(cutoff)
+
+    def counts(self, job: Job) -> dict:
+        ray, p = self.ray, self.parts
+        mapper = self._task(key_counts, num_returns=p, num_cpus=1)
+        keyed = [mapper.remote(job, s, p) for s in self.sources]
+        keyed = [refs if p > 1 else [refs] for refs in keyed]
+        summed = [self._task(sum_counts, num_cpus=1).remote(*[refs[i] for refs in keyed]) for i in range(p)]
+        counts = self._task(sum_counts, num_cpus=1).remote(*summed)  # one table, bounded by the keys
+        decider = self._task(decide_counted, num_cpus=1)
+        summary = self._task(summarize_counts, num_cpus=1).remote(job, counts)
+        return merge_counts(ray.get([decider.remote(job, s, counts, i) for i, s in enumerate(self.sources)])) | \
+            ray.get(summary)
+
+    def fit(self, job: Job, fraction: float):
+        samples = [self._task(sample_rows, num_cpus=1).remote(job, s, fraction) for s in self.sources]
+        return self.ray.get(self._task(fit_state, num_cpus=1).remote(job, *samples))
+
+
+def _count_above(t: pa.Table, hi: float) -> int:
+    return int(pc.sum(pc.greater(t.column("score"), hi)).as_py() or 0)
+
+
+def _between(t: pa.Table, lo: float, hi: float) -> pa.Table:
+    v = t.column("score")
+    return t.filter(pc.and_(pc.greater_equal(v, lo), pc.less_equal(v, hi)))
+
+
+def _sample_scores(t: pa.Table, fraction: float) -> np.ndarray:
+    if fraction >= 1.0:
+        return t.column("score").to_numpy()
+    h = pl.Series(t.column("uid")).hash(seed=2).to_numpy() >> np.uint64(11)
+    return t.column("score").to_numpy()[h < np.uint64(int(fraction * 2**53))]
+
+
+def distributed_cutoff(ray, values: list, fraction: float, sample: int = 100_000):
+    """The exact cutoff over (score, uid) tables held by the workers: a sample brackets it, the workers count the
+    rows above the bracket, and only the rows inside it reach the driver."""
+    task = lambda fn: ray.remote(fn).options(num_cpus=0.5)  # noqa: E731
+    n = sum(ray.get([task(lambda t: t.num_rows).remote(v) for v in values]))
+    k = top_fraction_keep(n, fraction)
+    if k >= n:
+        return None
+    if k == 0:
+        return float("nan"), ""
+    got = np.sort(np.concatenate(ray.get([task(_sample_scores).remote(v, min(1.0, sample / n)) for v in values])))
     q = 1.0 - k / n
-    delta = 4.0 / math.sqrt(max(len(values), 1))
+    delta = 4.0 / math.sqrt(max(got.size, 1))
     while True:
-        lo = float(np.quantile(values, q - delta)) if len(values) and q - delta > 0 else -math.inf
-        hi = float(np.quantile(values, q + delta)) if len(values) and q + delta < 1 else math.inf
-        above = int(to_table(scored.map_batches(_count_above, fn_args=(column, hi), batch_format="pyarrow"))
-                    .column("n").to_numpy().sum()) if math.isfinite(hi) else 0
-        band = to_table(scored.map_batches(_between, fn_args=(column, lo, hi), batch_format="pyarrow"))
+        lo = float(np.quantile(got, q - delta)) if got.size and q - delta > 0 else -math.inf
+        hi = float(np.quantile(got, q + delta)) if got.size and q + delta < 1 else math.inf
+        above = sum(ray.get([task(_count_above).remote(v, hi) for v in values])) if math.isfinite(hi) else 0
+        band = pa.concat_tables(ray.get([task(_between).remote(v, lo, hi) for v in values]))
         if above < k <= above + band.num_rows:
-            order = pc.sort_indices(band, sort_keys=[(column, "descending"), ("uid", "ascending")])
-            row = band.take(order).slice(k - above - 1, 1).to_pylist()[0]
-            return float(row[column]), row["uid"]
+            return exact_cutoff(band, k - above)
         delta *= 2
 
 
-IMPLEMENTATIONS = {"dedup": dedup_global, "align": align_global}
+# ------------------------------------------------------------------------------------------------ the phase
+
+def sources_of(folder: BuildFolder, prior_files: list[Location], rows_per_task: int = ROWS_PER_TASK
+               ) -> tuple[list[Source], int]:
+    """Map tasks' sources (runs of input shards, runs of prior files, about rows_per_task rows each) and the rows."""
+    sizes = {}
+    for d in folder.processed_dir.subdirs():
+        if d.name.startswith(f"{SRC}="):
+            sizes[int(d.name.split("=", 1)[1])] = sum(f.read_metadata().num_rows for f in d.glob("*.parquet"))
+    sources, run, acc = [], [], 0
+    for s in sorted(sizes):
+        run.append(s)
+        acc += sizes[s]
+        if acc >= rows_per_task:
+            sources.append(Source(shards=tuple(run)))
+            run, acc = [], 0
+    if run:
+        sources.append(Source(shards=tuple(run)))
+    prior_rows, first = 0, 0
+    for chunk in _chunks([str(f) for f in prior_files], 64):
+        sources.append(Source(prior_files=tuple(chunk), prior_first=first))
+        first += len(chunk)
+    for f in prior_files:
+        prior_rows += f.read_metadata().num_rows
+    return sources, sum(sizes.values()) + prior_rows
+
+
+def _chunks(items: list, n: int) -> list[list]:
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
+def processed_columns(folder: BuildFolder) -> set[str]:
+    """The columns the processed rows have (one footer)."""
+    for d in folder.processed_dir.subdirs():
+        files = d.glob("*.parquet")
+        if files:
+            return set(files[0].read_schema().names)
+    return set()
+
+
+def partitions_for(rows: int, cpus: float) -> int:
+    return max(2, int(2 * cpus), math.ceil(rows / ROWS_PER_TASK))
+
+
+def decide_stage_in_one_task(folder: str, spec: BuildSpec, k: int, sources: list[Source], rows: int,
+                             earlier: tuple[str, ...]) -> dict:
+    """The in-process way for one stage, inside one Ray task (or called directly)."""
+    entry = spec.stages[k]
+    job = Job(folder, entry.name, k, entry.params.model_dump_json(), 0, earlier, rows)
+    return _finish_steps(job, InProcess(sources), rows, processed_columns(BuildFolder(folder)))
+
+
+def has_columns(step, columns: set[str]) -> bool:
+    """Whether the rows have what the step needs (a step whose `needs` no row has is skipped)."""
+    return all(c in columns for c in getattr(step, "needs", ()))
+
+
+def _finish_steps(job: Job, runner, rows: int, columns: set[str]) -> dict:
+    """Run the stage's steps that have no marker yet, each leaving its marker."""
+    done: dict = {}
+    steps = stage_class(job.stage).global_steps(job.params)
+    state: dict = {}
+    earlier = list(job.earlier)
+    for i, step in enumerate(steps):
+        j = replace(job, index=i, state=state, earlier=tuple(earlier))
+        if not has_columns(step, columns):
+            continue
+        if isinstance(step, Fit):
+            later = [replace(job, index=x) for x in range(i + 1, len(steps)) if not isinstance(steps[x], Fit)]
+            if not all((step_dir(x) / "_DONE.json").exists() for x in later):  # a resume past them needs no fit
+                state[step.name] = runner.fit(j, min(1.0, step.sample_rows / max(rows, 1)))
+            continue
+        d = step_dir(j)
+        marker = d / "_DONE.json"
+        if marker.exists():
+            done[step.name] = json.loads(marker.read_text())
+        else:
+            d.rmtree()
+            t0 = time.perf_counter()
+            out = {TopFraction: runner.top_fraction, Counts: runner.counts, Shuffle: runner.shuffle}[type(step)](j)
+            done[step.name] = {"rejected": out["counts"], "seconds": round(time.perf_counter() - t0, 3)} | {
+                k: out[k] for k in ("cutoff", "pool", "summary") if k in out}
+            atomic_write_text(marker, json.dumps(done[step.name]))
+        earlier += [str(f) for f in d.glob("part-*.parquet")]
+    return done
+
+
+def run_global_stages(ctx: BuildContext, rows: int, prior_files: list[Location] | None = None) -> dict:
+    """Decide every global stage in spec order; resumes past the steps that finished. Returns, per stage, its
+    steps' summaries and seconds."""
+    import ray
+
+    spec, folder = ctx.spec, ctx.folder
+    positions = global_positions(spec)
+    if not positions:
+        return {}
+    sources, total = sources_of(folder, prior_files or [])
+    one_task = total <= spec.decide.driver_max_rows
+    parts = partitions_for(total, ray.cluster_resources().get("CPU", 1.0))
+    out: dict = {}
+    earlier: list[str] = []
+    for k in positions:
+        entry = spec.stages[k]
+        t0 = time.perf_counter()
+        with phase(f"{entry.name} (global)") as adv:
+            if one_task:
+                steps = ray.get(ray.remote(decide_stage_in_one_task).options(num_cpus=1).remote(
+                    str(folder.root), spec, k, sources, total, tuple(earlier)))
+            else:
+                job = Job(str(folder.root), entry.name, k, entry.params.model_dump_json(), 0, tuple(earlier), total)
+                steps = _finish_steps(job, OnRay(sources, parts), total, processed_columns(folder))
+            rejected = sum(sum(s["rejected"].values()) for s in steps.values())
+            adv(rejected, f"{rejected} rejected")
+        out[entry.name] = {"steps": steps, "seconds": time.perf_counter() - t0,
+                           "mode": "one task" if one_task else f"distributed, {parts} partitions"}
+        earlier = [str(f) for kk, _, d in step_dirs(folder.work, spec) if kk <= k for f in d.glob("part-*.parquet")]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ in memory
+
+def decide_table(stage: str, params, table: pa.Table, prior: pa.Table | None = None, *, parts: int = 1,
+                 ray_tasks: bool = False, summaries: dict | None = None) -> pa.Table:
+    """A stage's global steps over an in-memory table (tests, benchmarks): (uid, reason, detail) of the rejected
+    rows, in the table's order. `prior`: rows earlier builds kept. ray_tasks: run the steps as Ray tasks with
+    `parts` partitions (the distributed way), else in this process. `summaries` (a dict) receives what each step
+    records (a cutoff, a Counts step's pool and summary), by step name."""
+    n = table.num_rows
+    t = table.append_column(ROW, pa.array(np.arange(n, dtype=np.int64))).append_column(
+        PRIOR, pa.array(np.zeros(n, bool)))
+    chunk = ROWS_PER_TASK if ray_tasks else max(n, 1)  # as Ray tasks: one map task per ROWS_PER_TASK rows
+    sources = [Source(table=t.slice(a, chunk)) for a in range(0, max(n, 1), chunk)]
+    if prior is not None and prior.num_rows:
+        m = prior.num_rows
+        sources.append(Source(table=prior.append_column(ROW, pa.array(-1 - np.arange(m, dtype=np.int64)))
+                              .append_column(PRIOR, pa.array(np.ones(m, bool)))))
+    cls = stage_class(stage)
+    job = Job(None, stage, 0, cls.Params.model_validate(params.model_dump() if hasattr(params, "model_dump")
+                                                         else params).model_dump_json(), 0, (), n + (
+        prior.num_rows if prior is not None else 0))
+    runner = OnRay(sources, parts) if ray_tasks else InProcess(sources)
+    decided, state = [], {}
+    for i, step in enumerate(cls.global_steps(job.params)):
+        j = replace(job, index=i, state=state)
+        if not has_columns(step, set(table.column_names)):
+            continue
+        if isinstance(step, Fit):
+            state[step.name] = runner.fit(j, min(1.0, step.sample_rows / max(job.rows_hint, 1)))
+            continue
+        res = {TopFraction: runner.top_fraction, Counts: runner.counts, Shuffle: runner.shuffle}[type(step)](j)
+        if summaries is not None:
+            summaries[step.name] = {k: v for k, v in res.items() if k != "table"}
+        got = res.get("table", EMPTY_DECISIONS)
+        decided.append(got)
+        # later steps see the rows alive after this one
+        gone = got.column(ROW)
+        sources = [replace(s, table=s.table.filter(pc.invert(pc.is_in(s.table.column(ROW), value_set=gone))))
+                   for s in sources]
+        runner = OnRay(sources, parts) if ray_tasks else InProcess(sources)
+    d = pa.concat_tables(decided).sort_by(ROW) if decided else EMPTY_DECISIONS
+    uid = table.column("uid").take(d.column(ROW))
+    return pa.table({"uid": uid, "reason": d.column("reason"), "detail": d.column("detail")})

@@ -27,7 +27,7 @@ from schemas.columns import REJECT_SCHEMA
 from dataio.build_folder import atomic_write_table
 from dataio.sources import URL_BATCH_ROWS, corpus_kind, corpus_pieces, iter_corpus, iter_url_list
 from dataio.uids import bucket_repeats, key_corpus_batch, key_corpus_piece, key_url_batch, settle_corpus_batch, settle_url_batch
-from dataio.storage import Location, location, parquet_dataset
+from dataio.storage import Location, location
 
 BUCKET_ROWS = 4_000_000  # keys per repeat-detection bucket, about (what one step-2 task sorts)
 
@@ -246,19 +246,12 @@ class RejectsWriter:
             os.unlink(self.tmp)
 
 
-def prior_pairs(ctx: BuildContext):
-    """Incremental: the pairs earlier builds of the source kept (metadata only), as a Ray Dataset for cross-build
-    dedup; read by the workers, never whole in the driver."""
+def prior_files(ctx: BuildContext) -> list[Location]:
+    """Incremental: the shard files of the earlier builds of the source (the pairs they kept), which the global
+    steps read in their workers as `prior` rows (cross-build dedup); never read in the driver."""
     if not ctx.spec.incremental:
-        return None
-    import ray
-
+        return []
     files = []
     for b in earlier_builds(ctx):
         files += (location(b["out_dir"]) / "shards").glob("part-*.parquet")
-    if not files:
-        return None
-    names = parquet_dataset(files).schema.names
-    cols = [c for c in ("uid", "sha256", "phash", "phash_crops", "url_norm", "original_width", "original_height",
-                        "image_bytes") if c in names]
-    return ray.data.read_parquet([f.path for f in files], filesystem=files[0].fs, columns=cols)
+    return [f for f in files if f.read_metadata().num_rows]

@@ -16,10 +16,11 @@ import pyarrow.dataset as pads
 
 from flows.engine.context import BuildContext, BuildError, code_version
 from flows.engine.decide import DECISION_COLUMNS
-from flows.engine.global_decisions import SRC, shard_decisions
+from flows.engine.global_decisions import SHIFT, read_shard, shard_decisions
 from flows.progress import phase
 from schemas.columns import build_schema, rejects_schema
 from schemas.spec import BuildSpec
+from stages.steps import ROW
 from dataio.build_folder import BuildFolder, atomic_write_table, atomic_write_text
 from dataio.shards import conform, image_formats, write_manifest
 from dataio.storage import Location, parquet_dataset
@@ -31,23 +32,18 @@ def with_build_id(t: pa.Table, build_id: str) -> pa.Table:
     return t.append_column("build_id", pa.array(np.full(t.num_rows, build_id, dtype=object), pa.string()))
 
 
-def processed_rows(folder: BuildFolder, src: int) -> pa.Table | None:
-    files = (folder.processed_dir / f"{SRC}={src}").glob("*.parquet")
-    if not files:
-        return None
-    return parquet_dataset(files).to_table()
-
-
 def final_decisions(rows: pa.Table, globals_: list[tuple[int, pa.Table]], names: list[str]) -> pa.Table:
-    """Set (stage, reason, detail) on each row: a global rejection (it saw only rows alive before it), else the
-    row-wise one from the pipeline."""
-    stage, reason, detail = (rows.column(c) for c in ("reject_stage", "reject_reason", "reject_detail"))
-    uid = rows.column("uid")
+    """Set (stage, reason, detail) on each of one shard's processed rows (in row-id order): a global rejection (it
+    saw only rows alive before it) by the row's position, else the row-wise one from the pipeline."""
+    stage, reason, detail = (rows.column(c).combine_chunks() for c in ("reject_stage", "reject_reason",
+                                                                       "reject_detail"))
     for k, dec in globals_:
         if not dec.num_rows:
             continue
-        at = pc.index_in(uid, value_set=dec.column("uid"))
-        hit = pc.is_valid(at)
+        pos = dec.column(ROW).to_numpy() & ((1 << SHIFT) - 1)
+        idx = np.full(rows.num_rows, -1, np.int64)
+        idx[pos] = np.arange(dec.num_rows)
+        hit, at = pa.array(idx >= 0), pa.array(idx, mask=idx < 0)
         stage = pc.if_else(hit, names[k], stage)
         reason = pc.if_else(hit, pc.take(dec.column("reason"), at), reason)
         detail = pc.if_else(hit, pc.take(dec.column("detail"), at), detail)
@@ -71,16 +67,16 @@ def write_shard(folder: BuildFolder, src: int, spec: BuildSpec, build_id: str) -
     if marker.exists():
         return json.loads(marker.read_text())
     names = spec.stage_names()
-    rows = processed_rows(folder, src)
+    rows = read_shard(folder, src)
     parts = []
     if rows is not None and rows.num_rows:
+        rows = final_decisions(rows, shard_decisions(folder.work, spec, src), names)  # by row id: row-id order
         images = folder.ingest_shard(src).pairs.read_table(columns=["uid", "image"])
         at = pc.index_in(rows.column("uid"), value_set=images.column("uid"))  # each row's place in its shard
         if at.null_count:
             raise BuildError(f"input shard {src}: {at.null_count} processed rows are not among its downloads")
         order = pc.sort_indices(at)  # rows in download order: the same files on every run
-        rows = rows.take(order).append_column("image", images.column("image").take(at.take(order)))
-        parts.append(final_decisions(rows, shard_decisions(folder.work, spec, src), names))
+        parts.append(rows.take(order).append_column("image", images.column("image").take(at.take(order))))
     ingest_rej = folder.ingest_shard(src).rejects
     if ingest_rej.exists():
         parts.append(ingest_rej.read_table())
@@ -214,6 +210,9 @@ def collect_stats(ctx: BuildContext, prepared: dict, ingest: dict, processed: di
         n = sum(rej.values())
         sec = seconds.get(name, 0.0) + global_.get(name, {}).get("seconds", 0.0)
         row = {"stage": name, "rows_in": alive, "rows_out": alive - n, "rejected": rej, "seconds": round(sec, 3)}
+        if name in global_:  # its global steps: rejections, seconds, and what they found (a top fraction's cutoff)
+            row["global_steps"] = global_[name]["steps"]
+            row["global_mode"] = global_[name]["mode"]
         if name in spans:  # first batch in to last batch out, wall clock: rows_in / this is the stage's rate
             span = spans[name]
             row.update(span_seconds=round(span["last"] - span["first"], 3), span_start=round(span["first"], 3),

@@ -1,4 +1,5 @@
-"""The stages as one Ray Data pipeline: CPU stages as tasks, model stages as actor pools, resources from the spec.
+"""The stages as one Ray Data pipeline: CPU stages as tasks, model stages as actor pools, with the spec's resources
+fitted to the cluster (flows.engine.resources).
 
 Images are decoded once per batch: a decode step (CPU tasks) runs before the first stage that declares
 `needs_image`, and the private pixel columns are dropped after the last one. A named timer actor sums each step's
@@ -7,7 +8,6 @@ rows, seconds and image decodes, which feed the live progress and the build's st
 from __future__ import annotations
 
 import atexit
-import math
 import os
 import threading
 import time
@@ -16,13 +16,14 @@ from contextlib import ExitStack, contextmanager
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flows.engine.context import BuildContext, BuildError
+from flows.engine.context import BuildContext
 from flows.engine.decide import decide_rowwise
 from flows.engine.global_decisions import SRC
+from flows.engine.resources import PREPARE_CPUS, fit_resources
 from flows.progress import phase
 from schemas.spec import BuildSpec
 from stages import stage_class
-from stages.base import drop_private
+from stages.base import Resources, drop_private
 from stages.imaging.decode import add_pixels, decodes, drop_pixels
 
 DECODE = "decode"
@@ -134,15 +135,16 @@ def step_names(spec: BuildSpec) -> list[str]:
     return names if span is None else names[:span[0]] + [DECODE] + names[span[0]:]
 
 
-def stage_pipeline(ds, spec: BuildSpec, timer: str, pools: dict[int, int]):
+def stage_pipeline(ds, spec: BuildSpec, timer: str, fitted: dict[int, Resources]):
     """The spec's stages over a Ray Dataset of pairs, each batch decoded once for the image stages; a model stage
-    that prepares its batches gets CPU tasks streaming ahead of its actor pool (`pools`: actors per stage)."""
+    that prepares its batches gets CPU tasks streaming ahead of its actor pool (`fitted`: each stage's resources on
+    this cluster, flows.engine.resources.fit_resources)."""
     import ray
 
     span = image_span(spec)
     for i, entry in enumerate(spec.stages):
         cls = stage_class(entry.name)
-        res = cls.default_resources.override(entry.params)
+        res = fitted[i]
         if span is not None and i == span[0]:
             ds = ds.map_batches(decode_step, fn_args=(timer,), batch_format="pyarrow", batch_size=res.batch_size,
                                 num_cpus=min(1.0, res.cpus))
@@ -154,7 +156,7 @@ def stage_pipeline(ds, spec: BuildSpec, timer: str, pools: dict[int, int]):
                 ds = ds.map_batches(run_prepare_task, fn_args=(entry.name, params_json, timer), batch_format="pyarrow",
                                     batch_size=res.batch_size, num_cpus=PREPARE_CPUS)
             ds = ds.map_batches(StageActor, fn_constructor_args=(entry.name, params_json, timer, drop_after),
-                                compute=ray.data.ActorPoolStrategy(size=pools[i]), **common)
+                                compute=ray.data.ActorPoolStrategy(size=res.pool_size), **common)
         else:
             ds = ds.map_batches(run_stage_task, fn_args=(entry.name, params_json, timer, drop_after), **common)
     return ds
@@ -192,13 +194,13 @@ def process_stages(ctx: BuildContext, compute: bool = True) -> dict:
         dctx.enable_progress_bars = False  # our reporter shows progress; Ray Data's would log lines off a TTY
         quiet_ray_data()
         cluster = ray.cluster_resources()
-        pools = check_pool_budget(ctx.spec, cluster.get("CPU", 0.0), cluster.get("GPU", 0.0))
+        fitted = fit_resources(ctx.spec, cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)) if compute else {}
         timer = f"pairforge-timer-{ctx.build_id}"
         timer_actor = ray.remote(num_cpus=0)(StageTimer).options(name=timer).remote()
         ds = ray.data.read_parquet([f.path for f in pair_files], filesystem=out.fs, include_paths=True)
         ds = ds.map_batches(tag_source, batch_format="pyarrow")
         if compute:
-            ds = stage_pipeline(ds, ctx.spec, timer, pools)
+            ds = stage_pipeline(ds, ctx.spec, timer, fitted)
         ds = ds.map_batches(finish_batch, fn_args=(ctx.spec,), batch_format="pyarrow")
         names = step_names(ctx.spec) if compute else []
         steps = _run_with_progress(lambda: ds.write_parquet(out.path, filesystem=out.fs, partition_cols=[SRC]),
@@ -212,61 +214,6 @@ def process_stages(ctx: BuildContext, compute: bool = True) -> dict:
                "decodes_per_row": round(decoded / rows, 3) if rows else 0.0}
     folder.mark_done("processed", summary)
     return summary
-
-
-PREPARE_CPUS = 1.0  # one prepare task (PIL decode and resize: one thread)
-
-
-def pool_sizes(spec: BuildSpec, cluster_cpus: float, cluster_gpus: float = 0.0) -> dict[int, int]:
-    """Actors per model stage (by position in the spec). `pool_size` when the spec sets it; a GPU stage without
-    one gets as many actors as its share of the GPUs holds: the GPUs left by stages with a pool_size, split evenly
-    among the GPU stages without one, divided by its `gpus` (gpus: 0.25 on one GPU -> 4 actors), at least 1, and
-    no more than the CPUs left after the other pools and one prepare task allow. Others: the stage's default."""
-    actors: dict[int, tuple] = {}
-    for i, entry in enumerate(spec.stages):
-        cls = stage_class(entry.name)
-        if cls.runs_as_actor(entry.params):
-            actors[i] = (cls.default_resources.override(entry.params), entry.params.pool_size is not None)
-    sizes = {i: res.pool_size for i, (res, fixed) in actors.items() if fixed or not res.gpus}
-    auto = [i for i in actors if i not in sizes]
-    if auto:
-        free_gpus = cluster_gpus - sum(actors[i][0].gpus * n for i, n in sizes.items())
-        free_cpus = cluster_cpus - sum(actors[i][0].cpus * n for i, n in sizes.items()) - PREPARE_CPUS
-        share_gpus, share_cpus = free_gpus / len(auto), free_cpus / len(auto)
-        for i in auto:
-            res = actors[i][0]
-            by_gpu = math.floor(share_gpus / res.gpus + 1e-9)
-            by_cpu = math.floor(share_cpus / res.cpus + 1e-9) if res.cpus else by_gpu
-            sizes[i] = max(1, min(by_gpu, by_cpu))
-    return sizes
-
-
-def check_pool_budget(spec: BuildSpec, cluster_cpus: float, cluster_gpus: float = 0.0) -> dict[int, int]:
-    """Actor pools hold their CPUs (and GPUs) for the whole pipeline; if what is left can't run one read or task,
-    or the pools want more GPUs than the cluster has, Ray Data waits forever. Refuse such a spec up front, naming
-    the numbers. Returns the pool sizes (pool_sizes)."""
-    sizes = pool_sizes(spec, cluster_cpus, cluster_gpus)
-    pools, gpus, tasks = 0.0, 0.0, [1.0]  # a read task takes one CPU
-    for i, entry in enumerate(spec.stages):
-        cls = stage_class(entry.name)
-        res = cls.default_resources.override(entry.params)
-        if cls.runs_as_actor(entry.params):
-            pools += res.cpus * sizes[i]
-            gpus += res.gpus * sizes[i]
-            if cls.prepares_batches():
-                tasks.append(PREPARE_CPUS)
-        else:
-            tasks.append(res.cpus)
-    if cluster_cpus - pools < max(tasks):
-        raise BuildError(
-            f"the model stages' actor pools hold {pools:g} of the cluster's {cluster_cpus:g} CPUs, leaving less than "
-            f"the {max(tasks):g} a read or CPU stage needs: the pipeline would stall. Lower those stages' `cpus` or "
-            f"`pool_size`, or add CPUs")
-    if gpus > cluster_gpus + 1e-9:
-        raise BuildError(
-            f"the model stages' actor pools want {gpus:g} GPUs (gpus x pool_size) but the cluster has "
-            f"{cluster_gpus:g}: the pipeline would wait for them forever. Lower `gpus` or `pool_size`, or add GPUs")
-    return sizes
 
 
 def _run_with_progress(run, timer, names: list[str], rows: int) -> dict:
@@ -291,7 +238,9 @@ def _run_with_progress(run, timer, names: list[str], rows: int) -> dict:
             totals = ray.get(timer.get.remote())
             for n in names:
                 done_rows = int(totals.get(n, [0])[0])
-                advance[n](done_rows - seen[n])
+                # the steps run fused in one pipeline: each ends with its own summed batch seconds (StageTimer),
+                # the build's stats and closing table count the same
+                advance[n](done_rows - seen[n], seconds=totals.get(n, [0, 0.0])[1])
                 seen[n] = done_rows
             if not th.is_alive():
                 break

@@ -3,12 +3,14 @@
 `word_table()` reads every wordfreq language that splits on spaces (not ja / zh / ko: their lists need MeCab or
 jieba) down to zipf 3.0 (one occurrence per million words: the level every list reaches, so an absent word means
 the same in each) into a sorted array of 64-bit word hashes and a (words x languages) matrix of zipf values x 10.
-About 1.3 million words, 60 MB, built in ~3 s once per process; nothing is downloaded.
+About 1.3 million words, 60 MB, built in ~3 s once per process; nothing is downloaded. Accented words are also
+found written without their accents (`rows_unaccented`: alt text often drops them: "decoracion", "nino").
 
 Zipf: log10 of a word's frequency per billion words (the: 7.7, house: 5.2, culottes: 2.3 in English).
 """
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -28,15 +30,22 @@ class WordTable:
     keys: np.ndarray  # sorted uint64 hashes of the words
     zipf10: np.ndarray  # uint8 (len(keys), len(langs)): zipf x 10, 0 where the word is not in that list
     name_like: np.ndarray  # bool per word: in at least half the lists, its top zipf < NAME_MAX_PEAK above its median
+    folded_keys: np.ndarray  # sorted uint64 hashes of accented words with their accents dropped ("decoracion")
+    folded_rows: np.ndarray  # the row of the accented word each folded key stands for
 
     def rows(self, words: list[str]) -> np.ndarray:
         """Row index of each (lowercased) word, -1 for words in no list."""
-        if not words:
-            return np.zeros(0, np.int64)
-        h = np.fromiter((hash(w) for w in words), np.int64, len(words)).view(np.uint64)
-        pos = np.searchsorted(self.keys, h)
-        pos[pos == len(self.keys)] = 0
-        return np.where(self.keys[pos] == h, pos, -1)
+        return _lookup(self.keys, None, words)
+
+    def rows_unaccented(self, words: list[str]) -> np.ndarray:
+        """Row of each (lowercased) word written without its accents ("decoracion", "nino", "Diésel" -> "diesel"),
+        -1 where neither the word without accents nor an accented word that folds to it is in a list."""
+        folded = [fold_accents(w) for w in words]
+        r = _lookup(self.keys, None, folded)
+        miss = np.flatnonzero(r < 0)
+        if len(miss):
+            r[miss] = _lookup(self.folded_keys, self.folded_rows, [folded[i] for i in miss])
+        return r
 
     def describes(self, words: list[str]) -> np.ndarray:
         """Per (casefolded) word: in some list, and not name-like."""
@@ -45,6 +54,23 @@ class WordTable:
         out = np.zeros(len(words), bool)
         out[hit] = ~self.name_like[r[hit]]
         return out
+
+
+def fold_accents(word: str) -> str:
+    """The word without combining accents ("decoración" -> "decoracion"); other letters stay."""
+    if word.isascii():
+        return word
+    return "".join(c for c in unicodedata.normalize("NFKD", word) if not unicodedata.combining(c))
+
+
+def _lookup(keys: np.ndarray, values: np.ndarray | None, words: list[str]) -> np.ndarray:
+    if not words or not len(keys):
+        return np.full(len(words), -1, np.int64)
+    h = np.fromiter((hash(w) for w in words), np.int64, len(words)).view(np.uint64)
+    pos = np.searchsorted(keys, h)
+    pos[pos == len(keys)] = 0
+    hit = keys[pos] == h
+    return np.where(hit, pos if values is None else values[pos], -1).astype(np.int64)
 
 
 def _name_like(zipf10: np.ndarray) -> np.ndarray:
@@ -68,7 +94,7 @@ def word_table() -> WordTable:
 
     files = wordfreq.available_languages(wordlist="best")  # language -> its list's file
     langs = sorted(c for c in files if c not in SPACELESS)
-    hashes, cols, values = [], [], []
+    hashes, cols, values, accented, folded = [], [], [], [], []
     for j, lang in enumerate(langs):
         # read_cBpack, not get_frequency_list: that one caches whole lists (~1 GB for all of them)
         for i, bucket in enumerate(wordfreq.read_cBpack(files[lang])):
@@ -79,8 +105,19 @@ def word_table() -> WordTable:
                 hashes.append(np.fromiter((hash(w) for w in bucket), np.int64, len(bucket)))
                 cols.append(np.full(len(bucket), j, np.int16))
                 values.append(np.full(len(bucket), round(z * 10), np.uint8))
+                for w in bucket:
+                    if not w.isascii():
+                        f = fold_accents(w)
+                        if f != w:
+                            accented.append(hash(w))
+                            folded.append(hash(f))
     h = np.concatenate(hashes).view(np.uint64)
     keys, inverse = np.unique(h, return_inverse=True)
     zipf10 = np.zeros((len(keys), len(langs)), np.uint8)
     zipf10[inverse, np.concatenate(cols)] = np.concatenate(values)
-    return WordTable(tuple(CANONICAL.get(c, c) for c in langs), keys, zipf10, _name_like(zipf10))
+    # accent-free spellings: folded hash -> row of the (first, most frequent) accented word that folds to it
+    fk, first = np.unique(np.array(folded, np.int64).view(np.uint64), return_index=True)
+    fr = _lookup(keys, None, []) if not len(fk) else np.searchsorted(keys, np.array(accented, np.int64).view(
+        np.uint64)[first])
+    return WordTable(tuple(CANONICAL.get(c, c) for c in langs), keys, zipf10, _name_like(zipf10), fk,
+                     fr.astype(np.int64))
