@@ -183,8 +183,8 @@ def url_list_format(src: SourceSpec) -> str:
 
 def _require_columns(path, cols: tuple[str, str], names: list[str],
                      fields: tuple[str, str] = ("source.url_col", "source.caption_col")) -> None:
-    """IngestError naming the first column the spec asks for that the file lacks, the field to set and the
-    file's columns (the closest first)."""
+    """IngestError naming the first column the spec asks for that the file lacks, the field to set, the closest of
+    the file's columns and all of them."""
     for col, field in zip(cols, fields):
         if col not in names:
             raise IngestError(f"{path}: column {col!r} not found", field=field,
@@ -533,8 +533,12 @@ def _check_corpus(src: SourceSpec) -> dict:
     kind = corpus_kind(src)
     if kind == "webdataset":
         return _check_webdataset(location(src.pairs))
+    loc = location(src.pairs)
+    if loc.is_dir() and not loc.rglob("*"):
+        raise IngestError(f"{src.pairs}: the folder holds no files", field="source.pairs",
+                          hint="give a Parquet file or a folder of them, or a folder of WebDataset .tar files")
     try:
-        ds = parquet_dataset(location(src.pairs))
+        ds = parquet_dataset(loc)
         _corpus_columns(src, ds.schema)
         rows = 0
         for frag in ds.get_fragments():  # stop at the first file with rows: "not empty" is all preflight asks

@@ -178,6 +178,29 @@ def test_missing_caption_column_fails_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "builds").exists()
 
 
+def test_a_webdataset_sample_without_a_caption(tmp_path, capsys):
+    import tarfile
+
+    (tmp_path / "wds").mkdir()
+    with tarfile.open(tmp_path / "wds" / "00000.tar", "w") as tf:
+        data = png()
+        info = tarfile.TarInfo("000001.png")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    p = spec_file(tmp_path, source={"pairs": "wds"})
+    rc, _, err = run(["curate", str(p)], capsys)
+    assert rc == 2 and err == (f"pairforge: {tmp_path / 'wds' / '00000.tar'}: sample '000001' has no caption member "
+                               f"(png) ({p}, source.pairs): each sample needs KEY.txt (or KEY.json with a caption)\n")
+
+
+def test_an_empty_corpus_folder(tmp_path, capsys):
+    (tmp_path / "corpus").mkdir()
+    p = spec_file(tmp_path, source={"pairs": "corpus"})
+    rc, _, err = run(["curate", str(p)], capsys)
+    assert rc == 2 and err == (f"pairforge: {tmp_path / 'corpus'}: the folder holds no files ({p}, source.pairs): "
+                               "give a Parquet file or a folder of them, or a folder of WebDataset .tar files\n")
+
+
 def test_empty_source_fails_only_when_asked(tmp_path, capsys):
     (tmp_path / "urls.csv").write_text("url,caption\n")
     p = spec_file(tmp_path, source={"urls": "urls.csv"})
