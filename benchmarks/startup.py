@@ -7,6 +7,8 @@
 2. A curate of --rows real photos (scikit-image's, with planted junk captions, copies and undecodable bytes) with
    the README's corpus stages (clean, junk, basic, dedup), as the command line runs it (`pairforge curate --quiet`,
    a fresh process each run; goal < 15 s on 2 cores).
+   The CPU seconds of every process such a run starts (driver, Prefect's server, Ray's daemons and workers) bound
+   its wall time from below on 2 cores, whatever the machine's load.
 3. Where that time goes, in a fresh process per run: imports and checks, then Prefect's temporary server and
    Ray started side by side (flows.launch.orchestration, what the CLI does) or one after the other (the server
    when the flow starts, Ray inside it: how builds started before), the build's own phases from its stats.json,
@@ -74,13 +76,57 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 
 
-def timed_cli(args: list[str], cwd: Path, expect: int) -> float:
+CPU_SECONDS: dict[str, list[float]] = {}  # CPU time (user + sys) of the command's processes, by label
+
+
+def timed_cli(args: list[str], cwd: Path, expect: int, label: str | None = None) -> float:
+    """Wall seconds of one `pairforge` command in a fresh process; its CPU seconds (and its children's) go to
+    CPU_SECONDS[label]: on a loaded machine wall time grows with the load, CPU time much less."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env(), capture_output=True,
                        text=True, timeout=900)
     dt = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert r.returncode == expect, (args, r.returncode, r.stderr[-2000:])
+    if label:
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        CPU_SECONDS.setdefault(label, []).append(cpu)
     return dt
+
+
+def tree_cpu_seconds(args: list[str], cwd: Path) -> tuple[float, float, dict]:
+    """(wall seconds, CPU seconds, CPU seconds by process name) of one `pairforge` command and every process it
+    starts (Prefect's server, Ray's daemons and workers), sampled every 0.1 s: on 2 cores its wall time cannot be
+    less than half its CPU time, whatever the load."""
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    root = psutil.Process(proc.pid)
+    seen: dict[int, tuple[str, float]] = {}
+    while proc.poll() is None:
+        try:
+            tree = [root] + root.children(recursive=True)
+        except psutil.Error:  # a process ended while the tree was read: read it again
+            continue
+        for p in tree:
+            try:
+                t = p.cpu_times()
+                seen[p.pid] = (p.name(), t.user + t.system)
+            except psutil.Error:
+                pass
+        time.sleep(0.1)
+    wall = time.perf_counter() - t0
+    assert proc.wait() == 0, proc.stderr.read()[-2000:]
+    by_name: dict[str, float] = {}
+    for name, cpu in seen.values():
+        key = "ray worker" if name.startswith("ray::") else name
+        by_name[key] = by_name.get(key, 0.0) + cpu
+    return wall, sum(by_name.values()), dict(sorted(by_name.items(), key=lambda kv: -kv[1]))
 
 
 PHASES = r'''
@@ -139,16 +185,22 @@ def main() -> None:
         missing = write_spec(folder, "missing", source={"urls": "nowhere.csv"})
         good = write_spec(folder, "photos")
 
-        fail_typo = [timed_cli(["curate", str(typo)], folder, 2) for _ in range(args.runs)]
-        fail_missing = [timed_cli(["build", str(missing)], folder, 2) for _ in range(args.runs)]
+        fail_typo = [timed_cli(["curate", str(typo)], folder, 2, "typo") for _ in range(args.runs)]
+        fail_missing = [timed_cli(["build", str(missing)], folder, 2, "missing") for _ in range(args.runs)]
         print(f"fail fast, misspelled stage (curate): median {median(fail_typo):.2f} s "
-              f"({', '.join(f'{x:.2f}' for x in fail_typo)}; goal < 3 s)")
+              f"({', '.join(f'{x:.2f}' for x in fail_typo)}; goal < 3 s), CPU {median(CPU_SECONDS['typo']):.2f} s")
         print(f"fail fast, missing source (build):    median {median(fail_missing):.2f} s "
-              f"({', '.join(f'{x:.2f}' for x in fail_missing)}; goal < 3 s)")
+              f"({', '.join(f'{x:.2f}' for x in fail_missing)}; goal < 3 s), CPU "
+              f"{median(CPU_SECONDS['missing']):.2f} s")
 
         cli = [timed_cli(["curate", str(good), "--new", "--quiet"], folder, 0) for _ in range(args.runs)]
         print(f"`pairforge curate --quiet`, {args.rows} rows: median {median(cli):.1f} s "
               f"({', '.join(f'{x:.1f}' for x in cli)}; goal < 15 s)")
+
+        wall, cpu, by_name = tree_cpu_seconds(["curate", str(good), "--new", "--quiet"], folder)
+        print(f"the same, CPU time of every process it starts: {cpu:.1f} s in {wall:.1f} s wall ("
+              + ", ".join(f"{k} {v:.1f}" for k, v in list(by_name.items())[:6])
+              + f"); on 2 cores it cannot take less than {cpu / 2:.1f} s")
 
         runs = {mode: [phases(good, mode) for _ in range(args.runs)] for mode in ("side-by-side", "one-after-other")}
         for mode, rs in runs.items():
