@@ -23,6 +23,8 @@ from typing import Any, Iterable, Iterator
 import duckdb
 import pyarrow as pa
 
+from schemas.errors import UserError, did_you_mean
+
 SCHEMA_VERSION = 1
 # Every connection: a bounded share of the driver's memory and CPUs (DuckDB spills past the limit; by default it
 # would take 80% of RAM and every core). PAIRFORGE_CATALOG_MEMORY overrides the limit.
@@ -415,6 +417,55 @@ class Catalog:
 
 
 # ---------------------------------------------------------------------- formatting (CLI)
+# --------------------------------------------------------------------------- finding a catalog
+
+CATALOG_NAME = "catalog.duckdb"
+USUAL_PLACES = (CATALOG_NAME, f"builds/{CATALOG_NAME}", f"demo-out/builds/{CATALOG_NAME}")  # from the current folder
+CATALOG_HINT = "pass --catalog FILE (a build's <out>/catalog.duckdb), or a build folder"
+
+
+def catalog_beside(build_dir: Path) -> Path:
+    """The catalog of a local build folder <out>/<dataset>/<build id>: <out>/catalog.duckdb."""
+    return Path(build_dir).parent.parent / CATALOG_NAME
+
+
+def find_catalog(target: str | None = None, explicit: str | Path | None = None,
+                 cwd: Path | None = None) -> tuple[Path, str | None]:
+    """(catalog file, build id or None) for `pairforge catalog [TARGET] [--catalog FILE]`. TARGET is a build id or
+    a build folder (its catalog is the one beside it: <out>/catalog.duckdb). Without --catalog or a build folder,
+    the usual places are tried from the current folder. UserError naming where it looked when there is none."""
+    cwd = Path(cwd or Path.cwd())
+    folder = Path(target) if target else None
+    is_build = folder is not None and folder.is_dir() and any((folder / n).exists() for n in ("manifest.json",
+                                                                                            "spec.yaml"))
+    build_id = folder.resolve().name if is_build else target
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise UserError(f"no catalog at {path}", "--catalog", CATALOG_HINT, "catalog")
+        return path, build_id
+    tried = [catalog_beside(folder.resolve())] if is_build else []
+    tried += [cwd / p for p in USUAL_PLACES]
+    for path in tried:
+        if path.is_file():
+            return path, build_id
+    raise UserError("no catalog found", "looked in " + ", ".join(str(p) for p in tried), CATALOG_HINT, "catalog")
+
+
+def resolve_build_id(cat: Catalog, build_id: str) -> str:
+    """The build id itself, or the one build id it is a unique prefix of; UserError listing the catalog's build
+    ids (newest first, the closest suggested) otherwise."""
+    ids = [b["build_id"] for b in cat.list_builds()]
+    if build_id in ids:
+        return build_id
+    hits = [i for i in ids if i.startswith(build_id)]
+    if len(hits) == 1:
+        return hits[0]
+    what = (f"build id prefix {build_id!r} matches {len(hits)} builds" if hits
+            else f"unknown build id {build_id!r}")
+    raise UserError(what, f"catalog {cat.path}", did_you_mean(build_id, hits or ids, "its builds", 10), "build_id")
+
+
 def _render(*renderables: Any, width: int = 160) -> str:
     from rich.console import Console
 

@@ -21,6 +21,7 @@ from dataio.build_folder import BuildFolder, atomic_write_table, atomic_write_te
 from dataio.fetch import AddressGuard, Fetcher, install_fetcher, restore_opener
 from dataio.reasons import classify_error
 from schemas.columns import DOWNLOADED_SCHEMA, REJECT_SCHEMA
+from schemas.errors import exception_text
 from schemas.spec import IngestSpec
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations
@@ -50,7 +51,7 @@ def precheck_image(data: bytes, max_pixels: int) -> str | None:
     except Image.DecompressionBombError as e:
         return f"decompression_bomb: {e}"
     except Exception as e:
-        return f"not_an_image: {type(e).__name__}: {e}"
+        return f"not_an_image: {exception_text(e)}"
     if w * h > max_pixels:
         return f"decompression_bomb: {w}x{h} = {w * h} pixels > max_pixels {max_pixels}"
     cut = _truncation(data, fmt)

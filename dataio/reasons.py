@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from schemas.errors import UserError
+
 # Reject reasons of the input and ingest steps.
 REASONS = {
     "missing_url": "the row has no URL",
@@ -31,7 +33,7 @@ REASONS = {
 }
 
 
-class IngestError(ValueError):
+class IngestError(UserError):
     """Bad input to ingest, with a message that names the file and the problem."""
 
 

@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from dataio.reasons import IngestError
 from dataio.storage import Location, location, parquet_dataset
+from schemas.errors import did_you_mean
 from schemas.spec import SourceSpec, is_uri
 
 # --------------------------------------------------------------------------- reading the URL list
@@ -47,12 +48,7 @@ def iter_url_list(src: SourceSpec, batch_rows: int = URL_BATCH_ROWS) -> Iterator
             yield from iter_url_list(src.model_copy(update={"urls": str(copy)}), batch_rows)
         return
     path = Path(src.urls)
-    fmt = src.format
-    if fmt == "auto":
-        suffix = "".join(path.suffixes[-1:]).lower()
-        fmt = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}.get(suffix)
-        if fmt is None:
-            raise IngestError(f"{path}: cannot tell the format from the suffix {suffix!r}; set source.format")
+    fmt = url_list_format(src)
     cols = (src.url_col, src.caption_col)
     clean = None
     set_aside = _MalformedRows(by_text=fmt in ("csv", "tsv"))
@@ -166,11 +162,35 @@ def _local_copy(loc: Location):
         os.unlink(name)
 
 
-def _require_columns(path: Path, cols: tuple[str, str], names: list[str]) -> None:
-    missing = [c for c in dict.fromkeys(cols) if c not in names]
-    if missing:
-        raise IngestError(f"{path}: column(s) {missing} not found (source.url_col / source.caption_col); "
-                          f"the file has {names}")
+URL_LIST_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
+
+
+def url_list_format(src: SourceSpec) -> str:
+    """parquet, csv, tsv or jsonl: source.format, or the file's suffix."""
+    if src.format != "auto":
+        if src.format == "webdataset":
+            raise IngestError(f"{src.urls}: a URL list is parquet, csv, tsv or jsonl, not webdataset",
+                              hint="set source.format, or give a WebDataset corpus as source.pairs",
+                              field="source.format")
+        return src.format
+    suffix = PurePosixPath(str(src.urls)).suffix.lower()
+    fmt = URL_LIST_SUFFIXES.get(suffix)
+    if fmt is None:
+        raise IngestError(f"{src.urls}: cannot tell the format from the suffix {suffix!r}",
+                          hint="name the file .parquet, .csv, .tsv or .jsonl, or set source.format",
+                          field="source.format")
+    return fmt
+
+
+def _require_columns(path, cols: tuple[str, str], names: list[str],
+                     fields: tuple[str, str] = ("source.url_col", "source.caption_col")) -> None:
+    """IngestError naming the first column the spec asks for that the file lacks, the field to set, the closest of
+    the file's columns and all of them."""
+    for col, field in zip(cols, fields):
+        if col not in names:
+            raise IngestError(f"{path}: column {col!r} not found", field=field,
+                              hint=f"set {field} to one of the file's columns; "
+                                   + did_you_mean(col, names, "the file has"))
 
 
 def _as_text(col: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -355,19 +375,19 @@ class CorpusPiece:
 
 def _corpus_columns(src: SourceSpec, schema: pa.Schema) -> list[str]:
     """The corpus's columns to read, checked: a caption, image bytes (or a Hugging Face Image struct), the URL."""
-    missing = [c for c in (src.caption_col, src.image_col) if c not in schema.names]
-    if missing:
-        raise IngestError(f"{src.pairs}: column(s) {missing} not found (source.caption_col / source.image_col); "
-                          f"the corpus has {schema.names}")
+    _require_columns(src.pairs, (src.caption_col, src.image_col), schema.names,
+                     ("source.caption_col", "source.image_col"))
     image_type = schema.field(src.image_col).type
     if pa.types.is_struct(image_type):  # Hugging Face datasets' Image feature: {bytes, path}
         if image_type.get_field_index("bytes") < 0:
             raise IngestError(f"{src.pairs}: column {src.image_col!r} is a struct without a 'bytes' field "
-                              f"({image_type}); expected image bytes")
+                              f"({image_type}); expected image bytes", field="source.image_col",
+                              hint="set source.image_col to the column of encoded image bytes (binary)")
         image_type = image_type.field("bytes").type
     if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type) or pa.types.is_null(image_type)):
-        raise IngestError(f"{src.pairs}: column {src.image_col!r} holds {image_type}, not image bytes (binary); "
-                          "set source.image_col")
+        raise IngestError(f"{src.pairs}: column {src.image_col!r} holds {image_type}, not image bytes (binary)",
+                          field="source.image_col",
+                          hint="set source.image_col to the column of encoded image bytes (binary)")
     return list(dict.fromkeys([src.caption_col, src.image_col] + ([src.url_col] if src.url_col in schema.names
                                                                   else [])))
 
@@ -483,3 +503,117 @@ def _iter_tar(tar_path: Location, batch_rows: int):
     flush_sample(parts)
     if rows["url"]:
         yield pa.table(rows, schema=CORPUS_SCHEMA)
+
+
+# --------------------------------------------------------------------------- preflight
+
+HEAD_BYTES = 1 << 20  # what check_source reads of a text list
+
+
+def check_source(src: SourceSpec) -> dict:
+    """What a build can know of its source before any work, from its head only (a Parquet footer, the first MiB of a
+    text list, the first samples of a tar): that it reads in its format, has the columns the spec names, and
+    whether it has rows. Returns {"format", "columns", "rows"}: rows exact for Parquet, else 0 (none) or 1 (some);
+    an IngestError naming the field to fix otherwise."""
+    return _check_url_list(src) if src.urls is not None else _check_corpus(src)
+
+
+def _check_url_list(src: SourceSpec) -> dict:
+    loc = location(src.urls)
+    fmt = url_list_format(src)
+    cols = (src.url_col, src.caption_col)
+    try:
+        if fmt == "parquet":
+            with loc.fs.open_input_file(loc.path) as f:
+                meta = pq.ParquetFile(f).metadata
+                names, rows = meta.schema.to_arrow_schema().names, meta.num_rows
+        else:
+            with loc.open_input() as f:
+                head = f.read(HEAD_BYTES)
+                whole = len(head) < HEAD_BYTES
+            names, rows = _text_head(head, fmt, whole)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+        raise IngestError(f"{src.urls}: cannot read as {fmt}: {' '.join(str(e).split())}", field="source.urls",
+                          hint="give a Parquet, CSV, TSV or JSONL file (or set source.format)") from None
+    if rows or names:  # an empty file has no header to check
+        _require_columns(src.urls, cols, names)
+    return {"format": fmt, "columns": names, "rows": rows}
+
+
+def _text_head(head: bytes, fmt: str, whole: bool) -> tuple[list[str], int]:
+    """(columns, 0 or 1 rows) of the first bytes of a CSV, TSV or JSONL list."""
+    import csv
+
+    text = head.decode("utf-8", "replace")
+    if not whole:
+        text = text[:text.rfind("\n") + 1] or text
+    lines = [line for line in text.splitlines() if line.strip()]
+    if fmt in ("csv", "tsv"):
+        if not lines:
+            return [], 0
+        header = next(csv.reader([lines[0]], delimiter="\t" if fmt == "tsv" else ","), [])
+        return [h.strip() for h in header], int(len(lines) > 1 or not whole)
+    names: dict[str, None] = {}
+    for line in lines:
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            names.update(dict.fromkeys(obj))
+    return list(names), int(bool(lines))
+
+
+def _check_corpus(src: SourceSpec) -> dict:
+    kind = corpus_kind(src)
+    if kind == "webdataset":
+        return _check_webdataset(location(src.pairs))
+    loc = location(src.pairs)
+    if loc.is_dir() and not loc.rglob("*"):
+        raise IngestError(f"{src.pairs}: the folder holds no files", field="source.pairs",
+                          hint="give a Parquet file or a folder of them, or a folder of WebDataset .tar files")
+    try:
+        ds = parquet_dataset(loc)
+        _corpus_columns(src, ds.schema)
+        rows = 0
+        for frag in ds.get_fragments():  # stop at the first file with rows: "not empty" is all preflight asks
+            rows += frag.metadata.num_rows
+            if rows:
+                break
+    except (pa.ArrowInvalid, OSError) as e:
+        raise IngestError(f"{src.pairs}: cannot read as parquet: {' '.join(str(e).split())}", field="source.pairs",
+                          hint="give Parquet files with a caption and an image-bytes column, or a folder of "
+                               "WebDataset tars") from None
+    return {"format": "parquet", "columns": ds.schema.names, "rows": int(bool(rows))}
+
+
+def _check_webdataset(folder: Location) -> dict:
+    """The first sample of the first tar that has one: an image member and a caption (.txt, or .json's caption)."""
+    import tarfile
+
+    for tar_path in folder.glob("*.tar"):
+        try:
+            with tar_path.open_input() as raw, tarfile.open(fileobj=raw) as tf:
+                key, exts = None, set()
+                for member in tf:
+                    if not member.isfile():
+                        continue
+                    k, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
+                    if key is not None and k != key:
+                        break
+                    key = k
+                    exts.add(ext.lower())
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise IngestError(f"{tar_path}: not a readable tar: {type(e).__name__}: {e}", field="source.pairs",
+                              hint="give a folder of WebDataset tars (KEY.jpg + KEY.txt per sample)") from None
+        if key is None:
+            continue
+        if not exts & set(IMAGE_EXTS):
+            raise IngestError(f"{tar_path}: sample {key!r} has no image member ({', '.join(sorted(exts))})",
+                              field="source.pairs", hint="each sample needs KEY.jpg (or .png, .webp, ...) beside "
+                                                         "KEY.txt or KEY.json")
+        if not exts & {"txt", "json"}:
+            raise IngestError(f"{tar_path}: sample {key!r} has no caption member ({', '.join(sorted(exts))})",
+                              field="source.pairs", hint="each sample needs KEY.txt (or KEY.json with a caption)")
+        return {"format": "webdataset", "columns": sorted(exts), "rows": 1}
+    return {"format": "webdataset", "columns": [], "rows": 0}

@@ -30,10 +30,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from schemas.errors import UserError
 from schemas.spec import is_uri
 
 
-class StorageError(ValueError):
+class StorageError(UserError):
     """A location that cannot be used; the message names it."""
 
 

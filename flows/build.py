@@ -22,8 +22,8 @@ from flows.engine.outputs import check_accounting, collect_stats, manifest, seen
 from flows.engine.resources import check_fit
 from flows.engine.runner import process_stages, ray_session
 from flows.engine.progress import phase
+from flows.preflight import preflight
 from schemas.spec import BuildSpec, load_spec
-from stages import stage_class
 from dataio.build_folder import atomic_write_text
 from dataio.storage import Location
 
@@ -115,22 +115,11 @@ def record_in_catalog(ctx: BuildContext, status: str, result: dict | None = None
 
 
 @flow(name="pairforge-build", validate_parameters=False, log_prints=True)
-def build_flow(spec_path: str, new: bool = False, quiet: bool = False, wait_lock: bool = False) -> dict:
+def build_flow(spec_path: str, new: bool = False, quiet: bool = False, wait_lock: bool = False,
+               fail_if_empty: bool = False) -> dict:
     """Build a dataset from a spec file. Resumes an unfinished build of the same spec and input."""
     spec = load_spec(spec_path)
-    return run_build(spec, new=new, quiet=quiet, wait_lock=wait_lock)
-
-
-def preflight(spec: BuildSpec) -> dict:
-    """Instantiate every stage and run its preflight: a model that can't be found fails before any data is read;
-    so do resources that cannot fit the local cluster (check_fit; a remote one is checked once joined)."""
-    check_fit(spec)
-    meta = {}
-    for entry in spec.stages:
-        stage = stage_class(entry.name)(entry.params)
-        stage.preflight()
-        meta[entry.name] = stage.metadata()
-    return meta
+    return run_build(spec, new=new, quiet=quiet, wait_lock=wait_lock, fail_if_empty=fail_if_empty)
 
 
 def check_fit_in_session(spec: BuildSpec) -> None:
@@ -141,9 +130,10 @@ def check_fit_in_session(spec: BuildSpec) -> None:
     check_fit(spec, (cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)))
 
 
-def run_build(spec: BuildSpec, *, new: bool = False, quiet: bool = False, wait_lock: bool = False) -> dict:
+def run_build(spec: BuildSpec, *, new: bool = False, quiet: bool = False, wait_lock: bool = False,
+              fail_if_empty: bool = False) -> dict:
     logger = get_run_logger()
-    stage_meta = preflight(spec)
+    stage_meta = preflight(spec, fail_if_empty=fail_if_empty, wait_lock=wait_lock)  # done already by the CLI
     with dataset_lock(spec, wait=wait_lock):
         ctx = open_build(spec, new=new)
         ctx.stage_meta = stage_meta
@@ -169,5 +159,5 @@ def run_build(spec: BuildSpec, *, new: bool = False, quiet: bool = False, wait_l
         stats = result["stats"]
         logger.info("build %s: %d listed, %d kept, %d rejected", ctx.build_id, stats["rows_listed"],
                     stats["rows_kept"], stats["rows_rejected"])
-        return {"build_id": ctx.build_id, "build_dir": str(ctx.build_dir), "resumed": ctx.resumed,
-                "stats": stats, "manifest_rows": result["manifest"]["rows"]}
+        return {"build_id": ctx.build_id, "build_dir": str(ctx.build_dir), "catalog": str(spec.catalog_path),
+                "resumed": ctx.resumed, "stats": stats, "manifest_rows": result["manifest"]["rows"]}

@@ -9,13 +9,11 @@ from prefect import flow
 
 from flows import env  # noqa: F401
 from flows.build import run_build
-from schemas.spec import SpecError, load_spec
+from flows.preflight import load_corpus_spec
 
 
 @flow(name="pairforge-curate", validate_parameters=False, log_prints=True)
-def curate_flow(spec_path: str, new: bool = False, quiet: bool = False, wait_lock: bool = False) -> dict:
-    spec = load_spec(spec_path)
-    if spec.source.pairs is None:
-        raise SpecError(f"{spec_path}: curate reads source.pairs (a corpus with images), not a URL list: "
-                        "use `pairforge build` for URLs")
-    return run_build(spec, new=new, quiet=quiet, wait_lock=wait_lock)
+def curate_flow(spec_path: str, new: bool = False, quiet: bool = False, wait_lock: bool = False,
+                fail_if_empty: bool = False) -> dict:
+    return run_build(load_corpus_spec(spec_path), new=new, quiet=quiet, wait_lock=wait_lock,
+                     fail_if_empty=fail_if_empty)

@@ -156,6 +156,9 @@ def serve_build(spec_path: str | Path, cron: str = DEFAULT_CRON, name: str | Non
 
     spec_path = Path(spec_path).resolve()
     spec = load_spec(spec_path)
+    from flows.preflight import preflight
+
+    preflight(spec)  # its source, out, catalog, models and resources, before any server starts
     from prefect.client.schemas.schedules import CronSchedule
 
     try:

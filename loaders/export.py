@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from loaders.pairs import resolve_shards
+from schemas.errors import UserError
 from dataio.storage import Location, location
 
 UID_DTYPE = np.dtype("u8,u8")  # DataComp: np.dtype("u8,u8"), fields f0 (high 64 bits), f1 (low 64 bits)
@@ -36,7 +37,7 @@ FORMATS = ("webdataset", "uids")
 _META_SKIP = {"image", "text"}
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     pass
 
 

@@ -53,12 +53,13 @@ from PIL import Image
 from torch.utils.data import IterableDataset
 
 from dataio.storage import Location, is_uri, location
+from schemas.errors import UserError
 
 # Called per row with the decoded RGB image and a per-row generator; returns what the batch holds (a tensor).
 ImageTransform = Callable[[Image.Image, random.Random], Any]
 
 
-class LoaderError(ValueError):
+class LoaderError(UserError):
     pass
 
 

@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from dataio.storage import Location, location
+from schemas.errors import UserError
 
 REPORT_NAME = "report.html"
 CARD_NAME = "README.md"
@@ -70,7 +71,7 @@ INGEST_PARAMS = {"timeout": "timeout_s", "too_large": "max_bytes", "decompressio
 DECISION = ["stage", "reason", "detail"]
 
 
-class ReportError(RuntimeError):
+class ReportError(UserError):
     pass
 
 
@@ -167,13 +168,24 @@ def images_of(build: Build, rows: Iterable[dict | None]) -> dict[tuple[int, int]
     return take_column(build, [(f, r, (f, r)) for f, r in sorted(where)], "image")
 
 
+BUILD_HINT = "give a build folder, <out>/<dataset>/<build id>: the one that holds manifest.json, shards/ and rejects/"
+
+
+def require_build(build_dir: str | Path | Location) -> Location:
+    """The build folder's location; ReportError when there is none there."""
+    build_dir = location(build_dir)
+    if not build_dir.exists():
+        raise ReportError("no build folder there: it does not exist", str(build_dir), BUILD_HINT)
+    if not (build_dir / "shards").is_dir() and not (build_dir / "rejects").is_dir():
+        raise ReportError("not a build folder: no shards/ or rejects/ in it", str(build_dir), BUILD_HINT)
+    return build_dir
+
+
 def load_build(build_dir: str | Path | Location, rows: bool = True) -> Build:
     """The build's json/yaml files and its part files; with rows, their row count (from the footers). What the
     report shows of the rows is computed from them on demand (Build.aggregates): a few passes a file at a time,
     holding counts, fixed-bin histograms and seeded samples, never a table of the build's rows."""
-    build_dir = location(build_dir)
-    if not (build_dir / "shards").is_dir() and not (build_dir / "rejects").is_dir():
-        raise ReportError(f"{build_dir}: not a build folder (no shards/ or rejects/)")
+    build_dir = require_build(build_dir)
 
     def read_json(name):
         p = build_dir / name
@@ -1467,7 +1479,8 @@ def card_body(build: Build, header: dict) -> str:
     for f in build.schema or []:
         lines.append(f"| {_md_code(f.name)} | {_md_escape(f.type)} |")
     lines += ["", "```python", "from datasets import load_dataset",
-              "ds = load_dataset(\"path/to/this/folder\", split=\"train\")  # image is JPEG/PNG/WebP bytes", "```", "",
+              "ds = load_dataset(\"path/to/this/folder\", split=\"train\")  # image: encoded image bytes", "```", "",
+              images_statement(build), "",
               "## Source", "",
               f"- name: {_md_code(src.get('name') or mf.get('source'))}",
               f"- input: {_md_code(src.get('urls') or src.get('pairs'))}",
@@ -1491,15 +1504,39 @@ def card_body(build: Build, header: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+FORMAT_NAMES = {"jpeg": "JPEG", "png": "PNG", "webp": "WebP", "gif": "GIF", "bmp": "BMP", "tiff": "TIFF",
+                "other": "another format", "none": "no image"}
+
+
+def image_formats_text(build: Build) -> str | None:
+    """"JPEG 7, PNG 3": the kept images' formats as the writers counted them (None for a build made before)."""
+    formats = build.manifest.get("image_formats")
+    if formats is None:
+        return None
+    return ", ".join(f"{FORMAT_NAMES.get(k, k)} {n:,}" for k, n in formats.items()) or "none kept"
+
+
+def images_statement(build: Build) -> str:
+    """What the shards' image bytes are: a corpus's own bytes as listed (curate), or downloads resized and
+    re-encoded by ingest as the spec said; with the formats the shards hold."""
+    src, ing = build.spec.get("source") or {}, build.spec.get("ingest") or {}
+    formats = image_formats_text(build)
+    held = f" Formats in the shards: {formats}." if formats else ""
+    if src.get("pairs"):
+        return ("Images are the corpus's own bytes, as listed: not resized and not re-encoded (width/height are "
+                "the images' own)." + held)
+    encode = ing.get("encode_format", "jpg")
+    if ing.get("resize_mode", "keep_ratio") == "no":
+        return f"Images were downloaded, not resized, and re-encoded as {encode}." + held
+    return (f"Images were downloaded, resized (image_size={ing.get('image_size', '?')}, resize_mode="
+            f"{ing.get('resize_mode', 'keep_ratio')}{', only when bigger' if ing.get('resize_only_if_bigger', True) else ''}"
+            f") and re-encoded as {encode}; the originals' sizes are in original_width/original_height." + held)
+
+
 def known_limits(build: Build, header: dict) -> list[str]:
-    spec, params = build.spec, build.params
-    ing = spec.get("ingest") or {}
+    params = build.params
     out = ["Captions are web alt text (or the source's captions), not written descriptions: they can be short, "
            "generic or wrong about the image."]
-    if ing.get("image_size"):
-        out.append(f"Images were resized (image_size={ing['image_size']}, resize_mode={ing.get('resize_mode', '?')}"
-                   f"{', only when bigger' if ing.get('resize_only_if_bigger') else ''}) and re-encoded as "
-                   f"{ing.get('encode_format', '?')}; the originals' sizes are in original_width/original_height.")
     if "language" in params:
         out.append(f"Only captions detected as {', '.join(params['language'].get('keep') or [])} were kept; "
                    "language detection of short captions is unreliable.")

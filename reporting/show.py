@@ -17,8 +17,9 @@ import pyarrow.compute as pc
 import yaml
 
 from reporting.report import (ReportError, deciding_param, deciding_stats, fmt_bytes, part_files, reason_meaning,
-                              register_build_stages, stage_params)
-from dataio.storage import Location, location
+                              register_build_stages, require_build, stage_params)
+from dataio.storage import Location
+from schemas.errors import exception_text
 
 
 def find_row(build_dir: Location, uid: str) -> tuple[str, Location, dict]:
@@ -38,7 +39,8 @@ def find_row(build_dir: Location, uid: str) -> tuple[str, Location, dict]:
     if exact_hits:
         hits = exact_hits
     if not hits:
-        raise ReportError(f"uid {uid!r} is in neither shards/ nor rejects/ of {build_dir}")
+        raise ReportError(f"uid {uid!r} is in neither shards/ nor rejects/ of the build", str(build_dir),
+                          "copy a uid from the shards, the rejects or report.html (a unique prefix is enough)")
     if len({h[3] for h in hits}) > 1:
         shown = ", ".join(sorted({h[3] for h in hits})[:5])
         raise ReportError(f"uid prefix {uid!r} matches {len({h[3] for h in hits})} rows ({shown}...): give more of it")
@@ -64,7 +66,7 @@ def summarise_image(data: bytes | None) -> dict | None:
         with Image.open(io.BytesIO(data)) as im:
             out |= {"format": im.format, "width": im.width, "height": im.height, "mode": im.mode}
     except Exception as e:  # the stats say why; here just that it does not open
-        out["error"] = f"{type(e).__name__}: {e}"[:200]
+        out["error"] = exception_text(e)[:200]
     return out
 
 
@@ -91,7 +93,7 @@ def _jsonable(v: Any) -> Any:
 def show_record(build_dir: str | Path | Location, uid: str) -> dict:
     """The record of uid in a build (local or in object storage), JSON-able: columns, image and embedding
     summaries, the rejection."""
-    build_dir = location(build_dir)
+    build_dir = require_build(build_dir)
     sub, f, row = find_row(build_dir, uid)
     spec_file = build_dir / "spec.yaml"
     spec = yaml.safe_load(spec_file.read_text()) if spec_file.exists() else {}

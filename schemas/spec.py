@@ -8,15 +8,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
+from schemas.errors import UserError, did_you_mean
 from schemas.registry import StageModuleError, load_stages
 
 SPEC_VERSION = 1
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A spec that cannot be used; the message names the file and the field."""
 
 
@@ -102,10 +103,12 @@ def known_kinds(v: list[str], known, what: str) -> list[str]:
 class StageParams(StrictModel):
     """Resources every stage accepts; None keeps the stage's own default."""
 
-    cpus: float | None = Field(None, gt=0)
-    gpus: float | None = Field(None, ge=0)
-    batch_size: int | None = Field(None, gt=0)
-    pool_size: int | None = Field(None, gt=0)
+    cpus: float | None = Field(None, gt=0, description="CPUs per task or actor of this stage (fractions share a CPU)")
+    gpus: float | None = Field(None, ge=0, description="GPUs per actor of a model stage (0.25: four actors share "
+                                                       "one GPU)")
+    batch_size: int | None = Field(None, gt=0, description="rows per batch handed to the stage")
+    pool_size: int | None = Field(None, gt=0, description="actors of a model stage (default: as many as its "
+                                                          "`gpus` fit in the GPUs, else 1)")
 
 
 def stage_params_models(modules: list[str] | tuple[str, ...] = ()) -> dict[str, type[StageParams]]:
@@ -140,7 +143,8 @@ class RaySpec(StrictModel):
 
 class BuildSpec(StrictModel):
     version: Literal[1] = 1
-    dataset: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    dataset: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="the dataset's name (letters, digits, "
+                         "_ . -): its builds go to <out>/<dataset>/<build id>")
     source: SourceSpec
     ingest: IngestSpec = Field(default_factory=IngestSpec)
     stage_modules: list[str] = Field(
@@ -158,6 +162,11 @@ class BuildSpec(StrictModel):
     # An incremental build of a source skips uids earlier builds of it processed (rejected as
     # seen_in_earlier_build, never fetched) and dedups against the pairs they kept.
     incremental: bool = False
+    _origin: str = PrivateAttr("<spec>")  # the spec file it was read from, for error messages
+
+    @property
+    def origin(self) -> str:
+        return self._origin
 
     @field_validator("out", mode="before")
     @classmethod
@@ -203,11 +212,13 @@ class BuildSpec(StrictModel):
             (name, params), = item.items()
             models = stage_params_models(info.data.get("stage_modules") or ())
             if name not in models:
-                raise ValueError(f"stages[{i}]: unknown stage {name!r}; known: {sorted(models)}")
+                raise SpecError(f"unknown stage {name!r}", hint=did_you_mean(name, sorted(models), "stages"),
+                                field=f"stages[{i}]")
             try:
                 entries.append(StageEntry(name=name, params=models[name].model_validate(params or {})))
             except ValidationError as e:
-                raise ValueError(f"stages[{i}].{name}: {format_errors(e)}") from None
+                raise spec_error(e, None, models[name], prefix=f"stages[{i}].{name}", thing="parameter",
+                                 of=f" of stage {name!r}") from None
         return entries
 
     @model_validator(mode="after")
@@ -254,32 +265,78 @@ class BuildSpec(StrictModel):
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
-def format_errors(e: ValidationError) -> str:
-    """pydantic errors as "field.path: message; ..." (one line)."""
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}")
-    return "; ".join(parts)
+def _model_at(model: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model found by following field names `loc` from `model` (None where it is no model)."""
+    import typing
+
+    for part in loc:
+        field = (model.model_fields if model else {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        options = typing.get_args(ann) or (ann,)
+        model = next((a for a in options if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return model
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def spec_error(e: ValidationError, origin: str | None, model: type[BaseModel] | None = None, prefix: str = "",
+               thing: str = "field", of: str = "") -> SpecError:
+    """A pydantic ValidationError as one SpecError: its first problem, what it is, where (file and field) and how to
+    fix it (an unknown name gets the valid ones and the closest; a bad value the field's meaning)."""
+    errs = e.errors()
+    err = errs[0]
+    more = f" (and {len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})" if len(errs) > 1 else ""
+    inner = (err.get("ctx") or {}).get("error")
+    loc = ".".join(str(x) for x in err["loc"])
+    field = ".".join(x for x in (prefix, loc) if x) or "(top level)"
+
+    def at(f: str) -> str:
+        return f"{origin}, {f}" if origin else f
+
+    if isinstance(inner, UserError):  # raised by a validator of ours: it says what and how already
+        field = inner.field or field
+        return SpecError(inner.what + more, at(field), inner.hint, field)
+    name = str(err["loc"][-1]) if err["loc"] else ""
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(model, err["loc"][:-1])
+        valid = list(parent.model_fields) if parent else []
+        return SpecError(f"unknown {thing} {name!r}{of}{more}", at(field), did_you_mean(name, valid, "valid names"),
+                         field)
+    owner = _model_at(model, err["loc"][:-1])
+    info = owner.model_fields.get(name) if owner and name else None
+    meaning = f" ({info.description})" if info is not None and info.description else ""
+    if err["type"] == "missing":
+        return SpecError(f"missing {thing} {name!r}{of}{more}", at(field), f"add `{name}:` to the spec{meaning}", field)
+    msg = err["msg"].removeprefix("Value error, ")
+    msg = msg[:1].lower() + msg[1:]
+    got = f", got {_short(err['input'])}" if err["type"] != "value_error" and "input" in err else ""
+    return SpecError(f"{msg}{got}{more}", at(field), f"set {field} to a valid value{meaning}", field)
 
 
 def parse_spec(data: dict, base_dir: Path | None = None, origin: str = "<spec>") -> BuildSpec:
     """Validate a spec dict; relative paths resolve against base_dir; files must exist."""
     if not isinstance(data, dict):
-        raise SpecError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+        raise SpecError(f"the spec is not a mapping but a {type(data).__name__}", f"{origin}, top level",
+                        "write the spec as YAML keys (version, dataset, source, stages, ...): see the README")
     try:
         spec = BuildSpec.model_validate(data)
     except ValidationError as e:
-        raise SpecError(f"{origin}: {format_errors(e)}") from None
+        raise spec_error(e, origin, BuildSpec) from None
+    spec._origin = origin
     base = base_dir or Path.cwd()
     field_name = "urls" if spec.source.urls is not None else "pairs"
     for name, value in ((f"source.{field_name}", spec.source.path), ("out", spec.out), ("catalog", spec.catalog)):
         if value is not None and ("\x00" in str(value) or not str(value).strip()):
-            raise SpecError(f"{origin}: {name}: not a usable path: {str(value)!r}")
+            raise SpecError(f"not a usable path: {str(value)!r}", f"{origin}, {name}", "give a file or folder path",
+                            name)
         if value is not None and is_uri(value) and "?" in str(value):
-            raise SpecError(f"{origin}: {name}: query options in a storage URI are not supported; give the endpoint "
-                            "and credentials in the AWS_* environment variables")
+            raise SpecError("query options in a storage URI are not supported", f"{origin}, {name}",
+                            "give the endpoint and credentials in the AWS_* environment variables", name)
     if not is_uri(spec.source.path):
         setattr(spec.source, field_name, str((base / spec.source.path).resolve()))
     if not is_uri(spec.out):
@@ -295,9 +352,12 @@ def parse_spec(data: dict, base_dir: Path | None = None, origin: str = "<spec>")
         else:
             found = Path(spec.source.path).exists() and (not want_file or Path(spec.source.path).is_file())
     except (OSError, ValueError) as e:  # a name too long, an unknown scheme, storage out of reach
-        raise SpecError(f"{origin}: source.{field_name}: cannot be read: {e}") from None
+        raise SpecError(f"the source cannot be read: {e}", f"{origin}, source.{field_name}",
+                        "check the path and, for object storage, the AWS_* variables", f"source.{field_name}") from None
     if not found:
-        raise SpecError(f"{origin}: source.{field_name}: file not found: {spec.source.path}")
+        what = "file" if want_file else "file or folder"
+        raise SpecError(f"source {what} not found: {spec.source.path}", f"{origin}, source.{field_name}",
+                        "check the path (a relative one is read from the spec file's folder)", f"source.{field_name}")
     return spec
 
 
@@ -305,15 +365,17 @@ def read_yaml(path: str | Path):
     """A spec file's YAML, with errors that name the file."""
     path = Path(path)
     if not path.is_file():
-        raise SpecError(f"{path}: spec file not found")
+        what = "is a folder, not a spec file" if path.is_dir() else "spec file not found"
+        raise SpecError(what, str(path), "give the path of a YAML spec (see the README's \"Your own data\")")
+    fix = "fix the YAML (a spec is a mapping of keys: version, dataset, source, stages, ...)"
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
-        raise SpecError(f"{path}: not valid YAML: not UTF-8 text ({e})") from None
+        raise SpecError(f"not valid YAML: not UTF-8 text ({e})", str(path), fix) from None
     except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML: {e}") from None
+        raise SpecError("not valid YAML: " + " ".join(str(e).split()), str(path), fix) from None
     except RecursionError:
-        raise SpecError(f"{path}: not valid YAML: nested too deeply") from None
+        raise SpecError("not valid YAML: nested too deeply", str(path), fix) from None
 
 
 def load_spec(path: str | Path) -> BuildSpec:

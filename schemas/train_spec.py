@@ -26,7 +26,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from schemas.spec import SpecError, format_errors, is_uri, read_yaml
+from schemas.spec import SpecError, is_uri, read_yaml, spec_error
 
 TRAIN_SPEC_VERSION = 1
 
@@ -178,7 +178,7 @@ def parse_train_spec(data: dict, base_dir: Path | None = None, origin: str = "<t
     try:
         spec = TrainSpec.model_validate(data)
     except ValidationError as e:
-        raise SpecError(f"{origin}: {format_errors(e)}") from None
+        raise spec_error(e, origin, TrainSpec) from None
     base = base_dir or Path.cwd()
 
     def resolve(p: Path) -> Path:

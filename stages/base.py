@@ -31,11 +31,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas import registry as stage_registry
+from schemas.errors import UserError
 from schemas.spec import StageParams
 from stages.imaging.decode import decodes
 
 
-class StageConfigError(ValueError):
+class StageConfigError(UserError):
     """A stage that cannot run with its spec (a model that cannot be loaded, say): raised before any work."""
 
 

@@ -12,10 +12,10 @@ from stages.imaging.decode import decoded
 
 
 class BasicParams(StageParams):
-    min_side: int = Field(200, ge=0)
-    max_aspect: float = Field(3.0, ge=1.0)
+    min_side: int = Field(200, ge=0, description="keep images whose shorter side has at least this many pixels")
+    max_aspect: float = Field(3.0, ge=1.0, description="keep images whose long side / short side is at most this")
     min_words: int = Field(3, ge=0, description="keep captions with at least this many words")
-    min_chars: int = Field(6, ge=0)
+    min_chars: int = Field(6, ge=0, description="keep captions with at least this many characters")
 
 
 def caption_counts(text: pa.Array) -> tuple[pa.Array, pa.Array]:

@@ -88,11 +88,12 @@ class RecaptionParams(StageParams):
     n: int = Field(1, ge=1, le=8, description="candidate rewrites per pair (candidate k rotates the examples)")
     examples: list[RecaptionExample] | None = Field(None, description="in-context examples; None: the mode's defaults")
     instruction: str | None = Field(None, description="system instruction; None: the mode's default")
-    max_new_tokens: int = Field(40, ge=1, le=512)
+    max_new_tokens: int = Field(40, ge=1, le=512, description="tokens a rewrite may have at most")
     do_sample: bool = Field(True, description="True: seeded sampling (temperature, top_p); False: greedy (which "
                                               "echoes the caption far more often with small LMs)")
-    temperature: float = Field(0.8, gt=0.0, le=5.0)
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    temperature: float = Field(0.8, gt=0.0, le=5.0, description="sampling temperature (with do_sample)")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="nucleus sampling: the smallest set of tokens holding this "
+                                                          "much probability (with do_sample)")
     seed: int = Field(0, description="sampling is deterministic for (seed, uid, candidate)")
     max_input_chars: int = Field(400, ge=20, description="longer captions are cut before prompting")
     generate_batch_size: int = Field(32, ge=1, description="prompts per generate() call")
@@ -100,20 +101,22 @@ class RecaptionParams(StageParams):
     concepts_column: str = Field("ocr_text", description="fuse: column holding the visual concepts, if present")
     caption_model: str | None = Field(None, description="fuse: an image-to-text model (folder or cached hub id) "
                                                         "captioning the image when the concepts column is absent")
-    caption_max_new_tokens: int = Field(20, ge=1, le=128)
+    caption_max_new_tokens: int = Field(20, ge=1, le=128, description="fuse: tokens of caption_model's caption")
     min_similarity: float = Field(0.6, ge=-1.0, le=1.0,
                                   description="cosine(original, rewrite) with all-MiniLM-L6-v2 a rewrite needs")
     languages: list[str] = Field(default_factory=lambda: ["en"], description="languages a rewrite may be in")
-    min_words: int = Field(3, ge=1)
-    max_words: int = Field(60, ge=1)
+    min_words: int = Field(3, ge=1, description="a rewrite needs at least this many words")
+    max_words: int = Field(60, ge=1, description="a rewrite may have at most this many words")
     score_model: str | None = Field(
         None, description="image-text scorer: a model folder, a shipped model name or a hub id in the local cache "
                           "(use the build's align model); null: no score check")
     max_score_drop: float = Field(0.05, ge=0.0, le=2.0,
                                   description="a rewrite's image-text score may be at most this below the original's")
     require_rewrite: bool = Field(False, description="reject pairs with no kept rewrite (no_faithful_rewrite)")
-    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$",
+                        description="auto (CUDA when gpus > 0 and there is one), cpu, cuda, cuda:N or mps")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: bf16 on a GPU that supports it, else fp16 on a GPU, fp32 on the CPU")
     threads: int | None = Field(None, gt=0, description="torch CPU threads per actor; default: cpus, at least 1")
 
     @field_validator("languages")

@@ -96,8 +96,8 @@ def test_export_quiet_and_json_off_a_terminal(tmp_path):
 def test_show_and_catalog_accept_the_flags_and_fail_cleanly(tmp_path, flag):
     from flows.cli import main
 
-    assert main(["catalog", "--catalog", str(tmp_path / "none.duckdb"), flag]) == 1
-    assert main(["show", str(tmp_path), "abc", flag]) == 1
+    assert main(["catalog", "--catalog", str(tmp_path / "none.duckdb"), flag]) == 2
+    assert main(["show", str(tmp_path), "abc", flag]) == 2
 
 
 def test_reasons_are_explained_in_show_and_the_report(tmp_path):

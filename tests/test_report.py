@@ -557,7 +557,7 @@ def test_show_names_the_stage_reason_and_stat(demo, capsys):
     assert main(["show", str(demo["build_dir"]), kept_uid]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"uid {kept_uid}: KEPT") and "rejected by" not in out
-    assert main(["show", str(demo["build_dir"]), "0123456789abcdef0123456789abcdef"]) == 1
+    assert main(["show", str(demo["build_dir"]), "0123456789abcdef0123456789abcdef"]) == 2
     assert "neither" in capsys.readouterr().err
 
 

@@ -24,7 +24,7 @@ from schemas.columns import build_schema, rejects_schema
 from schemas.spec import BuildSpec
 from stages.steps import ROW
 from dataio.build_folder import BuildFolder, atomic_write_table, atomic_write_text
-from dataio.shards import conform, write_manifest
+from dataio.shards import conform, image_formats, write_manifest
 from dataio.uids import shard_pairs
 from dataio.storage import Location, parquet_dataset
 
@@ -97,6 +97,7 @@ def write_shard(folder: BuildFolder, src: int, spec: BuildSpec, build_id: str) -
         "rejects": _write_parts(rejected, folder.rejects, src, spec.write.rows_per_shard, spec.write.compression),
         "kept": kept.num_rows, "rejected": rejected.num_rows,
         "counts": {c["values"]: c["counts"] for c in counts.to_pylist()},
+        "image_formats": image_formats(kept.column("image")),
     }
     atomic_write_text(marker, json.dumps(result))
     return result
@@ -136,6 +137,7 @@ class Written:
         self.files: dict[str, list[dict]] = {"shards": [], "rejects": []}
         self.kept = self.rejected = 0
         self.counts: dict[str, int] = {}  # "stage\treason" -> rows
+        self.image_formats: dict[str, int] = {}  # of the kept images (a writer's marker from before this count has none)
 
     def add(self, result: dict) -> None:
         for key in self.files:
@@ -144,6 +146,8 @@ class Written:
         self.rejected += result["rejected"]
         for key, c in result["counts"].items():
             self.counts[key] = self.counts.get(key, 0) + c
+        for kind, n in result.get("image_formats", {}).items():
+            self.image_formats[kind] = self.image_formats.get(kind, 0) + n
 
     def sorted_files(self, key: str) -> list[dict]:
         return sorted(self.files[key], key=lambda f: f["path"])
@@ -251,7 +255,7 @@ def manifest(ctx: BuildContext, written: Written) -> dict:
         code_version=code_version(), shards=written.sorted_files("shards"), rejects=written.sorted_files("rejects"),
         extra={"source": ctx.source_name, "source_fingerprint": ctx.fingerprint,
                "stages": ctx.spec.stage_names(), "stage_metadata": ctx.stage_meta,
-               "columns": build_schema(ctx.spec.stage_names()).names})
+               "columns": build_schema(ctx.spec.stage_names()).names, "image_formats": written.image_formats})
 
 
 def seen_readers(ctx: BuildContext) -> list:

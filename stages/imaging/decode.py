@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from schemas.errors import exception_text
+
 PIXELS = "_pixels"  # HxWx3 uint8 RGB, row-major bytes; null when the image does not decode
 SHAPE = "_pixels_shape"  # [height, width]
 ERROR = "_decode_error"  # why the image does not decode; null when it does
@@ -44,7 +46,7 @@ def decode_image(data: bytes | None, draft: tuple[int, int] | None = None) -> tu
                 im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
             return np.asarray(im.convert("RGB")), None
     except Exception as e:  # PIL raises many types for bad files
-        return None, f"{type(e).__name__}: {e}"
+        return None, exception_text(e)
 
 
 def add_pixels(batch: pa.Table) -> pa.Table:

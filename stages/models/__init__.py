@@ -173,8 +173,13 @@ def _looked_in(name: str) -> str:
     return f"{ROOT / p}, {MODELS_DIR / p}"
 
 
-def _fail(stage: str, name: str, reason: str) -> StageConfigError:
-    return StageConfigError(f"{stage}: model {name!r} cannot be loaded: {reason}")
+MODEL_HINT = ("give a local model folder, or put the hub id's files in the local Hugging Face cache first (README: "
+              "\"Real CLIP and SigLIP weights\")")
+
+
+def model_error(stage: str, name: str, reason: str) -> StageConfigError:
+    """A model a stage cannot load, and how to make it loadable."""
+    return StageConfigError(f"{stage}: model {name!r} cannot be loaded: {reason}", hint=MODEL_HINT)
 
 
 def _check_folder(folder: Path) -> str | None:
@@ -224,22 +229,22 @@ def check_loadable(name: str, *, stage: str = "align", timeout_s: float = 8.0) -
     must have its config (and, offline, its weights) in the local Hugging Face cache. The config is then parsed by
     transformers.AutoConfig within `timeout_s` (the time box guards against a slow hub, not the import)."""
     if not name or not str(name).strip():
-        raise _fail(stage, str(name), "no model name given")
+        raise model_error(stage, str(name), "no model name given")
     location = locate_model(name)
     if is_local(location):
         missing = _check_folder(Path(location))
         if missing:
-            raise _fail(stage, name, missing)
+            raise model_error(stage, name, missing)
     else:
         p = Path(name).expanduser()
         if p.is_absolute() or name.startswith((".", "~")) or not HUB_ID.match(name):
-            raise _fail(stage, name, f"no such folder (looked in {_looked_in(name)})")
+            raise model_error(stage, name, f"no such folder (looked in {_looked_in(name)})")
         cached = hub_cached(name, "config.json")
         if cached is None and hub_offline():
-            raise _fail(stage, name, f"no folder of that name (looked in {_looked_in(name)}) and not in the local "
+            raise model_error(stage, name, f"no folder of that name (looked in {_looked_in(name)}) and not in the local "
                                      "Hugging Face cache (HF_HUB_OFFLINE=1, so nothing is downloaded)")
         if hub_offline() and not any(hub_cached(name, f) for f in WEIGHT_FILES):
-            raise _fail(stage, name, "its config is in the local Hugging Face cache but its weights are not "
+            raise model_error(stage, name, "its config is in the local Hugging Face cache but its weights are not "
                                      "(HF_HUB_OFFLINE=1, so nothing is downloaded)")
 
     from transformers import AutoConfig  # imported outside the time box: on a loaded machine this alone takes s
@@ -247,13 +252,13 @@ def check_loadable(name: str, *, stage: str = "align", timeout_s: float = 8.0) -
     try:
         config = _run_with_timeout(lambda: AutoConfig.from_pretrained(location), timeout_s)
     except TimeoutError:
-        raise _fail(stage, name, f"its config did not load within {timeout_s:g} s (hub unreachable? set "
+        raise model_error(stage, name, f"its config did not load within {timeout_s:g} s (hub unreachable? set "
                                  "HF_HUB_OFFLINE=1 to use only the local cache)") from None
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _fail(stage, name, f"{type(e).__name__}: {msg}") from None
+        raise model_error(stage, name, f"{type(e).__name__}: {msg}") from None
     if not (hasattr(config, "text_config") and hasattr(config, "vision_config")):
-        raise _fail(stage, name, f"model_type {getattr(config, 'model_type', '?')!r} is not an image-text dual "
+        raise model_error(stage, name, f"model_type {getattr(config, 'model_type', '?')!r} is not an image-text dual "
                                  "encoder (its config has no text_config and vision_config)")
     return location
 
@@ -566,9 +571,9 @@ def load_pixel_prep(name: str, *, stage: str = "align") -> PixelPrep:
         processor = AutoProcessor.from_pretrained(location)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _fail(stage, name, f"{type(e).__name__}: {msg}") from None
+        raise model_error(stage, name, f"{type(e).__name__}: {msg}") from None
     if not hasattr(processor, "image_processor"):
-        raise _fail(stage, name, f"its processor {type(processor).__name__} has no image processor")
+        raise model_error(stage, name, f"its processor {type(processor).__name__} has no image processor")
     return PixelPrep(processor.image_processor)
 
 
@@ -596,9 +601,9 @@ def load_clip(name: str, device: str = "auto", dtype: str = "auto", *, threads: 
         processor = AutoProcessor.from_pretrained(location)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _fail(stage, name, f"{type(e).__name__}: {msg}") from None
+        raise model_error(stage, name, f"{type(e).__name__}: {msg}") from None
     if not (hasattr(processor, "tokenizer") and hasattr(processor, "image_processor")):
-        raise _fail(stage, name, f"its processor {type(processor).__name__} has no tokenizer and image processor")
+        raise model_error(stage, name, f"its processor {type(processor).__name__} has no tokenizer and image processor")
     model.eval()
     model.to(dev)
     cfg = model.config

