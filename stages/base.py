@@ -6,8 +6,9 @@ A stage declares, in its own file:
 - `columns`: every column it adds, with its Arrow type, a one-line meaning and its role in reports;
 - `reasons`: every reject reason its decide() may emit, with the stat columns that decide it and the spec
   parameters it compares them with;
-- `default_resources`, and whether it loads a model (`uses_model`) or reads decoded pixels (`needs_image`; a stage
-  that decodes without declaring it fails in Stage.__call__);
+- `default_resources`, and whether it loads a model (`uses_model`) or reads images (`needs_image`: decoded pixels,
+  or the `image` bytes themselves, which no later step gets; a stage that decodes without declaring it fails in
+  Stage.__call__), and at what size (`pixel_side`);
 - `reads`: the columns of its batch it reads (the core record's, and other stages' when they are there).
 
 Defining the class registers it (Stage.__init_subclass__): the spec's stage params, the build schema, the report's
@@ -20,6 +21,8 @@ A model stage may also define `prepare_batch(batch)`: its CPU work (decode, resi
 arrays), written to private columns (names start with "_"). The build runs it as Ray Data CPU tasks directly before
 the stage's actor pool, so the model's process only runs the model; process_batch uses those columns when present,
 prepares the batch itself when called on a plain table, and drops them. Private columns never reach the shards.
+When the stage is the last that reads images, the build drops `image` and the shared decode's pixels after its
+prepare step, so only what the prepare step made for the model (and the row's small columns) reach its actors.
 """
 from __future__ import annotations
 
@@ -233,7 +236,7 @@ class Stage:
     reasons: ClassVar[tuple[Reason, ...]] = ()
     default_resources: ClassVar[Resources] = Resources()
     uses_model: ClassVar[bool] = False  # model stages run as actor pools, others as tasks
-    needs_image: ClassVar[bool] = False  # reads decoded pixels (stages.imaging.decode), decoded once per batch
+    needs_image: ClassVar[bool] = False  # reads images: decoded pixels (stages.imaging.decode) or `image` bytes
     summary: ClassVar[str] = ""  # one line for the README stage table
     # Input columns this stage may change (rewrite_column); every other column it is given must come back as is.
     rewrites: ClassVar[tuple[str, ...]] = ()
@@ -273,6 +276,19 @@ class Stage:
     @classmethod
     def decides_globally(cls, params: StageParams) -> bool:
         return bool(cls.global_steps(params))
+
+    @classmethod
+    def reads_pixels(cls, params: StageParams) -> bool:
+        """Whether this configuration reads the shared decode's pixels (stages.imaging.decode). A stage that
+        needs_image but decodes elsewhere (align decoding JPEGs on the GPU) answers False; it still gets `image`."""
+        return cls.needs_image
+
+    @classmethod
+    def pixel_side(cls, params: StageParams) -> int | None:
+        """The shorter side, in pixels, this stage needs of an image it reads: the shared decode may decode a JPEG
+        at a reduced scale down to the largest need of a spec's image stages (stages.imaging.decode), never below.
+        None (the default): the image as stored. 0: only whether it decodes and its stored size."""
+        return None
 
     # lifecycle -----------------------------------------------------------
     def preflight(self) -> None:

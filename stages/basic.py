@@ -8,7 +8,7 @@ from pydantic import Field
 
 from schemas.spec import StageParams
 from stages.base import Column, DecideContext, Decision, Reason, Resources, Stage, Threshold, as_text, concat, fixed
-from stages.imaging.decode import decoded
+from stages.imaging.decode import stored_sizes
 
 
 class BasicParams(StageParams):
@@ -53,10 +53,13 @@ class BasicStage(Stage):
                (Threshold("caption_chars", "min_chars", "min"),)),
     )
 
+    @classmethod
+    def pixel_side(cls, params: BasicParams) -> int | None:
+        return 0  # whether the image decodes and its stored size: any scale of decode tells both
+
     def process_batch(self, batch: pa.Table) -> pa.Table:
-        pixels, errors = decoded(batch)
-        hw = np.array([a.shape[:2] if a is not None else (0, 0) for a in pixels], np.int64).reshape(-1, 2)
-        ok = np.array([a is not None for a in pixels], bool)
+        hw, errors = stored_sizes(batch)
+        ok = np.asarray(errors.is_null().to_numpy(zero_copy_only=False), bool)
         short, long = hw.min(axis=1), hw.max(axis=1)
         words, chars = caption_counts(batch.column("text"))
         return self.add_columns(batch, {

@@ -186,7 +186,7 @@ def format_labels(found: dict[str, float], floor: float = LABEL_FLOOR) -> str:
 
 class SafetyStage(ModelStage):
     name = "safety"
-    version = 1
+    version = 2  # reads pixels decoded at 320 px where no image stage needs the stored pixels
     summary = "NSFW detection with nudenet's bundled detector"
     Params = SafetyParams
     needs_image = True
@@ -203,6 +203,10 @@ class SafetyStage(ModelStage):
     default_resources = Resources(cpus=1.0, batch_size=128)
 
     params: SafetyParams
+
+    @classmethod
+    def pixel_side(cls, params: SafetyParams) -> int | None:
+        return INPUT_SIZE  # the detector sees the image padded square and scaled to INPUT_SIZE
 
     def check_model(self) -> None:
         model_path()

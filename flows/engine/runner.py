@@ -1,9 +1,12 @@
 """The stages as one Ray Data pipeline: CPU stages as tasks, model stages as actor pools, with the spec's resources
 fitted to the cluster (flows.engine.resources).
 
-Images are decoded once per batch: a decode step (CPU tasks) runs before the first stage that declares
-`needs_image`, and the private pixel columns are dropped after the last one. A named timer actor sums each step's
-rows, seconds and image decodes, which feed the live progress and the build's stats.
+Images are decoded once per batch: a decode step (CPU tasks) runs before the first stage that reads pixels, at the
+largest shorter side those stages need (Stage.pixel_side; in full if any needs the stored pixels), and the private
+pixel columns are dropped after the last one. `image` is dropped after the last stage that `needs_image`: for a
+model stage with a prepare step, after that step, so neither crosses into its actors. GPU actors run two batches
+at once (a threaded actor, one CUDA stream per thread). A named timer actor sums each step's rows, seconds and
+image decodes, which feed the live progress and the build's stats.
 """
 from __future__ import annotations
 
@@ -69,21 +72,26 @@ def timer_handle(name: str):
     return _TIMER[1]
 
 
-def _timed(step: str, fn, batch: pa.Table, timer: str, drop_after: bool) -> pa.Table:
-    """Run one step on a batch; tell the named timer actor its rows, seconds, decodes and CPU seconds."""
-    t0, c0, d0 = time.perf_counter(), time.process_time(), decodes()
+def _timed(step: str, fn, batch: pa.Table, timer: str, drop_after: bool, drop_image: bool = False,
+           cpu_clock=time.process_time) -> pa.Table:
+    """Run one step on a batch; tell the named timer actor its rows, seconds, decodes and CPU seconds. drop_after:
+    the shared decode's columns go after it; drop_image: `image` too (no later step reads either). cpu_clock:
+    time.thread_time where other calls run in the same process at once (GPU actors)."""
+    t0, c0, d0 = time.perf_counter(), cpu_clock(), decodes()
     out = fn(batch)
     if out.num_rows != batch.num_rows:
         raise RuntimeError(f"{step} changed the row count {batch.num_rows} -> {out.num_rows}")
     if drop_after:
         out = drop_pixels(out)
+    if drop_image and "image" in out.column_names:
+        out = out.drop_columns(["image"])
     timer_handle(timer).add.remote(step, batch.num_rows, time.perf_counter() - t0, decodes() - d0,
-                                   time.process_time() - c0)
+                                   cpu_clock() - c0)
     return out
 
 
-def decode_step(batch: pa.Table, timer: str) -> pa.Table:
-    return _timed(DECODE, add_pixels, batch, timer, False)
+def decode_step(batch: pa.Table, timer: str, side: int | None = None) -> pa.Table:
+    return _timed(DECODE, lambda b: add_pixels(b, side), batch, timer, False)
 
 
 _STAGES: dict = {}  # stages set up in this worker process (task mode), torn down when it exits
@@ -106,32 +114,37 @@ def _teardown_task_stages() -> None:
 _PREPARERS: dict = {}  # model stages without setup(): their prepare_batch runs in CPU tasks, no model loaded
 
 
-def run_prepare_task(batch: pa.Table, name: str, params_json: str, timer: str) -> pa.Table:
+def run_prepare_task(batch: pa.Table, name: str, params_json: str, timer: str, drop_after: bool = False,
+                     drop_image: bool = False) -> pa.Table:
     """A model stage's prepare_batch (decode, resize into model-ready pixels) in a CPU task ahead of its actors."""
     key = (name, params_json)
     if key not in _PREPARERS:
         cls = stage_class(name)
         _PREPARERS[key] = cls(cls.Params.model_validate_json(params_json))
-    return _timed(f"{name}.prepare", _PREPARERS[key].prepare_batch, batch, timer, False)
+    return _timed(f"{name}.prepare", _PREPARERS[key].prepare_batch, batch, timer, drop_after, drop_image)
 
 
-def run_stage_task(batch: pa.Table, name: str, params_json: str, timer: str, drop_after: bool = False) -> pa.Table:
+def run_stage_task(batch: pa.Table, name: str, params_json: str, timer: str, drop_after: bool = False,
+                   drop_image: bool = False) -> pa.Table:
     key = (name, params_json)
     if key not in _STAGES:
         _STAGES[key] = _make_stage(name, params_json)
-    return _timed(name, _STAGES[key], batch, timer, drop_after)
+    return _timed(name, _STAGES[key], batch, timer, drop_after, drop_image)
 
 
 class StageActor:
-    """A model stage in an actor pool: set up once per actor, torn down when Ray Data retires the actor."""
+    """A model stage in an actor pool: set up once per actor, torn down when Ray Data retires the actor. A GPU
+    pool's actors take two batches at once (actor_strategy), each on its own thread and CUDA stream."""
 
-    def __init__(self, name: str, params_json: str, timer: str, drop_after: bool = False):
+    def __init__(self, name: str, params_json: str, timer: str, drop_after: bool = False, drop_image: bool = False):
         self.stage = _make_stage(name, params_json)
         self.timer = timer
         self.drop_after = drop_after
+        self.drop_image = drop_image
+        self.cpu_clock = time.thread_time if self.stage.resources.gpus else time.process_time
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return _timed(self.stage.name, self.stage, batch, self.timer, self.drop_after)
+        return _timed(self.stage.name, self.stage, batch, self.timer, self.drop_after, self.drop_image, self.cpu_clock)
 
     def __del__(self):
         stage = getattr(self, "stage", None)
@@ -141,8 +154,40 @@ class StageActor:
 
 def image_span(spec: BuildSpec) -> tuple[int, int] | None:
     """(first, last) positions of the stages that read decoded pixels, or None."""
-    pos = [i for i, e in enumerate(spec.stages) if stage_class(e.name).needs_image]
+    pos = [i for i, e in enumerate(spec.stages) if stage_class(e.name).reads_pixels(e.params)]
     return (pos[0], pos[-1]) if pos else None
+
+
+def last_image_reader(spec: BuildSpec) -> int | None:
+    """Position of the last stage that reads images (pixels or `image` bytes): no step after it gets `image`."""
+    pos = [i for i, e in enumerate(spec.stages) if stage_class(e.name).needs_image]
+    return pos[-1] if pos else None
+
+
+def decode_side(spec: BuildSpec) -> int | None:
+    """The shared decode's shorter side: the largest that the pixel-reading stages need (Stage.pixel_side); None
+    (the stored size) when any needs the stored pixels or none reads pixels."""
+    sides = [stage_class(e.name).pixel_side(e.params) for e in spec.stages
+             if stage_class(e.name).reads_pixels(e.params)]
+    return None if not sides or any(s is None for s in sides) else max(sides)
+
+
+GPU_BATCHES_IN_FLIGHT = 2  # a GPU actor runs this many batches at once: one's copies and Ray's hand-over overlap
+#                            the other's forwards
+GPU_BACKPRESSURE_RATIO = 10.0  # Ray Data's downstream_capacity_backpressure_ratio with GPU pools (2.0 by default
+#                                since Ray 2.57, which starved GPU actor pools of blocks in NeMo Curator's pipelines)
+
+
+def actor_strategy(size: int, gpus: float):
+    """The pool of one model stage: `size` actors; on GPUs each runs GPU_BATCHES_IN_FLIGHT batches concurrently
+    (threads), with as many more queued so the next batch is already in the actor when one finishes."""
+    import ray
+
+    if not gpus:
+        return ray.data.ActorPoolStrategy(size=size)
+    return ray.data.ActorPoolStrategy(size=size, max_concurrent_calls_per_actor=GPU_BATCHES_IN_FLIGHT,
+                                      enable_true_multi_threading=True,
+                                      max_tasks_in_flight_per_actor=2 * GPU_BATCHES_IN_FLIGHT)
 
 
 def step_names(spec: BuildSpec) -> list[str]:
@@ -158,23 +203,32 @@ def stage_pipeline(ds, spec: BuildSpec, timer: str, fitted: dict[int, Resources]
     import ray
 
     span = image_span(spec)
+    last_reader = last_image_reader(spec)
+    side = decode_side(spec)
+    gpu_pools = False
     for i, entry in enumerate(spec.stages):
         cls = stage_class(entry.name)
         res = fitted[i]
         if span is not None and i == span[0]:
-            ds = ds.map_batches(decode_step, fn_args=(timer,), batch_format="pyarrow", batch_size=res.batch_size,
+            ds = ds.map_batches(decode_step, fn_args=(timer, side), batch_format="pyarrow", batch_size=res.batch_size,
                                 num_cpus=min(1.0, res.cpus))
         drop_after = span is not None and i == span[1]
+        drop_image = i == last_reader
         params_json = entry.params.model_dump_json()
         common = dict(batch_format="pyarrow", batch_size=res.batch_size, num_cpus=res.cpus, num_gpus=res.gpus or None)
         if cls.runs_as_actor(entry.params):
-            if cls.prepares_batches():
-                ds = ds.map_batches(run_prepare_task, fn_args=(entry.name, params_json, timer), batch_format="pyarrow",
-                                    batch_size=res.batch_size, num_cpus=PREPARE_CPUS)
-            ds = ds.map_batches(StageActor, fn_constructor_args=(entry.name, params_json, timer, drop_after),
-                                compute=ray.data.ActorPoolStrategy(size=res.pool_size), **common)
+            if cls.prepares_batches():  # the last reader of pixels and image: they stop here, before the actors
+                ds = ds.map_batches(run_prepare_task, fn_args=(entry.name, params_json, timer, drop_after, drop_image),
+                                    batch_format="pyarrow", batch_size=res.batch_size, num_cpus=PREPARE_CPUS)
+                drop_after = drop_image = False
+            gpu_pools = gpu_pools or bool(res.gpus)
+            ds = ds.map_batches(StageActor, fn_constructor_args=(entry.name, params_json, timer, drop_after, drop_image),
+                                compute=actor_strategy(res.pool_size, res.gpus), **common)
         else:
-            ds = ds.map_batches(run_stage_task, fn_args=(entry.name, params_json, timer, drop_after), **common)
+            ds = ds.map_batches(run_stage_task, fn_args=(entry.name, params_json, timer, drop_after, drop_image),
+                                **common)
+    if gpu_pools:
+        ray.data.DataContext.get_current().downstream_capacity_backpressure_ratio = GPU_BACKPRESSURE_RATIO
     return ds
 
 

@@ -16,13 +16,16 @@ dual encoder (CLIP, SigLIP, SigLIP 2 ...) and embedding image/text batches with 
                                    is in the local Hugging Face cache (HF_HUB_OFFLINE=1: nothing is fetched), and the
                                    config is a dual encoder this transformers knows. Time-boxed; StageConfigError
                                    "align: model 'x' cannot be loaded: <reason>".
-    load_clip(name, device, dtype, threads)  -> ClipModel: AutoModel + AutoProcessor, eval mode, no grad.
-    load_pixel_prep(name)          the processor's image half alone (PixelPrep), for CPU workers: no weights.
+    load_clip(name, device, dtype, threads)  -> ClipModel: AutoModel (SDPA attention where the model has it) +
+                                   AutoProcessor, eval mode, no grad; on CUDA warmed up by one small forward.
+    load_preps(name)               the processor's image and text halves (PixelPrep, TextPrep), for CPU workers:
+                                   no weights.
 
-Feeding a model (PixelPrep, pixel_column / pixel_rows): CPU workers resize and crop into uint8 [3, H, W] per row,
-handed over as an Arrow fixed_shape_tensor column; the model's process copies them (pinned, non_blocking on CUDA)
-and rescales and normalises them on the device. `ClipModel.embed_pixels` queues a batch's forwards back to back
-and copies the embeddings back once.
+Feeding a model (PixelPrep, TextPrep, pixel_column / pixel_rows): CPU workers resize and crop into uint8 [3, H, W]
+per row, handed over as an Arrow list column (null rows take no space), and turn captions into token ids; the
+model's process pads the ids per forward, copies the pixels (pinned, non_blocking on CUDA) and rescales and
+normalises them on the device. `ClipModel.run_forwards` queues a batch's forwards back to back on the calling
+thread's CUDA stream and copies the embeddings back once (a threaded actor's two batches overlap).
 
 `ClipModel.embed(images, texts)` runs ONE forward for a whole batch under torch.inference_mode() (no autograd
 state, no dropout since the model is in eval mode) and returns L2-normalised float32 image and text embeddings.
@@ -50,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.base import StageConfigError
+from stages.imaging.decode import REDUCING_GAP, resize
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS_DIR = Path(__file__).resolve().parent / "shipped"  # model folders that ship with pairforge
@@ -328,6 +332,18 @@ def config_summary(location: str) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- what feeding a model needs
+
+def text_settings(config, tokenizer) -> tuple[int, str]:
+    """(max_length, padding) of the model's captions: truncated to its positions; SigLIP pads to max_length, as it
+    was trained (its docs say so), the others to the longest caption of a forward."""
+    tcfg = config.text_config
+    positions = getattr(tcfg, "max_position_embeddings", None) or 77
+    tok_max = getattr(tokenizer, "model_max_length", None) or positions
+    siglip = getattr(config, "model_type", "").startswith("siglip")
+    return int(min(positions, tok_max)), "max_length" if siglip else "longest"
+
+
 # --------------------------------------------------------------------------- loading and embedding
 
 class PixelPrep:
@@ -337,14 +353,25 @@ class PixelPrep:
         pixels(images)   PIL RGB images -> the processor's resize and crop, without rescale and normalise:
                          uint8 [n, 3, H, W] (a quarter of float32's bytes to ship between processes and to copy
                          to a GPU).
+        pixels_from(arrays, stored)  the same from RGB arrays, maybe decoded at a reduced scale (the shared decode,
+                         stages.imaging.decode) of images stored at `stored` [height, width]: the resize has the
+                         stored image's geometry and runs in Pillow directly (`plan`), with a reducing_gap.
         to_model(t, device, dtype)  moves the tensor (non_blocking: from pinned memory on CUDA it overlaps), then
                          applies the processor's rescale and mean/std there, in float32, then casts to dtype.
+        from_device(images)  uint8 [3, H, W] images already on the device (decoded there) -> the plan's resize
+                         (antialiased bicubic, as Pillow's) and crop there: uint8 [n, 3, H, W] on the device.
 
     The result matches the processor's own float32 output to float rounding (5e-7 on CLIP's). A probe image run
     once through the processor fixes the mode: "uint8" as above; "float32" (the whole processor on the CPU;
     to_model only moves and casts) for processors without rescale/normalise settings or whose resize gives other
     than whole numbers in 0..255; None when it gives more than pixel_values (SigLIP 2's NaFlex patches, say):
-    such models take the whole processor in the model's process. `shape` is one row's [3, H, W]."""
+    such models take the whole processor in the model's process. `shape` is one row's [3, H, W].
+
+    `plan` ((kind, size), resample, crop) is the processor's resize (kind "short": the shorter side to size,
+    keeping the aspect as the processor rounds it; "fixed": to (height, width)) and centre crop, done in Pillow
+    directly; it is kept only if it gives the processor's own pixels bit for bit on probe images, else None and
+    the processor runs (on images made from the arrays). `side` is the shorter side its resize needs (a decode may
+    stop there)."""
 
     SETTINGS = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
 
@@ -364,6 +391,65 @@ class PixelPrep:
             px = self._full([probe])
             if px is not None:
                 self.mode, self.shape = "float32", tuple(px.shape[1:])
+        self.plan = self._plan() if self.mode == "uint8" else None
+
+    @property
+    def side(self) -> int | None:
+        if self.plan is None:
+            return None
+        (kind, size), _, _ = self.plan
+        return size if kind == "short" else max(size)
+
+    def _plan(self):
+        import numpy as np
+
+        ip = self.processor
+
+        def get(d, k):
+            return d.get(k) if isinstance(d, dict) else getattr(d, k, None)
+
+        if not getattr(ip, "do_resize", False) or getattr(ip, "do_pad", False):
+            return None
+        size = ip.size
+        short, height, width = get(size, "shortest_edge"), get(size, "height"), get(size, "width")
+        if short and not get(size, "longest_edge"):
+            target = ("short", int(short))
+        elif height and width and not short:
+            target = ("fixed", (int(height), int(width)))
+        else:
+            return None
+        crop = None
+        if getattr(ip, "do_center_crop", False):
+            crop = (int(get(ip.crop_size, "height")), int(get(ip.crop_size, "width")))
+            least = (target[1], target[1]) if target[0] == "short" else target[1]
+            if crop[0] > least[0] or crop[1] > least[1]:
+                return None  # the processor would pad the crop
+        plan = (target, int(ip.resample if ip.resample is not None else 2), crop)
+        rng = np.random.default_rng(1)
+        for shape in ((37, 53), (53, 37), (301, 452), (250, 250)):
+            arr = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+            got = self._planned(plan, arr, shape, reducing_gap=None)  # the same resize, as the processor runs it
+            want = self._raw([_pil(arr)])
+            if got is None or want is None or not np.array_equal(got, np.asarray(want[0])):
+                return None
+        return plan
+
+    @staticmethod
+    def _planned(plan, arr, stored, reducing_gap: float | None = REDUCING_GAP):
+        """One image's uint8 [3, H, W] by the plan; None where the crop would need padding (the processor pads)."""
+        import numpy as np
+
+        target, resample, crop = plan
+        h, w = int(stored[0]), int(stored[1])
+        nh, nw = _resized_size(target, h, w)
+        out = np.asarray(resize(arr, (h, w), (nw, nh), resample, reducing_gap))
+        if crop is not None:
+            ch, cw = crop
+            if ch > nh or cw > nw:
+                return None
+            top, left = (nh - ch) // 2, (nw - cw) // 2
+            out = out[top:top + ch, left:left + cw]
+        return out.transpose(2, 0, 1)
 
     def _raw(self, images):
         out = self.processor(images=images, do_rescale=False, do_normalize=False, return_tensors="np")
@@ -394,6 +480,39 @@ class PixelPrep:
         px = np.asarray(self._raw(images))
         return px if px.dtype == np.uint8 else np.clip(np.rint(px), 0, 255).astype(np.uint8)
 
+    def pixels_from(self, arrays: list, stored) -> "Any":
+        """RGB uint8 arrays (HxWx3, maybe reduced) of images stored at `stored` ([n, 2] height, width) ->
+        [n, *shape] of self.dtype, as pixels() gives from the stored images (see the class docstring)."""
+        import numpy as np
+
+        if self.mode is None:
+            return None
+        if self.plan is None or not arrays:
+            return self.pixels([_pil(a) for a in arrays])
+        out = np.empty((len(arrays), *self.shape), np.uint8)
+        for i, (arr, hw) in enumerate(zip(arrays, stored)):
+            got = self._planned(self.plan, arr, hw)
+            out[i] = got if got is not None else self.pixels([_pil(arr)])[0]
+        return out
+
+    def from_device(self, images: list):
+        """uint8 [3, H, W] tensors on one device -> uint8 [n, *shape] there, by the plan (antialiased bicubic or
+        bilinear as the processor resamples; other resample filters: bicubic)."""
+        import torch
+        import torch.nn.functional as F
+
+        target, resample, crop = self.plan
+        mode = "bilinear" if resample == 2 else "bicubic"
+        out = []
+        for t in images:
+            nh, nw = _resized_size(target, int(t.shape[1]), int(t.shape[2]))
+            x = F.interpolate(t[None].float(), size=(nh, nw), mode=mode, antialias=True, align_corners=False)
+            if crop is not None:  # never larger than the resized image (_plan)
+                top, left = (nh - crop[0]) // 2, (nw - crop[1]) // 2
+                x = x[:, :, top:top + crop[0], left:left + crop[1]]
+            out.append(x.round_().clamp_(0, 255).to(torch.uint8))
+        return torch.cat(out)
+
     def _mean_std(self, device):
         import torch
 
@@ -421,6 +540,75 @@ class PixelPrep:
         return px.to(dtype)
 
 
+def _resized_size(target, h: int, w: int) -> tuple[int, int]:
+    """(height, width) after PixelPrep's resize: ("short", s) as transformers' get_resize_output_image_size
+    (default_to_square=False) rounds it, or ("fixed", (height, width))."""
+    kind, size = target
+    if kind != "short":
+        return size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    return (new_long, size) if w <= h else (size, new_long)
+
+
+def _pil(arr):
+    from PIL import Image
+
+    return Image.fromarray(arr, "RGB")
+
+
+class TextPrep:
+    """The tokenizer half, cut in two like PixelPrep: the CPU workers turn captions into token ids, the model's
+    process pads them for each forward.
+
+        ids(texts)       captions (None: "") -> list<int32> token ids, truncated to max_length, unpadded
+        pad(ids)         a list<int32> column (or its values and offsets) -> the tokenizer's own padded inputs:
+                         input_ids and, where the tokenizer makes one, attention_mask (int64 [n, width]), padded
+                         on its padding side with its pad id to the longest row or to max_length (`padding`)
+
+    pad(ids(texts)) equals tokenizer(texts, padding=..., truncation=True, max_length=...) bit for bit."""
+
+    def __init__(self, tokenizer, max_length: int, padding: str):
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        self.padding = padding
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.left = getattr(tokenizer, "padding_side", "right") == "left"
+        self.with_mask = "attention_mask" in getattr(tokenizer, "model_input_names", ["attention_mask"])
+
+    def ids(self, texts: list):
+        import itertools
+
+        import numpy as np
+        import pyarrow as pa
+
+        enc = self.tokenizer([t or "" for t in texts], truncation=True, max_length=self.max_length,
+                             padding=False)["input_ids"]
+        offsets = np.zeros(len(enc) + 1, np.int32)
+        np.cumsum([len(e) for e in enc], out=offsets[1:])
+        values = np.fromiter(itertools.chain.from_iterable(enc), np.int32, int(offsets[-1]))
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32()))
+
+    def pad(self, ids) -> dict:
+        import numpy as np
+        import pyarrow as pa
+
+        if isinstance(ids, pa.ChunkedArray):
+            ids = ids.combine_chunks()
+        offsets = np.asarray(ids.offsets.to_numpy(zero_copy_only=False), np.int64)
+        values = np.asarray(ids.flatten().to_numpy(zero_copy_only=False), np.int64)
+        lengths = np.diff(offsets)
+        width = self.max_length if self.padding == "max_length" else int(lengths.max(initial=0))
+        cols = np.arange(width)[None, :]
+        valid = cols >= (width - lengths)[:, None] if self.left else cols < lengths[:, None]
+        input_ids = np.full((len(lengths), width), self.pad_id, np.int64)
+        input_ids[valid] = values
+        out = {"input_ids": input_ids}
+        if self.with_mask:
+            out["attention_mask"] = valid.astype(np.int64)
+        return out
+
+
 def as_tensor(array):
     """A numpy array (possibly a read-only view of an Arrow buffer: only read here) as a torch tensor, no copy."""
     import warnings
@@ -433,31 +621,31 @@ def as_tensor(array):
 
 
 def pixel_column(pixels, rows, n: int):
-    """pixels [m, ...] of `rows` (sorted row numbers) -> an Arrow fixed_shape_tensor column of length n, null
-    elsewhere (what a prepare step hands the model's process)."""
+    """pixels [m, ...] of `rows` (sorted row numbers) -> an Arrow large_list column of length n holding each of those
+    rows' values flattened, null elsewhere (what a prepare step hands the model's process). Null rows take no
+    space, so a batch whose JPEGs go to the GPU as bytes carries pixels only for its other rows."""
     import numpy as np
     import pyarrow as pa
 
-    shape = list(pixels.shape[1:])
-    size = int(np.prod(shape)) if shape else 0
+    size = int(np.prod(pixels.shape[1:])) if pixels.ndim > 1 else 0
     valid = np.zeros(n, bool)
     valid[rows] = True
-    full = np.zeros((n, size), pixels.dtype)
-    full[rows] = pixels.reshape(len(rows), size)
-    storage = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), size, mask=pa.array(~valid))
-    return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.from_numpy_dtype(pixels.dtype), shape), storage)
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(np.where(valid, size, 0), out=offsets[1:])
+    values = pa.array(np.ascontiguousarray(pixels).reshape(-1))
+    return pa.LargeListArray.from_arrays(pa.array(offsets), values, mask=pa.array(~valid))
 
 
-def pixel_rows(column):
-    """The inverse of pixel_column: (pixels [m, ...] of the non-null rows, their row numbers); zero-copy."""
+def pixel_rows(column, shape):
+    """The inverse of pixel_column, given one row's shape: (pixels [m, *shape] of the non-null rows, their row
+    numbers); zero-copy."""
     import numpy as np
 
     col = column.combine_chunks() if hasattr(column, "combine_chunks") else column
-    storage = col.storage
-    valid = np.asarray(storage.is_valid().to_numpy(zero_copy_only=False), bool)
+    valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), bool)
     rows = np.flatnonzero(valid)
-    values = storage.flatten().to_numpy(zero_copy_only=False)  # the non-null rows' values, offset respected
-    return values.reshape(len(rows), *col.type.shape), rows
+    values = col.flatten().to_numpy(zero_copy_only=False)  # the non-null rows' values, offset respected
+    return values.reshape(len(rows), *shape), rows
 
 
 @dataclass
@@ -475,6 +663,9 @@ class ClipModel:
     text_padding: str
     _forward_args: set = field(default_factory=set)
     pixel_prep: PixelPrep | None = None
+    text_prep: TextPrep | None = None
+    attention: str = "eager"  # the attention implementation the model runs (sdpa where it supports it)
+    _local: Any = field(default_factory=threading.local)  # per calling thread: its CUDA stream
 
     @property
     def tokenizer(self):
@@ -494,9 +685,30 @@ class ClipModel:
         return dict(self.tokenizer([t or "" for t in texts], padding=self.text_padding, truncation=True,
                                    max_length=self.text_max_length, return_tensors="pt"))
 
+    def _stream(self):
+        """This thread's CUDA stream (None off CUDA): two threads of one actor overlap their copies and forwards."""
+        import torch
+
+        if self.device.type != "cuda":
+            return None
+        s = getattr(self._local, "stream", None)
+        if s is None:
+            s = self._local.stream = torch.cuda.Stream(self.device)
+        return s
+
+    def on_stream(self):
+        """A context: device work in it runs on this thread's stream (a no-op off CUDA)."""
+        import contextlib
+
+        import torch
+
+        stream = self._stream()
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
     def _on_device(self, inputs: dict):
         """One forward pass, left on the device (CUDA runs it asynchronously) -> (image_emb, text_emb) float32,
-        L2-normalised. uint8 pixel_values (PixelPrep.pixels) are rescaled and normalised on the device."""
+        L2-normalised. uint8 pixel_values (PixelPrep.pixels) are rescaled and normalised on the device; numpy
+        arrays are taken as tensors without a copy."""
         import torch
 
         cuda = self.device.type == "cuda"
@@ -504,7 +716,9 @@ class ClipModel:
         for k, v in inputs.items():
             if k not in self._forward_args:
                 continue
-            if cuda and not v.is_pinned():
+            if not isinstance(v, torch.Tensor):
+                v = as_tensor(v)
+            if cuda and v.device.type == "cpu" and not v.is_pinned():
                 v = v.pin_memory()  # page-locked: the copy below runs asynchronously
             if k == "pixel_values" and self.pixel_prep is not None:
                 moved[k] = self.pixel_prep.to_model(v, self.device, self.dtype)
@@ -529,23 +743,40 @@ class ClipModel:
         be split."""
         return self.pixel_prep.pixels(images) if self.pixel_prep is not None else None
 
-    def embed_pixels(self, pixels, texts: list[str], batch_size: int):
-        """pixels (PixelPrep.pixels: one row per caption) and captions -> (image_emb, text_emb) as float32 numpy
-        [n, dim]. Forwards run on chunks of batch_size; on CUDA they are queued back to back and the results come
-        back in one copy at the end, so the GPU never waits for the host between chunks."""
+    def run_forwards(self, chunks):
+        """Model inputs of one forward each (dicts of numpy arrays or tensors; pixel_values may already be on the
+        device) -> (image_emb, text_emb) as float32 numpy [n, dim]. On CUDA the forwards are queued back to back on
+        this thread's stream and the results come back in one copy at the end, so the GPU never waits for the host
+        between chunks, and a second thread's batch (a threaded actor) overlaps on its own stream."""
         import torch
 
+        set_threads(self.threads)
+        with torch.inference_mode(), self.on_stream():
+            parts = [self._on_device(inputs) for inputs in chunks]
+            if not parts:
+                return None, None
+            img = torch.cat([p[0] for p in parts]).cpu().numpy()
+            txt = torch.cat([p[1] for p in parts]).cpu().numpy()
+        return img, txt
+
+    def embed_pixels(self, pixels, texts: list[str], batch_size: int):
+        """pixels (PixelPrep.pixels: one row per caption) and captions -> (image_emb, text_emb) as float32 numpy
+        [n, dim], forwards on chunks of batch_size (run_forwards)."""
         if len(pixels) != len(texts):
             raise ValueError(f"{len(pixels)} images but {len(texts)} texts")
-        set_threads(self.threads)
         step = max(1, int(batch_size))
-        parts = [self._on_device({"pixel_values": as_tensor(pixels[s:s + step]), **self.tokenize(texts[s:s + step])})
-                 for s in range(0, len(texts), step)]
-        if not parts:
-            return None, None
-        img = torch.cat([p[0] for p in parts]).cpu().numpy()
-        txt = torch.cat([p[1] for p in parts]).cpu().numpy()
-        return img, txt
+        return self.run_forwards({"pixel_values": as_tensor(pixels[s:s + step]), **self.tokenize(texts[s:s + step])}
+                                 for s in range(0, len(texts), step))
+
+    def embed_ids(self, pixels, ids, batch_size: int):
+        """pixels (one per row: a numpy [n, ...] of PixelPrep.pixels, or a uint8 tensor on the device) and token
+        ids (TextPrep.ids, a list<int32> column of n rows) -> (image_emb, text_emb) float32 numpy [n, dim]: the
+        prepare step's hand-off, padded here per chunk of batch_size (run_forwards)."""
+        if len(pixels) != len(ids):
+            raise ValueError(f"{len(pixels)} images but {len(ids)} captions")
+        step = max(1, int(batch_size))
+        return self.run_forwards({"pixel_values": pixels[s:s + step], **self.text_prep.pad(ids.slice(s, step))}
+                                 for s in range(0, len(ids), step))
 
     def embed(self, images: list, texts: list[str]):
         """PIL RGB images and captions (same length) -> (image_emb, text_emb) as float32 [n, dim] tensors."""
@@ -560,21 +791,51 @@ class ClipModel:
         img, txt = self.embed_pixels(px, texts, len(texts))
         return torch.from_numpy(img), torch.from_numpy(txt)
 
+    def warm_up(self) -> None:
+        """One small forward at the model's input shape (CUDA kernels chosen and loaded, allocator primed) before the
+        first real batch; then the device is synchronised, so other threads' streams see the loaded weights."""
+        import numpy as np
+        import torch
 
-def load_pixel_prep(name: str, *, stage: str = "align") -> PixelPrep:
-    """The PixelPrep of a model's processor, without loading its weights (for prepare steps on CPU workers)."""
-    from transformers import AutoProcessor
+        if self.pixel_prep is None or self.pixel_prep.mode is None:
+            return
+        px = np.zeros((2, *self.pixel_prep.shape), self.pixel_prep.dtype)
+        self.embed_pixels(px, ["a photo", "a longer caption of a photo"], 2)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+@dataclass
+class Preps:
+    """What a prepare step needs of a model, without its weights: PixelPrep and TextPrep."""
+
+    pixel: PixelPrep
+    text: TextPrep
+
+
+def load_preps(name: str, *, stage: str = "align") -> Preps:
+    """PixelPrep and TextPrep of a model's processor and config, without loading its weights (for prepare steps
+    on CPU workers)."""
+    from transformers import AutoConfig, AutoProcessor
 
     location = locate_model(name)
     quiet_transformers()
     try:
         processor = AutoProcessor.from_pretrained(location)
+        config = AutoConfig.from_pretrained(location)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise model_error(stage, name, f"{type(e).__name__}: {msg}") from None
-    if not hasattr(processor, "image_processor"):
-        raise model_error(stage, name, f"its processor {type(processor).__name__} has no image processor")
-    return PixelPrep(processor.image_processor)
+    if not (hasattr(processor, "image_processor") and hasattr(processor, "tokenizer")):
+        raise model_error(stage, name, f"its processor {type(processor).__name__} has no tokenizer and image "
+                                       "processor")
+    return Preps(PixelPrep(processor.image_processor), TextPrep(processor.tokenizer, *text_settings(config,
+                                                                                                     processor.tokenizer)))
+
+
+def load_pixel_prep(name: str, *, stage: str = "align") -> PixelPrep:
+    """The PixelPrep of a model's processor, without loading its weights."""
+    return load_preps(name, stage=stage).pixel
 
 
 def quiet_transformers():
@@ -584,9 +845,20 @@ def quiet_transformers():
     hf_logging.disable_progress_bar()  # "Loading weights" bars, per actor
 
 
+def _from_pretrained(auto_model, location: str, dtype):
+    """The model with SDPA attention where its architecture has it (PyTorch's fused kernels: flash or memory-
+    efficient on CUDA); else the model's default. -> (model, attention implementation)."""
+    try:
+        model = auto_model.from_pretrained(location, dtype=dtype, attn_implementation="sdpa")
+    except (ValueError, ImportError):  # "does not support an attention implementation through ...sdpa"
+        model = auto_model.from_pretrained(location, dtype=dtype)
+    cfg = model.config
+    return model, str(getattr(cfg, "_attn_implementation", None) or "eager")
+
+
 def load_clip(name: str, device: str = "auto", dtype: str = "auto", *, threads: int | None = None,
               gpus: float = 0, stage: str = "align") -> ClipModel:
-    """Load a CLIP-like dual encoder by folder or hub id (see locate_model) for inference."""
+    """Load a CLIP-like dual encoder by folder or hub id (see locate_model) for inference; on CUDA, warmed up."""
     import torch
     from transformers import AutoModel, AutoProcessor
 
@@ -597,7 +869,7 @@ def load_clip(name: str, device: str = "auto", dtype: str = "auto", *, threads: 
     location = locate_model(name)
     quiet_transformers()
     try:
-        model = AutoModel.from_pretrained(location, dtype=dt)
+        model, attention = _from_pretrained(AutoModel, location, dt)
         processor = AutoProcessor.from_pretrained(location)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -609,19 +881,19 @@ def load_clip(name: str, device: str = "auto", dtype: str = "auto", *, threads: 
     cfg = model.config
     model_type = getattr(cfg, "model_type", "")
     tcfg = cfg.text_config
-    positions = getattr(tcfg, "max_position_embeddings", None) or 77
-    tok_max = getattr(processor.tokenizer, "model_max_length", None) or positions
-    max_len = int(min(positions, tok_max))
-    siglip = model_type.startswith("siglip")
+    max_len, padding = text_settings(cfg, processor.tokenizer)
     dim = getattr(cfg, "projection_dim", None) or getattr(tcfg, "projection_size", None) or tcfg.hidden_size
     torch.manual_seed(0)  # nothing random runs in eval mode; this only pins anything that might
-    return ClipModel(
+    clip = ClipModel(
         name=name, location=location, model=model, processor=processor, device=dev, dtype=dt, threads=n_threads,
-        model_type=model_type, embedding_dim=int(dim), text_max_length=max_len,
-        text_padding="max_length" if siglip else "longest",
+        model_type=model_type, embedding_dim=int(dim), text_max_length=max_len, text_padding=padding,
         _forward_args=set(inspect.signature(model.forward).parameters),
-        pixel_prep=PixelPrep(processor.image_processor),
+        pixel_prep=PixelPrep(processor.image_processor), text_prep=TextPrep(processor.tokenizer, max_len, padding),
+        attention=attention,
     )
+    if dev.type == "cuda":
+        clip.warm_up()
+    return clip
 
 
 def decode_rgb(data: bytes | None):
