@@ -750,8 +750,14 @@ def _capped_distributions(build: Build, head_shown: int = 5, per_head: int = 3) 
             t = t.filter(pc.and_(pc.equal(t["stage"], stage), pc.equal(t["reason"], reason)))
             flat = pc.list_flatten(t[col]).to_numpy(zero_copy_only=False)
             parent = pc.list_parent_indices(t[col]).to_numpy()
-            for h, got in dropped.items():
-                for r in parent[flat == h][:per_head - len(got)]:
+            order = np.array(list(dropped))  # head keys, largest count first: a row goes to its first one (the
+            sorter = np.argsort(order)  # one its detail names) and is shown once
+            at = sorter[np.minimum(np.searchsorted(order, flat, sorter=sorter), order.size - 1)]
+            rank = np.where(order[at] == flat, at, order.size)
+            first = np.full(t.num_rows, order.size)
+            np.minimum.at(first, parent, rank)
+            for k, (h, got) in enumerate(dropped.items()):
+                for r in np.flatnonzero(first == k)[:per_head - len(got)]:
                     got.append(t["text"][int(r)].as_py() or "")
         rows = []
         for h in s["head"]:
