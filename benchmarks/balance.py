@@ -68,8 +68,8 @@ def matching(concepts: Path, n: int) -> dict:
         batch = pa.table({"uid": pa.array(["0" * 32] * min(4096, n - s)), "text": texts.slice(s, 4096)})
         matches += int(np.asarray(stage(batch)["concept_count"]).sum())
     cpu = time.process_time() - c0
-    return {"captions": n, "cpu_s": round(cpu, 3), "captions_per_cpu_s": round(n / cpu), "build_cpu_s": round(build_s, 2),
-            "matches_per_caption": round(matches / n, 2)}
+    return {"captions": n, "cpu_s": round(cpu, 3), "captions_per_cpu_s": round(n / cpu),
+            "build_cpu_s": round(build_s, 2), "matches_per_caption": round(matches / n, 2)}
 
 
 def rows_of(first: int, m: int, entries: int):

@@ -16,7 +16,7 @@ Rules:
   any draw keeps it (MetaCLIP's balance_sampling), so a concept's kept rows are about min(count, t) when its rows
   match it alone, and a row matching several concepts is kept with 1 - prod(1 - min(1, t / count(c))).
                                                                                -> balanced_out
-  ("'photo' 41,230 matches > t 20000 (p 0.485); 3 concepts, none drawn": the concept of the row with the lowest
+  ("'photo' 41230 matches > t 20000 (p 0.4851); 3 concepts, none drawn": the concept of the row with the lowest
   keep probability, the head concept whose cap dropped it). Rows without a concept (min_concepts: 0) are kept here.
   The draw of (row, concept) is a hash of the row's uid, the concept id and `seed`: a re-run, a resumed build and
   a refilter decide the same rows, and the step reads only the stored concept_ids (refilter --set balance.t=...
@@ -195,7 +195,7 @@ def _balance_decide(rows: pa.Table, counts: pa.Table, params: BalanceParams, sta
     head = np.flatnonzero(mine)[o][first]
     how_many = np.bincount(parents, minlength=n)[out]
     detail = concat("'", concepts.names(ids[head]), "' ", as_text(pa.array(count[head])), " matches > t ",
-                    fixed(pa.array(t[head]), 0), " (p ", fixed(pa.array(p[head]), 3), "); ",
+                    fixed(pa.array(t[head]), 0), " (p ", fixed(pa.array(p[head]), 4), "); ",
                     as_text(pa.array(how_many)), pa.array(np.where(how_many == 1, " concept", " concepts")),
                     ", none drawn")
     return decisions(rows.column(ROW).take(pa.array(out)), "balanced_out", detail)
