@@ -110,15 +110,17 @@ class Scene:
 # ---------------------------------------------------------------- sampling
 
 
-def sample_scene(rng: random.Random) -> Scene:
-    """A random scene: 1 group (40%), 2 groups with a relation (45%) or 3 groups (15%), distinct (shape, colour)."""
+def sample_scene(rng: random.Random, shape_weights: list[float] | None = None,
+                 color_weights: list[float] | None = None) -> Scene:
+    """A random scene: 1 group (40%), 2 groups with a relation (45%) or 3 groups (15%), distinct (shape, colour);
+    shapes and colours uniform, or drawn with weights (in SHAPES and COLORS order: a head-heavy crawl)."""
     n_groups = rng.choices((1, 2, 3), weights=(0.40, 0.45, 0.15))[0]
     max_count = 2 if n_groups == 3 else 3
     seen: set[tuple[str, str]] = set()
     groups = []
     while len(groups) < n_groups:
-        shape = rng.choice(SHAPES)
-        color = rng.choice(tuple(COLORS))
+        shape = rng.choice(SHAPES) if shape_weights is None else rng.choices(SHAPES, shape_weights)[0]
+        color = rng.choice(tuple(COLORS)) if color_weights is None else rng.choices(tuple(COLORS), color_weights)[0]
         if (shape, color) in seen:
             continue
         seen.add((shape, color))

@@ -960,6 +960,72 @@ def _distributions(build: Build, seed: int = 0) -> str:
     return "".join(out)
 
 
+def _capped_distributions(build: Build, head_shown: int = 5, per_head: int = 3) -> str:
+    """Global steps that cap keys (the balance stage's concepts), declared by their summary in stats.json (a dict
+    with `key_column`, `rank_counts`, `head`, `t`, `reason`): the key distribution before the stage (the summary)
+    and in the kept shards (their key column, counted one file at a time: bounded by the keys) by rank, log-log;
+    the head keys capped; captions of rows dropped per head key (rejects of that reason holding the key)."""
+    found = [(row["stage"], s) for row in build.stats.get("stages", []) for rec in (row.get("global_steps") or {}
+             ).values() if {"key_column", "rank_counts", "head"} <= set(s := (rec or {}).get("summary") or {})]
+    if not found:
+        return ""
+    out = ['<section id="balance" data-section="balance"><h2>Concept balance</h2>']
+    for stage, s in found:
+        col, reason = s["key_column"], s.get("reason")
+        keys, counts = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        for f in part_files(build.dir, "shards"):
+            if col in f.read_schema().names:
+                vc = pc.value_counts(pc.list_flatten(f.read_table(columns=[col]).column(col)))
+                keys = np.concatenate([keys, vc.field("values").to_numpy(zero_copy_only=False).astype(np.int64)])
+                counts = np.concatenate([counts, vc.field("counts").to_numpy()])
+                keys, inv = np.unique(keys, return_inverse=True)
+                counts = np.bincount(inv, weights=counts).astype(np.int64)
+        before = np.array(s["rank_counts"] or [[1, 0]], np.float64)
+        after = np.sort(counts)[::-1]
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(4.8, 2.8))
+        ax.loglog(before[:, 0], np.maximum(before[:, 1], 0.8), color=COLORS["other"], label="before (pool)")
+        if after.size:
+            ranks = np.unique(np.round(np.logspace(0, math.log10(after.size), 60)).astype(np.int64))
+            ax.loglog(ranks, after[ranks - 1], color=COLORS["kept"], label="after (kept)")
+        ax.axhline(s["t"], color="black", linestyle="--", linewidth=1, label=f"t = {s['t']:,.0f}")
+        ax.set_xlabel("concept rank")
+        ax.set_ylabel("rows matching")
+        ax.legend(frameon=False)
+        out.append(f'<h3>{esc(stage)}: {s.get("concepts_matched", 0):,} concepts matched by '
+                   f'{s.get("pool", 0):,} rows; {s.get("capped_concepts", 0):,} capped at t</h3><div class="plots">'
+                   f'<figure><img src="{_png(fig, tight=True)}" alt="concept counts by rank"></figure></div>')
+        dropped: dict[int, list[str]] = {h["id"]: [] for h in s["head"][:head_shown]}
+        for f in part_files(build.dir, "rejects"):
+            if not any(len(v) < per_head for v in dropped.values()) or col not in f.read_schema().names:
+                continue
+            t = f.read_table(columns=["stage", "reason", "text", col])
+            t = t.filter(pc.and_(pc.equal(t["stage"], stage), pc.equal(t["reason"], reason)))
+            flat = pc.list_flatten(t[col]).to_numpy(zero_copy_only=False)
+            parent = pc.list_parent_indices(t[col]).to_numpy()
+            order = np.array(list(dropped))  # head keys, largest count first: a row goes to its first one (the
+            sorter = np.argsort(order)  # one its detail names) and is shown once
+            at = sorter[np.minimum(np.searchsorted(order, flat, sorter=sorter), order.size - 1)]
+            rank = np.where(order[at] == flat, at, order.size)
+            first = np.full(t.num_rows, order.size)
+            np.minimum.at(first, parent, rank)
+            for k, (h, got) in enumerate(dropped.items()):
+                for r in np.flatnonzero(first == k)[:per_head - len(got)]:
+                    got.append(t["text"][int(r)].as_py() or "")
+        rows = []
+        for h in s["head"]:
+            kept = int(counts[np.searchsorted(keys, h["id"])]) if h["id"] in keys else 0
+            caps = "".join(f"<div>{esc(c[:CAPTION_CHARS])}</div>" for c in dropped.get(h["id"], []))
+            rows.append(f'<tr data-concept="{esc(h["concept"])}"><td class="l">{esc(h["concept"])}</td>'
+                        f'<td class="l">{esc(h.get("lang", ""))}</td><td>{h["count"]:,}</td><td>{h["p"]:.3f}</td>'
+                        f'<td>{kept:,}</td><td class="l">{caps}</td></tr>')
+        out.append('<table><tr><th class="l">head concept</th><th class="l">lang</th><th>rows before</th>'
+                   '<th>keep p</th><th>rows kept</th><th class="l">dropped (sample)</th></tr>' + "".join(rows)
+                   + "</table>")
+    out.append("</section>")
+    return "".join(out)
+
+
 def _card(build: Build, r: int, thumb: str | None, row: dict, extra: str = "") -> str:
     cap = row.get("text") or ""
     cap = cap if len(cap) <= CAPTION_CHARS else cap[:CAPTION_CHARS - 1] + "…"
@@ -1348,6 +1414,7 @@ def render_report(build: Build, seed: int = 0) -> str:
         f'<header><h1>pairforge build report</h1><div class="sub">{esc(title)}</div></header>',
         "<nav>" + "".join(f'<a href="#{a}">{esc(b)}</a>' for a, b in NAV) + "</nav><main>",
         _summary(build), _funnel(build), _rejects(build, reasons), _distributions(build, seed),
+        _capped_distributions(build),
         _samples(build, reasons, seed), _rewrites(build, seed), _negatives(build, seed), _spec(build),
         "</main></body></html>\n",
     ]

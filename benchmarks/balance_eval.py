@@ -1,0 +1,167 @@
+"""Proxy evaluation of the balance stage: a balanced and an unbalanced build of a head-heavy demo corpus, trained at
+equal compute by `pairforge eval`, evaluated on scenes of tail concepts (and, with the same trained models, on head
+and uniform scenes: what balancing costs the head). Run on demand, not a test:
+
+    .venv/bin/python benchmarks/balance_eval.py [--n 6000] [--t 150] [--steps 400] [--seeds 0,1] [--n-eval 400]
+
+1. Corpus: --n demo scenes (demo.scenes: 1-3 groups of coloured shapes) whose shapes and colours are drawn with
+   weights 1/rank^2 (circle 67%, square 17%, ... diamond 2%; red 65%, ... black 1%): a head-heavy crawl. Images at
+   the proxy's size, written as a Parquet corpus.
+2. Builds (`pairforge curate`): unbalanced = clean only; balanced = clean + balance with the default concept list
+   (wordfreq) and t = --t.
+3. Evaluation sets of fresh scenes (a seed stream no build uses), --n-eval pairs each: tail (every group's shape in
+   star, heart, diamond and colour in purple, orange, white, black: the concepts the crawl rarely shows), head
+   (shapes circle, square, triangle; colours red, green, blue, yellow), uniform (demo.scenes.sample_scene).
+4. `pairforge eval UNBALANCED BALANCED --eval-set tail.parquet --steps S --seed ...` (the same steps, batch size and
+   seed for both builds: equal compute), then the trained models on the head and uniform sets.
+Retrieval R@1 / R@5, image->text and text->image, among each set's pairs; means over seeds printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TAIL_SHAPES, TAIL_COLORS = ("star", "heart", "diamond"), ("purple", "orange", "white", "black")
+HEAD_SHAPES, HEAD_COLORS = ("circle", "square", "triangle"), ("red", "green", "blue", "yellow")
+METRICS = ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")
+
+
+def zipf(names, s: float = 2.0) -> list[float]:
+    """Weights 1 / rank^s in the order of `names`."""
+    return [1.0 / (i + 1) ** s for i in range(len(names))]
+
+
+def scenes(n: int, stream: str, shapes: list | None, colors: list | None) -> list[tuple[bytes, str]]:
+    """n (JPEG, caption) pairs at the proxy's image size, shapes and colours drawn with these weights (None:
+    uniform)."""
+    from demo.scenes import caption, encode_jpeg, render_scene, sample_scene
+    from training.eval import IMAGE_SIZE
+
+    out = []
+    for i in range(n):
+        rng = random.Random(f"{stream}/{i}")
+        scene = sample_scene(rng, shapes, colors)
+        data = encode_jpeg(render_scene(scene, IMAGE_SIZE, rng.getrandbits(63)), rng.randint(75, 95))
+        out.append((data, caption(scene, rng)))
+    return out
+
+
+def write_corpus(pairs, folder: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"url": [f"synthetic://balance-eval/{i}.jpg" for i in range(len(pairs))],
+                             "text": [c for _, c in pairs], "image": [d for d, _ in pairs]}),
+                   folder / "part-0.parquet")
+
+
+def finished_build(folder: Path, spec_text: str) -> dict | None:
+    """The newest finished build in `folder` made from this spec (its manifest, stats), or None."""
+    import yaml
+
+    spec = yaml.safe_load(spec_text)
+    want = [next(iter(e.items())) for e in spec["stages"]]
+    for d in sorted(folder.glob("*/manifest.json"), reverse=True):
+        built = yaml.safe_load((d.parent / "spec.yaml").read_text())
+        have = [next(iter(e.items())) for e in built["stages"]]
+        same = built["source"]["pairs"] == spec["source"]["pairs"] and [n for n, _ in have] == [n for n, _ in want]
+        if same and all(h.get(k) == v for (_, w), (_, h) in zip(want, have) for k, v in w.items()):
+            return {"build_dir": str(d.parent), "build_id": json.loads(d.read_text())["build_id"],
+                    "stats": json.loads((d.parent / "stats.json").read_text())}
+    return None
+
+
+def run(cmd: list[str], env: dict) -> str:
+    print("$ " + " ".join(cmd), flush=True)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, check=False)
+    if res.returncode:
+        raise SystemExit(res.stdout[-2000:] + res.stderr[-4000:])
+    return res.stdout
+
+
+def main() -> None:
+    import pyarrow.parquet as pq
+    import yaml
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=6000)
+    ap.add_argument("--t", type=float, default=150)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--n-eval", type=int, default=400)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/pairforge-balance-eval"))
+    args = ap.parse_args()
+    out = args.out
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    t0 = time.perf_counter()
+    from demo.scenes import COLORS, SHAPES
+    from training.eval import write_eval_set
+
+    corpus = out / "corpus"  # deterministic for --n: the same scenes every run
+    if not corpus.exists() or pq.read_metadata(corpus / "part-0.parquet").num_rows != args.n:
+        write_corpus(scenes(args.n, "balance-eval-crawl", zipf(SHAPES), zipf(COLORS)), corpus)
+    only = lambda names, keep: [float(x in keep) for x in names]  # noqa: E731
+    sets = {"tail": (only(SHAPES, TAIL_SHAPES), only(COLORS, TAIL_COLORS)),
+            "head": (only(SHAPES, HEAD_SHAPES), only(COLORS, HEAD_COLORS)), "uniform": (None, None)}
+    for name, (shapes, colors) in sets.items():
+        if not (out / f"eval-{name}-{args.n_eval}.parquet").exists():
+            pairs = scenes(args.n_eval, f"balance-eval-{name}", shapes, colors)
+            write_eval_set([{"text": c, "image": d} for d, c in pairs], out / f"eval-{name}-{args.n_eval}.parquet")
+    builds = {}
+    for name, stages in (("unbalanced", [{"clean": {}}]),
+                         ("balanced", [{"clean": {}}, {"balance": {"t": args.t}}])):
+        spec = out / f"{name}.yaml"
+        spec.write_text(yaml.safe_dump({"dataset": f"balance-eval-{name}", "source": {
+            "pairs": str(corpus), "caption_col": "text"}, "stages": stages, "out": str(out / "builds"),
+            "ray": {"num_cpus": 2, "object_store_gb": 0.5}}))
+        r = finished_build(out / "builds" / f"balance-eval-{name}", spec.read_text())
+        if r is None or r["stats"]["rows_listed"] != args.n:  # not built yet with this spec
+            run([sys.executable, "-m", "flows.cli", "curate", str(spec), "--new", "--quiet"], env)
+            r = finished_build(out / "builds" / f"balance-eval-{name}", spec.read_text())
+        builds[name] = r
+        print(f"{name}: {r['stats']['rows_kept']:,} of {r['stats']['rows_listed']:,} rows kept", flush=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    cmd = [sys.executable, "-m", "flows.cli", "eval", builds["unbalanced"]["build_dir"],
+           builds["balanced"]["build_dir"], "--eval-set", str(out / f"eval-tail-{args.n_eval}.parquet"),
+           "--steps", str(args.steps),
+           "--out", str(out / "eval"), "--catalog", str(out / "catalog.duckdb"), "--workers", "2", "--json"]
+    for s in seeds:
+        cmd += ["--seed", str(s)]
+    text = run(cmd, env)
+    results = json.loads(text[text.index("\n[") + 1:] if not text.startswith("[") else text)
+    from training.eval import evaluate_model, load_eval_set
+    from training.train import MODEL_DIR
+
+    table: dict = {}
+    for r in results:
+        name = next(k for k, b in builds.items() if b["build_id"] == r["build_id"])
+        table.setdefault((name, "tail"), []).append(r["metrics"])
+        run_dir = out / "eval" / "runs" / f"{r['name'].replace('/', '-')}-s{r['seed']}"
+        for set_name in ("head", "uniform"):
+            items = load_eval_set(out / f"eval-{set_name}-{args.n_eval}.parquet")
+            table.setdefault((name, set_name), []).append(evaluate_model(run_dir / MODEL_DIR, items))
+    print(f"\nrows: unbalanced {builds['unbalanced']['stats']['rows_kept']:,}, balanced "
+          f"{builds['balanced']['stats']['rows_kept']:,} (t = {args.t:g}); {args.steps} steps x 32 pairs each, "
+          f"seeds {seeds}; {args.n_eval} pairs a set; {time.perf_counter() - t0:.0f} s, load average "
+          f"{os.getloadavg()[0]:.1f}")
+    print(f"{'set':<9}{'build':<12}" + "".join(f"{m:>9}" for m in METRICS) + "   per seed (i2t_r1)")
+    for set_name in ("tail", "head", "uniform"):
+        for name in ("unbalanced", "balanced"):
+            ms = table[(name, set_name)]
+            mean = {m: sum(x[m] for x in ms) / len(ms) for m in METRICS}
+            print(f"{set_name:<9}{name:<12}" + "".join(f"{mean[m]:>9.3f}" for m in METRICS)
+                  + "   " + " ".join(f"{x['i2t_r1']:.3f}" for x in ms))
+
+
+if __name__ == "__main__":
+    main()
