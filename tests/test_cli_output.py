@@ -18,7 +18,7 @@ from flows.engine.progress import PlainReporter
 COMMANDS = {
     "build": ["s.yaml"], "demo": [], "refilter": ["b"], "curate": ["s.yaml"], "catalog": [], "train": ["t.yaml"],
     "serve": ["s.yaml"], "report": ["b"], "show": ["b", "uid"], "negatives": ["b"],
-    "export": ["b", "--format", "uids", "o.npy"], "eval": [], "stages": [],
+    "export": ["b", "--format", "uids", "o.npy"], "eval": [], "stages": [], "verify": ["b"],
 }
 
 

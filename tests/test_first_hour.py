@@ -16,13 +16,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from schemas.registry import load_stages
 import yaml
 from PIL import Image
 
 from flows.cli import main, parser
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_LIST = "align, basic, blur, clean, dedup, junk, language, negatives_text, recaption, safety, text"
+STAGE_LIST = ", ".join(sorted(load_stages(())))  # every registered stage, as the error lists them
 
 
 def png(color=(200, 30, 30), size=(96, 80)) -> bytes:

@@ -70,7 +70,7 @@ def test_a_stage_module_with_a_broken_stage_is_named(tmp_path, monkeypatch):
         "    name = 'pf_broken'\n"
         "    reasons = (Reason('r', 'doc', ('x',), (Threshold('x', 'nope', 'min'),)),)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(SpecError, match=r"stage_modules: cannot import 'pf_broken_stage': StageDeclarationError: "
+    with pytest.raises(SpecError, match=r"cannot import 'pf_broken_stage': StageDeclarationError: "
                                         r"stage 'pf_broken' .*parameter 'nope'"):
         load_spec(write(tmp_path, GOOD | {"stage_modules": ["pf_broken_stage"]}))
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -95,14 +96,14 @@ def wordfreq_entries(lang: str, max_words: int) -> list[str]:
     words = [w for w in wordfreq.top_n_list(code, max_words, wordlist="best") if _LETTER.search(w)]
     extra = list(NUMBERS)
     if code == "en":
-        from stages.nlp.lexicon import NOUN_FORMS
+        from negatives.text.lexicon import NOUN_FORMS
 
         extra += sorted(f for f in NOUN_FORMS if " " in f)
     entries = list(dict.fromkeys(w.strip() for w in words + extra if w.strip() and "\n" not in w))
-    from dataio.build_folder import atomic_write_text
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "\n".join(entries))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # whole or absent: written aside, then renamed
+    tmp.write_text("\n".join(entries), encoding="utf-8")
+    os.replace(tmp, path)
     return entries
 
 
