@@ -16,12 +16,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from schemas.registry import load_stages
 import yaml
 from PIL import Image
 
 from flows.cli import main, parser
+from schemas.registry import load_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_LIST = ", ".join(sorted(load_stages(())))  # every registered stage, as the error lists them
