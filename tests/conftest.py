@@ -15,6 +15,30 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for the module's tests that run Ray tasks themselves (builds start their own)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=400 * 2**20,
+             runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def no_ray_left_behind(request):
+    """A test that starts Ray itself (a library call that runs Ray tasks, not the local_ray fixture) must shut it
+    down: a later build would run in it instead of the Ray its spec names."""
+    ray = sys.modules.get("ray")
+    running_before = ray is not None and ray.is_initialized()
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and not running_before and "local_ray" not in request.fixturenames and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail(f"{request.node.nodeid} left Ray running: use the local_ray fixture")
+
+
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """One real demo build (Prefect flow, local Ray, loopback server), shared by the tests that read a build."""

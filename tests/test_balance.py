@@ -109,7 +109,7 @@ def test_single_concept_pairs_keep_min_count_t_per_concept(zipf_list):
     assert s["head"][0]["count"] == count.max() and s["rank_counts"][0] == [1, int(count.max())]
 
 
-def test_multi_concept_pairs_keep_the_expected_total_and_ray_tasks_decide_the_same(zipf_list):
+def test_multi_concept_pairs_keep_the_expected_total_and_ray_tasks_decide_the_same(zipf_list, local_ray):
     pool = zipf_pool(40_000, 300, per_row=(1, 2, 3, 4), seed=1)
     params = BalanceParams(concepts=zipf_list, t=250)
     here = decide_table("balance", params, pool)

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import re
-import subprocess
 import tarfile
 from html.parser import HTMLParser
 from pathlib import Path

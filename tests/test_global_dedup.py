@@ -123,15 +123,6 @@ def _decided(d, table: pa.Table) -> dict:
     return {u: (r, t) for u, r, t in zip(table.column("uid").to_pylist(), d.reason, d.detail) if r is not None}
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=400 * 2**20)
-    yield
-    ray.shutdown()
-
-
 def test_in_process_and_as_ray_tasks_the_same_decisions(local_ray):
     table = metadata(3000, seed=3)
     prior = prior_rows(table, seed=4)

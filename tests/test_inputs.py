@@ -10,7 +10,6 @@ import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from schemas.records import make_uid
@@ -23,16 +22,6 @@ ROWS = [  # (url, caption): repeats far apart (across batches and buckets), refu
 ] + [("http://IMG1.example/1.jpg#frag", "caption 1"), ("ftp://img.example/x.jpg", "ftp"),
      ("ftp://img.example/x.jpg", "ftp"), ("", "no url"), ("  ", "no url"), ("http://[::1", "bad"),
      ("http://late.example/a.jpg", "late"), ("http://late.example/a.jpg", "late")]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
-    yield
-    ray.shutdown()
 
 
 def write_csv(path, rows, extra_lines=()):
@@ -82,7 +71,7 @@ def test_reader_is_a_generator_of_bounded_batches(tmp_path):
             read_url_list(src))  # batching changes nothing: malformed rows last, in the same order
 
 
-def test_many_batches_give_the_same_uids_shards_and_rejects_as_one(tmp_path, ray_local):
+def test_many_batches_give_the_same_uids_shards_and_rejects_as_one(tmp_path, local_ray):
     p = write_csv(tmp_path / "l.csv", ROWS, ["a,b,c"])
     small_shards, small_rej, small = prepared(build_ctx(tmp_path, "small", p), batch_rows=7, buckets=3)
     one_shards, one_rej, one = prepared(build_ctx(tmp_path, "one", p), batch_rows=10**6, buckets=1)
@@ -114,7 +103,7 @@ def test_many_batches_give_the_same_uids_shards_and_rejects_as_one(tmp_path, ray
     assert len(uids) == len(set(uids)) == small["rows_listed"]
 
 
-def test_a_killed_prepare_starts_again_and_makes_the_same_shards(tmp_path, ray_local):
+def test_a_killed_prepare_starts_again_and_makes_the_same_shards(tmp_path, local_ray):
     p = write_csv(tmp_path / "l.csv", ROWS)
     ctx = build_ctx(tmp_path, "again", p)
     first_shards, first_rej, _ = prepared(ctx, batch_rows=9, buckets=2)
@@ -128,7 +117,7 @@ def test_a_killed_prepare_starts_again_and_makes_the_same_shards(tmp_path, ray_l
     assert not (work / "input_prep").exists()  # scratch removed once the shards are written
 
 
-def test_incremental_drops_seen_uids_a_batch_at_a_time(tmp_path, ray_local):
+def test_incremental_drops_seen_uids_a_batch_at_a_time(tmp_path, local_ray):
     from catalogs import Catalog
 
     p = write_csv(tmp_path / "l.csv", ROWS)
@@ -150,7 +139,7 @@ def _jpeg(color: str) -> bytes:
     return b.getvalue()
 
 
-def test_corpus_repeats_across_batches_keep_the_first(tmp_path, ray_local):
+def test_corpus_repeats_across_batches_keep_the_first(tmp_path, local_ray):
     red, blue = _jpeg("red"), _jpeg("blue")
     rows = [(f"http://c.example/{i % 6}.jpg", "same", red) for i in range(14)] + [
         (None, "no url", blue), (None, "no url", blue), ("http://c.example/x.jpg", "no image", None)]
@@ -188,7 +177,7 @@ def test_jsonl_blocks_of_different_value_types_read_as_one_list(tmp_path, monkey
     assert got.column("malformed").to_pylist()[-1].startswith("line 4: not JSON")
 
 
-def test_empty_and_all_malformed_lists(tmp_path, ray_local):
+def test_empty_and_all_malformed_lists(tmp_path, local_ray):
     empty = write_csv(tmp_path / "empty.csv", [])
     shards, rej, summary = prepared(build_ctx(tmp_path, "empty", empty), batch_rows=4, buckets=2)
     assert (shards, rej.num_rows, summary["rows_listed"]) == ([], 0, 0)

@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import pytest
-import yaml
 
 from schemas.spec import parse_spec
 

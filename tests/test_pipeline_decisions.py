@@ -37,20 +37,8 @@ def test_rowwise_decisions_first_stage_in_order_owns_the_row(tmp_path):
     assert out.column("reject_detail").to_pylist()[1] == "min_side=50"
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 @pytest.mark.parametrize("fraction", [0.3, 0.5, 0.97, 0.001])
-def test_top_fraction_as_ray_tasks_equals_in_process(ray_local, fraction):
+def test_top_fraction_as_ray_tasks_equals_in_process(local_ray, fraction):
     """The distributed cutoff (a sample brackets it, only the bracket travels) keeps exactly the rows the
     in-process step keeps, ties included, and those are the top rows by (score desc, uid asc)."""
     from tests.test_align import decide_align
