@@ -21,13 +21,14 @@ import pyarrow.fs as pafs
 
 from dataio.storage import Location, location
 from schemas.columns import build_schema, rejects_schema
+from schemas.errors import UserError
 
 KINDS = ("shards", "rejects")
 DUPLICATES_SHOWN = 20  # uids named when some appear twice
 DUCKDB_MEMORY = "128MB"  # the uid check's memory cap; DuckDB spills past it
 
 
-class VerifyError(ValueError):
+class VerifyError(UserError):
     """BUILD is not a build folder that can be verified (no readable manifest); the message says why."""
 
 

@@ -280,13 +280,9 @@ def cmd_export(args) -> int:
 
 def cmd_verify(args) -> int:
     """Orchestrates nothing: no Prefect, no Ray (dataio.verify reads the files directly)."""
-    from dataio.verify import VerifyError, format_result, verify_build
+    from dataio.verify import format_result, verify_build
 
-    try:
-        result = verify_build(args.build, threads=args.threads)
-    except VerifyError as e:
-        print(f"pairforge: {e}", file=sys.stderr)
-        return 2
+    result = verify_build(args.build, threads=args.threads)  # VerifyError: a UserError, one line (main)
     if args.json:
         print(json.dumps(result, indent=2))
     elif not (args.quiet and result["ok"]):
