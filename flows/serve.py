@@ -70,16 +70,16 @@ class LocalPrefectServer:
         if self.proc is not None:
             return self
         self.home.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-        env.update(PREFECT_HOME=str(self.home), PREFECT_UI_ENABLED="false", PREFECT_SERVER_UI_ENABLED="false",
-                   PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
-        env.update(self.extra_env)
+        server_env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+        server_env.update(PREFECT_HOME=str(self.home), PREFECT_UI_ENABLED="false", PREFECT_SERVER_UI_ENABLED="false",
+                          PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+        server_env.update(self.extra_env)
         log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "prefect", "server", "start", "--host", self.host, "--port", str(self.port),
                  "--no-ui", "--analytics-off"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                env=server_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         finally:
             log.close()
         deadline = time.monotonic() + self.startup_timeout

@@ -16,10 +16,13 @@ steps kept:
 
 1. exact      Shuffle by sha256: in each group of equal bytes the best row is kept -> duplicate_exact "dup of <uid>"
 2. url        Shuffle by normalised URL (a different image)                          -> duplicate_url   "dup of <uid>"
-3. near       Shuffle of hash entries by the partitions of the near plan (NearPlan, below): every pair with a
-              full-image side within near_hamming bits is found once; evidence is the two images' pHashes within
-              near_hamming, or (near_crops) the pHash of X and a crop pHash of Y where X is the smaller image (a crop
-              has fewer pixels than what it was cut from; unknown sizes pass; crop-crop pairs are never evidence).
+3. near       Shuffle of hash entries (partition, value, row id: 18 bytes, in partition order, so the engine cuts
+              them without a sort) by the partitions of the near plan (NearPlan, below): every pair with a
+              full-image side within near_hamming bits is found once, as a bare edge (two row ids); the rows
+              the edges touch are then read (sizes, uid, pHash) to complete them. Evidence is the two images'
+              pHashes within near_hamming, or (near_crops) the pHash of X and a crop pHash of Y where X is the
+              smaller image (a crop has fewer pixels than what it was cut from; unknown sizes pass; crop-crop pairs
+              are never evidence).
               Survivors: rows are taken best first, and a row is rejected only when it is within near_hamming of a
               row that is kept (never through a chain of rows it may not resemble)         -> duplicate_near
               "dup of <uid> (hamming=H)", or "dup of <uid> (hamming=H, crop hamming=C)" when only a crop matched;
@@ -260,108 +263,161 @@ def _near_plan(params: DedupParams, state: dict) -> NearPlan:
     return NearPlan.make(params.near_hamming, rows * (1 + _CROPS * params.near_crops), rows)
 
 
+def _near_space(params: DedupParams, state) -> int:
+    return _near_plan(params, state).partitions
+
+
 def _near_keys(rows: pa.Table, params: DedupParams, state) -> pa.Table:
-    """Every pHash (and crop pHash) of the rows, once per mask group of the plan, keyed by its partition."""
+    """Every pHash (and crop pHash) of the rows, once per mask group of the plan, keyed by its partition there and
+    ordered by it: only the key, the value and `ref` (row id * 2 + 1 for a full hash, * 2 for a crop); the rows'
+    other columns are read for the rows the edges touch only (_near_join)."""
     plan = _near_plan(params, state)
     ph = _col(rows, "phash", rows.num_rows, pa.int64())
     has = np.flatnonzero(np.asarray(ph.is_valid()))
-    base = pa.table(_survivor_columns(rows)).take(pa.array(has))
-    full = to_unsigned(_int_np(ph.take(pa.array(has)), 0))
-    owner = np.arange(has.size)
-    values, is_full = [full], [np.ones(has.size, bool)]
+    row = rows.column(ROW).to_numpy()[has]
+    values, refs = [to_unsigned(_int_np(ph.take(pa.array(has)), 0))], [row * 2 + 1]
     if params.near_crops:
         ca = _col(rows, "phash_crops", rows.num_rows, pa.list_(pa.int64())).take(pa.array(has))
         cr = np.flatnonzero(_int_np(pc.list_value_length(ca), 0) == _CROPS)
         values.append(to_unsigned(_int_np(ca.take(pa.array(cr)).flatten(), 0)))
-        owner = np.r_[owner, np.repeat(cr, _CROPS)]
-        is_full.append(np.zeros(cr.size * _CROPS, bool))
-    values, is_full = np.concatenate(values), np.concatenate(is_full)
-    entries = base.take(pa.array(owner)).append_column("value", pa.array(values.view(np.int64))).append_column(
-        "full", pa.array(is_full)).append_column("own", pa.array(full[owner].view(np.int64)))
-    parts = [entries.append_column(KEY, pa.array(plan.partition(values, g).astype(np.uint64)))
-             for g in range(plan.groups)]
-    return pa.concat_tables(parts)
+        refs.append(np.repeat(row[cr] * 2, _CROPS))
+    key, value, ref = plan.entries(np.concatenate(values), np.concatenate(refs))
+    return pa.table({KEY: key, "value": value.view(np.int64), "ref": ref})
 
 
 def _near_group(part: pa.Table, params: DedupParams, state) -> pa.Table:
-    """Duplicate edges among the entries of one partition (any number of the plan's partitions): pairs with a
-    full-image side within k, in the group of their first agreeing mask. Evidence: both full hashes, or the full
-    hash of X and a crop hash of Y where X is the smaller image (a crop has fewer pixels than what it was cut from;
-    unknown sizes pass). Rows sharing their full hash are copies of the best of them (alias edges)."""
+    """Bare duplicate edges among the entries of one partition (any number of the plan's partitions), per mask
+    group: pairs with a full-image side within k, in the group of their first agreeing mask (see _near_edges).
+    Each map task's entries come ordered by key, so a group's entries are one slice of each."""
     plan = _near_plan(params, state)
-    out = []
-    keys = part.column(KEY).to_numpy()
-    for key in np.unique(keys):
-        g = int(plan.group_of(np.array([key], np.int64))[0])
-        out.append(_near_edges(part.filter(pa.array(keys == key)), plan, g, first_group=g == 0))
-    return pa.concat_tables(out) if out else _edge_table({})
+    starts = np.r_[plan.offsets, plan.partitions]
+    slices: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(plan.groups)]
+    for batch in part.to_batches():
+        key = batch.column(KEY).to_numpy().astype(np.int64)
+        value = to_unsigned(batch.column("value").to_numpy())
+        ref = batch.column("ref").to_numpy()
+        if key.size > 1 and not (key[1:] >= key[:-1]).all():
+            o = np.argsort(key, kind="stable")
+            key, value, ref = key[o], value[o], ref[o]
+        bounds = np.searchsorted(key, starts)
+        for g in range(plan.groups):
+            if bounds[g + 1] > bounds[g]:
+                slices[g].append((value[bounds[g]:bounds[g + 1]], ref[bounds[g]:bounds[g + 1]]))
+    out = [_near_edges(np.concatenate([v for v, _ in sl]), np.concatenate([r for _, r in sl]), plan, g)
+           for g, sl in enumerate(slices) if sl]
+    return pa.concat_tables(out) if out else _BARE_EDGE_SCHEMA.empty_table()
 
 
-def _near_edges(t: pa.Table, plan: NearPlan, g: int, first_group: bool) -> pa.Table:
-    value = to_unsigned(t.column("value").to_numpy())
-    full = t.column("full").to_numpy(zero_copy_only=False).astype(bool)
-    row = t.column(ROW).to_numpy()
-    prior = t.column(PRIOR).to_numpy(zero_copy_only=False).astype(bool)
-    rank = np.where(prior, np.uint64(np.iinfo(np.uint64).max), t.column("rank").to_numpy())
-    hi, lo = uid_words(t.column("uid"))
-    area = rank_area(t.column("rank").to_numpy())
-    small = np.where(area > 0, area, 0)  # X's size (unknown: smallest)
-    large = np.where(area > 0, area, _INT_MAX)  # Y's size (unknown: largest)
-    # the representative of each value among its full entries: the best row (rank, then uid); the other full rows
-    # of that value are its aliases (hamming 0), found in the first group only
+_FULL_FULL, _FULL_CROP, _ALIAS = 0, 1, 2  # the evidence of an edge
+
+
+def _near_edges(value: np.ndarray, ref: np.ndarray, plan: NearPlan, g: int) -> pa.Table:
+    """The edges of group g's entries: a full value stands for its rows by one of them (the smallest row id; the
+    join names the best), the other rows of that value are its aliases (hamming 0, found in the first group only).
+    full-full: representative to representative; full-crop: the representative of one value to the row of every
+    crop entry of the other (and of its own value, in the first group). Only the values in a pair are looked at."""
+    full = (ref & 1).astype(bool)
+    row = ref >> 1
     uniq, has_full, inv = distinct_values(value, full)
-    fe = np.flatnonzero(full)
-    fe = fe[np.lexsort((lo[fe], hi[fe], ~rank[fe], inv[fe]))]
-    head = np.r_[True, inv[fe][1:] != inv[fe][:-1]] if fe.size else np.empty(0, bool)
+    ui, uj, d = plan.pairs(uniq, has_full, g)
+    first_group = g == 0
+    fe, ce = np.flatnonzero(full), np.flatnonzero(~full)
+    crops_of = np.bincount(inv[ce], minlength=uniq.size)
+    need_rep = np.zeros(uniq.size, bool)
+    need_rep[ui[has_full[ui]]] = need_rep[uj[has_full[uj]]] = True
+    pairs = [(ui, uj, d), (uj, ui, d)]
+    if first_group:
+        need_rep |= np.bincount(inv[fe], minlength=uniq.size) > 1
+        own = np.flatnonzero(has_full & (crops_of > 0))
+        need_rep[own] = True
+        pairs.append((own, own, np.zeros(own.size, np.uint8)))
+    sel = fe[need_rep[inv[fe]]]
+    sel = sel[np.lexsort((row[sel], inv[sel]))]
+    head = np.r_[True, inv[sel][1:] != inv[sel][:-1]] if sel.size else np.empty(0, bool)
     rep = np.full(uniq.size, -1, np.int64)
-    rep[inv[fe[head]]] = fe[head]
-    ea, eb, via = [], [], []  # entry pairs and whether the evidence is a crop
-    if first_group and fe.size:
-        alias = fe[~head]
-        ea.append(alias)
-        eb.append(rep[inv[alias]])
-        via.append(np.full(alias.size, 2, np.int8))  # 2: alias
-    ui, uj, _ = plan.pairs(uniq, has_full, g)  # the pairs with a full side
-    # full-full: representative to representative
+    rep[inv[sel[head]]] = row[sel[head]]
+    a, b, kind, crop_d = [], [], [], []
+    if first_group:
+        alias = sel[~head]
+        a.append(row[alias])
+        b.append(rep[inv[alias]])
+        kind.append(np.full(alias.size, _ALIAS, np.int8))
+        crop_d.append(np.zeros(alias.size, np.uint8))
     ff = has_full[ui] & has_full[uj]
-    ea.append(rep[ui[ff]])
-    eb.append(rep[uj[ff]])
-    via.append(np.zeros(int(ff.sum()), np.int8))
-    # full-crop: the representative of one value to every crop entry of the other (and of its own value, once)
-    ce = np.flatnonzero(~full)
-    c_order = ce[np.argsort(inv[ce], kind="stable")]
-    c_start = np.searchsorted(inv[c_order], np.arange(uniq.size + 1))
-    pairs_x = [(ui, uj), (uj, ui)] + ([(np.flatnonzero(has_full), np.flatnonzero(has_full))] if first_group else [])
-    for x, y in pairs_x:
+    a.append(rep[ui[ff]])
+    b.append(rep[uj[ff]])
+    kind.append(np.full(int(ff.sum()), _FULL_FULL, np.int8))
+    crop_d.append(d[ff])
+    need_crops = np.zeros(uniq.size, bool)
+    for x, y, _ in pairs:
+        need_crops[y[has_full[x]]] = True
+    cs = ce[need_crops[inv[ce]]]
+    cs = cs[np.argsort(inv[cs], kind="stable")]
+    start = np.searchsorted(inv[cs], np.arange(uniq.size + 1))
+    for x, y, dist in pairs:
         s = has_full[x]
-        x, y = x[s], y[s]
-        cnt = c_start[y + 1] - c_start[y]
-        members = c_order[_ranges(c_start[y], cnt)]
-        ea.append(np.repeat(rep[x], cnt))
-        eb.append(members)
-        via.append(np.ones(members.size, np.int8))
-    ea, eb, via = np.concatenate(ea), np.concatenate(eb), np.concatenate(via)
-    ok = row[ea] != row[eb]
-    crop = via == 1
-    ok[crop] &= small[ea[crop]] < large[eb[crop]]  # X (the full side) is the smaller image
-    ea, eb, via = ea[ok], eb[ok], via[ok]
-    own = to_unsigned(t.column("own").to_numpy())
-    dist = np.bitwise_count(own[ea] ^ own[eb]).astype(np.int64)
-    crop_dist = np.where(via == 1, np.bitwise_count(value[ea] ^ value[eb]), 64).astype(np.int64)
-    weight = np.where(via == 1, 100 + crop_dist, dist)
-    return _edge_table({"a": row[ea], "b": row[eb], "a_rank": t.column("rank").to_numpy()[ea],
-                        "b_rank": t.column("rank").to_numpy()[eb], "a_uid": t.column("uid").take(pa.array(ea)),
-                        "b_uid": t.column("uid").take(pa.array(eb)), "weight": weight, "alias": via == 2,
-                        "hamming": dist, "crop_hamming": crop_dist})
+        x, y, dist = x[s], y[s], dist[s]
+        cnt = start[y + 1] - start[y]
+        members = cs[_ranges(start[y], cnt)]
+        a.append(np.repeat(rep[x], cnt))
+        b.append(row[members])
+        kind.append(np.full(members.size, _FULL_CROP, np.int8))
+        crop_d.append(np.repeat(dist, cnt))
+    a, b = np.concatenate(a), np.concatenate(b)
+    ok = a != b
+    return pa.table({"a": a[ok], "b": b[ok], "kind": np.concatenate(kind)[ok],
+                     "crop_hamming": np.concatenate(crop_d)[ok].astype(np.int8)}, schema=_BARE_EDGE_SCHEMA)
 
 
+_BARE_EDGE_SCHEMA = pa.schema([pa.field("a", pa.int64()), pa.field("b", pa.int64()), pa.field("kind", pa.int8()),
+                               pa.field("crop_hamming", pa.int8())])
 _NEAR_EDGE_SCHEMA = pa.schema(EDGE_FIELDS + [pa.field("weight", pa.int64()), pa.field("alias", pa.bool_()),
                                              pa.field("hamming", pa.int64()), pa.field("crop_hamming", pa.int64())])
 
 
+def _near_join(edges: pa.Table, rows: pa.Table, params: DedupParams, state) -> pa.Table:
+    """The bare edges completed from the rows they touch: each value's representative becomes its best row (rank,
+    then uid; the rows of an earlier build first), the other rows of that value its aliases; a crop edge holds only
+    when the full side is the smaller image (a crop has fewer pixels than what it was cut from; unknown sizes pass);
+    the full hashes' distance and a weight (of two edges between the same rows, the lighter is named)."""
+    rows = rows.take(pc.sort_indices(rows.column(ROW)))
+    ids = rows.column(ROW).to_numpy()
+    rank = size_rank(rows)
+    order = rank_order(np.where(rows.column(PRIOR).to_numpy(zero_copy_only=False).astype(bool),
+                                np.uint64(np.iinfo(np.uint64).max), rank), uid_bytes(rows.column("uid")))
+    kind = edges.column("kind").to_numpy()
+    a = np.searchsorted(ids, edges.column("a").to_numpy())
+    b = np.searchsorted(ids, edges.column("b").to_numpy())
+    # alias classes (rows of one full value, keyed by the representative the partition chose): their best row
+    is_alias = kind == _ALIAS
+    member, key = np.r_[a[is_alias], np.unique(b[is_alias])], np.r_[b[is_alias], np.unique(b[is_alias])]
+    o = np.lexsort((order[member], key))
+    member, key = member[o], key[o]
+    head = np.r_[True, key[1:] != key[:-1]] if key.size else np.empty(0, bool)
+    best = np.arange(ids.size)
+    best[key[head]] = member[head]
+    best_of = member[head][np.cumsum(head) - 1]
+    plain = ~is_alias
+    a = np.r_[best[a[plain]], member[~head]]
+    b = np.r_[np.where(kind[plain] == _FULL_FULL, best[b[plain]], b[plain]), best_of[~head]]
+    kind = np.r_[kind[plain], np.full(int((~head).sum()), _ALIAS, np.int8)]
+    crop_d = np.r_[edges.column("crop_hamming").to_numpy()[plain], np.zeros(int((~head).sum()), np.int8)].astype(
+        np.int64)
+    area = rank_area(rank)
+    crop = kind == _FULL_CROP
+    ok = a != b
+    ok[crop] &= np.where(area[a[crop]] > 0, area[a[crop]], 0) < np.where(area[b[crop]] > 0, area[b[crop]], _INT_MAX)
+    a, b, kind, crop_d = a[ok], b[ok], kind[ok], crop_d[ok]
+    own = to_unsigned(_int_np(rows.column("phash"), 0))
+    dist = np.bitwise_count(own[a] ^ own[b]).astype(np.int64)
+    crop_d = np.where(kind == _FULL_CROP, crop_d, 64)
+    uid = uid_bytes(rows.column("uid"))
+    return _edge_table({"a": ids[a], "b": ids[b], "a_rank": rank[a], "b_rank": rank[b], "a_uid": uid.take(pa.array(a)),
+                        "b_uid": uid.take(pa.array(b)), "weight": np.where(kind == _FULL_CROP, 100 + crop_d, dist),
+                        "alias": kind == _ALIAS, "hamming": dist, "crop_hamming": crop_d})
+
+
 def _edge_table(cols: dict) -> pa.Table:
-    if not cols:
-        return _NEAR_EDGE_SCHEMA.empty_table()
     return pa.table({f.name: pa.array(cols[f.name], f.type) if not isinstance(cols[f.name], (pa.Array, pa.ChunkedArray))
                      else cols[f.name] for f in _NEAR_EDGE_SCHEMA}, schema=_NEAR_EDGE_SCHEMA)
 
@@ -496,8 +552,9 @@ class DedupStage(Stage):
         if params.url:
             steps.append(Shuffle("url", ("url_norm", "url") + _SIZE_READS, _url_keys, _url_group))
         if params.near_hamming > 0:
-            steps.append(Shuffle("near", ("phash", "phash_crops") + _SIZE_READS, _near_keys, _near_group,
-                                 Survivors("duplicate_near", _near_detail)))
+            steps.append(Shuffle("near", ("phash", "phash_crops"), _near_keys, _near_group,
+                                 Survivors("duplicate_near", _near_detail, ("phash",) + _SIZE_READS, _near_join),
+                                 key_space=_near_space))
         if params.semantic:
             steps.append(Fit("semantic_clusters", ("uid", "image_emb"), SEMANTIC_SAMPLE, _fit_clusters,
                              needs=("image_emb",)))

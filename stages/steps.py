@@ -14,12 +14,15 @@ not see those rows, except TopFraction, which ranks every row alive before the s
 scored pool) and rejects only the others.
 
 The steps:
-    Shuffle      keys(rows) -> the keys each row contributes (column `key`, uint64); the engine hash-partitions them
+    Shuffle      keys(rows) -> the keys each row contributes (column `key`, unsigned); the engine hash-partitions them
                  so that every row of one key lands in one partition, then group(partition) -> decisions, or, with
                  `survivors`, edges between rows that duplicate each other.
     Survivors    (after a Shuffle that returns edges) components of the edges bound the work; inside each, the rows
                  are taken greedily best first by their `rank`: a row is kept unless an edge joins it to a kept row,
-                 and a rejected row's detail names that kept row (never a chain of rows it may not resemble).
+                 and a rejected row's detail names that kept row (never a chain of rows it may not resemble). The
+                 group() may return bare edges (row ids and a payload): the engine then reads the rows they touch
+                 (only those) and the step's join() completes the edges from them, so the shuffle carries no more
+                 than a key, a value and a row id per entry.
     TopFraction  keep the round(fraction * n) rows with the highest score (ties: smaller uid first), exact over the
                  whole build; reject the rest.
     Fit          a model fitted once on a deterministic sample of the rows (by uid hash), handed to later steps of the
@@ -56,13 +59,17 @@ StepFn = Callable[[pa.Table, Any, dict], pa.Table]
 class Survivors:
     """Who is kept among rows joined by duplicate edges (see the module docstring).
 
-    The edges come from the Shuffle's group(): EDGE_FIELDS plus any payload the detail needs. rank: larger is better
-    (ties: the smaller uid). detail(chosen) -> the detail text of each rejected row, where `chosen` holds the edge
-    that rejected it (its columns, with `loser`/`keeper` naming which end is which, `keeper_uid` the kept row's uid
-    as text and `keeper_prior` whether it is a row of an earlier build)."""
+    The edges come from the Shuffle's group(): EDGE_FIELDS plus any payload the detail needs; or, with `join`, bare
+    edges (`a`, `b` row ids and a payload) that join(edges, rows, params, state) completes to EDGE_FIELDS, where
+    `rows` holds the rows the edges touch (`row`, `prior`, `uid` and the columns in `reads`; join may drop edges).
+    rank: larger is better (ties: the smaller uid). detail(chosen) -> the detail text of each rejected row, where
+    `chosen` holds the edge that rejected it (its columns, with `loser`/`keeper` naming which end is which,
+    `keeper_uid` the kept row's uid as text and `keeper_prior` whether it is a row of an earlier build)."""
 
     reason: str
     detail: StepFn
+    reads: tuple[str, ...] = ()
+    join: Callable[[pa.Table, pa.Table, Any, dict], pa.Table] | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,9 @@ class Shuffle:
     group: StepFn
     survivors: Survivors | None = None
     needs: tuple[str, ...] = ()  # columns without which the step is skipped (no row of the build has them)
+    # keys that are ids below key_space(params, state) (default: keys are hashes): keys() that returns its rows
+    # ordered by key has them cut into the reduce partitions by slices, with no sort or copy
+    key_space: Callable[[Any, dict], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -261,8 +271,14 @@ def resolve_edges(edges: pa.Table) -> pa.Table:
         .append_column("keeper_uid", uid_text(uid.take(pa.array(k)))).append_column("keeper_prior", pa.array(nodes[k] < 0))
 
 
-def survivor_decisions(edges: pa.Table, survivors: Survivors, ctx: StepContext) -> pa.Table:
-    """Decisions from the edges of one Shuffle: greedy survivors, reason and detail."""
+def survivor_decisions(edges: pa.Table, survivors: Survivors, ctx: StepContext, rows: pa.Table | None = None
+                       ) -> pa.Table:
+    """Decisions from the edges of one Shuffle (completed by the step's join() from the touched `rows` when it has
+    one): greedy survivors, reason and detail."""
+    if survivors.join is not None:
+        edges = survivors.join(edges, rows, ctx.params, ctx.state)
+    if not edges.num_rows:
+        return DECISION_SCHEMA.empty_table()
     chosen = resolve_edges(edges)
     return decisions(chosen.column("loser"), survivors.reason, survivors.detail(chosen, ctx.params, ctx.state))
 

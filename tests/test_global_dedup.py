@@ -132,6 +132,9 @@ def test_in_process_and_as_ray_tasks_the_same_decisions(local_ray):
     reasons = {r for r, _ in ref.values()}
     assert reasons == {"duplicate_exact", "duplicate_url", "duplicate_near", "duplicate_semantic"}
     assert any("in an earlier build" in t for _, t in ref.values())
+    alone = table.slice(0, 1500)  # one source: the touched rows read by a single task
+    assert _decided(run_dedup(alone, DedupParams(), ray_tasks=True, parts=3), alone) == \
+        _decided(run_dedup(alone, DedupParams()), alone)
 
 
 def _chains(n: int, k: int, seed: int) -> np.ndarray:
@@ -202,3 +205,16 @@ def test_partitioned_near_search_finds_every_pair_once(k):
     assert set(got) == set(zip(ri.tolist(), rj.tolist()))
     assert len(got) >= 30 * k
     assert (np.bitwise_count(to_unsigned(h)[a] ^ to_unsigned(h)[b]) <= k).all()
+
+
+def test_plan_entries_are_each_value_once_per_group_in_partition_order():
+    rng = np.random.default_rng(5)
+    values = rng.integers(0, 2**64, size=5000, dtype=np.uint64)
+    refs = np.arange(values.size, dtype=np.int64) * 2 + 1
+    plan = NearPlan.make(6, 400_000, 40_000, per_partition=20_000)
+    assert plan.partitions > plan.groups  # some groups cut into several partitions
+    part, value, ref = plan.entries(values, refs)
+    assert (np.diff(part.astype(np.int64)) >= 0).all()
+    expect = sorted((int(plan.partition(values[i:i + 1], g)[0]), int(values[i]), int(refs[i]))
+                    for g in range(plan.groups) for i in range(values.size))
+    assert sorted(zip(part.tolist(), value.tolist(), ref.tolist())) == expect

@@ -12,7 +12,8 @@ One implementation, two ways to run it:
 - distributed: per step, map tasks (one per run of input shards of about ROWS_PER_TASK rows, and per run of prior
   files) read their rows and run the step's map function; a Shuffle's keys are split into P hash partitions in the
   map task and each of P reduce tasks receives its partition from every map task (plain Ray tasks with P returns:
-  one all-to-all exchange per Shuffle, nothing through the driver). Survivors run in one task over the edges.
+  one all-to-all exchange per Shuffle, nothing through the driver). Survivors run in one task over the edges,
+  after tasks that read, where they live, the rows the edges touch (when the step's join needs them).
   TopFraction finds its exact cutoff from a sample that brackets it (only the rows inside the bracket travel), then
   map tasks decide; Counts sum per key in the reduce tasks and hand the counts (bounded by the keys, not the rows)
   to map tasks that decide; Fit gathers a uid-hash sample in one task.
@@ -106,6 +107,15 @@ class Source:
     prior_first: int = 0  # index of the first prior file (prior row ids: -1 - (file index << SHIFT | position))
     table: pa.Table | None = None  # in-memory rows (tests, refilter of tables): `row` and `prior` set
 
+    def span(self) -> tuple[int, int]:
+        """The row ids lo <= row < hi the source's rows have (the spans of a phase's sources never overlap)."""
+        if self.table is not None:
+            rows = self.table.column(ROW)
+            return (int(pc.min(rows).as_py()), int(pc.max(rows).as_py()) + 1) if len(rows) else (0, 0)
+        if self.shards:
+            return min(self.shards) << SHIFT, (max(self.shards) + 1) << SHIFT
+        return -((self.prior_first + len(self.prior_files)) << SHIFT), -(self.prior_first << SHIFT)
+
 
 @dataclass(frozen=True)
 class Job:
@@ -133,11 +143,11 @@ class Job:
         return StepContext(self.params, dict(self.state) | {"rows": self.rows_hint})
 
 
-def read_rows(job: Job, source: Source, *, rowwise: bool = False) -> pa.Table:
-    """The rows of `source` a step sees: its declared columns plus `row` and `prior`, alive before the step.
-    rowwise: also the rows the stage itself rejected row by row (TopFraction ranks them), flagged `_own`."""
-    step = job.step
-    reads = list(dict.fromkeys(("uid",) + tuple(step.reads)))
+def read_rows(job: Job, source: Source, *, rowwise: bool = False, columns: tuple[str, ...] | None = None
+              ) -> pa.Table:
+    """The rows of `source` a step sees: its declared columns (or `columns`) plus `row` and `prior`, alive before
+    the step. rowwise: also the rows the stage itself rejected row by row (TopFraction ranks them), flagged `_own`."""
+    reads = list(dict.fromkeys(("uid",) + tuple(job.step.reads if columns is None else columns)))
     if source.table is not None:
         t = source.table
         t = t.select([c for c in t.column_names if c in reads or c in (ROW, PRIOR, "reject_pos")])
@@ -194,18 +204,38 @@ def _alive(job: Job, t: pa.Table, rowwise: bool) -> pa.Table:
 # ------------------------------------------------------------------------------------------------ task bodies
 
 def partition_of(key: pa.ChunkedArray, parts: int) -> np.ndarray:
-    """The reduce partition of each key (the keys are uint64 hashes or ids)."""
-    return (pc.cast(key, pa.uint64()).combine_chunks().to_numpy() % np.uint64(parts)).astype(np.int64)
+    """The reduce partition of each key (hashes or ids): its value modulo `parts`, in the keys' own width."""
+    k = key.combine_chunks().to_numpy()
+    if k.dtype.kind != "u" or parts > np.iinfo(k.dtype).max:
+        k = k.astype(np.uint64)
+    return k % k.dtype.type(parts)
 
 
 def split(t: pa.Table, part: np.ndarray, parts: int) -> list[pa.Table]:
     """t cut into `parts` tables by `part` (one sort, then slices)."""
     if parts == 1:
         return [t]
-    o = np.argsort(part, kind="stable")
+    narrow = np.uint8 if parts <= 1 << 8 else np.uint16 if parts <= 1 << 16 else np.int64
+    o = np.argsort(part.astype(narrow, copy=False), kind="stable")  # 8 or 16 bits: a radix sort
     t = t.take(pa.array(o))
-    bounds = np.searchsorted(part[o], np.arange(parts + 1))
+    bounds = np.r_[0, np.cumsum(np.bincount(part, minlength=parts))]
     return [t.slice(int(bounds[p]), int(bounds[p + 1] - bounds[p])) for p in range(parts)]
+
+
+def split_ordered(t: pa.Table, parts: int, key_space: int) -> list[pa.Table | None]:
+    """t, whose keys are ids below key_space, cut into `parts` tables (key modulo parts): when t comes ordered by
+    key (sorted here if not), each table is the slices of its keys, with no copy."""
+    key = t.column(KEY).combine_chunks().to_numpy()
+    if key.size > 1 and not (key[1:] >= key[:-1]).all():
+        o = np.argsort(key, kind="stable")
+        t, key = t.take(pa.array(o)), key[o]
+    counts = np.bincount(key, minlength=key_space)
+    starts = np.cumsum(counts) - counts
+    out = []
+    for p in range(parts):
+        pieces = [t.slice(int(starts[x]), int(counts[x])) for x in range(p, counts.size, parts) if counts[x]]
+        out.append(pa.concat_tables(pieces) if pieces else None)
+    return out
 
 
 def map_keys(job: Job, source: Source, parts: int) -> list[pa.Table]:
@@ -216,7 +246,11 @@ def map_keys(job: Job, source: Source, parts: int) -> list[pa.Table]:
     keys = step.keys(rows, ctx.params, ctx.state) if rows.num_rows else None
     if keys is None or not keys.num_rows:
         return [None] * parts
-    return split(keys, partition_of(keys.column(KEY), parts), parts) if parts > 1 else [keys]
+    if parts == 1:
+        return [keys]
+    if step.key_space is not None:
+        return split_ordered(keys, parts, step.key_space(ctx.params, ctx.state))
+    return split(keys, partition_of(keys.column(KEY), parts), parts)
 
 
 def reduce_group(job: Job, part: int, *tables: pa.Table | None) -> pa.Table | dict:
@@ -231,11 +265,34 @@ def reduce_group(job: Job, part: int, *tables: pa.Table | None) -> pa.Table | di
     return write_decisions(job, part, out)
 
 
-def resolve_survivors(job: Job, *edges: pa.Table | None) -> dict:
-    """Survivors over every partition's edges (one task: the edges touch duplicated rows only)."""
-    step = job.step
+def gather_edges(*edges: pa.Table | None) -> pa.Table | None:
+    """Every partition's edges in one table (None: no edge)."""
     edges = [e for e in edges if e is not None and e.num_rows]
-    out = survivor_decisions(pa.concat_tables(edges), step.survivors, job.context()) if edges else None
+    return pa.concat_tables(edges) if edges else None
+
+
+def touched_ids(spans: list[tuple[int, int]], edges: pa.Table | None) -> list[np.ndarray]:
+    """The distinct row ids the edges name, cut by the sources' spans (one sorted array per source)."""
+    if edges is None:
+        return [np.empty(0, np.int64) for _ in spans]
+    ids = np.unique(np.concatenate([edges.column("a").to_numpy(), edges.column("b").to_numpy()]))
+    return [ids[np.searchsorted(ids, lo):np.searchsorted(ids, hi)] for lo, hi in spans]
+
+
+def touched_rows(job: Job, source: Source, ids: np.ndarray) -> pa.Table | None:
+    """The source's rows with these ids: the Survivors' reads (what its join needs)."""
+    if not ids.size:
+        return None
+    rows = read_rows(job, source, columns=job.step.survivors.reads)
+    return rows.filter(pc.is_in(rows.column(ROW), value_set=pa.array(ids)))
+
+
+def resolve_survivors(job: Job, edges: pa.Table | None, *rows: pa.Table | None) -> dict:
+    """Survivors over every partition's edges, completed from the rows they touch (one task: the edges touch
+    duplicated rows only)."""
+    rows = [r for r in rows if r is not None and r.num_rows]
+    touched = pa.concat_tables(rows, promote_options="default") if rows else None
+    out = survivor_decisions(edges, job.step.survivors, job.context(), touched) if edges is not None else None
     return write_decisions(job, 0, out)
 
 
@@ -365,7 +422,14 @@ class InProcess:
     def shuffle(self, job: Job) -> dict:
         keyed = [map_keys(job, s, 1)[0] for s in self.sources]
         out = reduce_group(job, 0, *keyed)
-        return resolve_survivors(job, out) if job.step.survivors is not None else out
+        if job.step.survivors is None:
+            return out
+        edges = gather_edges(out)
+        rows = []
+        if job.step.survivors.join is not None:
+            ids = touched_ids([s.span() for s in self.sources], edges)
+            rows = [touched_rows(job, s, i) for s, i in zip(self.sources, ids)]
+        return resolve_survivors(job, edges, *rows)
 
     def top_fraction(self, job: Job) -> dict:
         values = pa.concat_tables([scored(job, s) for s in self.sources])
@@ -433,9 +497,15 @@ class OnRay:
         reducer = self._task(reduce_group, num_cpus=1)
         outs = [reducer.remote(job, i, *[refs[i] for refs in keyed]) for i in range(p)]
         del keyed
-        if job.step.survivors is not None:
-            return ray.get(self._task(resolve_survivors, num_cpus=1).remote(job, *outs))
-        return merge_counts(ray.get(outs))
+        if job.step.survivors is None:
+            return merge_counts(ray.get(outs))
+        edges = self._task(gather_edges, num_cpus=1).remote(*outs)
+        rows = []
+        if job.step.survivors.join is not None:  # the rows the edges touch, read where they live
+            spans = [s.span() for s in self.sources] + [(0, 0)]  # one empty span more: at least two returns
+            ids = self._task(touched_ids, num_returns=len(spans), num_cpus=1).remote(spans, edges)
+            rows = [self._task(touched_rows, num_cpus=1).remote(job, s, i) for s, i in zip(self.sources, ids)]
+        return ray.get(self._task(resolve_survivors, num_cpus=1).remote(job, edges, *rows))
 
     def top_fraction(self, job: Job) -> dict:
         ray = self.ray

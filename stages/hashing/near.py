@@ -29,15 +29,19 @@ compiled once per machine into numba's cache (cache=True; benchmarks/dedup.py pr
 
 API: distinct_values(values, is_full) -> (uniq, has_full, inverse); distinct_pairs(values, k, has_full=None,
 masks=None) -> (i, j, d); NearPlan.make(k, entries, fulls, per_partition) with .masks, .mask_group, .anchors,
-.groups, .partitions, .partition(values, g), .group_of(part), .pairs(values, has_full, g) -> (i, j, d);
+.groups, .partitions, .partition(values, g), .entries(values, refs), .group_of(part),
+.pairs(values, has_full, g) -> (i, j, d);
 near_pairs(h, k) (entries with repeats, every pair); brute_pairs(h, k, has_full) (the tests' reference).
 """
 from __future__ import annotations
 
 import functools
 import itertools
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from llvmlite import ir
@@ -103,14 +107,38 @@ def _greedy_cover(b: int, s: int, k: int) -> tuple[int, ...]:
     return tuple(chosen)
 
 
+_DESIGNS = Path(__file__).with_name("__pycache__") / "near-designs.json"  # kept like numba's cache: per machine
+
+
 @functools.cache
 def design_blocks(k: int, key_bits: int) -> tuple[int, tuple[int, ...]]:
     """(B, subsets): B contiguous blocks of the 64 bits and subsets of them (bitmasks over blocks) such that any set
     of k blocks misses one subset entirely.
 
     Among block counts B (k < B <= 16) it takes the subsets of about key_bits bits and keeps the smallest family;
-    plain pigeonhole (k + 1 bands, one must match) when no B fits.
+    plain pigeonhole (k + 1 bands, one must match) when no B fits. The greedy takes up to a second, so a worker
+    reads the designs made before from _DESIGNS (a cache: any error there just recomputes).
     """
+    name = f"{k}/{key_bits}"
+    try:
+        b, fam = json.loads(_DESIGNS.read_text())[name]
+        return b, tuple(fam)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    best = _design_blocks(k, key_bits)
+    try:
+        known = json.loads(_DESIGNS.read_text()) if _DESIGNS.exists() else {}
+        known[name] = [best[0], list(best[1])]
+        _DESIGNS.parent.mkdir(exist_ok=True)
+        tmp = _DESIGNS.with_name(f"{_DESIGNS.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, _DESIGNS)
+    except (OSError, ValueError):
+        pass
+    return best
+
+
+def _design_blocks(k: int, key_bits: int) -> tuple[int, tuple[int, ...]]:
     best: tuple[int, tuple[int, ...]] | None = None
     for b in range(k + 1, 17):
         s = max(1, math.ceil(key_bits * b / 64))
@@ -233,6 +261,16 @@ class NearPlan:
         """Partition id of each value (uint64) in group g: the group's offset plus low bits of its shared block."""
         sub = (to_unsigned(values) >> np.uint64(self.shifts[g])) & np.uint64(self.subparts[g] - 1)
         return sub.astype(np.int64) + self.offsets[g]
+
+    def entries(self, values: np.ndarray, refs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(part, value, ref): each value (with its ref) once per group, at its partition there, ordered by
+        partition id (a counting sort: one pass to count, one to place)."""
+        m = len(values) * self.groups
+        out = (np.empty(m, np.uint16 if self.partitions <= 1 << 16 else np.uint32), np.empty(m, np.uint64),
+               np.empty(m, np.int64))
+        _scatter(to_unsigned(values), np.ascontiguousarray(refs, np.int64), np.array(self.shifts, np.uint64),
+                 np.array(self.subparts, np.uint64), np.array(self.offsets, np.int64), *out)
+        return out
 
     def group_of(self, part):
         """The group of a partition id (or of each of an array of them)."""
@@ -629,6 +667,28 @@ def _brute_kernel(u, full, k, masks, keep):
         oi, oj, od = _grow(oi, cnt), _grow(oj, cnt), _grow(od, cnt)
         cnt, a = _brute_rows(a, u, full, k, masks, keep, oi, oj, od, cnt)
     return oi[:cnt].copy(), oj[:cnt].copy(), od[:cnt].copy()
+
+
+@njit(cache=True, nogil=True)
+def _scatter(u, refs, shifts, subparts, offsets, part, value, ref):
+    """NearPlan.entries: every value once per group, placed by its partition (a counting sort) into (part, value,
+    ref)."""
+    n, groups = u.size, shifts.size
+    parts = offsets[-1] + np.int64(subparts[-1])
+    count = np.zeros(parts + 1, np.int64)
+    for g in range(groups):
+        for i in range(n):
+            count[np.int64((u[i] >> shifts[g]) & (subparts[g] - np.uint64(1))) + offsets[g] + 1] += 1
+    for p in range(parts):
+        count[p + 1] += count[p]
+    for g in range(groups):
+        for i in range(n):
+            p = np.int64((u[i] >> shifts[g]) & (subparts[g] - np.uint64(1))) + offsets[g]
+            at = count[p]
+            count[p] = at + 1
+            part[at] = p
+            value[at] = u[i]
+            ref[at] = refs[i]
 
 
 @njit(cache=True, nogil=True)

@@ -436,7 +436,6 @@ def resolve_lm_dtype(dtype: str, device):
 def load_lm(name: str, device: str = "auto", dtype: str = "auto", *, threads: int | None = None, gpus: float = 0,
             stage: str = "recaption") -> CausalLM:
     """Load a causal LM for batched generation (left padding, eval mode)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device, gpus, stage=stage)

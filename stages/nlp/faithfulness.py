@@ -120,7 +120,7 @@ SYNONYMS: dict[str, str] = {
     "hamburger": "burger", "handbag": "bag", "purse": "bag", "pc": "computer", "stone": "rock",
     "hair drier": "hair dryer", "tee shirt": "t shirt", "ship": "boat", "sailboat": "boat", "yacht": "boat",
     "trousers": "pants", "people": "person", "persons": "person",
-    "dining table": "table", "desk": "table", "ocean": "sea", "pup": "dog",
+    "dining table": "table", "desk": "table", "ocean": "sea",
 }
 PLURALS: dict[str, str] = {
     "person": "people", "man": "men", "woman": "women", "child": "children", "mouse": "mice", "goose": "geese",
