@@ -322,13 +322,12 @@ def _near_edges(value: np.ndarray, ref: np.ndarray, plan: NearPlan, g: int) -> p
     ui, uj, d = plan.pairs(uniq, has_full, g)
     first_group = g == 0
     fe, ce = np.flatnonzero(full), np.flatnonzero(~full)
-    crops_of = np.bincount(inv[ce], minlength=uniq.size)
     need_rep = np.zeros(uniq.size, bool)
     need_rep[ui[has_full[ui]]] = need_rep[uj[has_full[uj]]] = True
     pairs = [(ui, uj, d), (uj, ui, d)]
     if first_group:
         need_rep |= np.bincount(inv[fe], minlength=uniq.size) > 1
-        own = np.flatnonzero(has_full & (crops_of > 0))
+        own = np.flatnonzero(has_full & (np.bincount(inv[ce], minlength=uniq.size) > 0))
         need_rep[own] = True
         pairs.append((own, own, np.zeros(own.size, np.uint8)))
     sel = fe[need_rep[inv[fe]]]
@@ -351,14 +350,17 @@ def _near_edges(value: np.ndarray, ref: np.ndarray, plan: NearPlan, g: int) -> p
     need_crops = np.zeros(uniq.size, bool)
     for x, y, _ in pairs:
         need_crops[y[has_full[x]]] = True
-    cs = ce[need_crops[inv[ce]]]
+    cs = ce[need_crops[inv[ce]]]  # the crop entries of the values paired with a full one, by value
     cs = cs[np.argsort(inv[cs], kind="stable")]
-    start = np.searchsorted(inv[cs], np.arange(uniq.size + 1))
+    held, first, count = np.unique(inv[cs], return_index=True, return_counts=True)
+    held, first, count = np.r_[held, -1], np.r_[first, 0], np.r_[count, 0]  # -1: values with no crop entry
     for x, y, dist in pairs:
         s = has_full[x]
         x, y, dist = x[s], y[s], dist[s]
-        cnt = start[y + 1] - start[y]
-        members = cs[_ranges(start[y], cnt)]
+        at = np.searchsorted(held[:-1], y)
+        at[held[at] != y] = held.size - 1
+        cnt = count[at]
+        members = cs[_ranges(first[at], cnt)]
         a.append(np.repeat(rep[x], cnt))
         b.append(row[members])
         kind.append(np.full(members.size, _FULL_CROP, np.int8))
