@@ -312,59 +312,36 @@ _FULL_FULL, _FULL_CROP, _ALIAS = 0, 1, 2  # the evidence of an edge
 
 
 def _near_edges(value: np.ndarray, ref: np.ndarray, plan: NearPlan, g: int) -> pa.Table:
-    """The edges of group g's entries: a full value stands for its rows by one of them (the smallest row id; the
-    join names the best), the other rows of that value are its aliases (hamming 0, found in the first group only).
-    full-full: representative to representative; full-crop: the representative of one value to the row of every
-    crop entry of the other (and of its own value, in the first group). Only the values in a pair are looked at."""
+    """The edges of group g's entries. The full values are searched distinct: each stands for its rows by one of
+    them (the smallest row id; the join names the best), the other rows of that value are its aliases (hamming 0,
+    found in the first group only). Crop entries are searched as they come (no distinct pass: 90% of the entries),
+    each against the full values, one equal to a full value included. full-full: representative to
+    representative; full-crop: the representative of the full value to the crop entry's row."""
     full = (ref & 1).astype(bool)
     row = ref >> 1
-    uniq, has_full, inv = distinct_values(value, full)
-    ui, uj, d = plan.pairs(uniq, has_full, g)
-    first_group = g == 0
     fe, ce = np.flatnonzero(full), np.flatnonzero(~full)
-    need_rep = np.zeros(uniq.size, bool)
-    need_rep[ui[has_full[ui]]] = need_rep[uj[has_full[uj]]] = True
-    pairs = [(ui, uj, d), (uj, ui, d)]
-    if first_group:
-        need_rep |= np.bincount(inv[fe], minlength=uniq.size) > 1
-        own = np.flatnonzero(has_full & (np.bincount(inv[ce], minlength=uniq.size) > 0))
-        need_rep[own] = True
-        pairs.append((own, own, np.zeros(own.size, np.uint8)))
-    sel = fe[need_rep[inv[fe]]]
-    sel = sel[np.lexsort((row[sel], inv[sel]))]
-    head = np.r_[True, inv[sel][1:] != inv[sel][:-1]] if sel.size else np.empty(0, bool)
-    rep = np.full(uniq.size, -1, np.int64)
-    rep[inv[sel[head]]] = row[sel[head]]
-    a, b, kind, crop_d = [], [], [], []
-    if first_group:
-        alias = sel[~head]
+    uniq, _, inv = distinct_values(value[fe])
+    nu = uniq.size
+    i, j, d = plan.pairs(np.concatenate([uniq, value[ce]]), np.arange(nu + ce.size) < nu, g, crop_entries=True)
+    # the representative of each distinct full value: its smallest row
+    repeats = np.bincount(inv, minlength=nu) > 1
+    rep = np.empty(nu, np.int64)
+    rep[inv] = row[fe]
+    many = np.flatnonzero(repeats[inv])  # full entries whose value repeats
+    many = many[np.lexsort((row[fe[many]], inv[many]))]
+    head = np.r_[True, inv[many][1:] != inv[many][:-1]] if many.size else np.empty(0, bool)
+    rep[inv[many[head]]] = row[fe[many[head]]]
+    ff = j < nu  # i < j: j full means both are
+    a = [rep[i[ff]], rep[i[~ff]]]
+    b = [rep[j[ff]], row[ce[j[~ff] - nu]]]
+    kind = [np.full(int(ff.sum()), _FULL_FULL, np.int8), np.full(int((~ff).sum()), _FULL_CROP, np.int8)]
+    crop_d = [d[ff], d[~ff]]
+    if g == 0:
+        alias = fe[many[~head]]
         a.append(row[alias])
-        b.append(rep[inv[alias]])
+        b.append(rep[inv[many[~head]]])
         kind.append(np.full(alias.size, _ALIAS, np.int8))
         crop_d.append(np.zeros(alias.size, np.uint8))
-    ff = has_full[ui] & has_full[uj]
-    a.append(rep[ui[ff]])
-    b.append(rep[uj[ff]])
-    kind.append(np.full(int(ff.sum()), _FULL_FULL, np.int8))
-    crop_d.append(d[ff])
-    need_crops = np.zeros(uniq.size, bool)
-    for x, y, _ in pairs:
-        need_crops[y[has_full[x]]] = True
-    cs = ce[need_crops[inv[ce]]]  # the crop entries of the values paired with a full one, by value
-    cs = cs[np.argsort(inv[cs], kind="stable")]
-    held, first, count = np.unique(inv[cs], return_index=True, return_counts=True)
-    held, first, count = np.r_[held, -1], np.r_[first, 0], np.r_[count, 0]  # -1: values with no crop entry
-    for x, y, dist in pairs:
-        s = has_full[x]
-        x, y, dist = x[s], y[s], dist[s]
-        at = np.searchsorted(held[:-1], y)
-        at[held[at] != y] = held.size - 1
-        cnt = count[at]
-        members = cs[_ranges(first[at], cnt)]
-        a.append(np.repeat(rep[x], cnt))
-        b.append(row[members])
-        kind.append(np.full(members.size, _FULL_CROP, np.int8))
-        crop_d.append(np.repeat(dist, cnt))
     a, b = np.concatenate(a), np.concatenate(b)
     ok = a != b
     return pa.table({"a": a[ok], "b": b[ok], "kind": np.concatenate(kind)[ok],
@@ -573,12 +550,3 @@ class DedupStage(Stage):
             "url_norm": [safe_normalize_url(u) for u in urls],
             "image_bytes": _nonzero_length(batch.column("image")),
         })
-
-
-def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, s + c) for each (s, c)."""
-    total = int(counts.sum())
-    if total == 0:
-        return np.empty(0, np.int64)
-    offs = np.repeat(np.cumsum(counts) - counts, counts)
-    return np.repeat(starts, counts) + (np.arange(total) - offs)

@@ -218,3 +218,29 @@ def test_plan_entries_are_each_value_once_per_group_in_partition_order():
     expect = sorted((int(plan.partition(values[i:i + 1], g)[0]), int(values[i]), int(refs[i]))
                     for g in range(plan.groups) for i in range(values.size))
     assert sorted(zip(part.tolist(), value.tolist(), ref.tolist())) == expect
+
+
+@pytest.mark.parametrize("n", [6, 3000])  # brute force inside the search, and the group kernel
+def test_crop_entries_search_equals_brute_force(n):
+    """Distinct full values against crop entries that repeat, equal a full value or sit near one: every full-sided
+    pair within k once over the plan's groups, equal ones (d = 0) included."""
+    rng = np.random.default_rng(n)
+    fulls = np.unique(rng.integers(0, 2**64, size=n, dtype=np.uint64))
+    crops = rng.integers(0, 2**64, size=3 * n, dtype=np.uint64)
+    at = rng.choice(fulls.size, size=n // 3)
+    crops[: at.size] = fulls[at]  # equal to a full value
+    crops[at.size: 2 * at.size] = fulls[at] ^ np.uint64(0b1011)  # 3 bits away
+    crops[2 * at.size: 3 * at.size] = crops[: at.size]  # repeats of the equal ones
+    values = np.concatenate([fulls, crops])
+    is_full = np.arange(values.size) < fulls.size
+    plan = NearPlan.make(K, values.size, fulls.size)
+    got = [plan.pairs(values, is_full, g, crop_entries=True) for g in range(plan.groups)]
+    i = np.concatenate([x[0] for x in got])
+    j = np.concatenate([x[1] for x in got])
+    pairs = list(zip(i.tolist(), j.tolist()))
+    assert len(pairs) == len(set(pairs))
+    d = np.bitwise_count(values[:fulls.size, None] ^ values[None, :])
+    fi, vj = np.nonzero(d <= K)
+    keep = (vj >= fulls.size) | ((vj > fi) & (d[fi, vj] > 0))  # full-crop (any d), full-full once (d > 0)
+    assert set(pairs) == set(zip(fi[keep].tolist(), vj[keep].tolist()))
+    assert (d[fi, vj][keep] == 0).sum() >= at.size  # the equal ones are there

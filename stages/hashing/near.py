@@ -276,17 +276,18 @@ class NearPlan:
         """The group of a partition id (or of each of an array of them)."""
         return np.searchsorted(np.array(self.offsets), part, side="right") - 1
 
-    def pairs(self, values: np.ndarray, has_full: np.ndarray | None, g: int
+    def pairs(self, values: np.ndarray, has_full: np.ndarray | None, g: int, crop_entries: bool = False
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(i, j, d): the pairs i < j of distinct values (uint64 or int64 bits) within k, with a full side
         (has_full[i] or has_full[j]; None: every value is full), whose first agreeing mask is in group g.
 
         The values may be any subset (e.g. one partition of group g): a pair comes out when both its values are
-        given and g is its group. Order: unspecified.
+        given and g is its group. Order: unspecified. crop_entries: the full values are distinct, the others are
+        entries that may repeat and may equal a full value (then they pair with it, d = 0, in group 0).
         """
         members = np.flatnonzero(self.mask_group == g)
         return _search(to_unsigned(values), _flags(has_full, len(values)), self.k, self.masks, members,
-                       self.anchors[g])
+                       self.anchors[g], crop_entries)
 
 
 def _flags(has_full, n: int) -> np.ndarray:
@@ -298,9 +299,10 @@ def _flags(has_full, n: int) -> np.ndarray:
     return has_full
 
 
-def _search(u: np.ndarray, full: np.ndarray, k: int, masks: np.ndarray, members: np.ndarray, anchor: int
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The group kernel over masks[members] (their shared bits: anchor), or brute force when that is cheaper."""
+def _search(u: np.ndarray, full: np.ndarray, k: int, masks: np.ndarray, members: np.ndarray, anchor: int,
+            zero: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The group kernel over masks[members] (their shared bits: anchor), or brute force when that is cheaper.
+    zero: a crop value equal to a full one pairs with it (d = 0)."""
     n, f = u.size, int(np.count_nonzero(full))
     if n < 2 or f == 0 or k <= 0 or not members.size:
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.uint8)
@@ -308,10 +310,10 @@ def _search(u: np.ndarray, full: np.ndarray, k: int, masks: np.ndarray, members:
     if brute_cost(n, f) <= search_cost(masks[members], n, f):
         keep = np.zeros(masks.size, np.bool_)
         keep[members] = True
-        return _brute_kernel(u, full, k, masks, keep)
+        return _brute_kernel(u, full, k, masks, keep, zero)
     part_bits = min((-(-f // PART_FULLS) - 1).bit_length(), int(anchor).bit_count())
     where = np.empty(n, np.int32 if n < 2**31 else np.int64)  # each value's position, by part (the kernel's)
-    return _group_kernel(u, full, k, masks, members.astype(np.int64), np.uint64(anchor), part_bits, where)
+    return _group_kernel(u, full, k, masks, members.astype(np.int64), np.uint64(anchor), part_bits, zero, where)
 
 
 # ---------------------------------------------------------------------------------------------- the search
@@ -338,7 +340,7 @@ def distinct_pairs(values, k: int, has_full=None, masks=None) -> tuple[np.ndarra
     elif u.size > 1 and k > 0:
         plan = NearPlan.make(k, u.size, f) if brute_cost(u.size, f) > _BRUTE_ALWAYS_S else None
         if plan is None or brute_cost(u.size, f) < search_cost(plan.masks, u.size, f, plan.groups):
-            found.append(_brute_kernel(u, full, k, np.empty(0, np.uint64), np.empty(0, np.bool_)))
+            found.append(_brute_kernel(u, full, k, np.empty(0, np.uint64), np.empty(0, np.bool_), False))
         else:
             found += [plan.pairs(u, full, g) for g in range(plan.groups)]
     i, j, d = (np.concatenate(x) for x in zip(*found))
@@ -471,15 +473,16 @@ def _agrees_before(x, masks, stop):
 
 
 @njit(cache=True, nogil=True)
-def _emit(hits, w0, q, v, tv, tp, pg, masks, mi, oi, oj, od, cnt):
+def _emit(hits, w0, q, v, tv, tp, pg, masks, mi, zero, oi, oj, od, cnt):
     """The pairs of value v (at pv position q) with the candidates tv[w0 + l] for the set bits l of hits that
-    agree on no mask before masks[mi], into (oi, oj, od) from cnt. Returns the new cnt, or -1 when out of room."""
+    agree on no mask before masks[mi], into (oi, oj, od) from cnt; equal values only when `zero`. Returns the new
+    cnt, or -1 when out of room."""
     lane = 0
     while hits != _ZERO:
         if hits & np.uint64(1):
             w = w0 + lane
             x = v ^ tv[w]
-            if x != _ZERO and not _agrees_before(x, masks, mi):
+            if (zero or x != _ZERO) and not _agrees_before(x, masks, mi):
                 if cnt == oi.size:
                     return -1
                 a = pg[q]
@@ -506,7 +509,7 @@ def _scan_fulls(w, nf, tv, tp, heads, hs, mask, masks, mi, ku, pg, oi, oj, od, c
         while off < c:
             hits = _window(tv, w + 1 + off, v, mask, ku, c - off)
             if hits != _ZERO:
-                cnt = _emit(hits, w + 1 + off, tp[w], v, tv, tp, pg, masks, mi, oi, oj, od, cnt)
+                cnt = _emit(hits, w + 1 + off, tp[w], v, tv, tp, pg, masks, mi, False, oi, oj, od, cnt)
                 if cnt < 0:
                     return mark, w
             off += LANES
@@ -515,9 +518,10 @@ def _scan_fulls(w, nf, tv, tp, heads, hs, mask, masks, mi, ku, pg, oi, oj, od, c
 
 
 @njit(cache=True, nogil=True)
-def _probe_crops(q, e, pv, pg, tv, tp, heads, hs, mask, masks, mi, ku, oi, oj, od, cnt):
+def _probe_crops(q, e, pv, pg, tv, tp, heads, hs, mask, masks, mi, ku, zero, oi, oj, od, cnt):
     """Pairs of the crop values pv[q:e] with the full values of the bucket table, one window of candidates at a
-    time. Returns (cnt, e), or (cnt, the value to resume at) when the output is full."""
+    time (a crop value equal to a full one too when `zero`). Returns (cnt, e), or (cnt, the value to resume at)
+    when the output is full."""
     while q < e:
         v = pv[q]
         b = np.int64(((v & mask) * _MULT) >> hs)
@@ -528,7 +532,7 @@ def _probe_crops(q, e, pv, pg, tv, tp, heads, hs, mask, masks, mi, ku, oi, oj, o
         while True:  # one window even for an empty bucket: no branch on the bucket's size
             hits = _window(tv, h0 + off, v, mask, ku, c - off)
             if hits != _ZERO:
-                cnt = _emit(hits, h0 + off, q, v, tv, tp, pg, masks, mi, oi, oj, od, cnt)
+                cnt = _emit(hits, h0 + off, q, v, tv, tp, pg, masks, mi, zero, oi, oj, od, cnt)
                 if cnt < 0:
                     return mark, q
             off += LANES
@@ -539,7 +543,7 @@ def _probe_crops(q, e, pv, pg, tv, tp, heads, hs, mask, masks, mi, ku, oi, oj, o
 
 
 @njit(cache=True, nogil=True)
-def _group_kernel(u, full, k, masks, members, anchor, part_bits, pg):
+def _group_kernel(u, full, k, masks, members, anchor, part_bits, zero, pg):
     """Full-sided pairs within k whose first agreeing mask (in masks) is one of masks[members], all of which hold
     the bits of anchor. The values are cut into 2^part_bits parts by a hash of their anchor bits (full values
     first in each part); per part and mask, a bucket table of the part's full values (a counting sort by a hash
@@ -618,16 +622,17 @@ def _group_kernel(u, full, k, masks, members, anchor, part_bits, pg):
                     oi, oj, od = _grow(oi, cnt), _grow(oj, cnt), _grow(od, cnt)
             q = s + nf
             while q < e:
-                cnt, q = _probe_crops(q, e, pv, pg, tv, tp, heads, hs, mask, masks, mi, ku, oi, oj, od, cnt)
+                cnt, q = _probe_crops(q, e, pv, pg, tv, tp, heads, hs, mask, masks, mi, ku, zero, oi, oj, od, cnt)
                 if q < e:
                     oi, oj, od = _grow(oi, cnt), _grow(oj, cnt), _grow(od, cnt)
     return oi[:cnt].copy(), oj[:cnt].copy(), od[:cnt].copy()
 
 
 @njit(cache=True, nogil=True)
-def _brute_rows(a, u, full, k, masks, keep, oi, oj, od, cnt):
-    """_brute_kernel's pairs of the full values u[a:] (with every value after them, or every crop value), into
-    (oi, oj, od) from cnt. Returns (cnt, n), or (cnt, the row to resume at) when the output is full."""
+def _brute_rows(a, u, full, k, masks, keep, zero, oi, oj, od, cnt):
+    """_brute_kernel's pairs of the full values u[a:] (with every value after them, or every crop value; a crop
+    value equal to a full one too when `zero`), into (oi, oj, od) from cnt. Returns (cnt, n), or (cnt, the row to
+    resume at) when the output is full."""
     n = u.size
     while a < n:
         if full[a]:
@@ -637,7 +642,7 @@ def _brute_rows(a, u, full, k, masks, keep, oi, oj, od, cnt):
                     continue
                 x = u[a] ^ u[c]
                 d = _popcount(x)
-                if d > np.uint64(k) or x == _ZERO:
+                if d > np.uint64(k) or (x == _ZERO and (full[c] or not zero)):
                     continue
                 ok = masks.size == 0
                 for t in range(masks.size):
@@ -656,16 +661,16 @@ def _brute_rows(a, u, full, k, masks, keep, oi, oj, od, cnt):
 
 
 @njit(cache=True, nogil=True)
-def _brute_kernel(u, full, k, masks, keep):
+def _brute_kernel(u, full, k, masks, keep, zero):
     """Full-sided pairs within k by comparing every full value with every value; a pair is kept when the first
-    mask it agrees on is a kept one (keep: bool per mask; no masks: every pair)."""
+    mask it agrees on is a kept one (keep: bool per mask; no masks: every pair). zero: see _brute_rows."""
     oi = np.empty(1024, np.int64)
     oj = np.empty(1024, np.int64)
     od = np.empty(1024, np.uint8)
-    cnt, a = _brute_rows(0, u, full, k, masks, keep, oi, oj, od, 0)
+    cnt, a = _brute_rows(0, u, full, k, masks, keep, zero, oi, oj, od, 0)
     while a < u.size:
         oi, oj, od = _grow(oi, cnt), _grow(oj, cnt), _grow(od, cnt)
-        cnt, a = _brute_rows(a, u, full, k, masks, keep, oi, oj, od, cnt)
+        cnt, a = _brute_rows(a, u, full, k, masks, keep, zero, oi, oj, od, cnt)
     return oi[:cnt].copy(), oj[:cnt].copy(), od[:cnt].copy()
 
 
