@@ -315,6 +315,11 @@ def process_stages(ctx: BuildContext, compute: bool = True) -> dict:
         quiet_ray_data()
         cluster = ray.cluster_resources()
         fitted = fit_resources(ctx.spec, cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)) if compute else {}
+        # Ray Data reserves each operator a share of the CPUs: with tasks only, the light read tasks would hold half
+        # of them while the stages queue (measured: 200k rows on 2 CPUs, one stage task at a time until the reads
+        # end). Actor pools keep the reservation (their CPUs and GPUs are held anyway).
+        dctx.op_resource_reservation_enabled = compute and any(
+            stage_class(e.name).runs_as_actor(e.params) for e in ctx.spec.stages)
         timer = f"pairforge-timer-{ctx.build_id}"
         try:  # a failed attempt's (the stages task is retried)
             ray.kill(ray.get_actor(timer))
