@@ -143,25 +143,27 @@ class Job:
         return StepContext(self.params, dict(self.state) | {"rows": self.rows_hint})
 
 
-def read_rows(job: Job, source: Source, *, rowwise: bool = False, columns: tuple[str, ...] | None = None
-              ) -> pa.Table:
+def read_rows(job: Job, source: Source, *, rowwise: bool = False, columns: tuple[str, ...] | None = None,
+              alive: bool = True) -> pa.Table:
     """The rows of `source` a step sees: its declared columns (or `columns`) plus `row` and `prior`, alive before
-    the step. rowwise: also the rows the stage itself rejected row by row (TopFraction ranks them), flagged `_own`."""
+    the step (alive=False: every row, unfiltered). rowwise: also the rows the stage itself rejected row by row
+    (TopFraction ranks them), flagged `_own`."""
     reads = list(dict.fromkeys(("uid",) + tuple(job.step.reads if columns is None else columns)))
     if source.table is not None:
         t = source.table
         t = t.select([c for c in t.column_names if c in reads or c in (ROW, PRIOR, "reject_pos")])
-        return _conform(_alive(job, t, rowwise), reads)
+        return _conform(_alive(job, t, rowwise) if alive else t.drop_columns(
+            [c for c in ("reject_pos",) if c in t.column_names]), reads)
     parts = []
     if source.shards:
         folder = BuildFolder(job.folder)
         for s in source.shards:
-            t = read_shard(folder, s, reads + ["reject_pos"])
+            t = read_shard(folder, s, reads + ["reject_pos"] if alive else reads)
             if t is None or not t.num_rows:
                 continue
             ids = (np.int64(s) << SHIFT) + np.arange(t.num_rows, dtype=np.int64)
             t = t.append_column(ROW, pa.array(ids)).append_column(PRIOR, pa.array(np.zeros(t.num_rows, bool)))
-            parts.append(_alive(job, t, rowwise))
+            parts.append(_alive(job, t, rowwise) if alive else t)
     for i, f in enumerate(source.prior_files):
         loc = location(f)
         names = loc.read_schema().names
@@ -283,7 +285,7 @@ def touched_rows(job: Job, source: Source, ids: np.ndarray) -> pa.Table | None:
     """The source's rows with these ids: the Survivors' reads (what its join needs)."""
     if not ids.size:
         return None
-    rows = read_rows(job, source, columns=job.step.survivors.reads)
+    rows = read_rows(job, source, columns=job.step.survivors.reads, alive=False)  # rows an edge names are alive
     return rows.filter(pc.is_in(rows.column(ROW), value_set=pa.array(ids)))
 
 
