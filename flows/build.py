@@ -25,7 +25,7 @@ from flows.engine.progress import phase
 from flows.preflight import preflight
 from schemas.spec import BuildSpec, load_spec
 from dataio.build_folder import atomic_write_text
-from dataio.storage import Location
+from dataio.storage import Location, location
 
 __all__ = ["BuildContext", "BuildError", "build_flow", "preflight", "run_build"]
 
@@ -75,16 +75,27 @@ def write_task(ctx: BuildContext, prepared: dict, ingest: dict, processed: dict)
 
 
 def write_build_docs(build_dir: Location) -> None:
-    """report.html and the dataset card (README.md). They read only the build's files; a failure is logged,
-    never allowed to lose a finished build (`pairforge report BUILD` regenerates them)."""
+    """report.html and the dataset card (README.md), made by a Ray worker from the build's files (the driver's
+    memory stays flat whatever the build's size). A failure is logged, never allowed to lose a finished build
+    (`pairforge report BUILD` regenerates them)."""
+    import ray
+
+    failed = ray.get(ray.remote(make_build_docs).options(num_cpus=1, max_retries=1).remote(str(build_dir)))
+    for name, error in failed:
+        get_run_logger().error("%s failed: %s (rerun `pairforge report %s`)", name, error, build_dir)
+
+
+def make_build_docs(build_dir: str) -> list[tuple[str, str]]:
+    """Write the report and the dataset card; returns (what, error) for each that failed."""
     from reporting.report import write_dataset_card, write_report
 
+    failed = []
     for fn in (write_report, write_dataset_card):
         try:
-            fn(build_dir)
+            fn(location(build_dir))
         except Exception as e:  # the data is written and checked; the documents can be made again
-            get_run_logger().error("%s failed: %s: %s (rerun `pairforge report %s`)", fn.__name__,
-                                   type(e).__name__, e, build_dir)
+            failed.append((fn.__name__, f"{type(e).__name__}: {e}"))
+    return failed
 
 
 def record_in_catalog(ctx: BuildContext, status: str, result: dict | None = None) -> None:
