@@ -362,8 +362,9 @@ def _near_join(edges: pa.Table, rows: pa.Table, params: DedupParams, state) -> p
     rows = rows.take(pc.sort_indices(rows.column(ROW)))
     ids = rows.column(ROW).to_numpy()
     rank = size_rank(rows)
+    uid = uid_bytes(rows.column("uid"))
     order = rank_order(np.where(rows.column(PRIOR).to_numpy(zero_copy_only=False).astype(bool),
-                                np.uint64(np.iinfo(np.uint64).max), rank), uid_bytes(rows.column("uid")))
+                                np.uint64(np.iinfo(np.uint64).max), rank), uid)
     kind = edges.column("kind").to_numpy()
     a = np.searchsorted(ids, edges.column("a").to_numpy())
     b = np.searchsorted(ids, edges.column("b").to_numpy())
@@ -390,7 +391,6 @@ def _near_join(edges: pa.Table, rows: pa.Table, params: DedupParams, state) -> p
     own = to_unsigned(_int_np(rows.column("phash"), 0))
     dist = np.bitwise_count(own[a] ^ own[b]).astype(np.int64)
     crop_d = np.where(kind == _FULL_CROP, crop_d, 64)
-    uid = uid_bytes(rows.column("uid"))
     return _edge_table({"a": ids[a], "b": ids[b], "a_rank": rank[a], "b_rank": rank[b], "a_uid": uid.take(pa.array(a)),
                         "b_uid": uid.take(pa.array(b)), "weight": np.where(kind == _FULL_CROP, 100 + crop_d, dist),
                         "alias": kind == _ALIAS, "hamming": dist, "crop_hamming": crop_d})

@@ -283,7 +283,8 @@ class NearPlan:
 
         The values may be any subset (e.g. one partition of group g): a pair comes out when both its values are
         given and g is its group. Order: unspecified. crop_entries: the full values are distinct, the others are
-        entries that may repeat and may equal a full value (then they pair with it, d = 0, in group 0).
+        entries that may repeat and may equal a full value (then they pair with it, d = 0, in the group of the
+        design's first mask).
         """
         members = np.flatnonzero(self.mask_group == g)
         return _search(to_unsigned(values), _flags(has_full, len(values)), self.k, self.masks, members,
