@@ -38,11 +38,13 @@ NOT_WORK = ("ray::IDLE", "ray::Dashboard", "ray::RuntimeEnv")  # an idle worker,
 
 
 class LocalCluster:
-    """A head node and `workers` more nodes, each `num_cpus` CPUs, as `ray start --block` child processes."""
+    """A head node (`head_cpus` CPUs, `num_cpus` if None) and `workers` more nodes, each `num_cpus` CPUs, as
+    `ray start --block` child processes."""
 
-    def __init__(self, workers: int = 1, num_cpus: int = 1, object_store_mb: int = 300):
+    def __init__(self, workers: int = 1, num_cpus: int = 1, object_store_mb: int = 300, head_cpus: int | None = None):
         self.workers = workers
         self.num_cpus = num_cpus
+        self.head_cpus = num_cpus if head_cpus is None else head_cpus
         self.object_store = object_store_mb * 2**20
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -52,9 +54,10 @@ class LocalCluster:
                                  "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         self.env.pop("RAY_ADDRESS", None)
 
-    def _start_node(self, name: str, args: list[str], timeout: float = 180) -> None:
+    def _start_node(self, name: str, args: list[str], timeout: float = 180, cpus: int | None = None) -> None:
         log = self.tmp / f"{name}.log"
-        cmd = [RAY, "start", "--block", "--num-cpus", str(self.num_cpus), "--node-ip-address", "127.0.0.1",
+        cpus = self.num_cpus if cpus is None else cpus
+        cmd = [RAY, "start", "--block", "--num-cpus", str(cpus), "--node-ip-address", "127.0.0.1",
                "--object-store-memory", str(self.object_store), "--temp-dir", str(self.tmp / name),
                "--disable-usage-stats", "--dashboard-agent-listen-port", str(free_port()),
                "--metrics-export-port", str(free_port())] + args
@@ -71,7 +74,7 @@ class LocalCluster:
     def start(self) -> "LocalCluster":
         try:
             self._start_node("head", ["--head", "--port", str(self.port), "--include-dashboard", "false",
-                                      "--dashboard-port", str(free_port())])
+                                      "--dashboard-port", str(free_port())], cpus=self.head_cpus)
             for i in range(self.workers):
                 self._start_node(f"node{i + 1}", ["--address", self.address])
         except BaseException:
@@ -254,10 +257,11 @@ def test_killed_ingest_worker_is_retried_and_accounting_is_exact(cluster_build):
 
 
 class NodeKiller(threading.Thread):
-    """Kills the cluster's worker node once it works in a phase, then starts a replacement node: first in the stats
-    pass (ingest done, no _work/processed/_DONE.json), then in the global decisions (processed/_DONE.json, no
-    shard written yet, the worker running a task that is not a shard writer). Assumes those phase names
-    (flows/engine/runner.py, flows/engine/global_decisions.py, flows/engine/outputs.py)."""
+    """Kills a worker node once it works in a phase: node1 in the stats pass (ingest done, no
+    _work/processed/_DONE.json), then node2 in the global decisions (processed/_DONE.json, no shard written yet, the
+    worker running a task that is not a shard writer). node3 joins as node1's replacement. node2 is in the cluster
+    from the start, so the global decisions reach it however short they are. Assumes those phase names (flows/engine/runner.py,
+    flows/engine/global_decisions.py, flows/engine/outputs.py)."""
 
     PHASES = ("stages", "global decisions")
 
@@ -287,14 +291,15 @@ class NodeKiller(threading.Thread):
                     self.cluster.kill_node(self.worker)
                     self.killed.append((target, self.worker, sorted(t[5:40] for t in titles)))
                     self.worker = f"node{len(self.killed) + 1}"
-                    self.cluster.add_worker(self.worker)
+                    if len(self.killed) == 1:  # node3 stands in for node1; node2's loss leaves node3 at work
+                        self.cluster.add_worker("node3")
                     break
                 self.stop_event.wait(0.05)
 
 
 def test_a_lost_worker_node_in_the_stages_and_in_the_global_decisions(cluster_build, tmp_path):
-    """The worker node is SIGKILLed while it runs the stats pass, a replacement joins, and that one is killed while
-    it runs the global decisions. The build finishes through Ray's retries, or fails with Ray's error and resumes
+    """A worker node is SIGKILLed while it runs the stats pass, a replacement joins, and the other worker node is
+    killed while it runs the global decisions (the head has no CPUs: the work is on the worker nodes). The build finishes through Ray's retries, or fails with Ray's error and resumes
     when run again; its output (uids kept and rejected with their reasons, image bytes) is the same corpus's build
     in the fixture, whose stages and global decisions ran undisturbed."""
     import yaml
@@ -307,7 +312,7 @@ def test_a_lost_worker_node_in_the_stages_and_in_the_global_decisions(cluster_bu
     spec["source"]["urls"] = str(cluster_build["corpus"] / "urls.parquet")
     spec_path = tmp_path / "spec.yaml"
     failures: list[str] = []
-    with LocalCluster(workers=1, num_cpus=1) as cluster:
+    with LocalCluster(workers=2, num_cpus=1, head_cpus=0) as cluster:
         spec["ray"]["address"] = cluster.address
         spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
         server = DemoServer(cluster_build["corpus"], port=cluster_build["port"])
