@@ -28,8 +28,9 @@ steps kept:
               "dup of <uid> (hamming=H)", or "dup of <uid> (hamming=H, crop hamming=C)" when only a crop matched;
               <uid> is that kept row and H, C the distances to it.
 4. semantic   (rows with an `image_emb`, L2-normalised image embeddings, and params.semantic) SemDeDup: k-means
-              fitted on a uid-hash sample of SEMANTIC_SAMPLE rows (every row of smaller builds; semantic_clusters,
-              0 = about sqrt(rows)), each row assigned its cluster; in each cluster rows are taken best first and a
+              fitted on a uid-hash sample of SEMANTIC_SAMPLE rows, or SEMANTIC_PER_CLUSTER a cluster if more
+              (every row of smaller builds; semantic_clusters, 0 = about sqrt(rows): a row is compared with about
+              sqrt(rows) centroids and sqrt(rows) cluster members), each row assigned its cluster; in each cluster rows are taken best first and a
               row is rejected when its cosine to a kept row exceeds 1 - semantic_eps      -> duplicate_semantic
               "dup of <uid> (cosine=0.987)". Pairs split across two clusters are not found (SemDeDup's
               approximation). Rows without an embedding take no part.
@@ -63,8 +64,8 @@ from schemas.spec import StageParams
 from stages.base import Column, Reason, Resources, Stage, as_text, concat, fixed
 from stages.hashing.near import NearPlan, distinct_values, to_unsigned
 from stages.imaging.decode import decode_image, images
-from stages.steps import (DECISION_SCHEMA, EDGE_FIELDS, KEY, PRIOR, ROW, Fit, Shuffle, Survivors, decisions, greedy_keep,
-                          rank_order, uid_bytes, uid_text, uid_words)
+from stages.steps import (DECISION_SCHEMA, EDGE_FIELDS, KEY, PRIOR, ROW, Fit, Shuffle, Survivors, decisions, distinct,
+                          greedy_keep, rank_order, uid_bytes, uid_text, uid_words)
 
 
 class DedupParams(StageParams):
@@ -370,7 +371,8 @@ def _near_join(edges: pa.Table, rows: pa.Table, params: DedupParams, state) -> p
     b = np.searchsorted(ids, edges.column("b").to_numpy())
     # alias classes (rows of one full value, keyed by the representative the partition chose): their best row
     is_alias = kind == _ALIAS
-    member, key = np.r_[a[is_alias], np.unique(b[is_alias])], np.r_[b[is_alias], np.unique(b[is_alias])]
+    reps = distinct(b[is_alias])
+    member, key = np.r_[a[is_alias], reps], np.r_[b[is_alias], reps]
     o = np.lexsort((order[member], key))
     member, key = member[o], key[o]
     head = np.r_[True, key[1:] != key[:-1]] if key.size else np.empty(0, bool)
@@ -414,13 +416,20 @@ def _near_detail(chosen: pa.Table, params: DedupParams, state) -> pa.Array:
 # ------------------------------------------------------------------------------------------------ semantic
 
 SEMANTIC_SAMPLE = 100_000  # k-means is fitted on a uid-hash sample of about this many rows (every row below it)
+SEMANTIC_PER_CLUSTER = 32  # or of this many rows a cluster, when more
+
+
+def semantic_sample(params: DedupParams, rows: int) -> int:
+    """Rows the k-means is fitted on, for a stage that sees `rows` rows."""
+    return max(SEMANTIC_SAMPLE, SEMANTIC_PER_CLUSTER * (params.semantic_clusters or round(math.sqrt(rows))))
 
 
 def semantic_kmeans(clusters: int):
     """The k-means SemDeDup fits (deterministic: seeded)."""
     from sklearn.cluster import MiniBatchKMeans
 
-    return MiniBatchKMeans(n_clusters=clusters, random_state=0, n_init=3, batch_size=max(1024, 4 * clusters))
+    return MiniBatchKMeans(n_clusters=clusters, random_state=0, n_init=3 if clusters <= 512 else 1,  # init: O(k^2)
+                           batch_size=max(1024, 4 * clusters))
 
 
 def normalized_embeddings(emb: pa.Array, dim: int) -> np.ndarray:
@@ -441,12 +450,14 @@ def _embeddings(rows: pa.Table, dim: int | None = None) -> tuple[np.ndarray, np.
     return pos, normalized_embeddings(emb.take(pa.array(pos)), dim) if pos.size else np.empty((0, dim), np.float32)
 
 
-def _fit_clusters(sample: pa.Table, params: DedupParams):
-    """k-means over the sample's embeddings in uid order (semantic_clusters, 0: about sqrt(rows)); None: one cluster."""
+def _fit_clusters(sample: pa.Table, params: DedupParams, fraction: float):
+    """k-means over the sample's embeddings in uid order (semantic_clusters, 0: about sqrt(rows), the rows estimated
+    from the sample and the share of them it holds); None: one cluster. The count follows the build, not the sample:
+    at a fixed count each row would meet rows / clusters members, a cost quadratic in the build."""
     sample = sample.filter(pc.invert(sample.column(PRIOR)))
     sample = sample.take(pc.sort_indices(sample.column("uid")))
     pos, x = _embeddings(sample)
-    clusters = min(params.semantic_clusters or max(1, round(math.sqrt(sample.num_rows))), pos.size)
+    clusters = min(params.semantic_clusters or max(1, round(math.sqrt(sample.num_rows / fraction))), pos.size)
     if clusters <= 1:
         return {"dim": x.shape[1], "kmeans": None}
     km = semantic_kmeans(clusters).fit(x)
@@ -535,7 +546,7 @@ class DedupStage(Stage):
                                  Survivors("duplicate_near", _near_detail, ("phash",) + _SIZE_READS, _near_join),
                                  key_space=_near_space))
         if params.semantic:
-            steps.append(Fit("semantic_clusters", ("uid", "image_emb"), SEMANTIC_SAMPLE, _fit_clusters,
+            steps.append(Fit("semantic_clusters", ("uid", "image_emb"), semantic_sample, _fit_clusters,
                              needs=("image_emb",)))
             steps.append(Shuffle("semantic", ("image_emb",) + _SIZE_READS, _cluster_keys, _cluster_group,
                                  needs=("image_emb",)))

@@ -406,6 +406,26 @@ def test_semantic_duplicates():
     assert all(r is None for r in run_dedup(t.drop_columns(["image_emb"]), DedupParams()).reason)
 
 
+def test_semantic_clusters_follow_the_build_not_the_sample():
+    """About sqrt(rows) clusters, rows estimated from a sample and its share, and a sample that keeps 32 rows a
+    cluster: a row meets about sqrt(rows) members at any size (a fixed count is quadratic in the build)."""
+    from stages.dedup import SEMANTIC_SAMPLE, _fit_clusters, semantic_sample
+    from stages.steps import PRIOR
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(900, 8))
+    sample = _emb_table(x, [f"{i:05d}" for i in range(900)])
+    sample = sample.append_column(PRIOR, pa.array(np.zeros(900, bool)))
+    assert _fit_clusters(sample, DedupParams(), 1.0)["kmeans"].n_clusters == 30  # every row: sqrt(900)
+    assert _fit_clusters(sample, DedupParams(), 0.25)["kmeans"].n_clusters == 60  # a quarter of 3,600 rows
+    assert _fit_clusters(sample, DedupParams(semantic_clusters=7), 0.25)["kmeans"].n_clusters == 7
+    assert semantic_sample(DedupParams(), 10**6) == SEMANTIC_SAMPLE
+    assert semantic_sample(DedupParams(), 10**8) == 32 * 10**4
+    step = DedupStage.global_steps(DedupParams())[3]
+    assert step.fraction(DedupParams(), 10**9) == pytest.approx(32 * 31_623 / 10**9)
+    assert step.fraction(DedupParams(), 5_000) == 1.0
+
+
 def test_decide_on_a_table_without_stage_columns():
     t = pa.table({"uid": ["a", "b", "c"], "url": ["http://x.org/1", "HTTP://X.org/1", "http://x.org/2"],
                   "sha256": ["s1", "s2", "s1"]})

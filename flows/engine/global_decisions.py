@@ -44,7 +44,7 @@ from flows.engine.progress import phase
 from schemas.spec import BuildSpec
 from stages import stage_class
 from stages.steps import (DECISION_SCHEMA, KEY, PRIOR, ROW, Counts, Fit, Shuffle, StepContext, TopFraction,
-                          below_cutoff, survivor_decisions, top_fraction_keep)
+                          below_cutoff, distinct, survivor_decisions, top_fraction_keep)
 
 log = logging.getLogger("pairforge")
 SRC = "input_shard"  # the input shard a processed row came from (processed rows are hive-partitioned by it)
@@ -231,8 +231,8 @@ def split_ordered(t: pa.Table, parts: int, key_space: int) -> list[pa.Table | No
     if key.size > 1 and not (key[1:] >= key[:-1]).all():
         o = np.argsort(key, kind="stable")
         t, key = t.take(pa.array(o)), key[o]
-    counts = np.bincount(key, minlength=key_space)
-    starts = np.cumsum(counts) - counts
+    starts = np.searchsorted(key, np.arange(key_space + 1))  # sorted: each key's run, in log time
+    counts = np.diff(starts)
     out = []
     for p in range(parts):
         pieces = [t.slice(int(starts[x]), int(counts[x])) for x in range(p, counts.size, parts) if counts[x]]
@@ -277,7 +277,7 @@ def touched_ids(spans: list[tuple[int, int]], edges: pa.Table | None) -> list[np
     """The distinct row ids the edges name, cut by the sources' spans (one sorted array per source)."""
     if edges is None:
         return [np.empty(0, np.int64) for _ in spans]
-    ids = np.unique(np.concatenate([edges.column("a").to_numpy(), edges.column("b").to_numpy()]))
+    ids = distinct(np.concatenate([edges.column("a").to_numpy(), edges.column("b").to_numpy()]))
     return [ids[np.searchsorted(ids, lo):np.searchsorted(ids, hi)] for lo, hi in spans]
 
 
@@ -397,11 +397,11 @@ def sample_rows(job: Job, source: Source, fraction: float) -> pa.Table:
     return rows.filter(pa.array(h < np.uint64(int(fraction * 2**53))))
 
 
-def fit_state(job: Job, *samples: pa.Table) -> object:
+def fit_state(job: Job, fraction: float, *samples: pa.Table) -> object:
     samples = [s for s in samples if s is not None and s.num_rows]
     sample = pa.concat_tables(samples, promote_options="default") if samples else read_rows(job, Source(table=pa.table(
         {ROW: pa.array([], pa.int64()), PRIOR: pa.array([], pa.bool_())})))
-    return job.step.fit(sample, job.params)
+    return job.step.fit(sample, job.params, fraction)
 
 
 def exact_cutoff(values: pa.Table, k: int) -> tuple[float, str]:
@@ -444,7 +444,7 @@ class InProcess:
             summarize_counts(job, counts)
 
     def fit(self, job: Job, fraction: float):
-        return fit_state(job, *[sample_rows(job, s, fraction) for s in self.sources])
+        return fit_state(job, fraction, *[sample_rows(job, s, fraction) for s in self.sources])
 
 
 def cutoff_of(values: pa.Table, fraction: float):
@@ -531,7 +531,9 @@ class OnRay:
 
     def fit(self, job: Job, fraction: float):
         samples = [self._task(sample_rows, num_cpus=1).remote(job, s, fraction) for s in self.sources]
-        return self.ray.get(self._task(fit_state, num_cpus=1).remote(job, *samples))
+        # the build waits on the fit: it takes a whole node (its CPUs are the model's threads)
+        node = max([n["Resources"].get("CPU", 0.0) for n in self.ray.nodes() if n["Alive"]] + [1.0])
+        return self.ray.get(self._task(fit_state, num_cpus=node).remote(job, fraction, *samples))
 
 
 def _count_above(t: pa.Table, hi: float) -> int:
@@ -643,7 +645,7 @@ def _finish_steps(job: Job, runner, rows: int, columns: set[str]) -> dict:
         if isinstance(step, Fit):
             later = [replace(job, index=x) for x in range(i + 1, len(steps)) if not isinstance(steps[x], Fit)]
             if not all((step_dir(x) / "_DONE.json").exists() for x in later):  # a resume past them needs no fit
-                state[step.name] = runner.fit(j, min(1.0, step.sample_rows / max(rows, 1)))
+                state[step.name] = runner.fit(j, step.fraction(j.params, rows))
             continue
         d = step_dir(j)
         marker = d / "_DONE.json"
@@ -720,7 +722,7 @@ def decide_table(stage: str, params, table: pa.Table, prior: pa.Table | None = N
         if not has_columns(step, set(table.column_names)):
             continue
         if isinstance(step, Fit):
-            state[step.name] = runner.fit(j, min(1.0, step.sample_rows / max(job.rows_hint, 1)))
+            state[step.name] = runner.fit(j, step.fraction(j.params, job.rows_hint))
             continue
         res = {TopFraction: runner.top_fraction, Counts: runner.counts, Shuffle: runner.shuffle}[type(step)](j)
         if summaries is not None:
