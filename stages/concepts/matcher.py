@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stages.concepts.lists import ConceptList, load_concepts
+from stages.steps import distinct
 
 PUNCT_WRAP = (",", ".", ";", ":", "?", "!", "`")
 TO_SPACE = ("\t", "\n", "\r")
@@ -105,7 +106,7 @@ class Matcher:
             ids_parts.append(i + first)
         rows = np.concatenate(rows_parts) if rows_parts else np.zeros(0, np.int64)
         ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
-        key = np.unique(rows * np.int64(len(self.concepts)) + ids)  # distinct (row, id), by row then id
+        key = distinct(rows * np.int64(len(self.concepts)) + ids)  # distinct (row, id), by row then id
         rows, ids = key // len(self.concepts), key % len(self.concepts)
         offsets = np.zeros(n + 1, np.int32)
         np.cumsum(np.bincount(rows, minlength=n), out=offsets[1:])
