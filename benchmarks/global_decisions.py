@@ -334,6 +334,12 @@ def main() -> None:
             print(f"  {r['seconds']:.1f} s ({r['mode']}): {steps}; driver peak {r['peak_rss_mb']:,.0f} MB", flush=True)
             ratios.append((f"driver peak at {a.big:,} rows / {GOALS['big_rss_mb']} MB (goal < 1)",
                            r["peak_rss_mb"] / GOALS["big_rss_mb"]))
+            r = _child("--child", "run", "--root", tmp, "--cpus", str(a.cpus), "--params", json.dumps(
+                {"exact": False, "url": False, "near_hamming": 0, "semantic_eps": 0.01}))
+            steps = ", ".join(f"{k} {v['seconds']:.1f} s ({sum(v.get('rejected', {}).values()):,})"
+                              for k, v in r["steps"].items())
+            print(f"  SemDeDup alone (about sqrt(rows) k-means clusters): {r['seconds']:.1f} s: {steps}; driver peak "
+                  f"{r['peak_rss_mb']:,.0f} MB", flush=True)
     print("\nratios")
     for name, v in ratios:
         print(f"  {name}: {v:.2f}")
