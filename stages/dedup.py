@@ -30,8 +30,9 @@ steps kept:
 4. semantic   (rows with an `image_emb`, L2-normalised image embeddings, and params.semantic) SemDeDup: k-means
               fitted on a uid-hash sample of SEMANTIC_SAMPLE rows, or SEMANTIC_PER_CLUSTER a cluster if more
               (every row of smaller builds; semantic_clusters, 0 = about sqrt(rows): a row is compared with about
-              sqrt(rows) centroids and sqrt(rows) cluster members), each row assigned its cluster; in each cluster rows are taken best first and a
-              row is rejected when its cosine to a kept row exceeds 1 - semantic_eps      -> duplicate_semantic
+              sqrt(rows) centroids and sqrt(rows) cluster members), each row assigned its cluster; in each
+              cluster rows are taken best first and a row is rejected when its cosine to a kept row exceeds
+              1 - semantic_eps                                                            -> duplicate_semantic
               "dup of <uid> (cosine=0.987)". Pairs split across two clusters are not found (SemDeDup's
               approximation). Rows without an embedding take no part.
 

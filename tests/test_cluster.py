@@ -260,8 +260,8 @@ class NodeKiller(threading.Thread):
     """Kills a worker node once it works in a phase: node1 in the stats pass (ingest done, no
     _work/processed/_DONE.json), then node2 in the global decisions (processed/_DONE.json, no shard written yet, the
     worker running a task that is not a shard writer). node3 joins as node1's replacement. node2 is in the cluster
-    from the start, so the global decisions reach it however short they are. Assumes those phase names (flows/engine/runner.py,
-    flows/engine/global_decisions.py, flows/engine/outputs.py)."""
+    from the start, so the global decisions reach it however short they are. Assumes those phase names
+    (flows/engine/runner.py, flows/engine/global_decisions.py, flows/engine/outputs.py)."""
 
     PHASES = ("stages", "global decisions")
 
@@ -299,9 +299,10 @@ class NodeKiller(threading.Thread):
 
 def test_a_lost_worker_node_in_the_stages_and_in_the_global_decisions(cluster_build, tmp_path):
     """A worker node is SIGKILLed while it runs the stats pass, a replacement joins, and the other worker node is
-    killed while it runs the global decisions (the head has no CPUs: the work is on the worker nodes). The build finishes through Ray's retries, or fails with Ray's error and resumes
-    when run again; its output (uids kept and rejected with their reasons, image bytes) is the same corpus's build
-    in the fixture, whose stages and global decisions ran undisturbed."""
+    killed while it runs the global decisions (the head has no CPUs: the work is on the worker nodes). The build
+    finishes through Ray's retries, or fails with Ray's error and resumes when run again; its output (uids kept and
+    rejected with their reasons, image bytes) is the same corpus's build in the fixture, whose stages and global
+    decisions ran undisturbed."""
     import yaml
 
     from flows.build import build_flow
