@@ -420,9 +420,14 @@ SEMANTIC_SAMPLE = 100_000  # k-means is fitted on a uid-hash sample of about thi
 SEMANTIC_PER_CLUSTER = 32  # or of this many rows a cluster, when more
 
 
+def semantic_cluster_count(params: DedupParams, rows: float) -> int:
+    """k-means clusters for a stage that sees about `rows` rows (semantic_clusters, 0: about sqrt(rows))."""
+    return params.semantic_clusters or max(1, round(math.sqrt(rows)))
+
+
 def semantic_sample(params: DedupParams, rows: int) -> int:
     """Rows the k-means is fitted on, for a stage that sees `rows` rows."""
-    return max(SEMANTIC_SAMPLE, SEMANTIC_PER_CLUSTER * (params.semantic_clusters or round(math.sqrt(rows))))
+    return max(SEMANTIC_SAMPLE, SEMANTIC_PER_CLUSTER * semantic_cluster_count(params, rows))
 
 
 def semantic_kmeans(clusters: int):
@@ -458,7 +463,7 @@ def _fit_clusters(sample: pa.Table, params: DedupParams, fraction: float):
     sample = sample.filter(pc.invert(sample.column(PRIOR)))
     sample = sample.take(pc.sort_indices(sample.column("uid")))
     pos, x = _embeddings(sample)
-    clusters = min(params.semantic_clusters or max(1, round(math.sqrt(sample.num_rows / fraction))), pos.size)
+    clusters = min(semantic_cluster_count(params, sample.num_rows / fraction), pos.size)
     if clusters <= 1:
         return {"dim": x.shape[1], "kmeans": None}
     km = semantic_kmeans(clusters).fit(x)
