@@ -29,6 +29,13 @@ SCHEMA_VERSION = 1
 # Every connection: a bounded share of the driver's memory and CPUs (DuckDB spills past the limit; by default it
 # would take 80% of RAM and every core). PAIRFORGE_CATALOG_MEMORY overrides the limit.
 DUCKDB_CONFIG = {"memory_limit": os.environ.get("PAIRFORGE_CATALOG_MEMORY", "512MB"), "threads": 2}
+# Appending a build's seen uids: a small buffer pool and no ordering to keep, so the driver's memory stays flat
+# however many rows the build has (a commit every SEEN_COMMIT_ROWS: DuckDB holds a transaction's appends in memory).
+APPEND_CONFIG = {**DUCKDB_CONFIG, "memory_limit": "32MB", "preserve_insertion_order": False}
+SEEN_COMMIT_ROWS = 100_000
+# The seen rows that count: those of complete builds (a build publishes them when it finishes) and of add_seen.
+_SEEN = """(SELECT * FROM seen WHERE build_id IS NULL
+           OR build_id NOT IN (SELECT build_id FROM builds WHERE status <> 'complete'))"""
 BUILD_STATUSES = ("running", "complete", "failed")
 
 _DDL = [
@@ -101,14 +108,14 @@ class Catalog:
 
     # ------------------------------------------------------------------ connection
     @contextmanager
-    def _connect(self, write: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
+    def _connect(self, write: bool = True, config: dict | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         if write and self.read_only:
             raise PermissionError(f"catalog {self.path} is opened read-only")
         deadline = time.monotonic() + self.lock_timeout
         delay = 0.02
         while True:
             try:
-                con = duckdb.connect(str(self.path), read_only=self.read_only, config=dict(DUCKDB_CONFIG))
+                con = duckdb.connect(str(self.path), read_only=self.read_only, config=dict(config or DUCKDB_CONFIG))
                 break
             except duckdb.IOException as exc:
                 if not _is_lock_error(exc) or time.monotonic() >= deadline:
@@ -372,23 +379,31 @@ class Catalog:
 
     def record_seen(self, source: str, build_id: str, readers: Iterable) -> int:
         """Record the rows a finished build processed: ``readers`` stream its output rows (Arrow
-        RecordBatchReaders, Datasets or Tables with uid and, optionally, sha256), which DuckDB appends as they come.
-        A build's uids are unique by construction (its input preparation), so nothing is grouped and nothing per
-        row is held; recording a build again replaces its rows. A uid that several builds of the source processed
-        (a full rebuild) has a row per build. Returns the rows recorded."""
-        added = 0
-        with self._txn() as con:
+        RecordBatchReaders, Datasets or Tables with uid and, optionally, sha256; a reader per file), which DuckDB
+        appends as they come, committing every SEEN_COMMIT_ROWS rows. A build's uids are unique by construction
+        (its input preparation), so nothing is grouped and nothing per row is held; recording a build again
+        replaces its rows. The rows count in lookups once the build is complete (or if it is not a catalogued
+        build), so a recording cut short is never seen. A uid that several builds of the source processed (a full
+        rebuild) has a row per build. Returns the rows recorded."""
+        added = pending = 0
+        with self._connect(write=True, config=APPEND_CONFIG) as con:
             con.execute("DELETE FROM seen WHERE source = ? AND build_id = ?", [source, build_id])
+            con.begin()
             for reader in readers:
                 sha = "CAST(sha256 AS VARCHAR)" if "sha256" in reader.schema.names else "CAST(NULL AS VARCHAR)"
                 con.register("_incoming", reader)
                 try:
                     got = con.execute(f"""INSERT INTO seen SELECT ?, CAST(uid AS VARCHAR), {sha}, ?
                                           FROM _incoming WHERE uid IS NOT NULL""", [source, build_id]).fetchone()
-                    added += int(got[0]) if got else 0
                 finally:
                     con.unregister("_incoming")
-        return added
+                pending += int(got[0]) if got else 0
+                if pending >= SEEN_COMMIT_ROWS:
+                    con.commit()
+                    added, pending = added + pending, 0
+                    con.begin()
+            con.commit()
+        return added + pending
 
     def seen_among(self, source: str, uids: pa.Array) -> pa.Array:
         """The uids of ``uids`` that earlier builds of ``source`` processed (a join in DuckDB: a batch at a time,
@@ -396,22 +411,22 @@ class Catalog:
         with self._connect(write=False) as con:
             con.register("_batch", pa.table({"uid": uids.cast(pa.string())}))
             try:
-                t = con.sql("SELECT DISTINCT b.uid FROM _batch b JOIN seen s ON s.uid = b.uid AND s.source = ?",
-                            params=[source]).to_arrow_table()
+                t = con.sql(f"SELECT DISTINCT b.uid FROM _batch b JOIN {_SEEN} s ON s.uid = b.uid "
+                            "AND s.source = ?", params=[source]).to_arrow_table()
             finally:
                 con.unregister("_batch")
         return t.column("uid").combine_chunks()
 
     def seen_uids(self, source: str) -> set[str]:
         with self._connect(write=False) as con:
-            t = con.sql("SELECT uid FROM seen WHERE source = ?", params=[source]).to_arrow_table()
+            t = con.sql(f"SELECT uid FROM {_SEEN} WHERE source = ?", params=[source]).to_arrow_table()
         return set(t.column("uid").to_pylist())
 
     def seen_hashes(self, source: str) -> pa.Table:
         """pyarrow Table(uid, sha256) of the source's seen rows that have a sha256."""
         with self._connect(write=False) as con:
             return con.sql(  # a uid several builds recorded: one row
-                "SELECT uid, any_value(sha256) AS sha256 FROM seen WHERE source = ? AND sha256 IS NOT NULL "
+                f"SELECT uid, any_value(sha256) AS sha256 FROM {_SEEN} WHERE source = ? AND sha256 IS NOT NULL "
                 "GROUP BY uid", params=[source]
             ).to_arrow_table()
 

@@ -193,6 +193,32 @@ def test_record_seen_streams_a_builds_files_and_replaces_on_rerecord(cat, tmp_pa
         assert con.execute("SELECT count(*) FROM seen WHERE build_id = 'b1'").fetchone()[0] == 2 * n
 
 
+def test_seen_rows_count_once_their_build_completes(cat, monkeypatch):
+    """record_seen commits as it goes; until the build is complete its rows are not seen, so a recording
+    that a crash cut short never hides rows from a later incremental build, and the resumed build replaces it."""
+    monkeypatch.setattr("catalogs.catalog.SEEN_COMMIT_ROWS", 2)
+    cat.start_build("b1", "ds", "src", "h", "v", "", "/o")
+
+    def killed_after_one_file():
+        yield pa.table({"uid": ["a", "b"]})
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        cat.record_seen("src", "b1", killed_after_one_file())
+    with duckdb.connect(str(cat.path), read_only=True) as con:  # the first file was committed
+        assert con.execute("SELECT count(*) FROM seen WHERE build_id = 'b1'").fetchone()[0] == 2
+    probe = pa.array(["a", "b", "c"])
+    assert cat.seen_among("src", probe).to_pylist() == [] and cat.seen_uids("src") == set()
+    assert cat.record_seen("src", "b1", [pa.table({"uid": ["a", "b"]}), pa.table({"uid": ["c"]})]) == 3
+    assert cat.seen_uids("src") == set()  # still running
+    cat.finish_build("b1", "complete")
+    assert sorted(cat.seen_among("src", probe).to_pylist()) == ["a", "b", "c"]
+    with duckdb.connect(str(cat.path), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM seen WHERE build_id = 'b1'").fetchone()[0] == 3
+    cat.start_build("b1", "ds", "src", "h", "v", "", "/o")  # resumed: running again, its rows hidden until done
+    assert cat.seen_uids("src") == set()
+
+
 def test_connections_bound_duckdbs_memory_and_threads(cat):
     from catalogs.catalog import DUCKDB_CONFIG
 

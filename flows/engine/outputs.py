@@ -9,6 +9,7 @@ accounting check.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -258,15 +259,11 @@ def manifest(ctx: BuildContext, written: Written) -> dict:
                "columns": build_schema(ctx.spec.stage_names()).names, "image_formats": written.image_formats})
 
 
-def seen_readers(ctx: BuildContext) -> list:
-    """(uid, sha256) of the rows this build fetched and decided, as readers the catalog streams (a file at a time):
-    kept rows and stage rejects. Rows that failed to download are not marked seen, so a later build tries them
-    again."""
-    out = []
+def seen_readers(ctx: BuildContext) -> Iterator:
+    """(uid, sha256) of the rows this build fetched and decided, a reader per file, opened as the catalog streams
+    them: kept rows and stage rejects. Rows that failed to download are not marked seen, so a later build tries
+    them again."""
     for sub in ("shards", "rejects"):
-        files = ctx.folder.parts(sub)
-        if not files:
-            continue
         where = None if sub == "shards" else ~pads.field("stage").isin(["input", "ingest"])
-        out.append(parquet_dataset(files).scanner(columns=["uid", "sha256"], filter=where).to_reader())
-    return out
+        for f in ctx.folder.parts(sub):
+            yield parquet_dataset([f]).scanner(columns=["uid", "sha256"], filter=where).to_reader()
