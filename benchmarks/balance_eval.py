@@ -14,7 +14,11 @@ and uniform scenes: what balancing costs the head). Run on demand, not a test:
    (shapes circle, square, triangle; colours red, green, blue, yellow), uniform (demo.scenes.sample_scene).
 4. `pairforge eval UNBALANCED BALANCED --eval-set tail.parquet --steps S --seed ...` (the same steps, batch size and
    seed for both builds: equal compute), then the trained models on the head and uniform sets.
-Retrieval R@1 / R@5, image->text and text->image, among each set's pairs; means over seeds printed last.
+5. Concept recognition with the same models: --n-probe one-group scenes per shape and per colour (the other
+   attributes uniform); each image retrieves among the captions that differ only in that attribute (6 shapes or 8
+   colours: zero-shot classification); accuracy per concept, averaged over the tail and over the head concepts.
+Retrieval R@1 / R@5, image->text and text->image, among each set's pairs, and concept accuracy; means over seeds
+printed last.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +57,43 @@ def scenes(n: int, stream: str, shapes: list | None, colors: list | None) -> lis
         scene = sample_scene(rng, shapes, colors)
         data = encode_jpeg(render_scene(scene, IMAGE_SIZE, rng.getrandbits(63)), rng.randint(75, 95))
         out.append((data, caption(scene, rng)))
+    return out
+
+
+def concept_probe(n: int) -> dict[tuple[str, str], list[tuple[bytes, list[str]]]]:
+    """(attribute, value) -> n one-group scenes showing that value: (JPEG, the captions for every value of the
+    attribute, in SHAPES / COLORS order)."""
+    from demo.scenes import COLORS, SHAPES, SIZES, Group, Scene, caption, encode_jpeg, render_scene
+    from training.eval import IMAGE_SIZE
+
+    probe: dict = {}
+    for attr, values in (("shape", SHAPES), ("color", tuple(COLORS))):
+        for v in values:
+            for i in range(n):
+                rng = random.Random(f"balance-eval-probe/{attr}/{v}/{i}")
+                g = Group(rng.choice(SHAPES), rng.choice(tuple(COLORS)), rng.choice(SIZES), rng.randint(1, 3))
+                scene = Scene((replace(g, **{attr: v}),))
+                data = encode_jpeg(render_scene(scene, IMAGE_SIZE, rng.getrandbits(63)), rng.randint(75, 95))
+                texts = [caption(Scene((replace(g, **{attr: w}),))) for w in values]
+                probe.setdefault((attr, v), []).append((data, texts))
+    return probe
+
+
+def concept_accuracy(model_dir: Path, probe: dict) -> dict[tuple[str, str], float]:
+    """(attribute, value) -> share of its probe images whose own caption scores highest among the alternatives."""
+    from demo.scenes import COLORS, SHAPES
+    from loaders.pairs import decode_image
+    from training.eval import _load_processor
+    from training.train import embed
+    from transformers import AutoModel
+
+    model, processor = AutoModel.from_pretrained(model_dir), _load_processor(model_dir)
+    out = {}
+    for (attr, v), items in probe.items():
+        truth = (SHAPES if attr == "shape" else tuple(COLORS)).index(v)
+        img, txt = embed(model, processor, [decode_image(d) for d, _ in items], [t for _, ts in items for t in ts])
+        scores = (img[:, None, :] * txt.view(len(items), -1, txt.shape[-1])).sum(-1)
+        out[attr, v] = float((scores.argmax(-1) == truth).float().mean())
     return out
 
 
@@ -99,6 +141,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--n-eval", type=int, default=400)
+    ap.add_argument("--n-probe", type=int, default=100, help="one-group probe scenes per shape and per colour")
     ap.add_argument("--out", type=Path, default=Path("/tmp/pairforge-balance-eval"))
     args = ap.parse_args()
     out = args.out
@@ -142,7 +185,9 @@ def main() -> None:
     from training.eval import evaluate_model, load_eval_set
     from training.train import MODEL_DIR
 
+    probe = concept_probe(args.n_probe)
     table: dict = {}
+    concepts: dict = {}
     for r in results:
         name = next(k for k, b in builds.items() if b["build_id"] == r["build_id"])
         table.setdefault((name, "tail"), []).append(r["metrics"])
@@ -150,6 +195,7 @@ def main() -> None:
         for set_name in ("head", "uniform"):
             items = load_eval_set(out / f"eval-{set_name}-{args.n_eval}.parquet")
             table.setdefault((name, set_name), []).append(evaluate_model(run_dir / MODEL_DIR, items))
+        concepts.setdefault(name, []).append(concept_accuracy(run_dir / MODEL_DIR, probe))
     print(f"\nrows: unbalanced {builds['unbalanced']['stats']['rows_kept']:,}, balanced "
           f"{builds['balanced']['stats']['rows_kept']:,} (t = {args.t:g}); {args.steps} steps x 32 pairs each, "
           f"seeds {seeds}; {args.n_eval} pairs a set; {time.perf_counter() - t0:.0f} s, load average "
@@ -161,6 +207,21 @@ def main() -> None:
             mean = {m: sum(x[m] for x in ms) / len(ms) for m in METRICS}
             print(f"{set_name:<9}{name:<12}" + "".join(f"{mean[m]:>9.3f}" for m in METRICS)
                   + "   " + " ".join(f"{x['i2t_r1']:.3f}" for x in ms))
+    groups = {"tail shapes": [("shape", v) for v in TAIL_SHAPES], "tail colours": [("color", v) for v in TAIL_COLORS],
+              "head shapes": [("shape", v) for v in HEAD_SHAPES], "head colours": [("color", v) for v in HEAD_COLORS]}
+    print(f"\nconcept recognition: {args.n_probe} one-group scenes a concept, each image against the captions that "
+          f"differ only in that attribute (chance: shape 1/6, colour 1/8); accuracy, mean of the group's concepts")
+    print(f"{'build':<12}" + "".join(f"{g:>14}" for g in groups) + "   per seed (tail shapes, tail colours)")
+    for name in ("unbalanced", "balanced"):
+        runs = concepts[name]
+        mean = {g: sum(acc[k] for acc in runs for k in keys) / (len(runs) * len(keys)) for g, keys in groups.items()}
+        per_seed = " ".join(f"{sum(acc[k] for k in groups['tail shapes']) / 3:.3f}/"
+                            f"{sum(acc[k] for k in groups['tail colours']) / 4:.3f}" for acc in runs)
+        print(f"{name:<12}" + "".join(f"{mean[g]:>14.3f}" for g in groups) + "   " + per_seed)
+    for name in ("unbalanced", "balanced"):
+        runs = concepts[name]
+        print(f"{name} per concept:", " ".join(f"{v}={sum(acc[a, v] for acc in runs) / len(runs):.2f}"
+                                             for a, v in runs[0]))
 
 
 if __name__ == "__main__":

@@ -95,10 +95,10 @@ def test_builds_and_eval_set_apart(tmp_path):
 
 
 def test_curation_and_hard_negatives_help(tmp_path):
-    """Equal compute (same steps, batch, seed) for seeds 0 and 1 (each seeded on its own: the numbers below for
-    those seeds; seed 2 is in the README's `pairforge eval` run): curated > raw on R@1, and hard negatives
+    """Equal compute (same steps, batch, seed) for seed 0 (seeded on its own: the numbers below; seeds 1 and 2 are in
+    the README's `pairforge eval` run): curated > raw on R@1, and hard negatives
     (TripletCLIP: negative captions and counterfactual images) > clip on compositional accuracy, each by its
-    margin; every metric lands in the catalog. Two runs at a time: about 3.5 minutes on 2 cores."""
+    margin; every metric lands in the catalog. Two runs at a time: about 2 minutes on 2 cores."""
     torch.set_num_threads(1)
     res = demo_eval(tmp_path, seeds=SEEDS, negative_losses=("tripletclip",), workers=2,
                     catalog_path=tmp_path / "catalog.duckdb")
@@ -125,7 +125,8 @@ def test_curation_and_hard_negatives_help(tmp_path):
 # 0.725 / 0.714 / 0.713, tripletclip 0.749 / 0.752 / 0.760 (gains +0.024 / +0.038 / +0.047), negclip 0.733 / 0.736 /
 # 0.734 (+0.008 / +0.022 / +0.021: negative captions alone help less at this compute, so the test uses
 # tripletclip). The same numbers came out of separate runs with workers=1 and workers=2 (each run seeded on its own).
-SEEDS = (0, 1)  # two seeds keep CI under its time budget; the README's run has three
+SEEDS = (0,)  # one seed keeps CI under its time budget (a seed's numbers are the same on every run); the README's
+# run has three
 R1_MARGIN = 0.05
 COMP_MARGIN = 0.01
 
