@@ -3,6 +3,7 @@ equal compute by `pairforge eval`, evaluated on scenes of tail concepts (and, wi
 and uniform scenes: what balancing costs the head). Run on demand, not a test:
 
     .venv/bin/python benchmarks/balance_eval.py [--n 6000] [--t 150] [--steps 400] [--seeds 0,1] [--n-eval 400]
+        [--n-probe 100] [--concepts FILE]
 
 1. Corpus: --n demo scenes (demo.scenes: 1-3 groups of coloured shapes) whose shapes and colours are drawn with
    weights 1/rank^2 (circle 67%, square 17%, ... diamond 2%; red 65%, ... black 1%): a head-heavy crawl. Images at
@@ -142,6 +143,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--n-eval", type=int, default=400)
     ap.add_argument("--n-probe", type=int, default=100, help="one-group probe scenes per shape and per colour")
+    ap.add_argument("--concepts", default=None, help="the balance stage's concept list (default: its own, wordfreq)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/pairforge-balance-eval"))
     args = ap.parse_args()
     out = args.out
@@ -161,8 +163,9 @@ def main() -> None:
             pairs = scenes(args.n_eval, f"balance-eval-{name}", shapes, colors)
             write_eval_set([{"text": c, "image": d} for d, c in pairs], out / f"eval-{name}-{args.n_eval}.parquet")
     builds = {}
+    concepts = str(Path(args.concepts).resolve()) if args.concepts else "wordfreq"
     for name, stages in (("unbalanced", [{"clean": {}}]),
-                         ("balanced", [{"clean": {}}, {"balance": {"t": args.t}}])):
+                         ("balanced", [{"clean": {}}, {"balance": {"t": args.t, "concepts": concepts}}])):
         spec = out / f"{name}.yaml"
         spec.write_text(yaml.safe_dump({"dataset": f"balance-eval-{name}", "source": {
             "pairs": str(corpus), "caption_col": "text"}, "stages": stages, "out": str(out / "builds"),
