@@ -3,7 +3,7 @@ equal compute by `pairforge eval`, evaluated on scenes of tail concepts (and, wi
 and uniform scenes: what balancing costs the head). Run on demand, not a test:
 
     .venv/bin/python benchmarks/balance_eval.py [--n 6000] [--t 150] [--steps 400] [--seeds 0,1] [--n-eval 400]
-        [--n-probe 100] [--concepts FILE]
+        [--n-probe 100] [--concepts FILE|scene-words]
 
 1. Corpus: --n demo scenes (demo.scenes: 1-3 groups of coloured shapes) whose shapes and colours are drawn with
    weights 1/rank^2 (circle 67%, square 17%, ... diamond 2%; red 65%, ... black 1%): a head-heavy crawl. Images at
@@ -143,7 +143,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--n-eval", type=int, default=400)
     ap.add_argument("--n-probe", type=int, default=100, help="one-group probe scenes per shape and per colour")
-    ap.add_argument("--concepts", default=None, help="the balance stage's concept list (default: its own, wordfreq)")
+    ap.add_argument("--concepts", default=None, help="the balance stage's concept list: a file, or scene-words (the "
+                    "demo's shape, plural shape and colour words); default: the stage's own (wordfreq)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/pairforge-balance-eval"))
     args = ap.parse_args()
     out = args.out
@@ -164,6 +165,9 @@ def main() -> None:
             write_eval_set([{"text": c, "image": d} for d, c in pairs], out / f"eval-{name}-{args.n_eval}.parquet")
     builds = {}
     concepts = str(Path(args.concepts).resolve()) if args.concepts else "wordfreq"
+    if args.concepts == "scene-words":
+        concepts = str(out / "scene-words.txt")
+        Path(concepts).write_text("\n".join([*SHAPES, *(f"{s}s" for s in SHAPES), *COLORS]) + "\n")
     for name, stages in (("unbalanced", [{"clean": {}}]),
                          ("balanced", [{"clean": {}}, {"balance": {"t": args.t, "concepts": concepts}}])):
         spec = out / f"{name}.yaml"
