@@ -98,7 +98,7 @@ def test_curation_and_hard_negatives_help(tmp_path):
     """Equal compute (same steps, batch, seed) for seed 0 (seeded on its own: the numbers below; seeds 1 and 2 are in
     the README's `pairforge eval` run): curated > raw on R@1, and hard negatives
     (TripletCLIP: negative captions and counterfactual images) > clip on compositional accuracy, each by its
-    margin; every metric lands in the catalog. Two runs at a time: about 2 minutes on 2 cores."""
+    margin; every metric lands in the catalog. Two runs at a time: about 2.7 minutes on 2 cores."""
     torch.set_num_threads(1)
     res = demo_eval(tmp_path, seeds=SEEDS, negative_losses=("tripletclip",), workers=2,
                     catalog_path=tmp_path / "catalog.duckdb")
