@@ -164,12 +164,13 @@ def main() -> None:
             pairs = scenes(args.n_eval, f"balance-eval-{name}", shapes, colors)
             write_eval_set([{"text": c, "image": d} for d, c in pairs], out / f"eval-{name}-{args.n_eval}.parquet")
     builds = {}
-    concepts = str(Path(args.concepts).resolve()) if args.concepts else "wordfreq"
     if args.concepts == "scene-words":
-        concepts = str(out / "scene-words.txt")
-        Path(concepts).write_text("\n".join([*SHAPES, *(f"{s}s" for s in SHAPES), *COLORS]) + "\n")
+        concept_list = out / "scene-words.txt"
+        concept_list.write_text("\n".join([*SHAPES, *(f"{s}s" for s in SHAPES), *COLORS]) + "\n")
+    else:
+        concept_list = Path(args.concepts).resolve() if args.concepts else "wordfreq"
     for name, stages in (("unbalanced", [{"clean": {}}]),
-                         ("balanced", [{"clean": {}}, {"balance": {"t": args.t, "concepts": concepts}}])):
+                         ("balanced", [{"clean": {}}, {"balance": {"t": args.t, "concepts": str(concept_list)}}])):
         spec = out / f"{name}.yaml"
         spec.write_text(yaml.safe_dump({"dataset": f"balance-eval-{name}", "source": {
             "pairs": str(corpus), "caption_col": "text"}, "stages": stages, "out": str(out / "builds"),
