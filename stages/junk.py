@@ -7,14 +7,17 @@ name under a label ("Name: DSC_0294.jpg"), is junk whatever clean made of it. Ma
 extensions are cleaned, not rejected: "Gotrek &amp; Felix", "<strong>Comet</strong> Paper Shredder", "Scorching
 June 14 for Alabama.jpg" are usable captions.
 
+A widget or search prefix ("Image result for ...", "Click here to enlarge image ...") hides no word: the caption is
+judged without it, so "Image result for starfish" is usable and "Google Image Result for http://..." is a URL.
+
 Kinds, checked in this order; a row's `junk_kind` is the first that matches (its reason when the kind is enabled):
 
 - junk_html        markup only: the caption had HTML and no letter is left once it is stripped ("&nbsp;&amp;",
                    "&lt;img src=&quot;pic.jpg&quot;&gt;").
 - junk_emoji       no letter in any script: only emoji, symbols, punctuation or digits.
 - junk_url         the caption (or the alt text before cleaning) is only URLs or bare domains ("https://...",
-                   "www.x.org/u/1", "hitachi-solutions.jp"), or spells a domain out to dodge filters ("... www
-                   period tubetob period net": spam).
+                   "www.x.org/u/1", "hitachi-solutions.jp", a URL whose file name holds spaces), or spells a
+                   domain out to dodge filters ("... www period tubetob period net": spam).
                    A URL inside a sentence ("Buy ... Online at johnlewis.com") is not junk.
 - junk_filename    a file name with no description in it: a camera name or a hash ("DSC00042", "IMG_20190305_123456",
                    "9f86d081884c7d65", a UUID), with or without its extension ("IMG_2231.JPG", "photo (3).jpeg",
@@ -92,8 +95,17 @@ _SPELLED_DOMAIN = re.compile(
     r"\b(?:www\s+(?:dot|period)\s+\w+|\w+)\s+(?:dot|period)\s+(?:" + "|".join(TLDS[:12]) + r")\b", re.IGNORECASE)
 
 
+# A URL whose file name holds spaces ("https://x.mobi/media/2018/12/Entrance Gate Of Motihari College.jpg").
+_SPACED_URL = re.compile(r"^(?:https?|ftp)://\S+/[^/]*\.(?:" + "|".join(IMAGE_EXTENSIONS) + r")$", re.IGNORECASE)
+
+
+def url_only(text: str) -> bool:
+    """The text is only URLs, or one URL whose file name holds spaces."""
+    return only_urls(text) or bool(_SPACED_URL.match(text.strip()))
+
+
 def find_url(text: str) -> str | None:
-    if only_urls(text):
+    if url_only(text):
         return f"url {text.split()[0][:60]}"
     low = text.lower()
     m = _SPELLED_DOMAIN.search(text) if (" dot " in low or " period " in low) else None
@@ -291,6 +303,22 @@ def find_boilerplate(text: str) -> str | None:
     return find_call_to_action(text)
 
 
+# Widget and search prefixes hide no word of what follows ("Image result for Roots: book cover", "Click here to
+# enlarge image and see more about item ..."): the caption is judged without them (alone they are boilerplate).
+WIDGET_PREFIXES = ("google image result for", "image result for", "click here to enlarge image",
+                   "click here to enlarge", "click here to view", "click here", "click to view larger image of",
+                   "click to view", "click to enlarge", "image is loading")
+_WIDGET_PREFIX = re.compile(r"^\W*(?:" + "|".join(p.replace(" ", r"\s+") for p in WIDGET_PREFIXES) + r")\b[\s:.,-]*",
+                            re.IGNORECASE)
+
+
+def without_widget_prefix(text: str) -> str:
+    """The caption without a widget or search prefix; the caption itself when it has none or is only one."""
+    m = _WIDGET_PREFIX.match(text)
+    rest = text[m.end():].strip() if m else ""
+    return rest if rest and any(ch.isalpha() for ch in rest) else text
+
+
 # ------------------------------------------------------------------------------------------------ repeated
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -340,7 +368,8 @@ def junk_kind(text: str | None, max_chars: int = 1000, edits: tuple[str, ...] | 
         if "html" in edits:
             return "junk_html", "markup only"
         return ("junk_emoji", "no letters") if t else (None, None)
-    d = find_url(t) or (raw and only_urls(raw) and f"url before cleaning {raw.split()[0][:60]}")
+    t = without_widget_prefix(t)
+    d = find_url(t) or (raw and url_only(raw) and f"url before cleaning {raw.split()[0][:60]}")
     if d:
         return "junk_url", d
     d = find_filename(t, edits) or (raw and find_raw_filename(raw))
@@ -362,7 +391,7 @@ def junk_kind(text: str | None, max_chars: int = 1000, edits: tuple[str, ...] | 
 
 class JunkStage(Stage):
     name = "junk"
-    version = 2
+    version = 3  # issue 23: widget prefixes judged by what follows; URLs whose file name holds spaces
     summary = "alt text that says nothing about the picture (judged after cleaning, and on the alt text as listed)"
     Params = JunkParams
     default_resources = Resources(cpus=1.0, batch_size=1024)

@@ -9,6 +9,9 @@ LAION_LABELS = DATA / "laion-alt-text" / "labels.csv"  # hand labels of LAION's 
 # The caption filters' validation set: 2,000 other LAION captions, labelled by the same rules; never tuned on.
 LAION_VALIDATION = DATA / "laion-alt-text" / "laion_2000_validation.parquet"
 LAION_VALIDATION_LABELS = DATA / "laion-alt-text" / "labels_validation.csv"
+# A development set for the caption filters: the other 6,990 LAION captions of the same source, labelled the same way.
+LAION_DEV = DATA / "laion-alt-text" / "laion_6990_dev.parquet"
+LAION_DEV_LABELS = DATA / "laion-alt-text" / "labels_dev.csv"
 
 
 # Real photos that ship in installed packages (scikit-image's data folder, scikit-learn's sample images).

@@ -202,6 +202,25 @@ def test_junk_reads_what_clean_removed():
     assert JunkStage(JunkParams())(no_raw).column("junk_kind").to_pylist() == [None]
 
 
+def test_widget_prefixes_are_judged_by_what_follows():
+    """A search or widget prefix hides no word: the rest is judged ("Image result for" + a URL is a URL)."""
+    assert junk_kind("Google Image Result for http://www.example.org/upload/paintings/waterhouse-lady-jww03.jpg")[0] \
+        == "junk_url"
+    assert junk_kind("Image result for starfish") == (None, None)
+    assert junk_kind("Click here to enlarge image and see more about item RT0122: 1933 Royal typewriter") \
+        == (None, None)
+    assert junk_kind("Image result for")[0] == "junk_boilerplate"
+    assert junk_kind("click here")[0] == "junk_boilerplate"
+
+
+def test_a_url_whose_file_name_holds_spaces_is_a_url():
+    url = "https://cdn.example.com/media/gallery/2018/12/18/Main Gate Of The Old College_Campus-View.jpg"
+    assert junk_kind(url)[0] == "junk_url"
+    out = JunkStage(JunkParams())(CleanStage(CleanParams())(pa.table({"text": pa.array([url], pa.string())})))
+    assert out.column("junk_kind").to_pylist() == ["junk_url"]
+    assert junk_kind("Main gate of the old college, https://cdn.example.com/media/gate.jpg") == (None, None)
+
+
 def test_empty_caption_is_not_junk():
     """Empty captions belong to basic's caption_too_short."""
     assert junk_kind("") == (None, None) and junk_kind(None) == (None, None) and junk_kind("   ") == (None, None)

@@ -329,6 +329,19 @@ def test_short_foreign_product_titles_and_slugs_are_caught(stage):
     assert not wrong, wrong
 
 
+def test_a_word_in_another_alphabet_beside_latin_brand_names_carries_its_language(stage):
+    """A Cyrillic or Greek word in a product title of Latin brand names and codes is the shop's language; one last
+    word (a label after the caption) or a word in brackets is not."""
+    foreign = {"Кроссовки Nike Air Max 90 Premium": "ru", "Чехол для Samsung Galaxy S10 Clear View Cover": "ru",
+               "Παπούτσια Adidas Originals Superstar White": "el"}
+    got = _verdicts(stage, list(foreign))
+    assert [(lang, reason) for _, lang, _, reason in got] == [(foreign[t], "language_not_kept") for t in foreign], got
+    english = ["Papasan Chair with cushion, rattan frame фото",
+               "Grand Hotel lobby with a marble staircase (Гранд Отель)"]
+    got = _verdicts(stage, english)
+    assert all(lang == "en" and reason is None for _, lang, _, reason in got), got
+
+
 def test_codes_digits_and_acronyms_carry_no_letters():
     det = LanguageDetector()
     assert det.analyse(["MR9Q2KS SNKL89K1 G35CZ 12345", "A4B7 K9Z2 - X"]) == [(UND, 0.0, 0, 0, UND, 0.0)] * 2
