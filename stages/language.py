@@ -55,7 +55,7 @@ class LanguageParams(StageParams):
     keep: list[str] = Field(default_factory=lambda: ["en"], min_length=1, description="ISO 639-1 codes to keep")
     min_score: float = Field(0.0, ge=0.0, le=1.0, description="reject rows of a language not kept scoring below this")
     not_kept_min_score: float = Field(
-        0.7, ge=0.0, le=1.0, description="reject a language not kept only when the detector is at least this sure")
+        0.65, ge=0.0, le=1.0, description="reject a language not kept only when the detector is at least this sure")
     min_letters: int = Field(
         8, ge=0, description="letters of language-carrying words a caption needs before it is rejected as not kept")
     uncertain: Literal["keep", "reject"] = Field(
@@ -252,8 +252,12 @@ class LanguageDetector:
                           if canonical(c) in self._index}
         self._median_fill = np.ones(len(langs), bool)
         self._median_fill[self._word_cols] = False
-        self._zipf = np.where(self._words.zipf10 > 0, self._words.zipf10,
-                              np.uint8(round(self.ABSENT_ZIPF * 10)))  # absent -> ABSENT_ZIPF, x10
+        self._absent10 = np.uint8(round(self.ABSENT_ZIPF * 10))
+
+    def _zipf(self, rows: np.ndarray) -> np.ndarray:
+        """(rows x wordfreq languages) zipf x 10, a word missing from a list at ABSENT_ZIPF."""
+        z = self._words.zipf10(rows)
+        return np.where(z > 0, z, self._absent10)
 
     # -- spans ---------------------------------------------------------------------------------------------
     def _repair_lost_letters(self, text: str) -> str:
@@ -377,7 +381,7 @@ class LanguageDetector:
         if len(miss):  # written without accents ("decoracion"), or with them where the list has none ("Diésel")
             rows[miss] = self._words.rows_unaccented([flat[i] for i in miss])
         hit = rows >= 0
-        zipf = self._zipf[rows[hit]].astype(np.float32)  # (found words x wordfreq languages), zipf x 10
+        zipf = self._zipf(rows[hit]).astype(np.float32)  # (found words x wordfreq languages), zipf x 10
         # each word's support for each language: 10^((zipf_L - zipf_top) / WORD_SHARPNESS), 1 for its top languages
         support = np.zeros((len(flat), len(self._word_cols)), np.float32)
         support[hit] = np.power(10.0, (zipf - zipf.max(axis=1, keepdims=True)) / (10.0 * self.WORD_SHARPNESS))
@@ -460,7 +464,7 @@ class LanguageDetector:
         base = (~cand) & (r >= 0)
         if not base.any():
             return weights
-        sentence = int((self._zipf[r[base]]).sum(axis=0, dtype=np.int64).argmax())  # the sentence's language
+        sentence = int(self._zipf(r[base]).sum(axis=0, dtype=np.int64).argmax())  # the sentence's language
         names = cand & ((r < 0) | (support[:, sentence] < 0.5))
         for i in range(1, len(names) - 1):
             if cap.words[i] in PARTICLES and names[i - 1] and names[i + 1]:

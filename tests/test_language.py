@@ -7,6 +7,7 @@ import json
 import socket
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -224,7 +225,7 @@ def test_params_registered_and_spec_parses(tmp_path):
     urls.write_text("url,caption\nhttp://x/a.jpg,a cat\n")
     spec = parse_spec({"dataset": "d", "source": {"urls": str(urls)}, "stages": [{"language": {"keep": ["en"]}}]})
     p = spec.stage_params("language")
-    assert p.keep == ["en"] and p.min_score == 0.0 and p.not_kept_min_score == 0.7 and p.min_letters == 8
+    assert p.keep == ["en"] and p.min_score == 0.0 and p.not_kept_min_score == 0.65 and p.min_letters == 8
     assert p.uncertain == "keep"
     with pytest.raises(Exception, match="uncertain"):
         parse_spec({"dataset": "d", "source": {"urls": str(urls)}, "stages": [{"language": {"uncertain": "drop"}}]})
@@ -340,6 +341,21 @@ def test_a_word_in_another_alphabet_beside_latin_brand_names_carries_its_languag
                "Grand Hotel lobby with a marble staircase (Гранд Отель)"]
     got = _verdicts(stage, english)
     assert all(lang == "en" and reason is None for _, lang, _, reason in got), got
+
+
+def test_word_table_reads_large_lists_deeper_and_keeps_them_sparse():
+    """Languages with a large wordfreq list are read to zipf 2.0: a rarer English word is English, a rarer Spanish
+    word Spanish. Only words every list would hold (zipf >= 3.0) count as description words for the junk stage."""
+    from stages.nlp.wordfreqs import fold_accents, word_table
+
+    table = word_table()
+    en, es = table.langs.index("en"), table.langs.index("es")
+    z = table.zipf10(table.rows(["dandelion", "cenicero", "house", "qzxwv"]))
+    assert z.shape == (4, len(table.langs)) and z[3].sum() == 0
+    assert 20 <= z[0, en] < 30 and 20 <= z[1, es] < 30 and z[1, en] == 0 and z[2, en] > 50
+    assert table.describes(["house", "mosaics", "qzxwv"]).tolist() == [True, False, False]  # mosaics: 2.9
+    assert table.zipf10(np.array([-1, table.rows(["house"])[0]]))[0].sum() == 0
+    assert fold_accents("decoración") == "decoracion" and fold_accents("Ñandú") == "Nandu"
 
 
 def test_codes_digits_and_acronyms_carry_no_letters():
