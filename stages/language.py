@@ -8,9 +8,9 @@ without spaces. Names weigh little: capitalised words inside a sentence-like cap
 ("Bosque del Apache"), a name in another script in brackets ("Hotel Nikko (ホテル日航)") or a short run of
 another script beside an English sentence. A word in another alphabet beside Latin words ("Кроссовки Nike Dunk",
 "Αγόρια Athletics") weighs OTHER_SCRIPT_WEIGHT: brand names travel in Latin letters, a shop's own words do not.
-Slugs are split into words first ("minion-decoracion2" -> "minion
-decoracion"). The confidence shrinks with the letters that carried the decision, and a caption with too few of them
-(under `min_letters`) is not rejected as not kept; under `uncertain_letters` it is `language_uncertain`.
+Slugs are split into words first ("minion-decoracion2" -> "minion decoracion"). The confidence shrinks with the
+letters that carried the decision, and a caption with too few of them (under `min_letters`) is not rejected as not
+kept; under `uncertain_letters` it is `language_uncertain`.
 
 Measured on hand-labelled LAION alt texts (tests/data/laion-alt-text, rules in LABELS.md): the 1,000 + 6,990 captions
 it was tuned on and 2,000 others never tuned on; benchmarks/captions.py prints the three, README has the figures.
@@ -217,8 +217,8 @@ class LanguageDetector:
        same way, so a caption split between close languages (Spanish or Portuguese) is still surely not English.
 
     The constants were set on the 1,000 hand-labelled LAION captions (tests/data/laion-alt-text/labels.csv) and on
-    2- and 3-word fragments of them, OTHER_SCRIPT_WEIGHT on the 6,990 of the development set; never on the
-    validation set. benchmarks/captions.py prints the three sets' figures.
+    2- and 3-word fragments of them, OTHER_SCRIPT_WEIGHT and the default not_kept_min_score on the 6,990 of the
+    development set; never on the validation set. benchmarks/captions.py prints the three sets' figures.
     """
 
     WORD_TEMPERATURE = 2.0
@@ -339,15 +339,17 @@ class LanguageDetector:
         lower = sum(1 for w, _ in kept if w.islower() and len(w) >= 3)
         sentence_like = lower >= self.SENTENCE_MIN_LOWER and lower >= self.SENTENCE_LOWER_SHARE * len(kept)
         latin = [_is_latin(w) for w, _ in kept]
-        other = [not lat and not any(a <= start < b for a, b in brackets) for lat, (_, start) in zip(latin, kept)]
-        if any(latin) and sum(other) == 1 and other[-1]:
+        has_latin = any(latin)
+        other = [has_latin and not lat and not any(a <= start < b for a, b in brackets)
+                 for lat, (_, start) in zip(latin, kept)]
+        if sum(other) == 1 and other[-1]:
             other[-1] = False  # one last word: a label after the caption ("Papasan Chair фото")
-        for (w, start), lat, oth in zip(kept, latin, other):
+        for (w, start), oth in zip(kept, other):
             cap.words.append(w.casefold())
             cap.written.append(w)
             cap.letters.append(len(w))
             cap.candidate.append(sentence_like and w[0].isupper() and not _starts_part(text, start))
-            cap.other_script.append(oth and any(latin))
+            cap.other_script.append(oth)
 
     # -- evidence ------------------------------------------------------------------------------------------
     def _char_probs(self, texts: list[str]) -> np.ndarray:
@@ -482,7 +484,7 @@ class LanguageDetector:
 
 class LanguageStage(Stage):
     name = "language"
-    version = 3  # issue 23: a word in another alphabet beside Latin words carries its language
+    version = 3  # issue 23: words in another alphabet weigh more; large word lists read deeper
     summary = "caption language from the words that carry one: word-frequency lists (wordfreq), fastText and script"
     Params = LanguageParams
     default_resources = Resources(cpus=1.0, batch_size=1024)

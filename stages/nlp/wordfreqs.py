@@ -4,8 +4,8 @@
 jieba) down to zipf 3.0 (one occurrence per million words: the level every list reaches), and the 21 languages
 with a large list (English among them) down to zipf 2.0, so that "dandelion" (2.9) is an English word and
 "cenicero" (2.9) a Spanish one, into a sorted array of 64-bit word hashes and, per word, its (language, zipf x 10)
-entries. About 2.8 million words, ~50 MB, built in ~6 s once per process; nothing is downloaded. Accented words are also
-found written without their accents (`rows_unaccented`: alt text often drops them: "decoracion", "nino").
+entries. About 2.8 million words, ~50 MB, built in ~5 s once per process; nothing is downloaded. Accented words
+are also found written without their accents (`rows_unaccented`: alt text often drops them: "decoracion", "nino").
 
 Zipf: log10 of a word's frequency per billion words (the: 7.7, house: 5.2, culottes: 2.3 in English).
 """
