@@ -2,8 +2,11 @@
 equal compute by `pairforge eval`, evaluated on scenes of tail concepts (and, with the same trained models, on head
 and uniform scenes: what balancing costs the head). Run on demand, not a test:
 
-    .venv/bin/python benchmarks/balance_eval.py [--n 6000] [--t 150] [--steps 400] [--seeds 0,1] [--n-eval 400]
-        [--n-probe 100] [--concepts FILE|scene-words]
+    .venv/bin/python benchmarks/balance_eval.py [--n 20000] [--t 1000] [--steps 2000] [--seeds 0,1,2,3,4]
+        [--n-eval 400] [--n-probe 100] [--concepts FILE|scene-words]
+
+The defaults are the README's proxy: at 400 steps on 6,000 scenes the small model barely learns shapes (head shape
+recognition 0.24 against a chance of 0.17), so no build can show it a tail; at 2,000 steps on 20,000 it does.
 
 1. Corpus: --n demo scenes (demo.scenes: 1-3 groups of coloured shapes) whose shapes and colours are drawn with
    weights 1/rank^2 (circle 67%, square 17%, ... diamond 2%; red 65%, ... black 1%): a head-heavy crawl. Images at
@@ -137,15 +140,15 @@ def main() -> None:
     import yaml
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=6000)
-    ap.add_argument("--t", type=float, default=150)
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--t", type=float, default=1000)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--n-eval", type=int, default=400)
     ap.add_argument("--n-probe", type=int, default=100, help="one-group probe scenes per shape and per colour")
     ap.add_argument("--concepts", default=None, help="the balance stage's concept list: a file, or scene-words (the "
                     "demo's shape, plural shape and colour words); default: the stage's own (wordfreq)")
-    ap.add_argument("--out", type=Path, default=Path("/tmp/pairforge-balance-eval"))
+    ap.add_argument("--out", type=Path, default=Path("/tmp/pairforge-balance-eval-20k"))
     args = ap.parse_args()
     out = args.out
     env = dict(os.environ, PYTHONPATH=str(ROOT))
