@@ -1,4 +1,4 @@
-"""Caption filters on real alt text: their figures on the tuning and the validation set, side by side, and rows/s.
+"""Caption filters on real alt text: their figures on the tuning, development and validation sets, and rows/s.
 
     .venv/bin/python benchmarks/captions.py [--rows 2000] [--repeat 3] [--errors tuning|dev|validation|all]
 
