@@ -30,7 +30,8 @@ Kinds, checked in this order; a row's `junk_kind` is the first that matches (its
                    "depositphotos_12345678-stock-photo.jpg"); a file name under a label is judged alone.
                    "Crocosmia in Pot PNG & PSD Images" and "Photo 15: DOWNTOWN Condo ..." are not file names.
 - junk_boilerplate the whole caption is a known empty phrase (BOILERPLATE, compared without case, digits or
-                   punctuation: "click here", "Image 1 of 5", "Stock Photo", "untitled-3", "loading...") or starts
+                   punctuation: "click here", "Image 1 of 5", "Stock Photo", "untitled-3", "loading...", a site's
+                   page part such as "Hours & Location" or "Privacy Policy") or starts
                    with an auto-generated prefix (BOILERPLATE_PREFIXES: "image may contain: ...", "click here ..."),
                    or is a call to action about the site rather than a picture: it opens with a call verb (CTA_VERBS:
                    like, follow, welcome, help, subscribe, ...) and is short or speaks of the site or its readers
@@ -236,6 +237,12 @@ BOILERPLATE = {
     "picture of", "image description", "alt", "alt text", "alt tag", "null", "none", "undefined", "n a", "na", "nan",
     "tbd", "test", "test image", "image for", "photo for", "advertisement", "ad", "sponsored", "slide", "slider",
     "image result", "image result for", "related image", "related post", "related posts",
+    # a site's navigation and page parts
+    "home", "home page", "homepage", "about", "about us", "contact", "contact us", "hours location",
+    "hours and location", "location and hours", "our team", "our story", "privacy policy", "terms of use",
+    "terms and conditions", "terms of service", "site map", "sitemap", "faq", "faqs", "log in", "login", "sign in",
+    "sign up", "my account", "shopping cart", "checkout", "subscribe", "newsletter", "rss", "rss feed", "rss feeds",
+    "back to top", "next page", "previous page",
     # stock boilerplate on its own
     "stock photo", "stock photos", "stock image", "stock images", "stock photography", "stock picture",
     "stock vector", "royalty free", "royalty free stock photo", "royalty free image", "royalty free stock image",
@@ -391,7 +398,7 @@ def junk_kind(text: str | None, max_chars: int = 1000, edits: tuple[str, ...] | 
 
 class JunkStage(Stage):
     name = "junk"
-    version = 3  # issue 23: widget prefixes judged by what follows; URLs whose file name holds spaces
+    version = 3  # issue 23: widget prefixes judged by what follows; URLs with spaces; page parts
     summary = "alt text that says nothing about the picture (judged after cleaning, and on the alt text as listed)"
     Params = JunkParams
     default_resources = Resources(cpus=1.0, batch_size=1024)

@@ -43,6 +43,8 @@ POSITIVES: dict[str, list[str]] = {
         "No photo description available.", "Stock Photo", "Royalty-Free Stock Photo", "placeholder image",
         "Untitled", "untitled-3", "thumbnail", "Loading...", "Image 1 of 5", "image not found", "no image available",
         "Image is loading", "Photo 3",
+        # a site's navigation and page parts (issue 23)
+        "Hours & Location", "Contact Us", "Privacy Policy", "HOME PAGE", "Back to top",
         # calls to action about the site, not a picture (issue 15)
         "Help our library WIN! Shop from booksellers that support this library.", "Welcome to Carousell!",
         "!!'LIKE' HELLOWESTTRAVEL.COM ON FACEBOOK!", "Follow us for more", "Subscribe to our newsletter",
