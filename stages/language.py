@@ -383,7 +383,8 @@ class LanguageDetector:
         if len(miss):  # written without accents ("decoracion"), or with them where the list has none ("Diésel")
             rows[miss] = self._words.rows_unaccented([flat[i] for i in miss])
         hit = rows >= 0
-        zipf = self._zipf(rows[hit]).astype(np.float32)  # (found words x wordfreq languages), zipf x 10
+        word_zipf = self._zipf(rows).astype(np.float32)  # (words x wordfreq languages), zipf x 10; used where found
+        zipf = word_zipf[hit]
         # each word's support for each language: 10^((zipf_L - zipf_top) / WORD_SHARPNESS), 1 for its top languages
         support = np.zeros((len(flat), len(self._word_cols)), np.float32)
         support[hit] = np.power(10.0, (zipf - zipf.max(axis=1, keepdims=True)) / (10.0 * self.WORD_SHARPNESS))
@@ -394,7 +395,7 @@ class LanguageDetector:
         for i, cap in enumerate(caps):
             a, b = starts[i], starts[i + 1]
             if cap.candidate and any(cap.candidate):
-                weights[a:b] = self._name_weights(cap, rows[a:b], support[a:b])
+                weights[a:b] = self._name_weights(cap, rows[a:b], support[a:b], word_zipf[a:b])
             if any(cap.other_script):
                 weights[a:b] *= np.where(cap.other_script, self.OTHER_SCRIPT_WEIGHT, 1.0)
             carrier = [w for w, wt in zip(cap.written, weights[a:b]) if wt >= 1.0]
@@ -455,7 +456,7 @@ class LanguageDetector:
                         self.langs[second[i]], float(p_second[i] * shrink[i])))
         return out
 
-    def _name_weights(self, cap: _Caption, r: np.ndarray, support: np.ndarray) -> np.ndarray:
+    def _name_weights(self, cap: _Caption, r: np.ndarray, support: np.ndarray, zipf: np.ndarray) -> np.ndarray:
         """1.0 per word, NAME_WEIGHT for names: capitalised words inside a sentence that do not carry the
         language of the sentence's other words ("Puerto", "Cruz" in an English listing; not "Automatic Watch" there,
         nor German nouns in a German sentence), and the particles between two of them ("de la")."""
@@ -466,7 +467,7 @@ class LanguageDetector:
         base = (~cand) & (r >= 0)
         if not base.any():
             return weights
-        sentence = int(self._zipf(r[base]).sum(axis=0, dtype=np.int64).argmax())  # the sentence's language
+        sentence = int(zipf[base].sum(axis=0).argmax())  # the sentence's language
         names = cand & ((r < 0) | (support[:, sentence] < 0.5))
         for i in range(1, len(names) - 1):
             if cap.words[i] in PARTICLES and names[i - 1] and names[i + 1]:
