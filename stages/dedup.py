@@ -271,18 +271,24 @@ def _near_space(params: DedupParams, state) -> int:
 
 def _near_keys(rows: pa.Table, params: DedupParams, state) -> pa.Table:
     """Every pHash (and crop pHash) of the rows, once per mask group of the plan, keyed by its partition there and
-    ordered by it: only the key, the value and `ref` (row id * 2 + 1 for a full hash, * 2 for a crop); the rows'
-    other columns are read for the rows the edges touch only (_near_join)."""
+    ordered by it, the full hashes first within a partition: only the key, the value and `ref` (row id * 2 + 1 for
+    a full hash, * 2 for a crop); the rows' other columns are read for the rows the edges touch only (_near_join)."""
     plan = _near_plan(params, state)
     ph = _col(rows, "phash", rows.num_rows, pa.int64())
-    has = np.flatnonzero(np.asarray(ph.is_valid()))
-    row = rows.column(ROW).to_numpy()[has]
-    values, refs = [to_unsigned(_int_np(ph.take(pa.array(has)), 0))], [row * 2 + 1]
+    row = rows.column(ROW).to_numpy()
+    has = pa.array(np.flatnonzero(np.asarray(ph.is_valid()))) if ph.null_count else None
+    if has is not None:
+        ph, row = ph.take(has), row[has.to_numpy()]
+    values, refs = [to_unsigned(_int_np(ph, 0))], [row * 2 + 1]
     if params.near_crops:
-        ca = _col(rows, "phash_crops", rows.num_rows, pa.list_(pa.int64())).take(pa.array(has))
-        cr = np.flatnonzero(_int_np(pc.list_value_length(ca), 0) == _CROPS)
-        values.append(to_unsigned(_int_np(ca.take(pa.array(cr)).flatten(), 0)))
-        refs.append(np.repeat(row[cr] * 2, _CROPS))
+        ca = _col(rows, "phash_crops", rows.num_rows, pa.list_(pa.int64()))
+        if has is not None:
+            ca = ca.take(has)
+        whole = _int_np(pc.list_value_length(ca), 0) == _CROPS
+        if not whole.all():
+            ca, row = ca.filter(pa.array(whole)), row[whole]
+        values.append(to_unsigned(_int_np(pc.list_flatten(ca), 0)))
+        refs.append(np.repeat(row * 2, _CROPS))
     key, value, ref = plan.entries(np.concatenate(values), np.concatenate(refs))
     return pa.table({KEY: key, "value": value.view(np.int64), "ref": ref})
 
@@ -290,58 +296,75 @@ def _near_keys(rows: pa.Table, params: DedupParams, state) -> pa.Table:
 def _near_group(part: pa.Table, params: DedupParams, state) -> pa.Table:
     """Bare duplicate edges among the entries of one partition (any number of the plan's partitions), per mask
     group: pairs with a full-image side within k, in the group of their first agreeing mask (see _near_edges).
-    Each map task's entries come ordered by key, so a group's entries are one slice of each."""
+    Each map task's entries come ordered by key, full hashes first within a key, so a group's full and crop
+    entries are slices of each (no pass over the entries to tell them apart)."""
     plan = _near_plan(params, state)
-    starts = np.r_[plan.offsets, plan.partitions]
-    slices: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(plan.groups)]
+    fulls: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(plan.groups)]
+    crops: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(plan.groups)]
     for batch in part.to_batches():
-        key = batch.column(KEY).to_numpy().astype(np.int64)
-        value = to_unsigned(batch.column("value").to_numpy())
+        key = batch.column(KEY).to_numpy()
+        value = batch.column("value").to_numpy().view(np.uint64)
         ref = batch.column("ref").to_numpy()
         if key.size > 1 and not (key[1:] >= key[:-1]).all():
             o = np.argsort(key, kind="stable")
             key, value, ref = key[o], value[o], ref[o]
-        bounds = np.searchsorted(key, starts)
-        for g in range(plan.groups):
-            if bounds[g + 1] > bounds[g]:
-                slices[g].append((value[bounds[g]:bounds[g + 1]], ref[bounds[g]:bounds[g + 1]]))
-    out = [_near_edges(np.concatenate([v for v, _ in sl]), np.concatenate([r for _, r in sl]), plan, g)
-           for g, sl in enumerate(slices) if sl]
+        bounds = np.r_[np.searchsorted(key, np.arange(plan.partitions, dtype=key.dtype)), key.size]
+        for p in np.flatnonzero(np.diff(bounds)):
+            lo, hi = int(bounds[p]), int(bounds[p + 1])
+            mid = _fulls_end(ref, lo, hi)
+            g = int(plan.group_of(p))
+            fulls[g].append((value[lo:mid], ref[lo:mid]))
+            crops[g].append((value[mid:hi], ref[mid:hi]))
+    out = [_near_edges(*_joined(fulls[g]), *_joined(crops[g]), plan, g) for g in range(plan.groups) if fulls[g]]
     return pa.concat_tables(out) if out else _BARE_EDGE_SCHEMA.empty_table()
+
+
+def _fulls_end(ref: np.ndarray, lo: int, hi: int) -> int:
+    """The end of the full entries (odd refs) that open ref[lo:hi] (bisection: they come first)."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ref[mid] & 1:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _joined(slices: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """(values, row ids) of (value, ref) slices, in one array each."""
+    return np.concatenate([v for v, _ in slices]), np.concatenate([r for _, r in slices]) >> 1
 
 
 _FULL_FULL, _FULL_CROP, _ALIAS = 0, 1, 2  # the evidence of an edge
 
 
-def _near_edges(value: np.ndarray, ref: np.ndarray, plan: NearPlan, g: int) -> pa.Table:
+def _near_edges(full_value: np.ndarray, full_row: np.ndarray, crop_value: np.ndarray, crop_row: np.ndarray,
+                plan: NearPlan, g: int) -> pa.Table:
     """The edges of group g's entries. The full values are searched distinct: each stands for its rows by one of
     them (the smallest row id; the join names the best), the other rows of that value are its aliases (hamming 0,
     found in the first group only). Crop entries are searched as they come (no distinct pass: 90% of the entries),
     each against the full values, one equal to a full value included. full-full: representative to
     representative; full-crop: the representative of the full value to the crop entry's row."""
-    full = (ref & 1).astype(bool)
-    row = ref >> 1
-    fe, ce = np.flatnonzero(full), np.flatnonzero(~full)
-    uniq, _, inv = distinct_values(value[fe])
+    uniq, _, inv = distinct_values(full_value)
     nu = uniq.size
-    i, j, d = plan.pairs(np.concatenate([uniq, value[ce]]), np.arange(nu + ce.size) < nu, g, crop_entries=True)
+    i, j, d = plan.pairs(uniq, None, g, crops=crop_value)
     # the representative of each distinct full value: its smallest row
     repeats = np.bincount(inv, minlength=nu) > 1
     rep = np.empty(nu, np.int64)
-    rep[inv] = row[fe]
+    rep[inv] = full_row
     many = np.flatnonzero(repeats[inv])  # full entries whose value repeats
-    many = many[np.lexsort((row[fe[many]], inv[many]))]
+    many = many[np.lexsort((full_row[many], inv[many]))]
     head = np.r_[True, inv[many][1:] != inv[many][:-1]] if many.size else np.empty(0, bool)
-    rep[inv[many[head]]] = row[fe[many[head]]]
+    rep[inv[many[head]]] = full_row[many[head]]
     ff = j < nu  # i < j: j full means both are
     a = [rep[i[ff]], rep[i[~ff]]]
-    b = [rep[j[ff]], row[ce[j[~ff] - nu]]]
+    b = [rep[j[ff]], crop_row[j[~ff] - nu]]
     kind = [np.full(int(ff.sum()), _FULL_FULL, np.int8), np.full(int((~ff).sum()), _FULL_CROP, np.int8)]
     crop_d = [d[ff], d[~ff]]
     if g == 0:
-        alias = fe[many[~head]]
-        a.append(row[alias])
-        b.append(rep[inv[many[~head]]])
+        alias = many[~head]
+        a.append(full_row[alias])
+        b.append(rep[inv[alias]])
         kind.append(np.full(alias.size, _ALIAS, np.int8))
         crop_d.append(np.zeros(alias.size, np.uint8))
     a, b = np.concatenate(a), np.concatenate(b)
@@ -548,7 +571,8 @@ class DedupStage(Stage):
         if params.url:
             steps.append(Shuffle("url", ("url_norm", "url") + _SIZE_READS, _url_keys, _url_group))
         if params.near_hamming > 0:
-            steps.append(Shuffle("near", ("phash", "phash_crops"), _near_keys, _near_group,
+            near_reads = ("phash", "phash_crops") if params.near_crops else ("phash",)
+            steps.append(Shuffle("near", near_reads, _near_keys, _near_group,
                                  Survivors("duplicate_near", _near_detail, ("phash",) + _SIZE_READS, _near_join),
                                  key_space=_near_space))
         if params.semantic:

@@ -207,6 +207,57 @@ def test_partitioned_near_search_finds_every_pair_once(k):
     assert (np.bitwise_count(to_unsigned(h)[a] ^ to_unsigned(h)[b]) <= k).all()
 
 
+def test_partitioned_near_search_with_crops_finds_every_full_sided_pair():
+    """With crop hashes, entries from several map tasks: every pair of a row's pHash with another row's pHash or
+    crop pHash within K comes out once (the reduce side tells full from crop entries by their order: full first
+    within each partition of each map task), and repeated pHashes stand for their rows by one of them."""
+    rng = np.random.default_rng(11)
+    n, crops = 3000, 9
+    h = rng.integers(0, 2**64, size=n, dtype=np.uint64)
+    c = rng.integers(0, 2**64, size=(n, crops), dtype=np.uint64)
+    x = rng.permutation(n)
+    for t in range(0, 240, 2):  # near pHashes, crops near another row's pHash, crops equal to one
+        a, b = x[t], x[t + 1]
+        if t < 80:
+            h[b] = h[a] ^ np.uint64(sum(1 << int(i) for i in rng.choice(64, t % (K + 1), replace=False)))
+        elif t < 160:
+            c[b, t % crops] = h[a] ^ np.uint64(1 << int(t % 64))
+        else:
+            c[b, t % crops] = h[a]
+    h[x[300]] = h[x[301]]  # one pHash of two rows (and the pairs planted 0 bits apart)
+    rows = pa.table({ROW: pa.array(np.arange(n, dtype=np.int64)), PRIOR: pa.array(np.zeros(n, bool)),
+                     "phash": pa.array(h.view(np.int64)),
+                     "phash_crops": pa.array([list(r) for r in c.view(np.int64)], pa.list_(pa.int64()))})
+    params = DedupParams(near_hamming=K)
+    state = {"rows": n}
+    maps = [_near_keys(rows.slice(a, 1000), params, state) for a in range(0, n, 1000)]  # three map tasks
+    for m in maps:
+        key, ref = m.column(KEY).to_numpy(), m.column("ref").to_numpy()
+        for k in np.unique(key):
+            full = (ref[key == k] & 1).astype(bool)
+            assert not (~full[:-1] & full[1:]).any()  # full entries first in every partition
+    edges = pa.concat_tables([_near_group(pa.concat_tables([m.filter(pa.array(m.column(KEY).to_numpy() == k))
+                                                           for m in maps]), params, state)
+                              for k in range(NearPlan.make(K, n * (1 + crops), n).partitions)])
+    first = {}
+    for i in range(n):  # a repeated pHash stands for its rows by the smallest
+        first.setdefault(int(h[i]), i)
+    rep = {i: first[int(h[i])] for i in range(n)}
+    d_full = np.bitwise_count(h[:, None] ^ h[None, :])
+    want = {(rep[int(i)], rep[int(j)], 0) for i, j in zip(*np.nonzero(d_full <= K)) if rep[int(i)] < rep[int(j)]}
+    d_crop = np.bitwise_count(h[:, None, None] ^ c[None, :, :]).min(axis=2)
+    want |= {(rep[int(i)], int(j), 1) for i, j in zip(*np.nonzero(d_crop <= K)) if rep[int(i)] != j}
+    got = [(int(a), int(b), int(k)) for a, b, k in zip(edges.column("a").to_numpy(), edges.column("b").to_numpy(),
+                                                       edges.column("kind").to_numpy()) if k != 2]
+    got = [(min(a, b), max(a, b), k) if k == 0 else (a, b, k) for a, b, k in got]
+    assert len(got) == len(set(got))
+    assert set(got) == want
+    assert sum(k == 1 for _, _, k in got) >= 80
+    alias = edges.filter(pa.array(edges.column("kind").to_numpy() == 2))
+    assert sorted(zip(alias.column("a").to_pylist(), alias.column("b").to_pylist())) == sorted(
+        (i, r) for i, r in rep.items() if i != r)  # x[300] and x[301] among them
+
+
 def test_plan_entries_are_each_value_once_per_group_in_partition_order():
     rng = np.random.default_rng(5)
     values = rng.integers(0, 2**64, size=5000, dtype=np.uint64)
@@ -232,9 +283,8 @@ def test_crop_entries_search_equals_brute_force(n):
     crops[at.size: 2 * at.size] = fulls[at] ^ np.uint64(0b1011)  # 3 bits away
     crops[2 * at.size: 3 * at.size] = crops[: at.size]  # repeats of the equal ones
     values = np.concatenate([fulls, crops])
-    is_full = np.arange(values.size) < fulls.size
     plan = NearPlan.make(K, values.size, fulls.size)
-    got = [plan.pairs(values, is_full, g, crop_entries=True) for g in range(plan.groups)]
+    got = [plan.pairs(fulls, None, g, crops=crops) for g in range(plan.groups)]
     i = np.concatenate([x[0] for x in got])
     j = np.concatenate([x[1] for x in got])
     pairs = list(zip(i.tolist(), j.tolist()))

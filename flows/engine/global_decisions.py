@@ -51,7 +51,7 @@ SRC = "input_shard"  # the input shard a processed row came from (processed rows
 ROWS_PER_TASK = 250_000  # rows a map task reads
 ROW_GROUP = 65_536  # rows per row group of a decision file
 SHIFT = 32  # row id = input shard << SHIFT | position
-EMPTY_DECISIONS = DECISION_SCHEMA.empty_table()
+EMPTY_DECISIONS = pa.Table.from_batches([], schema=DECISION_SCHEMA)  # (Schema.empty_table() imports pandas)
 
 
 # ------------------------------------------------------------------------------------------------ where rows live
@@ -231,7 +231,7 @@ def split_ordered(t: pa.Table, parts: int, key_space: int) -> list[pa.Table | No
     if key.size > 1 and not (key[1:] >= key[:-1]).all():
         o = np.argsort(key, kind="stable")
         t, key = t.take(pa.array(o)), key[o]
-    starts = np.searchsorted(key, np.arange(key_space + 1))  # sorted: each key's run, in log time
+    starts = np.r_[np.searchsorted(key, np.arange(key_space, dtype=key.dtype)), key.size]  # each key's run
     counts = np.diff(starts)
     out = []
     for p in range(parts):

@@ -30,7 +30,7 @@ compiled once per machine into numba's cache (cache=True; benchmarks/dedup.py pr
 API: distinct_values(values, is_full) -> (uniq, has_full, inverse); distinct_pairs(values, k, has_full=None,
 masks=None) -> (i, j, d); NearPlan.make(k, entries, fulls, per_partition) with .masks, .mask_group, .anchors,
 .groups, .partitions, .partition(values, g), .entries(values, refs), .group_of(part),
-.pairs(values, has_full, g) -> (i, j, d);
+.pairs(values, has_full, g, crops=None) -> (i, j, d);
 near_pairs(h, k) (entries with repeats, every pair); brute_pairs(h, k, has_full) (the tests' reference).
 """
 from __future__ import annotations
@@ -55,6 +55,7 @@ _MAX_DESIGN_WORK = 40_000_000  # C(B, s) * C(B, k) cells in the greedy's coverag
 PART_FULLS = 1 << 14  # full values per part of a group's search: its bucket table stays in the L2 cache
 _TABLE_EXTRA_BITS = 0  # a bucket table has 2^this slots per full value, rounded up to a power of two
 LANES = 8  # candidates checked at once (one 512-bit vector of uint64)
+PROBE_WINDOWS = 3  # windows a crop probe always checks: a bucket holds about 1 to 2 windows of full values
 _DISTINCT_PART, _DISTINCT_MAX_PART_BITS = 1 << 14, 10  # distinct_values: entries per hash table, at most 2^10 parts
 # CPU seconds on one core (measured with benchmarks/dedup.py on a shared machine; the plan needs their ratios):
 # a value that is not full looks up one mask's table (a window of LANES candidates), a full value goes into one
@@ -64,8 +65,11 @@ _BRUTE_ALWAYS_S = 1e-3  # brute force below this, without making a plan
 
 
 def to_unsigned(a) -> np.ndarray:
-    """int64 (or uint64) hashes -> uint64 with the same bits."""
-    return np.ascontiguousarray(np.asarray(a).astype(np.int64, copy=False).view(np.uint64))
+    """int64 (or uint64) hashes -> uint64 with the same bits (no copy when they are contiguous already)."""
+    a = np.asarray(a)
+    if a.dtype != np.uint64:
+        a = a.astype(np.int64, copy=False).view(np.uint64)
+    return np.ascontiguousarray(a)
 
 
 # ---------------------------------------------------------------------------------------- the covering design
@@ -264,7 +268,8 @@ class NearPlan:
 
     def entries(self, values: np.ndarray, refs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(part, value, ref): each value (with its ref) once per group, at its partition there, ordered by
-        partition id (a counting sort: one pass to count, one to place)."""
+        partition id and, within a partition, in the values' order (a counting sort: one pass to count, one to
+        place)."""
         m = len(values) * self.groups
         out = (np.empty(m, np.uint16 if self.partitions <= 1 << 16 else np.uint32), np.empty(m, np.uint64),
                np.empty(m, np.int64))
@@ -276,19 +281,19 @@ class NearPlan:
         """The group of a partition id (or of each of an array of them)."""
         return np.searchsorted(np.array(self.offsets), part, side="right") - 1
 
-    def pairs(self, values: np.ndarray, has_full: np.ndarray | None, g: int, crop_entries: bool = False
+    def pairs(self, values: np.ndarray, has_full: np.ndarray | None, g: int, crops: np.ndarray | None = None
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(i, j, d): the pairs i < j of distinct values (uint64 or int64 bits) within k, with a full side
         (has_full[i] or has_full[j]; None: every value is full), whose first agreeing mask is in group g.
 
         The values may be any subset (e.g. one partition of group g): a pair comes out when both its values are
-        given and g is its group. Order: unspecified. crop_entries: the full values are distinct, the others are
-        entries that may repeat and may equal a full value (then they pair with it, d = 0, in the group of the
-        design's first mask).
+        given and g is its group. Order: unspecified. crops: entries searched against the full values only, as
+        indices len(values) + t; they may repeat and may equal a full value (then they pair with it, d = 0, in the
+        group of the design's first mask).
         """
         members = np.flatnonzero(self.mask_group == g)
         return _search(to_unsigned(values), _flags(has_full, len(values)), self.k, self.masks, members,
-                       self.anchors[g], crop_entries)
+                       self.anchors[g], None if crops is None else to_unsigned(crops))
 
 
 def _flags(has_full, n: int) -> np.ndarray:
@@ -301,20 +306,24 @@ def _flags(has_full, n: int) -> np.ndarray:
 
 
 def _search(u: np.ndarray, full: np.ndarray, k: int, masks: np.ndarray, members: np.ndarray, anchor: int,
-            zero: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            crops: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The group kernel over masks[members] (their shared bits: anchor), or brute force when that is cheaper.
-    zero: a crop value equal to a full one pairs with it (d = 0)."""
-    n, f = u.size, int(np.count_nonzero(full))
+    crops: entries searched against the full values (indices after u's), one equal to a full value included."""
+    zero = crops is not None
+    crops = np.empty(0, np.uint64) if crops is None else crops
+    n, f = u.size + crops.size, int(np.count_nonzero(full))
     if n < 2 or f == 0 or k <= 0 or not members.size:
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.uint8)
     masks = np.ascontiguousarray(masks, np.uint64)
     if brute_cost(n, f) <= search_cost(masks[members], n, f):
         keep = np.zeros(masks.size, np.bool_)
         keep[members] = True
-        return _brute_kernel(u, full, k, masks, keep, zero)
+        return _brute_kernel(np.concatenate([u, crops]), np.concatenate([full, np.zeros(crops.size, np.bool_)]), k,
+                             masks, keep, zero)
     part_bits = min((-(-f // PART_FULLS) - 1).bit_length(), int(anchor).bit_count())
     where = np.empty(n, np.int32 if n < 2**31 else np.int64)  # each value's position, by part (the kernel's)
-    return _group_kernel(u, full, k, masks, members.astype(np.int64), np.uint64(anchor), part_bits, zero, where)
+    return _group_kernel(u, full, crops, k, masks, members.astype(np.int64), np.uint64(anchor), part_bits, zero,
+                         where)
 
 
 # ---------------------------------------------------------------------------------------------- the search
@@ -432,7 +441,7 @@ def _window(typingctx, table, start, v, mask, k, count):
 
     One vector load and a few vector operations (AVX-512 where the CPU has it, what LLVM makes of it elsewhere):
     no branch per candidate, so bucket sizes that vary from probe to probe cost no mispredictions. The table
-    must hold LANES - 1 readable values past the last bucket.
+    must hold readable values past the last bucket (as many as the windows read).
     """
     def codegen(context, builder, sig, args):
         data = context.make_array(sig.args[0])(context, builder, args[0]).data
@@ -520,46 +529,54 @@ def _scan_fulls(w, nf, tv, tp, heads, hs, mask, masks, mi, ku, pg, oi, oj, od, c
 
 @njit(cache=True, nogil=True)
 def _probe_crops(q, e, pv, pg, tv, tp, heads, hs, mask, masks, mi, ku, zero, oi, oj, od, cnt):
-    """Pairs of the crop values pv[q:e] with the full values of the bucket table, one window of candidates at a
-    time (a crop value equal to a full one too when `zero`). Returns (cnt, e), or (cnt, the value to resume at)
-    when the output is full."""
+    """Pairs of the crop values pv[q:e] with the full values of the bucket table (a crop value equal to a full
+    one too when `zero`). Returns (cnt, e), or (cnt, the value to resume at) when the output is full.
+
+    Every probe checks PROBE_WINDOWS windows whatever its bucket's size, so the loop has no branch that depends on
+    it (the CPU overlaps probes); a hit or a larger bucket, both rare, takes the window-by-window path."""
     while q < e:
         v = pv[q]
         b = np.int64(((v & mask) * _MULT) >> hs)
         h0 = np.int64(heads[b])
         c = np.int64(heads[b + 1]) - h0
-        mark = cnt
-        off = 0
-        while True:  # one window even for an empty bucket: no branch on the bucket's size
-            hits = _window(tv, h0 + off, v, mask, ku, c - off)
-            if hits != _ZERO:
-                cnt = _emit(hits, h0 + off, q, v, tv, tp, pg, masks, mi, zero, oi, oj, od, cnt)
-                if cnt < 0:
-                    return mark, q
-            off += LANES
-            if off >= c:
-                break
+        hits = _window(tv, h0, v, mask, ku, c)
+        for w in range(1, PROBE_WINDOWS):
+            hits |= _window(tv, h0 + w * LANES, v, mask, ku, c - w * LANES)
+        if hits != _ZERO or c > PROBE_WINDOWS * LANES:
+            mark = cnt
+            off = 0
+            while off < c:
+                hits = _window(tv, h0 + off, v, mask, ku, c - off)
+                if hits != _ZERO:
+                    cnt = _emit(hits, h0 + off, q, v, tv, tp, pg, masks, mi, zero, oi, oj, od, cnt)
+                    if cnt < 0:
+                        return mark, q
+                off += LANES
         q += 1
     return cnt, e
 
 
 @njit(cache=True, nogil=True)
-def _group_kernel(u, full, k, masks, members, anchor, part_bits, zero, pg):
+def _group_kernel(u, full, crops, k, masks, members, anchor, part_bits, zero, pg):
     """Full-sided pairs within k whose first agreeing mask (in masks) is one of masks[members], all of which hold
-    the bits of anchor. The values are cut into 2^part_bits parts by a hash of their anchor bits (full values
-    first in each part); per part and mask, a bucket table of the part's full values (a counting sort by a hash
-    of their masked bits), scanned in order for the full-full pairs and probed by the part's crop values.
-    pg: room for n indices (int32 where n allows: less to move), the values' order by part."""
-    n = u.size
+    the bits of anchor. The values (u, then the crop entries `crops`: index u.size + t) are cut into 2^part_bits
+    parts by a hash of their anchor bits (full values first in each part); per part and mask, a bucket table of
+    the part's full values (a counting sort by a hash of their masked bits), scanned in order for the full-full
+    pairs and probed by the part's other values. pg: room for every index (int32 where the count allows: less to
+    move), the values' order by part."""
+    nu = u.size
+    n = nu + crops.size
     ku = np.uint64(k)
     nparts = 1 << part_bits
     pshift = np.uint64(64 - part_bits) if part_bits > 0 else np.uint64(63)
     nfull = np.zeros(nparts, np.int64)
     nall = np.zeros(nparts, np.int64)
     for i in range(n):
-        p = np.int64(((u[i] & anchor) * _MULT) >> pshift) if part_bits > 0 else 0
+        x = u[i] if i < nu else crops[i - nu]
+        p = np.int64(((x & anchor) * _MULT) >> pshift) if part_bits > 0 else 0
         nall[p] += 1
-        nfull[p] += full[i]
+        if i < nu:
+            nfull[p] += full[i]
     start = np.zeros(nparts + 1, np.int64)
     for p in range(nparts):
         start[p + 1] = start[p] + nall[p]
@@ -567,14 +584,15 @@ def _group_kernel(u, full, k, masks, members, anchor, part_bits, zero, pg):
     cpos = start[:nparts] + nfull
     pv = np.empty(n, np.uint64)
     for i in range(n):
-        p = np.int64(((u[i] & anchor) * _MULT) >> pshift) if part_bits > 0 else 0
-        if full[i]:
+        x = u[i] if i < nu else crops[i - nu]
+        p = np.int64(((x & anchor) * _MULT) >> pshift) if part_bits > 0 else 0
+        if i < nu and full[i]:
             q = fpos[p]
             fpos[p] += 1
         else:
             q = cpos[p]
             cpos[p] += 1
-        pv[q] = u[i]
+        pv[q] = x
         pg[q] = i
     maxf = 0
     for p in range(nparts):
@@ -584,7 +602,8 @@ def _group_kernel(u, full, k, masks, members, anchor, part_bits, zero, pg):
         tb_max += 1
     tb_max = max(1, tb_max + _TABLE_EXTRA_BITS)
     heads = np.empty((1 << tb_max) + 2, np.int32)
-    tv = np.zeros(maxf + LANES, np.uint64)  # the part's full values by bucket, and LANES readable values past them
+    tv = np.zeros(maxf + PROBE_WINDOWS * LANES, np.uint64)  # the part's full values by bucket, and readable values
+    # past them for the windows of the last bucket
     tp = np.empty(maxf, pg.dtype)  # their positions in pv
     oi = np.empty(1024, np.int64)
     oj = np.empty(1024, np.int64)
