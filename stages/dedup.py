@@ -16,8 +16,9 @@ steps kept:
 
 1. exact      Shuffle by sha256: in each group of equal bytes the best row is kept -> duplicate_exact "dup of <uid>"
 2. url        Shuffle by normalised URL (a different image)                          -> duplicate_url   "dup of <uid>"
-3. near       Shuffle of hash entries (partition, value, row id: 18 bytes, in partition order, so the engine cuts
-              them without a sort) by the partitions of the near plan (NearPlan, below): every pair with a
+3. near       Shuffle of hash entries (partition, value, row id: 18 bytes, in partition order and full hashes
+              first within a partition, so the engine cuts them, and the reduce tells full from crop entries,
+              without a sort or a pass) by the partitions of the near plan (NearPlan, below): every pair with a
               full-image side within near_hamming bits is found once, as a bare edge (two row ids); the rows
               the edges touch are then read (sizes, uid, pHash) to complete them. Evidence is the two images'
               pHashes within near_hamming, or (near_crops) the pHash of X and a crop pHash of Y where X is the

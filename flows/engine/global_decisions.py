@@ -231,7 +231,8 @@ def split_ordered(t: pa.Table, parts: int, key_space: int) -> list[pa.Table | No
     if key.size > 1 and not (key[1:] >= key[:-1]).all():
         o = np.argsort(key, kind="stable")
         t, key = t.take(pa.array(o)), key[o]
-    starts = np.r_[np.searchsorted(key, np.arange(key_space, dtype=key.dtype)), key.size]  # each key's run
+    ids = np.arange(key_space, dtype=key.dtype if key_space - 1 <= np.iinfo(key.dtype).max else np.int64)
+    starts = np.r_[np.searchsorted(key, ids), key.size]  # each key's run (ids in the keys' width: no copy of them)
     counts = np.diff(starts)
     out = []
     for p in range(parts):
