@@ -53,6 +53,7 @@ distinct values; crop-crop pairs, never evidence, are never searched.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -64,10 +65,12 @@ from pydantic import Field
 from schemas.records import normalize_url
 from schemas.spec import StageParams
 from stages.base import Column, Reason, Resources, Stage, as_text, concat, fixed
-from stages.hashing.near import NearPlan, distinct_values, to_unsigned
 from stages.imaging.decode import decode_image, images
 from stages.steps import (DECISION_SCHEMA, EDGE_FIELDS, KEY, PRIOR, ROW, Fit, Shuffle, Survivors, decisions, distinct,
                           greedy_keep, rank_order, uid_bytes, uid_text, uid_words)
+
+if TYPE_CHECKING:
+    from stages.hashing.near import NearPlan
 
 
 class DedupParams(StageParams):
@@ -262,6 +265,8 @@ _INT_MAX = np.iinfo(np.int64).max
 
 
 def _near_plan(params: DedupParams, state: dict) -> NearPlan:
+    from stages.hashing.near import NearPlan  # numba loads on first use: a process that never searches pays nothing
+
     rows = max(2, state.get("rows", 2))
     return NearPlan.make(params.near_hamming, rows * (1 + _CROPS * params.near_crops), rows)
 
@@ -280,7 +285,7 @@ def _near_keys(rows: pa.Table, params: DedupParams, state) -> pa.Table:
     has = pa.array(np.flatnonzero(np.asarray(ph.is_valid()))) if ph.null_count else None
     if has is not None:
         ph, row = ph.take(has), row[has.to_numpy()]
-    values, refs = [to_unsigned(_int_np(ph, 0))], [row * 2 + 1]
+    values, refs = [_int_np(ph, 0).view(np.uint64)], [row * 2 + 1]
     if params.near_crops:
         ca = _col(rows, "phash_crops", rows.num_rows, pa.list_(pa.int64()))
         if has is not None:
@@ -288,7 +293,7 @@ def _near_keys(rows: pa.Table, params: DedupParams, state) -> pa.Table:
         whole = _int_np(pc.list_value_length(ca), 0) == _CROPS
         if not whole.all():
             ca, row = ca.filter(pa.array(whole)), row[whole]
-        values.append(to_unsigned(_int_np(pc.list_flatten(ca), 0)))
+        values.append(_int_np(pc.list_flatten(ca), 0).view(np.uint64))
         refs.append(np.repeat(row * 2, _CROPS))
     key, value, ref = plan.entries(np.concatenate(values), np.concatenate(refs))
     return pa.table({KEY: key, "value": value.view(np.int64), "ref": ref})
@@ -346,6 +351,8 @@ def _near_edges(full_value: np.ndarray, full_row: np.ndarray, crop_value: np.nda
     found in the first group only). Crop entries are searched as they come (no distinct pass: 90% of the entries),
     each against the full values, one equal to a full value included. full-full: representative to
     representative; full-crop: the representative of the full value to the crop entry's row."""
+    from stages.hashing.near import distinct_values
+
     uniq, _, inv = distinct_values(full_value)
     nu = uniq.size
     i, j, d = plan.pairs(uniq, None, g, crops=crop_value)
@@ -415,7 +422,7 @@ def _near_join(edges: pa.Table, rows: pa.Table, params: DedupParams, state) -> p
     ok = a != b
     ok[crop] &= np.where(area[a[crop]] > 0, area[a[crop]], 0) < np.where(area[b[crop]] > 0, area[b[crop]], _INT_MAX)
     a, b, kind, crop_d = a[ok], b[ok], kind[ok], crop_d[ok]
-    own = to_unsigned(_int_np(rows.column("phash"), 0))
+    own = _int_np(rows.column("phash"), 0).view(np.uint64)
     dist = np.bitwise_count(own[a] ^ own[b]).astype(np.int64)
     crop_d = np.where(kind == _FULL_CROP, crop_d, 64)
     return _edge_table({"a": ids[a], "b": ids[b], "a_rank": rank[a], "b_rank": rank[b], "a_uid": uid.take(pa.array(a)),
