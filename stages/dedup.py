@@ -67,7 +67,7 @@ from schemas.spec import StageParams
 from stages.base import Column, Reason, Resources, Stage, as_text, concat, fixed
 from stages.imaging.decode import decode_image, images
 from stages.steps import (DECISION_SCHEMA, EDGE_FIELDS, KEY, PRIOR, ROW, Fit, Shuffle, Survivors, decisions, distinct,
-                          greedy_keep, rank_order, uid_bytes, uid_text, uid_words)
+                          greedy_keep, key_runs, rank_order, uid_bytes, uid_text, uid_words)
 
 if TYPE_CHECKING:
     from stages.hashing.near import NearPlan
@@ -305,6 +305,7 @@ def _near_group(part: pa.Table, params: DedupParams, state) -> pa.Table:
     Each map task's entries come ordered by key, full hashes first within a key, so a group's full and crop
     entries are slices of each (no pass over the entries to tell them apart)."""
     plan = _near_plan(params, state)
+    group = plan.group_of(np.arange(plan.partitions))
     fulls: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(plan.groups)]
     crops: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(plan.groups)]
     for batch in part.to_batches():
@@ -314,11 +315,11 @@ def _near_group(part: pa.Table, params: DedupParams, state) -> pa.Table:
         if key.size > 1 and not (key[1:] >= key[:-1]).all():
             o = np.argsort(key, kind="stable")
             key, value, ref = key[o], value[o], ref[o]
-        bounds = np.r_[np.searchsorted(key, np.arange(plan.partitions, dtype=key.dtype)), key.size]
+        bounds = key_runs(key, plan.partitions)
         for p in np.flatnonzero(np.diff(bounds)):
             lo, hi = int(bounds[p]), int(bounds[p + 1])
             mid = _fulls_end(ref, lo, hi)
-            g = int(plan.group_of(p))
+            g = int(group[p])
             fulls[g].append((value[lo:mid], ref[lo:mid]))
             crops[g].append((value[mid:hi], ref[mid:hi]))
     out = [_near_edges(*_joined(fulls[g]), *_joined(crops[g]), plan, g) for g in range(plan.groups) if fulls[g]]

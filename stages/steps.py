@@ -169,6 +169,14 @@ def distinct(a: np.ndarray) -> np.ndarray:
     return s[np.r_[True, s[1:] != s[:-1]]] if s.size else s
 
 
+def key_runs(key: np.ndarray, key_space: int) -> np.ndarray:
+    """Where each key 0 <= x < key_space starts in a sorted key array, and its end: key x is [runs[x], runs[x + 1]).
+    Searched in the keys' own width where the ids fit it (no copy of the keys)."""
+    fits = key.dtype.kind in "iu" and key_space - 1 <= np.iinfo(key.dtype).max
+    ids = np.arange(key_space, dtype=key.dtype if fits else np.int64)
+    return np.r_[np.searchsorted(key, ids), key.size]
+
+
 def components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """Connected-component label of each of n nodes given undirected edges (i, j)."""
     from scipy.sparse import coo_matrix

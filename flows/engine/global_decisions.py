@@ -44,7 +44,7 @@ from flows.engine.progress import phase
 from schemas.spec import BuildSpec
 from stages import stage_class
 from stages.steps import (DECISION_SCHEMA, KEY, PRIOR, ROW, Counts, Fit, Shuffle, StepContext, TopFraction,
-                          below_cutoff, distinct, survivor_decisions, top_fraction_keep)
+                          below_cutoff, distinct, key_runs, survivor_decisions, top_fraction_keep)
 
 log = logging.getLogger("pairforge")
 SRC = "input_shard"  # the input shard a processed row came from (processed rows are hive-partitioned by it)
@@ -231,8 +231,7 @@ def split_ordered(t: pa.Table, parts: int, key_space: int) -> list[pa.Table | No
     if key.size > 1 and not (key[1:] >= key[:-1]).all():
         o = np.argsort(key, kind="stable")
         t, key = t.take(pa.array(o)), key[o]
-    ids = np.arange(key_space, dtype=key.dtype if key_space - 1 <= np.iinfo(key.dtype).max else np.int64)
-    starts = np.r_[np.searchsorted(key, ids), key.size]  # each key's run (ids in the keys' width: no copy of them)
+    starts = key_runs(key, key_space)
     counts = np.diff(starts)
     out = []
     for p in range(parts):
